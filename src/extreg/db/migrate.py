@@ -1,0 +1,55 @@
+"""Apply the plain-SQL migrations in `migrations/`, each once, in file-name order.
+
+All of it runs in one transaction behind an advisory lock: a second `extreg migrate` started
+at the same time waits, then finds nothing left to do; a failing file leaves no trace.
+A dozen lines of our own instead of a migration framework, because the files are plain SQL
+and the only state is a table of applied names.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import psycopg
+
+from ..errors import SourceUnavailable
+from ..settings import redact_url
+from ..sources.postgres import scrub, url_password
+
+LOCK_KEY = 0x65787472  # "extr": the advisory lock every migrating process takes
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(name, SQL) of every bundled migration, in order."""
+    folder = files("extreg.db") / "migrations"
+    paths = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
+    return [(p.name, p.read_text(encoding="utf-8")) for p in paths]
+
+
+def migrate(conninfo: str) -> list[str]:
+    """Apply what is missing; return the names applied now (empty when up to date)."""
+    try:
+        return _migrate(conninfo)
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailable(
+            f"database {redact_url(conninfo)} unavailable: {scrub(exc, url_password(conninfo))}"
+        ) from None
+
+
+def _migrate(conninfo: str) -> list[str]:
+    applied_now = []
+    with psycopg.connect(conninfo, autocommit=False, connect_timeout=5) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS extreg_schema_migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT name FROM extreg_schema_migrations")}
+        for name, sql in migration_files():
+            if name in done:
+                continue
+            conn.execute(sql.encode())
+            conn.execute("INSERT INTO extreg_schema_migrations (name) VALUES (%s)", (name,))
+            applied_now.append(name)
+        conn.commit()
+    return applied_now

@@ -1,0 +1,39 @@
+"""Logging set-up, the one piece of global state extreg owns.
+
+Structured events through structlog: JSON lines when stderr is not a terminal (production,
+CI), readable colour output in a terminal. `configure` is called once by the CLI; tests use
+`structlog.testing.capture_logs()`. Nothing logged here ever carries a secret: database
+locations are logged only through `Settings.db_display`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure(level: str = "info", json: bool | None = None) -> None:
+    """Route structlog (and the standard library's warnings) to stderr."""
+    use_json = (not sys.stderr.isatty()) if json is None else json
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    # psycopg's pool logs every failed reconnection attempt; our own events say it once.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

@@ -1,0 +1,176 @@
+"""The extension record, its versions and instances, and the rules they obey.
+
+Records are msgspec structs: they decode and validate in C (a full load of 10,000 records is
+dominated by PostgreSQL, not by us) and take about half the memory of an equivalent pydantic
+model. The same `parse_extension` guards every way in (fixtures, database rows, API bodies),
+so a rule is written once.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import InvalidRecord
+
+ExtensionType = Literal["pre", "validator", "post", "provider"]
+TYPES: tuple[str, ...] = ("pre", "validator", "post", "provider")
+HealthStatus = Literal["healthy", "degraded", "unhealthy", "unknown"]
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+SUBJECT_PATTERN = r"^[^\s.*>]+(\.[^\s.*>]+)*$"
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=ID_PATTERN)]
+Subject = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=SUBJECT_PATTERN)]
+VersionName = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+TimeoutMs = Annotated[int, msgspec.Meta(gt=0)]
+Retry = Annotated[int, msgspec.Meta(ge=0)]
+Weight = Annotated[int, msgspec.Meta(ge=0, le=100)]
+Actor = Annotated[str, msgspec.Meta(max_length=255)]
+
+# What a failed pattern means, in words, for error messages.
+_RULES = {
+    "id": "must be 1-255 characters of a-z A-Z 0-9 _ - . and start with a letter or digit",
+    "instance_id": "must be 1-255 characters of a-z A-Z 0-9 _ - . and start with a letter or digit",
+    "subject": "must be a NATS subject: dot-separated non-empty tokens, at most 512 characters, "
+    "no whitespace and no wildcards (* or >)",
+}
+
+
+class Version(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """A row of `extension_versions`: an alternative target chosen by `routing_rules`."""
+
+    version: VersionName
+    subject: Subject
+    timeout_ms: TimeoutMs = 5000
+    retry: Retry = 0
+    config: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    routing_rules: dict[str, str | list[str]] = {}
+    enabled: bool = True
+    created_at: datetime | None = None
+    created_by: Actor | None = None
+
+
+class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """A row of `extension_instances`: one of several subjects serving the same extension."""
+
+    instance_id: Id
+    subject: Subject
+    weight: Weight = 100
+    enabled: bool = True
+    health_status: HealthStatus = "unknown"
+
+
+class Extension(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """One extension as the router sees it. `created_*`/`updated_*` are kept by the database."""
+
+    id: Id
+    type: ExtensionType
+    subject: Subject
+    timeout_ms: TimeoutMs = 5000
+    retry: Retry = 0
+    enabled: bool = True
+    version: VersionName = "v1"
+    config: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    versions: tuple[Version, ...] = ()
+    instances: tuple[Instance, ...] = ()
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    created_by: Actor | None = None
+    updated_by: Actor | None = None
+
+
+# Fields a user may write; the rest are kept by the database.
+WRITABLE_FIELDS = (
+    "id", "type", "subject", "timeout_ms", "retry", "enabled", "version",
+    "config", "metadata", "versions", "instances",
+)  # fmt: skip
+
+
+def parse_extension(
+    data: object,
+    *,
+    max_timeout_ms: int,
+    max_retries: int,
+    label: str | None = None,
+) -> Extension:
+    """Validate one record from plain data; raise `InvalidRecord` naming the record and field."""
+    record = label or _record_name(data)
+    try:
+        ext = msgspec.convert(data, type=Extension)
+    except msgspec.ValidationError as exc:
+        raise InvalidRecord(record, [_explain(str(exc))]) from None
+    problems = list(_limit_problems(ext, max_timeout_ms, max_retries))
+    if problems:
+        raise InvalidRecord(record, problems)
+    return ext
+
+
+def to_plain(ext: Extension, *, writable_only: bool = False) -> dict[str, Any]:
+    """The record as JSON-ready data; `writable_only` drops database-kept fields (for export)."""
+    data: dict[str, Any] = msgspec.to_builtins(ext)
+    if writable_only:
+        data = {k: data[k] for k in WRITABLE_FIELDS}
+        for version in data["versions"]:
+            version.pop("created_at", None)
+            version.pop("created_by", None)
+    return data
+
+
+def _limit_problems(ext: Extension, max_timeout_ms: int, max_retries: int) -> list[tuple[str, str]]:
+    targets: list[tuple[str, int, int]] = [("", ext.timeout_ms, ext.retry)]
+    targets += [(f"versions[{i}].", v.timeout_ms, v.retry) for i, v in enumerate(ext.versions)]
+    problems = []
+    for prefix, timeout_ms, retry in targets:
+        if timeout_ms > max_timeout_ms:
+            problems.append(
+                (prefix + "timeout_ms", f"{timeout_ms} exceeds extension_max_timeout_ms {max_timeout_ms}")
+            )
+        if retry > max_retries:
+            problems.append((prefix + "retry", f"{retry} exceeds extension_max_retries {max_retries}"))
+    for kind, names in (
+        ("version", [v.version for v in ext.versions]),
+        ("instance_id", [i.instance_id for i in ext.instances]),
+    ):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                field = "versions" if kind == "version" else "instances"
+                problems.append((field, f"{kind} {name!r} appears twice"))
+            seen.add(name)
+    return problems
+
+
+def _record_name(data: object) -> str:
+    if isinstance(data, dict):
+        value = data.get("id")
+        if isinstance(value, str) and value:
+            return value[:80]
+    return "<record without id>"
+
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _explain(message: str) -> tuple[str, str]:
+    """Turn msgspec's 'Expected ... - at `$.field`' into (field, readable message)."""
+    match = _AT.search(message)
+    path = match.group("path").lstrip(".") if match else ""
+    text = message[: match.start()] if match else message
+    if text.startswith("Object contains unknown field"):
+        field = text.split("`")[1]
+        return (f"{path}.{field}" if path else field), "unknown field"
+    if text.startswith("Object missing required field"):
+        field = text.split("`")[1]
+        return (f"{path}.{field}" if path else field), "required field is missing"
+    leaf = re.sub(r"\[\d+\]", "", path).rsplit(".", 1)[-1]
+    if "matching regex" in text and leaf in _RULES:
+        return path, _RULES[leaf]
+    if text.startswith("Expected `object`, got") and not path:
+        return "record", text.replace("`object`", "a JSON object")
+    return path or "record", text.replace("`", "")

@@ -1,0 +1,115 @@
+"""A throwaway PostgreSQL server process, for tests, benchmarks and multi-node runs.
+
+Unlike `pgserver.get_server` (which `extreg serve` uses for the embedded default, and which
+shares one server between processes), this one can be stopped, killed and restarted on the
+same port, which is what failure tests need. The binaries are the ones the `pgserver` package
+ships, so no PostgreSQL has to be installed. PostgreSQL refuses to run as root; as root we run
+it as the unprivileged user that pgserver also uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import warnings
+
+import psycopg
+
+with warnings.catch_warnings():  # pgserver warns at import when XDG_RUNTIME_DIR is unset
+    warnings.simplefilter("ignore")
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+RUN_AS = "pgserver"
+FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PostgresProcess:
+    """One PostgreSQL server on 127.0.0.1:`port` with its data in a temporary folder."""
+
+    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
+        self.port = port or free_port()
+        self.durable = durable
+        self.root = Path(tempfile.mkdtemp(prefix="extreg-pg-"))
+        self.data = self.root / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            from pgserver.utils import ensure_user_exists
+
+            entry = ensure_user_exists(RUN_AS)
+            assert entry is not None  # noqa: S101 - ensure_user_exists creates it or raises
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+            self._user = {"user": entry.pw_uid, "group": entry.pw_gid}
+        self._run([str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.data), "-U", "postgres",
+                   "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"])
+
+    def url(self, dbname: str = "postgres", password: str | None = None) -> str:
+        auth = f"postgres:{password}" if password else "postgres"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self, timeout: float = 20) -> None:
+        settings = [] if self.durable else [a for s in FAST_SETTINGS for a in ("-c", s)]
+        self.proc = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+            [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data), "-p", str(self.port),
+             "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", *settings],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "log", "ab"),  # noqa: SIM115
+            start_new_session=True, **self._user,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.url(), connect_timeout=1):
+                    return
+            except psycopg.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL did not start; see {self.root / 'log'}") from None
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20) -> None:
+        """Stop the server: SIGINT is a fast shutdown, SIGKILL a crash."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        self.proc = None
+        if sig == signal.SIGKILL:  # a crashed postmaster leaves children; make sure they go
+            subprocess.run(["pkill", "-9", "-f", f"-D {self.data}"], check=False)  # noqa: S603,S607
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PostgresProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.cleanup()
+
+    def _run(self, args: list[str]) -> None:
+        subprocess.run(args, check=True, capture_output=True, **self._user)  # noqa: S603

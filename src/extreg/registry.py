@@ -1,0 +1,455 @@
+"""The registry: a lock-free cache of extensions kept fresh from PostgreSQL or fixtures.
+
+Reads (`lookup`, `get`, `lookup_by_type`, `all`) dereference the current `Snapshot` and never
+lock or wait. Everything that changes the cache runs in the background on the event loop and
+ends by swapping in a new snapshot, under `_write_lock` so two writers cannot interleave a
+database read and a swap. With the database, three things keep the cache fresh:
+
+- LISTEN/NOTIFY: triggers send the changed extension id; only those ids are re-read.
+- the periodic sync, every `sync_interval_seconds`: re-reads rows stamped since the last sync
+  and drops ids that are gone; the safety net for anything a notification missed.
+- reconnection: when the database goes away the cache keeps serving (status says stale) and
+  the connection is retried with backoff; on return, one full reload catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import structlog
+import watchfiles
+
+from .errors import (
+    ConfigError,
+    Conflict,
+    ExtensionDisabled,
+    ExtensionNotFound,
+    FixtureError,
+    SnapshotFileError,
+    SourceUnavailable,
+)
+from .model import Extension
+from .settings import Settings
+from .snapshot import Snapshot
+from .sources.fixtures import load_fixtures
+from .sources.postgres import PostgresSource
+from .sources.snapshot_file import read_snapshot_file, write_snapshot_file
+
+log = structlog.get_logger("extreg.registry")
+
+Served = Literal["database", "fixtures", "snapshot_file", "none"]
+
+SYNC_OVERLAP = timedelta(seconds=30)  # re-read rows stamped this long before the last sync,
+# because `now()` is a transaction's start time and a slow transaction commits later than it
+# stamps its rows.
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
+SNAPSHOT_FILE_DELAY_S = 1.0  # coalesce snapshot-file writes during bursts of changes
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What the registry serves and how fresh it is; the answer to `extreg status`."""
+
+    mode: str
+    source: Served
+    fallback_reason: str | None
+    generation: int
+    count: int
+    enabled_count: int
+    loaded_at: datetime | None
+    stale: bool
+    last_error: str | None
+    last_sync_at: datetime | None
+    database: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("loaded_at", "last_sync_at"):
+            data[key] = data[key].isoformat() if data[key] else None
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    source: Served
+    generation: int
+    count: int
+    added: int
+    removed: int
+    changed: int
+    duration_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Registry:
+    """See the module docstring. Create with `Registry.open(settings)`."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.source == "database" and not settings.database_configured:
+            raise ConfigError(
+                "source is 'database' but no database is configured: set database_url or db_host"
+            )
+        self.settings = settings
+        self._snap = Snapshot.empty()
+        self._source: Served = "none"
+        self._fallback_reason: str | None = None
+        self._stale = False
+        self._last_error: str | None = None
+        self._last_sync_at: datetime | None = None
+        self._sync_since: datetime | None = None
+        self._db: PostgresSource | None = None
+        self._write_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._snapshot_file_due = asyncio.Event()
+        self._listeners: list[Any] = []
+
+    # -- reads: the router's hot path ---------------------------------------------------------
+
+    def lookup(self, extension_id: str) -> Extension:
+        """The enabled extension with this id; `ExtensionNotFound` or `ExtensionDisabled`."""
+        ext = self._snap.enabled.get(extension_id)
+        if ext is None:
+            if extension_id in self._snap.by_id:
+                raise ExtensionDisabled(extension_id)
+            raise ExtensionNotFound(extension_id)
+        return ext
+
+    def get(self, extension_id: str) -> Extension | None:
+        """The extension with this id, enabled or not, or None."""
+        return self._snap.by_id.get(extension_id)
+
+    def lookup_by_type(self, ext_type: str) -> tuple[Extension, ...]:
+        """Enabled extensions of one type, by id."""
+        return self._snap.by_type.get(ext_type, ())
+
+    def all(self) -> list[Extension]:
+        """Every cached extension, disabled ones too, by id."""
+        return sorted(self._snap.by_id.values(), key=lambda e: e.id)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snap
+
+    @property
+    def status(self) -> Status:
+        snap = self._snap
+        return Status(
+            mode=self.settings.source,
+            source=self._source,
+            fallback_reason=self._fallback_reason,
+            generation=snap.generation,
+            count=len(snap.by_id),
+            enabled_count=len(snap.enabled),
+            loaded_at=snap.loaded_at if snap.generation else None,
+            stale=self._stale,
+            last_error=self._last_error,
+            last_sync_at=self._last_sync_at,
+            database=self.settings.db_display if self.settings.database_configured else None,
+        )
+
+    @property
+    def database(self) -> PostgresSource:
+        """The database adapter, for writes; `Conflict` when the registry runs on fixtures."""
+        if self._db is None or self._source == "fixtures":
+            raise Conflict(
+                "the registry is serving fixtures, which are read-only: "
+                "change the fixture files, or configure a database"
+            )
+        return self._db
+
+    def on_change(self, callback: Any) -> None:
+        """Call `callback(snapshot)` after every swap (metrics, dashboard)."""
+        self._listeners.append(callback)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[Registry]:
+        """Load on boot, keep fresh in the background, stop everything on exit."""
+        registry = cls(settings)
+        await registry.start()
+        try:
+            yield registry
+        finally:
+            await registry.close()
+
+    async def start(self) -> None:
+        mode = self.settings.source
+        if mode == "fixtures":
+            self._swap(self._read_fixtures(), "fixtures")
+            self._spawn(self._watch_fixtures())
+            return
+        if not self.settings.database_configured:  # auto without a database
+            self._fallback_reason = "no database configured"
+            log.warning("serving_fixtures", reason=self._fallback_reason)
+            self._swap(self._read_fixtures(), "fixtures")
+            self._spawn(self._watch_fixtures())
+            return
+        self._db = PostgresSource(self.settings)
+        try:
+            await self._db.open()
+            records = await self._db.load_all_extensions()
+        except SourceUnavailable as exc:
+            await self._boot_without_database(str(exc))
+        else:
+            self._sync_since = datetime.now(UTC)
+            self._swap(records, "database")
+            self._spawn(self._follow_database(first_reload=False))
+            self._spawn(self._write_snapshot_file_when_due())
+            self._snapshot_file_due.set()
+
+    async def _boot_without_database(self, reason: str) -> None:
+        self._stale = True
+        self._last_error = reason
+        if self.settings.source == "database":
+            path = self.settings.snapshot_path
+            try:
+                records, written_at = read_snapshot_file(path)
+            except SnapshotFileError as exc:
+                raise SourceUnavailable(
+                    f"{reason}; and no usable last-known-good snapshot: {exc}"
+                ) from None
+            self._fallback_reason = f"{reason}; serving snapshot file written {written_at.isoformat()}"
+            log.warning("serving_snapshot_file", path=str(path), reason=reason, count=len(records))
+            self._swap(records, "snapshot_file")
+        else:
+            self._fallback_reason = reason
+            log.warning("serving_fixtures", reason=reason)
+            self._swap(self._read_fixtures(), "fixtures")
+            self._spawn(self._watch_fixtures())
+        self._spawn(self._follow_database(first_reload=True))
+        self._spawn(self._write_snapshot_file_when_due())
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._db is not None:
+            await self._db.close()
+
+    async def reload(self) -> ReloadReport:
+        """Read everything again from the source of this mode; keep serving on failure."""
+        started = time.perf_counter()
+        before = self._snap
+        if self.settings.source == "fixtures" or self._db is None:
+            self._swap(self._read_fixtures(), "fixtures")
+        else:
+            try:
+                await self._reload_from_database()
+            except SourceUnavailable as exc:
+                self._mark_stale(str(exc))
+                if self.settings.source == "database" or self._source == "database":
+                    raise
+                self._swap(self._read_fixtures(), "fixtures")
+        after = self._snap
+        return ReloadReport(
+            source=self._source,
+            generation=after.generation,
+            count=len(after),
+            added=len(after.by_id.keys() - before.by_id.keys()),
+            removed=len(before.by_id.keys() - after.by_id.keys()),
+            changed=sum(1 for k, v in after.by_id.items() if k in before.by_id and before.by_id[k] != v),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    # -- swapping -----------------------------------------------------------------------------
+
+    def _swap(self, records: Iterable[Extension], source: Served) -> None:
+        self._install(Snapshot.build(records, self._snap.generation + 1), source)
+
+    def _install(self, snap: Snapshot, source: Served) -> None:
+        self._snap = snap  # the one assignment readers can observe
+        self._source = source
+        if source == "database":
+            self._snapshot_file_due.set()
+        for callback in self._listeners:
+            callback(snap)
+
+    def _read_fixtures(self) -> list[Extension]:
+        return load_fixtures(
+            self.settings.fixtures_dir,
+            max_timeout_ms=self.settings.extension_max_timeout_ms,
+            max_retries=self.settings.extension_max_retries,
+        )
+
+    # -- fixtures -----------------------------------------------------------------------------
+
+    async def _watch_fixtures(self) -> None:
+        """Reload fixtures when their folder changes; a bad edit is logged and changes nothing."""
+        async for changes in watchfiles.awatch(self.settings.fixtures_dir, debounce=200, step=20):
+            if self._source != "fixtures":
+                return
+            try:
+                before = self._snap
+                self._swap(self._read_fixtures(), "fixtures")
+            except FixtureError as exc:
+                log.error("fixtures_rejected", problems=exc.problems)
+                continue
+            _log_diff(before, self._snap, "fixtures", [str(p) for _, p in changes])
+
+    # -- database -----------------------------------------------------------------------------
+
+    async def _follow_database(self, first_reload: bool) -> None:
+        """Listen, apply and sync until cancelled; on any failure, back off and start over."""
+        assert self._db is not None  # noqa: S101 - only started with a database
+        backoff = BACKOFF_MIN_S
+        while True:
+            try:
+                if not self._db.is_open:
+                    await self._db.open()
+                async with self._db.listen() as payloads:
+                    if first_reload:
+                        await self._reload_from_database()
+                    first_reload = True
+                    backoff = BACKOFF_MIN_S
+                    await _first_failure(self._apply_notifications(payloads), self._sync_forever())
+            except SourceUnavailable as exc:
+                self._mark_stale(str(exc))
+            await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _reload_from_database(self) -> None:
+        assert self._db is not None  # noqa: S101
+        async with self._write_lock:
+            db_now, _, _ = await self._db.changes_since(None)
+            records = await self._db.load_all_extensions()
+            before = self._snap
+            self._swap(records, "database")
+            self._sync_since = db_now
+        self._mark_fresh()
+        if self._fallback_reason:
+            log.info("database_back", count=len(self._snap))
+            self._fallback_reason = None
+        _log_diff(before, self._snap, "database", None)
+
+    async def _apply_notifications(self, payloads: AsyncIterator[str]) -> None:
+        """Coalesce queued notifications and re-read only the ids they name."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for payload in payloads:
+                queue.put_nowait(payload)
+
+        async def apply() -> None:
+            while True:
+                ids = {await queue.get()}
+                while not queue.empty():
+                    ids.add(queue.get_nowait())
+                if "*" in ids:
+                    await self._reload_from_database()
+                else:
+                    await self._refresh(ids, "notification")
+
+        await _first_failure(pump(), apply())
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sync_interval_seconds)
+            await self.sync()
+
+    async def sync(self) -> None:
+        """One incremental sync: rows stamped since the last one, and deletions."""
+        assert self._db is not None  # noqa: S101
+        started = time.perf_counter()
+        since = self._sync_since - SYNC_OVERLAP if self._sync_since else None
+        db_now, changed, all_ids = await self._db.changes_since(since)
+        gone = {i for i in self._snap.by_id if i not in all_ids}
+        await self._refresh(changed | gone, "sync")
+        self._sync_since = db_now
+        self._last_sync_at = datetime.now(UTC)
+        self._mark_fresh()
+        log.debug("synced", changed=len(changed), deleted=len(gone),
+                  duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _refresh(self, ids: set[str], why: str) -> None:
+        """Re-read `ids` and patch them into a new snapshot; ids not found are deleted."""
+        if not ids:
+            return
+        assert self._db is not None  # noqa: S101
+        async with self._write_lock:
+            found = {e.id: e for e in await self._db.load_extensions(sorted(ids))}
+            before = self._snap
+            upserts = [e for e in found.values() if _newer(e, before.by_id.get(e.id))]
+            deleted = [i for i in ids if i not in found and i in before.by_id]
+            if not upserts and not deleted:
+                return
+            self._install(before.patched(upserts, deleted), "database")
+        for ext in upserts:
+            log.info("extension_changed", extension_id=ext.id, enabled=ext.enabled, via=why,
+                     created=ext.id not in before.by_id)
+        for ext_id in deleted:
+            log.info("extension_deleted", extension_id=ext_id, via=why)
+
+    def _mark_stale(self, reason: str) -> None:
+        if not self._stale:
+            log.warning("database_unavailable", error=reason, serving=self._source,
+                        count=len(self._snap))
+        self._stale = True
+        self._last_error = reason
+
+    def _mark_fresh(self) -> None:
+        if self._stale:
+            log.info("database_recovered", count=len(self._snap))
+        self._stale = False
+        self._last_error = None
+
+    async def _write_snapshot_file_when_due(self) -> None:
+        """Keep the last-known-good file current, at most once per SNAPSHOT_FILE_DELAY_S."""
+        while True:
+            await self._snapshot_file_due.wait()
+            await asyncio.sleep(SNAPSHOT_FILE_DELAY_S)
+            self._snapshot_file_due.clear()
+            if self._source != "database":
+                continue
+            records = list(self._snap.by_id.values())
+            try:
+                await asyncio.to_thread(write_snapshot_file, self.settings.snapshot_path, records)
+            except SnapshotFileError as exc:
+                log.error("snapshot_file_not_written", error=str(exc))
+
+    def _spawn(self, coro: Any) -> None:
+        self._tasks.append(asyncio.create_task(coro))
+
+
+def _newer(candidate: Extension, current: Extension | None) -> bool:
+    """Whether a freshly read record should replace the cached one (never go back in time)."""
+    if current is None:
+        return True
+    if candidate.updated_at and current.updated_at and candidate.updated_at < current.updated_at:
+        return False
+    return candidate != current
+
+
+async def _first_failure(*coros: Any) -> None:
+    """Run coroutines together; when one ends or fails, cancel the others and re-raise."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _log_diff(before: Snapshot, after: Snapshot, source: str, paths: list[str] | None) -> None:
+    added = sorted(after.by_id.keys() - before.by_id.keys())
+    removed = sorted(before.by_id.keys() - after.by_id.keys())
+    changed = sorted(k for k in after.by_id.keys() & before.by_id.keys()
+                     if after.by_id[k] != before.by_id[k])
+    log.info("reloaded", source=source, count=len(after), added=added, removed=removed,
+             changed=changed, generation=after.generation, files=paths)

@@ -1,0 +1,540 @@
+"""Circuit breakers, one per extension.
+
+Written here rather than taken from a library because it is the product's core: it runs on
+every invocation, its states are part of the contract (`closed`, `open`, `half_open`), and it
+needs things no library offered together: one state per extension id in one registry, an
+error-rate window next to the consecutive-failure rule, per-extension overrides from metadata,
+half-open admission counted at check time, an injectable clock, and a closed-circuit cost of a
+few hundred nanoseconds (`bench/bench_breaker.py` compares it with pybreaker, aiobreaker,
+circuitbreaker and purgatory).
+
+Rules, per extension:
+
+- closed -> open when `failure_threshold` failures come in a row, or when a failure brings the
+  failure share of the calls in the last `window_seconds` to `error_rate_threshold` or more
+  and the window holds at least `min_calls` calls. The error-rate rule is evaluated when a
+  failure is recorded.
+- open -> half_open once `timeout_seconds` have passed (lazily: on the next `check_circuit`,
+  `update_state` or `state`). A circuit opened by `force_open` stays open until
+  `force_close` or `reset`.
+- half_open admits at most `half_open_max_requests` trial calls, counted when
+  `check_circuit` admits them (so any number of concurrent asyncio calls cannot over-admit).
+  A success closes the circuit, a failure opens it again. If the admitted trials report
+  nothing for `timeout_seconds` (a cancelled call), a new round of trials is admitted.
+- closing or opening clears the failure streak and the error-rate window.
+- `record_*` never applies a time-based transition; a result recorded while open is ignored.
+
+The window is bucketed: at most 60 buckets of `window_seconds / buckets` seconds (1-second
+buckets for windows up to 60 s), so it covers the current bucket and the ones before it, and
+recording a call is a couple of integer increments, not a list append.
+
+Pure and I/O-free: no locks (one asyncio thread), no timers, no logging on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import structlog
+
+from ..errors import CircuitOpen, InvalidRecord
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+__all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "BreakerConfig",
+    "CircuitBreakers",
+    "CircuitSnapshot",
+    "State",
+    "StateCallback",
+    "breaker_override_problems",
+]
+
+log = structlog.get_logger("extreg.breaker")
+
+State = Literal["closed", "open", "half_open"]
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
+
+StateCallback = Callable[[str, State, State], None]
+"""Called as `callback(extension_id, old_state, new_state)` on every transition."""
+
+MAX_BUCKETS: Final = 60
+METADATA_PREFIX: Final = "circuit_breaker_"
+METADATA_TABLE: Final = "circuit_breaker"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """The breaker's settings; defaults are the contract's. Bad values raise ValueError."""
+
+    enabled: bool = False
+    failure_threshold: int = 5
+    timeout_seconds: float = 60.0
+    half_open_max_requests: int = 3
+    error_rate_threshold: float = 0.5
+    window_seconds: float = 60.0
+    min_calls: int = 10
+
+    def __post_init__(self) -> None:
+        problems = _value_problems(
+            {f.name: getattr(self, f.name) for f in fields(self) if f.name != "enabled"}
+        )
+        if problems:
+            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BreakerConfig:
+        """The `circuit_breaker_*` keys of `settings`."""
+        return cls(
+            enabled=settings.circuit_breaker_enabled,
+            failure_threshold=settings.circuit_breaker_failure_threshold,
+            timeout_seconds=float(settings.circuit_breaker_timeout_seconds),
+            half_open_max_requests=settings.circuit_breaker_half_open_max_requests,
+            error_rate_threshold=float(settings.circuit_breaker_error_rate_threshold),
+            window_seconds=float(settings.circuit_breaker_window_seconds),
+            min_calls=settings.circuit_breaker_min_calls,
+        )
+
+    def with_overrides(self, metadata: Mapping[str, Any]) -> BreakerConfig:
+        """This config with an extension's metadata overrides applied; ValueError if bad.
+
+        Flat keys (`circuit_breaker_failure_threshold`) win over the nested form
+        (`{"circuit_breaker": {"failure_threshold": ...}}`).
+        """
+        values, problems = _read_overrides(metadata)
+        if problems:
+            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        return replace(self, **values) if values else self
+
+
+_INT_KEYS: Final = ("failure_threshold", "half_open_max_requests", "min_calls")
+_FLOAT_KEYS: Final = ("timeout_seconds", "error_rate_threshold", "window_seconds")
+OVERRIDE_KEYS: Final = (*_INT_KEYS, *_FLOAT_KEYS)
+
+
+def _value_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for key, value in values.items():
+        if key in _INT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append((key, f"must be an integer (got {value!r})"))
+            elif value < 1:
+                problems.append((key, f"must be at least 1 (got {value!r})"))
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append((key, f"must be a number (got {value!r})"))
+        elif not math.isfinite(value) or value <= 0:
+            problems.append((key, f"must be greater than 0 (got {value!r})"))
+        elif key == "error_rate_threshold" and value > 1:
+            problems.append((key, f"must be at most 1 (got {value!r})"))
+    return problems
+
+
+def _read_overrides(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Collect overrides and their problems; problem keys are metadata paths."""
+    found: dict[str, tuple[str, Any]] = {}
+    problems: list[tuple[str, str]] = []
+    nested = metadata.get(METADATA_TABLE)
+    if nested is not None:
+        if not isinstance(nested, Mapping):
+            problems.append((f"metadata.{METADATA_TABLE}", "must be an object"))
+        else:
+            for key, value in nested.items():
+                where = f"metadata.{METADATA_TABLE}.{key}"
+                if key in OVERRIDE_KEYS:
+                    found[key] = (where, value)
+                else:
+                    problems.append((where, "unknown circuit breaker setting"))
+    for name, value in metadata.items():
+        if name.startswith(METADATA_PREFIX) and name != "circuit_breaker_enabled":
+            key = name[len(METADATA_PREFIX) :]
+            if key in OVERRIDE_KEYS:
+                found[key] = (f"metadata.{name}", value)
+            else:
+                problems.append((f"metadata.{name}", "unknown circuit breaker setting"))
+    for key, (where, value) in found.items():
+        problems.extend((where, message) for _, message in _value_problems({key: value}))
+    values = {key: value for key, (_, value) in found.items()}
+    for key in _FLOAT_KEYS:
+        if key in values and not problems:
+            values[key] = float(values[key])
+    return values, problems
+
+
+def breaker_override_problems(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """`(field, message)` for every bad circuit breaker override in an extension's metadata.
+
+    For record validation at load time; `CircuitBreakers.configure` raises on the same problems.
+    `circuit_breaker_enabled` is not a per-extension setting and is left alone.
+    """
+    return _read_overrides(metadata)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitSnapshot:
+    """One extension's breaker counters at one moment (for metrics, the dashboard, the DB)."""
+
+    extension_id: str
+    state: State
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    half_open_admitted: int
+    opened_at: datetime | None
+    open_reason: str | None
+    forced: bool
+    config: BreakerConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; `opened_at` as an ISO 8601 UTC string."""
+        return {
+            "extension_id": self.extension_id,
+            "state": self.state,
+            "consecutive_failures": self.consecutive_failures,
+            "window_calls": self.window_calls,
+            "window_failures": self.window_failures,
+            "half_open_admitted": self.half_open_admitted,
+            "opened_at": _iso(self.opened_at),
+            "open_reason": self.open_reason,
+            "forced": self.forced,
+        }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _Circuit:
+    """The mutable state of one extension's breaker. Times are from the breaker's clock."""
+
+    __slots__ = (
+        "extension_id", "config", "state", "consecutive",
+        "width", "buckets", "bucket", "index", "ring_calls", "ring_failures",
+        "cur_calls", "cur_failures", "sum_calls", "sum_failures",
+        "opened_at", "opened_wall", "open_reason", "forced", "half_open_since", "admitted",
+    )  # fmt: skip
+
+    def __init__(self, extension_id: str, config: BreakerConfig) -> None:
+        self.extension_id = extension_id
+        self.state: State = CLOSED
+        self.consecutive = 0
+        self.opened_at = 0.0
+        self.opened_wall: float | None = None
+        self.open_reason: str | None = None
+        self.forced = False
+        self.half_open_since = 0.0
+        self.admitted = 0
+        self.set_config(config)
+
+    def set_config(self, config: BreakerConfig) -> None:
+        """Adopt `config`; a new window geometry starts an empty window."""
+        self.config = config
+        buckets = max(1, min(MAX_BUCKETS, math.ceil(config.window_seconds)))
+        width = config.window_seconds / buckets
+        if getattr(self, "width", None) != width or len(self.ring_calls) != buckets:
+            self.width = width
+            self.ring_calls = [0] * buckets
+            self.ring_failures = [0] * buckets
+            self.clear_window()
+
+    def clear_window(self) -> None:
+        self.consecutive = 0
+        self.bucket: float | None = None
+        self.index = 0
+        self.cur_calls = self.cur_failures = 0
+        self.sum_calls = self.sum_failures = 0  # the ring's buckets, the current one excluded
+        ring_calls, ring_failures = self.ring_calls, self.ring_failures
+        for i in range(len(ring_calls)):
+            ring_calls[i] = ring_failures[i] = 0
+
+    def advance(self, bucket: float) -> None:
+        """Move the window to `bucket` (a later bucket number), expiring older buckets."""
+        if self.bucket is None:
+            self.bucket = bucket
+            return
+        ring_calls, ring_failures, index = self.ring_calls, self.ring_failures, self.index
+        ring_calls[index] = self.cur_calls
+        ring_failures[index] = self.cur_failures
+        self.sum_calls += self.cur_calls
+        self.sum_failures += self.cur_failures
+        self.cur_calls = self.cur_failures = 0
+        size = len(ring_calls)
+        for _ in range(min(int(bucket - self.bucket), size)):
+            index = index + 1 if index + 1 < size else 0
+            self.sum_calls -= ring_calls[index]
+            self.sum_failures -= ring_failures[index]
+            ring_calls[index] = ring_failures[index] = 0
+        self.index = index
+        self.bucket = bucket
+
+
+class _CircuitTable(dict[str, _Circuit]):
+    """Circuits by extension id; a missing one is created closed with the default config."""
+
+    __slots__ = ("default",)
+
+    def __init__(self, default: BreakerConfig) -> None:
+        super().__init__()
+        self.default = default
+
+    def __missing__(self, extension_id: str) -> _Circuit:
+        circuit = self[extension_id] = _Circuit(extension_id, self.default)
+        return circuit
+
+
+class CircuitBreakers:
+    """One circuit breaker per extension id, all sharing a default config and a clock.
+
+    `clock` measures intervals (monotonic seconds); `wall_clock` (epoch seconds) only dates
+    `opened_at` in snapshots. With `config.enabled` false every check admits, every record
+    is ignored and every state reads `closed`.
+    """
+
+    __slots__ = ("config", "_disabled", "_circuits", "_clock", "_wall_clock", "_callbacks")
+
+    def __init__(
+        self,
+        config: BreakerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or BreakerConfig()
+        self._disabled = not self.config.enabled
+        self._circuits = _CircuitTable(self.config)
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._callbacks: list[StateCallback] = []
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic
+    ) -> CircuitBreakers:
+        return cls(BreakerConfig.from_settings(settings), clock=clock)
+
+    @property
+    def enabled(self) -> bool:
+        return not self._disabled
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def check_circuit(self, extension_id: str) -> None:
+        """Admit a call or raise CircuitOpen; a half-open admission is counted here."""
+        if self._disabled:
+            return
+        circuit = self._circuits[extension_id]
+        if circuit.state is not CLOSED:
+            self._admit(circuit)
+
+    def record_success(self, extension_id: str) -> None:
+        """Record a successful call; closes a half-open circuit."""
+        if self._disabled:
+            return
+        circuit = self._circuits[extension_id]
+        if circuit.state is CLOSED:
+            bucket = self._clock() // circuit.width
+            if bucket != circuit.bucket:
+                circuit.advance(bucket)
+            circuit.cur_calls += 1
+            circuit.consecutive = 0
+        elif circuit.state is HALF_OPEN:
+            self._close(circuit)
+
+    def record_failure(self, extension_id: str) -> None:
+        """Record a failed call; may open the circuit (see the module's rules)."""
+        if self._disabled:
+            return
+        circuit = self._circuits[extension_id]
+        if circuit.state is CLOSED:
+            now = self._clock()
+            bucket = now // circuit.width
+            if bucket != circuit.bucket:
+                circuit.advance(bucket)
+            circuit.cur_calls += 1
+            circuit.cur_failures += 1
+            circuit.consecutive += 1
+            config = circuit.config
+            if circuit.consecutive >= config.failure_threshold:
+                self._open(circuit, now, f"{circuit.consecutive} consecutive failures")
+                return
+            calls = circuit.sum_calls + circuit.cur_calls
+            if calls >= config.min_calls:
+                failures = circuit.sum_failures + circuit.cur_failures
+                if failures / calls >= config.error_rate_threshold:
+                    self._open(circuit, now, f"{failures} of {calls} calls failed in the window")
+        elif circuit.state is HALF_OPEN:
+            self._open(circuit, self._clock(), "a trial call failed while half-open")
+
+    # -- time-based transitions and queries --------------------------------------------------
+
+    def update_state(self, extension_id: str) -> State:
+        """Apply the time-based transition (open -> half_open) if due; return the state."""
+        circuit = self._circuits.get(extension_id)
+        if self._disabled or circuit is None:
+            return CLOSED
+        if circuit.state is OPEN and not circuit.forced:
+            now = self._clock()
+            if now - circuit.opened_at >= circuit.config.timeout_seconds:
+                self._half_open(circuit, now)
+        return circuit.state
+
+    def should_attempt_recovery(self, extension_id: str) -> bool:
+        """True when the circuit is open (not forced) and its timeout has passed."""
+        circuit = self._circuits.get(extension_id)
+        if self._disabled or circuit is None or circuit.state is not OPEN or circuit.forced:
+            return False
+        return self._clock() - circuit.opened_at >= circuit.config.timeout_seconds
+
+    def state(self, extension_id: str) -> State:
+        """`closed`, `open` or `half_open`, after any due time-based transition."""
+        return self.update_state(extension_id)
+
+    def states(self) -> dict[str, State]:
+        """The state of every extension the breaker has seen (after due transitions)."""
+        return {extension_id: self.update_state(extension_id) for extension_id in self._circuits}
+
+    def snapshot(self, extension_id: str) -> CircuitSnapshot:
+        """The counters of one extension (an unseen one reads as a fresh closed circuit)."""
+        state = self.update_state(extension_id)
+        circuit = self._circuits.get(extension_id) or _Circuit(extension_id, self.config)
+        if circuit.state is CLOSED and circuit.bucket is not None:
+            bucket = self._clock() // circuit.width
+            if bucket != circuit.bucket:
+                circuit.advance(bucket)
+        opened = circuit.opened_wall if circuit.state is not CLOSED else None
+        return CircuitSnapshot(
+            extension_id=extension_id,
+            state=state,
+            consecutive_failures=circuit.consecutive,
+            window_calls=circuit.sum_calls + circuit.cur_calls,
+            window_failures=circuit.sum_failures + circuit.cur_failures,
+            half_open_admitted=circuit.admitted if state is HALF_OPEN else 0,
+            opened_at=None if opened is None else datetime.fromtimestamp(opened, UTC),
+            open_reason=circuit.open_reason if state is not CLOSED else None,
+            forced=circuit.forced,
+            config=circuit.config,
+        )
+
+    def snapshots(self) -> dict[str, CircuitSnapshot]:
+        return {extension_id: self.snapshot(extension_id) for extension_id in self._circuits}
+
+    # -- configuration, manual control, callbacks --------------------------------------------
+
+    def configure(self, extension_id: str, metadata: Mapping[str, Any]) -> BreakerConfig:
+        """Apply an extension's metadata overrides (none: the defaults); return its config.
+
+        Raises InvalidRecord naming each bad metadata field. A changed window starts empty;
+        the state and the failure streak are kept otherwise.
+        """
+        values, problems = _read_overrides(metadata)
+        if problems:
+            raise InvalidRecord(extension_id, problems)
+        config = replace(self.config, **values) if values else self.config
+        circuit = self._circuits[extension_id]
+        if circuit.config != config:
+            consecutive = circuit.consecutive
+            circuit.set_config(config)
+            circuit.consecutive = consecutive
+        return config
+
+    def force_open(self, extension_id: str) -> State:
+        """Open the circuit and keep it open until `force_close` or `reset`."""
+        if self._disabled:
+            return CLOSED
+        circuit = self._circuits[extension_id]
+        circuit.forced = True
+        self._open(circuit, self._clock(), "opened by an operator")
+        return circuit.state
+
+    def force_close(self, extension_id: str) -> State:
+        """Close the circuit and clear its counters (same effect as `reset`)."""
+        return self.reset(extension_id)
+
+    def reset(self, extension_id: str) -> State:
+        """Back to a fresh closed circuit: no streak, an empty window; the config is kept."""
+        if self._disabled:
+            return CLOSED
+        circuit = self._circuits[extension_id]
+        circuit.forced = False
+        self._close(circuit)
+        return circuit.state
+
+    def remove(self, extension_id: str) -> None:
+        """Forget an extension (it was deleted); no callback is called."""
+        self._circuits.pop(extension_id, None)
+
+    def on_state_change(self, callback: StateCallback) -> None:
+        """Call `callback(extension_id, old, new)` synchronously on every transition.
+
+        An exception from a callback is logged and swallowed: a listener cannot break a call.
+        """
+        self._callbacks.append(callback)
+
+    # -- transitions (the slow path) ---------------------------------------------------------
+
+    def _admit(self, circuit: _Circuit) -> None:
+        now = self._clock()
+        if circuit.state is OPEN:
+            remaining = circuit.config.timeout_seconds - (now - circuit.opened_at)
+            if circuit.forced:
+                raise CircuitOpen(circuit.extension_id, "circuit was opened by an operator", 0)
+            if remaining > 0:
+                reason = f"circuit breaker is open ({circuit.open_reason}); retry in {remaining:.1f}s"
+                raise CircuitOpen(circuit.extension_id, reason, 0)
+            self._half_open(circuit, now)
+        config = circuit.config
+        if circuit.admitted and now - circuit.half_open_since >= config.timeout_seconds:
+            circuit.half_open_since = now  # the last trials never reported: a new round
+            circuit.admitted = 0
+        if circuit.admitted >= config.half_open_max_requests:
+            reason = (
+                f"circuit breaker is half-open and its {config.half_open_max_requests} "
+                "trial call(s) are in flight"
+            )
+            raise CircuitOpen(circuit.extension_id, reason, 0)
+        circuit.admitted += 1
+
+    def _open(self, circuit: _Circuit, now: float, reason: str) -> None:
+        circuit.opened_at = now
+        circuit.opened_wall = self._wall_clock()
+        circuit.open_reason = reason
+        circuit.admitted = 0
+        circuit.clear_window()
+        self._transition(circuit, OPEN)
+
+    def _half_open(self, circuit: _Circuit, now: float) -> None:
+        circuit.half_open_since = now
+        circuit.admitted = 0
+        self._transition(circuit, HALF_OPEN)
+
+    def _close(self, circuit: _Circuit) -> None:
+        circuit.admitted = 0
+        circuit.open_reason = None
+        circuit.clear_window()
+        self._transition(circuit, CLOSED)
+
+    def _transition(self, circuit: _Circuit, new: State) -> None:
+        old = circuit.state
+        if old is new:
+            return
+        circuit.state = new
+        for callback in self._callbacks:
+            try:
+                callback(circuit.extension_id, old, new)
+            except Exception:  # a listener's bug must not fail the call that moved the state
+                log.exception(
+                    "circuit_callback_failed",
+                    extension_id=circuit.extension_id,
+                    old_state=old,
+                    new_state=new,
+                )

@@ -1,0 +1,313 @@
+"""Serve the sample extensions over NATS: one connection, one subscription per sample.
+
+Why: the registry, the invoker, the demo and the benchmarks all need real extensions at
+the other end of NATS. `SampleRunner` subscribes the chosen samples (all by default) on a
+single nats-py connection, answers each request on the hot path without extra tasks or
+copies, and stops cleanly (drains, then closes). `main()` is the blocking entry point
+behind `extreg sample-extensions`.
+
+    async with SampleRunner(server.url) as runner:     # or: runner = await run_samples(url)
+        ...                                             # requests are being answered
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from extreg.errors import ConfigError, ExtregError
+from extreg.samples.extensions import (
+    FLAKY_CONTROL_SUBJECT,
+    HANDLERS,
+    SAMPLE_EXTENSIONS,
+    SAMPLES_BY_ID,
+    Handler,
+)
+from extreg.samples.flaky import INVALID_REPLY, Flaky
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+QUEUE_GROUP = "extreg-samples"
+"""Queue group of the sample subscriptions: several sample processes share the load."""
+DRAIN_TIMEOUT = 2.0
+
+Callback = Callable[[Msg], Awaitable[None]]
+
+log = structlog.get_logger("extreg.samples")
+
+
+class SampleRunnerError(ExtregError):
+    """The sample extensions could not connect to NATS or subscribe."""
+
+
+class SampleRunner:
+    """The sample extensions, live on one NATS connection.
+
+    `names` picks samples by id (default: all of `SAMPLE_EXTENSIONS`); an unknown id is a
+    `ConfigError`. Pass `connection` to reuse an open nats-py client (it is then left open
+    on `stop()`); otherwise the runner connects to `nats_url` itself, reconnecting forever
+    so a NATS restart does not end it.
+    """
+
+    def __init__(
+        self,
+        nats_url: str = DEFAULT_NATS_URL,
+        *,
+        names: Iterable[str] | None = None,
+        connection: Client | None = None,
+        queue: str = QUEUE_GROUP,
+        flaky: Flaky | None = None,
+    ) -> None:
+        self.nats_url = nats_url
+        self.names: tuple[str, ...] = _check_names(names)
+        self.flaky = flaky or Flaky()
+        self.calls: dict[str, int] = dict.fromkeys(self.names, 0)
+        self._queue = queue
+        self._nc = connection
+        self._owns_connection = connection is None
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._encode = msgspec.json.Encoder().encode
+        self._decode = msgspec.json.Decoder().decode
+
+    @property
+    def subjects(self) -> dict[str, str]:
+        """Sample id → NATS subject, for the samples this runner serves."""
+        return {name: SAMPLES_BY_ID[name].subject for name in self.names}
+
+    @property
+    def connection(self) -> Client:
+        """The nats-py client in use (after `start()`)."""
+        if self._nc is None:
+            raise SampleRunnerError("sample runner is not started")
+        return self._nc
+
+    @property
+    def running(self) -> bool:
+        """True between `start()` and `stop()`."""
+        return bool(self._subs)
+
+    async def start(self) -> Self:
+        """Connect (unless given a connection), subscribe every sample and flush."""
+        if self.running:
+            return self
+        if self._nc is None:
+            self._nc = await _connect(self.nats_url)
+        nc = self._nc
+        try:
+            for name in self.names:
+                cb = self._callback(name)
+                self._subs.append(await nc.subscribe(self.subjects[name], self._queue, cb))
+            if "flaky" in self.names:
+                # No queue group: every flaky instance takes the new settings.
+                self._subs.append(await nc.subscribe(FLAKY_CONTROL_SUBJECT, cb=self._on_control))
+            await nc.flush()
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            await self.stop()
+            raise SampleRunnerError(f"cannot subscribe the sample extensions: {exc}") from exc
+        log.info("sample extensions serving", nats_url=self.nats_url, subjects=self.subjects)
+        return self
+
+    async def stop(self) -> None:
+        """Stop answering: cancel delayed replies, drain or unsubscribe, close our connection."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        subs, self._subs = self._subs, []
+        nc = self._nc
+        if nc is None:
+            return
+        if not self._owns_connection:
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await sub.unsubscribe()
+            return
+        self._nc = None
+        if not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT)
+            except (nats.errors.Error, OSError, TimeoutError):
+                await nc.close()
+        log.info("sample extensions stopped")
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ---- per-message work --------------------------------------------------------------
+
+    def _callback(self, name: str) -> Callback:
+        """The subscription callback for one sample, with its lookups bound once."""
+        if name == "echo":
+            return self._on_echo
+        if name == "flaky":
+            return self._on_flaky
+        return self._handler_callback(name, HANDLERS[name])
+
+    def _handler_callback(self, name: str, handler: Handler) -> Callback:
+        """Decode, call the pure handler, encode, answer; bad input gets an error reply."""
+        decode, encode, calls = self._decode, self._encode, self.calls
+        is_validator = SAMPLES_BY_ID[name].type == "validator"
+
+        async def on_message(msg: Msg) -> None:
+            if not msg.reply:
+                return
+            calls[name] += 1
+            try:
+                request = decode(msg.data)
+                if not isinstance(request, dict):
+                    raise ValueError("request is not a JSON object")
+                reply = handler(request)
+            except (msgspec.DecodeError, ValueError) as exc:
+                reply = _bad_request(str(exc), is_validator)
+            await self.connection.publish(msg.reply, encode(reply))
+
+        return on_message
+
+    async def _on_echo(self, msg: Msg) -> None:
+        """Echo: the request bytes go back untouched (no decoding, for benchmarks)."""
+        if msg.reply:
+            self.calls["echo"] += 1
+            await self.connection.publish(msg.reply, msg.data)
+
+    async def _on_flaky(self, msg: Msg) -> None:
+        """Flaky: answer, fail or delay as its dial says; delays never block other calls."""
+        if not msg.reply:
+            return
+        self.calls["flaky"] += 1
+        delay_ms = self.flaky.settings.delay_ms
+        if delay_ms <= 0:
+            await self._flaky_answer(msg, self.flaky.should_fail())
+            return
+        task = asyncio.create_task(self._flaky_later(msg, delay_ms / 1000))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flaky_later(self, msg: Msg, delay: float) -> None:
+        """A delayed flaky call, run as its own task."""
+        await asyncio.sleep(delay)
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._flaky_answer(msg, self.flaky.should_fail())
+
+    async def _flaky_answer(self, msg: Msg, fail: bool) -> None:
+        """Send the flaky reply: the payload unchanged, nothing, or an invalid body."""
+        reply_to = msg.reply
+        if fail:
+            if self.flaky.settings.failure_mode == "invalid":
+                await self.connection.publish(reply_to, INVALID_REPLY)
+            return
+        try:
+            request = self._decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await self.connection.publish(reply_to, self._encode(_bad_request(str(exc), False)))
+            return
+        payload = request.get("payload") if isinstance(request, dict) else None
+        await self.connection.publish(reply_to, self._encode({"payload": payload}))
+
+    async def _on_control(self, msg: Msg) -> None:
+        """Change (or read) the flaky dial; see `extreg.samples.flaky`."""
+        try:
+            request: Any = self._decode(msg.data) if msg.data.strip() else {}
+        except msgspec.DecodeError as exc:
+            reply: dict[str, Any] = {"ok": False, "error": f"invalid JSON: {exc}"}
+        else:
+            reply = self.flaky.control(request)
+            if reply["ok"]:
+                log.info("flaky settings changed", **reply["settings"])
+        if msg.reply:
+            await self.connection.publish(msg.reply, self._encode(reply))
+
+
+async def run_samples(
+    nats_url: str = DEFAULT_NATS_URL,
+    *,
+    names: Iterable[str] | None = None,
+    connection: Client | None = None,
+) -> SampleRunner:
+    """Start the sample extensions and return the running `SampleRunner`; `await
+    runner.stop()` (or `async with`) ends them."""
+    return await SampleRunner(nats_url, names=names, connection=connection).start()
+
+
+async def serve_forever(nats_url: str = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None) -> None:
+    """Serve the samples until SIGINT or SIGTERM, then stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # e.g. Windows
+            loop.add_signal_handler(sig, stop.set)
+    async with SampleRunner(nats_url, names=names):
+        await stop.wait()
+
+
+def main(nats_url: str = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None) -> None:
+    """Blocking entry point of `extreg sample-extensions`: serve until interrupted."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_forever(nats_url, names=names))
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def _check_names(names: Iterable[str] | None) -> tuple[str, ...]:
+    """The chosen sample ids, in catalogue order; an unknown id is a ConfigError."""
+    if names is None:
+        return tuple(s.id for s in SAMPLE_EXTENSIONS)
+    wanted = list(dict.fromkeys(names))
+    unknown = [n for n in wanted if n not in SAMPLES_BY_ID]
+    if unknown:
+        known = ", ".join(SAMPLES_BY_ID)
+        raise ConfigError(f"unknown sample extension(s): {', '.join(unknown)} (known: {known})")
+    return tuple(s.id for s in SAMPLE_EXTENSIONS if s.id in wanted)
+
+
+def _bad_request(message: str, is_validator: bool) -> dict[str, Any]:
+    """The reply to a request that is not a JSON object; a validator fails closed."""
+    if is_validator:
+        return {"status": "reject", "reason": "bad_request", "details": {"error": message}}
+    return {"error": {"code": "bad_request", "message": message}}
+
+
+async def _connect(nats_url: str) -> Client:
+    """Connect with endless reconnects and quiet, structured logging of connection events."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", error=str(exc) or type(exc).__name__)
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected", nats_url=nats_url)
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected", nats_url=nats_url)
+
+    try:
+        return await nats.connect(
+            nats_url,
+            name="extreg-sample-extensions",
+            connect_timeout=2,
+            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # nats-py annotates int
+            max_reconnect_attempts=-1,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise SampleRunnerError(f"cannot connect to NATS at {nats_url}: {exc}") from exc

@@ -1,0 +1,193 @@
+"""Settings, read once into an immutable value object.
+
+Precedence, lowest to highest: defaults, a TOML file (`[extension_registry]` table),
+`EXTENSION_REGISTRY_*` environment variables, then keyword arguments (the CLI's flags).
+Every rejection names the key and where the value came from. The password lives in a
+`SecretStr` and URLs are only ever shown through `redact_url`, so neither can leak
+through a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "EXTENSION_REGISTRY_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+TOML_TABLE = "extension_registry"
+BUNDLED_FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class Settings(BaseModel):
+    """Every key of the contract's settings table, plus extreg's own (data_dir, snapshot_file)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    source: Literal["database", "fixtures", "auto"] = "auto"
+    db_enabled: bool | None = None
+    database_url: SecretStr | None = None
+    db_host: str = "localhost"
+    db_port: int = Field(5432, ge=1, le=65535)
+    db_name: str = "beamline"
+    db_user: str = "beamline"
+    db_password: SecretStr = SecretStr("")
+    db_pool_size: int = Field(4, ge=1, le=100)
+    fixtures_dir: Path = BUNDLED_FIXTURES
+    cache_type: Literal["ets", "memory", "mnesia"] = "ets"
+    sync_interval_seconds: float = Field(60, gt=0)
+    data_dir: Path = Path(".extreg")
+    snapshot_file: Path | None = None
+
+    circuit_breaker_enabled: bool = False
+    circuit_breaker_failure_threshold: int = Field(5, ge=1)
+    circuit_breaker_timeout_seconds: float = Field(60, gt=0)
+    circuit_breaker_half_open_max_requests: int = Field(3, ge=1)
+    circuit_breaker_error_rate_threshold: float = Field(0.5, gt=0, le=1)
+    circuit_breaker_window_seconds: float = Field(60, gt=0)
+    circuit_breaker_min_calls: int = Field(10, ge=1)
+    auto_disable_on_circuit_open: bool = False
+    auto_enable_on_circuit_close: bool = False
+    health_based_routing_enabled: bool = False
+    health_based_routing_min_success_rate: float = Field(0.8, ge=0, le=1)
+    health_flush_interval_seconds: float = Field(2, gt=0)
+
+    extension_max_payload_size: int = Field(1_048_576, ge=1)
+    extension_max_metadata_size: int = Field(65_536, ge=1)
+    extension_max_timeout_ms: int = Field(60_000, ge=1)
+    extension_max_retries: int = Field(10, ge=0)
+    nats_url: str = "nats://127.0.0.1:4222"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.cache_type == "mnesia":
+            raise ValueError(
+                "cache_type 'mnesia' is not supported: extreg keeps its cache in process; "
+                "use 'ets' (or its alias 'memory')"
+            )
+        if self.database_url is not None:
+            scheme = urlsplit(self.database_url.get_secret_value()).scheme
+            if scheme not in ("postgresql", "postgres"):
+                raise ValueError(
+                    f"database_url must start with postgresql:// (got scheme {scheme!r})"
+                )
+        return self
+
+    @property
+    def database_configured(self) -> bool:
+        """True when a database URL or host was given, or db_enabled was set explicitly."""
+        if self.db_enabled is not None:
+            return self.db_enabled
+        return self.database_url is not None or "db_host" in self.model_fields_set
+
+    @property
+    def conninfo(self) -> str:
+        """The PostgreSQL connection string, with the password. Never log this; use `db_display`."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        password = self.db_password.get_secret_value()
+        auth = quote(self.db_user, safe="") + (":" + quote(password, safe="") if password else "")
+        return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name, safe='')}"
+
+    @property
+    def db_display(self) -> str:
+        """Where the database is, safe to print."""
+        return redact_url(self.conninfo)
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.snapshot_file or self.data_dir / "snapshot.json"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A validated copy with some keys changed (what was set stays set)."""
+        data = {key: getattr(self, key) for key in self.model_fields_set}
+        return type(self)(**{**data, **changes})
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | str | None = None,
+        environ: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Read settings from every layer; `overrides` (flags) win, `None` values are ignored."""
+        env = os.environ if environ is None else environ
+        layers: list[tuple[str, dict[str, Any]]] = []
+        path = config_file or env.get(CONFIG_ENV)
+        if path:
+            layers.append((f"config file {path}", _read_toml(Path(path))))
+        env_values = {
+            key[len(ENV_PREFIX) :].lower(): value
+            for key, value in env.items()
+            if key.startswith(ENV_PREFIX) and key != CONFIG_ENV
+        }
+        layers.append(("environment", env_values))
+        layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+        merged: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for where, values in layers:
+            for key, value in values.items():
+                merged[key] = value
+                origin[key] = where
+        try:
+            return cls(**merged)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, origin)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get(TOML_TABLE)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path} has no [{TOML_TABLE}] table")
+    unknown_tables = sorted(set(data) - {TOML_TABLE})
+    if unknown_tables:
+        raise ConfigError(f"config file {path}: unknown table(s) {', '.join(unknown_tables)}")
+    return table
+
+
+def _describe(exc: ValidationError, origin: dict[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        where = origin.get(key)
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        shown = "" if "password" in key or "url" in key else f" (got {error.get('input')!r})"
+        place = f" from {where}" if where else ""
+        if where == "environment":
+            key = ENV_PREFIX + key.upper()
+        lines.append(f"setting {key}{place}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL (and any `password=` parameter) so it can be shown."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable database URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":********"
+        netloc = f"{userinfo}@{host}"
+    query = "&".join(
+        "password=********" if item.lower().startswith("password=") else item
+        for item in parts.query.split("&")
+    ) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -1,0 +1,78 @@
+"""The last-known-good snapshot file: what lets `source=database` boot while PostgreSQL is down.
+
+Layout: one header line of JSON (format, count, written_at, sha256 of the body), then the body,
+a JSON list of records. The file is written to a temporary name in the same folder, fsynced and
+renamed over the old one, so a crash mid-write leaves the previous file intact; the checksum
+catches a file torn or edited by anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from ..errors import SnapshotFileError
+from ..model import Extension
+
+FORMAT = "extreg-snapshot/1"
+
+
+class Header(msgspec.Struct, forbid_unknown_fields=True):
+    format: str
+    count: int
+    written_at: datetime
+    sha256: str
+
+
+def write_snapshot_file(path: Path, records: list[Extension]) -> None:
+    """Atomically replace `path` with `records`; raise `SnapshotFileError` if it cannot."""
+    body = msgspec.json.encode(records)
+    header = Header(FORMAT, len(records), datetime.now(UTC), hashlib.sha256(body).hexdigest())
+    data = msgspec.json.encode(header) + b"\n" + body
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise SnapshotFileError(f"cannot write snapshot file {path}: {exc.strerror or exc}") from None
+
+
+def read_snapshot_file(path: Path) -> tuple[list[Extension], datetime]:
+    """The records and write time of a snapshot file; `SnapshotFileError` if it is not whole."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SnapshotFileError(f"no snapshot file at {path}") from None
+    except OSError as exc:
+        raise SnapshotFileError(f"cannot read snapshot file {path}: {exc.strerror or exc}") from None
+    head, sep, body = data.partition(b"\n")
+    try:
+        header = msgspec.json.decode(head, type=Header)
+    except msgspec.DecodeError:
+        raise SnapshotFileError(f"snapshot file {path} has no valid header: refusing it") from None
+    if not sep or header.format != FORMAT:
+        raise SnapshotFileError(f"snapshot file {path} is not an {FORMAT} file: refusing it")
+    if hashlib.sha256(body).hexdigest() != header.sha256:
+        raise SnapshotFileError(
+            f"snapshot file {path} is corrupt or half-written (checksum mismatch): refusing it"
+        )
+    try:
+        records = msgspec.json.decode(body, type=list[Extension])
+    except msgspec.DecodeError as exc:
+        raise SnapshotFileError(f"snapshot file {path} holds invalid records: {exc}") from None
+    if len(records) != header.count:
+        raise SnapshotFileError(f"snapshot file {path} is incomplete: refusing it")
+    return records, header.written_at
