@@ -64,12 +64,12 @@ class PostgresProcess:
 
     def start(self, timeout: float = 20) -> None:
         settings = [] if self.durable else [a for s in FAST_SETTINGS for a in ("-c", s)]
-        self.proc = subprocess.Popen(  # noqa: S603 - our own binary and arguments
-            [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", *settings],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "log", "ab"),  # noqa: SIM115
-            start_new_session=True, **self._user,
-        )
+        with open(self.root / "log", "ab") as log_file:
+            self.proc = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+                [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                 "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", *settings],
+                stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True, **self._user,
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -196,17 +196,17 @@ class Registry:
             self._spawn(self._watch_fixtures())
             return
         self._db = PostgresSource(self.settings)
+        loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        follower = asyncio.create_task(self._follow_database(loaded))
         try:
-            await self._db.open()
-            records = await self._db.load_all_extensions()
+            await loaded
         except SourceUnavailable as exc:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
             await self._boot_without_database(str(exc))
-        else:
-            self._sync_since = datetime.now(UTC)
-            self._swap(records, "database")
-            self._spawn(self._follow_database(first_reload=False))
-            self._spawn(self._write_snapshot_file_when_due())
-            self._snapshot_file_due.set()
+            return
+        self._tasks.append(follower)
+        self._spawn(self._write_snapshot_file_when_due())
 
     async def _boot_without_database(self, reason: str) -> None:
         self._stale = True
@@ -227,7 +227,7 @@ class Registry:
             log.warning("serving_fixtures", reason=reason)
             self._swap(self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())
-        self._spawn(self._follow_database(first_reload=True))
+        self._spawn(self._follow_database(None))
         self._spawn(self._write_snapshot_file_when_due())
 
     async def close(self) -> None:
@@ -302,8 +302,10 @@ class Registry:
 
     # -- database -----------------------------------------------------------------------------
 
-    async def _follow_database(self, first_reload: bool) -> None:
-        """Listen, apply and sync until cancelled; on any failure, back off and start over."""
+    async def _follow_database(self, loaded: asyncio.Future[None] | None) -> None:
+        """Listen, load, then apply notifications and sync until cancelled; on any failure,
+        back off and start over. LISTEN comes before the load so no change falls between.
+        The first attempt reports its outcome through `loaded` instead of retrying."""
         assert self._db is not None  # noqa: S101 - only started with a database
         backoff = BACKOFF_MIN_S
         while True:
@@ -311,12 +313,16 @@ class Registry:
                 if not self._db.is_open:
                     await self._db.open()
                 async with self._db.listen() as payloads:
-                    if first_reload:
-                        await self._reload_from_database()
-                    first_reload = True
+                    await self._reload_from_database()
+                    if loaded is not None:
+                        loaded.set_result(None)
+                        loaded = None
                     backoff = BACKOFF_MIN_S
                     await _first_failure(self._apply_notifications(payloads), self._sync_forever())
             except SourceUnavailable as exc:
+                if loaded is not None:
+                    loaded.set_exception(exc)
+                    return
                 self._mark_stale(str(exc))
             await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
             backoff = min(backoff * 2, BACKOFF_MAX_S)

@@ -106,17 +106,6 @@ class BreakerConfig:
             min_calls=settings.circuit_breaker_min_calls,
         )
 
-    def with_overrides(self, metadata: Mapping[str, Any]) -> BreakerConfig:
-        """This config with an extension's metadata overrides applied; ValueError if bad.
-
-        Flat keys (`circuit_breaker_failure_threshold`) win over the nested form
-        (`{"circuit_breaker": {"failure_threshold": ...}}`).
-        """
-        values, problems = _read_overrides(metadata)
-        if problems:
-            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
-        return replace(self, **values) if values else self
-
 
 _INT_KEYS: Final = ("failure_threshold", "half_open_max_requests", "min_calls")
 _FLOAT_KEYS: Final = ("timeout_seconds", "error_rate_threshold", "window_seconds")
@@ -156,7 +145,7 @@ def _read_overrides(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[t
                 else:
                     problems.append((where, "unknown circuit breaker setting"))
     for name, value in metadata.items():
-        if name.startswith(METADATA_PREFIX) and name != "circuit_breaker_enabled":
+        if isinstance(name, str) and name.startswith(METADATA_PREFIX) and name != "circuit_breaker_enabled":
             key = name[len(METADATA_PREFIX) :]
             if key in OVERRIDE_KEYS:
                 found[key] = (f"metadata.{name}", value)
@@ -219,7 +208,7 @@ class _Circuit:
 
     __slots__ = (
         "extension_id", "config", "state", "consecutive",
-        "width", "buckets", "bucket", "index", "ring_calls", "ring_failures",
+        "width", "bucket", "bucket_end", "index", "ring_calls", "ring_failures",
         "cur_calls", "cur_failures", "sum_calls", "sum_failures",
         "opened_at", "opened_wall", "open_reason", "forced", "half_open_since", "admitted",
     )  # fmt: skip
@@ -234,6 +223,9 @@ class _Circuit:
         self.forced = False
         self.half_open_since = 0.0
         self.admitted = 0
+        self.width = 0.0
+        self.ring_calls: list[int] = []
+        self.ring_failures: list[int] = []
         self.set_config(config)
 
     def set_config(self, config: BreakerConfig) -> None:
@@ -241,15 +233,19 @@ class _Circuit:
         self.config = config
         buckets = max(1, min(MAX_BUCKETS, math.ceil(config.window_seconds)))
         width = config.window_seconds / buckets
-        if getattr(self, "width", None) != width or len(self.ring_calls) != buckets:
+        if width != self.width or buckets != len(self.ring_calls):
             self.width = width
             self.ring_calls = [0] * buckets
             self.ring_failures = [0] * buckets
-            self.clear_window()
+            consecutive = self.consecutive
+            self.clear_counts()
+            self.consecutive = consecutive
 
-    def clear_window(self) -> None:
+    def clear_counts(self) -> None:
+        """Forget the failure streak and every call in the window."""
         self.consecutive = 0
-        self.bucket: float | None = None
+        self.bucket: float | None = None  # number of the current bucket: time // width
+        self.bucket_end = -math.inf  # when the current bucket ends
         self.index = 0
         self.cur_calls = self.cur_failures = 0
         self.sum_calls = self.sum_failures = 0  # the ring's buckets, the current one excluded
@@ -257,10 +253,15 @@ class _Circuit:
         for i in range(len(ring_calls)):
             ring_calls[i] = ring_failures[i] = 0
 
-    def advance(self, bucket: float) -> None:
-        """Move the window to `bucket` (a later bucket number), expiring older buckets."""
+    def advance(self, now: float) -> None:
+        """Move the window to the bucket of `now`, expiring the buckets that fell out of it."""
+        bucket = now // self.width
+        self.bucket_end = (bucket + 1) * self.width
         if self.bucket is None:
             self.bucket = bucket
+            return
+        steps = int(bucket - self.bucket)
+        if steps <= 0:
             return
         ring_calls, ring_failures, index = self.ring_calls, self.ring_failures, self.index
         ring_calls[index] = self.cur_calls
@@ -269,27 +270,13 @@ class _Circuit:
         self.sum_failures += self.cur_failures
         self.cur_calls = self.cur_failures = 0
         size = len(ring_calls)
-        for _ in range(min(int(bucket - self.bucket), size)):
+        for _ in range(min(steps, size)):
             index = index + 1 if index + 1 < size else 0
             self.sum_calls -= ring_calls[index]
             self.sum_failures -= ring_failures[index]
             ring_calls[index] = ring_failures[index] = 0
         self.index = index
         self.bucket = bucket
-
-
-class _CircuitTable(dict[str, _Circuit]):
-    """Circuits by extension id; a missing one is created closed with the default config."""
-
-    __slots__ = ("default",)
-
-    def __init__(self, default: BreakerConfig) -> None:
-        super().__init__()
-        self.default = default
-
-    def __missing__(self, extension_id: str) -> _Circuit:
-        circuit = self[extension_id] = _Circuit(extension_id, self.default)
-        return circuit
 
 
 class CircuitBreakers:
@@ -311,7 +298,7 @@ class CircuitBreakers:
     ) -> None:
         self.config = config or BreakerConfig()
         self._disabled = not self.config.enabled
-        self._circuits = _CircuitTable(self.config)
+        self._circuits: dict[str, _Circuit] = {}
         self._clock = clock
         self._wall_clock = wall_clock
         self._callbacks: list[StateCallback] = []
@@ -332,7 +319,10 @@ class CircuitBreakers:
         """Admit a call or raise CircuitOpen; a half-open admission is counted here."""
         if self._disabled:
             return
-        circuit = self._circuits[extension_id]
+        try:
+            circuit = self._circuits[extension_id]
+        except KeyError:
+            circuit = self._add(extension_id)
         if circuit.state is not CLOSED:
             self._admit(circuit)
 
@@ -340,11 +330,14 @@ class CircuitBreakers:
         """Record a successful call; closes a half-open circuit."""
         if self._disabled:
             return
-        circuit = self._circuits[extension_id]
+        try:
+            circuit = self._circuits[extension_id]
+        except KeyError:
+            circuit = self._add(extension_id)
         if circuit.state is CLOSED:
-            bucket = self._clock() // circuit.width
-            if bucket != circuit.bucket:
-                circuit.advance(bucket)
+            now = self._clock()
+            if now >= circuit.bucket_end:
+                circuit.advance(now)
             circuit.cur_calls += 1
             circuit.consecutive = 0
         elif circuit.state is HALF_OPEN:
@@ -354,12 +347,14 @@ class CircuitBreakers:
         """Record a failed call; may open the circuit (see the module's rules)."""
         if self._disabled:
             return
-        circuit = self._circuits[extension_id]
+        try:
+            circuit = self._circuits[extension_id]
+        except KeyError:
+            circuit = self._add(extension_id)
         if circuit.state is CLOSED:
             now = self._clock()
-            bucket = now // circuit.width
-            if bucket != circuit.bucket:
-                circuit.advance(bucket)
+            if now >= circuit.bucket_end:
+                circuit.advance(now)
             circuit.cur_calls += 1
             circuit.cur_failures += 1
             circuit.consecutive += 1
@@ -408,9 +403,9 @@ class CircuitBreakers:
         state = self.update_state(extension_id)
         circuit = self._circuits.get(extension_id) or _Circuit(extension_id, self.config)
         if circuit.state is CLOSED and circuit.bucket is not None:
-            bucket = self._clock() // circuit.width
-            if bucket != circuit.bucket:
-                circuit.advance(bucket)
+            now = self._clock()
+            if now >= circuit.bucket_end:
+                circuit.advance(now)
         opened = circuit.opened_wall if circuit.state is not CLOSED else None
         return CircuitSnapshot(
             extension_id=extension_id,
@@ -440,18 +435,15 @@ class CircuitBreakers:
         if problems:
             raise InvalidRecord(extension_id, problems)
         config = replace(self.config, **values) if values else self.config
-        circuit = self._circuits[extension_id]
-        if circuit.config != config:
-            consecutive = circuit.consecutive
-            circuit.set_config(config)
-            circuit.consecutive = consecutive
+        circuit = self._circuits.get(extension_id) or self._add(extension_id)
+        circuit.set_config(config)
         return config
 
     def force_open(self, extension_id: str) -> State:
         """Open the circuit and keep it open until `force_close` or `reset`."""
         if self._disabled:
             return CLOSED
-        circuit = self._circuits[extension_id]
+        circuit = self._circuits.get(extension_id) or self._add(extension_id)
         circuit.forced = True
         self._open(circuit, self._clock(), "opened by an operator")
         return circuit.state
@@ -464,7 +456,7 @@ class CircuitBreakers:
         """Back to a fresh closed circuit: no streak, an empty window; the config is kept."""
         if self._disabled:
             return CLOSED
-        circuit = self._circuits[extension_id]
+        circuit = self._circuits.get(extension_id) or self._add(extension_id)
         circuit.forced = False
         self._close(circuit)
         return circuit.state
@@ -482,12 +474,16 @@ class CircuitBreakers:
 
     # -- transitions (the slow path) ---------------------------------------------------------
 
+    def _add(self, extension_id: str) -> _Circuit:
+        circuit = self._circuits[extension_id] = _Circuit(extension_id, self.config)
+        return circuit
+
     def _admit(self, circuit: _Circuit) -> None:
         now = self._clock()
         if circuit.state is OPEN:
-            remaining = circuit.config.timeout_seconds - (now - circuit.opened_at)
             if circuit.forced:
                 raise CircuitOpen(circuit.extension_id, "circuit was opened by an operator", 0)
+            remaining = circuit.config.timeout_seconds - (now - circuit.opened_at)
             if remaining > 0:
                 reason = f"circuit breaker is open ({circuit.open_reason}); retry in {remaining:.1f}s"
                 raise CircuitOpen(circuit.extension_id, reason, 0)
@@ -509,7 +505,7 @@ class CircuitBreakers:
         circuit.opened_wall = self._wall_clock()
         circuit.open_reason = reason
         circuit.admitted = 0
-        circuit.clear_window()
+        circuit.clear_counts()
         self._transition(circuit, OPEN)
 
     def _half_open(self, circuit: _Circuit, now: float) -> None:
@@ -520,7 +516,7 @@ class CircuitBreakers:
     def _close(self, circuit: _Circuit) -> None:
         circuit.admitted = 0
         circuit.open_reason = None
-        circuit.clear_window()
+        circuit.clear_counts()
         self._transition(circuit, CLOSED)
 
     def _transition(self, circuit: _Circuit, new: State) -> None:

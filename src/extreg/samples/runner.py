@@ -40,6 +40,8 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 QUEUE_GROUP = "extreg-samples"
 """Queue group of the sample subscriptions: several sample processes share the load."""
 DRAIN_TIMEOUT = 2.0
+CONNECT_ATTEMPTS = 3
+"""Tries of the first connection before giving up (a NATS restart later is waited out)."""
 
 Callback = Callable[[Msg], Awaitable[None]]
 
@@ -178,6 +180,9 @@ class SampleRunner:
                 reply = handler(request)
             except (msgspec.DecodeError, ValueError) as exc:
                 reply = _bad_request(str(exc), is_validator)
+            except Exception as exc:  # noqa: BLE001 - a sample bug must answer, not time out
+                log.exception("sample extension failed", extension_id=name)
+                reply = _bad_request(f"internal error: {type(exc).__name__}", is_validator)
             await self.connection.publish(msg.reply, encode(reply))
 
         return on_message
@@ -299,15 +304,19 @@ async def _connect(nats_url: str) -> Client:
         log.info("nats reconnected", nats_url=nats_url)
 
     try:
-        return await nats.connect(
+        nc = await nats.connect(
             nats_url,
             name="extreg-sample-extensions",
             connect_timeout=2,
             reconnect_time_wait=0.25,  # type: ignore[arg-type]  # nats-py annotates int
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=CONNECT_ATTEMPTS,
             error_cb=on_error,
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
         )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         raise SampleRunnerError(f"cannot connect to NATS at {nats_url}: {exc}") from exc
+    # nats-py uses one limit for the first connect and for reconnects; we want a quick,
+    # clear failure when NATS is absent at start, but never to give up once connected.
+    nc.options["max_reconnect_attempts"] = -1
+    return nc

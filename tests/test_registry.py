@@ -1,0 +1,340 @@
+"""The registry in each source mode, its freshness machinery, and its failure behaviour.
+
+Everything runs against a real PostgreSQL; tests that stop the database start their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from helpers import make_settings, record
+
+from extreg import ExtensionDisabled, ExtensionNotFound, Registry
+from extreg.errors import FixtureError, SourceUnavailable
+from extreg.pgprocess import PostgresProcess, free_port
+from extreg.sources.snapshot_file import read_snapshot_file
+
+
+def write_fixtures(folder: Path, *records: dict[str, object], name: str = "ext.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(list(records)), encoding="utf-8")
+    return folder
+
+
+def sql(url: str, statement: str, params: tuple[object, ...] = ()) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(statement, params)
+
+
+def insert(url: str, ext_id: str, **values: object) -> None:
+    row = {"type": "pre", "subject": f"beamline.ext.pre.{ext_id}.v1", "timeout_ms": 100, **values}
+    cols = ", ".join(["id", *row])
+    marks = ", ".join(["%s"] * (len(row) + 1))
+    sql(url, f"INSERT INTO extensions ({cols}) VALUES ({marks})", (ext_id, *row.values()))
+
+
+def unreachable_url() -> str:
+    return f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/nothing"
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Poll until `condition()` holds; return the seconds it took, fail after `timeout`."""
+    started = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
+    return time.perf_counter() - started
+
+
+# -- the seed's eight dual-mode cases ----------------------------------------------------------
+
+
+async def test_fixtures_mode(tmp_path: Path, db_url: str) -> None:
+    """source=fixtures serves the fixtures even with a reachable database holding other rows."""
+    insert(db_url, "from_db")
+    folder = write_fixtures(tmp_path / "fx", record("fx_a"), record("fx_b", type="post"))
+    settings = make_settings(tmp_path, source="fixtures", fixtures_dir=folder, database_url=db_url)
+    async with Registry.open(settings) as reg:
+        assert ["fx_a", "fx_b"] == [e.id for e in reg.all()]
+        status = reg.status
+        assert ("fixtures", "fixtures", None, False) == (
+            status.mode, status.source, status.fallback_reason, status.stale)
+
+
+async def test_database_mode(tmp_path: Path, db_url: str) -> None:
+    """source=database serves the database's rows, fresh."""
+    insert(db_url, "db_a")
+    insert(db_url, "db_b", enabled=False)
+    settings = make_settings(tmp_path, source="database", database_url=db_url)
+    async with Registry.open(settings) as reg:
+        assert ["db_a", "db_b"] == [e.id for e in reg.all()]
+        assert ("database", "database", False, 2, 1) == (
+            reg.status.mode, reg.status.source, reg.status.stale, reg.status.count,
+            reg.status.enabled_count)
+
+
+async def test_auto_mode_database_available(tmp_path: Path, db_url: str) -> None:
+    """source=auto with the database up serves the database, not the fixtures."""
+    insert(db_url, "db_a")
+    folder = write_fixtures(tmp_path / "fx", record("fx_a"))
+    settings = make_settings(tmp_path, source="auto", fixtures_dir=folder, database_url=db_url)
+    async with Registry.open(settings) as reg:
+        assert ["db_a"] == [e.id for e in reg.all()]
+        assert ("database", None) == (reg.status.source, reg.status.fallback_reason)
+
+
+async def test_auto_mode_database_unavailable(tmp_path: Path) -> None:
+    """source=auto with the database down falls back to fixtures and says why, without the
+    password."""
+    folder = write_fixtures(tmp_path / "fx", record("fx_a"))
+    settings = make_settings(tmp_path, source="auto", fixtures_dir=folder,
+                             database_url=unreachable_url())
+    async with Registry.open(settings) as reg:
+        assert ["fx_a"] == [e.id for e in reg.all()]
+        status = reg.status
+        assert "fixtures" == status.source
+        assert status.fallback_reason is not None
+        assert "unavailable" in status.fallback_reason
+        assert "hunter2" not in json.dumps(status.as_dict())
+
+
+async def test_periodic_sync_picks_up_plain_sql_change(tmp_path: Path, db_url: str) -> None:
+    """With notifications switched off in the database, the periodic sync alone brings in an
+    insert, an update and a delete made with plain SQL."""
+    insert(db_url, "keep")
+    insert(db_url, "gone")
+    for table in ("extensions", "extension_versions", "extension_instances"):
+        sql(db_url, f"DROP TRIGGER extreg_notify ON {table}")
+    settings = make_settings(tmp_path, source="database", database_url=db_url,
+                             sync_interval_seconds=0.2)
+    async with Registry.open(settings) as reg:
+        insert(db_url, "new")
+        sql(db_url, "UPDATE extensions SET timeout_ms = 777 WHERE id = 'keep'")
+        sql(db_url, "DELETE FROM extensions WHERE id = 'gone'")
+        await wait_for(lambda: [e.id for e in reg.all()] == ["keep", "new"]
+                       and reg.lookup("keep").timeout_ms == 777)
+        assert reg.status.last_sync_at is not None
+
+
+async def test_reload_fixtures(tmp_path: Path) -> None:
+    """reload() in fixtures mode reads the folder again and reports what changed."""
+    folder = write_fixtures(tmp_path / "fx", record("a"), record("b"))
+    settings = make_settings(tmp_path, source="fixtures", fixtures_dir=folder)
+    async with Registry.open(settings) as reg:
+        write_fixtures(folder, record("a", timeout_ms=300), record("c"))
+        report = await reg.reload()
+        assert ("fixtures", 2, 1, 1, 1) == (
+            report.source, report.count, report.added, report.removed, report.changed)
+        assert 300 == reg.lookup("a").timeout_ms
+
+
+async def test_reload_database(tmp_path: Path, db_url: str) -> None:
+    """reload() in database mode reads every row again (here, one no notification announced)."""
+    insert(db_url, "a")
+    sql(db_url, "DROP TRIGGER extreg_notify ON extensions")
+    settings = make_settings(tmp_path, source="database", database_url=db_url)
+    async with Registry.open(settings) as reg:
+        insert(db_url, "b")
+        assert ["a"] == [e.id for e in reg.all()]
+        report = await reg.reload()
+        assert ("database", 2, 1) == (report.source, report.count, report.added)
+        assert ["a", "b"] == [e.id for e in reg.all()]
+
+
+async def test_reload_auto_mode(tmp_path: Path, db_url: str) -> None:
+    """reload() in auto mode reads the database when it is up, and the fixtures when it is not."""
+    insert(db_url, "a")
+    folder = write_fixtures(tmp_path / "fx", record("fx"))
+    settings = make_settings(tmp_path, source="auto", fixtures_dir=folder, database_url=db_url)
+    async with Registry.open(settings) as reg:
+        sql(db_url, "DROP TRIGGER extreg_notify ON extensions")
+        insert(db_url, "b")
+        assert ("database", 2) == ((r := await reg.reload()).source, r.count)
+    down = make_settings(tmp_path, source="auto", fixtures_dir=folder,
+                         database_url=unreachable_url())
+    async with Registry.open(down) as reg:
+        write_fixtures(folder, record("fx"), record("fx2"))
+        report = await reg.reload()
+        assert ("fixtures", 2) == (report.source, report.count)
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+async def test_lookup_present_missing_disabled_and_by_type(tmp_path: Path) -> None:
+    """lookup returns enabled records and raises the precise error otherwise; lookup_by_type
+    lists only enabled records of that type; get and all include disabled ones."""
+    folder = write_fixtures(
+        tmp_path / "fx",
+        record("on"), record("off", enabled=False), record("val", type="validator"),
+        record("on2"),
+    )
+    async with Registry.open(make_settings(tmp_path, source="fixtures", fixtures_dir=folder)) as reg:
+        assert "on" == reg.lookup("on").id
+        with pytest.raises(ExtensionNotFound) as missing:
+            reg.lookup("nope")
+        assert "nope" == missing.value.extension_id
+        with pytest.raises(ExtensionDisabled):
+            reg.lookup("off")
+        assert ["on", "on2"] == [e.id for e in reg.lookup_by_type("pre")]
+        assert ["val"] == [e.id for e in reg.lookup_by_type("validator")]
+        assert () == reg.lookup_by_type("provider")
+        assert reg.get("off") is not None and reg.get("off").enabled is False  # type: ignore[union-attr]
+        assert reg.get("nope") is None
+        assert 4 == len(reg.all())
+
+
+async def test_readers_never_miss_during_reloads(tmp_path: Path) -> None:
+    """A reader thread looking up an id present before and after 100 reloads never misses it."""
+    folder = write_fixtures(tmp_path / "fx", *(record(f"e{i}") for i in range(200)))
+    async with Registry.open(make_settings(tmp_path, source="fixtures", fixtures_dir=folder)) as reg:
+        misses = 0
+        lookups = 0
+        stop = threading.Event()
+
+        def reader() -> None:
+            nonlocal misses, lookups
+            while not stop.is_set():
+                for i in range(200):
+                    try:
+                        reg.lookup(f"e{i}")
+                    except ExtensionNotFound:
+                        misses += 1
+                    lookups += 1
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        for _ in range(100):
+            await reg.reload()
+            await asyncio.sleep(0)
+        stop.set()
+        thread.join()
+        assert 0 == misses
+        assert lookups > 0
+        assert 101 == reg.status.generation
+
+
+# -- freshness ---------------------------------------------------------------------------------
+
+
+async def test_notification_applies_sql_change_within_a_second(tmp_path: Path, db_url: str) -> None:
+    """An insert, an update and a delete made with plain SQL in another connection reach the
+    cache through notifications, each within a second (the periodic sync is an hour away)."""
+    insert(db_url, "a")
+    settings = make_settings(tmp_path, source="database", database_url=db_url,
+                             sync_interval_seconds=3600)
+    async with Registry.open(settings) as reg:
+        insert(db_url, "b")
+        assert await wait_for(lambda: reg.get("b") is not None, 1.0) < 1.0
+        sql(db_url, "UPDATE extensions SET enabled = false WHERE id = 'a'")
+        await wait_for(lambda: not reg.get("a").enabled, 1.0)  # type: ignore[union-attr]
+        sql(db_url, "INSERT INTO extension_versions (id, version, subject, timeout_ms, retry,"
+                    " routing_rules) VALUES ('b', 'v2', 'x.b.v2', 50, 0, '{\"tenant_id\": [\"t1\"]}')")
+        await wait_for(lambda: len(reg.lookup("b").versions) == 1, 1.0)
+        assert {"tenant_id": ["t1"]} == reg.lookup("b").versions[0].routing_rules
+        sql(db_url, "DELETE FROM extensions WHERE id = 'b'")
+        await wait_for(lambda: reg.get("b") is None, 1.0)
+        assert ["a"] == [e.id for e in reg.all()]
+
+
+async def test_database_stopped_mid_run_keeps_serving_then_recovers(
+    tmp_path: Path, own_pg: PostgresProcess
+) -> None:
+    """With the database stopped, lookups keep answering and status says stale; when it
+    returns, the registry recovers by itself and catches up with changes."""
+    url = own_pg.create_database("reg")
+    from extreg.db.migrate import migrate
+
+    migrate(url)
+    insert(url, "a")
+    settings = make_settings(tmp_path, source="database", database_url=url,
+                             sync_interval_seconds=0.5)
+    async with Registry.open(settings) as reg:
+        own_pg.stop()
+        await wait_for(lambda: reg.status.stale, 5)
+        assert "a" == reg.lookup("a").id
+        assert "database" == reg.status.source
+        assert reg.status.last_error is not None
+        own_pg.start()
+        insert(url, "b")
+        await wait_for(lambda: not reg.status.stale and reg.get("b") is not None, 15)
+        assert ["a", "b"] == [e.id for e in reg.all()]
+
+
+async def test_boot_from_snapshot_file_with_database_down(
+    tmp_path: Path, own_pg: PostgresProcess
+) -> None:
+    """source=database boots from the last-known-good snapshot file when the database is down,
+    marked stale; then switches to the database when it comes back."""
+    url = own_pg.create_database("snap")
+    from extreg.db.migrate import migrate
+
+    migrate(url)
+    insert(url, "a")
+    insert(url, "b", enabled=False)
+    settings = make_settings(tmp_path, source="database", database_url=url)
+    async with Registry.open(settings) as reg:
+        await wait_for(lambda: settings.snapshot_path.exists(), 5)
+        served = reg.all()
+    own_pg.stop()
+    async with Registry.open(settings) as reg:
+        assert served == reg.all()
+        assert ("snapshot_file", True) == (reg.status.source, reg.status.stale)
+        own_pg.start()
+        await wait_for(lambda: reg.status.source == "database" and not reg.status.stale, 15)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edit"])
+async def test_corrupt_snapshot_file_is_refused(tmp_path: Path, damage: str) -> None:
+    """A torn, garbage or edited snapshot file is refused with a clear error, so source=database
+    with the database down does not boot on it."""
+    settings = make_settings(tmp_path, source="database", database_url=unreachable_url())
+    from extreg.sources.snapshot_file import write_snapshot_file
+    from extreg.model import parse_extension
+
+    ext = parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)
+    write_snapshot_file(settings.snapshot_path, [ext])
+    data = settings.snapshot_path.read_bytes()
+    damaged = {
+        "truncate": data[: len(data) - 10],
+        "garbage": b"\x00\xff not a snapshot",
+        "edit": data.replace(b'"timeout_ms":100', b'"timeout_ms":900'),
+    }[damage]
+    settings.snapshot_path.write_bytes(damaged)
+    with pytest.raises(SourceUnavailable) as refused:
+        async with Registry.open(settings):
+            pass
+    message = str(refused.value)
+    assert "snapshot" in message
+    assert "hunter2" not in message
+    assert [ext] == read_snapshot_file_or_none(settings.snapshot_path, data)
+
+
+def read_snapshot_file_or_none(path: Path, good: bytes) -> list[object]:
+    """Restore the good bytes and read them, to show the file format itself round-trips."""
+    path.write_bytes(good)
+    return list(read_snapshot_file(path)[0])
+
+
+async def test_bad_fixtures_leave_the_cache_untouched(tmp_path: Path) -> None:
+    """A reload with a bad fixtures folder raises and keeps serving the previous snapshot;
+    the folder watcher ignores a bad edit and applies a good one."""
+    folder = write_fixtures(tmp_path / "fx", record("a"))
+    async with Registry.open(make_settings(tmp_path, source="fixtures", fixtures_dir=folder)) as reg:
+        before = reg.snapshot
+        (folder / "bad.json").write_text('[{"id": "b", "type": "pre"', encoding="utf-8")
+        with pytest.raises(FixtureError):
+            await reg.reload()
+        await asyncio.sleep(0.6)  # give the watcher time to see the bad file
+        assert before is reg.snapshot
+        (folder / "bad.json").write_text(json.dumps(record("b")), encoding="utf-8")
+        await wait_for(lambda: reg.get("b") is not None, 5)
+        assert ["a", "b"] == [e.id for e in reg.all()]
