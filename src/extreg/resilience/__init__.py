@@ -8,8 +8,10 @@ from .breaker import (
     CircuitBreakers,
     CircuitSnapshot,
     State,
+    StateCallback,
     breaker_override_problems,
 )
+from .health import HealthDelta, HealthMonitor, sketch_from_dict, sketch_to_dict
 
 __all__ = [
     "CLOSED",
@@ -18,6 +20,11 @@ __all__ = [
     "BreakerConfig",
     "CircuitBreakers",
     "CircuitSnapshot",
+    "HealthDelta",
+    "HealthMonitor",
     "State",
+    "StateCallback",
     "breaker_override_problems",
+    "sketch_from_dict",
+    "sketch_to_dict",
 ]

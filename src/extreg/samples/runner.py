@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Self
 
@@ -78,6 +78,7 @@ class SampleRunner:
         self._nc = connection
         self._owns_connection = connection is None
         self._subs: list[Subscription] = []
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder().decode
@@ -104,7 +105,8 @@ class SampleRunner:
         if self.running:
             return self
         if self._nc is None:
-            self._nc = await _connect(self.nats_url)
+            self._nc = await _connect(self.nats_url, lambda: self._stopping)
+        self._stopping = False
         nc = self._nc
         try:
             for name in self.names:
@@ -122,6 +124,7 @@ class SampleRunner:
 
     async def stop(self) -> None:
         """Stop answering: cancel delayed replies, drain or unsubscribe, close our connection."""
+        self._stopping = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -175,12 +178,14 @@ class SampleRunner:
             calls[name] += 1
             try:
                 request = decode(msg.data)
-                if not isinstance(request, dict):
-                    raise ValueError("request is not a JSON object")
-                reply = handler(request)
-            except (msgspec.DecodeError, ValueError) as exc:
-                reply = _bad_request(str(exc), is_validator)
-            except Exception as exc:  # noqa: BLE001 - a sample bug must answer, not time out
+            except msgspec.DecodeError as exc:
+                request = exc
+            try:
+                if isinstance(request, dict):
+                    reply = handler(request)
+                else:
+                    reply = _bad_request(_not_an_object(request), is_validator)
+            except Exception as exc:  # a sample bug must answer, not look like a timeout
                 log.exception("sample extension failed", extension_id=name)
                 reply = _bad_request(f"internal error: {type(exc).__name__}", is_validator)
             await self.connection.publish(msg.reply, encode(reply))
@@ -252,7 +257,9 @@ async def run_samples(
     return await SampleRunner(nats_url, names=names, connection=connection).start()
 
 
-async def serve_forever(nats_url: str = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None) -> None:
+async def serve_forever(
+    nats_url: str = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None
+) -> None:
     """Serve the samples until SIGINT or SIGTERM, then stop cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -277,11 +284,20 @@ def _check_names(names: Iterable[str] | None) -> tuple[str, ...]:
     if names is None:
         return tuple(s.id for s in SAMPLE_EXTENSIONS)
     wanted = list(dict.fromkeys(names))
+    if not wanted:
+        raise ConfigError("no sample extension chosen")
     unknown = [n for n in wanted if n not in SAMPLES_BY_ID]
     if unknown:
         known = ", ".join(SAMPLES_BY_ID)
         raise ConfigError(f"unknown sample extension(s): {', '.join(unknown)} (known: {known})")
     return tuple(s.id for s in SAMPLE_EXTENSIONS if s.id in wanted)
+
+
+def _not_an_object(request: object) -> str:
+    """Why a decoded request cannot be served."""
+    if isinstance(request, msgspec.DecodeError):
+        return f"invalid JSON: {request}"
+    return "request is not a JSON object"
 
 
 def _bad_request(message: str, is_validator: bool) -> dict[str, Any]:
@@ -291,14 +307,18 @@ def _bad_request(message: str, is_validator: bool) -> dict[str, Any]:
     return {"error": {"code": "bad_request", "message": message}}
 
 
-async def _connect(nats_url: str) -> Client:
-    """Connect with endless reconnects and quiet, structured logging of connection events."""
+async def _connect(nats_url: str, stopping: Callable[[], bool]) -> Client:
+    """Connect with endless reconnects and quiet, structured logging of connection events.
+
+    `stopping` tells our own shutdown apart from a lost server, which alone is a warning.
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=str(exc) or type(exc).__name__)
 
     async def on_disconnected() -> None:
-        log.warning("nats disconnected", nats_url=nats_url)
+        if not stopping():
+            log.warning("nats disconnected", nats_url=nats_url)
 
     async def on_reconnected() -> None:
         log.info("nats reconnected", nats_url=nats_url)
@@ -308,7 +328,7 @@ async def _connect(nats_url: str) -> Client:
             nats_url,
             name="extreg-sample-extensions",
             connect_timeout=2,
-            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # nats-py annotates int
+            reconnect_time_wait=0.25,
             max_reconnect_attempts=CONNECT_ATTEMPTS,
             error_cb=on_error,
             disconnected_cb=on_disconnected,

@@ -1,0 +1,300 @@
+"""Registry benchmarks, each measured side by side with its reference in one run.
+
+    .venv/bin/python bench/bench_registry.py            # everything, a couple of minutes
+    .venv/bin/python bench/bench_registry.py --quick    # fewer repetitions
+
+1. lookup vs a bare dict.get on the same data, at 10, 1,000 and 100,000 extensions;
+   then lookups while a full reload runs every 100 ms in the same process (misses, p99.9).
+2. full load of 10,000 extensions from PostgreSQL into a new snapshot, vs a bare psycopg fetch
+   of the same rows with jsonb decoded by the standard library.
+3. change propagation: another process's committed UPDATE to this process's cache, p50/p99
+   over 500 changes, vs the raw LISTEN/NOTIFY round trip measured the same way.
+4. memory per cached extension (full footprint), vs the same record as a pydantic model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import timeit
+import tracemalloc
+from typing import Any
+
+import msgspec
+import psycopg
+
+from extreg import logs
+from extreg.db.migrate import migrate
+from extreg.model import Extension
+from extreg.pgprocess import PostgresProcess
+from extreg.registry import Registry
+from extreg.settings import Settings
+from extreg.snapshot import Snapshot
+
+
+def typical(i: int) -> dict[str, Any]:
+    """A typical record: short id, versioned subject, a small config and metadata."""
+    name = f"ext_{i:06d}"
+    return {
+        "id": name, "type": ("pre", "validator", "post", "provider")[i % 4],
+        "subject": f"beamline.ext.pre.{name}.v1", "timeout_ms": 100 + i % 900, "retry": i % 3,
+        "enabled": i % 10 != 0, "version": "v1",
+        "config": {"lowercase": True, "max_length": 4096, "mode": "strict"},
+        "metadata": {"owner": "team-nlp", "description": "Normalizes text before routing"},
+    }
+
+
+def records(n: int) -> list[Extension]:
+    return msgspec.convert([typical(i) for i in range(n)], type=list[Extension])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def registry_with(recs: list[Extension]) -> Registry:
+    reg = Registry(Settings.load(environ={}, source="fixtures"))
+    reg._swap(recs, "fixtures")  # noqa: SLF001 - a benchmark installs data directly
+    return reg
+
+
+# -- 1. lookup ---------------------------------------------------------------------------------
+
+
+def bench_lookup(quick: bool) -> None:
+    print("\n## 1. lookup vs bare dict.get (same keys, same loop)")
+    print(f"{'extensions':>11} {'dict.get ns':>12} {'lookup ns':>10} {'ratio':>6}")
+    number = 200_000 if quick else 1_000_000
+    for n in (10, 1_000, 100_000):
+        recs = records(n)
+        reg = registry_with([r for r in recs])
+        enabled = [r.id for r in recs if r.enabled]
+        plain = {r.id: r for r in recs}
+        keys = (enabled * (1000 // len(enabled) + 1))[:1000]
+        loop = "for k in keys: f(k)"
+        t_dict = min(timeit.repeat(loop, globals={"keys": keys, "f": plain.get},
+                                   number=number // 1000, repeat=7)) / number * 1e9
+        t_reg = min(timeit.repeat(loop, globals={"keys": keys, "f": reg.lookup},
+                                  number=number // 1000, repeat=7)) / number * 1e9
+        print(f"{n:>11,} {t_dict:>12.1f} {t_reg:>10.1f} {t_reg / t_dict:>5.2f}x")
+
+    print("\n## 1b. lookups while a full reload of the same records runs every 100 ms")
+    for n in (1_000, 100_000):
+        recs = records(n)
+        reg = registry_with(recs)
+        keys = [r.id for r in recs if r.enabled][:1000]
+        stop = threading.Event()
+        reloads = 0
+
+        def reloader() -> None:
+            nonlocal reloads
+            while not stop.is_set():
+                reg._swap(recs, "fixtures")  # noqa: SLF001
+                reloads += 1
+                stop.wait(0.1)
+
+        thread = threading.Thread(target=reloader)
+        samples: list[int] = []
+        misses = 0
+        clock = time.perf_counter_ns
+        lookup = reg.lookup
+        thread.start()
+        deadline = time.monotonic() + (1.5 if quick else 3.0)
+        while time.monotonic() < deadline:
+            for k in keys:
+                t0 = clock()
+                try:
+                    lookup(k)
+                except Exception:  # noqa: BLE001 - counted, must be zero
+                    misses += 1
+                samples.append(clock() - t0)
+        stop.set()
+        thread.join()
+        # A timer call's own cost, to read the figures against.
+        base = [(lambda t0: clock() - t0)(clock()) for _ in range(100_000)]
+        print(f"  {n:>7,} extensions: {len(samples):,} lookups, {reloads} reloads, misses {misses};"
+              f" p50 {pct(samples, .5):.0f} ns, p99 {pct(samples, .99):.0f} ns,"
+              f" p99.9 {pct(samples, .999):.0f} ns (timer alone: p50 {pct(base, .5):.0f} ns)")
+
+
+# -- 2. full load --------------------------------------------------------------------------------
+
+
+def seed_rows(url: str, n: int) -> None:
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        with cur.copy("COPY extensions (id, type, subject, timeout_ms, retry, enabled, version,"
+                      " config, metadata) FROM STDIN") as copy:
+            for i in range(n):
+                r = typical(i)
+                copy.write_row((r["id"], r["type"], r["subject"], r["timeout_ms"], r["retry"],
+                                r["enabled"], r["version"], json.dumps(r["config"]),
+                                json.dumps(r["metadata"])))
+        conn.commit()
+
+
+async def bench_load(url: str, quick: bool) -> None:
+    print("\n## 2. full load of 10,000 extensions from PostgreSQL into a new snapshot")
+    from extreg.sources.postgres import PostgresSource
+
+    settings = Settings.load(environ={}, database_url=url)
+    runs = 5 if quick else 15
+    async with PostgresSource(settings) as db:
+        ours = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            snap = Snapshot.build(await db.load_all_extensions())
+            ours.append(time.perf_counter() - t0)
+        assert len(snap) == 10_000  # noqa: S101
+    bare = []
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            cur = await conn.execute("SELECT * FROM extensions")
+            rows = await cur.fetchall()
+            bare.append(time.perf_counter() - t0)
+        assert len(rows) == 10_000  # noqa: S101
+    o, b = statistics.median(ours) * 1000, statistics.median(bare) * 1000
+    print(f"  extreg load + snapshot: median {o:.1f} ms (min {min(ours) * 1000:.1f})")
+    print(f"  bare psycopg fetch, jsonb decoded by stdlib json: median {b:.1f} ms")
+    print(f"  ratio extreg / bare fetch: {o / b:.2f}x")
+
+
+# -- 3. propagation ------------------------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys, time, psycopg
+    url, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(n):
+            if mode == "update":
+                conn.execute("UPDATE extensions SET timeout_ms = %s WHERE id = 'ext_000001'",
+                             (20000 + i,))
+            else:
+                conn.execute("SELECT pg_notify('bench_raw', %s)", (str(i),))
+            print(i, time.monotonic(), flush=True)
+            time.sleep(0.004)
+""")
+
+
+async def bench_propagation(url: str, quick: bool) -> None:
+    n = 200 if quick else 500
+    print(f"\n## 3. change propagation: another process's committed UPDATE -> this cache ({n} changes)")
+    seen: dict[int, float] = {}
+
+    def on_swap(snap: Snapshot) -> None:
+        ext = snap.by_id.get("ext_000001")
+        if ext is not None and ext.timeout_ms >= 20000:
+            seen.setdefault(ext.timeout_ms - 20000, time.monotonic())
+
+    settings = Settings.load(environ={}, source="database", database_url=url,
+                             sync_interval_seconds=3600, data_dir="/tmp/extreg-bench")
+    async with Registry.open(settings) as reg:
+        reg.on_change(on_swap)
+        ours = await _run_writer(url, "update", n, seen)
+
+    raw_seen: dict[int, float] = {}
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("LISTEN bench_raw")
+
+        async def listen() -> None:
+            async for note in conn.notifies():
+                raw_seen[int(note.payload)] = time.monotonic()
+                if len(raw_seen) == n:
+                    return
+
+        listener = asyncio.create_task(listen())
+        raw = await _run_writer(url, "raw", n, raw_seen)
+        await asyncio.wait_for(listener, 10)
+    for label, lat in (("extreg UPDATE -> cache", ours), ("raw NOTIFY round trip", raw)):
+        print(f"  {label:<24} p50 {pct(lat, .5) * 1000:.2f} ms, p99 {pct(lat, .99) * 1000:.2f} ms,"
+              f" max {max(lat) * 1000:.2f} ms ({len(lat)} of {n} seen)")
+    print(f"  ratio p99 extreg / raw: {pct(ours, .99) / pct(raw, .99):.2f}x")
+
+
+async def _run_writer(url: str, mode: str, n: int, seen: dict[int, float]) -> list[float]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, url, mode, str(n), stdout=subprocess.PIPE)
+    committed: dict[int, float] = {}
+    assert proc.stdout is not None  # noqa: S101
+    async for line in proc.stdout:
+        i, t = line.split()
+        committed[int(i)] = float(t)
+    await proc.wait()
+    await asyncio.sleep(0.2)
+    # Notifications that arrive together are applied together: a change counts as seen when
+    # the cache first holds it or a later one.
+    latencies = []
+    for i, t in committed.items():
+        later = [seen[j] for j in seen if j >= i]
+        if later:
+            latencies.append(min(later) - t)
+    return latencies
+
+
+# -- 4. memory -----------------------------------------------------------------------------------
+
+
+def bench_memory() -> None:
+    print("\n## 4. memory per cached extension (records + snapshot indexes, all strings and JSON)")
+    from pydantic import BaseModel
+
+    class PydanticExtension(BaseModel):
+        id: str
+        type: str
+        subject: str
+        timeout_ms: int
+        retry: int
+        enabled: bool
+        version: str
+        config: dict[str, Any]
+        metadata: dict[str, Any]
+
+    n = 10_000
+    payload = json.dumps([typical(i) for i in range(n)]).encode()
+
+    def measure(build: Any) -> float:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        kept = build()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del kept
+        return (after - before) / n
+
+    ours = measure(lambda: Snapshot.build(msgspec.json.decode(payload, type=list[Extension])))
+    theirs = measure(lambda: {d["id"]: PydanticExtension(**d) for d in json.loads(payload)})
+    print(f"  extreg snapshot: {ours:,.0f} bytes per extension")
+    print(f"  pydantic models in a dict: {theirs:,.0f} bytes per extension")
+    print(f"  ratio extreg / pydantic: {ours / theirs:.2f}x")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    logs.configure("warning")
+    print(f"# extreg registry benchmarks - Python {platform.python_version()},"
+          f" {platform.machine()}, {platform.platform()}")
+    bench_lookup(args.quick)
+    bench_memory()
+    with PostgresProcess() as pg:
+        url = pg.create_database("bench")
+        migrate(url)
+        seed_rows(url, 10_000)
+        await bench_load(url, args.quick)
+        await bench_propagation(url, args.quick)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

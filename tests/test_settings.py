@@ -1,0 +1,428 @@
+"""Settings (SPEC.md, "Configuration"): the defaults table, the layers and their precedence,
+every rejection naming its key and origin, and passwords kept out of every rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import extreg
+from extreg.errors import ConfigError
+from extreg.settings import Settings, redact_url
+from extreg.sources.fixtures import load_fixtures
+
+SECRET = "SECRET-pw-9f3a"
+
+
+def load(**kwargs: object) -> Settings:
+    kwargs.setdefault("environ", {})
+    return Settings.load(**kwargs)  # type: ignore[arg-type]
+
+
+def config_error(**kwargs: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(**kwargs)
+    return str(info.value)
+
+
+def write_toml(path: Path, body: str) -> Path:
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+# -- defaults --------------------------------------------------------------------------------
+
+
+def test_defaults_equal_the_contract_table() -> None:
+    """With no file, no environment and no flags, every key has the default of SPEC.md's table."""
+    s = load()
+    actual = {
+        "source": s.source,
+        "database_url": s.database_url,
+        "db_host": s.db_host,
+        "db_port": s.db_port,
+        "db_name": s.db_name,
+        "db_user": s.db_user,
+        "db_password": s.db_password.get_secret_value(),
+        "cache_type": s.cache_type,
+        "sync_interval_seconds": s.sync_interval_seconds,
+        "circuit_breaker_enabled": s.circuit_breaker_enabled,
+        "circuit_breaker_failure_threshold": s.circuit_breaker_failure_threshold,
+        "circuit_breaker_timeout_seconds": s.circuit_breaker_timeout_seconds,
+        "circuit_breaker_half_open_max_requests": s.circuit_breaker_half_open_max_requests,
+        "circuit_breaker_error_rate_threshold": s.circuit_breaker_error_rate_threshold,
+        "circuit_breaker_window_seconds": s.circuit_breaker_window_seconds,
+        "circuit_breaker_min_calls": s.circuit_breaker_min_calls,
+        "auto_disable_on_circuit_open": s.auto_disable_on_circuit_open,
+        "auto_enable_on_circuit_close": s.auto_enable_on_circuit_close,
+        "health_based_routing_enabled": s.health_based_routing_enabled,
+        "health_based_routing_min_success_rate": s.health_based_routing_min_success_rate,
+        "extension_max_payload_size": s.extension_max_payload_size,
+        "extension_max_metadata_size": s.extension_max_metadata_size,
+        "extension_max_timeout_ms": s.extension_max_timeout_ms,
+        "extension_max_retries": s.extension_max_retries,
+        "nats_url": s.nats_url,
+    }
+    expected = {
+        "source": "auto",
+        "database_url": None,
+        "db_host": "localhost",
+        "db_port": 5432,
+        "db_name": "beamline",
+        "db_user": "beamline",
+        "db_password": "",
+        "cache_type": "ets",
+        "sync_interval_seconds": 60,
+        "circuit_breaker_enabled": False,
+        "circuit_breaker_failure_threshold": 5,
+        "circuit_breaker_timeout_seconds": 60,
+        "circuit_breaker_half_open_max_requests": 3,
+        "circuit_breaker_error_rate_threshold": 0.5,
+        "circuit_breaker_window_seconds": 60,
+        "circuit_breaker_min_calls": 10,
+        "auto_disable_on_circuit_open": False,
+        "auto_enable_on_circuit_close": False,
+        "health_based_routing_enabled": False,
+        "health_based_routing_min_success_rate": 0.8,
+        "extension_max_payload_size": 1_048_576,
+        "extension_max_metadata_size": 65_536,
+        "extension_max_timeout_ms": 60_000,
+        "extension_max_retries": 10,
+        "nats_url": "nats://127.0.0.1:4222",
+    }
+    assert expected == actual
+
+
+def test_default_fixtures_dir_is_the_bundled_samples() -> None:
+    """fixtures_dir defaults to the package's samples: the four reference extensions."""
+    s = load()
+    assert Path(extreg.__file__).parent / "fixtures" == s.fixtures_dir
+    records = load_fixtures(s.fixtures_dir, max_timeout_ms=s.extension_max_timeout_ms,
+                            max_retries=s.extension_max_retries)
+    assert [
+        ("mask_pii", "post", "beamline.ext.post.mask_pii.v1", 150, 0),
+        ("normalize_text", "pre", "beamline.ext.pre.normalize_text.v1", 100, 0),
+        ("pii_guard", "validator", "beamline.ext.validate.pii_guard.v1", 200, 0),
+        ("test_provider", "provider", "beamline.provider.test_provider.v1", 5000, 1),
+    ] == sorted((e.id, e.type, e.subject, e.timeout_ms, e.retry) for e in records)
+
+
+# -- db_enabled ------------------------------------------------------------------------------
+
+
+def test_db_enabled_is_false_by_default() -> None:
+    """Without a database URL or host, db_enabled is false (the attribute, as the table says)."""
+    s = load()
+    assert False is s.db_enabled
+    assert False is s.database_configured
+
+
+def test_db_enabled_is_true_with_a_database_url() -> None:
+    """Giving database_url makes db_enabled true."""
+    s = load(database_url="postgresql://u@db.example:5432/reg")
+    assert True is s.db_enabled
+    assert True is s.database_configured
+
+
+def test_db_enabled_is_true_with_a_db_host() -> None:
+    """Giving db_host (here through the environment) makes db_enabled true."""
+    s = load(environ={"EXTENSION_REGISTRY_DB_HOST": "db.example"})
+    assert True is s.db_enabled
+    assert True is s.database_configured
+
+
+def test_database_configured_follows_url_host_and_explicit_flag() -> None:
+    """database_configured: false by default, true with a URL or a host, and an explicit
+    db_enabled=false wins over a given URL."""
+    assert False is load().database_configured
+    assert True is load(database_url="postgresql://u@h/db").database_configured
+    assert True is load(db_host="h").database_configured
+    assert False is load(database_url="postgresql://u@h/db", db_enabled=False).database_configured
+    assert True is load(environ={"EXTENSION_REGISTRY_DB_ENABLED": "true"}).database_configured
+
+
+# -- layers and precedence -----------------------------------------------------------------
+
+
+def test_precedence_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
+    """Each layer overrides the one below: default < TOML < environment < keyword override."""
+    path = write_toml(tmp_path / "reg.toml", """
+[extension_registry]
+db_name = "from_file"
+db_user = "file_user"
+nats_url = "nats://file:4222"
+extension_max_retries = 3
+""")
+    s = load(
+        config_file=path,
+        environ={"EXTENSION_REGISTRY_DB_USER": "env_user",
+                 "EXTENSION_REGISTRY_NATS_URL": "nats://env:4222",
+                 "EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS": "7"},
+        nats_url="nats://flag:4222",
+    )
+    assert {
+        "db_host": "localhost",                # default only
+        "db_name": "from_file",                # file only
+        "db_user": "env_user",                 # file < environment
+        "nats_url": "nats://flag:4222",        # file < environment < flag
+        "extension_max_retries": 3,            # file only, typed
+        "sync_interval_seconds": 7.0,          # environment only, parsed from text
+    } == {
+        "db_host": s.db_host, "db_name": s.db_name, "db_user": s.db_user,
+        "nats_url": s.nats_url, "extension_max_retries": s.extension_max_retries,
+        "sync_interval_seconds": s.sync_interval_seconds,
+    }
+
+
+def test_config_environment_variable_selects_the_toml_file(tmp_path: Path) -> None:
+    """EXTENSION_REGISTRY_CONFIG names the TOML file when no file is passed."""
+    path = write_toml(tmp_path / "reg.toml", '[extension_registry]\ndb_name = "via_env_file"\n')
+    s = load(environ={"EXTENSION_REGISTRY_CONFIG": str(path)})
+    assert "via_env_file" == s.db_name
+
+
+def test_config_file_argument_wins_over_the_environment_variable(tmp_path: Path) -> None:
+    """An explicit config file (the --config flag) is used instead of EXTENSION_REGISTRY_CONFIG."""
+    flag_file = write_toml(tmp_path / "flag.toml", '[extension_registry]\ndb_name = "flag"\n')
+    env_file = write_toml(tmp_path / "env.toml", '[extension_registry]\ndb_name = "env"\n')
+    s = load(config_file=flag_file, environ={"EXTENSION_REGISTRY_CONFIG": str(env_file)})
+    assert "flag" == s.db_name
+
+
+def test_none_overrides_are_ignored() -> None:
+    """A flag left unset (None) does not hide the environment's value."""
+    s = load(environ={"EXTENSION_REGISTRY_NATS_URL": "nats://env:4222"}, nats_url=None)
+    assert "nats://env:4222" == s.nats_url
+
+
+def test_environment_values_are_parsed_to_the_keys_types() -> None:
+    """Environment text becomes bools, ints and floats as each key requires."""
+    s = load(environ={
+        "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED": "true",
+        "EXTENSION_REGISTRY_DB_PORT": "6543",
+        "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ERROR_RATE_THRESHOLD": "0.25",
+        "EXTENSION_REGISTRY_SOURCE": "fixtures",
+    })
+    assert (True, 6543, 0.25, "fixtures") == (
+        s.circuit_breaker_enabled, s.db_port, s.circuit_breaker_error_rate_threshold, s.source)
+
+
+def test_every_contract_key_has_an_environment_name() -> None:
+    """Every key of the table can be set as EXTENSION_REGISTRY_<KEY>."""
+    values = {
+        "source": ("database", "database"), "db_host": ("h1", "h1"), "db_port": ("1234", 1234),
+        "db_name": ("n1", "n1"), "db_user": ("u1", "u1"),
+        "cache_type": ("memory", "memory"), "sync_interval_seconds": ("5", 5.0),
+        "circuit_breaker_enabled": ("true", True),
+        "circuit_breaker_failure_threshold": ("7", 7),
+        "circuit_breaker_timeout_seconds": ("9", 9.0),
+        "circuit_breaker_half_open_max_requests": ("2", 2),
+        "circuit_breaker_error_rate_threshold": ("0.3", 0.3),
+        "circuit_breaker_window_seconds": ("30", 30.0),
+        "circuit_breaker_min_calls": ("4", 4),
+        "auto_disable_on_circuit_open": ("true", True),
+        "auto_enable_on_circuit_close": ("true", True),
+        "health_based_routing_enabled": ("true", True),
+        "health_based_routing_min_success_rate": ("0.6", 0.6),
+        "extension_max_payload_size": ("100", 100),
+        "extension_max_metadata_size": ("50", 50),
+        "extension_max_timeout_ms": ("1000", 1000),
+        "extension_max_retries": ("2", 2),
+        "nats_url": ("nats://x:1", "nats://x:1"),
+    }
+    s = load(environ={f"EXTENSION_REGISTRY_{k.upper()}": v for k, (v, _) in values.items()})
+    assert {k: want for k, (_, want) in values.items()} == {k: getattr(s, k) for k in values}
+
+
+# -- cache_type ------------------------------------------------------------------------------
+
+
+def test_cache_type_mnesia_is_refused_with_a_clear_message() -> None:
+    """cache_type=mnesia raises ConfigError naming the key, the value and what to use instead."""
+    message = config_error(cache_type="mnesia")
+    for part in ("cache_type", "mnesia", "not supported", "ets"):
+        assert part in message, (part, message)
+
+
+def test_cache_type_mnesia_error_names_where_it_came_from() -> None:
+    """Like every ConfigError, the mnesia refusal says where the value came from."""
+    message = config_error(environ={"EXTENSION_REGISTRY_CACHE_TYPE": "mnesia"})
+    assert "environment" in message, message
+
+
+@pytest.mark.parametrize("cache_type", ["memory", "ets"])
+def test_cache_type_memory_and_ets_are_accepted(cache_type: str) -> None:
+    """ets and its alias memory are both valid cache types."""
+    assert cache_type == load(cache_type=cache_type).cache_type
+
+
+# -- rejections name the key and where it came from ----------------------------------------
+
+
+def test_unknown_key_in_the_toml_file_names_key_and_file(tmp_path: Path) -> None:
+    """An unknown key in [extension_registry] is a ConfigError naming the key and the file."""
+    path = write_toml(tmp_path / "reg.toml", "[extension_registry]\ncolour = \"blue\"\n")
+    message = config_error(config_file=path)
+    for part in ("colour", f"config file {path}", "unknown setting"):
+        assert part in message, (part, message)
+
+
+def test_unknown_key_in_the_environment_names_the_variable() -> None:
+    """An unknown EXTENSION_REGISTRY_* variable is a ConfigError naming it and the environment."""
+    message = config_error(environ={"EXTENSION_REGISTRY_COLOUR": "blue"})
+    for part in ("EXTENSION_REGISTRY_COLOUR", "environment", "unknown setting"):
+        assert part in message, (part, message)
+
+
+def test_unknown_table_in_the_toml_file_is_refused(tmp_path: Path) -> None:
+    """A TOML table other than [extension_registry] is refused, naming it and the file."""
+    path = write_toml(tmp_path / "reg.toml",
+                      "[extension_registry]\ndb_name = \"x\"\n[registry]\ndb_name = \"y\"\n")
+    message = config_error(config_file=path)
+    for part in (str(path), "registry"):
+        assert part in message, (part, message)
+
+
+def test_toml_file_without_the_table_is_refused(tmp_path: Path) -> None:
+    """A TOML file whose keys are not in an [extension_registry] table is refused."""
+    path = write_toml(tmp_path / "reg.toml", "db_name = \"x\"\n")
+    message = config_error(config_file=path)
+    for part in (str(path), "[extension_registry]"):
+        assert part in message, (part, message)
+
+
+@pytest.mark.parametrize(
+    ("environ", "overrides", "parts"),
+    [
+        ({"EXTENSION_REGISTRY_DB_PORT": "99999"}, {}, ("EXTENSION_REGISTRY_DB_PORT", "environment")),
+        ({"EXTENSION_REGISTRY_DB_PORT": "not-a-port"}, {},
+         ("EXTENSION_REGISTRY_DB_PORT", "environment")),
+        ({}, {"db_port": 0}, ("db_port", "command line")),
+        ({}, {"sync_interval_seconds": -1}, ("sync_interval_seconds", "command line")),
+        ({"EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS": "-5"}, {},
+         ("EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS", "environment")),
+        ({"EXTENSION_REGISTRY_SOURCE": "postgres"}, {}, ("EXTENSION_REGISTRY_SOURCE", "environment")),
+    ],
+    ids=["port-too-big", "port-not-a-number", "port-zero-flag", "negative-interval-flag",
+         "negative-interval-env", "unknown-source"],
+)
+def test_bad_values_name_the_key_and_origin(
+    environ: dict[str, str], overrides: dict[str, object], parts: tuple[str, ...]
+) -> None:
+    """A bad port, a negative sync interval or a bad source names the key and its origin."""
+    message = config_error(environ=environ, **overrides)
+    for part in parts:
+        assert part in message, (part, message)
+
+
+def test_bad_value_in_the_toml_file_names_key_and_file(tmp_path: Path) -> None:
+    """A bad value from the file names the key and the file."""
+    path = write_toml(tmp_path / "reg.toml", "[extension_registry]\ndb_port = 70000\n")
+    message = config_error(config_file=path)
+    for part in ("db_port", f"config file {path}"):
+        assert part in message, (part, message)
+
+
+def test_bad_toml_syntax_names_the_file(tmp_path: Path) -> None:
+    """A file that is not valid TOML is a ConfigError naming the file."""
+    path = write_toml(tmp_path / "broken.toml", "[extension_registry\ndb_name = \n")
+    message = config_error(config_file=path)
+    for part in (str(path), "not valid TOML"):
+        assert part in message, (part, message)
+
+
+def test_missing_config_file_names_the_file(tmp_path: Path) -> None:
+    """A config file that does not exist (named by the environment) is a ConfigError naming it."""
+    path = tmp_path / "absent.toml"
+    message = config_error(environ={"EXTENSION_REGISTRY_CONFIG": str(path)})
+    for part in (str(path), "does not exist"):
+        assert part in message, (part, message)
+
+
+def test_non_postgresql_database_url_is_refused_naming_the_key() -> None:
+    """A database_url whose scheme is not postgresql:// is a ConfigError naming database_url."""
+    message = config_error(database_url="mysql://u@h/db")
+    assert "database_url" in message, message
+
+
+# -- passwords -------------------------------------------------------------------------------
+
+
+def test_password_not_in_repr_str_or_db_display_with_a_url() -> None:
+    """A password inside database_url appears in neither repr, str nor db_display."""
+    s = load(database_url=f"postgresql://reg:{SECRET}@db.example:5432/reg")
+    for text in (repr(s), str(s), s.db_display):
+        assert SECRET not in text
+    assert "postgresql://reg:********@db.example:5432/reg" == s.db_display
+
+
+def test_password_not_in_repr_str_or_db_display_with_parts() -> None:
+    """db_password (set through the environment) stays hidden; db_display masks it."""
+    s = load(environ={"EXTENSION_REGISTRY_DB_HOST": "db.example",
+                      "EXTENSION_REGISTRY_DB_PASSWORD": SECRET})
+    for text in (repr(s), str(s), s.db_display):
+        assert SECRET not in text
+    assert "postgresql://beamline:********@db.example:5432/beamline" == s.db_display
+    assert SECRET == s.db_password.get_secret_value()
+
+
+def test_password_in_query_not_in_db_display() -> None:
+    """A password given as ?password= in database_url is masked in db_display."""
+    s = load(database_url=f"postgresql://db.example/reg?user=reg&password={SECRET}")
+    assert SECRET not in repr(s)
+    assert "postgresql://db.example/reg?user=reg&password=********" == s.db_display
+
+
+def test_bad_database_url_error_does_not_show_its_password() -> None:
+    """A ConfigError about a database_url carrying a password never shows the password."""
+    message = config_error(database_url=f"mysql://u:{SECRET}@h/db")
+    assert SECRET not in message, message
+    assert "database_url" in message
+
+
+def test_bad_database_url_from_environment_does_not_show_its_password() -> None:
+    """The same holds when the bad URL comes from the environment."""
+    message = config_error(environ={"EXTENSION_REGISTRY_DATABASE_URL": f"mysql://u:{SECRET}@h/db"})
+    assert SECRET not in message, message
+
+
+def test_unrelated_config_error_does_not_show_the_password() -> None:
+    """A ConfigError about another key (cache_type, db_port) never shows db_password or a URL
+    password configured alongside it."""
+    for bad in ({"EXTENSION_REGISTRY_CACHE_TYPE": "mnesia"},
+                {"EXTENSION_REGISTRY_DB_PORT": "0"}):
+        message = config_error(environ={
+            "EXTENSION_REGISTRY_DB_PASSWORD": SECRET,
+            "EXTENSION_REGISTRY_DATABASE_URL": f"postgresql://u:{SECRET}@h/db",
+            **bad,
+        })
+        assert SECRET not in message, message
+
+
+def test_bad_password_type_error_does_not_show_it(tmp_path: Path) -> None:
+    """A db_password of the wrong type in the TOML file is refused without echoing it."""
+    path = write_toml(tmp_path / "reg.toml", "[extension_registry]\ndb_password = 123456789\n")
+    message = config_error(config_file=path)
+    assert "123456789" not in message
+    assert "db_password" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"postgresql://u:{SECRET}@h:5432/db", "postgresql://u:********@h:5432/db"),
+        (f"postgresql://u:{SECRET}@h/db?sslmode=require", "postgresql://u:********@h/db?sslmode=require"),
+        (f"postgresql://h/db?user=u&password={SECRET}&sslmode=require",
+         "postgresql://h/db?user=u&password=********&sslmode=require"),
+        (f"postgresql://h/db?PASSWORD={SECRET}", "postgresql://h/db?password=********"),
+        (f"postgresql://u:p@{SECRET}@h/db", "postgresql://u:********@h/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://h/db", "postgresql://h/db"),
+    ],
+    ids=["userinfo", "userinfo-with-query", "query", "query-upper-case", "at-sign-in-password",
+         "user-only", "no-auth"],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    """redact_url masks a userinfo password and a password= parameter, and nothing else."""
+    assert expected == redact_url(url)
