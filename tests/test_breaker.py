@@ -401,7 +401,8 @@ def test_disabled_breaker_never_refuses_and_records_nothing(clock: FakeClock) ->
 
 def test_config_comes_from_the_settings_keys() -> None:
     """BreakerConfig.from_settings reads every circuit_breaker_* key."""
-    settings = Settings(
+    settings = Settings.load(
+        environ={},
         circuit_breaker_enabled=True,
         circuit_breaker_failure_threshold=7,
         circuit_breaker_timeout_seconds=12,

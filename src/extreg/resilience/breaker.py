@@ -25,8 +25,9 @@ Rules, per extension:
 - `record_*` never applies a time-based transition; a result recorded while open is ignored.
 
 The window is bucketed: at most 60 buckets of `window_seconds / buckets` seconds (1-second
-buckets for windows up to 60 s), so it covers the current bucket and the ones before it, and
-recording a call is a couple of integer increments, not a list append.
+buckets for windows up to 60 s). The window is the current bucket and the ones before it, so it
+spans between `window_seconds - width` and `window_seconds`; recording a call is a clock read
+and a couple of integer increments, not a list append.
 
 Pure and I/O-free: no locks (one asyncio thread), no timers, no logging on the hot path.
 """
@@ -99,10 +100,10 @@ class BreakerConfig:
         return cls(
             enabled=settings.circuit_breaker_enabled,
             failure_threshold=settings.circuit_breaker_failure_threshold,
-            timeout_seconds=float(settings.circuit_breaker_timeout_seconds),
+            timeout_seconds=settings.circuit_breaker_timeout_seconds,
             half_open_max_requests=settings.circuit_breaker_half_open_max_requests,
-            error_rate_threshold=float(settings.circuit_breaker_error_rate_threshold),
-            window_seconds=float(settings.circuit_breaker_window_seconds),
+            error_rate_threshold=settings.circuit_breaker_error_rate_threshold,
+            window_seconds=settings.circuit_breaker_window_seconds,
             min_calls=settings.circuit_breaker_min_calls,
         )
 
@@ -157,11 +158,9 @@ def _read_overrides(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[t
                 problems.append((f"metadata.{name}", "unknown circuit breaker setting"))
     for key, (where, value) in found.items():
         problems.extend((where, message) for _, message in _value_problems({key: value}))
-    values = {key: value for key, (_, value) in found.items()}
-    for key in _FLOAT_KEYS:
-        if key in values and not problems:
-            values[key] = float(values[key])
-    return values, problems
+    if problems:
+        return {}, problems
+    return {key: float(v) if key in _FLOAT_KEYS else v for key, (_, v) in found.items()}, []
 
 
 def breaker_override_problems(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -231,7 +230,7 @@ class _Circuit:
         "sum_calls",
         "sum_failures",
         "width",
-    )  # fmt: skip
+    )
 
     def __init__(self, extension_id: str, config: BreakerConfig) -> None:
         self.extension_id = extension_id
@@ -511,7 +510,7 @@ class CircuitBreakers:
                 raise CircuitOpen(circuit.extension_id, reason, 0)
             self._half_open(circuit, now)
         config = circuit.config
-        if False:
+        if circuit.admitted and now - circuit.half_open_since >= config.timeout_seconds:
             circuit.half_open_since = now  # the last trials never reported: a new round
             circuit.admitted = 0
         if circuit.admitted >= config.half_open_max_requests:

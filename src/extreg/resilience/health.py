@@ -134,7 +134,7 @@ class _Entry:
         "latency_sum",
         "sketch",
         "successes",
-    )  # fmt: skip
+    )
 
     def __init__(self) -> None:
         self.successes = self.failures = 0
