@@ -291,13 +291,9 @@ BAD_INPUT = (ConfigError, FixtureError, InvalidRecord, SnapshotFileError, Extens
 
 
 def main() -> None:
-    """Entry point: run the app and map the error tree to exit codes, once."""
+    """Entry point: click handles usage errors (exit 2); our error tree maps to 1 or 2 here."""
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
+        app()
     except BAD_INPUT as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         sys.exit(2)
@@ -306,10 +302,3 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # click's usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

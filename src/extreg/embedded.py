@@ -27,7 +27,7 @@ def with_database(settings: Settings) -> Settings:
     if settings.database_configured or settings.source == "fixtures":
         return settings
     url = start_embedded_postgres(settings.data_dir / "pgdata")
-    return settings.replace(database_url=url)
+    return settings.replace(database_url=url, db_enabled=True)
 
 
 def start_embedded_postgres(pgdata: Path) -> str:

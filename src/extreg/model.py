@@ -104,11 +104,35 @@ def parse_extension(
     try:
         ext = msgspec.convert(data, type=Extension)
     except msgspec.ValidationError as exc:
-        raise InvalidRecord(record, [_explain(str(exc))]) from None
+        problems = _every_problem(data) or [_explain(str(exc))]
+        problems += _raw_limit_problems(data, max_timeout_ms, max_retries)
+        raise InvalidRecord(record, problems) from None
     problems = list(_limit_problems(ext, max_timeout_ms, max_retries))
     if problems:
         raise InvalidRecord(record, problems)
     return ext
+
+
+_FIELDS = {f.name: f for f in msgspec.structs.fields(Extension)}
+
+
+def _every_problem(data: object) -> list[tuple[str, str]]:
+    """Check a record field by field, since msgspec stops at the first problem."""
+    if not isinstance(data, dict):
+        return []
+    problems = [(str(key), "unknown field") for key in data if key not in _FIELDS]
+    problems += [
+        (name, "required field is missing")
+        for name, info in _FIELDS.items()
+        if info.required and name not in data
+    ]
+    for key, value in data.items():
+        if key in _FIELDS:
+            try:
+                msgspec.convert(value, type=_FIELDS[key].type)
+            except msgspec.ValidationError as exc:
+                problems.append(_explain(str(exc), key))
+    return problems
 
 
 def to_plain(ext: Extension, *, writable_only: bool = False) -> dict[str, Any]:
@@ -122,17 +146,32 @@ def to_plain(ext: Extension, *, writable_only: bool = False) -> dict[str, Any]:
     return data
 
 
+def _over_limits(
+    prefix: str, timeout_ms: object, retry: object, max_timeout_ms: int, max_retries: int
+) -> list[tuple[str, str]]:
+    problems = []
+    if isinstance(timeout_ms, int) and timeout_ms > max_timeout_ms:
+        problems.append(
+            (prefix + "timeout_ms", f"{timeout_ms} exceeds extension_max_timeout_ms {max_timeout_ms}")
+        )
+    if isinstance(retry, int) and retry > max_retries:
+        problems.append((prefix + "retry", f"{retry} exceeds extension_max_retries {max_retries}"))
+    return problems
+
+
+def _raw_limit_problems(data: object, max_timeout_ms: int, max_retries: int) -> list[tuple[str, str]]:
+    """The limits of the top-level fields, for a record that failed conversion."""
+    if not isinstance(data, dict):
+        return []
+    return _over_limits("", data.get("timeout_ms"), data.get("retry"), max_timeout_ms, max_retries)
+
+
 def _limit_problems(ext: Extension, max_timeout_ms: int, max_retries: int) -> list[tuple[str, str]]:
     targets: list[tuple[str, int, int]] = [("", ext.timeout_ms, ext.retry)]
     targets += [(f"versions[{i}].", v.timeout_ms, v.retry) for i, v in enumerate(ext.versions)]
     problems = []
     for prefix, timeout_ms, retry in targets:
-        if timeout_ms > max_timeout_ms:
-            problems.append(
-                (prefix + "timeout_ms", f"{timeout_ms} exceeds extension_max_timeout_ms {max_timeout_ms}")
-            )
-        if retry > max_retries:
-            problems.append((prefix + "retry", f"{retry} exceeds extension_max_retries {max_retries}"))
+        problems += _over_limits(prefix, timeout_ms, retry, max_timeout_ms, max_retries)
     for kind, names in (
         ("version", [v.version for v in ext.versions]),
         ("instance_id", [i.instance_id for i in ext.instances]),
@@ -157,17 +196,19 @@ def _record_name(data: object) -> str:
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 
-def _explain(message: str) -> tuple[str, str]:
-    """Turn msgspec's 'Expected ... - at `$.field`' into (field, readable message)."""
+def _explain(message: str, field: str = "") -> tuple[str, str]:
+    """Turn msgspec's 'Expected ... - at `$.x`' into (field path, readable message).
+
+    `field` is the field that was converted on its own, if any; msgspec's path is below it.
+    """
     match = _AT.search(message)
-    path = match.group("path").lstrip(".") if match else ""
+    below = match.group("path") if match else ""
+    path = (field + below if below.startswith("[") or not field else f"{field}{below}").lstrip(".")
     text = message[: match.start()] if match else message
-    if text.startswith("Object contains unknown field"):
-        field = text.split("`")[1]
-        return (f"{path}.{field}" if path else field), "unknown field"
-    if text.startswith("Object missing required field"):
-        field = text.split("`")[1]
-        return (f"{path}.{field}" if path else field), "required field is missing"
+    if text.startswith(("Object contains unknown field", "Object missing required field")):
+        name = text.split("`")[1]
+        problem = "unknown field" if "unknown" in text else "required field is missing"
+        return (f"{path}.{name}" if path else name), problem
     leaf = re.sub(r"\[\d+\]", "", path).rsplit(".", 1)[-1]
     if "matching regex" in text and leaf in _RULES:
         return path, _RULES[leaf]

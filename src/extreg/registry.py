@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -111,6 +111,7 @@ class Registry:
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_file_due = asyncio.Event()
         self._listeners: list[Any] = []
+        self._sync_listeners: list[Any] = []
 
     # -- reads: the router's hot path ---------------------------------------------------------
 
@@ -169,6 +170,11 @@ class Registry:
     def on_change(self, callback: Any) -> None:
         """Call `callback(snapshot)` after every swap (metrics, dashboard)."""
         self._listeners.append(callback)
+
+    def on_sync(self, callback: Any) -> None:
+        """Call `callback(duration_s, error)` after every database sync or full reload;
+        `error` is None on success, else the reason (metrics)."""
+        self._sync_listeners.append(callback)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -330,8 +336,9 @@ class Registry:
     async def _reload_from_database(self) -> None:
         assert self._db is not None  # noqa: S101
         async with self._write_lock:
-            db_now, _, _ = await self._db.changes_since(None)
-            records = await self._db.load_all_extensions()
+            with self._reporting_sync():
+                db_now, _, _ = await self._db.changes_since(None)
+                records = await self._db.load_all_extensions()
             before = self._snap
             self._swap(records, "database")
             self._sync_since = db_now
@@ -371,9 +378,10 @@ class Registry:
         assert self._db is not None  # noqa: S101
         started = time.perf_counter()
         since = self._sync_since - SYNC_OVERLAP if self._sync_since else None
-        db_now, changed, all_ids = await self._db.changes_since(since)
-        gone = {i for i in self._snap.by_id if i not in all_ids}
-        await self._refresh(changed | gone, "sync")
+        with self._reporting_sync():
+            db_now, changed, all_ids = await self._db.changes_since(since)
+            gone = {i for i in self._snap.by_id if i not in all_ids}
+            await self._refresh(changed | gone, "sync")
         self._sync_since = db_now
         self._last_sync_at = datetime.now(UTC)
         self._mark_fresh()
@@ -398,6 +406,21 @@ class Registry:
                      created=ext.id not in before.by_id)
         for ext_id in deleted:
             log.info("extension_deleted", extension_id=ext_id, via=why)
+
+    @contextlib.contextmanager
+    def _reporting_sync(self) -> Iterator[None]:
+        """Time a sync and tell `on_sync` listeners how it went (a cancel is not reported)."""
+        started = time.perf_counter()
+        try:
+            yield
+        except SourceUnavailable as exc:
+            self._report_sync(time.perf_counter() - started, str(exc))
+            raise
+        self._report_sync(time.perf_counter() - started, None)
+
+    def _report_sync(self, duration_s: float, error: str | None) -> None:
+        for callback in self._sync_listeners:
+            callback(duration_s, error)
 
     def _mark_stale(self, reason: str) -> None:
         if not self._stale:

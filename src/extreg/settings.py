@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -31,7 +39,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     source: Literal["database", "fixtures", "auto"] = "auto"
-    db_enabled: bool | None = None
+    db_enabled: bool = False
     database_url: SecretStr | None = None
     db_host: str = "localhost"
     db_port: int = Field(5432, ge=1, le=65535)
@@ -44,6 +52,7 @@ class Settings(BaseModel):
     sync_interval_seconds: float = Field(60, gt=0)
     data_dir: Path = Path(".extreg")
     snapshot_file: Path | None = None
+    api_tokens_file: Path | None = None  # extra API tokens, for fixtures without a database
 
     circuit_breaker_enabled: bool = False
     circuit_breaker_failure_threshold: int = Field(5, ge=1)
@@ -64,27 +73,36 @@ class Settings(BaseModel):
     extension_max_retries: int = Field(10, ge=0)
     nats_url: str = "nats://127.0.0.1:4222"
 
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        if self.cache_type == "mnesia":
+    @field_validator("cache_type")
+    @classmethod
+    def _no_mnesia(cls, value: str) -> str:
+        if value == "mnesia":
             raise ValueError(
-                "cache_type 'mnesia' is not supported: extreg keeps its cache in process; "
+                "'mnesia' is not supported: extreg keeps its cache in process; "
                 "use 'ets' (or its alias 'memory')"
             )
-        if self.database_url is not None:
-            scheme = urlsplit(self.database_url.get_secret_value()).scheme
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = urlsplit(value.get_secret_value()).scheme
             if scheme not in ("postgresql", "postgres"):
-                raise ValueError(
-                    f"database_url must start with postgresql:// (got scheme {scheme!r})"
-                )
-        return self
+                raise ValueError(f"must start with postgresql:// (got scheme {scheme!r})")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_db_enabled(cls, data: Any) -> Any:
+        """db_enabled defaults to true when a database URL or host is given, else false."""
+        if isinstance(data, dict) and data.get("db_enabled") is None:
+            data = {**data, "db_enabled": bool(data.get("database_url") or data.get("db_host"))}
+        return data
 
     @property
     def database_configured(self) -> bool:
-        """True when a database URL or host was given, or db_enabled was set explicitly."""
-        if self.db_enabled is not None:
-            return self.db_enabled
-        return self.database_url is not None or "db_host" in self.model_fields_set
+        return self.db_enabled
 
     @property
     def conninfo(self) -> str:
@@ -166,7 +184,8 @@ def _describe(exc: ValidationError, origin: dict[str, str]) -> str:
             message = "unknown setting"
         else:
             message = error["msg"].removeprefix("Value error, ")
-        shown = "" if "password" in key or "url" in key else f" (got {error.get('input')!r})"
+        secret = "password" in key or "url" in key or not error["loc"]
+        shown = "" if secret else f" (got {error.get('input')!r})"
         place = f" from {where}" if where else ""
         if where == "environment":
             key = ENV_PREFIX + key.upper()
