@@ -480,5 +480,10 @@ def _log_diff(before: Snapshot, after: Snapshot, source: str, paths: list[str] |
     removed = sorted(before.by_id.keys() - after.by_id.keys())
     changed = sorted(k for k in after.by_id.keys() & before.by_id.keys()
                      if after.by_id[k] != before.by_id[k])
-    log.info("reloaded", source=source, count=len(after), added=added, removed=removed,
-             changed=changed, generation=after.generation, files=paths)
+    log.info("reloaded", source=source, count=len(after), generation=after.generation,
+             added=_some(added), removed=_some(removed), changed=_some(changed), files=paths)
+
+
+def _some(ids: list[str], limit: int = 20) -> list[str] | str:
+    """Ids for a log line: all of a few, or a count and the first few of many."""
+    return ids if len(ids) <= limit else f"{len(ids)} ids: {', '.join(ids[:limit])}, ..."
