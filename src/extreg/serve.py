@@ -7,10 +7,13 @@ import signal
 
 import structlog
 
+from .api.server import serve_api
 from .embedded import prepare_embedded, with_database
 from .errors import SourceUnavailable
 from .registry import Registry
+from .runtime import Runtime
 from .settings import Settings
+from .tokens import TokenStore, ensure_admin_token
 
 log = structlog.get_logger("extreg.serve")
 
@@ -28,10 +31,16 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Registry.open(settings) as registry:
+    admin_token = await _first_admin_token(settings) if embedded else None
+    async with Registry.open(settings) as registry, Runtime.open(settings, registry) as runtime:
         log.info("serving", **registry.status.as_dict())
-        await stop.wait()
+        await serve_api(runtime, host, port, stop, admin_token=admin_token)
         log.info("stopping")
+
+
+async def _first_admin_token(settings: Settings) -> str | None:
+    """The embedded default's admin token, created on its first start only."""
+    return await ensure_admin_token(TokenStore.from_settings(settings))
 
 
 async def _migrate_if_reachable(settings: Settings) -> None:

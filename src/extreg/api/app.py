@@ -1,0 +1,59 @@
+"""`create_app(runtime)`: the admin API as a FastAPI app, every route of SPEC.md's table.
+
+The app owns no resources: the registry, invoker, tokens and metrics come in the `Runtime`,
+opened and closed by whoever runs the app (`extreg serve`, or a test). That keeps one
+lifespan for everything (STYLE.md) and lets tests drive the app in-process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+
+from ..runtime import Runtime
+from . import errors, health, operate, probes, records
+from .bodies import schema_components
+from .ratelimit import FailedAuthLimiter
+from .requestlog import RequestLog
+from .security import Viewer
+
+TITLE = "extreg admin API"
+DESCRIPTION = (
+    "Manage and observe the extension registry. Every route but /healthz, /readyz and "
+    "/metrics needs `Authorization: Bearer <token>`; roles nest: viewer < operator < admin."
+)
+
+
+def create_app(
+    runtime: Runtime, *, failed_auth_limit: int = 10, failed_auth_window_s: float = 60.0
+) -> FastAPI:
+    """The admin API over `runtime`; failed authentications are limited per client address."""
+    app = FastAPI(title=TITLE, description=DESCRIPTION, version="1",
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.runtime = runtime
+    app.state.auth_limiter = FailedAuthLimiter(failed_auth_limit, failed_auth_window_s)
+    errors.install(app)
+    app.add_middleware(RequestLog)
+    app.include_router(probes.router)
+    app.include_router(operate.router)
+    app.include_router(health.router)  # before records: /admin/extensions/health is no id
+    app.include_router(records.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request, _: Viewer) -> JSONResponse:
+        return JSONResponse(request.app.openapi())
+
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(schema_components())
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,110 @@
+"""Request bodies of record writes: decoded strictly, checked by the same `parse_extension`
+as fixtures and database rows, and described in OpenAPI from the same msgspec structs.
+
+Bodies are read by hand rather than declared as a pydantic model so that exactly one set of
+rules (the model's) decides what is valid. Two things PostgreSQL cannot store are refused
+here with the field named: NUL characters and non-finite numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import msgspec
+from fastapi import Request
+
+from ..errors import InvalidRecord
+from ..model import Extension, parse_extension
+from ..settings import Settings
+
+READ_ONLY = ("created_at", "updated_at", "created_by", "updated_by")  # kept by the database
+
+
+async def json_object(request: Request, label: str) -> dict[str, Any]:
+    """The body as a JSON object, or `InvalidRecord` (422) saying why not."""
+    try:
+        data = msgspec.json.decode(await request.body())
+    except msgspec.DecodeError as exc:
+        raise InvalidRecord(label, [("record", f"body is not valid JSON: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise InvalidRecord(label, [("record", "body must be a JSON object")])
+    problems = list(_unstorable(data, ""))
+    if problems:
+        raise InvalidRecord(label, problems)
+    return {k: v for k, v in data.items() if k not in READ_ONLY}
+
+
+def record(data: dict[str, Any], settings: Settings, label: str) -> Extension:
+    """Validate a whole record with the model's rules (422 naming the field on failure)."""
+    return parse_extension(
+        data,
+        max_timeout_ms=settings.extension_max_timeout_ms,
+        max_retries=settings.extension_max_retries,
+        label=label,
+    )
+
+
+def same_id(data: dict[str, Any], extension_id: str) -> dict[str, Any]:
+    """The body with the path's id; 422 when the body names another one."""
+    if "id" in data and data["id"] != extension_id:
+        problem = ("id", "must equal the id in the URL (ids cannot change)")
+        raise InvalidRecord(extension_id, [problem])
+    return {**data, "id": extension_id}
+
+
+def _unstorable(value: Any, path: str) -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        return [(path or "record", "must not contain NUL characters")] if "\x00" in value else []
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path or "record", "must be a finite number")]
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                found.append((path or "record", "keys must not contain NUL characters"))
+            found += _unstorable(item, where)
+        return found
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _unstorable(item, f"{path}[{i}]")]
+    return []
+
+
+# -- OpenAPI ----------------------------------------------------------------------------------
+
+_REF = "#/components/schemas/{name}"
+
+
+def schema_components() -> dict[str, Any]:
+    """Components for `Extension` (as served) and its write variants, from the msgspec structs."""
+    _, generated = msgspec.json.schema_components([Extension], ref_template=_REF)
+    components: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(generated))  # plain JSON
+    served = components["Extension"]
+    writable = copy.deepcopy(served)
+    for key in READ_ONLY:
+        writable["properties"].pop(key, None)
+    create = {**writable, "title": "ExtensionCreate", "description": "A new extension record."}
+    replace = {**copy.deepcopy(writable), "title": "ExtensionReplace",
+               "description": "The whole record; `id`, when given, must equal the URL's.",
+               "required": ["type", "subject"]}
+    patch = {**copy.deepcopy(writable), "title": "ExtensionPatch",
+             "description": "The fields to change; the rest stay as they are.", "required": []}
+    for variant in (replace, patch):
+        for spec in variant["properties"].values():
+            spec.pop("default", None)
+    return {**components, "ExtensionCreate": create, "ExtensionReplace": replace,
+            "ExtensionPatch": patch}
+
+
+def request_body(name: str) -> dict[str, Any]:
+    """`openapi_extra` declaring a JSON body of component `name`."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": _REF.format(name=name)}}}}}
+
+
+def json_response(name: str, description: str, *, array: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"$ref": _REF.format(name=name)}
+    schema = {"type": "array", "items": ref} if array else ref
+    return {"description": description, "content": {"application/json": {"schema": schema}}}

@@ -1,0 +1,102 @@
+"""The error tree mapped to HTTP statuses, once (the CLI maps it to exit codes in `cli.main`).
+
+Every answer carries `detail` (FastAPI's convention) and `error` (the class name, which
+`extreg.client` turns back into the same exception). A record that breaks a rule answers
+422 in FastAPI's own validation shape, with `loc` naming the field, so clients handle a
+schema error and a rule error alike.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import (
+    CircuitOpen,
+    ConfigError,
+    Conflict,
+    ExtensionDisabled,
+    ExtensionError,
+    ExtensionNotFound,
+    ExtensionTimeout,
+    ExtregError,
+    FixtureError,
+    InvalidRecord,
+    InvalidResponse,
+    InvocationError,
+    MaxRetriesExceeded,
+    PayloadTooLarge,
+    SnapshotFileError,
+    SourceUnavailable,
+)
+from .etag import StaleETag
+
+# Most specific first: the first class in an error's MRO found here decides its status.
+STATUS: dict[type[ExtregError], int] = {
+    InvalidRecord: 422,
+    ConfigError: 422,
+    ExtensionNotFound: 404,
+    ExtensionDisabled: 409,
+    StaleETag: 412,
+    FixtureError: 409,
+    Conflict: 409,
+    SourceUnavailable: 503,
+    SnapshotFileError: 503,
+    CircuitOpen: 503,
+    ExtensionTimeout: 504,
+    MaxRetriesExceeded: 504,
+    PayloadTooLarge: 413,
+    InvalidResponse: 502,
+    InvocationError: 502,
+    ExtensionError: 502,
+    ExtregError: 500,
+}
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def status_of(exc: ExtregError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def body_of(exc: ExtregError) -> dict[str, Any]:
+    if isinstance(exc, InvalidRecord):
+        return {
+            "detail": [
+                {"loc": loc_of(field), "msg": message, "type": "value_error"}
+                for field, message in exc.problems
+            ],
+            "error": "InvalidRecord",
+        }
+    body: dict[str, Any] = {"detail": str(exc), "error": type(exc).__name__}
+    if isinstance(exc, ExtensionError):
+        body.update(extension_id=exc.extension_id, reason=exc.reason, attempts=exc.attempts)
+    if isinstance(exc, FixtureError):
+        body["problems"] = exc.problems
+    return body
+
+
+def loc_of(field: str) -> list[str | int]:
+    """`versions[0].timeout_ms` -> ["body", "versions", 0, "timeout_ms"]."""
+    loc: list[str | int] = ["body"]
+    if field in ("", "record"):
+        return loc
+    for part in _INDEX.sub(r".\1", field).split("."):
+        if part:
+            loc.append(int(part) if part.isdigit() else part)
+    return loc
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ExtregError)  # registered for ExtregError only
+    return JSONResponse(body_of(exc), status_code=status_of(exc))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ExtregError, _handle)

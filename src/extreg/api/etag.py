@@ -1,0 +1,38 @@
+"""Entity tags of extension records, and `If-Match` checking, so that two operators editing
+the same record cannot silently overwrite each other.
+
+The tag is a hash of the whole record as served, `updated_at` included, so any change (made
+through the API, the CLI or plain SQL) gives a new tag. A missing `If-Match` is allowed (the
+write is unconditional); a present one must match the record as stored at the moment of the
+write, which the caller checks inside the write's transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+from ..errors import Conflict
+from ..model import Extension, to_plain
+
+
+class StaleETag(Conflict):
+    """`If-Match` names a version of the record that is no longer current (HTTP 412)."""
+
+
+def etag_of(ext: Extension) -> str:
+    digest = hashlib.sha256(msgspec.json.encode(to_plain(ext))).hexdigest()
+    return f'"{digest[:32]}"'
+
+
+def check_if_match(if_match: str | None, current: Extension) -> None:
+    """Raise `StaleETag` unless `if_match` is absent, `*`, or lists the current tag."""
+    if if_match is None or if_match.strip() == "*":
+        return
+    offered = {tag.strip() for tag in if_match.split(",")}
+    if etag_of(current) not in offered:  # weak tags (W/"...") never match: RFC 9110 13.1.1
+        raise StaleETag(
+            f"extension {current.id!r} changed since you read it (If-Match {if_match} is stale):"
+            " read it again and retry"
+        )

@@ -1,0 +1,240 @@
+"""Extension records: list, read, create, replace, patch, delete, enable, disable.
+
+Reads come from the registry's cache. Writes go to the database with the token's name as the
+actor, so the audit trigger records who made them and the change notification updates every
+registry's cache, this one's included; the cache is never patched by hand. A write then
+waits (at most `SETTLE_TIMEOUT_S`) until this registry's cache shows it, so that a GET right
+after a write reads what was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..auth import Principal
+from ..errors import Conflict, ExtensionNotFound
+from ..model import Extension, ExtensionType, to_plain
+from ..registry import Registry
+from ..sources.postgres import PostgresSource
+from .bodies import json_object, json_response, record, request_body, same_id
+from .etag import check_if_match, etag_of
+from .requestlog import bind_extension_id
+from .security import Admin, Operator, Viewer
+from .state import runtime_of
+
+log = structlog.get_logger("extreg.api")
+
+SETTLE_TIMEOUT_S = 2.0
+IfMatch = Annotated[str | None, Header(
+    alias="If-Match", description="The ETag you read; a stale one gets 412.")]
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such extension."}}
+
+router = APIRouter(prefix="/admin/extensions", tags=["extensions"],
+                   dependencies=[Depends(bind_extension_id)])
+
+
+@router.get("", responses={200: json_response("Extension", "Every cached extension.", array=True)})
+async def list_extensions(
+    request: Request,
+    _: Viewer,
+    type: ExtensionType | None = None,  # the contract's query parameter name
+    enabled: bool | None = None,
+) -> JSONResponse:
+    """Every extension in the cache, disabled ones too, by id; filter by `type` and `enabled`."""
+    found = [e for e in runtime_of(request).registry.all()
+             if (type is None or e.type == type) and (enabled is None or e.enabled == enabled)]
+    return JSONResponse([to_plain(e) for e in found])
+
+
+@router.get("/{extension_id}",
+            responses={200: json_response("Extension", "The record."), **NOT_FOUND})
+async def get_extension(
+    extension_id: str, request: Request, _: Viewer
+) -> JSONResponse:
+    """One record, with its `ETag` for a later conditional PUT or PATCH."""
+    ext = runtime_of(request).registry.get(extension_id)
+    if ext is None:
+        raise ExtensionNotFound(extension_id)
+    return _record_response(ext)
+
+
+@router.post("", status_code=201, openapi_extra=request_body("ExtensionCreate"),
+             responses={201: json_response("Extension", "Created."),
+                        409: {"description": "The id exists, or the registry serves fixtures."}})
+async def create_extension(
+    request: Request, principal: Admin
+) -> JSONResponse:
+    """Create a record; 409 when the id exists."""
+    runtime = runtime_of(request)
+    writable(runtime.registry)  # 409 in fixtures mode before even reading the body
+    ext = record(await json_object(request, "<new record>"), runtime.settings, "<new record>")
+
+    def change(current: Extension | None) -> Extension:
+        if current is not None:
+            raise Conflict(f"extension {ext.id!r} already exists")
+        return ext
+
+    after = await _write(runtime.registry, ext.id, change, principal)
+    assert after is not None  # a create stores a record
+    response = _record_response(after, 201)
+    response.headers["Location"] = f"/admin/extensions/{after.id}"
+    return response
+
+
+@router.put("/{extension_id}", openapi_extra=request_body("ExtensionReplace"),
+            responses={200: json_response("Extension", "Replaced."), **NOT_FOUND,
+                       412: {"description": "If-Match is stale."}})
+async def replace_extension(
+    extension_id: str,
+    request: Request,
+    principal: Admin,
+    if_match: IfMatch = None,
+) -> JSONResponse:
+    """Replace a whole record (fields not given take their defaults)."""
+    runtime = runtime_of(request)
+    writable(runtime.registry)
+    data = same_id(await json_object(request, extension_id), extension_id)
+    ext = record(data, runtime.settings, extension_id)
+
+    def change(current: Extension | None) -> Extension:
+        if current is None:
+            raise ExtensionNotFound(extension_id)
+        check_if_match(if_match, current)
+        return ext
+
+    return _record_response(await _write(runtime.registry, extension_id, change, principal))
+
+
+@router.patch("/{extension_id}", openapi_extra=request_body("ExtensionPatch"),
+              responses={200: json_response("Extension", "Changed."), **NOT_FOUND,
+                         412: {"description": "If-Match is stale."}})
+async def patch_extension(
+    extension_id: str,
+    request: Request,
+    principal: Admin,
+    if_match: IfMatch = None,
+) -> JSONResponse:
+    """Change the given top-level fields (an object such as `config` is replaced whole)."""
+    runtime = runtime_of(request)
+    writable(runtime.registry)
+    patch = same_id(await json_object(request, extension_id), extension_id)
+
+    def change(current: Extension | None) -> Extension:
+        if current is None:
+            raise ExtensionNotFound(extension_id)
+        check_if_match(if_match, current)
+        merged = {**to_plain(current, writable_only=True), **patch}
+        return record(merged, runtime.settings, extension_id)
+
+    return _record_response(await _write(runtime.registry, extension_id, change, principal))
+
+
+@router.delete("/{extension_id}", status_code=204, response_class=Response,
+               responses={204: {"description": "Deleted."}, **NOT_FOUND})
+async def delete_extension(
+    extension_id: str,
+    request: Request,
+    principal: Admin,
+    if_match: IfMatch = None,
+) -> Response:
+    """Delete a record; its audit trail stays."""
+    registry = runtime_of(request).registry
+
+    def change(current: Extension | None) -> None:
+        if current is None:
+            raise ExtensionNotFound(extension_id)
+        check_if_match(if_match, current)
+
+    await _write(registry, extension_id, change, principal)
+    return Response(status_code=204)
+
+
+@router.post("/{extension_id}/enable",
+             responses={200: json_response("Extension", "Enabled."), **NOT_FOUND})
+async def enable_extension(
+    extension_id: str, request: Request, principal: Operator
+) -> JSONResponse:
+    """Enable an extension (audited as `enable`)."""
+    return _record_response(await _set_enabled(request, extension_id, True, principal))
+
+
+@router.post("/{extension_id}/disable",
+             responses={200: json_response("Extension", "Disabled."), **NOT_FOUND})
+async def disable_extension(
+    extension_id: str, request: Request, principal: Operator
+) -> JSONResponse:
+    """Disable an extension (audited as `disable`); routers stop calling it at once."""
+    return _record_response(await _set_enabled(request, extension_id, False, principal))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def writable(registry: Registry) -> PostgresSource:
+    """The database to write to; `Conflict` (409) when the registry serves fixtures."""
+    return registry.database
+
+
+def _record_response(ext: Extension | None, status: int = 200) -> JSONResponse:
+    assert ext is not None  # callers pass stored records
+    return JSONResponse(to_plain(ext), status_code=status, headers={"ETag": etag_of(ext)})
+
+
+async def _write(
+    registry: Registry,
+    extension_id: str,
+    change: Callable[[Extension | None], Extension | None],
+    principal: Principal,
+) -> Extension | None:
+    started = time.perf_counter()
+    outcome, after = await registry.database.write_extension(extension_id, change, principal.name)
+    log.info("extension_written", extension_id=extension_id, action=outcome,
+             duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    await settle(registry, extension_id, after)
+    return after
+
+
+async def _set_enabled(
+    request: Request, extension_id: str, enabled: bool, principal: Principal
+) -> Extension:
+    registry = runtime_of(request).registry
+    db = registry.database
+    started = time.perf_counter()
+    if not await db.set_enabled(extension_id, enabled, principal.name):
+        raise ExtensionNotFound(extension_id)
+    after = await db.load_extension(extension_id)
+    if after is None:  # deleted in between
+        raise ExtensionNotFound(extension_id)
+    log.info("extension_written", extension_id=extension_id,
+             action="enable" if enabled else "disable",
+             duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    await settle(registry, extension_id, after)
+    return after
+
+
+async def settle(
+    registry: Registry, extension_id: str, after: Extension | None,
+    timeout_s: float = SETTLE_TIMEOUT_S,
+) -> bool:
+    """Wait until the cache holds `after` (or something newer, or nothing when deleted)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cached = registry.get(extension_id)
+        if cached == after or _newer(cached, after):
+            return True
+        if time.monotonic() >= deadline:
+            log.warning("cache_not_settled", extension_id=extension_id, waited_s=timeout_s)
+            return False
+        await asyncio.sleep(0.005)
+
+
+def _newer(cached: Extension | None, written: Extension | None) -> bool:
+    return bool(cached and written and cached.updated_at and written.updated_at
+                and cached.updated_at > written.updated_at)

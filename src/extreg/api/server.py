@@ -1,0 +1,82 @@
+"""Running the admin API inside `extreg serve`'s lifespan: uvicorn, programmatically.
+
+The socket is bound here, before uvicorn starts, so a taken port is a clear `ListenError`
+(exit status 1) rather than uvicorn's `sys.exit` from inside a task, and so the URL printed
+is the one actually listening. uvicorn logs through the standard library (`log_config=None`
+keeps extreg's set-up); its access log is off because `RequestLog` logs every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+
+import structlog
+import uvicorn
+
+from ..errors import ExtregError
+from ..runtime import Runtime
+from .app import create_app
+
+log = structlog.get_logger("extreg.api")
+
+
+class ListenError(ExtregError):
+    """The API's address cannot be bound (port taken, address not on this machine)."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+async def serve_api(
+    runtime: Runtime, host: str, port: int, stop: asyncio.Event, *, admin_token: str | None = None
+) -> None:
+    """Serve the API until `stop` is set (or uvicorn stops on a signal of its own).
+
+    Prints the URL, and `admin_token` when given (the embedded default's first start), once,
+    to standard output: the token is meant for the person who started the server, never for
+    the logs.
+    """
+    sock = listen(host, port)
+    config = uvicorn.Config(create_app(runtime), host=host, port=port, log_config=None,
+                            access_log=False, lifespan="off", server_header=False)
+    server = uvicorn.Server(config)
+    url = base_url(sock)
+    announce(url, admin_token)
+    log.info("api_listening", url=url)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        sock.close()
+
+
+def announce(url: str, admin_token: str | None) -> None:
+    where = f"dashboard {url}/  admin API {url}/admin  OpenAPI {url}/openapi.json"
+    lines = [f"extreg is serving: {where}"]
+    if admin_token is not None:
+        lines += [
+            "An admin token was created for this registry. It is shown only now and stored",
+            "only as a hash; keep it (make more with `extreg token create NAME --role R`):",
+            admin_token,
+        ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,198 @@
+"""Prometheus metrics of the registry, the health monitor, the breakers and invocations.
+
+Everything lives in a `Metrics` object with its own `CollectorRegistry` (never the global
+one, so two registries in one process, or two tests, do not mix their numbers). Three kinds
+of sources feed it:
+
+- the registry pushes: `watch_registry` subscribes to `Registry.on_change` (size, enabled
+  count) and `Registry.on_sync` (sync duration, sync errors);
+- the invoker pushes: `watch_invoker` makes `observe_invocation(extension_id, outcome,
+  seconds)` the invoker's `observer` (called after every call; or the invoker may call the
+  module-level `observe_invocation` itself), and subscribes `circuit_transition` to its
+  breakers' `on_state_change` (failures = times a circuit opened, recoveries = times it
+  closed again);
+- health and circuit gauges are *pulled* at scrape time from `invoker.health` and
+  `invoker.breaker` by a custom collector, so the hot path does no metric work for them.
+
+Global state department: `default()` is the process's instance, the one `extreg serve`
+exposes on /metrics, and the module-level `observe_invocation` / `circuit_transition` write
+to it, so the invoker needs no reference to a `Metrics`. Tests call `reset_default()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .resilience.health import HealthMonitor
+
+if TYPE_CHECKING:
+    from .registry import Registry
+    from .snapshot import Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CIRCUIT_STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
+OUTCOMES = ("ok", "error", "timeout", "rejected", "circuit_open")  # documented, not enforced
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0, 30.0, 60.0)  # fmt: skip - extension timeouts reach 60 s
+
+
+class Metrics:
+    """Every metric of one extreg process; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.size = Gauge("extension_registry_size", "Extensions in the cache.", registry=r)
+        self.enabled = Gauge(
+            "extension_registry_enabled_count", "Enabled extensions in the cache.", registry=r
+        )
+        self.sync_duration = Histogram(
+            "extension_registry_sync_duration_seconds",
+            "Duration of database syncs and full reloads.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.sync_errors = Counter(
+            "extension_registry_sync_errors_total", "Database syncs that failed.", registry=r
+        )
+        self.breaker_failures = Counter(
+            "extension_circuit_breaker_failures_total",
+            "Times a circuit opened because its extension failed (or an operator opened it).",
+            ["extension_id"],
+            registry=r,
+        )
+        self.breaker_recoveries = Counter(
+            "extension_circuit_breaker_recoveries_total",
+            "Times an open or half-open circuit closed again.",
+            ["extension_id"],
+            registry=r,
+        )
+        self.invocation_latency = Histogram(
+            "extension_invocation_latency_seconds",
+            "Duration of extension invocations, by extension and outcome.",
+            ["extension_id", "outcome"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self._health = _HealthCollector()
+        r.register(self._health)
+
+    # -- push: registry -------------------------------------------------------------------
+
+    def watch_registry(self, registry: Registry) -> None:
+        """Follow a registry's swaps and syncs, and read its records for the health gauges."""
+        self._health.registry = registry
+        self.registry_changed(registry.snapshot)
+        registry.on_change(self.registry_changed)
+        registry.on_sync(self.sync_finished)
+
+    def registry_changed(self, snapshot: Snapshot) -> None:
+        self.size.set(len(snapshot.by_id))
+        self.enabled.set(len(snapshot.enabled))
+
+    def sync_finished(self, duration_s: float, error: str | None) -> None:
+        self.sync_duration.observe(duration_s)
+        if error is not None:
+            self.sync_errors.inc()
+
+    # -- push: invoker --------------------------------------------------------------------
+
+    def watch_invoker(self, invoker: Any) -> None:
+        """Read `invoker.health`/`invoker.breaker` at scrape time; count breaker transitions;
+        become the invoker's `observer` of every call when it has none."""
+        self._health.invoker = invoker
+        if getattr(invoker, "observer", False) is None:
+            invoker.observer = self.observe_invocation
+        breaker = getattr(invoker, "breaker", None)
+        if breaker is not None and hasattr(breaker, "on_state_change"):
+            breaker.on_state_change(self.circuit_transition)
+
+    def observe_invocation(self, extension_id: str, outcome: str, seconds: float) -> None:
+        """Record one finished invocation (outcome: ok, error, timeout, rejected, ...)."""
+        self.invocation_latency.labels(extension_id, outcome).observe(max(seconds, 0.0))
+
+    def circuit_transition(self, extension_id: str, old: str, new: str) -> None:
+        """A breaker state change, as `CircuitBreakers.on_state_change` reports it."""
+        if new == "open":
+            self.breaker_failures.labels(extension_id).inc()
+        elif new == "closed" and old in ("open", "half_open"):
+            self.breaker_recoveries.labels(extension_id).inc()
+
+    # -- pull -----------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _HealthCollector(Collector):
+    """Health and circuit gauges per extension, read when Prometheus scrapes.
+
+    Extensions come from the registry (every cached one) and from the monitor (any other it
+    has numbers for). Without an invoker, every extension reads as new: success rate 1.0,
+    latency 0, circuit closed (the same rules as `HealthMonitor`).
+    """
+
+    def __init__(self) -> None:
+        self.registry: Registry | None = None
+        self.invoker: Any | None = None
+        self._blank = HealthMonitor()
+
+    def collect(self) -> Iterator[Metric]:
+        rate = GaugeMetricFamily("extension_health_success_rate",
+                                 "Share of successful calls (1.0 with no calls).",
+                                 labels=["extension_id"])
+        latency = GaugeMetricFamily("extension_health_avg_latency_ms",
+                                    "Mean call latency in milliseconds.", labels=["extension_id"])
+        state = GaugeMetricFamily("extension_circuit_breaker_state",
+                                  "Circuit state: 0 closed, 1 open, 2 half-open.",
+                                  labels=["extension_id"])
+        monitor = getattr(self.invoker, "health", None) or self._blank
+        breaker = getattr(self.invoker, "breaker", None)
+        healths = dict(monitor.get_all_health())  # the extensions with calls
+        for ext in self.registry.all() if self.registry is not None else ():
+            if ext.id not in healths:
+                healths[ext.id] = monitor.get_health(ext.id)
+        for extension_id, health in sorted(healths.items()):
+            circuit = breaker.state(extension_id) if breaker is not None else "closed"
+            rate.add_metric([extension_id], float(health["success_rate"]))
+            latency.add_metric([extension_id], float(health["avg_latency_ms"]))
+            state.add_metric([extension_id], CIRCUIT_STATE_VALUES.get(str(circuit), 0))
+        yield from (rate, latency, state)
+
+    def describe(self) -> Iterator[Metric]:  # names only, so registration reads no state
+        yield GaugeMetricFamily("extension_health_success_rate", "", labels=["extension_id"])
+        yield GaugeMetricFamily("extension_health_avg_latency_ms", "", labels=["extension_id"])
+        yield GaugeMetricFamily("extension_circuit_breaker_state", "", labels=["extension_id"])
+
+
+_default: Metrics | None = None
+
+
+def default() -> Metrics:
+    """The process's `Metrics` (created on first use)."""
+    global _default
+    if _default is None:
+        _default = Metrics()
+    return _default
+
+
+def reset_default() -> None:
+    """Forget the process's `Metrics`; the next `default()` starts from zero (tests)."""
+    global _default
+    _default = None
+
+
+def observe_invocation(extension_id: str, outcome: str, seconds: float) -> None:
+    """For the invoker: record one finished invocation in the process's metrics."""
+    default().observe_invocation(extension_id, outcome, seconds)
+
+
+def circuit_transition(extension_id: str, old: str, new: str) -> None:
+    """For the invoker: a breaker transition (usable as an `on_state_change` callback)."""
+    default().circuit_transition(extension_id, old, new)

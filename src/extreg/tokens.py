@@ -1,0 +1,251 @@
+"""API tokens in the database (`extreg_api_tokens`) and the task that keeps a `TokenBook` fresh.
+
+`TokenStore` creates, lists and revokes tokens; it stores only the SHA-256 digest (see
+`extreg.auth`). `TokenFollower` fills a server's `TokenBook` and keeps it current, so that
+checking a request never touches the database: it LISTENs on `extreg_tokens` (a trigger
+notifies every change, so a revoke applies within milliseconds), re-reads the table every
+`REFRESH_S` as a safety net, and re-reads the tokens file when it changes. When the database
+is unreachable the book keeps the tokens it had and the follower retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import structlog
+
+from .auth import (
+    Role,
+    TokenBook,
+    TokenEntry,
+    check_name,
+    check_role,
+    entry,
+    generate_token,
+    hash_token,
+    load_tokens_file,
+)
+from .errors import ConfigError, Conflict, SourceUnavailable
+from .settings import Settings, redact_url
+from .sources.postgres import scrub, url_password
+
+log = structlog.get_logger("extreg.tokens")
+
+CHANNEL = "extreg_tokens"
+ADMIN_NAME = "admin"
+CONNECT_TIMEOUT_S = 3
+REFRESH_S = 30.0  # the periodic re-read: a safety net for a lost notification
+FILE_CHECK_S = 2.0
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
+
+_CREATE = """
+INSERT INTO extreg_api_tokens (name, role, token_hash, created_by) VALUES (%s, %s, %s, %s)
+ON CONFLICT (name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash,
+    created_at = now(), created_by = excluded.created_by, revoked_at = NULL
+    WHERE extreg_api_tokens.revoked_at IS NOT NULL
+RETURNING name
+"""
+
+
+class UnknownToken(ConfigError):
+    """No token has this name (bad input: exit status 2)."""
+
+
+class TokenStore:
+    """The token table of one database. Each call uses a short-lived connection: token
+    commands are rare, and the follower holds its own listening connection."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self._secret = url_password(conninfo)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenStore:
+        return cls(settings.conninfo)
+
+    async def create(self, name: str, role: str, created_by: str) -> str:
+        """Store a new token's digest and return the token (the only time it is seen)."""
+        token = generate_token()
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                _CREATE, (check_name(name), check_role(role), hash_token(token), created_by)
+            )
+            if await cur.fetchone() is None:
+                raise Conflict(f"token {name!r} exists: revoke it first, or choose another name")
+        return token
+
+    async def ensure_admin(self) -> str | None:
+        """Create the token named `admin` unless one was ever made; the new token, or None."""
+        token = generate_token()
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "INSERT INTO extreg_api_tokens (name, role, token_hash, created_by)"
+                " VALUES (%s, 'admin', %s, 'extreg:bootstrap') ON CONFLICT (name) DO NOTHING"
+                " RETURNING name",
+                (ADMIN_NAME, hash_token(token)),
+            )
+            created = await cur.fetchone() is not None
+        return token if created else None
+
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        """Every token's name, role and dates (never the digest), by name."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT name, role, created_at, created_by, revoked_at FROM extreg_api_tokens"
+                " ORDER BY name"
+            )
+            rows = await cur.fetchall()
+        keys = ("name", "role", "created_at", "created_by", "revoked_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    async def revoke(self, name: str) -> datetime:
+        """Stop a token from working (at once, on every server); when it was revoked."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "UPDATE extreg_api_tokens SET revoked_at = coalesce(revoked_at, now())"
+                " WHERE name = %s RETURNING revoked_at",
+                (name,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise UnknownToken(f"no token named {name!r}")
+        revoked: datetime = row[0]
+        return revoked
+
+    async def active(self) -> list[TokenEntry]:
+        """The tokens that work now."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT name, role, token_hash FROM extreg_api_tokens WHERE revoked_at IS NULL"
+            )
+            return [entry(name, role, digest) for name, role, digest in await cur.fetchall()]
+
+    @contextlib.asynccontextmanager
+    async def listen(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection listening on the token channel."""
+        async with self._connection() as conn:
+            with self._translate():
+                await conn.execute(f"LISTEN {CHANNEL}")
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        with self._translate():
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+            )
+        try:
+            with self._translate():
+                yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.UndefinedTable:
+            raise ConfigError(
+                f"database {redact_url(self._conninfo)} has no token table: run `extreg migrate`"
+            ) from None
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+            raise SourceUnavailable(
+                f"database {redact_url(self._conninfo)} unavailable: {scrub(exc, self._secret)}"
+            ) from None
+
+
+async def ensure_admin_token(store: TokenStore) -> str | None:
+    """On a registry's first start: create the `admin` token and return it, to print once.
+
+    None when a token named `admin` exists or ever existed (revoked tokens keep their row), so
+    the token is shown on the first start only and an operator's revoke is respected.
+    """
+    return await store.ensure_admin()
+
+
+async def create_token(store: TokenStore, name: str, role: Role, created_by: str) -> str:
+    """`store.create`, as a function for symmetry with `ensure_admin_token`."""
+    return await store.create(name, role, created_by)
+
+
+class TokenFollower:
+    """Keeps `book` equal to the database's active tokens plus the tokens file's."""
+
+    def __init__(self, book: TokenBook, store: TokenStore | None, tokens_file: Path | None) -> None:
+        self.book = book
+        self.store = store
+        self.tokens_file = tokens_file
+        self._file_mtime: float | None = None
+
+    async def first_load(self) -> None:
+        """Load both sources once; a failure is logged and left to the background tasks."""
+        self.reload_file()
+        if self.store is not None:
+            try:
+                await self._reload_database()
+            except (SourceUnavailable, ConfigError) as exc:
+                log.warning("tokens_unavailable", error=str(exc))
+
+    async def run(self) -> None:
+        """Follow both sources until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            if self.store is not None:
+                group.create_task(self._follow_database())
+            if self.tokens_file is not None:
+                group.create_task(self._watch_file())
+
+    def reload_file(self) -> None:
+        if self.tokens_file is None:
+            return
+        try:
+            mtime = self.tokens_file.stat().st_mtime
+        except OSError:
+            mtime = None
+        if mtime == self._file_mtime:
+            return
+        self._file_mtime = mtime
+        try:
+            entries = load_tokens_file(self.tokens_file) if mtime is not None else []
+        except ConfigError as exc:  # a bad edit changes nothing
+            log.error("tokens_file_rejected", error=str(exc))
+            return
+        if mtime is None:
+            log.warning("tokens_file_missing", path=str(self.tokens_file))
+        self.book.replace("file", entries)
+        log.info("tokens_loaded", source="file", count=len(entries))
+
+    async def _watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(FILE_CHECK_S)
+            self.reload_file()
+
+    async def _follow_database(self) -> None:
+        assert self.store is not None  # only started with a store
+        backoff = BACKOFF_MIN_S
+        while True:
+            try:
+                async with self.store.listen() as conn:
+                    await self._reload_database()
+                    backoff = BACKOFF_MIN_S
+                    while True:
+                        async for _ in conn.notifies(timeout=REFRESH_S, stop_after=1):
+                            pass
+                        await self._reload_database()
+            except (SourceUnavailable, ConfigError, psycopg.Error) as exc:
+                log.warning("tokens_refresh_failed", error=str(exc), retry_in_s=round(backoff, 2))
+            await asyncio.sleep(backoff * (0.5 + random.random()))  # jitter, not secrecy
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _reload_database(self) -> None:
+        assert self.store is not None
+        entries = await self.store.active()
+        self.book.replace("database", entries)
+        log.debug("tokens_loaded", source="database", count=len(entries))

@@ -1,0 +1,277 @@
+"""The CLI acting through a running server (`--url`/`--token` or EXTREG_URL/EXTREG_TOKEN), and
+the token commands: real `extreg serve` and `extreg` processes on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from api_helpers import ROLE_TOKENS, make_tokens, sql
+
+from extreg.auth import hash_token
+from extreg.db.migrate import migrate
+from extreg.pgprocess import PostgresProcess, free_port
+
+EXTREG = Path(sys.executable).parent / "extreg"
+
+
+def environment(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
+    env.update({"EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"), "COLUMNS": "400", **extra})
+    return env
+
+
+def extreg(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EXTREG), *args], capture_output=True, text=True,
+                          env=environment(tmp, **env), timeout=60, check=False)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass
+class Server:
+    url: str
+    db_url: str
+    tokens: dict[str, str]
+    proc: subprocess.Popen[str]
+    stdout: Path
+
+    def opts(self, role: str) -> list[str]:
+        return ["--url", self.url, "--token", self.tokens[role]]
+
+
+def start_server(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str, Path]:
+    """`extreg [ARGS] serve --port N` in the background, once /healthz answers."""
+    port = free_port()
+    out, errs = tmp / f"serve-{port}.out", tmp / f"serve-{port}.err"
+    with out.open("w") as stdout, errs.open("w") as stderr:
+        proc = subprocess.Popen([str(EXTREG), *args, "serve", "--port", str(port)], text=True,
+                                stdout=stdout, stderr=stderr, env=environment(tmp))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, out
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve did not start:\n{errs.read_text()}")
+        time.sleep(0.1)
+
+
+def stop_server(proc: subprocess.Popen[str]) -> int:
+    """Ctrl-C, as a person would; the exit status."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(
+    pg_server: PostgresProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One `extreg serve` on a database holding `alpha` (enabled) and `beta` (disabled), with
+    a token per role."""
+    tmp = tmp_path_factory.mktemp("cli-client")
+    db_url = pg_server.create_database(f"cli_client_{uuid.uuid4().hex[:8]}")
+    migrate(db_url)
+    for ext_id, enabled in (("alpha", True), ("beta", False)):
+        sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms, enabled)"
+                    " VALUES (%s, 'pre', %s, 100, %s)",
+            (ext_id, f"beamline.ext.pre.{ext_id}.v1", enabled))
+    tokens = asyncio.run(make_tokens(db_url))
+    proc, url, out = start_server(tmp, "--database-url", db_url)
+    yield Server(url, db_url, tokens, proc, out)
+    assert 0 == stop_server(proc)
+
+
+def test_disable_and_enable_through_the_server(server: Server, tmp_path: Path) -> None:
+    """`disable`/`enable --url --token` change the record through the server, audited with
+    the token's name, and say what they did."""
+    disabled = extreg(tmp_path, "disable", "alpha", *server.opts("operator"))
+    assert (0, "alpha disabled") == (disabled.returncode, disabled.stdout.strip()), disabled.stderr
+    assert [(False,)] == sql(server.db_url, "SELECT enabled FROM extensions WHERE id = 'alpha'")
+    enabled = extreg(tmp_path, "enable", "alpha", *server.opts("operator"))
+    assert (0, "alpha enabled") == (enabled.returncode, enabled.stdout.strip())
+    rows = sql(server.db_url, "SELECT action, changed_by FROM extension_audit_log"
+                              " WHERE extension_id = 'alpha' ORDER BY changed_at")
+    operator = ROLE_TOKENS["operator"]
+    assert [("disable", operator), ("enable", operator)] == rows[-2:]
+
+
+def test_reload_through_the_server(server: Server, tmp_path: Path) -> None:
+    """`reload --url` reloads the server and reports what it loaded."""
+    result = extreg(tmp_path, "reload", *server.opts("operator"))
+    assert (0, "reloaded: 2 extensions from database") == (result.returncode, result.stdout.strip())
+
+
+def test_audit_and_health_through_the_server_with_environment(
+    server: Server, tmp_path: Path
+) -> None:
+    """EXTREG_URL/EXTREG_TOKEN work like the flags: `audit --json` and `health --json` answer
+    from the server."""
+    env = {"EXTREG_URL": server.url, "EXTREG_TOKEN": server.tokens["viewer"]}
+    extreg(tmp_path, "disable", "beta", *server.opts("admin"))  # already disabled: no audit row
+    extreg(tmp_path, "enable", "beta", *server.opts("admin"))
+    audit = extreg(tmp_path, "audit", "beta", "--json", **env)
+    assert 0 == audit.returncode, audit.stderr
+    assert [("enable", ROLE_TOKENS["admin"])] == [
+        (r["action"], r["changed_by"]) for r in json.loads(audit.stdout)][:1]
+    health = extreg(tmp_path, "health", "--json", **env)
+    assert 0 == health.returncode, health.stderr
+    report = json.loads(health.stdout)
+    assert (["alpha", "beta"], 2) == ([e["id"] for e in report["extensions"]],
+                                      report["summary"]["total"])
+    one = extreg(tmp_path, "health", "alpha", "--json", **env)
+    assert ("alpha", "closed") == (json.loads(one.stdout)["id"],
+                                   json.loads(one.stdout)["health"]["circuit_breaker_state"])
+
+
+@pytest.mark.parametrize(("token", "message"), [
+    ("extreg_not-a-real-token", "the server refused the token (401 unauthorized): check --token"),
+    ("", "no token given: pass --token or set EXTREG_TOKEN"),
+])
+def test_a_bad_token_exits_1_with_a_clear_message(server: Server, tmp_path: Path, token: str,
+                                                  message: str) -> None:
+    """A wrong or missing token exits 1, says what is wrong, and never prints the token."""
+    result = extreg(tmp_path, "disable", "alpha", "--url", server.url, "--token", token)
+    assert (1, True) == (result.returncode, message in flat(result.stderr)), result.stderr
+    assert "not-a-real-token" not in result.stdout + result.stderr
+
+
+def test_a_too_small_role_exits_1(server: Server, tmp_path: Path) -> None:
+    """A viewer's `disable` exits 1 with the server's 403 reason."""
+    result = extreg(tmp_path, "disable", "alpha", *server.opts("viewer"))
+    expected = ("not allowed (403 forbidden): token 'vera-viewer' has role viewer;"
+                " this needs operator")
+    assert (1, expected) == (result.returncode, flat(result.stderr).removeprefix("error: "))
+
+
+def test_a_missing_extension_exits_2(server: Server, tmp_path: Path) -> None:
+    """An unknown id exits 2 (bad input), naming it."""
+    result = extreg(tmp_path, "enable", "nope", *server.opts("operator"))
+    assert (2, "error: nope: no such extension") == (result.returncode, flat(result.stderr))
+
+
+def test_invoke_without_an_invoker_exits_1(server: Server, tmp_path: Path) -> None:
+    """`invoke --url` on a server without NATS exits 1 saying invocation is unavailable."""
+    result = extreg(tmp_path, "invoke", "alpha", "--payload", '{"text": "hi"}', "--tenant", "acme",
+                    *server.opts("operator"))
+    assert (1, True) == (result.returncode, "without an invoker" in flat(result.stderr))
+
+
+def test_unreachable_server_exits_1(tmp_path: Path) -> None:
+    """A URL where nothing listens exits 1 saying the server cannot be reached."""
+    result = extreg(tmp_path, "reload", "--url", f"http://127.0.0.1:{free_port()}", "--token", "x")
+    assert (1, True) == (result.returncode, "cannot reach the extreg server" in result.stderr)
+
+
+# -- token commands ----------------------------------------------------------------------------
+
+
+def test_token_create_list_revoke(pg_server: PostgresProcess, tmp_path: Path) -> None:
+    """`token create` prints the token as its last line and stores only its hash; `token list`
+    shows names and roles but no secret; `token revoke` marks it revoked; an unknown name
+    exits 2."""
+    db_url = pg_server.create_database(f"tokens_{uuid.uuid4().hex[:8]}")
+    migrate(db_url)
+    created = extreg(tmp_path, "--database-url", db_url, "token", "create", "ci",
+                     "--role", "operator")
+    assert 0 == created.returncode, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    assert [("ci", "operator", hash_token(token))] == sql(
+        db_url, "SELECT name, role, token_hash FROM extreg_api_tokens")
+    listed = extreg(tmp_path, "--database-url", db_url, "token", "list", "--json")
+    rows = json.loads(listed.stdout)
+    assert [("ci", "operator", None)] == [(r["name"], r["role"], r["revoked_at"]) for r in rows]
+    assert token not in listed.stdout and hash_token(token) not in listed.stdout
+    assert 0 == extreg(tmp_path, "--database-url", db_url, "token", "revoke", "ci").returncode
+    assert [(True,)] == sql(db_url, "SELECT revoked_at IS NOT NULL FROM extreg_api_tokens")
+    unknown = extreg(tmp_path, "--database-url", db_url, "token", "revoke", "nobody")
+    assert (2, "error: no token named 'nobody'") == (unknown.returncode, flat(unknown.stderr))
+    bad_role = extreg(tmp_path, "--database-url", db_url, "token", "create", "x", "--role", "god")
+    assert 2 == bad_role.returncode
+
+
+def test_token_create_into_a_tokens_file(tmp_path: Path) -> None:
+    """`token create --file` adds the token's hash to a JSON tokens file (no database)."""
+    file = tmp_path / "tokens.json"
+    created = extreg(tmp_path, "--source", "fixtures", "token", "create", "dev", "--role", "admin",
+                     "--file", str(file))
+    token = created.stdout.strip().splitlines()[-1]
+    assert {"tokens": {"dev": {"role": "admin", "sha256": hash_token(token)}}} == json.loads(
+        file.read_text())
+
+
+def test_embedded_first_start_prints_the_admin_token_once(tmp_path: Path) -> None:
+    """On the embedded default, the first `extreg serve` prints the URL and a working admin
+    token; the second start prints the URL but no token. Ctrl-C stops it (exit 0)."""
+    proc, url, out = start_server(tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while "extreg_" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        token = out.read_text().strip().splitlines()[-1]
+        status = httpx.get(url + "/admin/status", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        first_exit = stop_server(proc)
+    assert (0, 200, True) == (first_exit, status.status_code, token.startswith("extreg_"))
+    assert f"dashboard {url}/" in out.read_text()
+    proc, url, out = start_server(tmp_path)
+    try:
+        time.sleep(0.5)
+        second = out.read_text()
+    finally:
+        assert 0 == stop_server(proc)
+    assert (True, False) == (f"dashboard {url}/" in second, "extreg_" in second)
+
+
+def test_health_and_audit_directly_on_the_database(pg_server: PostgresProcess,
+                                                   tmp_path: Path) -> None:
+    """Without --url, `health` reads `extension_health` rows and `audit` the audit log, straight
+    from the database, in the same shapes as the API."""
+    db_url = pg_server.create_database(f"direct_{uuid.uuid4().hex[:8]}")
+    migrate(db_url)
+    sql(db_url, "INSERT INTO extensions (id, type, subject) VALUES ('alpha', 'pre', 'a.b'),"
+                " ('beta', 'post', 'c.d')")
+    sql(db_url, "INSERT INTO extension_health (extension_id, success_count, failure_count,"
+                " avg_latency_ms, p95_latency_ms, circuit_breaker_state)"
+                " VALUES ('alpha', 3, 1, 12.5, 30, 'open')")
+    health = extreg(tmp_path, "--database-url", db_url, "health", "--json")
+    assert 0 == health.returncode, health.stderr
+    report = json.loads(health.stdout)
+    alpha = report["extensions"][0]["health"]
+    assert (3, 1, 0.75, 12.5, 30.0, "open") == (
+        alpha["success_count"], alpha["failure_count"], alpha["success_rate"],
+        alpha["avg_latency_ms"], alpha["p95_latency_ms"], alpha["circuit_breaker_state"])
+    assert {"total": 2, "enabled": 2, "healthy": 1, "unhealthy": 1, "avg_success_rate": 0.75,
+            "avg_latency_ms": 12.5} == report["summary"]
+    table = extreg(tmp_path, "--database-url", db_url, "health")
+    assert (0, True) == (table.returncode, "alpha" in table.stdout and "open" in table.stdout)
+    missing = extreg(tmp_path, "--database-url", db_url, "health", "nope")
+    assert 2 == missing.returncode
+    assert 0 == extreg(tmp_path, "--database-url", db_url, "disable", "beta").returncode
+    audit = extreg(tmp_path, "--database-url", db_url, "audit", "beta", "--json")
+    assert ["disable", "create"] == [row["action"] for row in json.loads(audit.stdout)]
+    listing = extreg(tmp_path, "--database-url", db_url, "audit")
+    shown = "disable" in listing.stdout and "enabled" in listing.stdout  # the changed field
+    assert (0, True) == (listing.returncode, shown)
