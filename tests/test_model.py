@@ -135,12 +135,13 @@ def test_empty_id_is_rejected() -> None:
 
 
 def test_id_of_256_characters_is_rejected() -> None:
-    """An id one character over the 255 limit is rejected on field id (the record name is the
-    id cut to 80 characters for display)."""
+    """An id one character over the 255 limit is rejected on field id; the message shows the
+    id cut to 80 characters with its length."""
     long_id = "a" * 256
     exc = rejection(record("x", id=long_id))
-    assert long_id[:80] == exc.record
+    assert long_id == exc.record
     assert [("id", "Expected str of length <= 255")] == exc.problems
+    assert f"extension '{long_id[:80]}... (256 characters)'" in str(exc)
 
 
 @pytest.mark.parametrize(

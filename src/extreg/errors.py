@@ -25,6 +25,13 @@ the tree to exit codes and the HTTP API maps it to statuses, each in one place.
 from __future__ import annotations
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """User input made safe to show: control and invisible characters escaped, length capped,
+    so an error message can neither drive a terminal nor run to megabytes."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text[:limit])
+    return shown + (f"... ({len(text)} characters)" if len(text) > limit else "")
+
+
 class ExtregError(Exception):
     """Base of every error extreg raises on purpose."""
 
@@ -42,8 +49,8 @@ class InvalidRecord(ExtregError):
     def __init__(self, record: str, problems: list[tuple[str, str]]) -> None:
         self.record = record
         self.problems = problems
-        text = "; ".join(f"{field}: {message}" for field, message in problems)
-        super().__init__(f"extension {record!r}: {text}")
+        text = "; ".join(f"{printable(field)}: {message}" for field, message in problems)
+        super().__init__(f"extension {printable(record)!r}: {text}")
 
 
 class FixtureError(ExtregError):

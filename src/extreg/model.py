@@ -20,8 +20,9 @@ ExtensionType = Literal["pre", "validator", "post", "provider"]
 TYPES: tuple[str, ...] = ("pre", "validator", "post", "provider")
 HealthStatus = Literal["healthy", "degraded", "unhealthy", "unknown"]
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-SUBJECT_PATTERN = r"^[^\s.*>]+(\.[^\s.*>]+)*$"
+# \Z, not $: `$` also matches before a trailing newline.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z"
+SUBJECT_PATTERN = r"^[^\s.*>\x00-\x1f\x7f]+(\.[^\s.*>\x00-\x1f\x7f]+)*\Z"
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=ID_PATTERN)]
 Subject = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=SUBJECT_PATTERN)]
@@ -189,7 +190,7 @@ def _record_name(data: object) -> str:
     if isinstance(data, dict):
         value = data.get("id")
         if isinstance(value, str) and value:
-            return value[:80]
+            return value
     return "<record without id>"
 
 

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -49,23 +50,23 @@ class Settings(BaseModel):
     db_pool_size: int = Field(4, ge=1, le=100)
     fixtures_dir: Path = BUNDLED_FIXTURES
     cache_type: Literal["ets", "memory", "mnesia"] = "ets"
-    sync_interval_seconds: float = Field(60, gt=0)
+    sync_interval_seconds: float = Field(60, gt=0, allow_inf_nan=False)
     data_dir: Path = Path(".extreg")
     snapshot_file: Path | None = None
     api_tokens_file: Path | None = None  # extra API tokens, for fixtures without a database
 
     circuit_breaker_enabled: bool = False
     circuit_breaker_failure_threshold: int = Field(5, ge=1)
-    circuit_breaker_timeout_seconds: float = Field(60, gt=0)
+    circuit_breaker_timeout_seconds: float = Field(60, gt=0, allow_inf_nan=False)
     circuit_breaker_half_open_max_requests: int = Field(3, ge=1)
-    circuit_breaker_error_rate_threshold: float = Field(0.5, gt=0, le=1)
-    circuit_breaker_window_seconds: float = Field(60, gt=0)
+    circuit_breaker_error_rate_threshold: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
+    circuit_breaker_window_seconds: float = Field(60, gt=0, allow_inf_nan=False)
     circuit_breaker_min_calls: int = Field(10, ge=1)
     auto_disable_on_circuit_open: bool = False
     auto_enable_on_circuit_close: bool = False
     health_based_routing_enabled: bool = False
-    health_based_routing_min_success_rate: float = Field(0.8, ge=0, le=1)
-    health_flush_interval_seconds: float = Field(2, gt=0)
+    health_based_routing_min_success_rate: float = Field(0.8, ge=0, le=1, allow_inf_nan=False)
+    health_flush_interval_seconds: float = Field(2, gt=0, allow_inf_nan=False)
 
     extension_max_payload_size: int = Field(1_048_576, ge=1)
     extension_max_metadata_size: int = Field(65_536, ge=1)
@@ -87,9 +88,24 @@ class Settings(BaseModel):
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            scheme = urlsplit(value.get_secret_value()).scheme
-            if scheme not in ("postgresql", "postgres"):
-                raise ValueError(f"must start with postgresql:// (got scheme {scheme!r})")
+            _check_url(value.get_secret_value(), ("postgresql", "postgres"))
+        return value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_url(cls, value: str) -> str:
+        for url in value.split(","):  # nats-py takes a comma-separated list of servers
+            _check_url(url.strip(), ("nats", "tls", "ws", "wss"))
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """TOML `true` is not a number (pydantic would read it as 1)."""
+        if isinstance(value, bool) and info.field_name and cls.model_fields[
+            info.field_name
+        ].annotation in (int, float):
+            raise ValueError("expected a number, got a boolean")
         return value
 
     @model_validator(mode="before")
@@ -145,6 +161,8 @@ class Settings(BaseModel):
             for key, value in env.items()
             if key.startswith(ENV_PREFIX) and key != CONFIG_ENV
         }
+        if "" in env_values:
+            raise ConfigError(f"environment variable {ENV_PREFIX} names no setting")
         layers.append(("environment", env_values))
         layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
         merged: dict[str, Any] = {}
@@ -159,11 +177,29 @@ class Settings(BaseModel):
             raise ConfigError(_describe(exc, origin)) from None
 
 
+def _check_url(url: str, schemes: tuple[str, ...]) -> None:
+    """A URL with one of `schemes` and, if it names one, a port in range (never shown whole:
+    it may carry a password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise ValueError(f"must start with {schemes[0]}:// (got scheme {parts.scheme!r})")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise ValueError("names no host")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     table = data.get(TOML_TABLE)

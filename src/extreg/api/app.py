@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from ..runtime import Runtime
-from . import errors, health, operate, probes, records
+from . import dashboard, errors, health, operate, probes, records
 from .bodies import schema_components
 from .ratelimit import FailedAuthLimiter
 from .requestlog import RequestLog
@@ -38,6 +38,7 @@ def create_app(
     errors.install(app)
     app.add_middleware(RequestLog)
     app.include_router(probes.router)
+    app.include_router(dashboard.router)
     app.include_router(operate.router)
     app.include_router(health.router)  # before records: /admin/extensions/health is no id
     app.include_router(records.router)

@@ -1,5 +1,6 @@
 """The bearer-token check every admin route depends on: a parameter `_: Operator`, say.
 
+The token comes from `Authorization: Bearer` or, for the dashboard, the session cookie.
 401 (with `WWW-Authenticate: Bearer`) without a token or with one the server does not know,
 403 when the token's role is too small, 429 when the client address has failed too often.
 The token itself is never logged or echoed; the principal's *name* is bound to the request's
@@ -21,6 +22,10 @@ from .ratelimit import FailedAuthLimiter
 from .state import runtime_of
 
 log = structlog.get_logger("extreg.api")
+
+# The dashboard's browser session carries the same token in an HttpOnly, SameSite=Strict
+# cookie (set by POST /session): scripts cannot read it and other sites cannot send it.
+SESSION_COOKIE = "extreg_session"
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -45,13 +50,13 @@ def require(role: Role) -> Callable[..., Awaitable[Principal]]:
                 429, "too many failed authentications from this address; retry later",
                 headers={"Retry-After": str(math.ceil(wait))},
             )
-        tokens = runtime_of(request).tokens
-        principal = tokens.check(credentials.credentials) if credentials else None
+        token = credentials.credentials if credentials else request.cookies.get(SESSION_COOKIE)
+        principal = runtime_of(request).tokens.check(token) if token else None
         if principal is None:
             limiter.failed(client)
-            reason = "invalid_token" if credentials else "missing_token"
+            reason = "invalid_token" if token else "missing_token"
             log.warning("auth_failed", client=client, reason=reason)
-            challenge = 'Bearer realm="extreg"' + (', error="invalid_token"' if credentials else "")
+            challenge = 'Bearer realm="extreg"' + (', error="invalid_token"' if token else "")
             raise HTTPException(
                 401, "a valid bearer token is required (Authorization: Bearer <token>)",
                 headers={"WWW-Authenticate": challenge},

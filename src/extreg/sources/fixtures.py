@@ -7,19 +7,45 @@ cache. Each problem names the file, the record and the field.
 
 from __future__ import annotations
 
+import json
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import yaml
 
-from ..errors import FixtureError, InvalidRecord
+from ..errors import FixtureError, InvalidRecord, printable
 from ..model import Extension, parse_extension
 
 SUFFIXES = (".json", ".yaml", ".yml")
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a fixtures file is hand-written; beyond this it is a mistake
 
-_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_DEPTH = 64  # records are shallow; deeper nesting is a mistake or an attack
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """A safe loader that also refuses what JSON could not express or would hide: aliases
+    (shared or self-referencing values, "billion laughs") and keys given twice."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not allowed in fixtures", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {printable(str(key))} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def fixture_files(folder: Path) -> list[Path]:
@@ -46,7 +72,7 @@ def load_fixtures(folder: Path, *, max_timeout_ms: int, max_retries: int) -> lis
                 ext = parse_extension(item, max_timeout_ms=max_timeout_ms, max_retries=max_retries)
             except InvalidRecord as exc:
                 problems += [
-                    f"{where} ({exc.record}): field {field}: {message}"
+                    f"{where} ({printable(exc.record)}): field {printable(field)}: {message}"
                     for field, message in exc.problems
                 ]
                 continue
@@ -68,11 +94,14 @@ class _FileProblem(Exception):
 
 def _read_items(path: Path) -> list[Any]:
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise _FileProblem(f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
-        raw = path.read_bytes()
+        if not path.is_file():
+            raise _FileProblem(_not_a_file(path))
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise _FileProblem(f"cannot read file: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise _FileProblem(f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -80,6 +109,7 @@ def _read_items(path: Path) -> list[Any]:
     if not text.strip():
         raise _FileProblem("file is empty")
     data = _parse_json(text) if path.suffix.lower() == ".json" else _parse_yaml(text)
+    _check_plain(data, "", 0)
     if isinstance(data, dict):
         return [data]
     if isinstance(data, list) and data:
@@ -90,19 +120,57 @@ def _read_items(path: Path) -> list[Any]:
 
 
 def _parse_json(text: str) -> Any:
+    """msgspec for its precise messages; then the standard library, whose hook sees the key
+    pairs of every object, to refuse a key given twice (msgspec keeps the last silently)."""
     try:
-        return msgspec.json.decode(text)
+        msgspec.json.decode(text)
+        return json.loads(text, object_pairs_hook=_no_repeated_keys)
     except msgspec.DecodeError as exc:
         raise _FileProblem(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise _FileProblem("invalid JSON: nested too deeply") from None
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _FileProblem(f"invalid JSON: key {printable(key)} appears twice in one object")
+        data[key] = value
+    return data
 
 
 def _parse_yaml(text: str) -> Any:
     try:
-        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a safe loader
+        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
-        raise _FileProblem(f"invalid YAML: {exc}".replace("\n", " ")) from None
+        raise _FileProblem("invalid YAML: " + printable(" ".join(str(exc).split()), 300)) from None
     except RecursionError:
         raise _FileProblem("invalid YAML: nested too deeply") from None
+
+
+def _check_plain(value: Any, where: str, depth: int) -> None:
+    """Only what JSON can hold (YAML timestamps aside), at most MAX_DEPTH levels deep."""
+    if depth > MAX_DEPTH:
+        raise _FileProblem(f"nested more than {MAX_DEPTH} levels deep at {where or 'top level'}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _FileProblem(f"key {printable(repr(key))} at {where or 'top level'} is not a string")
+            _check_plain(item, f"{where}.{printable(key)}" if where else printable(key), depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]", depth + 1)
+    elif not isinstance(value, str | int | float | bool | datetime | date) and value is not None:
+        raise _FileProblem(f"{type(value).__name__} value at {where or 'top level'} is not JSON")
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a symbolic link to nothing (dangling, or a loop)"
+    if path.is_dir():
+        return "a directory, not a file"
+    return "not a regular file (a device, FIFO or socket)"
 
 
 def _kind(value: object) -> str:

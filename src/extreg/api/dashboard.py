@@ -1,0 +1,73 @@
+"""The live dashboard at `/`, and the browser session that lets it call the API.
+
+A browser cannot add a bearer header to a page load, so an operator signs in once by pasting
+a token into the form served at `/` (with status 401 and no data when not signed in); the
+token is then kept in an HttpOnly, SameSite=Strict cookie that the API accepts like a bearer
+header. The page itself is one static HTML file with inline script and styles: no build step.
+"""
+
+from __future__ import annotations
+
+import html
+from importlib.resources import files
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from .ratelimit import FailedAuthLimiter
+from .security import SESSION_COOKIE, Viewer
+from .state import runtime_of
+
+router = APIRouter()
+
+DASHBOARD = (files("extreg.api") / "static" / "dashboard.html").read_text(encoding="utf-8")
+SIGN_IN = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>extreg — sign in</title>
+<style>body{{font:15px system-ui,sans-serif;display:grid;place-items:center;min-height:90vh;
+background:#f6f7f9;color:#1d2330}}form{{background:#fff;border:1px solid #dde1e8;border-radius:8px;
+padding:1.2rem;width:min(26rem,92vw)}}input{{width:100%;padding:.5rem;margin:.5rem 0;font:inherit}}
+button{{font:inherit;padding:.4rem .9rem}}.error{{color:#b42318}}</style></head><body>
+<form method="post" action="/session"><h1 style="font-size:1.2rem">extreg dashboard</h1>
+<label for="token">API token (viewer, operator or admin)</label>
+<input id="token" name="token" type="password" autocomplete="off" required>
+<p class="error" role="alert">{error}</p><button type="submit">Sign in</button>
+<p style="font-size:.8rem;color:#5d6677">Create one with <code>extreg token create NAME --role viewer</code>.</p>
+</form></body></html>"""
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard(request: Request) -> Response:
+    principal = request.cookies.get(SESSION_COOKIE) and runtime_of(request).tokens.check(
+        request.cookies[SESSION_COOKIE]
+    )
+    if not principal:
+        return _sign_in_page("", 401)
+    return HTMLResponse(DASHBOARD)
+
+
+def _sign_in_page(error: str, status: int) -> HTMLResponse:
+    return HTMLResponse(SIGN_IN.format(error=html.escape(error)), status_code=status)
+
+
+@router.post("/session", include_in_schema=False)
+async def sign_in(request: Request, token: Annotated[str, Form()]) -> Response:
+    """Check the token (failures count towards the same rate limit as the API's), then keep
+    it in the session cookie."""
+    limiter: FailedAuthLimiter = request.app.state.auth_limiter
+    client = request.client.host if request.client else "unknown"
+    if limiter.retry_after(client) is not None:
+        return _sign_in_page("Too many failed attempts; wait a minute.", 429)
+    if runtime_of(request).tokens.check(token) is None:
+        limiter.failed(client)
+        return _sign_in_page("That token is not valid.", 401)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/")
+    return response
+
+
+@router.get("/admin/me", include_in_schema=True)
+async def me(who: Viewer) -> dict[str, str]:
+    """Who the caller is: the token's name and role (the dashboard shows controls by role)."""
+    return {"name": who.name, "role": who.role}
