@@ -141,9 +141,11 @@ class LiveServer:
             self._ready.set()
 
     async def _serve(self) -> None:
-        async with Registry.open(self.settings) as registry, Runtime.open(
-            self.settings, registry, self.invoker, metrics=Metrics()
-        ) as runtime:
+        async with Registry.open(self.settings) as registry:
+            await self._serve_with(registry, self.invoker)
+
+    async def _serve_with(self, registry: Registry, invoker: Any | None) -> None:
+        async with Runtime.open(self.settings, registry, invoker, metrics=Metrics()) as runtime:
             config = uvicorn.Config(create_app(runtime, **self.app_options), host="127.0.0.1",
                                     port=self.port,
                                     log_config=None, access_log=False, lifespan="off")

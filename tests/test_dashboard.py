@@ -1,0 +1,169 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright), against a live
+server with a real registry, invoker, NATS server and sample extensions.
+
+Set EXTREG_SCREENSHOT=1 to refresh docs/dashboard.png from the first test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from api_helpers import LiveServer, make_tokens, seed, sql
+from helpers import make_settings
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from extreg.invoke import Invoker
+from extreg.registry import Registry
+from extreg.samples import SAMPLE_EXTENSIONS
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"
+
+
+
+class InvokingServer(LiveServer):
+    """A live server whose runtime carries a real Invoker, opened in the server's own loop."""
+
+    async def _serve(self) -> None:
+        async with Registry.open(self.settings) as registry, Invoker.open(
+            registry, self.settings
+        ) as invoker:
+            await self._serve_with(registry, invoker)
+
+
+@pytest.fixture
+async def server(tmp_path: Path, db_url: str, nats_url: str, sample_extensions: Any
+                 ) -> AsyncIterator[tuple[LiveServer, dict[str, str]]]:
+    """A live server on a database holding the sample extensions, with tokens for each role."""
+    settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url,
+                             circuit_breaker_enabled=True, health_flush_interval_seconds=0.5)
+    await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
+    tokens = await make_tokens(db_url)
+    with InvokingServer(settings) as live:
+        yield live, tokens
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )
+        yield chromium
+        await chromium.close()
+
+
+async def signed_in(browser: Browser, url: str, token: str, **context: Any) -> Page:
+    page = await (await browser.new_context(**context)).new_page()
+    await page.goto(url + "/")
+    await page.fill("#token", token)
+    await page.click("button[type=submit]")
+    await expect(page.locator("tr.ext").first).to_be_visible(timeout=10_000)
+    return page
+
+
+def row(page: Page, ext_id: str) -> Any:
+    return page.locator(f'tr.ext[data-id="{ext_id}"]')
+
+
+async def test_dashboard_loads_and_shows_every_extension(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser
+) -> None:
+    """Without a token the page is a sign-in form (401, no data); after signing in it lists
+    every extension with its type, version, subject and circuit badge, and the summary bar."""
+    live, tokens = server
+    async with httpx.AsyncClient() as client:
+        anonymous = await client.get(live.url + "/")
+    assert 401 == anonymous.status_code
+    assert "normalize_text" not in anonymous.text
+    page = await signed_in(browser, live.url, tokens["operator"])
+    for sample in SAMPLE_EXTENSIONS:
+        line = row(page, sample.id)
+        await expect(line).to_contain_text(sample.id)
+        await expect(line).to_contain_text(sample.subject)
+        await expect(line.locator(".circuit")).to_contain_text("closed")
+    await expect(page.locator("#summary")).to_contain_text("Extensions")
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(
+            f"{live.url}/admin/extensions/normalize_text/invoke",
+            headers={"Authorization": f"Bearer {tokens['operator']}"},
+            json={"payload": {"payload": "Hello  World"}, "metadata": {}},
+        )
+    assert 200 == reply.status_code
+    await expect(row(page, "normalize_text")).to_contain_text("1 ok / 0 failed", timeout=10_000)
+    if os.environ.get("EXTREG_SCREENSHOT"):
+        await row(page, "normalize_text").click()
+        await page.set_viewport_size({"width": 1280, "height": 900})
+        await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+async def test_badge_changes_when_a_circuit_opens(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser
+) -> None:
+    """Opening a circuit (here by an operator through the API) turns that row's badge to
+    'open' without reloading the page; the badge carries text, not only colour."""
+    live, tokens = server
+    page = await signed_in(browser, live.url, tokens["viewer"])
+    await expect(row(page, "flaky").locator(".circuit")).to_contain_text("closed")
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(f"{live.url}/admin/extensions/flaky/circuit",
+                                  headers={"Authorization": f"Bearer {tokens['operator']}"},
+                                  json={"action": "open"})
+    assert 200 == reply.status_code
+    badge = row(page, "flaky").locator(".circuit .badge")
+    await expect(badge).to_contain_text("open", timeout=10_000)
+    assert "badge open" == await badge.get_attribute("class")
+
+
+async def test_operator_disable_click_reaches_database_and_audit(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser, db_url: str
+) -> None:
+    """An operator's Disable click disables the extension in the database, the audit log
+    records it with the token's name, and the row shows it disabled."""
+    live, tokens = server
+    page = await signed_in(browser, live.url, tokens["operator"])
+    await row(page, "mask_pii").locator('button[data-action="disable"]').click()
+    await expect(row(page, "mask_pii")).to_contain_text("disabled", timeout=10_000)
+    assert [(False,)] == sql(db_url, "SELECT enabled FROM extensions WHERE id = 'mask_pii'")
+    audit = sql(db_url, "SELECT action, changed_by FROM extension_audit_log"
+                        " WHERE extension_id = 'mask_pii' AND action = 'disable'")
+    assert [("disable", "otto-operator")] == audit
+    await row(page, "mask_pii").click()
+    await expect(page.locator("#audit")).to_contain_text("disable by otto-operator")
+
+
+async def test_viewer_sees_no_controls(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser
+) -> None:
+    """A viewer gets the data but no enable/disable, reset or invoke controls."""
+    live, tokens = server
+    page = await signed_in(browser, live.url, tokens["viewer"])
+    await expect(row(page, "pii_guard")).to_be_visible()
+    assert 0 == await page.locator("button[data-action]").count()
+    await row(page, "pii_guard").click()
+    await expect(page.locator("#invoke-box")).to_be_hidden()
+
+
+async def test_plain_sql_write_appears_live_on_a_phone(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser, db_url: str
+) -> None:
+    """On a phone-sized screen, an extension inserted with plain SQL appears on the open page
+    (change notification to cache to the next poll) without a reload."""
+    live, tokens = server
+    page = await signed_in(browser, live.url, tokens["viewer"],
+                           viewport={"width": 390, "height": 844})
+    sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
+                " ('sql_made', 'post', 'beamline.ext.post.sql_made.v1', 100)")
+    await expect(row(page, "sql_made")).to_be_visible(timeout=10_000)
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390
