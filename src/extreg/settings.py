@@ -184,9 +184,11 @@ def _check_url(url: str, schemes: tuple[str, ...]) -> None:
     if parts.scheme not in schemes:
         raise ValueError(f"must start with {schemes[0]}:// (got scheme {parts.scheme!r})")
     try:
-        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        port = parts.port  # urlsplit checks the port only when it is read
     except ValueError:
-        raise ValueError("has a port that is not a number from 0 to 65535") from None
+        port = 0
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
     if not parts.hostname and "host=" not in parts.query:
         raise ValueError("names no host")
 
