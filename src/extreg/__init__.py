@@ -1,5 +1,7 @@
 """extreg: the extension registry of a message router."""
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CircuitOpen,
     ConfigError,
@@ -17,6 +19,19 @@ from .model import Extension, Instance, Version
 from .registry import Registry
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .invoke import Invoker
+
+
+def __getattr__(name: str) -> Any:
+    """`Invoker` is imported on first use: it pulls in nats-py, which most commands never need."""
+    if name == "Invoker":
+        from .invoke import Invoker
+
+        return Invoker
+    raise AttributeError(f"module 'extreg' has no attribute {name!r}")
+
+
 __all__ = [
     "CircuitOpen",
     "ConfigError",
@@ -29,6 +44,7 @@ __all__ = [
     "Instance",
     "InvalidResponse",
     "InvocationError",
+    "Invoker",
     "MaxRetriesExceeded",
     "PayloadTooLarge",
     "Registry",

@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import json as jsonlib
 import sys
+import uuid
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -18,8 +19,10 @@ import msgspec
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import logs
+from .client import ApiClient
 from .db.migrate import migrate as run_migrations
 from .embedded import with_database
 from .errors import (
@@ -36,6 +39,7 @@ from .registry import Registry
 from .settings import Settings
 from .sources.fixtures import load_fixtures
 from .sources.postgres import PostgresSource
+from .tokens import TokenStore
 
 T = TypeVar("T")
 
@@ -46,10 +50,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# No markup: records and errors carry user text, and "[...]" in it must print as it is.
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
+ERROR = Text("error: ", style="red")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+UrlOption = Annotated[str | None, typer.Option(
+    "--url", envvar="EXTREG_URL", show_default=False,
+    help="Act through the extreg server at this URL (else directly on the database).")]
+TokenOption = Annotated[str | None, typer.Option(
+    "--token", envvar="EXTREG_TOKEN", show_default=False, show_envvar=True,
+    help="API token for --url.")]
 
 
 class _State:
@@ -93,7 +105,7 @@ def emit_json(data: Any) -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8080,
 ) -> None:
     """Run the registry until Ctrl-C, logging what it loaded and every change."""
     from .serve import serve as run_server
@@ -185,7 +197,7 @@ def list_(json: JsonFlag = False) -> None:
     table = Table("id", "type", "version", "subject", "timeout", "retry", "enabled")
     for e in records:
         table.add_row(e.id, e.type, e.version, e.subject, f"{e.timeout_ms} ms", str(e.retry),
-                      "yes" if e.enabled else "[red]no[/red]")
+                      "yes" if e.enabled else Text("no", style="red"))
     out.print(table)
 
 
@@ -228,20 +240,25 @@ def status(json: JsonFlag = False) -> None:
 
 
 @app.command()
-def enable(extension_id: str) -> None:
+def enable(extension_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Enable an extension (audited); every running registry picks it up by notification."""
-    _set_enabled(extension_id, True)
+    _set_enabled(extension_id, True, url, token)
 
 
 @app.command()
-def disable(extension_id: str) -> None:
+def disable(extension_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Disable an extension (audited); every running registry picks it up by notification."""
-    _set_enabled(extension_id, False)
+    _set_enabled(extension_id, False, url, token)
 
 
 @app.command()
-def reload() -> None:
+def reload(url: UrlOption = None, token: TokenOption = None) -> None:
     """Ask every running registry on this database for a full reload."""
+    if url:
+        with ApiClient(url, token) as api:
+            report = api.reload()
+        out.print(f"reloaded: {report['count']} extensions from {report['source']}")
+        return
     s = _database_settings()
 
     async def go() -> None:
@@ -252,10 +269,172 @@ def reload() -> None:
     out.print("reload requested")
 
 
+# -- operating: health, audit, invoke (directly, or through a server with --url) -------------
+
+OneOrAll = Annotated[str | None, typer.Argument(help="One extension; all if omitted.")]
+
+
+@app.command()
+def health(
+    extension_id: OneOrAll = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
+) -> None:
+    """Health of every extension (or one): calls, success rate, latency, circuit state."""
+    if url:
+        with ApiClient(url, token) as api:
+            answer = api.health(extension_id)
+        report: dict[str, Any] = answer if extension_id is None else {"extensions": [answer]}
+    else:
+        report = _health_from_database(extension_id)
+    if json:
+        emit_json(report if extension_id is None else report["extensions"][0])
+        return
+    table = Table("id", "type", "circuit", "success", "calls", "avg ms", "p95 ms", "last failure")
+    for item in report["extensions"]:
+        h = item["health"]
+        table.add_row(item["id"], item["type"], h["circuit_breaker_state"],
+                      f"{h['success_rate']:.0%}", str(h["success_count"] + h["failure_count"]),
+                      str(h["avg_latency_ms"]), str(h["p95_latency_ms"]), h["last_failure"] or "")
+    out.print(table)
+    if "summary" in report:
+        out.print(" ".join(f"{k}={v}" for k, v in report["summary"].items()))
+
+
+@app.command()
+def audit(
+    extension_id: OneOrAll = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
+) -> None:
+    """The audit log, newest first: who changed what, and when."""
+    if url:
+        with ApiClient(url, token) as api:
+            rows = api.audit(extension_id, limit)
+    else:
+        rows = _audit_from_database(extension_id, limit)
+    if json:
+        emit_json(rows)
+        return
+    table = Table("changed_at", "extension", "action", "changed_by", "fields")
+    for row in rows:
+        table.add_row(str(row["changed_at"]), row["extension_id"], row["action"],
+                      row["changed_by"] or "", ", ".join(_changed_fields(row)))
+    out.print(table)
+
+
+@app.command()
+def invoke(
+    extension_id: str,
+    payload: Annotated[str, typer.Option("--payload", help="The request payload, as JSON.")] = "{}",
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Tenant id.")] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
+) -> None:
+    """Call an extension once, as the router would, and print its JSON reply.
+
+    Without --url the call is made from here, on the nats_url setting; its health is saved.
+    """
+    try:
+        data = jsonlib.loads(payload)
+    except ValueError as exc:
+        raise ConfigError(f"--payload is not valid JSON: {exc}") from None
+    if url:
+        with ApiClient(url, token) as api:
+            reply = api.invoke(extension_id, data, tenant_id=tenant)["reply"]
+    else:
+        reply = _invoke_directly(extension_id, data, tenant)
+    if json:
+        emit_json(reply)
+    else:
+        out.print_json(data=reply)
+
+
+@app.command("sample-extensions")
+def sample_extensions(
+    nats_url: Annotated[str | None, typer.Option(
+        "--nats-url", show_default=False, help="NATS server (default: the nats_url setting).")] = None,
+) -> None:
+    """Serve the sample extensions on NATS until Ctrl-C (the four reference ones, flaky, echo).
+
+    flaky fails on demand: send {"failure_rate": 0.5} to extreg.samples.flaky.control.
+    """
+    from .samples import main as serve_samples
+
+    serve_samples(nats_url or settings().nats_url)
+
+
+# -- API tokens ----------------------------------------------------------------------------
+
+token_app = typer.Typer(help="API tokens: create, list, revoke (only hashes are stored).",
+                        no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")],
+    file: Annotated[Path | None, typer.Option(
+        "--file", help="Add it to this JSON tokens file (api_tokens_file) instead of the database.")
+    ] = None,
+    json: JsonFlag = False,
+) -> None:
+    """Make a token and print it once, as the last line; only its SHA-256 hash is kept."""
+    from .auth import add_to_tokens_file, check_name, check_role, generate_token, hash_token
+
+    check_name(name)
+    checked = check_role(role)
+    if file is not None:
+        secret = generate_token()
+        add_to_tokens_file(file, name, checked, hash_token(secret))
+        where = str(file)
+    else:
+        store = _token_store()
+        secret = run(store.create(name, checked, actor()))
+        where = "the database"
+    if json:
+        emit_json({"name": name, "role": checked, "token": secret})
+        return
+    out.print(f"token {name!r} ({checked}) stored as a hash in {where}; it is shown only now:",
+              highlight=False)
+    sys.stdout.write(secret + "\n")
+
+
+@token_app.command("list")
+def token_list(json: JsonFlag = False) -> None:
+    """Every token's name, role and dates (never the token or its hash)."""
+    rows = run(_token_store().list_tokens())
+    if json:
+        emit_json(rows)
+        return
+    table = Table("name", "role", "created_at", "created_by", "revoked_at")
+    for row in rows:
+        table.add_row(row["name"], row["role"], str(row["created_at"]), row["created_by"] or "",
+                      str(row["revoked_at"] or ""))
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str) -> None:
+    """Stop a token from working, at once, on every server of this database."""
+    when = run(_token_store().revoke(name))
+    out.print(f"token {name!r} revoked at {when.isoformat()}", highlight=False)
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _set_enabled(extension_id: str, enabled: bool) -> None:
+def _set_enabled(extension_id: str, enabled: bool, url: str | None, token: str | None) -> None:
+    if url:
+        with ApiClient(url, token) as api:
+            api.set_enabled(extension_id, enabled)
+        out.print(f"{extension_id} {'enabled' if enabled else 'disabled'}")
+        return
     s = _database_settings()
 
     async def go() -> bool:
@@ -265,6 +444,68 @@ def _set_enabled(extension_id: str, enabled: bool) -> None:
     if not run(go()):
         raise ExtensionNotFound(extension_id)
     out.print(f"{extension_id} {'enabled' if enabled else 'disabled'}")
+
+
+def _invoke_directly(extension_id: str, payload: Any, tenant: str | None) -> dict[str, Any]:
+    """One call through a registry and invoker of our own; an extension error exits 1."""
+    from .errors import ExtensionError
+    from .invoke import Invoker
+
+    s = with_database(settings())
+
+    async def go() -> dict[str, Any]:
+        async with Registry.open(s) as reg, Invoker.open(reg, s) as inv:
+            context = {"trace_id": uuid.uuid4().hex, "tenant_id": tenant}
+            return await inv.invoke(extension_id, {"payload": payload, "metadata": {}}, context)
+
+    try:
+        return run(go())
+    except ExtensionError as exc:
+        err.print(ERROR, f"{exc.extension_id}: {exc.reason} (attempts: {exc.attempts})", sep="")
+        raise typer.Exit(1) from None
+
+
+def _health_from_database(extension_id: str | None) -> dict[str, Any]:
+    from .health_view import report_from_rows
+
+    s = _database_settings()
+
+    async def go() -> list[dict[str, Any]]:
+        async with PostgresSource(s) as db:
+            return await db.health_rows(extension_id)
+
+    rows = run(go())
+    if extension_id is not None and not rows:
+        raise ExtensionNotFound(extension_id)
+    return report_from_rows(rows, s.health_based_routing_min_success_rate)
+
+
+def _audit_from_database(extension_id: str | None, limit: int) -> list[dict[str, Any]]:
+    s = _database_settings()
+
+    async def go() -> list[dict[str, Any]]:
+        async with PostgresSource(s) as db:
+            return await db.audit_trail(extension_id, limit)
+
+    return [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
+            for row in run(go())]
+
+
+def _changed_fields(row: dict[str, Any]) -> list[str]:
+    """The fields an audit row changed (stamps left out)."""
+    old, new = row.get("old_values") or {}, row.get("new_values") or {}
+    stamps = {"updated_at", "updated_by", "created_at", "created_by"}
+    return sorted(k for k in set(old) | set(new) if k not in stamps and old.get(k) != new.get(k))
+
+
+def _token_store() -> TokenStore:
+    s = with_database(settings())
+    if not s.database_configured:
+        raise ConfigError(
+            "no database: a registry on fixtures takes its tokens from a tokens file; "
+            "use `extreg token create NAME --role R --file FILE` and set api_tokens_file"
+        )
+    return TokenStore.from_settings(s)
 
 
 def _database_settings() -> Settings:
@@ -295,10 +536,10 @@ def main() -> None:
     try:
         app()
     except BAD_INPUT as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        err.print(ERROR, str(exc), sep="")
         sys.exit(2)
     except ExtregError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        err.print(ERROR, str(exc), sep="")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

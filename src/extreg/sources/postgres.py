@@ -24,6 +24,8 @@ from psycopg.types.json import Jsonb
 from ..errors import Conflict, SourceUnavailable
 from ..model import Extension, to_plain
 from ..settings import Settings
+from . import health as health_sql
+from .health import HealthBatch, HealthRow
 
 log = structlog.get_logger("extreg.postgres")
 
@@ -294,7 +296,35 @@ class PostgresSource:
                     )
                     return list(await cur.fetchall())  # type: ignore[arg-type]
                 finally:
-                    conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+                    conn.row_factory = psycopg.rows.tuple_row
+
+    async def enable_if_disabled_by(self, extension_id: str, by: str, actor: str) -> bool:
+        """Enable only if disabled and last changed by `by` (undo an automatic disable)."""
+        with self._translate():
+            async with self._pool.connection() as conn, conn.transaction():
+                await _act_as(conn, actor)
+                cur = await conn.execute(
+                    "UPDATE extensions SET enabled = true"
+                    " WHERE id = %s AND NOT enabled AND updated_by = %s RETURNING id",
+                    (extension_id, by),
+                )
+                return await cur.fetchone() is not None
+
+    async def update_health(self, batch: HealthBatch) -> bool:
+        """The seed's name: add one node's health batch; False if it was applied before.
+
+        Additive and idempotent; see `extreg.sources.health` for the transaction."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                return await health_sql.write_batch(conn, batch)
+
+    async def read_health(
+        self, since: datetime | None = None, ids: list[str] | None = None
+    ) -> tuple[datetime, list[HealthRow]]:
+        """(database time, cluster-wide health rows updated after `since`, of `ids` or all)."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                return await health_sql.read_rows(conn, since, ids)
 
     async def audit_trail(self, extension_id: str | None, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first: the audit rows of one extension, or of all."""

@@ -1,0 +1,193 @@
+"""Invocation through extreg's Invoker against a raw nats-py request to the same echo service.
+
+Run: `.venv/bin/python bench/bench_invoke.py [--calls N] [--rounds R]`
+
+Everything is started here and thrown away: a private NATS server, the `echo` sample in its own
+process (so its work does not share the client's event loop), and a private PostgreSQL holding
+the registry. The same process then alternates, R rounds, between
+
+- raw:     `await nc.request(subject, envelope_bytes, timeout=1)` on its own nats-py connection
+           (the envelope encoded once beforehand; the reply is not even decoded), and
+- invoker: `await inv.invoke("echo", request, context)` (registry lookup, routing, envelope
+           encoding and size checks, trace/tenant headers, breaker, reply decoding and check,
+           health recording),
+
+sequentially and with 64 calls in flight; plus `raw+headers`, the raw request with the same two
+NATS headers the invoker must send (trace_id, tenant_id), to show what the headers alone cost.
+Each row shows the median round's throughput and the p50/p99 latency of all its calls, and its
+throughput divided by raw's within the same run (invoker target >= 0.85). The last rows count, at the PostgreSQL server (its statement log), the SQL
+statements issued while the invoker made its calls, with the health flusher paused: the hot
+path's statements per invocation (target 0); then one health flush, for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import nats
+
+from extreg import Registry, Settings
+from extreg.db.migrate import migrate
+from extreg.invoke import Invoker
+from extreg.model import parse_extension
+from extreg.natsserver import NatsServer
+from extreg.pgcount import StatementCounter
+from extreg.pgprocess import PostgresProcess
+from extreg.samples import SAMPLES_BY_ID
+from extreg.sources.postgres import PostgresSource
+
+EXT = "echo"
+SUBJECT = SAMPLES_BY_ID[EXT].subject
+IN_FLIGHT = 64
+TARGET_RATIO = 0.85
+REQUEST = {
+    "payload": {"message_id": "m-1", "message_type": "chat", "payload": "Original text",
+                "metadata": {"channel": "telegram"}},
+    "metadata": {"lang": "en", "policy_id": "policy-456"},
+}  # fmt: skip
+CONTEXT = {"trace_id": "0b6a2c1e-bench", "tenant_id": "tenant-123"}
+ENVELOPE = msgspec.json.encode({**CONTEXT, **REQUEST})
+HEADERS = {"trace_id": CONTEXT["trace_id"], "tenant_id": CONTEXT["tenant_id"]}
+
+Call = Callable[[], Awaitable[object]]
+
+
+async def measure(call: Call, calls: int, in_flight: int) -> tuple[float, list[float]]:
+    """(calls per second, each call's latency in µs) for `calls` calls, `in_flight` at a time."""
+    latencies: list[float] = []
+    per_worker = calls // in_flight
+
+    async def worker() -> None:
+        clock = time.perf_counter
+        for _ in range(per_worker):
+            started = clock()
+            await call()
+            latencies.append((clock() - started) * 1e6)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return per_worker * in_flight / (time.perf_counter() - started), latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_echo(url: str) -> subprocess.Popen[bytes]:
+    code = f"from extreg.samples import main; main({url!r}, names=['echo'])"
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+
+
+async def wait_for_echo(nc: nats.aio.client.Client) -> None:
+    for _ in range(200):
+        try:
+            await nc.request(SUBJECT, ENVELOPE, timeout=0.5)
+            return
+        except nats.errors.Error:
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the echo sample did not answer")
+
+
+async def prepare_database(url: str, settings: Settings) -> None:
+    migrate(url)
+    record = parse_extension(SAMPLES_BY_ID[EXT].record(), max_timeout_ms=60_000, max_retries=10)
+    async with PostgresSource(settings) as db:
+        await db.import_extensions([record], "bench")
+
+
+async def run(calls: int, rounds: int) -> None:
+    with NatsServer() as nats_server, PostgresProcess() as pg:
+        echo = start_echo(nats_server.url)
+        try:
+            url = pg.create_database("bench")
+            settings = Settings.load(
+                environ={}, source="database", database_url=url, nats_url=nats_server.url,
+                data_dir=Path(tempfile.mkdtemp()), health_flush_interval_seconds=3600,
+            )  # fmt: skip
+            await prepare_database(url, settings)
+            counter = StatementCounter(pg.root / "log", url)
+            raw_nc = await nats.connect(nats_server.url)
+            await wait_for_echo(raw_nc)
+            async with Registry.open(settings) as registry, Invoker.open(registry, settings) as inv:
+
+                async def raw() -> object:
+                    return await raw_nc.request(SUBJECT, ENVELOPE, timeout=1.0)
+
+                async def raw_headers() -> object:
+                    return await raw_nc.request(SUBJECT, ENVELOPE, timeout=1.0, headers=HEADERS)
+
+                async def invoke() -> object:
+                    return await inv.invoke(EXT, REQUEST, CONTEXT)
+
+                await measure(raw, 2000, 8)  # warm up both paths
+                await measure(invoke, 2000, 8)
+                clients = {"raw": raw, "raw+headers": raw_headers, "invoker": invoke}
+                results = await compare(clients, calls, rounds)
+                start = counter.mark()
+                invoked = 0
+                for _ in range(3):
+                    _, done = await measure(invoke, calls, IN_FLIGHT)
+                    invoked += len(done)
+                hot_statements = counter.count_since(start)
+                start = counter.mark()
+                await inv.flush_health()
+                flush_statements = counter.count_since(start)
+            await raw_nc.close()
+        finally:
+            echo.terminate()
+            echo.wait()
+    print_table(results, calls, rounds)
+    print(f"\ndatabase statements during {invoked} invocations (flusher paused): "
+          f"{hot_statements} -> {hot_statements / invoked:g} per invocation (target 0)")
+    print(f"database statements of one health flush (any number of calls): {flush_statements}")
+
+
+async def compare(clients: dict[str, Call], calls: int, rounds: int) -> list[tuple[str, ...]]:
+    """Rows of (mode, client, calls/s, p50, p99, ratio to raw) for each client and mode."""
+    rows = []
+    for label, in_flight, n in (("sequential", 1, calls // 4), (f"{IN_FLIGHT} in flight", IN_FLIGHT, calls)):
+        runs: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in clients}
+        for _ in range(rounds):  # alternate, so drift affects every client alike
+            for name, call in clients.items():
+                runs[name].append(await measure(call, n, in_flight))
+        raw_rate = 0.0
+        for name, results in runs.items():
+            rate, latencies = sorted(results, key=lambda r: r[0])[len(results) // 2]
+            raw_rate = raw_rate or rate
+            ratio = rate / raw_rate
+            verdict = "" if name == "raw" else f"{ratio:.3f}"
+            if name == "invoker":
+                verdict += " ok" if ratio >= TARGET_RATIO else " BELOW TARGET"
+            rows.append((label, name, f"{rate:,.0f}", f"{pct(latencies, 0.5):,.0f}",
+                         f"{pct(latencies, 0.99):,.0f}", verdict))
+    return rows
+
+
+def print_table(rows: list[tuple[str, ...]], calls: int, rounds: int) -> None:
+    print(f"\ninvoke vs raw nats-py request, echo sample, median of {rounds} rounds "
+          f"({calls // 4} sequential / {calls} concurrent calls per round)\n")
+    header = ("mode", "client", "calls/s", "p50 µs", "p99 µs", "÷ raw (invoker target >= 0.85)")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20_000, help="concurrent calls per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    asyncio.run(run(args.calls, args.rounds))
+
+
+if __name__ == "__main__":
+    main()

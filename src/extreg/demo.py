@@ -1,0 +1,123 @@
+"""`extreg serve --demo`: an embedded NATS server, the sample extensions and gentle traffic.
+
+So that a newcomer's first `scripts/run` shows a registry at work: real calls through the
+invoker, health numbers moving, and the `flaky` extension's circuit opening and recovering
+on a fixed cycle. Everything here is started and stopped by `demo_services`; nothing
+outlives Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from .errors import ExtensionError
+from .model import parse_extension
+from .natsserver import NatsServer
+from .samples import SAMPLE_EXTENSIONS, SampleRunner, run_samples
+from .samples.flaky import FlakySettings
+from .settings import Settings
+from .sources.postgres import PostgresSource
+
+log = structlog.get_logger("extreg.demo")
+
+DEMO_ACTOR = "extreg:demo"
+CALLS_PER_SECOND = 4
+# The flaky extension's cycle: (seconds, failure share). A failing phase opens its circuit
+# (five timeouts in a row); the healthy phase after it lets the half-open trials close it.
+FLAKY_CYCLE = ((45.0, 0.02), (25.0, 0.9))
+# Breaker settings that make the cycle visible within a minute.
+DEMO_SETTINGS = {
+    "circuit_breaker_enabled": True,
+    "circuit_breaker_timeout_seconds": 10,
+    "health_flush_interval_seconds": 2,
+}
+
+REQUESTS: dict[str, dict[str, Any]] = {
+    "normalize_text": {"payload": {"message_id": "m-1", "message_type": "chat",
+                                   "payload": "  Hello   WORLD  ", "metadata": {}}},
+    "pii_guard": {"payload": {"message_id": "m-2", "payload": "my card is 4111 1111 1111 1111"}},
+    "mask_pii": {"payload": {"message_id": "m-3", "payload": "mail me at a@example.com"}},
+    "test_provider": {"payload": {"message_id": "m-4", "payload": "Summarize the ticket"}},
+    "flaky": {"payload": {"message_id": "m-5", "payload": "are you there?"}},
+    "echo": {"payload": {"message_id": "m-6", "payload": "ping"}},
+}
+
+
+@dataclass
+class DemoServices:
+    settings: Settings
+    nats: NatsServer
+    samples: SampleRunner
+
+
+@contextlib.asynccontextmanager
+async def demo_services(settings: Settings) -> AsyncIterator[DemoServices]:
+    """Start NATS and the sample extensions; yield settings pointing at them."""
+    nats = NatsServer()
+    await nats.astart()
+    try:
+        samples = await run_samples(nats.url)
+        try:
+            demo_settings = settings.replace(nats_url=nats.url, **DEMO_SETTINGS)
+            yield DemoServices(demo_settings, nats, samples)
+        finally:
+            await samples.stop()
+    finally:
+        await nats.astop()
+
+
+async def register_samples(settings: Settings) -> None:
+    """Make sure every sample extension (flaky and echo too) has a record."""
+    async with PostgresSource(settings) as db:
+        parsed = [
+            parse_extension(sample.record(), max_timeout_ms=settings.extension_max_timeout_ms,
+                            max_retries=settings.extension_max_retries)
+            for sample in SAMPLE_EXTENSIONS
+        ]
+        existing = {e.id for e in await db.load_all_extensions()}
+        missing = [e for e in parsed if e.id not in existing]
+        if missing:
+            await db.import_extensions(missing, DEMO_ACTOR)
+            log.info("demo_extensions_registered", ids=[e.id for e in missing])
+
+
+async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> None:
+    """Call the sample extensions a few times a second, and cycle the flaky one."""
+    cycle = asyncio.create_task(_cycle_flaky(samples, stop))
+    ids = itertools.cycle(["normalize_text", "pii_guard", "mask_pii", "flaky", "test_provider",
+                           "flaky", "echo", "flaky"])
+    try:
+        while not stop.is_set():
+            ext_id = next(ids)
+            asyncio.create_task(_call(invoker, ext_id))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1 / CALLS_PER_SECOND)
+    finally:
+        cycle.cancel()
+
+
+async def _call(invoker: Any, ext_id: str) -> None:
+    context = {"trace_id": f"demo-{random.getrandbits(32):08x}",  # noqa: S311 - not secret
+               "tenant_id": "demo"}
+    try:
+        await invoker.invoke(ext_id, REQUESTS[ext_id], context)
+    except ExtensionError as exc:
+        log.debug("demo_call_failed", extension_id=ext_id, reason=exc.reason)
+
+
+async def _cycle_flaky(samples: SampleRunner, stop: asyncio.Event) -> None:
+    for seconds, rate in itertools.cycle(FLAKY_CYCLE):
+        samples.flaky.settings = FlakySettings(failure_rate=rate)
+        log.info("demo_flaky_phase", failure_rate=rate, seconds=seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        if stop.is_set():
+            return

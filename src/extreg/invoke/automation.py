@@ -1,0 +1,219 @@
+"""Automatic management: disable on circuit open, enable on close, refuse unhealthy extensions.
+
+All three are off by default (settings `auto_disable_on_circuit_open`,
+`auto_enable_on_circuit_close`, `health_based_routing_enabled`) and none adds work to a call
+beyond a dict lookup.
+
+**Auto-disable / auto-enable.** A breaker transition only queues `(extension_id, new state)`;
+a background task applies the latest state of each extension through the database with actor
+`extreg:auto`, so the audit trigger records it and every registry on the database picks it up
+by notification. A failed write (database down) is retried with backoff unless a newer state
+supersedes it. Auto-enable only undoes an auto-disable: it enables an extension only when it is
+disabled *and* was last changed by `extreg:auto` (checked in the same UPDATE), so an
+extension an operator disabled stays disabled.
+
+A disabled extension cannot be looked up, so its circuit would never see the half-open trial
+that closes it. Recovery therefore has two paths:
+
+- the node whose circuit opened keeps a recovery door: once the breaker's `timeout_seconds`
+  have passed (the circuit reads `half_open`), calls to an extension auto-disabled by
+  `extreg:auto` are admitted as the breaker's trial calls (at most `half_open_max_requests`
+  at a time); other calls still get `ExtensionDisabled`. A successful trial closes the
+  circuit, which enables the extension again; a failed one reopens it (the extension stays
+  disabled, nothing new is audited).
+- an operator closes or resets the circuit (`POST /admin/extensions/{id}/circuit`), which
+  closes it and so enables the extension; or simply enables it.
+
+Other nodes, whose circuits never opened, refuse the auto-disabled extension like any disabled
+one; and after the node that opened the circuit restarts, its breaker starts closed, so only an
+operator brings the extension back. Both are deliberate: a restarted node has no evidence that
+the extension recovered.
+
+**Health-based routing.** Every health flush hands the calls recorded since the previous one
+to `HealthGate.observe`. Over the last `circuit_breaker_window_seconds` of flushes, an
+extension with at least `circuit_breaker_min_calls` calls on this node and a success rate below
+`health_based_routing_min_success_rate` is refused with `HealthRefused` (a `CircuitOpen`).
+Refused calls are not recorded, so once the bad calls age out of the window the extension gets
+calls again; if it still fails it is refused again after `min_calls` more. The rate is this
+node's: the window must react to what this node sees now, not to lifetime totals (which a
+refused extension could never improve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ..errors import CircuitOpen, Conflict, ExtregError
+from ..resilience import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, HealthDelta, State
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+    from ..settings import Settings
+
+log = structlog.get_logger("extreg.invoke.auto")
+
+AUTO_ACTOR = "extreg:auto"
+RETRY_MIN_S, RETRY_MAX_S = 0.2, 10.0
+
+
+class HealthRefused(CircuitOpen):
+    """Health-based routing refused the call: the extension's recent success rate is too low."""
+
+    reason_default = "recent success rate is below health_based_routing_min_success_rate"
+
+
+class AutoManager:
+    """Applies circuit transitions to the extension's `enabled` flag, in the background."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        breakers: CircuitBreakers,
+        *,
+        disable_on_open: bool,
+        enable_on_close: bool,
+    ) -> None:
+        self._registry = registry
+        self._breakers = breakers
+        self.disable_on_open = disable_on_open
+        self.enable_on_close = enable_on_close
+        self._latest: dict[str, State] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        breakers.on_state_change(self._on_transition)
+
+    @classmethod
+    def from_settings(
+        cls, registry: Registry, breakers: CircuitBreakers, settings: Settings
+    ) -> AutoManager | None:
+        """An AutoManager when either setting is on and the breaker is enabled, else None."""
+        if not breakers.enabled:
+            return None
+        if not (settings.auto_disable_on_circuit_open or settings.auto_enable_on_circuit_close):
+            return None
+        return cls(
+            registry,
+            breakers,
+            disable_on_open=settings.auto_disable_on_circuit_open,
+            enable_on_close=settings.auto_enable_on_circuit_close,
+        )
+
+    def _on_transition(self, extension_id: str, old: State, new: State) -> None:
+        """Breaker callback (synchronous, on the hot path): only note the newest state."""
+        if (new == OPEN and self.disable_on_open) or (new == CLOSED and self.enable_on_close):
+            self._latest[extension_id] = new
+            self._idle.clear()
+            self._wake.set()
+
+    def may_try_disabled(self, extension_id: str) -> bool:
+        """True when a call to this disabled extension may go ahead as a half-open trial:
+        auto-enable is on, extreg:auto disabled it, and this node's circuit is not closed
+        and no longer refusing outright (its open timeout has passed)."""
+        if not self.enable_on_close:
+            return False
+        ext = self._registry.get(extension_id)
+        if ext is None or ext.enabled or ext.updated_by != AUTO_ACTOR:
+            return False
+        return self._breakers.update_state(extension_id) == HALF_OPEN
+
+    async def wait_idle(self) -> None:
+        """Wait until every queued transition has been applied (for tests and shutdown)."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """Apply queued transitions until cancelled."""
+        backoff = RETRY_MIN_S
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._latest = self._latest, {}
+            failed: dict[str, State] = {}
+            for extension_id, state in pending.items():
+                try:
+                    await self._apply(extension_id, state)
+                except ExtregError as exc:
+                    log.warning("auto_manage_failed", extension_id=extension_id, state=state,
+                                error=str(exc))
+                    failed[extension_id] = state
+            for extension_id, state in failed.items():
+                self._latest.setdefault(extension_id, state)  # unless superseded meanwhile
+            if self._latest:
+                if failed:
+                    await asyncio.sleep(backoff * (0.5 + random.random()))  # jitter, not a secret
+                    backoff = min(backoff * 2, RETRY_MAX_S)
+                self._wake.set()
+            else:
+                backoff = RETRY_MIN_S
+                self._idle.set()
+
+    async def _apply(self, extension_id: str, state: State) -> None:
+        try:
+            db = self._registry.database
+        except Conflict:
+            log.warning("auto_manage_skipped", extension_id=extension_id,
+                        reason="the registry serves read-only fixtures")
+            return
+        if state == OPEN:
+            if await db.set_enabled(extension_id, False, AUTO_ACTOR):
+                log.warning("auto_disabled", extension_id=extension_id, reason="circuit opened")
+        elif await db.enable_if_disabled_by(extension_id, AUTO_ACTOR, actor=AUTO_ACTOR):
+            log.info("auto_enabled", extension_id=extension_id, reason="circuit closed")
+
+
+class HealthGate:
+    """Refuses extensions whose success rate over the recent window is too low."""
+
+    __slots__ = ("_window", "min_calls", "min_success_rate", "refused")
+
+    def __init__(self, *, min_success_rate: float, min_calls: int, window_flushes: int) -> None:
+        self.min_success_rate = min_success_rate
+        self.min_calls = min_calls
+        self._window: deque[dict[str, tuple[int, int]]] = deque(maxlen=max(1, window_flushes))
+        self.refused: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HealthGate | None:
+        if not settings.health_based_routing_enabled:
+            return None
+        return cls(
+            min_success_rate=settings.health_based_routing_min_success_rate,
+            min_calls=settings.circuit_breaker_min_calls,
+            window_flushes=math.ceil(
+                settings.circuit_breaker_window_seconds / settings.health_flush_interval_seconds
+            ),
+        )
+
+    def check(self, extension_id: str) -> None:
+        """Raise `HealthRefused` when the extension is refused (the hot path's only cost)."""
+        reason = self.refused.get(extension_id)
+        if reason is not None:
+            raise HealthRefused(extension_id, reason, 0)
+
+    def observe(self, deltas: Iterable[HealthDelta]) -> None:
+        """Take one flush interval's calls and recompute which extensions are refused."""
+        self._window.append({d.extension_id: (d.success_count, d.failure_count) for d in deltas})
+        totals: dict[str, list[int]] = {}
+        for interval in self._window:
+            for extension_id, (ok, bad) in interval.items():
+                pair = totals.setdefault(extension_id, [0, 0])
+                pair[0] += ok
+                pair[1] += bad
+        refused = {}
+        for extension_id, (ok, bad) in totals.items():
+            calls = ok + bad
+            if calls >= self.min_calls and ok / calls < self.min_success_rate:
+                refused[extension_id] = (
+                    f"success rate {ok / calls:.2f} over the last {calls} calls is below "
+                    f"health_based_routing_min_success_rate {self.min_success_rate}"
+                )
+        for extension_id in refused.keys() - self.refused.keys():
+            log.warning("health_refused", extension_id=extension_id, reason=refused[extension_id])
+        self.refused = refused

@@ -1,0 +1,340 @@
+"""The invoker: call one extension over NATS, protected by its circuit breaker, measured.
+
+    async with Invoker.open(registry, settings) as inv:
+        reply = await inv.invoke("normalize_text", {"payload": {...}, "metadata": {...}},
+                                 {"trace_id": "t-1", "tenant_id": "acme"})
+
+One call, in order: registry lookup (`ExtensionNotFound` / `ExtensionDisabled`, before any
+network work); the extension's `Route` (cached per record, see `routing`) picks the version and
+instance; the envelope is encoded and its payload and metadata checked against the limits
+(`PayloadTooLarge`); `dry_run` in the context stops here and returns `{}`; NATS must be
+connected (`TransportUnavailable`, fast); health-based routing and the circuit breaker may
+refuse (`HealthRefused`, `CircuitOpen`); then the request, with `trace_id` and `tenant_id` also
+as NATS headers, each attempt bounded by the capped `timeout_ms`, and `retry` extra attempts
+after a timeout only, with a short jittered backoff (`ExtensionTimeout` with no retries,
+`MaxRetriesExceeded` after them); the reply must be a JSON object (`InvalidResponse`).
+Every error carries `extension_id`, `reason` and `attempts`.
+
+The outcome goes to the breaker (`record_success` / `record_failure`) and to the health monitor,
+both in memory. A caller's mistake (too large) and a NATS outage are not the extension's fault
+and are recorded nowhere. No database statement is issued on this path: health reaches the
+database through `HealthFlusher` in the background, breaker overrides follow the registry
+through `Registry.on_change`, and automatic enable/disable runs in its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from time import perf_counter
+from typing import Any
+
+import msgspec
+import structlog
+
+from ..errors import (
+    CircuitOpen,
+    ExtensionDisabled,
+    ExtensionError,
+    ExtensionTimeout,
+    InvalidRecord,
+    InvalidResponse,
+    MaxRetriesExceeded,
+    PayloadTooLarge,
+)
+from ..model import Extension
+from ..registry import Registry
+from ..resilience import CircuitBreakers, HealthMonitor
+from ..settings import Settings
+from ..snapshot import Snapshot
+from .automation import AutoManager, HealthGate
+from .envelope import encode_envelope, headers
+from .health_store import HealthFlusher
+from .routing import Limits, Route, Target
+from .transport import NatsTransport, TransportUnavailable
+
+log = structlog.get_logger("extreg.invoke")
+
+BACKOFF_BASE_S = 0.01  # first pause between attempts; doubles, capped, jittered x0.5..1.5
+BACKOFF_CAP_S = 0.2
+AUTO_IDLE_WAIT_S = 2.0
+START_REFRESH_TIMEOUT_S = 1.0  # cluster-wide health read at start; later flushes catch up
+Observer = Callable[[str, str, float], None]
+"""`observer(extension_id, outcome, seconds)` after every call (metrics)."""
+
+_NO_CONTEXT: Mapping[str, Any] = {}
+_NOT_FAULTS = (TransportUnavailable, PayloadTooLarge)  # not the extension's doing
+
+
+def backoff_s(attempt: int) -> float:
+    """The pause after failed attempt number `attempt` (1-based)."""
+    base: float = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** (attempt - 1))
+    return base * (0.5 + random.random())  # jitter, not a secret
+
+
+def outcome_of(exc: ExtensionError) -> str:
+    """The metrics outcome label of a failed call."""
+    if isinstance(exc, ExtensionTimeout | MaxRetriesExceeded):
+        return "timeout"
+    if isinstance(exc, CircuitOpen):
+        return "circuit_open"
+    return "error"
+
+
+class Invoker:
+    """Calls extensions (see the module docstring). Create with `Invoker.open(...)`.
+
+    `breaker` and `health` are this process's; `health` shows cluster-wide totals once the
+    flusher has read them back from the database. Set `observer` to be told of every outcome.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        *,
+        transport: NatsTransport | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.breaker = CircuitBreakers.from_settings(settings)
+        self.health = HealthMonitor.from_settings(settings, self.breaker)
+        self.observer: Observer | None = None
+        self._transport = transport or NatsTransport(settings.nats_url)
+        self._request = self._transport.request
+        self._limits = Limits.from_settings(settings)
+        self._routes: dict[str, Route] = {}
+        self._decode = msgspec.json.Decoder().decode
+        self._gate = HealthGate.from_settings(settings)
+        self.auto = AutoManager.from_settings(registry, self.breaker, settings)
+        self.flusher = HealthFlusher(
+            self.health,
+            self.breaker,
+            registry,
+            interval_s=settings.health_flush_interval_seconds,
+            node_id=node_id,
+            observers=[self._gate.observe] if self._gate is not None else [],
+        )
+        self._snapshot = Snapshot.empty()
+        self._configured: set[str] = set()
+        self._flush_task: asyncio.Task[None] | None = None
+        self._auto_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, registry: Registry, settings: Settings, *, node_id: str | None = None
+    ) -> AsyncIterator[Invoker]:
+        """Connect to NATS and start the background work; flush health and stop on exit."""
+        invoker = cls(registry, settings, node_id=node_id)
+        await invoker.start()
+        try:
+            yield invoker
+        finally:
+            await invoker.close()
+
+    async def start(self) -> None:
+        await self._transport.connect()
+        self._follow(self.registry.snapshot)
+        self.registry.on_change(self._follow)
+        with contextlib.suppress(TimeoutError):  # a database that is away must not delay the start
+            await asyncio.wait_for(self.flusher.refresh(), START_REFRESH_TIMEOUT_S)
+        self._flush_task = asyncio.create_task(self.flusher.run(), name="extreg-health-flush")
+        if self.auto is not None:
+            self._auto_task = asyncio.create_task(self.auto.run(), name="extreg-auto-manage")
+
+    async def close(self) -> None:
+        """Stop flushing, close NATS, write the last health, let pending auto actions finish."""
+        self._closed = True
+        await _cancel(self._flush_task)
+        await self._transport.close()
+        await self.flusher.close()
+        if self.auto is not None and self._auto_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.auto.wait_idle(), AUTO_IDLE_WAIT_S)
+        await _cancel(self._auto_task)
+
+    async def flush_health(self) -> bool:
+        """Write health now (normally done every `health_flush_interval_seconds`)."""
+        return await self.flusher.flush()
+
+    @property
+    def connected(self) -> bool:
+        """True while the NATS connection is up."""
+        return self._transport.connected
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        extension_id: str,
+        request: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Call the extension once (plus retries on timeout); its JSON reply, or an error."""
+        try:
+            ext = self.registry.lookup(extension_id)
+        except ExtensionDisabled:
+            ext = self._recovery_trial(extension_id)
+        route = self._routes.get(extension_id)
+        if route is None or route.ext is not ext:
+            route = self._routes[extension_id] = Route(ext, self._limits)
+        ctx = _NO_CONTEXT if context is None else context
+        trace_id = ctx.get("trace_id") or request.get("trace_id")
+        tenant_id = ctx.get("tenant_id") or request.get("tenant_id")
+        target = _pick(route, ctx, trace_id, tenant_id) if route.dynamic else route.default
+        data = encode_envelope(extension_id, request, trace_id, tenant_id,
+                               route.max_payload_size, route.max_metadata_size)
+        if ctx.get("dry_run"):
+            return {}
+        observer = self.observer
+        if not self._transport.connected:
+            raise TransportUnavailable(extension_id)
+        try:
+            if self._gate is not None:
+                self._gate.check(extension_id)
+            self.breaker.check_circuit(extension_id)
+        except CircuitOpen:
+            if observer is not None:
+                observer(extension_id, "circuit_open", 0.0)
+            raise
+        hdrs = headers(trace_id, tenant_id)
+        started = perf_counter()
+        try:
+            try:
+                body = await self._request(extension_id, target.subject, data, target.timeout_s, hdrs)
+                attempts = 1
+            except ExtensionTimeout as exc:
+                body, attempts = await self._retry(extension_id, target, data, hdrs, exc)
+            try:
+                reply = self._decode(body)
+            except msgspec.DecodeError:
+                reply = None
+            if type(reply) is not dict:
+                raise InvalidResponse(extension_id, _invalid_reason(body), attempts)
+        except _NOT_FAULTS:
+            raise
+        except ExtensionError as exc:
+            seconds = perf_counter() - started
+            exc.attempts = exc.attempts or 1
+            self.breaker.record_failure(extension_id)
+            self.health.record(extension_id, False, seconds * 1000.0)
+            if observer is not None:
+                observer(extension_id, outcome_of(exc), seconds)
+            log.debug("invoke_failed", extension_id=extension_id, trace_id=trace_id,
+                      tenant_id=tenant_id, reason=exc.reason, attempts=exc.attempts)
+            raise
+        seconds = perf_counter() - started
+        self.breaker.record_success(extension_id)
+        self.health.record(extension_id, True, seconds * 1000.0)
+        if observer is not None:
+            observer(extension_id, "ok", seconds)
+        return reply
+
+    async def _retry(
+        self,
+        extension_id: str,
+        target: Target,
+        data: bytes,
+        hdrs: dict[str, str] | None,
+        first: ExtensionTimeout,
+    ) -> tuple[bytes, int]:
+        """After a first timeout: up to `target.retries` more attempts, timeouts only."""
+        attempt = 1
+        while attempt <= target.retries:
+            await asyncio.sleep(backoff_s(attempt))
+            attempt += 1
+            try:
+                return await self._request(
+                    extension_id, target.subject, data, target.timeout_s, hdrs
+                ), attempt
+            except ExtensionTimeout:
+                continue
+            except ExtensionError as exc:
+                exc.attempts = attempt
+                raise
+        if not target.retries:
+            first.attempts = 1
+            raise first
+        raise MaxRetriesExceeded(
+            extension_id,
+            f"all {attempt} attempts timed out after {target.timeout_s * 1000:g} ms each "
+            f"on {target.subject}",
+            attempt,
+        )
+
+    def _recovery_trial(self, extension_id: str) -> Extension:
+        """The record of an auto-disabled extension when this call may be its half-open trial;
+        otherwise re-raise `ExtensionDisabled` (see `automation`)."""
+        auto = self.auto
+        ext = self.registry.get(extension_id)
+        if auto is None or ext is None or not auto.may_try_disabled(extension_id):
+            raise ExtensionDisabled(extension_id)
+        return ext
+
+    # -- following the registry ---------------------------------------------------------------
+
+    def _follow(self, snapshot: Snapshot) -> None:
+        """Keep breaker overrides in step with the records; forget deleted extensions.
+
+        Unchanged records are the same objects in consecutive snapshots (patching keeps them),
+        so this is one identity check per record; only changed metadata reconfigures.
+        """
+        if self._closed:
+            return
+        before, self._snapshot = self._snapshot.by_id, snapshot
+        for extension_id, ext in snapshot.by_id.items():
+            old = before.get(extension_id)
+            if old is ext or (old is not None and old.metadata == ext.metadata):
+                continue
+            self._configure(extension_id, ext.metadata)
+        for extension_id in before.keys() - snapshot.by_id.keys():
+            self.breaker.remove(extension_id)
+            self.health.remove(extension_id)
+            self._routes.pop(extension_id, None)
+            self._configured.discard(extension_id)
+
+    def _configure(self, extension_id: str, metadata: Mapping[str, Any]) -> None:
+        overrides = any(str(key).startswith("circuit_breaker") for key in metadata)
+        if not self.breaker.enabled or (not overrides and extension_id not in self._configured):
+            return  # defaults apply to circuits created on first use
+        try:
+            self.breaker.configure(extension_id, metadata)
+        except InvalidRecord as exc:
+            log.error("circuit_overrides_rejected", extension_id=extension_id,
+                      problems=exc.problems)
+            return
+        if overrides:
+            self._configured.add(extension_id)
+        else:
+            self._configured.discard(extension_id)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _pick(route: Route, ctx: Mapping[str, Any], trace_id: Any, tenant_id: Any) -> Target:
+    """Route a call whose extension has versions or instances (ids resolved as in the envelope)."""
+
+    def lookup(key: str) -> Any:
+        if key == "tenant_id":
+            return tenant_id
+        if key == "trace_id":
+            return trace_id
+        return ctx.get(key)
+
+    return route.pick(lookup)
+
+
+def _invalid_reason(body: bytes) -> str:
+    shown = body[:80].decode("utf-8", "replace")
+    return f"reply is not a JSON object: {shown!r}" + ("..." if len(body) > 80 else "")

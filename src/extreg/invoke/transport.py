@@ -1,0 +1,192 @@
+"""The NATS adapter: one nats-py connection, request-reply, and nats-py errors translated.
+
+Request-reply is done here on nats-py's public API rather than with `Client.request`: one
+wildcard subscription on a private inbox receives every reply, each request gets the next
+inbox name from a counter, and a timer handle bounds the wait. `Client.request` does the same
+with more per-call work (`asyncio.wait_for`, an `os.urandom` call and a done-callback per
+request), and that work shows when a router makes tens of thousands of calls a second.
+
+Every nats-py exception is turned here into the error tree (`extreg.errors`), so nothing above
+this module knows nats-py's classes:
+
+    no reply within the timeout       -> ExtensionTimeout (the invoker retries these)
+    a "503 no responders" status      -> InvocationError  ("no responders on <subject>")
+    MaxPayloadError                   -> PayloadTooLarge  (above the server's max_payload)
+    not connected, closed, draining,
+    outbound buffer full, OSError,
+    connection lost while waiting     -> TransportUnavailable (an InvocationError)
+    any other nats error              -> InvocationError
+
+`TransportUnavailable` means *our* link to NATS is down, not that the extension failed, so the
+invoker neither trips the extension's circuit nor counts it in health. Calls fail fast while
+the connection is down (checked before sending; calls waiting when it drops are failed at
+once), and nats-py reconnects forever in the background (resubscribing the inbox), so calls
+succeed again as soon as NATS is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from ..errors import ExtensionTimeout, ExtregError, InvocationError, PayloadTooLarge
+
+log = structlog.get_logger("extreg.invoke.nats")
+
+CONNECT_TIMEOUT_S = 2
+CONNECT_ATTEMPTS = 3  # for the first connection; later losses are retried forever
+RECONNECT_WAIT_S = 0.25
+STATUS_HEADER = "Status"
+NO_RESPONDERS = "503"
+
+
+class NatsUnavailable(ExtregError):
+    """NATS could not be reached when the invoker started."""
+
+
+class TransportUnavailable(InvocationError):
+    """The connection to NATS is down (reconnecting or closed); the extension is not at fault."""
+
+    reason_default = "NATS is not connected"
+
+
+_UNAVAILABLE = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    OSError,
+)
+_LOST = Msg(None, subject="", data=b"")  # type: ignore[arg-type]  # resolves waits on disconnect
+
+
+class NatsTransport:
+    """A nats-py client for request-reply. `await connect()`, then `request(...)`, `close()`."""
+
+    def __init__(self, url: str, *, name: str = "extreg-invoker") -> None:
+        self.url = url
+        self.name = name
+        self._nc: Client | None = None
+        self._sub: Subscription | None = None
+        self._closing = False
+        self._prefix = ""
+        self._next = itertools.count(1).__next__
+        self._waiting: dict[str, asyncio.Future[Msg | None]] = {}
+
+    async def connect(self) -> None:
+        """Connect and subscribe the reply inbox, or raise `NatsUnavailable`."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats_error", error=_name(exc))
+
+        async def on_disconnected() -> None:
+            self._fail_waiting()
+            if not self._closing:
+                log.warning("nats_disconnected", nats_url=self.url)
+
+        async def on_reconnected() -> None:
+            log.info("nats_reconnected", nats_url=self.url)
+
+        try:
+            nc = await nats.connect(
+                self.url,
+                name=self.name,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                reconnect_time_wait=RECONNECT_WAIT_S,
+                max_reconnect_attempts=CONNECT_ATTEMPTS,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+            self._prefix = nc.new_inbox() + "."
+            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise NatsUnavailable(f"cannot connect to NATS at {self.url}: {_name(exc)}") from None
+        # nats-py has one limit for the first connection and for reconnects: fail fast when
+        # NATS is absent at start, but never give up on a connection once made.
+        nc.options["max_reconnect_attempts"] = -1
+        self._nc = nc
+
+    @property
+    def connected(self) -> bool:
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    def _fail_waiting(self) -> None:
+        """The connection dropped: no reply can arrive for the requests waiting now."""
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_result(_LOST)
+
+    async def request(
+        self,
+        extension_id: str,
+        subject: str,
+        data: bytes,
+        timeout_s: float,
+        headers: dict[str, str] | None,
+    ) -> bytes:
+        """One request-reply; the reply's bytes, or an `ExtensionError` (see the module)."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise TransportUnavailable(extension_id)
+        inbox = self._prefix + str(self._next())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg | None] = loop.create_future()
+        waiting = self._waiting
+        waiting[inbox] = future
+        timer = loop.call_later(timeout_s, _expire, future)
+        try:
+            await nc.publish(subject, data, inbox, headers)
+            msg = await future
+        except nats.errors.MaxPayloadError:
+            raise PayloadTooLarge(
+                extension_id, f"request is larger than NATS's max_payload ({nc.max_payload})"
+            ) from None
+        except _UNAVAILABLE as exc:
+            raise TransportUnavailable(extension_id, f"NATS is not connected: {_name(exc)}") from None
+        except nats.errors.Error as exc:
+            raise InvocationError(extension_id, f"NATS error: {_name(exc)}") from None
+        finally:
+            timer.cancel()
+            waiting.pop(inbox, None)
+        if msg is None:
+            raise ExtensionTimeout(
+                extension_id, f"no reply on {subject} within {timeout_s * 1000:g} ms"
+            )
+        if msg is _LOST:
+            raise TransportUnavailable(extension_id, "NATS connection lost while waiting")
+        if msg.headers and not msg.data and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            raise InvocationError(extension_id, f"no responders on {subject}")
+        return msg.data
+
+    async def close(self) -> None:
+        """Close the connection; requests still waiting fail with `TransportUnavailable`."""
+        self._closing = True
+        nc, self._nc = self._nc, None
+        self._fail_waiting()
+        if nc is not None and not nc.is_closed:
+            await nc.close()
+
+
+def _expire(future: asyncio.Future[Msg | None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _name(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
