@@ -29,7 +29,10 @@ EXTREG = Path(sys.executable).parent / "extreg"
 def environment(tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
-    env.update({"EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"), "COLUMNS": "400", **extra})
+    # NATS on a closed port: these servers run without an invoker, and must never reach the
+    # machine's own NATS on the default 127.0.0.1:4222.
+    env.update({"EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"), "COLUMNS": "400",
+                "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}", **extra})
     return env
 
 

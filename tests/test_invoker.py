@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from helpers import make_settings
 from invoke_helpers import (
     constant,
     fixture_settings,
@@ -35,8 +36,10 @@ from extreg import (
     PayloadTooLarge,
 )
 from extreg.invoke import TransportUnavailable
+from extreg.model import Extension, parse_extension
 from extreg.natsserver import NatsServer
 from extreg.samples import Flaky, SampleRunner
+from extreg.sources.postgres import PostgresSource
 
 MESSAGE = {"message_id": "m-1", "message_type": "chat", "payload": "  Hello   WORLD  ",
            "metadata": {"channel": "telegram"}}  # fmt: skip
@@ -441,3 +444,28 @@ async def test_call_waiting_when_nats_drops_fails_fast(
         elapsed = time.perf_counter() - started
         await listener.close()
     assert elapsed < 2.0
+
+
+async def test_breaker_follows_registry_changes(tmp_path: Path, db_url: str, nats_url: str) -> None:
+    """A metadata change made in the database reconfigures that extension's breaker (by
+    notification, no restart) and a deleted extension's circuit is forgotten."""
+    settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url,
+                             circuit_breaker_enabled=True)
+    record = rec("watched", subject(), metadata={"circuit_breaker_failure_threshold": 2})
+    changed = {**record, "metadata": {"circuit_breaker_failure_threshold": 7}}
+    async with PostgresSource(settings) as db:
+        await db.import_extensions([_parse(record)], "test")
+        async with open_invoker(settings) as inv:
+
+            def threshold() -> int:
+                return inv.breaker.snapshot("watched").config.failure_threshold
+
+            assert 2 == threshold()
+            await db.upsert_extension(_parse(changed), "test")
+            await wait_for(lambda: threshold() == 7)
+            await db.delete_extension("watched", "test")
+            await wait_for(lambda: "watched" not in inv.breaker.states())
+
+
+def _parse(data: dict[str, Any]) -> Extension:
+    return parse_extension(data, max_timeout_ms=60_000, max_retries=10)

@@ -106,12 +106,15 @@ def emit_json(data: Any) -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8080,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Also run an embedded NATS server, the sample extensions and traffic.")
+    ] = False,
 ) -> None:
     """Run the registry until Ctrl-C, logging what it loaded and every change."""
     from .serve import serve as run_server
 
     try:
-        run(run_server(settings(), host=host, port=port))
+        run(run_server(settings(), host=host, port=port, demo=demo))
     except KeyboardInterrupt:
         pass
 

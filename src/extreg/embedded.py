@@ -27,6 +27,7 @@ def with_database(settings: Settings) -> Settings:
     if settings.database_configured or settings.source == "fixtures":
         return settings
     url = start_embedded_postgres(settings.data_dir / "pgdata")
+    migrate(url)  # a fresh embedded database is usable by every command, not only serve
     return settings.replace(database_url=url, db_enabled=True)
 
 

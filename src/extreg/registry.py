@@ -325,11 +325,12 @@ class Registry:
                         loaded = None
                     backoff = BACKOFF_MIN_S
                     await _first_failure(self._apply_notifications(payloads), self._sync_forever())
-            except SourceUnavailable as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: report at boot, else retry
                 if loaded is not None:
                     loaded.set_exception(exc)
                     return
-                self._mark_stale(str(exc))
+                self._mark_stale(str(exc) if isinstance(exc, SourceUnavailable)
+                                 else f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 import structlog
 
 from .api.server import serve_api
+from .demo import demo_services, register_samples, traffic
 from .embedded import prepare_embedded, with_database
 from .errors import SourceUnavailable
+from .invoke import Invoker, NatsUnavailable
 from .registry import Registry
 from .runtime import Runtime
 from .settings import Settings
@@ -18,8 +21,9 @@ from .tokens import TokenStore, ensure_admin_token
 log = structlog.get_logger("extreg.serve")
 
 
-async def serve(settings: Settings, *, host: str, port: int) -> None:
-    """Start the embedded database when none is configured, then serve until stopped."""
+async def serve(settings: Settings, *, host: str, port: int, demo: bool = False) -> None:
+    """Start the embedded database when none is configured (and with `demo`, NATS, the sample
+    extensions and traffic), then serve until stopped. Ctrl-C stops everything started here."""
     embedded = not settings.database_configured and settings.source != "fixtures"
     settings = with_database(settings)
     if embedded:
@@ -32,10 +36,39 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     admin_token = await _first_admin_token(settings) if embedded else None
-    async with Registry.open(settings) as registry, Runtime.open(settings, registry) as runtime:
+    async with contextlib.AsyncExitStack() as stack:
+        services = None
+        if demo:
+            services = await stack.enter_async_context(demo_services(settings))
+            settings = services.settings
+            await register_samples(settings)
+        registry = await stack.enter_async_context(Registry.open(settings))
+        invoker = await _open_invoker(stack, registry, settings)
+        runtime = await stack.enter_async_context(Runtime.open(settings, registry, invoker))
+        if services is not None and invoker is not None:
+            stack.push_async_callback(_stop_task, asyncio.create_task(
+                traffic(invoker, services.samples, stop)))
         log.info("serving", **registry.status.as_dict())
         await serve_api(runtime, host, port, stop, admin_token=admin_token)
         log.info("stopping")
+
+
+async def _open_invoker(
+    stack: contextlib.AsyncExitStack, registry: Registry, settings: Settings
+) -> Invoker | None:
+    """The NATS invoker, or None (logged) when NATS cannot be reached: the registry and the
+    API still serve, and invoke/circuit routes answer 503 until a restart finds NATS."""
+    try:
+        return await stack.enter_async_context(Invoker.open(registry, settings))
+    except NatsUnavailable as exc:
+        log.warning("invoker_unavailable", error=str(exc), nats_url=settings.nats_url)
+        return None
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _first_admin_token(settings: Settings) -> str | None:

@@ -141,6 +141,7 @@ class Invoker:
 
     async def start(self) -> None:
         await self._transport.connect()
+        self.breaker.on_state_change(_log_transition)
         self._follow(self.registry.snapshot)
         self.registry.on_change(self._follow)
         with contextlib.suppress(TimeoutError):  # a database that is away must not delay the start
@@ -314,6 +315,11 @@ class Invoker:
             self._configured.add(extension_id)
         else:
             self._configured.discard(extension_id)
+
+
+def _log_transition(extension_id: str, old: str, new: str) -> None:
+    level = log.warning if new == "open" else log.info
+    level("circuit_state_changed", extension_id=extension_id, old=old, new=new)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

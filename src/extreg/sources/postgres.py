@@ -367,6 +367,10 @@ class PostgresSource:
         """Turn psycopg's errors into ours, without the password."""
         try:
             yield
+        except psycopg.errors.UndefinedTable:
+            raise SourceUnavailable(
+                f"database {self.display} has no extreg tables: run `extreg migrate`"
+            ) from None
         except psycopg.errors.UniqueViolation as exc:
             raise Conflict(self._scrub(exc)) from None
         except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
