@@ -64,7 +64,7 @@ def pct(values: list[float], q: float) -> float:
 
 def registry_with(recs: list[Extension]) -> Registry:
     reg = Registry(Settings.load(environ={}, source="fixtures"))
-    reg._swap(recs, "fixtures")  # noqa: SLF001 - a benchmark installs data directly
+    reg._swap(recs, "fixtures")
     return reg
 
 
@@ -90,41 +90,45 @@ def bench_lookup(quick: bool) -> None:
 
     print("\n## 1b. lookups while a full reload of the same records runs every 100 ms")
     for n in (1_000, 100_000):
-        recs = records(n)
-        reg = registry_with(recs)
-        keys = [r.id for r in recs if r.enabled][:1000]
-        stop = threading.Event()
-        reloads = 0
+        lookups_during_reloads(n, 1.5 if quick else 3.0)
 
-        def reloader() -> None:
-            nonlocal reloads
-            while not stop.is_set():
-                reg._swap(recs, "fixtures")  # noqa: SLF001
-                reloads += 1
-                stop.wait(0.1)
 
-        thread = threading.Thread(target=reloader)
-        samples: list[int] = []
-        misses = 0
-        clock = time.perf_counter_ns
-        lookup = reg.lookup
-        thread.start()
-        deadline = time.monotonic() + (1.5 if quick else 3.0)
-        while time.monotonic() < deadline:
-            for k in keys:
-                t0 = clock()
-                try:
-                    lookup(k)
-                except Exception:  # noqa: BLE001 - counted, must be zero
-                    misses += 1
-                samples.append(clock() - t0)
-        stop.set()
-        thread.join()
-        # A timer call's own cost, to read the figures against.
-        base = [(lambda t0: clock() - t0)(clock()) for _ in range(100_000)]
-        print(f"  {n:>7,} extensions: {len(samples):,} lookups, {reloads} reloads, misses {misses};"
-              f" p50 {pct(samples, .5):.0f} ns, p99 {pct(samples, .99):.0f} ns,"
-              f" p99.9 {pct(samples, .999):.0f} ns (timer alone: p50 {pct(base, .5):.0f} ns)")
+def lookups_during_reloads(n: int, seconds: float) -> None:
+    recs = records(n)
+    reg = registry_with(recs)
+    keys = [r.id for r in recs if r.enabled][:1000]
+    stop = threading.Event()
+    reloads = 0
+
+    def reloader() -> None:
+        nonlocal reloads
+        while not stop.is_set():
+            reg._swap(recs, "fixtures")
+            reloads += 1
+            stop.wait(0.1)
+
+    thread = threading.Thread(target=reloader)
+    samples: list[int] = []
+    misses = 0
+    clock = time.perf_counter_ns
+    lookup = reg.lookup
+    thread.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for k in keys:
+            t0 = clock()
+            try:
+                lookup(k)
+            except Exception:  # counted, must be zero
+                misses += 1
+            samples.append(clock() - t0)
+    stop.set()
+    thread.join()
+    # A timer call's own cost, to read the figures against.
+    base = [(lambda t0: clock() - t0)(clock()) for _ in range(100_000)]
+    print(f"  {n:>7,} extensions: {len(samples):,} lookups, {reloads} reloads, misses {misses};"
+          f" p50 {pct(samples, .5):.0f} ns, p99 {pct(samples, .99):.0f} ns,"
+          f" p99.9 {pct(samples, .999):.0f} ns (timer alone: p50 {pct(base, .5):.0f} ns)")
 
 
 # -- 2. full load --------------------------------------------------------------------------------
@@ -154,7 +158,7 @@ async def bench_load(url: str, quick: bool) -> None:
             t0 = time.perf_counter()
             snap = Snapshot.build(await db.load_all_extensions())
             ours.append(time.perf_counter() - t0)
-        assert len(snap) == 10_000  # noqa: S101
+        assert len(snap) == 10_000
     bare = []
     async with await psycopg.AsyncConnection.connect(url) as conn:
         for _ in range(runs):
@@ -162,7 +166,7 @@ async def bench_load(url: str, quick: bool) -> None:
             cur = await conn.execute("SELECT * FROM extensions")
             rows = await cur.fetchall()
             bare.append(time.perf_counter() - t0)
-        assert len(rows) == 10_000  # noqa: S101
+        assert len(rows) == 10_000
     o, b = statistics.median(ours) * 1000, statistics.median(bare) * 1000
     print(f"  extreg load + snapshot: median {o:.1f} ms (min {min(ours) * 1000:.1f})")
     print(f"  bare psycopg fetch, jsonb decoded by stdlib json: median {b:.1f} ms")
@@ -225,7 +229,7 @@ async def _run_writer(url: str, mode: str, n: int, seen: dict[int, float]) -> li
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, url, mode, str(n), stdout=subprocess.PIPE)
     committed: dict[int, float] = {}
-    assert proc.stdout is not None  # noqa: S101
+    assert proc.stdout is not None
     async for line in proc.stdout:
         i, t = line.split()
         committed[int(i)] = float(t)

@@ -7,13 +7,14 @@ error tree maps to those codes in `main`, once; commands just raise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json as jsonlib
 import sys
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 import typer
@@ -65,8 +66,10 @@ TokenOption = Annotated[str | None, typer.Option(
 
 
 class _State:
-    overrides: dict[str, Any] = {}
-    config: Path | None = None
+    """The global options of this invocation, for the commands to read."""
+
+    overrides: ClassVar[dict[str, Any]] = {}
+    config: ClassVar[Path | None] = None
 
 
 @app.callback()
@@ -113,10 +116,8 @@ def serve(
     """Run the registry until Ctrl-C, logging what it loaded and every change."""
     from .serve import serve as run_server
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run(run_server(settings(), host=host, port=port, demo=demo))
-    except KeyboardInterrupt:
-        pass
 
 
 # -- database ------------------------------------------------------------------------------

@@ -94,10 +94,12 @@ async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> N
     cycle = asyncio.create_task(_cycle_flaky(samples, stop))
     ids = itertools.cycle(["normalize_text", "pii_guard", "mask_pii", "flaky", "test_provider",
                            "flaky", "echo", "flaky"])
+    in_flight: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
     try:
         while not stop.is_set():
-            ext_id = next(ids)
-            asyncio.create_task(_call(invoker, ext_id))
+            task = asyncio.create_task(_call(invoker, next(ids)))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1 / CALLS_PER_SECOND)
     finally:
@@ -105,7 +107,7 @@ async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> N
 
 
 async def _call(invoker: Any, ext_id: str) -> None:
-    context = {"trace_id": f"demo-{random.getrandbits(32):08x}",  # noqa: S311 - not secret
+    context = {"trace_id": f"demo-{random.getrandbits(32):08x}",
                "tenant_id": "demo"}
     try:
         await invoker.invoke(ext_id, REQUESTS[ext_id], context)

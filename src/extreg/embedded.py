@@ -34,10 +34,10 @@ def with_database(settings: Settings) -> Settings:
 def start_embedded_postgres(pgdata: Path) -> str:
     with warnings.catch_warnings():  # pgserver warns at import when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
-        import pgserver
+        from pgserver.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata.resolve(), cleanup_mode="stop")
+    server = get_server(pgdata.resolve(), cleanup_mode="stop")
     return str(server.get_uri())
 
 

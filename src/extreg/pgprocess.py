@@ -16,11 +16,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
-from types import TracebackType
-from typing import Any
-
 import warnings
+from pathlib import Path
+from typing import Any, Self
 
 import psycopg
 
@@ -52,7 +50,7 @@ class PostgresProcess:
             from pgserver.utils import ensure_user_exists
 
             entry = ensure_user_exists(RUN_AS)
-            assert entry is not None  # noqa: S101 - ensure_user_exists creates it or raises
+            assert entry is not None
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
             self._user = {"user": entry.pw_uid, "group": entry.pw_gid}
         self._run([str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.data), "-U", "postgres",
@@ -65,7 +63,7 @@ class PostgresProcess:
     def start(self, timeout: float = 20) -> None:
         settings = [] if self.durable else [a for s in FAST_SETTINGS for a in ("-c", s)]
         with open(self.root / "log", "ab") as log_file:
-            self.proc = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+            self.proc = subprocess.Popen(
                 [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data), "-p", str(self.port),
                  "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", *settings],
                 stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True, **self._user,
@@ -89,7 +87,7 @@ class PostgresProcess:
             self.proc.wait(timeout)
         self.proc = None
         if sig == signal.SIGKILL:  # a crashed postmaster leaves children; make sure they go
-            subprocess.run(["pkill", "-9", "-f", f"-D {self.data}"], check=False)  # noqa: S603,S607
+            subprocess.run(["pkill", "-9", "-f", f"-D {self.data}"], check=False)
 
     def restart(self) -> None:
         self.stop()
@@ -104,12 +102,12 @@ class PostgresProcess:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PostgresProcess:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.cleanup()
 
     def _run(self, args: list[str]) -> None:
-        subprocess.run(args, check=True, capture_output=True, **self._user)  # noqa: S603
+        subprocess.run(args, check=True, capture_output=True, **self._user)

@@ -312,7 +312,7 @@ class Registry:
         """Listen, load, then apply notifications and sync until cancelled; on any failure,
         back off and start over. LISTEN comes before the load so no change falls between.
         The first attempt reports its outcome through `loaded` instead of retrying."""
-        assert self._db is not None  # noqa: S101 - only started with a database
+        assert self._db is not None
         backoff = BACKOFF_MIN_S
         while True:
             try:
@@ -325,17 +325,17 @@ class Registry:
                         loaded = None
                     backoff = BACKOFF_MIN_S
                     await _first_failure(self._apply_notifications(payloads), self._sync_forever())
-            except Exception as exc:  # noqa: BLE001 - any failure: report at boot, else retry
+            except Exception as exc:
                 if loaded is not None:
                     loaded.set_exception(exc)
                     return
                 self._mark_stale(str(exc) if isinstance(exc, SourceUnavailable)
                                  else f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
+            await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _reload_from_database(self) -> None:
-        assert self._db is not None  # noqa: S101
+        assert self._db is not None
         async with self._write_lock:
             with self._reporting_sync():
                 db_now, _, _ = await self._db.changes_since(None)
@@ -376,7 +376,7 @@ class Registry:
 
     async def sync(self) -> None:
         """One incremental sync: rows stamped since the last one, and deletions."""
-        assert self._db is not None  # noqa: S101
+        assert self._db is not None
         started = time.perf_counter()
         since = self._sync_since - SYNC_OVERLAP if self._sync_since else None
         with self._reporting_sync():
@@ -393,7 +393,7 @@ class Registry:
         """Re-read `ids` and patch them into a new snapshot; ids not found are deleted."""
         if not ids:
             return
-        assert self._db is not None  # noqa: S101
+        assert self._db is not None
         async with self._write_lock:
             found = {e.id: e for e in await self._db.load_extensions(sorted(ids))}
             before = self._snap

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from operator import attrgetter
 from datetime import UTC, datetime
+from operator import attrgetter
 
 from .model import TYPES, Extension
 

@@ -30,7 +30,7 @@ class _StrictYamlLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.constructor.ConstructorError(
                 None, None, "YAML aliases (*name) are not allowed in fixtures", event.start_mark
             )
@@ -142,7 +142,7 @@ def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _parse_yaml(text: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a safe loader
+        return yaml.load(text, Loader=_StrictYamlLoader)
     except yaml.YAMLError as exc:
         raise _FileProblem("invalid YAML: " + printable(" ".join(str(exc).split()), 300)) from None
     except RecursionError:

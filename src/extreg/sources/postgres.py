@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
+from typing import Any, Self
 from urllib.parse import urlsplit
-from typing import Any
 
 import msgspec
 import psycopg
 import psycopg_pool
 import structlog
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..errors import Conflict, SourceUnavailable
@@ -100,7 +101,7 @@ class PostgresSource:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def __aenter__(self) -> PostgresSource:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -152,7 +153,7 @@ class PostgresSource:
         with self._translate():
             async with self._pool.connection() as conn:
                 now_row = await (await conn.execute("SELECT now()")).fetchone()
-                assert now_row is not None  # noqa: S101 - SELECT now() always returns a row
+                assert now_row is not None
                 all_ids = {r[0] for r in await (await conn.execute("SELECT id FROM extensions")).fetchall()}
                 changed: set[str] = set()
                 if since is not None:
@@ -198,11 +199,10 @@ class PostgresSource:
         """
         report: dict[str, str] = {}
         with self._translate():
-            async with self._pool.connection() as conn:
-                async with conn.transaction(force_rollback=dry_run):
-                    await _act_as(conn, actor)
-                    for ext in records:
-                        report[ext.id] = await self._upsert(conn, ext)
+            async with self._pool.connection() as conn, conn.transaction(force_rollback=dry_run):
+                await _act_as(conn, actor)
+                for ext in records:
+                    report[ext.id] = await self._upsert(conn, ext)
         return report
 
     async def _upsert(self, conn: psycopg.AsyncConnection[Any], ext: Extension) -> str:
@@ -283,20 +283,16 @@ class PostgresSource:
     async def health_rows(self, extension_id: str | None = None) -> list[dict[str, Any]]:
         """Every extension (or one) with its `extension_health` row, for `extreg health`."""
         with self._translate():
-            async with self._pool.connection() as conn:
-                conn.row_factory = psycopg.rows.dict_row  # type: ignore[assignment]
-                try:
-                    cur = await conn.execute(
-                        "SELECT e.id, e.type, e.enabled, h.success_count, h.failure_count,"
-                        " h.avg_latency_ms, h.p50_latency_ms, h.p95_latency_ms, h.p99_latency_ms,"
-                        " h.circuit_breaker_state, h.last_success, h.last_failure"
-                        " FROM extensions e LEFT JOIN extension_health h ON h.extension_id = e.id"
-                        " WHERE %(id)s::text IS NULL OR e.id = %(id)s ORDER BY e.id",
-                        {"id": extension_id},
-                    )
-                    return list(await cur.fetchall())  # type: ignore[arg-type]
-                finally:
-                    conn.row_factory = psycopg.rows.tuple_row
+            async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    "SELECT e.id, e.type, e.enabled, h.success_count, h.failure_count,"
+                    " h.avg_latency_ms, h.p50_latency_ms, h.p95_latency_ms, h.p99_latency_ms,"
+                    " h.circuit_breaker_state, h.last_success, h.last_failure"
+                    " FROM extensions e LEFT JOIN extension_health h ON h.extension_id = e.id"
+                    " WHERE %(id)s::text IS NULL OR e.id = %(id)s ORDER BY e.id",
+                    {"id": extension_id},
+                )
+                return await cur.fetchall()
 
     async def enable_if_disabled_by(self, extension_id: str, by: str, actor: str) -> bool:
         """Enable only if disabled and last changed by `by` (undo an automatic disable)."""
@@ -330,18 +326,14 @@ class PostgresSource:
         """Newest first: the audit rows of one extension, or of all."""
         where = "WHERE extension_id = %(id)s" if extension_id else ""
         with self._translate():
-            async with self._pool.connection() as conn:
-                conn.row_factory = psycopg.rows.dict_row  # type: ignore[assignment]
-                try:
-                    cur = await conn.execute(
-                        "SELECT id::text, extension_id, action, old_values, new_values, changed_by,"
-                        f" changed_at FROM extension_audit_log {where}"
-                        " ORDER BY changed_at DESC, id LIMIT %(limit)s",
-                        {"id": extension_id, "limit": limit},
-                    )
-                    return list(await cur.fetchall())  # type: ignore[arg-type]
-                finally:
-                    conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+            async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    "SELECT id::text, extension_id, action, old_values, new_values, changed_by,"
+                    f" changed_at FROM extension_audit_log {where}"
+                    " ORDER BY changed_at DESC, id LIMIT %(limit)s",
+                    {"id": extension_id, "limit": limit},
+                )
+                return await cur.fetchall()
 
     # -- plumbing -----------------------------------------------------------------------------
 
