@@ -338,3 +338,22 @@ async def test_bad_fixtures_leave_the_cache_untouched(tmp_path: Path) -> None:
         (folder / "bad.json").write_text(json.dumps(record("b")), encoding="utf-8")
         await wait_for(lambda: reg.get("b") is not None, 5)
         assert ["a", "b"] == [e.id for e in reg.all()]
+
+
+def test_snapshot_write_removes_old_leftovers_of_killed_writes(tmp_path: Path) -> None:
+    """A temporary file left by a writer killed mid-write is removed by the next write once it
+    is older than a minute; a fresh one (possibly another writer's) is left alone."""
+    import os
+
+    from extreg.model import parse_extension
+    from extreg.sources.snapshot_file import write_snapshot_file
+
+    path = tmp_path / "snapshot.json"
+    old = tmp_path / ".snapshot.json.abc.tmp"
+    fresh = tmp_path / ".snapshot.json.def.tmp"
+    old.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"y" * 100)
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    write_snapshot_file(path, [parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)])
+    assert (False, True) == (old.exists(), fresh.exists())
+    assert ["a"] == [e.id for e in read_snapshot_file(path)[0]]

@@ -112,6 +112,7 @@ class Registry:
         self._snapshot_file_due = asyncio.Event()
         self._listeners: list[Any] = []
         self._sync_listeners: list[Any] = []
+        self._sync_reported_at = float("-inf")  # monotonic time of the last on_sync report
 
     # -- reads: the router's hot path ---------------------------------------------------------
 
@@ -329,8 +330,13 @@ class Registry:
                 if loaded is not None:
                     loaded.set_exception(exc)
                     return
-                self._mark_stale(str(exc) if isinstance(exc, SourceUnavailable)
-                                 else f"{type(exc).__name__}: {exc}")
+                reason = (str(exc) if isinstance(exc, SourceUnavailable)
+                          else f"{type(exc).__name__}: {exc}")
+                # While the database is away no sync runs, yet each one that falls due has
+                # failed: report those (not every retry), so the sync error count grows.
+                if time.monotonic() - self._sync_reported_at >= self.settings.sync_interval_seconds:
+                    self._report_sync(0.0, reason)
+                self._mark_stale(reason)
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -420,6 +426,7 @@ class Registry:
         self._report_sync(time.perf_counter() - started, None)
 
     def _report_sync(self, duration_s: float, error: str | None) -> None:
+        self._sync_reported_at = time.monotonic()
         for callback in self._sync_listeners:
             callback(duration_s, error)
 

@@ -8,9 +8,11 @@ catches a file torn or edited by anything else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def write_snapshot_file(path: Path, records: list[Extension]) -> None:
     data = msgspec.json.encode(header) + b"\n" + body
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -48,6 +51,16 @@ def write_snapshot_file(path: Path, records: list[Extension]) -> None:
             raise
     except OSError as exc:
         raise SnapshotFileError(f"cannot write snapshot file {path}: {exc.strerror or exc}") from None
+
+
+def _remove_leftovers(path: Path, older_than_s: float = 60) -> None:
+    """Delete temporary files that a process killed mid-write left behind (a fresh one may be
+    another process's write in progress, so only old ones go)."""
+    cutoff = time.time() - older_than_s
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def read_snapshot_file(path: Path) -> tuple[list[Extension], datetime]:
