@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from ..runtime import Runtime
 from . import dashboard, errors, health, operate, probes, records
 from .bodies import schema_components
+from .bodylimit import BodyLimit, max_body_bytes
 from .ratelimit import FailedAuthLimiter
 from .requestlog import RequestLog
 from .security import Viewer
@@ -36,7 +37,8 @@ def create_app(
     app.state.runtime = runtime
     app.state.auth_limiter = FailedAuthLimiter(failed_auth_limit, failed_auth_window_s)
     errors.install(app)
-    app.add_middleware(RequestLog)
+    app.add_middleware(BodyLimit, limit=max_body_bytes(runtime.settings))  # 413, before routes
+    app.add_middleware(RequestLog)  # added last: outermost, so it logs the 413s too
     app.include_router(probes.router)
     app.include_router(dashboard.router)
     app.include_router(operate.router)

@@ -4,36 +4,93 @@ as fixtures and database rows, and described in OpenAPI from the same msgspec st
 Bodies are read by hand rather than declared as a pydantic model so that exactly one set of
 rules (the model's) decides what is valid. Two things PostgreSQL cannot store are refused
 here with the field named: NUL characters and non-finite numbers.
+
+Every JSON body (records here; circuit and invoke through `strict_body`) is decoded as
+strictly as a fixture file: it must be sent as `application/json` (415 otherwise), be UTF-8
+JSON without NaN, Infinity or out-of-range numbers, give no key twice in one object, and nest
+at most `MAX_DEPTH` levels (422 otherwise, never a RecursionError).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any
 
 import msgspec
-from fastapi import Request
+from fastapi import HTTPException, Request
 
-from ..errors import InvalidRecord
+from ..errors import InvalidRecord, printable
 from ..model import Extension, parse_extension
 from ..settings import Settings
+from ..sources.fixtures import MAX_DEPTH
 
 READ_ONLY = ("created_at", "updated_at", "created_by", "updated_by")  # kept by the database
 
 
 async def json_object(request: Request, label: str) -> dict[str, Any]:
     """The body as a JSON object, or `InvalidRecord` (422) saying why not."""
-    try:
-        data = msgspec.json.decode(await request.body())
-    except msgspec.DecodeError as exc:
-        raise InvalidRecord(label, [("record", f"body is not valid JSON: {exc}")]) from None
+    require_json(request)
+    data = decode_strict(await request.body(), label)
     if not isinstance(data, dict):
         raise InvalidRecord(label, [("record", "body must be a JSON object")])
     problems = list(_unstorable(data, ""))
     if problems:
         raise InvalidRecord(label, problems)
     return {k: v for k, v in data.items() if k not in READ_ONLY}
+
+
+async def strict_body(request: Request) -> None:
+    """Route dependency for bodies FastAPI decodes itself (pydantic models): JSON as strict
+    as record bodies (NUL characters and deep nesting aside: these bodies are not stored),
+    checked before the model sees the body."""
+    body = await request.body()
+    if body:
+        require_json(request)
+        decode_strict(body, "request")
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (`application/json` or `application/*+json`)."""
+    declared = request.headers.get("content-type", "")
+    media = declared.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/")
+                                            and media.endswith("+json")):
+        shown = printable(declared, 60) if declared else "none"
+        raise HTTPException(415, f"the body must be sent as Content-Type: application/json "
+                                 f"(got {shown})")
+
+
+def decode_strict(body: bytes, label: str) -> Any:
+    """Strict JSON (see the module docstring), or `InvalidRecord` (422) saying why not."""
+    try:
+        msgspec.json.decode(body)
+        # msgspec keeps the last of a repeated key silently; the standard library's hook
+        # sees every key, like the fixtures loader's.
+        return json.loads(body, object_pairs_hook=_no_repeated_keys)
+    except msgspec.DecodeError as exc:
+        reason = str(exc)
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8 text ({exc.reason} at byte {exc.start} of a string)"
+    except RecursionError:
+        reason = "nested too deeply"
+    except (_RepeatedKey, ValueError) as exc:
+        reason = str(exc)
+    raise InvalidRecord(label, [("record", f"body is not valid JSON: {reason}")])
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _RepeatedKey(f"key {printable(key)} appears twice in one object")
+        data[key] = value
+    return data
 
 
 def record(data: dict[str, Any], settings: Settings, label: str) -> Extension:
@@ -54,7 +111,9 @@ def same_id(data: dict[str, Any], extension_id: str) -> dict[str, Any]:
     return {**data, "id": extension_id}
 
 
-def _unstorable(value: Any, path: str) -> list[tuple[str, str]]:
+def _unstorable(value: Any, path: str, depth: int = 0) -> list[tuple[str, str]]:
+    if depth > MAX_DEPTH:
+        return [(path or "record", f"nested more than {MAX_DEPTH} levels deep")]
     if isinstance(value, str):
         return [(path or "record", "must not contain NUL characters")] if "\x00" in value else []
     if isinstance(value, float) and not math.isfinite(value):
@@ -65,10 +124,11 @@ def _unstorable(value: Any, path: str) -> list[tuple[str, str]]:
             where = f"{path}.{key}" if path else str(key)
             if "\x00" in str(key):
                 found.append((path or "record", "keys must not contain NUL characters"))
-            found += _unstorable(item, where)
+            found += _unstorable(item, where, depth + 1)
         return found
     if isinstance(value, list):
-        return [p for i, item in enumerate(value) for p in _unstorable(item, f"{path}[{i}]")]
+        return [p for i, item in enumerate(value)
+                for p in _unstorable(item, f"{path}[{i}]", depth + 1)]
     return []
 
 

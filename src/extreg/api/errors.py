@@ -83,11 +83,12 @@ def body_of(exc: ExtregError) -> dict[str, Any]:
 
 
 def loc_of(field: str) -> list[str | int]:
-    """`versions[0].timeout_ms` -> ["body", "versions", 0, "timeout_ms"]."""
+    """`versions[0].timeout_ms` -> ["body", "versions", 0, "timeout_ms"]; msgspec's `[...]`
+    (a value of a mapping, key unknown) is dropped, so the loc names the mapping."""
     loc: list[str | int] = ["body"]
     if field in ("", "record"):
         return loc
-    for part in _INDEX.sub(r".\1", field).split("."):
+    for part in _INDEX.sub(r".\1", field.replace("[...]", "")).split("."):
         if part:
             loc.append(int(part) if part.isdigit() else part)
     return loc

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import Conflict, ExtensionNotFound
 from ..registry import Registry
+from .bodies import strict_body
 from .requestlog import bind_extension_id
 from .security import Operator, Viewer
 from .state import runtime_of
@@ -27,6 +28,7 @@ NO_INVOKER = "{what} unavailable: this server runs without an invoker (no NATS c
 
 router = APIRouter(prefix="/admin", tags=["operations"],
                    dependencies=[Depends(bind_extension_id)])
+StrictBody = Annotated[None, Depends(strict_body)]  # after the token check: a parameter
 
 
 class CircuitAction(BaseModel):
@@ -75,6 +77,8 @@ async def audit(
     db = _database_or_none(runtime_of(request).registry)
     if db is None:
         raise Conflict("the registry is serving fixtures, which have no audit log")
+    if extension_id is not None and "\x00" in extension_id:
+        return JSONResponse([])  # no row can hold a NUL (PostgreSQL cannot store one)
     rows = await db.audit_trail(extension_id, limit)
     return JSONResponse([{k: _plain(v) for k, v in row.items()} for row in rows])
 
@@ -85,6 +89,7 @@ async def circuit(
     body: CircuitAction,
     request: Request,
     _: Operator,
+    __: StrictBody,
 ) -> JSONResponse:
     """Force a circuit open, close it, or reset it to a fresh closed one."""
     runtime = runtime_of(request)
@@ -102,6 +107,7 @@ async def invoke(
     body: Invocation,
     request: Request,
     _: Operator,
+    __: StrictBody,
 ) -> JSONResponse:
     """Call the extension once, as the router would, and return its reply."""
     runtime = runtime_of(request)

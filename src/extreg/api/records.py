@@ -193,8 +193,10 @@ async def _write(
     change: Callable[[Extension | None], Extension | None],
     principal: Principal,
 ) -> Extension | None:
+    db = registry.database
+    _no_nul(extension_id)
     started = time.perf_counter()
-    outcome, after = await registry.database.write_extension(extension_id, change, principal.name)
+    outcome, after = await db.write_extension(extension_id, change, principal.name)
     log.info("extension_written", extension_id=extension_id, action=outcome,
              duration_ms=round((time.perf_counter() - started) * 1000, 2))
     await settle(registry, extension_id, after)
@@ -206,6 +208,7 @@ async def _set_enabled(
 ) -> Extension:
     registry = runtime_of(request).registry
     db = registry.database
+    _no_nul(extension_id)
     started = time.perf_counter()
     if not await db.set_enabled(extension_id, enabled, principal.name):
         raise ExtensionNotFound(extension_id)
@@ -217,6 +220,13 @@ async def _set_enabled(
              duration_ms=round((time.perf_counter() - started) * 1000, 2))
     await settle(registry, extension_id, after)
     return after
+
+
+def _no_nul(extension_id: str) -> None:
+    """404 for an id holding NUL: PostgreSQL cannot store one, so no record has it (and the
+    driver would refuse the statement)."""
+    if "\x00" in extension_id:
+        raise ExtensionNotFound(extension_id)
 
 
 async def settle(

@@ -30,9 +30,13 @@ class ListenError(ExtregError):
 def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # asyncio sets TCP_NODELAY on accepted connections only when the socket says IPPROTO_TCP;
+    # create_server leaves proto 0, and every kept-alive response would then wait ~40 ms
+    # (Nagle's algorithm against the client's delayed ACK).
+    return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=sock.detach())
 
 
 def base_url(sock: socket.socket) -> str:

@@ -215,8 +215,8 @@ class Invoker:
                 body, attempts = await self._retry(extension_id, target, data, hdrs, exc)
             try:
                 reply = self._decode(body)
-            except msgspec.DecodeError:
-                reply = None
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                reply = None  # not JSON, not UTF-8 text, or nested too deeply
             if type(reply) is not dict:
                 raise InvalidResponse(extension_id, _invalid_reason(body), attempts)
         except _NOT_FAULTS:
