@@ -72,9 +72,11 @@ TOKEN_NAMES = {"viewer": "cluster-viewer", "operator": "cluster-operator",
                "admin": "cluster-admin"}
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
+# Health reaches the database (and so the other nodes) within half a second; record changes
+# travel by notification, the periodic sync is only the safety net.
 BASE_SETTINGS: dict[str, Any] = {
-    "health_flush_interval_seconds": 0.5,  # health reaches the database (and the other
-    "sync_interval_seconds": 30,  # nodes) quickly; notifications carry most changes
+    "health_flush_interval_seconds": 0.5,
+    "sync_interval_seconds": 30,
 }
 
 _live: set[subprocess.Popen[bytes]] = set()  # children to kill if the interpreter exits early
@@ -83,7 +85,7 @@ _live: set[subprocess.Popen[bytes]] = set()  # children to kill if the interpret
 @atexit.register
 def _kill_leftovers() -> None:
     for proc in list(_live):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait(5)
 
@@ -106,6 +108,17 @@ def _clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
            if not k.startswith((ENV_PREFIX, "EXTREG_"))}
     env.update(extra)
     return env
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`extreg ARGS` in its own session (a Ctrl-C meant for the caller does not reach it, the
+    harness stops it), output appended to `log_path`; remembered for the exit handler."""
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen([*_extreg_command(), *args], stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    _live.add(proc)
+    return proc
 
 
 def _env_value(value: Any) -> str:
@@ -256,7 +269,7 @@ class Cluster:
             raise ValueError("a cluster needs at least one node")
         self.size = nodes
         self.settings = {**BASE_SETTINGS, **(settings or {})}
-        Settings(**{k: v for k, v in self.settings.items()})  # a bad key fails here, clearly
+        Settings.load(environ={}, **self.settings)  # a bad key or value fails here, clearly
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="extreg-cluster-")) if workdir is None \
             else workdir
@@ -341,7 +354,7 @@ class Cluster:
 
     def node_environment(self, node: Node) -> dict[str, str]:
         """The environment of one node's `extreg serve`."""
-        assert self.nats is not None  # noqa: S101 - only called once started
+        assert self.nats is not None
         values = {
             "source": "database",
             "database_url": self.db_url,
@@ -353,13 +366,8 @@ class Cluster:
             {ENV_PREFIX + key.upper(): _env_value(value) for key, value in values.items()})
 
     def _launch(self, node: Node) -> None:
-        with node.log_path.open("ab") as log_file:
-            node.proc = subprocess.Popen(  # noqa: S603 - our own command
-                [*_extreg_command(), "serve", "--host", "127.0.0.1", "--port", str(node.port)],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                env=self.node_environment(node), start_new_session=True,
-            )
-        _live.add(node.proc)
+        node.proc = _spawn(["serve", "--host", "127.0.0.1", "--port", str(node.port)],
+                           node.log_path, self.node_environment(node))
 
     async def stop_node(self, index: int, sig: int = signal.SIGTERM) -> int | None:
         """Stop one node (`sig` = SIGKILL for a crash); its exit status."""
@@ -385,7 +393,7 @@ class Cluster:
     # -- database and samples -------------------------------------------------------------
 
     async def _import_samples(self) -> None:
-        settings = Settings(source="database", database_url=self.db_url)
+        settings = Settings.load(environ={}, source="database", database_url=self.db_url)
         records = [parse_extension(s.record(), max_timeout_ms=settings.extension_max_timeout_ms,
                                    max_retries=settings.extension_max_retries)
                    for s in SAMPLE_EXTENSIONS]
@@ -396,19 +404,14 @@ class Cluster:
         """Run one SQL statement on the cluster's database (autocommit); its rows."""
         async with await psycopg.AsyncConnection.connect(self.db_url, autocommit=True,
                                                          connect_timeout=3) as conn:
-            cur = await conn.execute(statement, params)  # type: ignore[arg-type]
+            cur = await conn.execute(statement, params)
             return list(await cur.fetchall()) if cur.description else []
 
     async def _start_samples(self) -> None:
-        assert self.nats is not None  # noqa: S101
+        assert self.nats is not None
         log_path = self.workdir / "samples.log"
-        with log_path.open("ab") as log_file:
-            self.samples_proc = subprocess.Popen(  # noqa: S603 - our own command
-                [*_extreg_command(), "sample-extensions", "--nats-url", self.nats.url],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                env=_clean_environment({}), start_new_session=True,
-            )
-        _live.add(self.samples_proc)
+        self.samples_proc = _spawn(["sample-extensions", "--nats-url", self.nats.url], log_path,
+                                   _clean_environment({}))
         self.nc = await nats.connect(self.nats.url, name="extreg-cluster", connect_timeout=2)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:  # the control subject answers once every sample is subscribed

@@ -1,0 +1,244 @@
+"""Several nodes, one database: three real `extreg serve` processes on one throwaway PostgreSQL
+and one NATS server (the `extreg.cluster.Cluster` harness).
+
+Shown here: an admin write on one node reaches the other nodes' caches (and how long that
+took); health written by every node adds up exactly on every node; every node keeps answering
+lookups from its cache while the database restarts, and a write after the restart reaches all.
+
+Each test uses its own extensions (propagation: `mask_pii`; health: `echo`; the restart:
+`normalize_text` and `test_provider`), so they do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest_asyncio
+
+from extreg.cluster import Cluster, Node
+
+FLUSH_S = 0.5  # health_flush_interval_seconds of every node
+PROPAGATION_LIMIT_S = 5.0  # generous: notifications make it milliseconds
+HEALTH_CALLS = (7, 11, 13)  # invocations of `echo` through node 0, 1 and 2
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def cluster() -> AsyncIterator[Cluster]:
+    async with Cluster(3, settings={"health_flush_interval_seconds": FLUSH_S}) as running:
+        print(f"\ncluster of {running.size} nodes ready in {running.startup_s:.2f} s")
+        yield running
+        for node in running.nodes:
+            assert node.alive, f"{node.name} died during the tests:\n{node.log_tail()}"
+
+
+async def _record(node: Node, extension_id: str) -> dict[str, Any]:
+    response = await node.client.get(f"/admin/extensions/{extension_id}")
+    assert 200 == response.status_code, (node.name, response.text)
+    record: dict[str, Any] = response.json()
+    return record
+
+
+async def _visible_after(node: Node, extension_id: str, field: str, value: Any,
+                         started: float) -> float:
+    """Poll `node` until the record's `field` reads `value`; seconds since `started`."""
+    deadline = started + PROPAGATION_LIMIT_S
+    while True:
+        if (await _record(node, extension_id))[field] == value:
+            return time.perf_counter() - started
+        if time.perf_counter() > deadline:
+            raise AssertionError(f"{extension_id}.{field} = {value!r} not visible on "
+                                 f"{node.name} after {PROPAGATION_LIMIT_S} s")
+        await asyncio.sleep(0.002)
+
+
+async def _write_and_measure(cluster: Cluster, label: str, method: str, path: str,
+                             extension_id: str, field: str, value: Any,
+                             **request: Any) -> list[float]:
+    """Make one write on node 0 while nodes 1 and 2 poll for it; print and return the times
+    (node 0's answer, then visibility on 1 and 2), in seconds from sending the write."""
+    writer, *others = cluster.nodes
+    started = time.perf_counter()
+    watchers = [asyncio.create_task(_visible_after(n, extension_id, field, value, started))
+                for n in others]
+    response = await writer.client.request(method, path, **request)
+    answered = time.perf_counter() - started
+    assert 200 == response.status_code, response.text
+    assert value == response.json()[field]
+    seen = await asyncio.gather(*watchers)
+    print(f"{label}: node0 answered in {answered * 1000:.1f} ms; visible on "
+          + ", ".join(f"{n.name} after {s * 1000:.1f} ms"
+                      for n, s in zip(others, seen, strict=True))
+          + " (from sending the write)")
+    return [answered, *seen]
+
+
+async def test_admin_write_on_one_node_is_visible_on_the_others(cluster: Cluster) -> None:
+    """A PATCH, a disable and an enable made on node 0 each show up in the caches of nodes 1
+    and 2 (read through their APIs) within seconds; the time each took is printed."""
+    base = await _record(cluster.nodes[0], "mask_pii")
+    new_timeout = base["timeout_ms"] + 77
+    times = [
+        await _write_and_measure(cluster, "PATCH timeout_ms", "PATCH",
+                                 "/admin/extensions/mask_pii", "mask_pii", "timeout_ms",
+                                 new_timeout, json={"timeout_ms": new_timeout}),
+        await _write_and_measure(cluster, "disable", "POST", "/admin/extensions/mask_pii/disable",
+                                 "mask_pii", "enabled", False),
+        await _write_and_measure(cluster, "enable", "POST", "/admin/extensions/mask_pii/enable",
+                                 "mask_pii", "enabled", True),
+    ]
+    assert all(t < PROPAGATION_LIMIT_S for row in times for t in row)
+    for node in cluster.nodes:  # every cache holds the same final record
+        record = await _record(node, "mask_pii")
+        assert (new_timeout, True) == (record["timeout_ms"], record["enabled"])
+
+
+async def _echo_health(node: Node) -> dict[str, Any]:
+    response = await node.client.get("/admin/extensions/health")
+    assert 200 == response.status_code, response.text
+    [echo] = [e for e in response.json()["extensions"] if e["id"] == "echo"]
+    health: dict[str, Any] = echo["health"]
+    return health
+
+
+async def test_health_written_by_every_node_sums_exactly_on_every_node(
+    cluster: Cluster,
+) -> None:
+    """Nodes 0, 1 and 2 invoke `echo` 7, 11 and 13 times through their own APIs; after the
+    health flush, `GET /admin/extensions/health` on every node reports exactly the sum
+    (31 more successes than before, no failures), and it stays exact (nothing counted twice)
+    over further flushes. Each node wrote under its own node identity."""
+    rows = await cluster.query(
+        "SELECT success_count, failure_count FROM extension_health WHERE extension_id = 'echo'")
+    before = rows[0] if rows else (0, 0)
+    expected = (before[0] + sum(HEALTH_CALLS), before[1])
+
+    async def invoke(node: Node, calls: int) -> None:
+        for i in range(calls):
+            response = await node.client.post(
+                "/admin/extensions/echo/invoke",
+                json={"payload": {"n": i, "node": node.index}, "tenant_id": "multinode"})
+            assert 200 == response.status_code, response.text
+
+    await asyncio.gather(*(invoke(node, calls)
+                           for node, calls in zip(cluster.nodes, HEALTH_CALLS, strict=True)))
+
+    deadline = time.monotonic() + 10 * FLUSH_S + 5
+    while True:
+        seen = [await _echo_health(n) for n in cluster.nodes]
+        counts = [(h["success_count"], h["failure_count"]) for h in seen]
+        if all(c == expected for c in counts):
+            break
+        assert time.monotonic() < deadline, f"health on nodes {counts}, expected {expected}"
+        await asyncio.sleep(0.05)
+    print(f"\necho health on every node: {counts} (expected {expected})")
+
+    await asyncio.sleep(3 * FLUSH_S)  # more flushes must not count anything again
+    again = [await _echo_health(n) for n in cluster.nodes]
+    assert [expected] * 3 == [(h["success_count"], h["failure_count"]) for h in again]
+    rows = await cluster.query(
+        "SELECT success_count, failure_count FROM extension_health WHERE extension_id = 'echo'")
+    assert [expected] == rows
+    writers = {node_id for (node_id,) in await cluster.query(
+        "SELECT node_id FROM extreg_health_nodes")}
+    pids = {int(node_id.split(":")[-2]) for node_id in writers}
+    assert {n.pid for n in cluster.nodes} <= pids, (writers, [n.pid for n in cluster.nodes])
+
+
+async def _status(node: Node) -> dict[str, Any]:
+    response = await node.client.get("/admin/status")
+    assert 200 == response.status_code, response.text
+    status: dict[str, Any] = response.json()
+    return status
+
+
+async def test_every_node_answers_lookups_while_the_database_restarts(cluster: Cluster) -> None:
+    """While PostgreSQL is stopped and started again, every node keeps answering
+    `GET /admin/extensions/normalize_text` with 200 and the record (from its cache), and says
+    it is stale; once the database is back every node is fresh again and a PATCH made on
+    node 0 after the restart reaches nodes 1 and 2."""
+    assert cluster.pg is not None
+    expected = await _record(cluster.nodes[0], "normalize_text")
+    answers: Counter[tuple[str, int, bool]] = Counter()
+    phase = "before"
+    stale_seen: set[str] = set()
+    polling = True
+
+    async def poll(node: Node) -> None:
+        while polling:
+            response = await node.client.get("/admin/extensions/normalize_text")
+            same = response.status_code == 200 and response.json() == expected
+            answers[(phase, response.status_code, same)] += 1
+            await asyncio.sleep(0.005)
+
+    async def watch_status(node: Node) -> None:
+        while polling:
+            if phase == "outage" and (await _status(node)).get("stale"):
+                stale_seen.add(node.name)
+            await asyncio.sleep(0.05)
+
+    tasks = [asyncio.create_task(f(n)) for n in cluster.nodes for f in (poll, watch_status)]
+    try:
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(cluster.pg.stop)
+        phase = "outage"
+        outage_started = time.perf_counter()
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(cluster.pg.start)
+        outage_s = time.perf_counter() - outage_started
+        phase = "after"
+        restarted = time.perf_counter()
+        deadline = restarted + 20
+        fresh: dict[str, float] = {}
+        while len(fresh) < len(cluster.nodes):
+            for node in cluster.nodes:
+                if node.name not in fresh and not (await _status(node)).get("stale"):
+                    fresh[node.name] = time.perf_counter() - restarted
+            assert time.perf_counter() < deadline, f"still stale: {fresh}"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+    finally:
+        polling = False
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if cluster.pg.proc is None:  # a failure above must not leave the database down
+        await asyncio.to_thread(cluster.pg.start)
+
+    print(f"\ndatabase down for {outage_s:.2f} s; lookups answered: "
+          + ", ".join(f"{p} {s} same={ok}: {n}" for (p, s, ok), n in sorted(answers.items()))
+          + "; fresh again after " + ", ".join(f"{k} {v:.2f} s" for k, v in fresh.items()))
+    assert {key for key in answers if key[1:] != (200, True)} == set(), answers
+    assert answers[("outage", 200, True)] >= 30  # really asked, on every node, during it
+    assert {n.name for n in cluster.nodes} == stale_seen
+
+    base = await _record(cluster.nodes[0], "test_provider")
+    await _write_and_measure(cluster, "PATCH after restart", "PATCH",
+                             "/admin/extensions/test_provider", "test_provider", "timeout_ms",
+                             base["timeout_ms"] + 11, json={"timeout_ms": base["timeout_ms"] + 11})
+
+
+async def test_keep_alive_requests_answer_without_a_nagle_delay(cluster: Cluster) -> None:
+    """Requests on a kept-alive connection answer in milliseconds: the API's sockets have
+    TCP_NODELAY, so a response written in two parts (headers, body) is not held back ~40 ms
+    by Nagle's algorithm waiting for the client's delayed ACK."""
+    node = cluster.nodes[0]
+    timings = []
+    for _ in range(10):  # one client, one connection: every request after the first reuses it
+        started = time.perf_counter()
+        response = await node.client.get("/admin/extensions/echo")
+        timings.append((time.perf_counter() - started) * 1000)
+        assert 200 == response.status_code
+    later = sorted(timings[1:])
+    print(f"\nGET on a kept-alive connection: median {later[len(later) // 2]:.1f} ms")
+    assert later[len(later) // 2] < 20, [round(t, 1) for t in timings]
+
+
+async def test_no_node_logged_an_error(cluster: Cluster) -> None:
+    """No node logged an error-level event or a traceback during the run so far (warnings
+    about the database being away are expected and allowed)."""
+    for node in cluster.nodes:
+        errors = [e for e in node.log_events() if e.get("level") in ("error", "critical")]
+        assert [] == errors, f"{node.name}:\n{node.log_tail()}"
+        assert "Traceback" not in node.log_path.read_text(errors="replace")
