@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import httpx
 import psycopg
 import pytest
 from api_helpers import Api, EchoInvoker, database_api
-from helpers import record
+from helpers import CaseCounter, record
 
 from extreg.api.bodylimit import max_body_bytes
 from extreg.model import to_plain
@@ -59,31 +59,14 @@ DEEP = 100_000
 
 # -- counting what was tried ------------------------------------------------------------------
 
-_tried: dict[str, set[str]] = {
-    "body files": set(), "record fields": set(), "operation bodies": set(), "ids": set(),
-    "query parameters": set(), "headers": set(), "oversize and deep bodies": set(),
-}
-_checks = [0]
-
-
-def tried(area: str, case: str) -> None:
-    _tried[area].add(case)
-    _checks[0] += 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_case_count(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Print how many bad-input cases the module tried (issue 5: 'the suite prints how many')."""
-    yield
-    total = sum(len(v) for v in _tried.values())
-    parts = ", ".join(f"{len(v)} {k}" for k, v in _tried.items())
-    line = f"bad-input API corpus: {total} cases tried ({parts}; {_checks[0]} requests)"
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        print(line)
-        return
-    with capman.global_and_fixture_disabled():
-        print(f"\n{line}")
+COUNTER = CaseCounter(
+    "bad-input API corpus",
+    ["body files", "record fields", "operation bodies", "ids", "query parameters", "headers",
+     "oversize and deep bodies"],
+    unit="requests",
+)
+tried = COUNTER.tried
+_print_case_count = COUNTER.fixture()
 
 
 # -- sending a case and judging the answer ----------------------------------------------------

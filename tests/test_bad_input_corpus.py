@@ -41,7 +41,7 @@ from typing import Any
 
 import annotated_types
 import pytest
-from helpers import make_settings, record
+from helpers import CaseCounter, make_settings, record
 from structlog.testing import capture_logs
 
 from extreg import Registry
@@ -59,28 +59,10 @@ DEEP = 100_000  # nesting depth of the deep-nesting cases
 
 # -- counting what was tried ----------------------------------------------------------------
 
-_tried: dict[str, set[str]] = {"fixture files": set(), "configuration": set(), "cli runs": set()}
-_checks = [0]
-
-
-def tried(area: str, case: str) -> None:
-    _tried[area].add(case)
-    _checks[0] += 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_case_count(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Print how many bad-input cases the module tried (issue 5: 'the suite prints how many')."""
-    yield
-    total = sum(len(v) for v in _tried.values())
-    parts = ", ".join(f"{len(v)} {k}" for k, v in _tried.items())
-    line = f"bad-input corpus: {total} cases tried ({parts}; {_checks[0]} checks)"
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        print(line)
-        return
-    with capman.global_and_fixture_disabled():
-        print(f"\n{line}")
+COUNTER = CaseCounter("bad-input corpus", ["fixture files", "configuration", "cli runs"],
+                      unit="checks")
+tried = COUNTER.tried
+_print_case_count = COUNTER.fixture()
 
 
 @pytest.fixture(scope="module", autouse=True)

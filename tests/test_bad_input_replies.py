@@ -29,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import nats
 import pytest
+from helpers import CaseCounter
 from invoke_helpers import constant, fixture_settings, listen, open_invoker, subject
 from nats.aio.client import Client
 
@@ -52,27 +53,13 @@ INVALID = object()  # expected outcome: InvalidResponse
 
 # -- counting what was tried ------------------------------------------------------------------
 
-_tried: dict[str, set[str]] = {"replies": set()}
-_checks = [0]
+COUNTER = CaseCounter("bad-input replies corpus", ["replies"],
+                      unit="calls, each followed by a good one")
+_print_case_count = COUNTER.fixture()
 
 
 def tried(case: str) -> None:
-    _tried["replies"].add(case)
-    _checks[0] += 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_case_count(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Print how many bad-input cases the module tried (issue 5: 'the suite prints how many')."""
-    yield
-    line = (f"bad-input replies corpus: {len(_tried['replies'])} cases tried "
-            f"({_checks[0]} calls, each followed by a good one)")
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        print(line)
-        return
-    with capman.global_and_fixture_disabled():
-        print(f"\n{line}")
+    COUNTER.tried("replies", case)
 
 
 # -- the cases --------------------------------------------------------------------------------
