@@ -14,13 +14,13 @@ at most `MAX_DEPTH` levels (422 otherwise, never a RecursionError).
 from __future__ import annotations
 
 import copy
-import json
 import math
 from typing import Any
 
 import msgspec
 from fastapi import HTTPException, Request
 
+from .. import strictjson
 from ..errors import InvalidRecord, printable
 from ..model import Extension, parse_extension
 from ..settings import Settings
@@ -65,32 +65,9 @@ def require_json(request: Request) -> None:
 def decode_strict(body: bytes, label: str) -> Any:
     """Strict JSON (see the module docstring), or `InvalidRecord` (422) saying why not."""
     try:
-        msgspec.json.decode(body)
-        # msgspec keeps the last of a repeated key silently; the standard library's hook
-        # sees every key, like the fixtures loader's.
-        return json.loads(body, object_pairs_hook=_no_repeated_keys)
-    except msgspec.DecodeError as exc:
-        reason = str(exc)
-    except UnicodeDecodeError as exc:
-        reason = f"not UTF-8 text ({exc.reason} at byte {exc.start} of a string)"
-    except RecursionError:
-        reason = "nested too deeply"
-    except (_RepeatedKey, ValueError) as exc:
-        reason = str(exc)
-    raise InvalidRecord(label, [("record", f"body is not valid JSON: {reason}")])
-
-
-class _RepeatedKey(Exception):
-    pass
-
-
-def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise _RepeatedKey(f"key {printable(key)} appears twice in one object")
-        data[key] = value
-    return data
+        return strictjson.loads(body)
+    except strictjson.StrictJSONError as exc:
+        raise InvalidRecord(label, [("record", f"body is not valid JSON: {exc}")]) from None
 
 
 def record(data: dict[str, Any], settings: Settings, label: str) -> Extension:

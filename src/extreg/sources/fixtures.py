@@ -7,14 +7,13 @@ cache. Each problem names the file, the record and the field.
 
 from __future__ import annotations
 
-import json
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import yaml
 
+from .. import strictjson
 from ..errors import FixtureError, InvalidRecord, printable
 from ..model import Extension, parse_extension
 
@@ -120,24 +119,10 @@ def _read_items(path: Path) -> list[Any]:
 
 
 def _parse_json(text: str) -> Any:
-    """msgspec for its precise messages; then the standard library, whose hook sees the key
-    pairs of every object, to refuse a key given twice (msgspec keeps the last silently)."""
     try:
-        msgspec.json.decode(text)
-        return json.loads(text, object_pairs_hook=_no_repeated_keys)
-    except msgspec.DecodeError as exc:
+        return strictjson.loads(text)
+    except strictjson.StrictJSONError as exc:
         raise _FileProblem(f"invalid JSON: {exc}") from None
-    except RecursionError:
-        raise _FileProblem("invalid JSON: nested too deeply") from None
-
-
-def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise _FileProblem(f"invalid JSON: key {printable(key)} appears twice in one object")
-        data[key] = value
-    return data
 
 
 def _parse_yaml(text: str) -> Any:
