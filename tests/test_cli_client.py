@@ -57,13 +57,15 @@ class Server:
         return ["--url", self.url, "--token", self.tokens[role]]
 
 
-def start_server(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str, Path]:
+def start_server(
+    tmp: Path, *args: str, **env: str
+) -> tuple[subprocess.Popen[str], str, Path]:
     """`extreg [ARGS] serve --port N` in the background, once /healthz answers."""
     port = free_port()
     out, errs = tmp / f"serve-{port}.out", tmp / f"serve-{port}.err"
     with out.open("w") as stdout, errs.open("w") as stderr:
         proc = subprocess.Popen([str(EXTREG), *args, "serve", "--port", str(port)], text=True,
-                                stdout=stdout, stderr=stderr, env=environment(tmp))
+                                stdout=stdout, stderr=stderr, env=environment(tmp, **env))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -278,3 +280,43 @@ def test_health_and_audit_directly_on_the_database(pg_server: PostgresProcess,
     listing = extreg(tmp_path, "--database-url", db_url, "audit")
     shown = "disable" in listing.stdout and "enabled" in listing.stdout  # the changed field
     assert (0, True) == (listing.returncode, shown)
+
+
+async def test_serve_gets_its_invoker_when_nats_comes_up(
+    pg_server: PostgresProcess, tmp_path: Path
+) -> None:
+    """`extreg serve` started while NATS is down serves the registry with invoke answering 503;
+    once NATS and the extension come up it attaches an invoker by itself (no restart) and
+    the same invoke succeeds."""
+    from extreg.natsserver import NatsServer
+    from extreg.samples import run_samples
+
+    db_url = pg_server.create_database(f"late_nats_{uuid.uuid4().hex[:8]}")
+    migrate(db_url)
+    sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
+                " ('normalize_text', 'pre', 'beamline.ext.pre.normalize_text.v1', 1000)")
+    tokens = await make_tokens(db_url)
+    nats = NatsServer()
+    proc, url, _ = start_server(tmp_path, "--database-url", db_url,
+                                EXTENSION_REGISTRY_NATS_URL=nats.url)
+    headers = {"Authorization": f"Bearer {tokens['operator']}"}
+    body = {"payload": {"payload": "  Hello   WORLD "}, "metadata": {}}
+    try:
+        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+            before = await client.post("/admin/extensions/normalize_text/invoke", json=body)
+            assert 503 == before.status_code
+            await nats.astart()
+            samples = await run_samples(nats.url, names=["normalize_text"])
+            try:
+                deadline = time.monotonic() + 30
+                while not (await client.get("/admin/status")).json()["invoker"]:
+                    assert time.monotonic() < deadline, "no invoker 30 s after NATS came up"
+                    await asyncio.sleep(0.2)
+                after = await client.post("/admin/extensions/normalize_text/invoke", json=body)
+            finally:
+                await samples.stop()
+        assert 200 == after.status_code, after.text
+        assert "hello world" == after.json()["reply"]["payload"]["payload"]
+    finally:
+        assert 0 == stop_server(proc)
+        await nats.astop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 
@@ -19,6 +21,8 @@ from .settings import Settings
 from .tokens import TokenStore, ensure_admin_token
 
 log = structlog.get_logger("extreg.serve")
+
+INVOKER_RETRY_MIN_S, INVOKER_RETRY_MAX_S = 1.0, 15.0
 
 
 async def serve(settings: Settings, *, host: str, port: int, demo: bool = False) -> None:
@@ -45,9 +49,10 @@ async def serve(settings: Settings, *, host: str, port: int, demo: bool = False)
         registry = await stack.enter_async_context(Registry.open(settings))
         invoker = await _open_invoker(stack, registry, settings)
         runtime = await stack.enter_async_context(Runtime.open(settings, registry, invoker))
-        if services is not None and invoker is not None:
-            stack.push_async_callback(_stop_task, asyncio.create_task(
-                traffic(invoker, services.samples, stop)))
+        if invoker is None:
+            _background(stack, _attach_invoker_later(stack, runtime))
+        elif services is not None:
+            _background(stack, traffic(invoker, services.samples, stop))
         log.info("serving", **registry.status.as_dict())
         await serve_api(runtime, host, port, stop, admin_token=admin_token)
         log.info("stopping")
@@ -56,13 +61,35 @@ async def serve(settings: Settings, *, host: str, port: int, demo: bool = False)
 async def _open_invoker(
     stack: contextlib.AsyncExitStack, registry: Registry, settings: Settings
 ) -> Invoker | None:
-    """The NATS invoker, or None (logged) when NATS cannot be reached: the registry and the
-    API still serve, and invoke/circuit routes answer 503 until a restart finds NATS."""
+    """The NATS invoker, or None (logged) when NATS cannot be reached yet."""
     try:
         return await stack.enter_async_context(Invoker.open(registry, settings))
     except NatsUnavailable as exc:
-        log.warning("invoker_unavailable", error=str(exc), nats_url=settings.nats_url)
+        log.warning("invoker_unavailable", error=str(exc), nats_url=settings.nats_url,
+                    retry="every few seconds; invoke and circuit routes answer 503 meanwhile")
         return None
+
+
+async def _attach_invoker_later(stack: contextlib.AsyncExitStack, runtime: Runtime) -> None:
+    """Keep trying NATS; once it answers, give the running API its invoker (no restart)."""
+    delay = INVOKER_RETRY_MIN_S
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            invoker = await stack.enter_async_context(
+                Invoker.open(runtime.registry, runtime.settings))
+        except NatsUnavailable:
+            delay = min(delay * 2, INVOKER_RETRY_MAX_S)
+            continue
+        runtime.metrics.watch_invoker(invoker)
+        runtime.invoker = invoker
+        log.info("invoker_connected", nats_url=runtime.settings.nats_url)
+        return
+
+
+def _background(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` until the stack unwinds (cancelled then, before what it entered closes)."""
+    stack.push_async_callback(_stop_task, asyncio.create_task(coro))
 
 
 async def _stop_task(task: asyncio.Task[None]) -> None:
