@@ -66,7 +66,7 @@ async def call(client: httpx.AsyncClient, method: str, path: str, body: Any = No
     return await client.request(method, path, **kwargs)
 
 
-async def wait_until(condition: Any, timeout: float = 2.0) -> float:
+async def assert_eventually(condition: Any, timeout: float = 2.0) -> float:
     started = time.perf_counter()
     while not await condition():
         if time.perf_counter() - started > timeout:
@@ -174,14 +174,14 @@ async def test_a_plain_sql_write_appears_in_the_api_within_a_second(
             answer = await api.client.get("/admin/extensions/from_sql", headers=viewer)
             return answer.status_code == 200
 
-        await wait_until(visible, timeout=1.0)
+        await assert_eventually(visible, timeout=1.0)
         sql(db_url, "UPDATE extensions SET timeout_ms = 130 WHERE id = 'from_sql'")
 
         async def changed() -> bool:
             answer = await api.client.get("/admin/extensions/from_sql", headers=viewer)
             return bool(answer.json()["timeout_ms"] == 130)
 
-        await wait_until(changed, timeout=1.0)
+        await assert_eventually(changed, timeout=1.0)
 
 
 async def test_stale_etag_gets_412(tmp_path: Path, db_url: str) -> None:
@@ -366,7 +366,7 @@ async def test_a_revoked_token_stops_working_within_a_second(tmp_path: Path, db_
         async def refused() -> bool:
             return (await api.client.get("/admin/status", headers=viewer)).status_code == 401
 
-        await wait_until(refused, timeout=1.0)
+        await assert_eventually(refused, timeout=1.0)
 
 
 async def test_a_token_created_while_serving_works_within_a_second(
@@ -381,7 +381,7 @@ async def test_a_token_created_while_serving_works_within_a_second(
                                           headers={"Authorization": f"Bearer {token}"})
             return answer.status_code == 200
 
-        await wait_until(accepted, timeout=1.0)
+        await assert_eventually(accepted, timeout=1.0)
 
 
 async def test_ensure_admin_token_creates_one_admin_token_once(db_url: str) -> None:

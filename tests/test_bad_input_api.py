@@ -147,7 +147,7 @@ class Probe:
             self.failures.append(f"{label}: {answer.status_code} {'; '.join(problems)} :: {shown}")
         return answer
 
-    def check(self) -> None:
+    def assert_every_case_refused(self) -> None:
         assert not self.failures, f"{len(self.failures)} bad cases:\n" + "\n".join(self.failures)
 
 
@@ -265,7 +265,7 @@ async def test_body_files(probe: Probe) -> None:
         raw = (CORPUS / name).read_bytes()
         for method, path in RECORD_WRITES:
             await probe.send("body files", name, method, path, raw=raw, loc=loc, text=text)
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 # -- wrong field values -----------------------------------------------------------------------
@@ -399,7 +399,7 @@ async def test_wrong_field_values(probe: Probe) -> None:
                          alpha_record(**{name: value}), loc=loc, text=text)
         await probe.send("record fields", case, "PATCH", "/admin/extensions/alpha",
                          {name: value}, loc=loc, text=text)
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 async def test_missing_fields_and_mismatched_ids(probe: Probe) -> None:
@@ -418,7 +418,7 @@ async def test_missing_fields_and_mismatched_ids(probe: Probe) -> None:
                          record("beta"), loc=["body", "id"], text="must equal the id in the URL")
     await probe.send("record fields", "existing id", "POST", "/admin/extensions", record("alpha"),
                      expect=(409,))
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 # -- circuit and invoke bodies ----------------------------------------------------------------
@@ -484,7 +484,7 @@ async def test_circuit_and_invoke_bodies(probe: Probe) -> None:
     for case, path, raw, expect, loc, text in OPERATION_BODIES:
         await probe.send("operation bodies", case, "POST", path, raw=raw, role="operator",
                          expect=expect, loc=loc, text=text)
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 # -- odd ids ----------------------------------------------------------------------------------
@@ -546,7 +546,7 @@ async def test_odd_ids(probe: Probe) -> None:
             query = urllib.parse.urlencode({"extension_id": ext_id})
             await probe.send("ids", case, "GET", f"/admin/audit?{query}", role="viewer",
                              expect=(200,), result=[])
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 # -- query parameters, methods and headers ----------------------------------------------------
@@ -587,7 +587,7 @@ async def test_query_parameters_and_methods(probe: Probe) -> None:
         await probe.send("query parameters", case, "GET", path, role="viewer", loc=loc)
     for method, path in METHODS:
         await probe.send("query parameters", f"{method} {path}", method, path, expect=(405,))
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 async def test_if_match_values(probe: Probe) -> None:
@@ -610,7 +610,7 @@ async def test_if_match_values(probe: Probe) -> None:
         for method, body in writes:
             await probe.send("headers", f"If-Match {case}", method, "/admin/extensions/alpha",
                              body, headers={"If-Match": value}, expect=(412,))
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 async def test_bad_tokens_and_content_types(probe: Probe) -> None:
@@ -634,7 +634,7 @@ async def test_bad_tokens_and_content_types(probe: Probe) -> None:
         for content_type in types:
             await probe.send("headers", f"Content-Type {content_type}", method, path, body,
                              role=role, content_type=content_type, expect=(415, 422))
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 # -- oversize and deep bodies -----------------------------------------------------------------
@@ -688,7 +688,7 @@ async def test_oversize_bodies_are_refused_unread(probe: Probe) -> None:
         await probe.send("oversize and deep bodies", "10 MB chunked", method, path, role=role,
                          expect=(413,), raw=stream)  # type: ignore[arg-type]
         assert stream.read <= limit + 64 * 1024, (method, path, stream.read)
-    probe.check()
+    probe.assert_every_case_refused()
 
 
 async def test_deep_bodies(probe: Probe) -> None:
@@ -710,4 +710,4 @@ async def test_deep_bodies(probe: Probe) -> None:
                          role="operator", expect=(400, 422))
         await probe.send("oversize and deep bodies", case, "POST", INVOKE, raw=raw,
                          role="operator", expect=(400, 422))
-    probe.check()
+    probe.assert_every_case_refused()

@@ -752,7 +752,7 @@ def test_cli_list_shows_markup_like_values_verbatim(cli: dict[str, Future[Result
     result = finished(cli, "list:markup")
     assert 0 == result.returncode, outcome(result)
     assert "Traceback" not in result.stderr, outcome(result)
-    has_all(result.stdout, "beamline.[/red]", "[bold]v1")
+    assert_has_all(result.stdout, "beamline.[/red]", "[bold]v1")
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -770,7 +770,7 @@ def config_error(**kwargs: Any) -> str:
     return message
 
 
-def has_all(message: str, *parts: str) -> None:
+def assert_has_all(message: str, *parts: str) -> None:
     for part in parts:
         assert part in message, (part, message)
 
@@ -836,9 +836,9 @@ def test_config_file_corpus(name: str) -> None:
     path = CONFIG_CORPUS / name
     environ = {} if key == "db_password" else {"EXTENSION_REGISTRY_DB_PASSWORD": SECRET}
     message = config_error(config_file=path, environ=environ)
-    has_all(message, str(path), fragment)
+    assert_has_all(message, str(path), fragment)
     if key is not None:
-        has_all(message, f"setting {key} from config file {path}: ")
+        assert_has_all(message, f"setting {key} from config file {path}: ")
     else:
         assert message.startswith(f"config file {path}"), message
     assert "7345987234" not in message
@@ -899,16 +899,16 @@ def test_negative_numbers_are_refused(tmp_path: Path, key: str, origin: str) -> 
     if origin == "environment":
         message = config_error(environ={f"EXTENSION_REGISTRY_{key.upper()}": "-1",
                                         "EXTENSION_REGISTRY_DB_PASSWORD": SECRET})
-        has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ")
+        assert_has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ")
     elif origin == "config file":
         path = tmp_path / "negative.toml"
         path.write_text(f"[extension_registry]\n{key} = -1\n", encoding="utf-8")
         message = config_error(config_file=path)
-        has_all(message, f"setting {key} from config file {path}: ")
+        assert_has_all(message, f"setting {key} from config file {path}: ")
     else:
         message = config_error(**{key: -1})
-        has_all(message, f"setting {key} from command line: ")
-    has_all(message, "greater than", "(got ")
+        assert_has_all(message, f"setting {key} from command line: ")
+    assert_has_all(message, "greater than", "(got ")
 
 
 @pytest.mark.parametrize("key", POSITIVE)
@@ -916,7 +916,7 @@ def test_zero_is_refused_where_positive_is_required(key: str) -> None:
     """0 for a setting that must be positive is a ConfigError naming the variable."""
     tried("configuration", f"{key}=0")
     message = config_error(environ={f"EXTENSION_REGISTRY_{key.upper()}": "0"})
-    has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ", "greater than")
+    assert_has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ", "greater than")
 
 
 FLOAT_KEYS = sorted(k for k, n in NUMERIC.items() if n.kind is float)
@@ -931,7 +931,7 @@ def test_non_finite_floats_are_refused(key: str, value: str) -> None:
     """nan, -inf and inf are refused for every float setting, naming the variable."""
     tried("configuration", f"{key}={value}")
     message = config_error(environ={f"EXTENSION_REGISTRY_{key.upper()}": value})
-    has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ",
+    assert_has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ",
             "Input should be a finite number")
 
 
@@ -943,10 +943,10 @@ def test_bad_ports(origin: str, value: str) -> None:
     tried("configuration", f"db_port={value!r} from {origin}")
     if origin == "environment":
         message = config_error(environ={"EXTENSION_REGISTRY_DB_PORT": value})
-        has_all(message, "setting EXTENSION_REGISTRY_DB_PORT from environment: ")
+        assert_has_all(message, "setting EXTENSION_REGISTRY_DB_PORT from environment: ")
     else:
         message = config_error(db_port=value)
-        has_all(message, "setting db_port from command line: ")
+        assert_has_all(message, "setting db_port from command line: ")
 
 
 NOT_POSTGRES = "must start with postgresql://"
@@ -974,10 +974,10 @@ def test_bad_database_urls(case: str, origin: str) -> None:
     tried("configuration", f"database_url {case} from {origin}")
     if origin == "environment":
         message = config_error(environ={"EXTENSION_REGISTRY_DATABASE_URL": url})
-        has_all(message, "setting EXTENSION_REGISTRY_DATABASE_URL from environment: ", fragment)
+        assert_has_all(message, "setting EXTENSION_REGISTRY_DATABASE_URL from environment: ", fragment)
     else:
         message = config_error(database_url=url)
-        has_all(message, "setting database_url from command line: ", fragment)
+        assert_has_all(message, "setting database_url from command line: ", fragment)
 
 
 @pytest.mark.parametrize(("url", "fragment"), [
@@ -993,7 +993,7 @@ def test_bad_nats_urls(url: str, fragment: str) -> None:
     holding one, is a ConfigError naming the variable and what is wrong."""
     tried("configuration", f"nats_url {url!r}")
     message = config_error(environ={"EXTENSION_REGISTRY_NATS_URL": url})
-    has_all(message, "setting EXTENSION_REGISTRY_NATS_URL from environment: ", fragment)
+    assert_has_all(message, "setting EXTENSION_REGISTRY_NATS_URL from environment: ", fragment)
 
 
 @pytest.mark.parametrize(("environ", "overrides", "parts"), [
@@ -1016,7 +1016,7 @@ def test_unknown_keys(environ: dict[str, str], overrides: dict[str, str],
     tried("configuration", f"unknown key {sorted(environ) or sorted(overrides)}")
     message = config_error(environ={**environ, "EXTENSION_REGISTRY_DB_PASSWORD": SECRET},
                            **overrides)
-    has_all(message, *parts)
+    assert_has_all(message, *parts)
 
 
 @pytest.mark.parametrize(("variable", "value", "fragment"), [
@@ -1037,7 +1037,7 @@ def test_wrong_types_from_the_environment(variable: str, value: str, fragment: s
     tried("configuration", f"{variable}={value}")
     message = config_error(environ={f"EXTENSION_REGISTRY_{variable}": value,
                                     "EXTENSION_REGISTRY_DB_PASSWORD": SECRET})
-    has_all(message, f"setting EXTENSION_REGISTRY_{variable} from environment: ", fragment)
+    assert_has_all(message, f"setting EXTENSION_REGISTRY_{variable} from environment: ", fragment)
 
 
 @pytest.mark.parametrize("kind", [
@@ -1057,7 +1057,7 @@ def test_config_path_that_is_not_a_file(tmp_path: Path, kind: str) -> None:
     elif kind == "directory":
         path.mkdir()
     message = config_error(config_file=path)
-    has_all(message, f"config file {path} ", {
+    assert_has_all(message, f"config file {path} ", {
         "missing": "does not exist", "dangling-symlink": "does not exist",
         "directory": "is a directory"}[kind])
 
@@ -1074,7 +1074,7 @@ def test_mnesia_from_every_layer(tmp_path: Path) -> None:
         ({"cache_type": "mnesia"}, "setting cache_type from command line: "),
     ):
         tried("configuration", f"mnesia {shown.split()[1]}")
-        has_all(config_error(**kwargs), shown, "'mnesia' is not supported", "'ets'")
+        assert_has_all(config_error(**kwargs), shown, "'mnesia' is not supported", "'ets'")
 
 
 @pytest.mark.parametrize("key", list(CLI_CONFIG))
@@ -1091,12 +1091,12 @@ def test_cli_bad_configuration(cli: dict[str, Future[Result]], key: str) -> None
     assert SECRET not in result.stdout + result.stderr, outcome(result)
     if case.usage:
         assert result.stderr.startswith(f"Usage: extreg {case.args[0]} "), outcome(result)
-        has_all(result.stderr, *case.parts)
+        assert_has_all(result.stderr, *case.parts)
         return
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert 1 == len(lines), outcome(result)
     assert lines[0].startswith("error: "), outcome(result)
-    has_all(lines[0], *case.parts)
+    assert_has_all(lines[0], *case.parts)
 
 
 def test_no_secret_in_any_config_corpus_message() -> None:
