@@ -7,16 +7,13 @@ of sources feed it:
 - the registry pushes: `watch_registry` subscribes to `Registry.on_change` (size, enabled
   count) and `Registry.on_sync` (sync duration, sync errors);
 - the invoker pushes: `watch_invoker` makes `observe_invocation(extension_id, outcome,
-  seconds)` the invoker's `observer` (called after every call; or the invoker may call the
-  module-level `observe_invocation` itself), and subscribes `circuit_transition` to its
-  breakers' `on_state_change` (failures = times a circuit opened, recoveries = times it
-  closed again);
+  seconds)` the invoker's `observer` (called after every call), and subscribes
+  `circuit_transition` to its breakers' `on_state_change` (failures = times a circuit
+  opened, recoveries = times it closed again);
 - health and circuit gauges are *pulled* at scrape time from `invoker.health` and
   `invoker.breaker` by a custom collector, so the hot path does no metric work for them.
 
-Global state department: `default()` is the process's instance, the one `extreg serve`
-exposes on /metrics, and the module-level `observe_invocation` / `circuit_transition` write
-to it, so the invoker needs no reference to a `Metrics`. Tests call `reset_default()`.
+No global state: each `Runtime` owns its `Metrics`, the one its /metrics serves.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CIRCUIT_STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
-OUTCOMES = ("ok", "error", "timeout", "rejected", "circuit_open")  # documented, not enforced
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0, 60.0)  # fmt: skip - extension timeouts reach 60 s
 
@@ -169,30 +165,3 @@ class _HealthCollector(Collector):
         yield GaugeMetricFamily("extension_health_success_rate", "", labels=["extension_id"])
         yield GaugeMetricFamily("extension_health_avg_latency_ms", "", labels=["extension_id"])
         yield GaugeMetricFamily("extension_circuit_breaker_state", "", labels=["extension_id"])
-
-
-_default: Metrics | None = None
-
-
-def default() -> Metrics:
-    """The process's `Metrics` (created on first use)."""
-    global _default
-    if _default is None:
-        _default = Metrics()
-    return _default
-
-
-def reset_default() -> None:
-    """Forget the process's `Metrics`; the next `default()` starts from zero (tests)."""
-    global _default
-    _default = None
-
-
-def observe_invocation(extension_id: str, outcome: str, seconds: float) -> None:
-    """For the invoker: record one finished invocation in the process's metrics."""
-    default().observe_invocation(extension_id, outcome, seconds)
-
-
-def circuit_transition(extension_id: str, old: str, new: str) -> None:
-    """For the invoker: a breaker transition (usable as an `on_state_change` callback)."""
-    default().circuit_transition(extension_id, old, new)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics as metrics_module
 from .auth import TokenBook
 from .metrics import Metrics
 from .registry import Registry
@@ -29,7 +28,7 @@ class Runtime:
     registry: Registry
     invoker: Any | None = None
     tokens: TokenBook = field(default_factory=TokenBook)
-    metrics: Metrics = field(default_factory=metrics_module.default)
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -43,7 +42,7 @@ class Runtime:
     ) -> AsyncIterator[Runtime]:
         """A runtime whose tokens follow the database (when one is configured) and the tokens
         file (setting `api_tokens_file`), with metrics attached to the registry and invoker."""
-        runtime = cls(settings, registry, invoker, metrics=metrics or metrics_module.default())
+        runtime = cls(settings, registry, invoker, metrics=metrics or Metrics())
         runtime.metrics.watch_registry(registry)
         if invoker is not None:
             runtime.metrics.watch_invoker(invoker)

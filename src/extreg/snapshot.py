@@ -84,8 +84,5 @@ class Snapshot:
             by_type[ext_type] = tuple(kept)
         return Snapshot(by_id, enabled, by_type, self.generation + 1)
 
-    def same_records(self, other: Snapshot) -> bool:
-        return self.by_id == other.by_id
-
     def __len__(self) -> int:
         return len(self.by_id)

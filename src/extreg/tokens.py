@@ -22,7 +22,6 @@ import psycopg
 import structlog
 
 from .auth import (
-    Role,
     TokenBook,
     TokenEntry,
     check_name,
@@ -169,11 +168,6 @@ async def ensure_admin_token(store: TokenStore) -> str | None:
     the token is shown on the first start only and an operator's revoke is respected.
     """
     return await store.ensure_admin()
-
-
-async def create_token(store: TokenStore, name: str, role: Role, created_by: str) -> str:
-    """`store.create`, as a function for symmetry with `ensure_admin_token`."""
-    return await store.create(name, role, created_by)
 
 
 class TokenFollower:

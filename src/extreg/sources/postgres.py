@@ -248,15 +248,6 @@ class PostgresSource:
         await _replace_children(conn, ext)
         return "created" if old is None else "updated"
 
-    async def create_extension(self, ext: Extension, actor: str) -> None:
-        """Create a record; `Conflict` if the id exists."""
-        with self._translate():
-            async with self._pool.connection() as conn:
-                cur = await conn.execute("SELECT 1 FROM extensions WHERE id = %s", (ext.id,))
-                if await cur.fetchone():
-                    raise Conflict(f"extension {ext.id!r} already exists")
-        await self.upsert_extension(ext, actor)
-
     async def set_enabled(self, extension_id: str, enabled: bool, actor: str) -> bool:
         """Enable or disable; False when no such extension. Audited as enable/disable."""
         with self._translate():
