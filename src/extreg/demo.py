@@ -82,7 +82,7 @@ async def register_samples(settings: Settings) -> None:
                             max_retries=settings.extension_max_retries)
             for sample in SAMPLE_EXTENSIONS
         ]
-        existing = {e.id for e in await db.load_all_extensions()}
+        _, _, existing = await db.changes_since(None)
         missing = [e for e in parsed if e.id not in existing]
         if missing:
             await db.import_extensions(missing, DEMO_ACTOR)

@@ -42,10 +42,10 @@ def start_embedded_postgres(pgdata: Path) -> str:
 
 
 async def prepare_embedded(settings: Settings) -> None:
-    """Migrate, and when the database is empty, load the bundled sample fixtures."""
-    migrate(settings.conninfo)
+    """When the (already migrated) embedded database is empty, load the bundled samples."""
     async with PostgresSource(settings) as db:
-        if await db.load_all_extensions():
+        _, _, ids = await db.changes_since(None)
+        if ids:
             return
         records = load_fixtures(
             settings.fixtures_dir,
