@@ -104,9 +104,7 @@ async def replace_extension(
     ext = record(data, runtime.settings, extension_id)
 
     def change(current: Extension | None) -> Extension:
-        if current is None:
-            raise ExtensionNotFound(extension_id)
-        check_if_match(if_match, current)
+        _existing(current, extension_id, if_match)
         return ext
 
     return _record_response(await _write(runtime.registry, extension_id, change, principal))
@@ -127,10 +125,8 @@ async def patch_extension(
     patch = same_id(await json_object(request, extension_id), extension_id)
 
     def change(current: Extension | None) -> Extension:
-        if current is None:
-            raise ExtensionNotFound(extension_id)
-        check_if_match(if_match, current)
-        merged = {**to_plain(current, writable_only=True), **patch}
+        merged = {**to_plain(_existing(current, extension_id, if_match), writable_only=True),
+                  **patch}
         return record(merged, runtime.settings, extension_id)
 
     return _record_response(await _write(runtime.registry, extension_id, change, principal))
@@ -148,9 +144,7 @@ async def delete_extension(
     registry = runtime_of(request).registry
 
     def change(current: Extension | None) -> None:
-        if current is None:
-            raise ExtensionNotFound(extension_id)
-        check_if_match(if_match, current)
+        _existing(current, extension_id, if_match)
 
     await _write(registry, extension_id, change, principal)
     return Response(status_code=204)
@@ -248,3 +242,12 @@ async def settle(
 def _newer(cached: Extension | None, written: Extension | None) -> bool:
     return bool(cached and written and cached.updated_at and written.updated_at
                 and cached.updated_at > written.updated_at)
+
+
+def _existing(current: Extension | None, extension_id: str, if_match: str | None) -> Extension:
+    """The record a PUT, PATCH or DELETE changes: 404 when missing, 412 when `If-Match` is
+    stale."""
+    if current is None:
+        raise ExtensionNotFound(extension_id)
+    check_if_match(if_match, current)
+    return current
