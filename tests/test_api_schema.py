@@ -22,7 +22,6 @@ import schemathesis
 from api_helpers import EchoInvoker, LiveServer, make_tokens, seed
 from helpers import make_settings, record
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
 
 from extreg.api import create_app
 from extreg.db.migrate import migrate
@@ -75,5 +74,6 @@ def test_no_generated_request_gets_a_server_error(
 ) -> None:
     """Every operation, with generated valid and invalid input, answers below 500."""
     server, token = live
-    case.call_and_validate(base_url=server.url, headers={"Authorization": f"Bearer {token}"},
-                           checks=[not_a_server_error])
+    response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code < 500, (
+        f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}")
