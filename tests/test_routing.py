@@ -151,3 +151,31 @@ def test_envelope_defaults_and_headers() -> None:
     assert headers(None, None) is None
     assert {"trace_id": "t", "tenant_id": "42"} == headers("t", 42)
     assert {"tenant_id": "a"} == headers(None, "a")
+
+
+def test_versions_newest_first_by_created_at() -> None:
+    """Versions are tried newest first by created_at, whatever their order in the record: a
+    `{}` default created first and a tenant-list canary created later send the canary's
+    tenants to the canary and everyone else to the default."""
+    default = version("v2", {}, created_at="2026-01-01T00:00:00Z")
+    canary = version("v3", {"tenant_id": ["t1"]}, created_at="2026-02-01T00:00:00Z")
+    for listed in ([default, canary], [canary, default]):
+        route = Route(ext(versions=listed), Limits())
+        assert ["v3", "v2"] == [
+            route.pick(ctx(tenant_id=tenant)).version for tenant in ("t1", "t2")
+        ]
+
+
+def test_versions_without_created_at_later_in_list_is_newer() -> None:
+    """Without created_at (fixtures), a version later in the record counts as newer; a dated
+    version is newer than an undated one; equal times fall back to the record's order too."""
+    default, canary = version("v2", {}), version("v3", {"tenant_id": ["t1"]})
+    assert "v3" == Route(ext(versions=[default, canary]), Limits()).pick(ctx(tenant_id="t1")).version
+    assert "v2" == Route(ext(versions=[canary, default]), Limits()).pick(ctx(tenant_id="t1")).version
+    dated = version("v3", {"tenant_id": ["t1"]}, created_at="2026-01-01T00:00:00Z")
+    assert "v3" == Route(ext(versions=[dated, default]), Limits()).pick(ctx(tenant_id="t1")).version
+    same = "2026-01-01T00:00:00+00:00"
+    tied = [version("v2", {}, created_at=same), version("v3", {"tenant_id": ["t1"]}, created_at=same)]
+    assert "v3" == Route(ext(versions=tied), Limits()).pick(ctx(tenant_id="t1")).version
+    naive = version("v4", {"tenant_id": ["t1"]}, created_at="2026-03-01T00:00:00")
+    assert "v4" == Route(ext(versions=[naive, dated]), Limits()).pick(ctx(tenant_id="t1")).version

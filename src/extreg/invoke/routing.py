@@ -10,8 +10,13 @@ Rules (the wire contract's, see `shared/reference/contract.md`):
 - `routing_rules` `{}` matches every context; a list value means "the context value is one of
   these"; a string means equality; several keys must all match. A context value that is not a
   string is compared as `str(value)`; a missing key never matches.
-- Among enabled versions (in the database's order: created_at, then version name) the first
-  match wins; with no match, the extension's own row is used.
+- Enabled versions are tried newest first (`created_at` descending, as the original's
+  `router_extension_versioning` reads them), whatever order the record lists them in; the
+  first match wins; with no match, the extension's own row is used. A version without
+  `created_at` (fixtures) counts as older than any dated one, and between versions of equal or
+  no `created_at`, the one later in the record is the newer (see `newest_first`). This is what
+  makes the canary recipe work: a `{}` default created first and a tenant-list version created
+  later send the listed tenants to the later one.
 - A matched version is its own target: its subject, timeout and retry. Instances
   (`extension_instances`, one subject each, weight 0-100) belong to the extension's own row:
   when no version matched, one of the enabled instances whose health is not `unhealthy` and
@@ -30,6 +35,7 @@ import random
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +103,28 @@ def select_version(
     return None
 
 
+def newest_first(versions: Sequence[Version]) -> list[Version]:
+    """`versions` in the order they are tried: newest `created_at` first.
+
+    Undated versions count as older than dated ones; ties (equal or no `created_at`) go to the
+    one later in the sequence, so a fixtures file reads "later in the list = newer". A naive
+    `created_at` is taken as UTC, so mixed values still compare.
+    """
+    def age(item: tuple[int, Version]) -> tuple[bool, datetime, int]:
+        index, v = item
+        moment = v.created_at
+        if moment is None:
+            return (False, _EPOCH, index)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return (True, moment, index)
+
+    return [v for _, v in sorted(enumerate(versions), key=age, reverse=True)]
+
+
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
 def usable_instances(instances: Sequence[Instance]) -> list[Instance]:
     """Instances a call may go to: enabled, not `unhealthy`, weight above 0."""
     return [i for i in instances if i.enabled and i.health_status != "unhealthy" and i.weight > 0]
@@ -142,7 +170,9 @@ class Route:
         self.ext = ext
         self.default = self._target(ext.subject, ext.timeout_ms, ext.retry, ext.version, limits)
         self.versions: tuple[tuple[Rules, Target], ...] = tuple(
-            (v.routing_rules, self._version_target(v, limits)) for v in ext.versions if v.enabled
+            (v.routing_rules, self._version_target(v, limits))
+            for v in newest_first(ext.versions)
+            if v.enabled
         )
         usable = usable_instances(ext.instances)
         self.instances: tuple[Target, ...] = tuple(
