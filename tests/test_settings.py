@@ -3,12 +3,16 @@ every rejection naming its key and origin, and passwords kept out of every rende
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import extreg
 from extreg.errors import ConfigError
+from extreg.registry import Registry
 from extreg.settings import Settings, redact_url
 from extreg.sources.fixtures import load_fixtures
 
@@ -29,6 +33,17 @@ def config_error(**kwargs: object) -> str:
 def write_toml(path: Path, body: str) -> Path:
     path.write_text(body, encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
+    """The process environment without any EXTENSION_REGISTRY_* variable, in a folder of the
+    test's own (so the default data_dir is fresh): for `Settings()` alone."""
+    for name in list(os.environ):
+        if name.startswith("EXTENSION_REGISTRY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    yield monkeypatch
 
 
 # -- defaults --------------------------------------------------------------------------------
@@ -233,6 +248,113 @@ def test_every_contract_key_has_an_environment_name() -> None:
     }
     s = load(environ={f"EXTENSION_REGISTRY_{k.upper()}": v for k, (v, _) in values.items()})
     assert {k: want for k, (_, want) in values.items()} == {k: getattr(s, k) for k in values}
+
+
+# -- Settings() alone (issue 8: it ignored the environment) --------------------------------
+
+
+def test_settings_alone_reads_the_environment(environ: pytest.MonkeyPatch) -> None:
+    """`Settings()` with no argument reads EXTENSION_REGISTRY_* from the process environment,
+    parsed to each key's type."""
+    environ.setenv("EXTENSION_REGISTRY_DB_NAME", "from_env")
+    environ.setenv("EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS", "7")
+    environ.setenv("EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED", "true")
+    s = Settings()
+    assert ("from_env", 7.0, True) == (s.db_name, s.sync_interval_seconds,
+                                       s.circuit_breaker_enabled)
+
+
+def test_settings_alone_reads_every_layer(environ: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`Settings(**keywords)`: default < the TOML file named by EXTENSION_REGISTRY_CONFIG <
+    environment < keyword argument."""
+    path = write_toml(tmp_path / "reg.toml", """
+[extension_registry]
+db_name = "from_file"
+db_user = "file_user"
+nats_url = "nats://file:4222"
+""")
+    environ.setenv("EXTENSION_REGISTRY_CONFIG", str(path))
+    environ.setenv("EXTENSION_REGISTRY_DB_USER", "env_user")
+    environ.setenv("EXTENSION_REGISTRY_NATS_URL", "nats://env:4222")
+    s = Settings(nats_url="nats://keyword:4222")
+    assert ("localhost", "from_file", "env_user", "nats://keyword:4222") == (
+        s.db_host, s.db_name, s.db_user, s.nats_url)
+
+
+def test_settings_alone_refuses_an_unknown_environment_variable(
+    environ: pytest.MonkeyPatch,
+) -> None:
+    """The unknown-key rule holds for `Settings()` too, naming the variable."""
+    environ.setenv("EXTENSION_REGISTRY_COLOUR", "blue")
+    with pytest.raises(ConfigError) as info:
+        Settings()
+    for part in ("EXTENSION_REGISTRY_COLOUR", "environment", "unknown setting"):
+        assert part in str(info.value), (part, str(info.value))
+
+
+def test_settings_alone_names_the_file_of_a_bad_value(
+    environ: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A bad value in the file named by EXTENSION_REGISTRY_CONFIG names the key and the file."""
+    path = write_toml(tmp_path / "reg.toml", "[extension_registry]\ndb_port = 70000\n")
+    environ.setenv("EXTENSION_REGISTRY_CONFIG", str(path))
+    with pytest.raises(ConfigError) as info:
+        Settings()
+    for part in ("db_port", f"config file {path}"):
+        assert part in str(info.value), (part, str(info.value))
+
+
+def test_bad_keyword_database_url_is_a_config_error_without_the_password(
+    environ: pytest.MonkeyPatch,
+) -> None:
+    """`Settings(database_url="postgresql://u:pw@h:bad/x")` raises ConfigError (in the error
+    tree, not pydantic's ValidationError, whose text showed the password), naming the key and
+    that it came from a keyword argument."""
+    with pytest.raises(ConfigError) as info:
+        Settings(database_url=f"postgresql://u:{SECRET}@h:bad/x")
+    message = str(info.value)
+    assert SECRET not in message, message
+    for part in ("database_url", "keyword argument", "port"):
+        assert part in message, (part, message)
+
+
+@pytest.mark.parametrize(("values", "key"), [
+    ({"db_port": 0}, "db_port"), ({"cache_type": "mnesia"}, "cache_type"),
+    ({"colour": "blue"}, "colour"), ({"db_password": 123456789}, "db_password"),
+], ids=["port", "mnesia", "unknown", "password-type"])
+def test_bad_keyword_is_a_config_error_naming_key_and_origin(
+    environ: pytest.MonkeyPatch, values: dict[str, object], key: str
+) -> None:
+    """Every rejection of a keyword argument is a ConfigError naming the key and the keyword
+    origin, and never echoes a password."""
+    with pytest.raises(ConfigError) as info:
+        Settings(**values)
+    message = str(info.value)
+    assert (key in message, "keyword argument" in message, "123456789" in message) == (
+        True, True, False), message
+
+
+def test_replace_reads_no_layer_again(environ: pytest.MonkeyPatch) -> None:
+    """`replace` copies what was set: an environment isolated with `load(environ={})` stays
+    isolated even when the process environment says otherwise."""
+    s = load(db_name="mine")
+    environ.setenv("EXTENSION_REGISTRY_DB_USER", "intruder")
+    copy = s.replace(db_port=6543)
+    assert ("mine", "beamline", 6543) == (copy.db_name, copy.db_user, copy.db_port)
+
+
+async def test_registry_open_settings_uses_the_database_of_the_environment(
+    environ: pytest.MonkeyPatch, tmp_path: Path, db_url: str
+) -> None:
+    """The contract's first lines: with EXTENSION_REGISTRY_DATABASE_URL set,
+    `Registry.open(Settings())` serves that database (it used to fall back to fixtures)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO extensions (id, type, subject) VALUES ('from_env_db', 'pre', 'a.b')")
+    environ.setenv("EXTENSION_REGISTRY_DATABASE_URL", db_url)
+    environ.setenv("EXTENSION_REGISTRY_DATA_DIR", str(tmp_path / "data"))
+    async with Registry.open(Settings()) as reg:
+        assert ("auto", "database", ["from_env_db"]) == (
+            reg.status.mode, reg.status.source, [e.id for e in reg.all()])
 
 
 # -- cache_type ------------------------------------------------------------------------------

@@ -1,29 +1,40 @@
-"""Settings, read once into an immutable value object.
+"""Settings, read once into an immutable value object, with pydantic-settings.
 
-Precedence, lowest to highest: defaults, a TOML file (`[extension_registry]` table),
-`EXTENSION_REGISTRY_*` environment variables, then keyword arguments (the CLI's flags).
-Every rejection names the key and where the value came from. The password lives in a
-`SecretStr` and URLs are only ever shown through `redact_url`, so neither can leak
-through a repr, a log line or an error.
+`Settings()` reads every layer; lowest to highest: defaults, a TOML file
+(`[extension_registry]` table, named by `EXTENSION_REGISTRY_CONFIG`), `EXTENSION_REGISTRY_*`
+environment variables, then keyword arguments. `Settings.load` is the
+same with an explicit file and environment, for the CLI (its flags are the keywords) and tests.
+Every rejection is a `ConfigError` naming the key and where its value came from, never a raw
+pydantic `ValidationError`. The password lives in a `SecretStr` and URLs are only ever shown
+through `redact_url`, so neither can leak through a repr, a log line or an error.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
 )
 
 from .errors import ConfigError
@@ -32,12 +43,18 @@ ENV_PREFIX = "EXTENSION_REGISTRY_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 TOML_TABLE = "extension_registry"
 BUNDLED_FIXTURES = Path(__file__).parent / "fixtures"
+DEFAULT_DATA_DIR = Path(".extreg")
+KEYWORD = "keyword argument"
+COMMAND_LINE = "command line"
 
 
-class Settings(BaseModel):
+class Settings(BaseSettings):
     """Every key of the contract's settings table, plus extreg's own (data_dir, snapshot_file)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", validate_default=True, env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+    )
 
     source: Literal["database", "fixtures", "auto"] = "auto"
     db_enabled: bool = False
@@ -51,7 +68,7 @@ class Settings(BaseModel):
     fixtures_dir: Path = BUNDLED_FIXTURES
     cache_type: Literal["ets", "memory", "mnesia"] = "ets"
     sync_interval_seconds: float = Field(60, gt=0, allow_inf_nan=False)
-    data_dir: Path = Path(".extreg")
+    data_dir: Path = DEFAULT_DATA_DIR
     snapshot_file: Path | None = None
     api_tokens_file: Path | None = None  # extra API tokens, for fixtures without a database
 
@@ -138,43 +155,162 @@ class Settings(BaseModel):
     def snapshot_path(self) -> Path:
         return self.snapshot_file or self.data_dir / "snapshot.json"
 
+    def __init__(self, **values: Any) -> None:
+        """Read every layer; a rejection is a `ConfigError` naming key and origin (the raw
+        `ValidationError` would show the offending input, a password included)."""
+        request = _REQUEST.get() or _Request()
+        build = request.build()
+        token = _BUILD.set(build)
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, build.origins)) from None
+        finally:
+            _BUILD.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keywords, environment, TOML file: highest first. No dotenv and
+        no secrets folder: the contract names neither."""
+        build = _BUILD.get() or _Request().build()
+        sources: list[PydanticBaseSettingsSource] = [
+            _Traced(init_settings, build.keyword_origin, build),
+            _Traced(_Environment(settings_cls, build.environ), "environment", build),
+        ]
+        if build.config_file is not None:
+            path = build.config_file
+            sources.append(_Traced(_TomlFile(settings_cls, path), f"config file {path}", build))
+        return tuple(sources)
+
     def replace(self, **changes: Any) -> Settings:
-        """A validated copy with some keys changed (what was set stays set)."""
+        """A validated copy with some keys changed (what was set stays set; the environment
+        and the file are not read again)."""
         data = {key: getattr(self, key) for key in self.model_fields_set}
-        return type(self)(**{**data, **changes})
+        token = _REQUEST.set(_Request(environ={}))
+        try:
+            return type(self)(**{**data, **changes})
+        finally:
+            _REQUEST.reset(token)
 
     @classmethod
     def load(
         cls,
         config_file: Path | str | None = None,
-        environ: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
         **overrides: Any,
     ) -> Settings:
-        """Read settings from every layer; `overrides` (flags) win, `None` values are ignored."""
-        env = os.environ if environ is None else environ
-        layers: list[tuple[str, dict[str, Any]]] = []
-        path = config_file or env.get(CONFIG_ENV)
-        if path:
-            layers.append((f"config file {path}", _read_toml(Path(path))))
-        env_values = {
-            key[len(ENV_PREFIX) :].lower(): value
-            for key, value in env.items()
-            if key.startswith(ENV_PREFIX) and key != CONFIG_ENV
-        }
-        if "" in env_values:
-            raise ConfigError(f"environment variable {ENV_PREFIX} names no setting")
-        layers.append(("environment", env_values))
-        layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
-        merged: dict[str, Any] = {}
-        origin: dict[str, str] = {}
-        for where, values in layers:
-            for key, value in values.items():
-                merged[key] = value
-                origin[key] = where
+        """`Settings(**overrides)` with an explicit config file (else `EXTENSION_REGISTRY_CONFIG`)
+        and environment (else `os.environ`): the CLI's flags are the overrides (named
+        "command line" in errors), and `None` values (flags not given) are ignored."""
+        request = _Request(Path(config_file) if config_file else None, environ, COMMAND_LINE)
+        token = _REQUEST.set(request)
         try:
-            return cls(**merged)
-        except ValidationError as exc:
-            raise ConfigError(_describe(exc, origin)) from None
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _REQUEST.reset(token)
+
+
+# -- the layers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What `load` (or `replace`) asks of the next `Settings(...)`; `Settings()` alone reads the
+    process's environment and the file it names."""
+
+    config_file: Path | None = None
+    environ: Mapping[str, str] | None = None
+    keyword_origin: str = KEYWORD
+
+    def build(self) -> _Build:
+        environ = os.environ if self.environ is None else self.environ
+        named = environ.get(CONFIG_ENV)
+        config_file = self.config_file or (Path(named) if named else None)
+        return _Build(config_file, environ, self.keyword_origin)
+
+
+@dataclass
+class _Build:
+    """One construction's inputs, and where each key's value came from (highest layer)."""
+
+    config_file: Path | None
+    environ: Mapping[str, str]
+    keyword_origin: str
+    origins: dict[str, str] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, values: Mapping[str, Any], where: str) -> None:
+        for key, value in values.items():
+            if key not in self.origins:
+                self.origins[key] = where
+                self.values[key] = value
+
+
+_REQUEST: ContextVar[_Request | None] = ContextVar("extreg_settings_request", default=None)
+_BUILD: ContextVar[_Build | None] = ContextVar("extreg_settings_build", default=None)
+
+
+class _Traced(PydanticBaseSettingsSource):
+    """A source that notes which keys it supplied, so a rejection can say where a value came
+    from (pydantic-settings merges the layers without keeping that)."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource, where: str, build: _Build) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner, self.where, self.build = inner, where, build
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = self.inner()
+        self.build.record(values, self.where)
+        return values
+
+
+class _Environment(EnvSettingsSource):
+    """`EXTENSION_REGISTRY_<KEY>` from a given mapping; a variable with the prefix that names
+    no setting is passed on as a key, so that it is refused as an unknown setting."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        for name, value in self._environ.items():
+            if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+                continue
+            key = name[len(ENV_PREFIX) :].lower()
+            if not key:
+                raise ConfigError(f"environment variable {ENV_PREFIX} names no setting")
+            if key not in self.settings_cls.model_fields:
+                values[key] = value
+        return values
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    """The `[extension_registry]` table of the TOML file; a file that is missing or unreadable,
+    or has another table, is an error naming it (pydantic-settings would skip it quietly)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory")
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        return _read_toml(Path(str(file_path)))
 
 
 def _check_url(url: str, schemes: tuple[str, ...]) -> None:
