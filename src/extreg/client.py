@@ -1,9 +1,13 @@
 """A small client of the admin API, for the CLI's `--url`/`--token` mode.
 
 Answers are translated at this edge into extreg's error tree, so the CLI maps them to exit
-codes exactly as it maps local errors: 404 `ExtensionNotFound`, 409/412 `Conflict`, 422
-`InvalidRecord` (exit 2); 401/403/429 `AuthFailed`, an unreachable server `ServerUnreachable`,
-invocation failures the same `ExtensionError` subclass the server raised (exit 1).
+codes exactly as it maps local errors. Every error answer names its class in `error`; the
+client rebuilds that class of `extreg.errors` by name (an `ExtensionError` with its
+`extension_id`, `reason` and `attempts`, an `InvalidRecord` with its fields, a `FixtureError`
+with its problems), so a remote failure raises what the same command raises locally. Answers
+without a name go by status: 401/403/429 `AuthFailed`, 404 `ExtensionNotFound`, 409/412
+`Conflict`, 422 `InvalidRecord`, anything else (or a name the client does not know) `ApiError`;
+no answer at all is `ServerUnreachable`.
 The token goes only into the Authorization header; no message ever contains it.
 """
 
@@ -14,23 +18,21 @@ from typing import Any, Self
 import httpx
 
 from . import errors
-from .errors import Conflict, ExtensionError, ExtensionNotFound, ExtregError, InvalidRecord
+from .errors import (
+    ApiError,
+    AuthFailed,
+    Conflict,
+    ExtensionError,
+    ExtensionNotFound,
+    ExtregError,
+    FixtureError,
+    InvalidRecord,
+    ServerUnreachable,
+)
 from .settings import redact_url
 
 DEFAULT_TIMEOUT_S = 30.0
 URL_ENV, TOKEN_ENV = "EXTREG_URL", "EXTREG_TOKEN"
-
-
-class AuthFailed(ExtregError):
-    """The server refused the token (401), its role (403), or the address (429)."""
-
-
-class ServerUnreachable(ExtregError):
-    """No answer from the server at the URL given."""
-
-
-class ApiError(ExtregError):
-    """Any other answer the client cannot use (a server error, say)."""
 
 
 class ApiClient:
@@ -97,7 +99,8 @@ class ApiClient:
     def _error(self, answer: httpx.Response, extension_id: str | None) -> ExtregError:
         status = answer.status_code
         body = _json_or_none(answer)
-        detail = body.get("detail") if isinstance(body, dict) else None
+        body = body if isinstance(body, dict) else {}
+        detail = body.get("detail")
         text = detail if isinstance(detail, str) else answer.reason_phrase
         if status == 401:
             hint = "check --token or EXTREG_TOKEN" if self._has_token else \
@@ -108,10 +111,9 @@ class ApiClient:
         if status == 429:
             wait = answer.headers.get("retry-after", "?")
             return AuthFailed(f"too many failed authentications (429): retry in {wait} s")
-        known = getattr(errors, str(body.get("error")), None) if isinstance(body, dict) else None
-        if isinstance(known, type) and issubclass(known, ExtensionError) and isinstance(body, dict):
-            return known(str(body.get("extension_id") or extension_id), body.get("reason"),
-                         int(body.get("attempts") or 0))
+        named = class_named(body.get("error"))
+        if named is not None:
+            return rebuild(named, body, text, extension_id)
         if status == 404:
             return ExtensionNotFound(extension_id or "?", None)
         if status in (409, 412):
@@ -119,6 +121,32 @@ class ApiClient:
         if status == 422:
             return InvalidRecord(extension_id or "request", _problems(detail))
         return ApiError(f"the server answered {status}: {text}")
+
+
+def class_named(name: object) -> type[ExtregError] | None:
+    """The class of `extreg.errors` called `name`, or None: the server's `error` field can
+    only ever pick a class of the tree, never anything else in the module."""
+    found = getattr(errors, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, type) and issubclass(found, ExtregError) else None
+
+
+def rebuild(cls: type[ExtregError], body: dict[str, Any], text: str,
+            extension_id: str | None) -> ExtregError:
+    """`cls` built from an error answer's body, with the arguments its constructor takes."""
+    if issubclass(cls, ExtensionError):
+        reason = body.get("reason")
+        attempts = body.get("attempts")
+        return cls(str(body.get("extension_id") or extension_id or "?"),
+                   reason if isinstance(reason, str) else None,
+                   attempts if isinstance(attempts, int) else 0)
+    if issubclass(cls, InvalidRecord):
+        record = body.get("record")
+        return cls(record if isinstance(record, str) else extension_id or "request",
+                   _problems(body.get("detail")))
+    if issubclass(cls, FixtureError):
+        problems = body.get("problems")
+        return cls([str(p) for p in problems] if isinstance(problems, list) else [text])
+    return cls(text)
 
 
 def _segment(extension_id: str) -> str:

@@ -2,24 +2,40 @@
 
     ExtregError                     base of everything below
     ├── ConfigError                 bad settings (file, environment or flag); exit status 2
+    │   └── UnknownToken            no API token has this name
     ├── InvalidRecord               an extension record breaks a rule; names record and field
+    ├── StrictJSONError             a document is not strict JSON (also a ValueError); always
+    │                               translated to InvalidRecord or FixtureError before users see it
     ├── FixtureError                a fixtures folder cannot be loaded; lists every problem
     ├── SnapshotFileError           the last-known-good snapshot file is missing, corrupt or torn
     ├── SourceUnavailable           the database cannot be reached (reason is password-free)
-    ├── Conflict                    a write collides with what is there (duplicate id, stale ETag)
+    ├── Conflict                    a write collides with what is there (duplicate id, fixtures)
+    │   └── StaleETag               `If-Match` names a version that is no longer current
+    ├── NatsUnavailable             NATS cannot be reached when the invoker starts
+    ├── NatsServerError             a private nats-server (demo, tests) would not start
+    ├── SampleRunnerError           the sample extensions cannot connect to NATS or subscribe
+    ├── ListenError                 the admin API's address cannot be bound
+    ├── AuthFailed                  (API client) the server refused the token, role or address
+    ├── ServerUnreachable           (API client) no answer from the server at the URL given
+    ├── ApiError                    (API client) any other answer the client cannot use
     └── ExtensionError              a lookup or a call of one extension failed
         ├── ExtensionNotFound
         ├── ExtensionDisabled
         ├── CircuitOpen
+        │   └── HealthRefused       health-based routing refused: success rate too low
         ├── ExtensionTimeout
         ├── MaxRetriesExceeded
         ├── InvalidResponse
         ├── PayloadTooLarge
-        └── InvocationError         transport failure or anything else on the way
+        └── InvocationError         anything else on the way
+            └── TransportUnavailable  our NATS connection is down; not the extension's fault
 
-Library errors (psycopg, nats-py, msgspec) are translated into these inside the adapters
-that call the library, so callers above the adapters only ever handle this tree. The CLI maps
-the tree to exit codes and the HTTP API maps it to statuses, each in one place.
+Library errors (psycopg, nats-py, msgspec, httpx) are translated into these inside the
+adapters that call the library, so callers above the adapters only ever handle this tree. The
+CLI maps the tree to exit codes and the HTTP API maps it to statuses, each in one place; the
+API answers with the class name, and `extreg.client` rebuilds the same class from it.
+`tests/test_error_tree.py` fails when a class raised anywhere is missing from this tree or
+from the docs.
 """
 
 from __future__ import annotations
@@ -38,6 +54,10 @@ class ExtregError(Exception):
 
 class ConfigError(ExtregError):
     """A setting is wrong; the message names the key and where it came from."""
+
+
+class UnknownToken(ConfigError):
+    """No token has this name (bad input: exit status 2)."""
 
 
 class InvalidRecord(ExtregError):
@@ -65,12 +85,51 @@ class SnapshotFileError(ExtregError):
     """The last-known-good snapshot file cannot be trusted."""
 
 
+class StrictJSONError(ExtregError, ValueError):
+    """The document is not strict JSON; the message says why and where.
+
+    Raised by `extreg.strictjson.loads` and translated by its callers (fixtures, API bodies)
+    into `FixtureError` / `InvalidRecord`, which also name the file or request."""
+
+
 class SourceUnavailable(ExtregError):
     """The database is unreachable or failed mid-operation."""
 
 
 class Conflict(ExtregError):
     """A write collides with the current state (duplicate id, stale version, fixtures mode)."""
+
+
+class StaleETag(Conflict):
+    """`If-Match` names a version of the record that is no longer current (HTTP 412)."""
+
+
+class NatsUnavailable(ExtregError):
+    """NATS could not be reached when the invoker started (`serve` keeps retrying)."""
+
+
+class NatsServerError(ExtregError):
+    """The NATS server binary is missing, or the process would not start or become ready."""
+
+
+class SampleRunnerError(ExtregError):
+    """The sample extensions could not connect to NATS or subscribe."""
+
+
+class ListenError(ExtregError):
+    """The API's address cannot be bound (port taken, address not on this machine)."""
+
+
+class AuthFailed(ExtregError):
+    """The server refused the token (401), its role (403), or the address (429)."""
+
+
+class ServerUnreachable(ExtregError):
+    """No answer from the server at the URL given."""
+
+
+class ApiError(ExtregError):
+    """Any other answer the API client cannot use (a server error, say)."""
 
 
 class ExtensionError(ExtregError):
@@ -97,6 +156,12 @@ class CircuitOpen(ExtensionError):
     reason_default = "circuit breaker is open"
 
 
+class HealthRefused(CircuitOpen):
+    """Health-based routing refused the call: the extension's recent success rate is too low."""
+
+    reason_default = "recent success rate is below health_based_routing_min_success_rate"
+
+
 class ExtensionTimeout(ExtensionError):
     reason_default = "extension did not answer in time"
 
@@ -115,3 +180,9 @@ class PayloadTooLarge(ExtensionError):
 
 class InvocationError(ExtensionError):
     reason_default = "invocation failed"
+
+
+class TransportUnavailable(InvocationError):
+    """The connection to NATS is down (reconnecting or closed); the extension is not at fault."""
+
+    reason_default = "NATS is not connected"

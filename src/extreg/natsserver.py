@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Self, TypeAlias
 
-from extreg.errors import ExtregError
+from extreg.errors import NatsServerError
 
 BINARY_NAME = "nats-server"
 DEFAULT_HOST = "127.0.0.1"
@@ -55,10 +55,6 @@ if TYPE_CHECKING:  # weakref.finalize is generic only to type checkers
     _Finalizer: TypeAlias = weakref.finalize[
         [subprocess.Popen[bytes], IO[bytes], Path], "NatsServer"
     ]
-
-
-class NatsServerError(ExtregError):
-    """The NATS server binary is missing, or the process would not start or become ready."""
 
 
 def find_binary() -> Path:

@@ -13,8 +13,8 @@ import structlog
 from .api.server import serve_api
 from .demo import demo_services, register_samples, traffic
 from .embedded import prepare_embedded, with_database
-from .errors import SourceUnavailable
-from .invoke import Invoker, NatsUnavailable
+from .errors import NatsUnavailable, SourceUnavailable
+from .invoke import Invoker
 from .registry import Registry
 from .runtime import Runtime
 from .settings import Settings

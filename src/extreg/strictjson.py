@@ -13,11 +13,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import printable
-
-
-class StrictJSONError(ValueError):
-    """The document is not strict JSON; the message says why and where."""
+from .errors import StrictJSONError, printable
 
 
 def loads(document: str | bytes) -> Any:

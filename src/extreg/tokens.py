@@ -31,7 +31,7 @@ from .auth import (
     hash_token,
     load_tokens_file,
 )
-from .errors import ConfigError, Conflict, SourceUnavailable
+from .errors import ConfigError, Conflict, SourceUnavailable, UnknownToken
 from .settings import Settings, redact_url
 from .sources.postgres import scrub, url_password
 
@@ -51,10 +51,6 @@ ON CONFLICT (name) DO UPDATE SET role = excluded.role, token_hash = excluded.tok
     WHERE extreg_api_tokens.revoked_at IS NOT NULL
 RETURNING name
 """
-
-
-class UnknownToken(ConfigError):
-    """No token has this name (bad input: exit status 2)."""
 
 
 class TokenStore:

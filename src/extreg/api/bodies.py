@@ -21,7 +21,7 @@ import msgspec
 from fastapi import HTTPException, Request
 
 from .. import strictjson
-from ..errors import InvalidRecord, printable
+from ..errors import InvalidRecord, StrictJSONError, printable
 from ..model import Extension, parse_extension
 from ..settings import Settings
 from ..sources.fixtures import MAX_DEPTH
@@ -66,7 +66,7 @@ def decode_strict(body: bytes, label: str) -> Any:
     """Strict JSON (see the module docstring), or `InvalidRecord` (422) saying why not."""
     try:
         return strictjson.loads(body)
-    except strictjson.StrictJSONError as exc:
+    except StrictJSONError as exc:
         raise InvalidRecord(label, [("record", f"body is not valid JSON: {exc}")]) from None
 
 

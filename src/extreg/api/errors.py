@@ -1,9 +1,10 @@
 """The error tree mapped to HTTP statuses, once (the CLI maps it to exit codes in `cli.main`).
 
 Every answer carries `detail` (FastAPI's convention) and `error` (the class name, which
-`extreg.client` turns back into the same exception). A record that breaks a rule answers
-422 in FastAPI's own validation shape, with `loc` naming the field, so clients handle a
-schema error and a rule error alike.
+`extreg.client` turns back into the same exception, with `extension_id`, `reason` and
+`attempts` for an `ExtensionError`, `record` for an `InvalidRecord` and `problems` for a
+`FixtureError`). A record that breaks a rule answers 422 in FastAPI's own validation shape,
+with `loc` naming the field, so clients handle a schema error and a rule error alike.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from ..errors import (
     InvalidResponse,
     InvocationError,
     MaxRetriesExceeded,
+    NatsUnavailable,
     PayloadTooLarge,
     SnapshotFileError,
     SourceUnavailable,
+    StaleETag,
 )
-from .etag import StaleETag
 
 # Most specific first: the first class in an error's MRO found here decides its status.
 STATUS: dict[type[ExtregError], int] = {
@@ -44,6 +46,7 @@ STATUS: dict[type[ExtregError], int] = {
     FixtureError: 409,
     Conflict: 409,
     SourceUnavailable: 503,
+    NatsUnavailable: 503,
     SnapshotFileError: 503,
     CircuitOpen: 503,
     ExtensionTimeout: 504,
@@ -73,6 +76,7 @@ def body_of(exc: ExtregError) -> dict[str, Any]:
                 for field, message in exc.problems
             ],
             "error": "InvalidRecord",
+            "record": exc.record,
         }
     body: dict[str, Any] = {"detail": str(exc), "error": type(exc).__name__}
     if isinstance(exc, ExtensionError):

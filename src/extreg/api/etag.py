@@ -13,12 +13,8 @@ import hashlib
 
 import msgspec
 
-from ..errors import Conflict
+from ..errors import StaleETag
 from ..model import Extension, to_plain
-
-
-class StaleETag(Conflict):
-    """`If-Match` names a version of the record that is no longer current (HTTP 412)."""
 
 
 def etag_of(ext: Extension) -> str:

@@ -16,15 +16,11 @@ import sys
 import structlog
 import uvicorn
 
-from ..errors import ExtregError
+from ..errors import ListenError
 from ..runtime import Runtime
 from .app import create_app
 
 log = structlog.get_logger("extreg.api")
-
-
-class ListenError(ExtregError):
-    """The API's address cannot be bound (port taken, address not on this machine)."""
 
 
 def listen(host: str, port: int) -> socket.socket:

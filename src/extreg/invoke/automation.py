@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ..errors import CircuitOpen, Conflict, ExtregError
+from ..errors import Conflict, ExtregError, HealthRefused
 from ..resilience import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, HealthDelta, State
 
 if TYPE_CHECKING:
@@ -61,12 +61,6 @@ log = structlog.get_logger("extreg.invoke.auto")
 
 AUTO_ACTOR = "extreg:auto"
 RETRY_MIN_S, RETRY_MAX_S = 0.2, 10.0
-
-
-class HealthRefused(CircuitOpen):
-    """Health-based routing refused the call: the extension's recent success rate is too low."""
-
-    reason_default = "recent success rate is below health_based_routing_min_success_rate"
 
 
 class AutoManager:

@@ -43,6 +43,7 @@ from ..errors import (
     InvalidResponse,
     MaxRetriesExceeded,
     PayloadTooLarge,
+    TransportUnavailable,
 )
 from ..model import Extension
 from ..registry import Registry
@@ -53,7 +54,7 @@ from .automation import AutoManager, HealthGate
 from .envelope import encode_envelope, headers
 from .health_store import HealthFlusher
 from .routing import Limits, Route, Target
-from .transport import NatsTransport, TransportUnavailable
+from .transport import NatsTransport
 
 log = structlog.get_logger("extreg.invoke")
 

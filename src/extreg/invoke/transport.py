@@ -36,7 +36,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from ..errors import ExtensionTimeout, ExtregError, InvocationError, PayloadTooLarge
+from ..errors import (
+    ExtensionTimeout,
+    InvocationError,
+    NatsUnavailable,
+    PayloadTooLarge,
+    TransportUnavailable,
+)
 
 log = structlog.get_logger("extreg.invoke.nats")
 
@@ -45,16 +51,6 @@ CONNECT_ATTEMPTS = 3  # for the first connection; later losses are retried forev
 RECONNECT_WAIT_S = 0.25
 STATUS_HEADER = "Status"
 NO_RESPONDERS = "503"
-
-
-class NatsUnavailable(ExtregError):
-    """NATS could not be reached when the invoker started."""
-
-
-class TransportUnavailable(InvocationError):
-    """The connection to NATS is down (reconnecting or closed); the extension is not at fault."""
-
-    reason_default = "NATS is not connected"
 
 
 _UNAVAILABLE = (

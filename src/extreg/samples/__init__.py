@@ -7,6 +7,7 @@ records; `run_samples()` / `SampleRunner` serve them; `main()` backs
 `extreg sample-extensions`.
 """
 
+from extreg.errors import SampleRunnerError
 from extreg.samples.extensions import (
     FLAKY_CONTROL_SUBJECT,
     SAMPLE_EXTENSIONS,
@@ -16,7 +17,6 @@ from extreg.samples.extensions import (
 from extreg.samples.flaky import Flaky, FlakySettings
 from extreg.samples.runner import (
     SampleRunner,
-    SampleRunnerError,
     main,
     run_samples,
     serve_forever,

@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from extreg.errors import ConfigError, ExtregError
+from extreg.errors import ConfigError, SampleRunnerError
 from extreg.samples.extensions import (
     FLAKY_CONTROL_SUBJECT,
     HANDLERS,
@@ -46,10 +46,6 @@ CONNECT_ATTEMPTS = 3
 Callback = Callable[[Msg], Awaitable[None]]
 
 log = structlog.get_logger("extreg.samples")
-
-
-class SampleRunnerError(ExtregError):
-    """The sample extensions could not connect to NATS or subscribe."""
 
 
 class SampleRunner:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .. import strictjson
-from ..errors import FixtureError, InvalidRecord, printable
+from ..errors import FixtureError, InvalidRecord, StrictJSONError, printable
 from ..model import Extension, parse_extension
 
 SUFFIXES = (".json", ".yaml", ".yml")
@@ -121,7 +121,7 @@ def _read_items(path: Path) -> list[Any]:
 def _parse_json(text: str) -> Any:
     try:
         return strictjson.loads(text)
-    except strictjson.StrictJSONError as exc:
+    except StrictJSONError as exc:
         raise _FileProblem(f"invalid JSON: {exc}") from None
 
 
