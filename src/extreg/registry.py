@@ -26,6 +26,7 @@ from typing import Any, Literal
 import structlog
 import watchfiles
 
+from .embedded import resolve_database
 from .errors import (
     ConfigError,
     Conflict,
@@ -196,8 +197,12 @@ class Registry:
             self._swap(self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())
             return
-        if not self.settings.database_configured:  # auto without a database
-            self._fallback_reason = "no database configured"
+        if not self.settings.database_configured:  # auto, none configured: the embedded one,
+            try:  # as `extreg serve` and the CLI use it (SPEC.md "Configuration")
+                self.settings = await resolve_database(self.settings)
+            except SourceUnavailable as exc:
+                self._fallback_reason = f"no database configured; {exc}"
+        if not self.settings.database_configured:
             log.warning("serving_fixtures", reason=self._fallback_reason)
             self._swap(self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())

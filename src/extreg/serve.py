@@ -12,7 +12,7 @@ import structlog
 
 from .api.server import serve_api
 from .demo import demo_services, register_samples, traffic
-from .embedded import prepare_embedded, with_database
+from .embedded import resolve_database, uses_embedded
 from .errors import NatsUnavailable, SourceUnavailable
 from .invoke import Invoker
 from .registry import Registry
@@ -28,10 +28,9 @@ INVOKER_RETRY_MIN_S, INVOKER_RETRY_MAX_S = 1.0, 15.0
 async def serve(settings: Settings, *, host: str, port: int, demo: bool = False) -> None:
     """Start the embedded database when none is configured (and with `demo`, NATS, the sample
     extensions and traffic), then serve until stopped. Ctrl-C stops everything started here."""
-    embedded = not settings.database_configured and settings.source != "fixtures"
-    settings = with_database(settings)
+    embedded = uses_embedded(settings)
+    settings = await resolve_database(settings)
     if embedded:
-        await prepare_embedded(settings)
         log.info("embedded_database", data_dir=str(settings.data_dir.resolve()))
     elif settings.database_configured:
         await _migrate_if_reachable(settings)
