@@ -1,23 +1,30 @@
 """The front door (SPEC.md "Configuration", issue 8): with nothing configured, the Python API
-and the CLI in one folder use the same embedded database that `extreg serve` keeps there."""
+and the CLI in one folder use the same embedded database that `extreg serve` keeps there, and
+a running `serve --demo` makes its NATS URL discoverable: printed, in `status` (API and CLI),
+and found by `Settings()` in that folder, so `extreg invoke` and the docs' examples reach it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from extreg.natsserver import free_port, published
 from extreg.registry import Registry
-from extreg.settings import Settings
+from extreg.settings import DEMO_NATS_FILE, Settings
 
 EXTREG = Path(sys.executable).parent / "extreg"
+DEFAULT_NATS = "nats://127.0.0.1:4222"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -64,3 +71,70 @@ async def test_python_api_and_cli_use_the_same_embedded_database(folder: Path) -
         while reg.get("pii_guard") is None or reg.get("pii_guard").enabled:  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "the CLI's change never reached the script"
             await asyncio.sleep(0.05)
+
+
+# -- the demo's NATS URL -------------------------------------------------------------------
+
+
+def test_settings_read_the_published_demo_nats_url(folder: Path) -> None:
+    """While a live process publishes its NATS URL in data_dir, `Settings()` uses it when no
+    layer names nats_url; an explicit setting wins; a file left by a dead process is ignored."""
+    path = folder / ".extreg" / DEMO_NATS_FILE
+    with published(path, "nats://127.0.0.1:45678"):
+        assert "nats://127.0.0.1:45678" == Settings().nats_url
+        assert "nats://other:1" == Settings(nats_url="nats://other:1").nats_url
+        assert "nats://127.0.0.1:45678" == Settings.load(environ={}).nats_url
+    assert (DEFAULT_NATS, False) == (Settings().nats_url, path.exists())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    path.write_text(json.dumps({"url": "nats://127.0.0.1:45679", "pid": int(dead.stdout)}))
+    assert DEFAULT_NATS == Settings().nats_url
+
+
+def test_demo_nats_url_is_printed_in_status_and_used_by_the_cli(
+    folder: Path, db_url: str
+) -> None:
+    """`serve --demo` prints its NATS URL; GET /admin/status and `extreg status` show it;
+    `extreg invoke` (no --url, no nats_url) in the same folder calls the demo's extension
+    through it; when the server stops, the URL is withdrawn."""
+    made = extreg(folder, "--database-url", db_url, "token", "create", "t", "--role", "viewer")
+    assert 0 == made.returncode, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    port = free_port()
+    out, err = folder / "serve.out", folder / "serve.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen([str(EXTREG), "--database-url", db_url, "serve", "--demo",
+                                 "--port", str(port)], cwd=folder, env=clean_env(),
+                                stdout=stdout, stderr=stderr, text=True)
+    try:
+        nats_url = wait_for_demo(proc, out, err, f"http://127.0.0.1:{port}")
+        status = httpx.get(f"http://127.0.0.1:{port}/admin/status",
+                           headers={"Authorization": f"Bearer {token}"}).json()
+        cli = extreg(folder, "--database-url", db_url, "status", "--json")
+        assert 0 == cli.returncode, cli.stderr
+        assert (nats_url, nats_url) == (status["nats_url"], json.loads(cli.stdout)["nats_url"])
+        call = extreg(folder, "--database-url", db_url, "invoke", "normalize_text", "--json",
+                      "--payload", '{"payload": "  Hello   WORLD  "}')
+        assert 0 == call.returncode, call.stderr
+        assert "hello world" == json.loads(call.stdout)["payload"]["payload"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert 0 == proc.wait(30)
+    assert (False, DEFAULT_NATS) == ((folder / ".extreg" / DEMO_NATS_FILE).exists(),
+                                     Settings().nats_url)
+
+
+def wait_for_demo(proc: subprocess.Popen[str], out: Path, err: Path, url: str) -> str:
+    """The NATS URL that `serve --demo` printed, once its API answers."""
+    deadline = time.monotonic() + 90
+    while True:
+        found = re.search(r"demo NATS server: (nats://\S+)", out.read_text())
+        try:
+            if found and httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return found.group(1)
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve --demo did not start:\n{err.read_text()}")
+        time.sleep(0.1)

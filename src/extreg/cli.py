@@ -226,9 +226,11 @@ def show(extension_id: str, json: JsonFlag = False) -> None:
 def status(json: JsonFlag = False) -> None:
     """Which source serves, how many records, and how fresh they are."""
 
+    s = with_database(settings())
+
     async def go() -> dict[str, Any]:
-        async with Registry.open(with_database(settings())) as reg:
-            return reg.status.as_dict()
+        async with Registry.open(s) as reg:
+            return {**reg.status.as_dict(), "nats_url": s.nats_display}
 
     data = run(go())
     if json:

@@ -3,7 +3,9 @@
 So that a newcomer's first `scripts/run` shows a registry at work: real calls through the
 invoker, health numbers moving, and the `flaky` extension's circuit opening and recovering
 on a fixed cycle. Everything here is started and stopped by `demo_services`; nothing
-outlives Ctrl-C.
+outlives Ctrl-C. NATS listens on a free port (a fixed one would clash with a NATS already on
+the machine or a second demo); its URL is printed, shown in `status`, and published in
+`data_dir/demo-nats.json` while the demo runs, where `Settings()` finds it.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import itertools
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from .errors import ExtensionError
 from .model import parse_extension
-from .natsserver import NatsServer
+from .natsserver import NatsServer, published
 from .samples import SAMPLE_EXTENSIONS, SampleRunner, run_samples
 from .samples.flaky import FlakySettings
-from .settings import Settings
+from .settings import DEMO_NATS_FILE, Settings
 from .sources.postgres import PostgresSource
 
 log = structlog.get_logger("extreg.demo")
@@ -67,11 +70,19 @@ async def demo_services(settings: Settings) -> AsyncIterator[DemoServices]:
         samples = await run_samples(nats.url)
         try:
             demo_settings = settings.replace(nats_url=nats.url, **DEMO_SETTINGS)
-            yield DemoServices(demo_settings, nats, samples)
+            with published(demo_nats_file(settings), nats.url):
+                log.info("demo_nats", nats_url=nats.url, published_in=str(demo_nats_file(settings)))
+                yield DemoServices(demo_settings, nats, samples)
         finally:
             await samples.stop()
     finally:
         await nats.astop()
+
+
+def demo_nats_file(settings: Settings) -> Path:
+    """Where the running demo publishes its NATS URL: `Settings()` (so the CLI and scripts)
+    in the same folder read it when nothing else names `nats_url`."""
+    return settings.data_dir / DEMO_NATS_FILE
 
 
 async def register_samples(settings: Settings) -> None:

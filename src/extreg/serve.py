@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from .api.server import serve_api
-from .demo import demo_services, register_samples, traffic
+from .demo import demo_nats_file, demo_services, register_samples, traffic
 from .embedded import resolve_database, uses_embedded
 from .errors import NatsUnavailable, SourceUnavailable
 from .invoke import Invoker
@@ -43,6 +45,7 @@ async def serve(settings: Settings, *, host: str, port: int, demo: bool = False)
         services = None
         if demo:
             services = await stack.enter_async_context(demo_services(settings))
+            _announce_demo(services.nats.url, demo_nats_file(settings))
             settings = services.settings
             await register_samples(settings)
         registry = await stack.enter_async_context(Registry.open(settings))
@@ -84,6 +87,13 @@ async def _attach_invoker_later(stack: contextlib.AsyncExitStack, runtime: Runti
         runtime.invoker = invoker
         log.info("invoker_connected", nats_url=runtime.settings.nats_url)
         return
+
+
+def _announce_demo(nats_url: str, published_in: Path) -> None:
+    """Print where the demo's NATS is, for the person who started it (`extreg invoke`, the
+    docs' examples and `Settings()` in this folder find it through `published_in`)."""
+    sys.stdout.write(f"demo NATS server: {nats_url} (published in {published_in})\n")
+    sys.stdout.flush()
 
 
 def _background(stack: contextlib.AsyncExitStack, coro: Coroutine[Any, Any, None]) -> None:

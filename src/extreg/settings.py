@@ -1,8 +1,9 @@
 """Settings, read once into an immutable value object, with pydantic-settings.
 
-`Settings()` reads every layer; lowest to highest: defaults, a TOML file
-(`[extension_registry]` table, named by `EXTENSION_REGISTRY_CONFIG`), `EXTENSION_REGISTRY_*`
-environment variables, then keyword arguments. `Settings.load` is the
+`Settings()` reads every layer; lowest to highest: defaults, the running demo's NATS URL
+(`data_dir/demo-nats.json`, only while `extreg serve --demo` runs and only when no layer names
+`nats_url`), a TOML file (`[extension_registry]` table, named by `EXTENSION_REGISTRY_CONFIG`),
+`EXTENSION_REGISTRY_*` environment variables, then keyword arguments. `Settings.load` is the
 same with an explicit file and environment, for the CLI (its flags are the keywords) and tests.
 Every rejection is a `ConfigError` naming the key and where its value came from, never a raw
 pydantic `ValidationError`. The password lives in a `SecretStr` and URLs are only ever shown
@@ -38,12 +39,14 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .natsserver import published_url
 
 ENV_PREFIX = "EXTENSION_REGISTRY_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 TOML_TABLE = "extension_registry"
 BUNDLED_FIXTURES = Path(__file__).parent / "fixtures"
 DEFAULT_DATA_DIR = Path(".extreg")
+DEMO_NATS_FILE = "demo-nats.json"  # in data_dir, while `extreg serve --demo` runs
 KEYWORD = "keyword argument"
 COMMAND_LINE = "command line"
 
@@ -152,6 +155,11 @@ class Settings(BaseSettings):
         return redact_url(self.conninfo)
 
     @property
+    def nats_display(self) -> str:
+        """The NATS server(s), safe to print (a NATS URL may carry a password too)."""
+        return ",".join(redact_url(url.strip()) for url in self.nats_url.split(","))
+
+    @property
     def snapshot_path(self) -> Path:
         return self.snapshot_file or self.data_dir / "snapshot.json"
 
@@ -177,7 +185,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Keywords, environment, TOML file: highest first. No dotenv and
+        """Keywords, environment, TOML file, the demo's NATS URL: highest first. No dotenv and
         no secrets folder: the contract names neither."""
         build = _BUILD.get() or _Request().build()
         sources: list[PydanticBaseSettingsSource] = [
@@ -187,6 +195,7 @@ class Settings(BaseSettings):
         if build.config_file is not None:
             path = build.config_file
             sources.append(_Traced(_TomlFile(settings_cls, path), f"config file {path}", build))
+        sources.append(_DemoNats(settings_cls, build))
         return tuple(sources)
 
     def replace(self, **changes: Any) -> Settings:
@@ -311,6 +320,32 @@ class _TomlFile(TomlConfigSettingsSource):
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         return _read_toml(Path(str(file_path)))
+
+
+class _DemoNats(PydanticBaseSettingsSource):
+    """The NATS URL that a running `extreg serve --demo` publishes in its data_dir, when no
+    other layer names `nats_url`: the docs' examples then reach the demo's extensions."""
+
+    def __init__(self, settings_cls: type[BaseSettings], build: _Build) -> None:
+        super().__init__(settings_cls)
+        self.build = build
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if "nats_url" in self.build.values:
+            return {}
+        try:
+            data_dir = Path(self.build.values.get("data_dir", DEFAULT_DATA_DIR))
+        except TypeError:
+            return {}  # a bad data_dir is reported by validation
+        path = data_dir / DEMO_NATS_FILE
+        url = published_url(path)
+        if url is None:
+            return {}
+        self.build.record({"nats_url": url}, f"demo file {path}")
+        return {"nats_url": url}
 
 
 def _check_url(url: str, schemes: tuple[str, ...]) -> None:

@@ -51,7 +51,8 @@ async def status(request: Request, _: Viewer) -> JSONResponse:
     """Which source serves, how many records, how fresh; and whether an invoker runs."""
     runtime = runtime_of(request)
     status = runtime.registry.status.as_dict()
-    return JSONResponse({**status, "invoker": runtime.invoker is not None})
+    return JSONResponse({**status, "invoker": runtime.invoker is not None,
+                         "nats_url": runtime.settings.nats_display})
 
 
 @router.post("/reload")
