@@ -59,6 +59,7 @@ from extreg.natsserver import NatsServer
 from extreg.pgprocess import PostgresProcess
 from extreg.samples import SampleRunner
 from extreg.sources.postgres import PostgresSource
+from extreg.sources.postgres import location_of
 from extreg.sources.snapshot_file import read_snapshot_file
 
 REQUEST = {"payload": {"message_id": "m-1", "payload": "Hi"}, "metadata": {}}
@@ -484,7 +485,7 @@ async def test_kill_node_during_snapshot_write(
             assert node.proc is not None and node.proc.wait(5) == -signal.SIGKILL
             node.proc = None
             mid_write += bool(set(temp_files(node.data_dir)) - left_before)
-            records, _ = read_snapshot_file(snapshot)
+            records, _ = read_snapshot_file(snapshot, location_of(url))
             assert ids == {r.id for r in records}
         stop.set()
         changer.join()
@@ -634,8 +635,9 @@ async def test_snapshot_disk_full_or_read_only(
                 remount(tiny_disk, "rw")
             sql(db_url, insert, ("c", "x.c.v1"))
             await wait_for(lambda: reg.get("c") is not None, timeout=5)
-            await wait_for(lambda: len(read_snapshot_file(path)[0]) == 3, timeout=5)
+            await wait_for(lambda: len(read_snapshot_file(path, location_of(db_url))[0]) == 3,
+                           timeout=5)
     assert ("b", "database", False, True, []) == during
     assert [("error", f"cannot write snapshot file {path}: {reason}")] == [
         (e["log_level"], e["error"]) for e in refused()]
-    assert ["a", "b", "c"] == sorted(r.id for r in read_snapshot_file(path)[0])
+    assert ["a", "b", "c"] == sorted(r.id for r in read_snapshot_file(path, location_of(db_url))[0])

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 from helpers import make_settings, record
 
 from extreg import ExtensionDisabled, ExtensionNotFound, Registry
 from extreg.errors import FixtureError, SourceUnavailable
 from extreg.pgprocess import PostgresProcess, free_port
-from extreg.sources.snapshot_file import read_snapshot_file
+from extreg.sources.postgres import location_of
+from extreg.sources.snapshot_file import Origin, read_snapshot_file
 
 
 def write_fixtures(folder: Path, *records: dict[str, object], name: str = "ext.json") -> Path:
@@ -282,7 +284,6 @@ async def test_boot_from_snapshot_file_with_database_down(
     insert(url, "b", enabled=False)
     settings = make_settings(tmp_path, source="database", database_url=url)
     async with Registry.open(settings) as reg:
-        await wait_for(lambda: settings.snapshot_path.exists(), 5)
         served = reg.all()
     own_pg.stop()
     async with Registry.open(settings) as reg:
@@ -301,7 +302,8 @@ async def test_corrupt_snapshot_file_is_refused(tmp_path: Path, damage: str) -> 
     from extreg.model import parse_extension
 
     ext = parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)
-    write_snapshot_file(settings.snapshot_path, [ext])
+    location = location_of(settings.conninfo)
+    write_snapshot_file(settings.snapshot_path, [ext], Origin(location, "nothing", "1"))
     data = settings.snapshot_path.read_bytes()
     damaged = {
         "truncate": data[: len(data) - 10],
@@ -315,13 +317,13 @@ async def test_corrupt_snapshot_file_is_refused(tmp_path: Path, damage: str) -> 
     message = str(refused.value)
     assert "snapshot" in message
     assert "hunter2" not in message
-    assert [ext] == read_snapshot_file_or_none(settings.snapshot_path, data)
+    assert [ext] == read_snapshot_file_or_none(settings.snapshot_path, data, location)
 
 
-def read_snapshot_file_or_none(path: Path, good: bytes) -> list[object]:
+def read_snapshot_file_or_none(path: Path, good: bytes, location: str) -> list[object]:
     """Restore the good bytes and read them, to show the file format itself round-trips."""
     path.write_bytes(good)
-    return list(read_snapshot_file(path)[0])
+    return list(read_snapshot_file(path, location)[0])
 
 
 async def test_bad_fixtures_leave_the_cache_untouched(tmp_path: Path) -> None:
@@ -354,6 +356,71 @@ def test_snapshot_write_removes_old_leftovers_of_killed_writes(tmp_path: Path) -
     old.write_bytes(b"x" * 100)
     fresh.write_bytes(b"y" * 100)
     os.utime(old, (time.time() - 120, time.time() - 120))
-    write_snapshot_file(path, [parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)])
+    origin = Origin("here:5432/db", "db", "1")
+    write_snapshot_file(path, [parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)],
+                        origin)
     assert (False, True) == (old.exists(), fresh.exists())
-    assert ["a"] == [e.id for e in read_snapshot_file(path)[0]]
+    assert ["a"] == [e.id for e in read_snapshot_file(path, origin.location)[0]]
+
+
+# -- the snapshot file: written at once, kept per database, retried ---------------------------
+
+
+async def test_short_lived_process_leaves_a_snapshot_file(tmp_path: Path, db_url: str) -> None:
+    """A registry opened and closed at once (a CLI command, a script) leaves the file, with
+    a change made just before the close in it."""
+    insert(db_url, "a")
+    settings = make_settings(tmp_path, source="database", database_url=db_url)
+    async with Registry.open(settings) as reg:
+        insert(db_url, "b")
+        await reg.refresh(["b"])
+    records, _ = read_snapshot_file(settings.snapshot_path, location_of(db_url))
+    assert ["a", "b"] == sorted(r.id for r in records)
+
+
+async def test_snapshot_file_is_refused_for_another_database(
+    tmp_path: Path, own_pg: PostgresProcess
+) -> None:
+    """The file written from database A is not served when the registry boots against
+    database B while B is down: the boot fails with an error naming both, password-free."""
+    from extreg.db.migrate import migrate
+
+    url_a = own_pg.create_database("db_a")
+    own_pg.create_database("db_b")
+    migrate(url_a)
+    insert(url_a, "from_a")
+    settings_a = make_settings(tmp_path, source="database", database_url=url_a)
+    async with Registry.open(settings_a):
+        pass
+    assert settings_a.snapshot_path.exists()
+    own_pg.stop()
+    url_b = own_pg.url("db_b").replace("postgres@", "postgres:hunter2@")
+    settings_b = make_settings(tmp_path, source="database", database_url=url_b)
+    with pytest.raises(SourceUnavailable) as refused:
+        async with Registry.open(settings_b):
+            pass
+    message = str(refused.value)
+    assert "db_a" in message and "db_b" in message and "refusing" in message
+    assert "hunter2" not in message
+    async with Registry.open(settings_a) as reg:  # its own database still boots from it
+        assert ["from_a"] == [e.id for e in reg.all()]
+        assert "snapshot_file" == reg.status.source
+
+
+async def test_failed_snapshot_write_is_retried_without_a_new_change(
+    tmp_path: Path, db_url: str
+) -> None:
+    """When the file cannot be written, the registry retries on its own: once the obstacle
+    goes, the file appears without any further change to the database."""
+    insert(db_url, "a")
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the snapshot's folder should be")
+    settings = make_settings(tmp_path, source="database", database_url=db_url,
+                             snapshot_file=blocker / "snapshot.json")
+    with capture_logs() as events:
+        async with Registry.open(settings):
+            await wait_for(lambda: any(e["event"] == "snapshot_file_not_written" for e in events))
+            assert not settings.snapshot_path.exists()
+            blocker.unlink()
+            await wait_for(settings.snapshot_path.exists, 10)
+    assert ["a"] == [r.id for r in read_snapshot_file(settings.snapshot_path, location_of(db_url))[0]]

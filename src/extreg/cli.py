@@ -443,13 +443,15 @@ def _set_enabled(extension_id: str, enabled: bool, url: str | None, token: str |
         return
     s = _database_settings()
 
-    async def go() -> bool:
+    async def go() -> str:
         async with PostgresSource(s) as db:
-            return await db.set_enabled(extension_id, enabled, actor())
+            return (await db.set_enabled(extension_id, enabled, actor()))[0]
 
-    if not run(go()):
+    outcome = run(go())
+    if outcome == "absent":
         raise ExtensionNotFound(extension_id)
-    out.print(f"{extension_id} {'enabled' if enabled else 'disabled'}")
+    state = "enabled" if enabled else "disabled"
+    out.print(f"{extension_id} {state}" if outcome == "updated" else f"{extension_id} was already {state}")
 
 
 def _invoke_directly(extension_id: str, payload: Any, tenant: str | None) -> dict[str, Any]:

@@ -93,7 +93,7 @@ async def register_samples(settings: Settings) -> None:
                             max_retries=settings.extension_max_retries)
             for sample in SAMPLE_EXTENSIONS
         ]
-        _, _, existing = await db.changes_since(None)
+        existing = await db.ids()
         missing = [e for e in parsed if e.id not in existing]
         if missing:
             await db.import_extensions(missing, DEMO_ACTOR)

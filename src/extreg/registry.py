@@ -6,8 +6,16 @@ ends by swapping in a new snapshot, under `_write_lock` so two writers cannot in
 database read and a swap. With the database, three things keep the cache fresh:
 
 - LISTEN/NOTIFY: triggers send the changed extension id; only those ids are re-read.
-- the periodic sync, every `sync_interval_seconds`: re-reads rows stamped since the last sync
-  and drops ids that are gone; the safety net for anything a notification missed.
+- the periodic sync, every `sync_interval_seconds`: compares every record's row versions with
+  the previous sync's and re-reads those that differ, and drops ids that are gone; the safety
+  net for anything a notification missed.
+
+The database's commit order decides what is current, never a timestamp: `updated_at` is a
+transaction's *start* time, so a transaction that starts first and commits last stamps the
+newest row with the oldest time. Every read runs under `_write_lock` and is installed in the
+order it was made, and a read made later sees every commit an earlier one saw, so the cache
+only ever moves forward in commit order. A read record replaces the cached one whenever they
+differ.
 - reconnection: when the database goes away the cache keeps serving (status says stale) and
   the connection is retried with backoff; on return, one full reload catches up.
 """
@@ -17,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import structlog
@@ -41,17 +50,14 @@ from .settings import Settings
 from .snapshot import Snapshot
 from .sources.fixtures import load_fixtures
 from .sources.postgres import PostgresSource
-from .sources.snapshot_file import read_snapshot_file, write_snapshot_file
+from .sources.snapshot_file import Origin, read_snapshot_file, write_snapshot_file
 
 log = structlog.get_logger("extreg.registry")
 
 Served = Literal["database", "fixtures", "snapshot_file", "none"]
 
-SYNC_OVERLAP = timedelta(seconds=30)  # re-read rows stamped this long before the last sync,
-# because `now()` is a transaction's start time and a slow transaction commits later than it
-# stamps its rows.
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
-SNAPSHOT_FILE_DELAY_S = 1.0  # coalesce snapshot-file writes during bursts of changes
+SNAPSHOT_RETRY_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +112,10 @@ class Registry:
         self._stale = False
         self._last_error: str | None = None
         self._last_sync_at: datetime | None = None
-        self._sync_since: datetime | None = None
+        self._row_versions: dict[str, str] = {}  # as of the last sync or full load
+        self._origin: Origin | None = None  # the database the cache holds, once read
+        self._file_lock = threading.Lock()  # snapshot-file writers run in threads
+        self._file_generation = 0  # the newest generation written to the snapshot file
         self._db: PostgresSource | None = None
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -191,6 +200,13 @@ class Registry:
         finally:
             await registry.close()
 
+    async def refresh(self, ids: Iterable[str]) -> None:
+        """Re-read `ids` now. When it returns, the cache holds what the database had committed
+        when it was called, or newer: a writer calls it after its commit so that a read right
+        after the write sees it (the notification would bring it too, a moment later)."""
+        if self._source == "database":
+            await self._refresh(set(ids), "write")
+
     async def start(self) -> None:
         mode = self.settings.source
         if mode == "fixtures":
@@ -218,15 +234,16 @@ class Registry:
             await self._boot_without_database(str(exc))
             return
         self._tasks.append(follower)
-        self._spawn(self._write_snapshot_file_when_due())
+        self._spawn(self._keep_snapshot_file())
 
     async def _boot_without_database(self, reason: str) -> None:
         self._stale = True
         self._last_error = reason
         if self.settings.source == "database":
             path = self.settings.snapshot_path
+            assert self._db is not None
             try:
-                records, written_at = read_snapshot_file(path)
+                records, written_at = read_snapshot_file(path, self._db.location)
             except SnapshotFileError as exc:
                 raise SourceUnavailable(
                     f"{reason}; and no usable last-known-good snapshot: {exc}"
@@ -240,7 +257,7 @@ class Registry:
             self._swap(self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())
         self._spawn(self._follow_database(None))
-        self._spawn(self._write_snapshot_file_when_due())
+        self._spawn(self._keep_snapshot_file())
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -249,6 +266,10 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self._file_generation < self._snap.generation:  # a short-lived process leaves one too
+            error = await self._write_snapshot_file()
+            if error is not None:
+                log.error("snapshot_file_not_written", error=error)
         if self._db is not None:
             await self._db.close()
 
@@ -349,11 +370,13 @@ class Registry:
         assert self._db is not None
         async with self._write_lock:
             with self._reporting_sync():
-                db_now, _, _ = await self._db.changes_since(None)
+                if self._origin is None:
+                    self._origin = await self._db.origin()
+                versions = await self._db.row_versions()  # before the load: see `sync`
                 records = await self._db.load_all_extensions()
             before = self._snap
             self._swap(records, "database")
-            self._sync_since = db_now
+            self._row_versions = versions
         self._mark_fresh()
         if self._fallback_reason:
             log.info("database_back", count=len(self._snap))
@@ -386,15 +409,18 @@ class Registry:
             await self.sync()
 
     async def sync(self) -> None:
-        """One incremental sync: rows stamped since the last one, and deletions."""
+        """One sync: re-read every record whose row versions changed since the last one.
+
+        The versions are read before the records they guard, so a write that commits in
+        between shows up as a difference at the next sync, never as a miss."""
         assert self._db is not None
         started = time.perf_counter()
-        since = self._sync_since - SYNC_OVERLAP if self._sync_since else None
         with self._reporting_sync():
-            db_now, changed, all_ids = await self._db.changes_since(since)
-            gone = {i for i in self._snap.by_id if i not in all_ids}
+            versions = await self._db.row_versions()
+            changed = {i for i, v in versions.items() if self._row_versions.get(i) != v}
+            gone = self._snap.by_id.keys() - versions.keys()
             await self._refresh(changed | gone, "sync")
-        self._sync_since = db_now
+        self._row_versions = versions
         self._last_sync_at = datetime.now(UTC)
         self._mark_fresh()
         log.debug("synced", changed=len(changed), deleted=len(gone),
@@ -408,7 +434,7 @@ class Registry:
         async with self._write_lock:
             found = {e.id: e for e in await self._db.load_extensions(sorted(ids))}
             before = self._snap
-            upserts = [e for e in found.values() if _newer(e, before.by_id.get(e.id))]
+            upserts = [e for e in found.values() if e != before.by_id.get(e.id)]
             deleted = [i for i in ids if i not in found and i in before.by_id]
             if not upserts and not deleted:
                 return
@@ -448,31 +474,49 @@ class Registry:
         self._stale = False
         self._last_error = None
 
-    async def _write_snapshot_file_when_due(self) -> None:
-        """Keep the last-known-good file current, at most once per SNAPSHOT_FILE_DELAY_S."""
+    async def _keep_snapshot_file(self) -> None:
+        """Write the last-known-good file after every load and change; retry a failed write
+        with backoff rather than wait for the next change (one error line per outage, not
+        per attempt). Bursts coalesce: changes made while a write runs are all in the next."""
+        backoff = BACKOFF_MIN_S
+        failing = False
         while True:
             await self._snapshot_file_due.wait()
-            await asyncio.sleep(SNAPSHOT_FILE_DELAY_S)
             self._snapshot_file_due.clear()
-            if self._source != "database":
+            error = await self._write_snapshot_file()
+            if error is None:
+                if failing:
+                    log.info("snapshot_file_written", path=str(self.settings.snapshot_path))
+                backoff, failing = BACKOFF_MIN_S, False
                 continue
-            records = list(self._snap.by_id.values())
-            try:
-                await asyncio.to_thread(write_snapshot_file, self.settings.snapshot_path, records)
-            except SnapshotFileError as exc:
-                log.error("snapshot_file_not_written", error=str(exc))
+            if not failing:
+                log.error("snapshot_file_not_written", error=error)
+            failing = True
+            self._snapshot_file_due.set()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, SNAPSHOT_RETRY_MAX_S)
+
+    async def _write_snapshot_file(self) -> str | None:
+        """Write the current snapshot to the file, in a thread; the reason if it failed."""
+        if self._source != "database" or self._origin is None:
+            return None
+        try:
+            await asyncio.to_thread(self._write_file, self._snap, self._origin)
+        except SnapshotFileError as exc:
+            return str(exc)
+        return None
+
+    def _write_file(self, snap: Snapshot, origin: Origin) -> None:
+        """Never let an older snapshot replace a newer one: a write abandoned by a cancelled
+        task may still be running in its thread when the next one starts."""
+        with self._file_lock:
+            if snap.generation <= self._file_generation:
+                return
+            write_snapshot_file(self.settings.snapshot_path, list(snap.by_id.values()), origin)
+            self._file_generation = snap.generation
 
     def _spawn(self, coro: Any) -> None:
         self._tasks.append(asyncio.create_task(coro))
-
-
-def _newer(candidate: Extension, current: Extension | None) -> bool:
-    """Whether a freshly read record should replace the cached one (never go back in time)."""
-    if current is None:
-        return True
-    if candidate.updated_at and current.updated_at and candidate.updated_at < current.updated_at:
-        return False
-    return candidate != current
 
 
 async def _first_failure(*coros: Any) -> None:

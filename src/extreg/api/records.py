@@ -3,23 +3,24 @@
 Reads come from the registry's cache. Writes go to the database with the token's name as the
 actor, so the audit trigger records who made them and the change notification updates every
 registry's cache, this one's included; the cache is never patched by hand. A write then
-waits (at most `SETTLE_TIMEOUT_S`) until this registry's cache shows it, so that a GET right
-after a write reads what was written.
+re-reads its record into this registry's cache (`Registry.refresh`), so that a GET right
+after a write reads what was written. Every write, enable and disable included, goes through
+`PostgresSource.write`, which checks `If-Match` inside the transaction, under the per-id lock.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import msgspec
 import structlog
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..auth import Principal
-from ..errors import Conflict, ExtensionNotFound
+from ..errors import Conflict, ExtensionNotFound, SourceUnavailable
 from ..model import Extension, ExtensionType, to_plain
 from ..registry import Registry
 from ..sources.postgres import PostgresSource
@@ -31,7 +32,6 @@ from .state import runtime_of
 
 log = structlog.get_logger("extreg.api")
 
-SETTLE_TIMEOUT_S = 2.0
 IfMatch = Annotated[str | None, Header(
     alias="If-Match", description="The ETag you read; a stale one gets 412.")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such extension."}}
@@ -151,21 +151,23 @@ async def delete_extension(
 
 
 @router.post("/{extension_id}/enable",
-             responses={200: json_response("Extension", "Enabled."), **NOT_FOUND})
+             responses={200: json_response("Extension", "Enabled."), **NOT_FOUND,
+                        412: {"description": "If-Match is stale."}})
 async def enable_extension(
-    extension_id: str, request: Request, principal: Operator
+    extension_id: str, request: Request, principal: Operator, if_match: IfMatch = None
 ) -> JSONResponse:
     """Enable an extension (audited as `enable`)."""
-    return _record_response(await _set_enabled(request, extension_id, True, principal))
+    return await _set_enabled(request, extension_id, True, principal, if_match)
 
 
 @router.post("/{extension_id}/disable",
-             responses={200: json_response("Extension", "Disabled."), **NOT_FOUND})
+             responses={200: json_response("Extension", "Disabled."), **NOT_FOUND,
+                        412: {"description": "If-Match is stale."}})
 async def disable_extension(
-    extension_id: str, request: Request, principal: Operator
+    extension_id: str, request: Request, principal: Operator, if_match: IfMatch = None
 ) -> JSONResponse:
     """Disable an extension (audited as `disable`); routers stop calling it at once."""
-    return _record_response(await _set_enabled(request, extension_id, False, principal))
+    return await _set_enabled(request, extension_id, False, principal, if_match)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -193,27 +195,24 @@ async def _write(
     outcome, after = await db.write_extension(extension_id, change, principal.name)
     log.info("extension_written", extension_id=extension_id, action=outcome,
              duration_ms=round((time.perf_counter() - started) * 1000, 2))
-    await settle(registry, extension_id, after)
+    try:
+        await registry.refresh([extension_id])
+    except SourceUnavailable as exc:  # written; the notification or the sync brings it
+        log.warning("cache_not_refreshed", extension_id=extension_id, error=str(exc))
     return after
 
 
 async def _set_enabled(
-    request: Request, extension_id: str, enabled: bool, principal: Principal
-) -> Extension:
+    request: Request, extension_id: str, enabled: bool, principal: Principal,
+    if_match: str | None,
+) -> JSONResponse:
     registry = runtime_of(request).registry
-    db = registry.database
-    _no_nul(extension_id)
-    started = time.perf_counter()
-    if not await db.set_enabled(extension_id, enabled, principal.name):
-        raise ExtensionNotFound(extension_id)
-    after = await db.load_extension(extension_id)
-    if after is None:  # deleted in between
-        raise ExtensionNotFound(extension_id)
-    log.info("extension_written", extension_id=extension_id,
-             action="enable" if enabled else "disable",
-             duration_ms=round((time.perf_counter() - started) * 1000, 2))
-    await settle(registry, extension_id, after)
-    return after
+    writable(registry)
+
+    def change(current: Extension | None) -> Extension:
+        return msgspec.structs.replace(_existing(current, extension_id, if_match), enabled=enabled)
+
+    return _record_response(await _write(registry, extension_id, change, principal))
 
 
 def _no_nul(extension_id: str) -> None:
@@ -221,27 +220,6 @@ def _no_nul(extension_id: str) -> None:
     driver would refuse the statement)."""
     if "\x00" in extension_id:
         raise ExtensionNotFound(extension_id)
-
-
-async def settle(
-    registry: Registry, extension_id: str, after: Extension | None,
-    timeout_s: float = SETTLE_TIMEOUT_S,
-) -> bool:
-    """Wait until the cache holds `after` (or something newer, or nothing when deleted)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        cached = registry.get(extension_id)
-        if cached == after or _newer(cached, after):
-            return True
-        if time.monotonic() >= deadline:
-            log.warning("cache_not_settled", extension_id=extension_id, waited_s=timeout_s)
-            return False
-        await asyncio.sleep(0.005)
-
-
-def _newer(cached: Extension | None, written: Extension | None) -> bool:
-    return bool(cached and written and cached.updated_at and written.updated_at
-                and cached.updated_at > written.updated_at)
 
 
 def _existing(current: Extension | None, extension_id: str, if_match: str | None) -> Extension:

@@ -156,7 +156,7 @@ class AutoManager:
                         reason="the registry serves read-only fixtures")
             return
         if state == OPEN:
-            if await db.set_enabled(extension_id, False, AUTO_ACTOR):
+            if (await db.set_enabled(extension_id, False, AUTO_ACTOR))[0] == "updated":
                 log.warning("auto_disabled", extension_id=extension_id, reason="circuit opened")
         elif await db.enable_if_disabled_by(extension_id, AUTO_ACTOR, actor=AUTO_ACTOR):
             log.info("auto_enabled", extension_id=extension_id, reason="circuit closed")

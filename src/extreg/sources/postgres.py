@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 import msgspec
 import psycopg
 import psycopg_pool
 import structlog
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..errors import Conflict, SourceUnavailable
 from ..model import Extension, to_plain
-from ..settings import Settings
+from ..settings import Settings, redact_url
 from . import health as health_sql
 from .health import HealthBatch, HealthRow
+from .snapshot_file import Origin
 
 log = structlog.get_logger("extreg.postgres")
 
@@ -78,12 +80,30 @@ def _records_where(condition: str) -> str:
 
 _RECORDS_BY_PART = _records_where("hashtext({key}) & %(mask)s = %(part)s")
 _RECORDS_BY_IDS = _records_where("{key} = ANY(%(ids)s)")
-_CHANGED_SINCE = """
-SELECT id FROM extensions WHERE updated_at > %(since)s
-UNION SELECT id FROM extension_versions WHERE updated_at > %(since)s
-UNION SELECT extension_id FROM extension_instances WHERE updated_at > %(since)s
+# What a sync compares: per extension, the row version (`xmin`, the writing transaction) of
+# its row, its versions and its instances. Any committed write gives a new token, whatever the
+# order in which transactions started or committed, so the sync never has to trust a timestamp.
+# (A frozen row's xmin reads differently once; that only costs one needless re-read.)
+_ROW_VERSIONS = """
+SELECT e.id, concat_ws('|', e.xmin::text, v.t, i.t) FROM extensions e
+LEFT JOIN (SELECT id, string_agg(version || '=' || xmin::text, ',' ORDER BY version) AS t
+           FROM extension_versions GROUP BY id) v ON v.id = e.id
+LEFT JOIN (SELECT extension_id, string_agg(instance_id || '=' || xmin::text, ',' ORDER BY instance_id) AS t
+           FROM extension_instances GROUP BY extension_id) i ON i.extension_id = e.id
 """
+# Writers lock ids in one global order (by lock key), so two writers never deadlock. Keys are
+# 256 buckets of ids, not one per id: a bulk import of 100,000 records would otherwise
+# exhaust PostgreSQL's lock table; two writers of ids in the same bucket merely take turns.
+_LOCK_IDS = """
+SELECT pg_advisory_xact_lock(%(lock_class)s, k)
+FROM (SELECT DISTINCT hashtext(i) & 255 AS k FROM unnest(%(ids)s::text[]) AS i ORDER BY k) AS keys
+"""
+_LOCK_ROWS = "SELECT 1 FROM extensions WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE"
 _COLUMNS = ("id", "type", "subject", "timeout_ms", "retry", "enabled", "version", "config", "metadata")
+
+Change = Callable[["Extension | None"], "Extension | None"]
+Outcome = Literal["created", "updated", "unchanged", "deleted", "absent"]
+Written = tuple[Outcome, "Extension | None"]  # what a write did, and the stored record after
 
 
 class PostgresSource:
@@ -93,6 +113,7 @@ class PostgresSource:
         self._conninfo = settings.conninfo
         self._secret = settings.db_password.get_secret_value() or url_password(self._conninfo)
         self.display = settings.db_display
+        self.location = location_of(self._conninfo)
         self._pool = psycopg_pool.AsyncConnectionPool(
             self._conninfo,
             min_size=min(LOAD_PARTS, settings.db_pool_size),
@@ -175,18 +196,30 @@ class PostgresSource:
 
     # -- change tracking --------------------------------------------------------------------
 
-    async def changes_since(self, since: datetime | None) -> tuple[datetime, set[str], set[str]]:
-        """(database time now, ids changed after `since`, every id): what a sync needs."""
+    async def origin(self) -> Origin:
+        """Which database this is, for the snapshot file."""
         with self._translate():
             async with self._pool.connection() as conn:
-                now_row = await (await conn.execute("SELECT now()")).fetchone()
-                assert now_row is not None
-                all_ids = {r[0] for r in await (await conn.execute("SELECT id FROM extensions")).fetchall()}
-                changed: set[str] = set()
-                if since is not None:
-                    cur = await conn.execute(_CHANGED_SINCE, {"since": since})
-                    changed = {r[0] for r in await cur.fetchall()}
-        return now_row[0], changed, all_ids
+                cur = await conn.execute("SELECT current_database(), system_identifier::text"
+                                         " FROM pg_control_system()")
+                row = await cur.fetchone()
+        assert row is not None
+        return Origin(self.location, row[0], row[1])
+
+    async def ids(self) -> set[str]:
+        """Every stored extension id."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                rows = await (await conn.execute("SELECT id FROM extensions")).fetchall()
+        return {r[0] for r in rows}
+
+    async def row_versions(self) -> dict[str, str]:
+        """{id: token that changes with every committed write of the record}: what a sync
+        compares to find what changed, without trusting timestamps."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                rows = await (await conn.execute(_ROW_VERSIONS)).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     @contextlib.asynccontextmanager
     async def listen(self) -> AsyncIterator[AsyncIterator[str]]:
@@ -209,94 +242,74 @@ class PostgresSource:
             with contextlib.suppress(Exception):
                 await conn.close()
 
-    # -- writes -------------------------------------------------------------------------------
+    # -- writes: one path for every writer --------------------------------------------------
 
-    async def upsert_extension(self, ext: Extension, actor: str) -> str:
-        """Create or update one record; returns "created", "updated" or "unchanged"."""
-        report = await self.import_extensions([ext], actor)
-        return report[ext.id]
+    async def write(
+        self, changes: Mapping[str, Change], actor: str, *, dry_run: bool = False
+    ) -> dict[str, Written]:
+        """The one write path: read, change and write records in one transaction.
+
+        Every writer (API, CLI, automation, import) comes here, so every write of an id is
+        serialized by the same per-id locks: an advisory lock (which also covers ids that
+        do not exist yet) and the row lock (which plain-SQL writers take too). `change(current)`
+        runs after both are held, on the record as committed at that moment, so a check it
+        makes (an `If-Match`, existence, "disabled by whom") still holds at the write. It
+        returns the record to store, or None to delete; it may raise to abort everything.
+        Unchanged records are not written (no audit noise, no notification). `dry_run` rolls
+        back. Returns {id: (created | updated | unchanged | deleted | absent, record after)}.
+        """
+        ids = sorted(changes)
+        with self._translate():
+            async with self._pool.connection() as conn, conn.transaction(force_rollback=dry_run):
+                await _act_as(conn, actor)
+                await conn.execute(_LOCK_IDS, {"ids": ids, "lock_class": WRITE_LOCK_CLASS})
+                await conn.execute(_LOCK_ROWS, {"ids": ids})
+                current = {e.id: e for e in await self._read(conn, ids)}
+                outcomes = {i: await _apply(conn, i, current.get(i), changes[i](current.get(i)))
+                            for i in ids}
+                written = [i for i, o in outcomes.items() if o in ("created", "updated")]
+                after = {e.id: e for e in await self._read(conn, written)} if written else {}
+        return {i: (o, current.get(i) if o == "unchanged" else after.get(i))
+                for i, o in outcomes.items()}
+
+    async def write_extension(self, extension_id: str, change: Change, actor: str) -> Written:
+        """`write` for one id."""
+        return (await self.write({extension_id: change}, actor))[extension_id]
 
     async def import_extensions(
         self, records: Sequence[Extension], actor: str, *, dry_run: bool = False
     ) -> dict[str, str]:
-        """Upsert records with their versions and instances, all in one transaction.
+        """Upsert records with their versions and instances, all or nothing.
 
-        Returns {id: "created" | "updated" | "unchanged"}. Unchanged records are not written,
-        so importing the same folder twice leaves no audit noise; `dry_run` rolls back.
-        """
-        report: dict[str, str] = {}
-        with self._translate():
-            async with self._pool.connection() as conn, conn.transaction(force_rollback=dry_run):
-                await _act_as(conn, actor)
-                for ext in records:
-                    report[ext.id] = await self._upsert(conn, ext)
-        return report
+        Returns {id: "created" | "updated" | "unchanged"}; importing the same folder twice
+        writes nothing the second time."""
+        report = await self.write({e.id: _store(e) for e in records}, actor, dry_run=dry_run)
+        return {i: outcome for i, (outcome, _) in report.items()}
 
-    async def _upsert(self, conn: psycopg.AsyncConnection[Any], ext: Extension) -> str:
-        new = to_plain(ext, writable_only=True)
-        await conn.execute("SELECT 1 FROM extensions WHERE id = %s FOR UPDATE", (ext.id,))
-        old = await self._load_one(conn, ext.id)
-        if old is not None and _comparable(to_plain(old, writable_only=True)) == _comparable(new):
-            return "unchanged"
-        await conn.execute(
-            f"INSERT INTO extensions ({', '.join(_COLUMNS)})"
-            f" VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
-            " ON CONFLICT (id) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]),
-            [Jsonb(new[c]) if c in ("config", "metadata") else new[c] for c in _COLUMNS],
-        )
-        await _replace_children(conn, ext)
-        return "created" if old is None else "updated"
+    async def upsert_extension(self, ext: Extension, actor: str) -> str:
+        """Create or update one record; returns "created", "updated" or "unchanged"."""
+        return (await self.write_extension(ext.id, _store(ext), actor))[0]
 
-    async def set_enabled(self, extension_id: str, enabled: bool, actor: str) -> bool:
-        """Enable or disable; False when no such extension. Audited as enable/disable."""
-        with self._translate():
-            async with self._pool.connection() as conn, conn.transaction():
-                await _act_as(conn, actor)
-                cur = await conn.execute(
-                    "UPDATE extensions SET enabled = %s WHERE id = %s AND enabled IS DISTINCT FROM %s"
-                    " RETURNING id",
-                    (enabled, extension_id, enabled),
-                )
-                if await cur.fetchone():
-                    return True
-                cur = await conn.execute("SELECT 1 FROM extensions WHERE id = %s", (extension_id,))
-                return await cur.fetchone() is not None
+    async def set_enabled(self, extension_id: str, enabled: bool, actor: str) -> Written:
+        """Enable or disable (audited as enable/disable); "absent" when no such extension."""
+
+        def change(cur: Extension | None) -> Extension | None:
+            return None if cur is None else msgspec.structs.replace(cur, enabled=enabled)
+
+        return await self.write_extension(extension_id, change, actor)
+
+    async def enable_if_disabled_by(self, extension_id: str, by: str, actor: str) -> bool:
+        """Enable only if disabled and last changed by `by` (undo an automatic disable)."""
+
+        def change(cur: Extension | None) -> Extension | None:
+            if cur is not None and not cur.enabled and cur.updated_by == by:
+                return msgspec.structs.replace(cur, enabled=True)
+            return cur
+
+        return (await self.write_extension(extension_id, change, actor))[0] == "updated"
 
     async def delete_extension(self, extension_id: str, actor: str) -> bool:
-        with self._translate():
-            async with self._pool.connection() as conn, conn.transaction():
-                await _act_as(conn, actor)
-                cur = await conn.execute(
-                    "DELETE FROM extensions WHERE id = %s RETURNING id", (extension_id,)
-                )
-                return await cur.fetchone() is not None
-
-    async def write_extension(
-        self,
-        extension_id: str,
-        change: Callable[[Extension | None], Extension | None],
-        actor: str,
-    ) -> tuple[str, Extension | None]:
-        """Read, change and write one record in one transaction that no other writer of this
-        id can enter, so a check made by `change` (ETag, existence) still holds at the write.
-
-        `change(current)` gets the stored record (None when there is none) and returns the
-        record to store, or None to delete it; it may raise to abort, writing nothing.
-        Returns (created | updated | unchanged | deleted | absent, the stored record after).
-        """
-        with self._translate():
-            async with self._pool.connection() as conn, conn.transaction():
-                await _act_as(conn, actor)
-                await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                                   (WRITE_LOCK_CLASS, extension_id))
-                current = await self._load_one(conn, extension_id)
-                wanted = change(current)
-                if wanted is None:
-                    await conn.execute("DELETE FROM extensions WHERE id = %s", (extension_id,))
-                    return ("deleted" if current else "absent"), None
-                outcome = await self._upsert(conn, wanted)
-                return outcome, await self._load_one(conn, wanted.id)
+        return (await self.write_extension(extension_id, lambda _: None, actor))[0] == "deleted"
 
     async def health_rows(self, extension_id: str | None = None) -> list[dict[str, Any]]:
         """Every extension (or one) with its `extension_health` row, for `extreg health`."""
@@ -311,18 +324,6 @@ class PostgresSource:
                     {"id": extension_id},
                 )
                 return await cur.fetchall()
-
-    async def enable_if_disabled_by(self, extension_id: str, by: str, actor: str) -> bool:
-        """Enable only if disabled and last changed by `by` (undo an automatic disable)."""
-        with self._translate():
-            async with self._pool.connection() as conn, conn.transaction():
-                await _act_as(conn, actor)
-                cur = await conn.execute(
-                    "UPDATE extensions SET enabled = true"
-                    " WHERE id = %s AND NOT enabled AND updated_by = %s RETURNING id",
-                    (extension_id, by),
-                )
-                return await cur.fetchone() is not None
 
     async def update_health(self, batch: HealthBatch) -> bool:
         """The seed's name: add one node's health batch; False if it was applied before.
@@ -367,10 +368,10 @@ class PostgresSource:
                 row = await cur.fetchone()
         return _decode(row[0] if row else "[]")
 
-    async def _load_one(self, conn: psycopg.AsyncConnection[Any], ext_id: str) -> Extension | None:
-        row = await (await conn.execute(_RECORDS_BY_IDS, {"ids": [ext_id]})).fetchone()
-        found = _decode(row[0] if row else "[]")
-        return found[0] if found else None
+    async def _read(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[str]) -> list[Extension]:
+        """Records by id on a connection of a write's transaction."""
+        row = await (await conn.execute(_RECORDS_BY_IDS, {"ids": list(ids)})).fetchone()
+        return _decode(row[0] if row else "[]")
 
     @contextlib.contextmanager
     def _translate(self) -> Iterator[None]:
@@ -423,6 +424,41 @@ def _decode(text: str | bytes) -> list[Extension]:
         return good
 
 
+def _store(ext: Extension) -> Change:
+    """A change that stores `ext` whatever is there."""
+    return lambda _current: ext
+
+
+async def _apply(
+    conn: psycopg.AsyncConnection[Any], ext_id: str, old: Extension | None, new: Extension | None
+) -> Outcome:
+    """Make the stored record `new` (None: delete); write only the tables that differ."""
+    if new is None:
+        if old is None:
+            return "absent"
+        await conn.execute("DELETE FROM extensions WHERE id = %s", (ext_id,))
+        return "deleted"
+    if new.id != ext_id:
+        raise ValueError(f"a change of {ext_id!r} returned a record of {new.id!r}")
+    wanted = _comparable(to_plain(new, writable_only=True))
+    stored = _comparable(to_plain(old, writable_only=True)) if old is not None else None
+    if wanted == stored:
+        return "unchanged"
+    if stored is None or {c: stored[c] for c in _COLUMNS} != {c: wanted[c] for c in _COLUMNS}:
+        await conn.execute(
+            f"INSERT INTO extensions ({', '.join(_COLUMNS)})"
+            f" VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
+            " ON CONFLICT (id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]),
+            [Jsonb(wanted[c]) if c in ("config", "metadata") else wanted[c] for c in _COLUMNS],
+        )
+    if stored is None or (stored["versions"], stored["instances"]) != (
+        wanted["versions"], wanted["instances"]
+    ):
+        await _replace_children(conn, new)
+    return "created" if old is None else "updated"
+
+
 def _comparable(plain: dict[str, Any]) -> dict[str, Any]:
     """A record with its versions and instances in a canonical order, for change detection."""
     return {
@@ -466,6 +502,18 @@ async def _replace_children(conn: psycopg.AsyncConnection[Any], ext: Extension) 
             " health_status = excluded.health_status",
             (ext.id, i.instance_id, i.subject, i.weight, i.enabled, i.health_status),
         )
+
+
+def location_of(conninfo: str) -> str:
+    """Where a connection string points, password-free: `hosts:ports/database`, so two
+    spellings of one URL compare equal and a URL of another server or database does not."""
+    try:
+        parts = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return redact_url(conninfo)
+    host = str(parts.get("host") or parts.get("hostaddr") or "local socket")
+    port = str(parts.get("port") or "5432")
+    return f"{host}:{port}/{parts.get('dbname') or parts.get('user') or ''}"
 
 
 def url_password(conninfo: str) -> str:

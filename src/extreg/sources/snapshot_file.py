@@ -1,7 +1,11 @@
 """The last-known-good snapshot file: what lets `source=database` boot while PostgreSQL is down.
 
-Layout: one header line of JSON (format, count, written_at, sha256 of the body), then the body,
-a JSON list of records. The file is written to a temporary name in the same folder, fsynced and
+Layout: one header line of JSON (format, count, written_at, the database the records came
+from, sha256 of the body), then the body, a JSON list of records. A file is served only for the
+database it came from: a boot against another database while that one is down must not serve
+somebody else's records. The check is made while the database is down, so it compares what the
+settings name (`Origin.location`: hosts, ports and database name, never the password); the
+server's system identifier is recorded beside it for operators. The file is written to a temporary name in the same folder, fsynced and
 renamed over the old one, so a crash mid-write leaves the previous file intact; the checksum
 catches a file torn or edited by anything else.
 """
@@ -21,20 +25,30 @@ import msgspec
 from ..errors import SnapshotFileError
 from ..model import Extension
 
-FORMAT = "extreg-snapshot/1"
+FORMAT = "extreg-snapshot/2"
+
+
+class Origin(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The database a snapshot came from."""
+
+    location: str  # host(s):port(s)/name as the settings name it, password-free
+    name: str  # current_database()
+    system_identifier: str  # pg_control_system().system_identifier
 
 
 class Header(msgspec.Struct, forbid_unknown_fields=True):
     format: str
     count: int
     written_at: datetime
+    database: Origin
     sha256: str
 
 
-def write_snapshot_file(path: Path, records: list[Extension]) -> None:
+def write_snapshot_file(path: Path, records: list[Extension], origin: Origin) -> None:
     """Atomically replace `path` with `records`; raise `SnapshotFileError` if it cannot."""
     body = msgspec.json.encode(records)
-    header = Header(FORMAT, len(records), datetime.now(UTC), hashlib.sha256(body).hexdigest())
+    header = Header(FORMAT, len(records), datetime.now(UTC), origin,
+                    hashlib.sha256(body).hexdigest())
     data = msgspec.json.encode(header) + b"\n" + body
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +77,9 @@ def _remove_leftovers(path: Path, older_than_s: float = 60) -> None:
                 leftover.unlink()
 
 
-def read_snapshot_file(path: Path) -> tuple[list[Extension], datetime]:
-    """The records and write time of a snapshot file; `SnapshotFileError` if it is not whole."""
+def read_snapshot_file(path: Path, location: str) -> tuple[list[Extension], datetime]:
+    """The records and write time of the snapshot file of the database at `location`;
+    `SnapshotFileError` if it is not whole or came from another database."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -78,6 +93,11 @@ def read_snapshot_file(path: Path) -> tuple[list[Extension], datetime]:
         raise SnapshotFileError(f"snapshot file {path} has no valid header: refusing it") from None
     if not sep or header.format != FORMAT:
         raise SnapshotFileError(f"snapshot file {path} is not an {FORMAT} file: refusing it")
+    if header.database.location != location:
+        raise SnapshotFileError(
+            f"snapshot file {path} holds the records of database {header.database.location},"
+            f" not of {location}: refusing it"
+        )
     if hashlib.sha256(body).hexdigest() != header.sha256:
         raise SnapshotFileError(
             f"snapshot file {path} is corrupt or half-written (checksum mismatch): refusing it"
