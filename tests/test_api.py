@@ -402,8 +402,9 @@ async def test_ensure_admin_token_creates_one_admin_token_once(db_url: str) -> N
 async def test_health_without_an_invoker_reads_every_extension_as_new(
     tmp_path: Path, db_url: str
 ) -> None:
-    """Without an invoker, health has the contract's shape with zero counts and closed
-    circuits; circuit and invoke answer 503 saying there is no invoker."""
+    """Without an invoker, health has the contract's shape with zero counts and `disabled`
+    circuits (breakers are off by default); circuit and invoke answer 503 saying there is no
+    invoker."""
     async with database_api(tmp_path, db_url) as api:
         viewer, operator = api.auth("viewer"), api.auth("operator")
         report = (await api.client.get("/admin/extensions/health", headers=viewer)).json()
@@ -415,7 +416,7 @@ async def test_health_without_an_invoker_reads_every_extension_as_new(
     assert ("alpha", "pre") == (alpha["id"], alpha["type"])
     assert {"success_count": 0, "failure_count": 0, "success_rate": 1.0, "avg_latency_ms": 0.0,
             "p50_latency_ms": 0.0, "p95_latency_ms": 0.0, "p99_latency_ms": 0.0,
-            "circuit_breaker_state": "closed", "last_success": None,
+            "circuit_breaker_state": "disabled", "last_success": None,
             "last_failure": None}.items() <= alpha["health"].items()
     assert {"total": 2, "enabled": 1, "healthy": 2, "unhealthy": 0, "avg_success_rate": 1.0,
             "avg_latency_ms": 0.0} == report["summary"]

@@ -10,7 +10,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from extreg.errors import CircuitOpen, ExtensionError, InvalidRecord
+from extreg.errors import CircuitOpen, Conflict, ExtensionError, InvalidRecord
 from extreg.resilience import (
     BreakerConfig,
     CircuitBreakers,
@@ -390,13 +390,38 @@ def test_a_failing_callback_does_not_break_the_call(clock: FakeClock) -> None:
 
 
 def test_disabled_breaker_never_refuses_and_records_nothing(clock: FakeClock) -> None:
-    """With enabled=False every call is admitted and no state is kept."""
+    """With enabled=False every call is admitted, no state is kept, and every reading says
+    `disabled` (never `closed`, which would claim a protection that does not exist)."""
     breakers = make(clock, enabled=False, failure_threshold=1)
     fail(breakers, 50)
-    breakers.check_circuit(EXT)
-    assert "closed" == breakers.force_open(EXT)
-    breakers.check_circuit(EXT)
-    assert ("closed", {}, False) == (breakers.state(EXT), breakers.states(), breakers.enabled)
+    assert "disabled" == breakers.check_circuit(EXT)
+    assert ("disabled", "disabled", {}, False) == (
+        breakers.state(EXT), breakers.update_state(EXT), breakers.states(), breakers.enabled)
+    assert ("disabled", None, 0) == (
+        breakers.snapshot(EXT).state, breakers.snapshot(EXT).opened_at,
+        breakers.snapshot(EXT).consecutive_failures)
+
+
+def test_enabled_breaker_check_returns_the_admitting_state(clock: FakeClock) -> None:
+    """check_circuit answers the state that admitted the call: closed, or half_open for a
+    trial call."""
+    breakers = make(clock, failure_threshold=1, timeout_seconds=5)
+    assert "closed" == breakers.check_circuit(EXT)
+    fail(breakers, 1)
+    clock.advance(5)
+    assert "half_open" == breakers.check_circuit(EXT)
+
+
+@pytest.mark.parametrize("action", ["force_open", "force_close", "reset"])
+def test_forcing_a_disabled_breaker_is_refused(clock: FakeClock, action: str) -> None:
+    """Forcing a circuit while breakers are off raises Conflict saying so and how to turn them
+    on, instead of answering a state nothing enforces."""
+    breakers = make(clock, enabled=False)
+    with pytest.raises(Conflict) as caught:
+        getattr(breakers, action)(EXT)
+    assert "circuit breakers are disabled" in str(caught.value)
+    assert "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED=true" in str(caught.value)
+    assert ("disabled", {}) == (breakers.state(EXT), breakers.states())
 
 
 def test_config_comes_from_the_settings_keys() -> None:

@@ -147,7 +147,7 @@ def test_audit_and_health_through_the_server_with_environment(
     assert (["alpha", "beta"], 2) == ([e["id"] for e in report["extensions"]],
                                       report["summary"]["total"])
     one = extreg(tmp_path, "health", "alpha", "--json", **env)
-    assert ("alpha", "closed") == (json.loads(one.stdout)["id"],
+    assert ("alpha", "disabled") == (json.loads(one.stdout)["id"],
                                    json.loads(one.stdout)["health"]["circuit_breaker_state"])
 
 
@@ -261,7 +261,8 @@ def test_health_and_audit_directly_on_the_database(pg_server: PostgresProcess,
     sql(db_url, "INSERT INTO extension_health (extension_id, success_count, failure_count,"
                 " avg_latency_ms, p95_latency_ms, circuit_breaker_state)"
                 " VALUES ('alpha', 3, 1, 12.5, 30, 'open')")
-    health = extreg(tmp_path, "--database-url", db_url, "health", "--json")
+    on = {"EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED": "true"}  # off, every circuit: disabled
+    health = extreg(tmp_path, "--database-url", db_url, "health", "--json", **on)
     assert 0 == health.returncode, health.stderr
     report = json.loads(health.stdout)
     alpha = report["extensions"][0]["health"]
@@ -270,7 +271,7 @@ def test_health_and_audit_directly_on_the_database(pg_server: PostgresProcess,
         alpha["avg_latency_ms"], alpha["p95_latency_ms"], alpha["circuit_breaker_state"])
     assert {"total": 2, "enabled": 2, "healthy": 1, "unhealthy": 1, "avg_success_rate": 0.75,
             "avg_latency_ms": 12.5} == report["summary"]
-    table = extreg(tmp_path, "--database-url", db_url, "health")
+    table = extreg(tmp_path, "--database-url", db_url, "health", **on)
     assert (0, True) == (table.returncode, "alpha" in table.stdout and "open" in table.stdout)
     missing = extreg(tmp_path, "--database-url", db_url, "health", "nope")
     assert 2 == missing.returncode

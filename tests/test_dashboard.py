@@ -167,3 +167,26 @@ async def test_plain_sql_write_appears_live_on_a_phone(
     await expect(row(page, "sql_made")).to_be_visible(timeout=10_000)
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390
+
+
+async def test_breaker_off_shows_no_protection(
+    tmp_path: Path, db_url: str, nats_url: str, sample_extensions: Any, browser: Browser
+) -> None:
+    """With circuit breakers off (the default settings) no row claims a `closed` circuit: each
+    shows a distinct "breaker off" badge whose tooltip says how to enable breakers, the page
+    says calls are not protected, and an operator gets no circuit-reset button."""
+    settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url)
+    await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
+    tokens = await make_tokens(db_url)
+    with InvokingServer(settings) as live:
+        page = await signed_in(browser, live.url, tokens["operator"])
+        for sample in SAMPLE_EXTENSIONS:
+            badge = row(page, sample.id).locator(".circuit .badge")
+            await expect(badge).to_have_text("○ breaker off")
+            assert "badge breaker-off" == await badge.get_attribute("class")
+            assert "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED=true" in (
+                await badge.get_attribute("title") or "")
+        await expect(page.locator("#breaker-note")).to_be_visible()
+        await expect(page.locator("#breaker-note")).to_contain_text("not protected")
+        await expect(row(page, "flaky").locator('button[data-action="disable"]')).to_be_visible()
+        assert 0 == await page.locator('button[data-action="reset"]').count()

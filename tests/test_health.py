@@ -99,7 +99,29 @@ def test_an_extension_without_calls_reads_as_new() -> None:
         "last_failure": None,
         "last_latency_ms": None,
     }
-    assert expected == HealthMonitor().get_health("never_called")
+    on = CircuitBreakers(BreakerConfig(enabled=True))
+    assert expected == HealthMonitor(on).get_health("never_called")
+
+
+@pytest.mark.parametrize("kind", ["no-breaker", "breaker-off", "blank-off"])
+def test_breaker_off_reads_disabled_and_healthy(kind: str) -> None:
+    """With the breaker off (the default), or none attached, the circuit reads `disabled`, not
+    `closed`; an extension is judged healthy on its success rate alone."""
+    monitor = {"no-breaker": HealthMonitor,
+               "breaker-off": lambda: HealthMonitor(CircuitBreakers(BreakerConfig())),
+               "blank-off": lambda: HealthMonitor.blank(False)}[kind]()
+    monitor.record(EXT, True, 5)
+    assert "disabled" == monitor.get_health(EXT)["circuit_breaker_state"]
+    assert "disabled" == monitor.get_health("never_called")["circuit_breaker_state"]
+    assert (True, 2) == (monitor.is_healthy(EXT),
+                         monitor.get_health_summary([Ext(EXT), Ext("never_called")])["healthy"])
+
+
+def test_blank_monitor_follows_the_setting() -> None:
+    """`HealthMonitor.blank(enabled)` (no invoker in this process) reads `closed` when the
+    breaker is on and `disabled` when it is off."""
+    assert ("closed", "disabled") == tuple(
+        HealthMonitor.blank(on).get_health(EXT)["circuit_breaker_state"] for on in (True, False))
 
 
 def test_percentiles_are_within_the_sketch_accuracy() -> None:

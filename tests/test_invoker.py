@@ -318,7 +318,7 @@ async def test_health_counts_after_known_mix(
                 pass
         health = inv.health.get_health("mix")
         summary = inv.health.get_health_summary(inv.registry.all())
-    assert (7, 5, round(7 / 12, 4), "closed") == (
+    assert (7, 5, round(7 / 12, 4), "disabled") == (  # breakers are off by default
         health["success_count"], health["failure_count"], health["success_rate"],
         health["circuit_breaker_state"])
     assert health["p99_latency_ms"] >= 39 and health["avg_latency_ms"] > 0

@@ -485,7 +485,8 @@ def _health_from_database(extension_id: str | None) -> dict[str, Any]:
     rows = run(go())
     if extension_id is not None and not rows:
         raise ExtensionNotFound(extension_id)
-    return report_from_rows(rows, s.health_based_routing_min_success_rate)
+    return report_from_rows(rows, s.health_based_routing_min_success_rate,
+                            breaker_enabled=s.circuit_breaker_enabled)
 
 
 def _audit_from_database(extension_id: str | None, limit: int) -> list[dict[str, Any]]:

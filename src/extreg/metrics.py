@@ -10,8 +10,11 @@ of sources feed it:
   seconds)` the invoker's `observer` (called after every call), and subscribes
   `circuit_transition` to its breakers' `on_state_change` (failures = times a circuit
   opened, recoveries = times it closed again);
-- health and circuit gauges are *pulled* at scrape time from `invoker.health` and
-  `invoker.breaker` by a custom collector, so the hot path does no metric work for them.
+- health and circuit gauges are *pulled* at scrape time from `invoker.health` (whose circuit
+  states are its breaker's) by a custom collector, so the hot path does no metric work for
+  them. The circuit gauge reads -1 when breakers are off (`circuit_breaker_enabled` false),
+  so `extension_circuit_breaker_state > 0` still means "open or half-open" and a dashboard
+  can tell "no breaker" from "closed".
 
 No global state: each `Runtime` owns its `Metrics`, the one its /metrics serves.
 """
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
     from .snapshot import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CIRCUIT_STATE_VALUES = {"closed": 0, "open": 1, "half_open": 2}
+CIRCUIT_STATE_VALUES = {"disabled": -1, "closed": 0, "open": 1, "half_open": 2}
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0, 60.0)  # fmt: skip - extension timeouts reach 60 s
 
@@ -131,13 +134,13 @@ class _HealthCollector(Collector):
 
     Extensions come from the registry (every cached one) and from the monitor (any other it
     has numbers for). Without an invoker, every extension reads as new: success rate 1.0,
-    latency 0, circuit closed (the same rules as `HealthMonitor`).
+    latency 0, circuit `closed`, or `disabled` when the registry's settings have breakers off
+    (the same rules as `HealthMonitor.blank`).
     """
 
     def __init__(self) -> None:
         self.registry: Registry | None = None
         self.invoker: Any | None = None
-        self._blank = HealthMonitor()
 
     def collect(self) -> Iterator[Metric]:
         rate = GaugeMetricFamily("extension_health_success_rate",
@@ -146,20 +149,24 @@ class _HealthCollector(Collector):
         latency = GaugeMetricFamily("extension_health_avg_latency_ms",
                                     "Mean call latency in milliseconds.", labels=["extension_id"])
         state = GaugeMetricFamily("extension_circuit_breaker_state",
-                                  "Circuit state: 0 closed, 1 open, 2 half-open.",
+                                  "Circuit state: 0 closed, 1 open, 2 half-open, "
+                                  "-1 breakers disabled.",
                                   labels=["extension_id"])
-        monitor = getattr(self.invoker, "health", None) or self._blank
-        breaker = getattr(self.invoker, "breaker", None)
+        monitor = getattr(self.invoker, "health", None) or self._blank()
         healths = dict(monitor.get_all_health())  # the extensions with calls
         for ext in self.registry.all() if self.registry is not None else ():
             if ext.id not in healths:
                 healths[ext.id] = monitor.get_health(ext.id)
         for extension_id, health in sorted(healths.items()):
-            circuit = breaker.state(extension_id) if breaker is not None else "closed"
+            circuit = health["circuit_breaker_state"]
             rate.add_metric([extension_id], float(health["success_rate"]))
             latency.add_metric([extension_id], float(health["avg_latency_ms"]))
             state.add_metric([extension_id], CIRCUIT_STATE_VALUES.get(str(circuit), 0))
         yield from (rate, latency, state)
+
+    def _blank(self) -> HealthMonitor:
+        settings = getattr(self.registry, "settings", None)
+        return HealthMonitor.blank(bool(getattr(settings, "circuit_breaker_enabled", False)))
 
     def describe(self) -> Iterator[Metric]:  # names only, so registration reads no state
         yield GaugeMetricFamily("extension_health_success_rate", "", labels=["extension_id"])

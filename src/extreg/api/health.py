@@ -1,5 +1,6 @@
 """Health of every extension (`GET /admin/extensions/health`) and of one, in the contract's
-shape: from this process's invoker when it runs, else every extension reads as new."""
+shape: from this process's invoker when it runs, else every extension reads as new (its
+circuit `closed`, or `disabled` when breakers are off in the settings)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ async def all_health(request: Request, _: Viewer) -> JSONResponse:
     """Every extension's health, and the summary bar."""
     runtime = runtime_of(request)
     monitor = getattr(runtime.invoker, "health", None)
-    return JSONResponse(health_report(runtime.registry.all(), monitor))
+    return JSONResponse(health_report(runtime.registry.all(), monitor,
+                                      breaker_enabled=runtime.settings.circuit_breaker_enabled))
 
 
 @router.get("/{extension_id}/health", responses={404: {"description": "No such extension."}})
@@ -32,4 +34,5 @@ async def one_health(
     ext = runtime.registry.get(extension_id)
     if ext is None:
         raise ExtensionNotFound(extension_id)
-    return JSONResponse(extension_health(ext, getattr(runtime.invoker, "health", None)))
+    return JSONResponse(extension_health(ext, getattr(runtime.invoker, "health", None),
+                                         breaker_enabled=runtime.settings.circuit_breaker_enabled))

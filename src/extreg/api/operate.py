@@ -84,7 +84,10 @@ async def audit(
     return JSONResponse([{k: _plain(v) for k, v in row.items()} for row in rows])
 
 
-@router.post("/extensions/{extension_id}/circuit")
+@router.post("/extensions/{extension_id}/circuit", responses={
+    409: {"description": "Circuit breakers are disabled (circuit_breaker_enabled is false): "
+                         "nothing would enforce a forced state; the detail says how to enable "
+                         "them."}})
 async def circuit(
     extension_id: str,
     body: CircuitAction,
@@ -92,7 +95,8 @@ async def circuit(
     _: Operator,
     __: StrictBody,
 ) -> JSONResponse:
-    """Force a circuit open, close it, or reset it to a fresh closed one."""
+    """Force a circuit open, close it, or reset it to a fresh closed one (409 `Conflict` when
+    breakers are off: see `CircuitBreakers.force_open`)."""
     runtime = runtime_of(request)
     _known(runtime.registry, extension_id)
     breaker = _invoker(request, "circuit breakers are").breaker

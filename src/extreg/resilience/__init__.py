@@ -2,11 +2,13 @@
 
 from .breaker import (
     CLOSED,
+    DISABLED,
     HALF_OPEN,
     OPEN,
     BreakerConfig,
     CircuitBreakers,
     CircuitSnapshot,
+    Reading,
     State,
     StateCallback,
     breaker_override_problems,
@@ -15,6 +17,7 @@ from .health import HealthDelta, HealthMonitor, sketch_from_dict, sketch_to_dict
 
 __all__ = [
     "CLOSED",
+    "DISABLED",
     "HALF_OPEN",
     "OPEN",
     "BreakerConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "CircuitSnapshot",
     "HealthDelta",
     "HealthMonitor",
+    "Reading",
     "State",
     "StateCallback",
     "breaker_override_problems",

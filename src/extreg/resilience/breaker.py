@@ -29,6 +29,11 @@ buckets for windows up to 60 s). The window is the current bucket and the ones b
 spans between `window_seconds - width` and `window_seconds`; recording a call is a clock read
 and a couple of integer increments, not a list append.
 
+With `circuit_breaker_enabled` false (the default) there are no circuits: every call is
+admitted, nothing is recorded, and every reading (`check_circuit`, `state`, `states`,
+`snapshot`) says `disabled`, never `closed`, so no screen shows a protection that does not
+exist. Forcing a circuit then raises `Conflict` naming how to turn breakers on.
+
 Pure and I/O-free: no locks (one asyncio thread), no timers, no logging on the hot path.
 """
 
@@ -43,18 +48,20 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 
-from ..errors import CircuitOpen, InvalidRecord
+from ..errors import CircuitOpen, Conflict, InvalidRecord
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = [
     "CLOSED",
+    "DISABLED",
     "HALF_OPEN",
     "OPEN",
     "BreakerConfig",
     "CircuitBreakers",
     "CircuitSnapshot",
+    "Reading",
     "State",
     "StateCallback",
     "breaker_override_problems",
@@ -63,9 +70,18 @@ __all__ = [
 log = structlog.get_logger("extreg.breaker")
 
 State = Literal["closed", "open", "half_open"]
+"""The states a circuit moves between (and the ones transitions report)."""
+Reading = Literal["closed", "open", "half_open", "disabled"]
+"""What a query answers: a circuit's state, or `disabled` when breakers are off."""
 CLOSED: Final = "closed"
 OPEN: Final = "open"
 HALF_OPEN: Final = "half_open"
+DISABLED: Final = "disabled"
+ENABLE_HINT: Final = (
+    "circuit breakers are disabled (circuit_breaker_enabled is false), so no circuit can be "
+    "forced; enable them with EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED=true or "
+    "circuit_breaker_enabled = true in the config file (--config), then restart"
+)
 
 StateCallback = Callable[[str, State, State], None]
 """Called as `callback(extension_id, old_state, new_state)` on every transition."""
@@ -177,7 +193,7 @@ class CircuitSnapshot:
     """One extension's breaker counters at one moment (for metrics, the dashboard, the DB)."""
 
     extension_id: str
-    state: State
+    state: Reading
     consecutive_failures: int
     window_calls: int
     window_failures: int
@@ -303,7 +319,7 @@ class CircuitBreakers:
 
     `clock` measures intervals (monotonic seconds); `wall_clock` (epoch seconds) only dates
     `opened_at` in snapshots. With `config.enabled` false every check admits, every record
-    is ignored and every state reads `closed`.
+    is ignored, every state reads `disabled` and forcing raises `Conflict`.
     """
 
     __slots__ = ("_callbacks", "_circuits", "_clock", "_disabled", "_wall_clock", "config")
@@ -334,16 +350,20 @@ class CircuitBreakers:
 
     # -- the hot path ------------------------------------------------------------------------
 
-    def check_circuit(self, extension_id: str) -> None:
-        """Admit a call or raise CircuitOpen; a half-open admission is counted here."""
+    def check_circuit(self, extension_id: str) -> Reading:
+        """Admit a call or raise CircuitOpen; a half-open admission is counted here.
+
+        Returns the state that admitted the call: `closed`, `half_open`, or `disabled`.
+        """
         if self._disabled:
-            return
+            return DISABLED
         try:
             circuit = self._circuits[extension_id]
         except KeyError:
             circuit = self._add(extension_id)
         if circuit.state is not CLOSED:
             self._admit(circuit)
+        return circuit.state
 
     def record_success(self, extension_id: str) -> None:
         """Record a successful call; closes a half-open circuit."""
@@ -391,10 +411,12 @@ class CircuitBreakers:
 
     # -- time-based transitions and queries --------------------------------------------------
 
-    def update_state(self, extension_id: str) -> State:
+    def update_state(self, extension_id: str) -> Reading:
         """Apply the time-based transition (open -> half_open) if due; return the state."""
+        if self._disabled:
+            return DISABLED
         circuit = self._circuits.get(extension_id)
-        if self._disabled or circuit is None:
+        if circuit is None:
             return CLOSED
         if circuit.state is OPEN and not circuit.forced:
             now = self._clock()
@@ -409,16 +431,18 @@ class CircuitBreakers:
             return False
         return self._clock() - circuit.opened_at >= circuit.config.timeout_seconds
 
-    def state(self, extension_id: str) -> State:
-        """`closed`, `open` or `half_open`, after any due time-based transition."""
+    def state(self, extension_id: str) -> Reading:
+        """`closed`, `open` or `half_open`, after any due time-based transition; `disabled`
+        when breakers are off."""
         return self.update_state(extension_id)
 
-    def states(self) -> dict[str, State]:
+    def states(self) -> dict[str, Reading]:
         """The state of every extension the breaker has seen (after due transitions)."""
         return {extension_id: self.update_state(extension_id) for extension_id in self._circuits}
 
     def snapshot(self, extension_id: str) -> CircuitSnapshot:
-        """The counters of one extension (an unseen one reads as a fresh closed circuit)."""
+        """The counters of one extension (an unseen one reads as a fresh closed circuit, or a
+        `disabled` one when breakers are off)."""
         state = self.update_state(extension_id)
         circuit = self._circuits.get(extension_id) or _Circuit(extension_id, self.config)
         if circuit.state is CLOSED and circuit.bucket is not None:
@@ -459,9 +483,11 @@ class CircuitBreakers:
         return config
 
     def force_open(self, extension_id: str) -> State:
-        """Open the circuit and keep it open until `force_close` or `reset`."""
-        if self._disabled:
-            return CLOSED
+        """Open the circuit and keep it open until `force_close` or `reset`.
+
+        Raises `Conflict` when breakers are off: nothing would enforce the state.
+        """
+        self._require_enabled()
         circuit = self._circuits.get(extension_id) or self._add(extension_id)
         circuit.forced = True
         self._open(circuit, self._clock(), "opened by an operator")
@@ -472,9 +498,11 @@ class CircuitBreakers:
         return self.reset(extension_id)
 
     def reset(self, extension_id: str) -> State:
-        """Back to a fresh closed circuit: no streak, an empty window; the config is kept."""
-        if self._disabled:
-            return CLOSED
+        """Back to a fresh closed circuit: no streak, an empty window; the config is kept.
+
+        Raises `Conflict` when breakers are off.
+        """
+        self._require_enabled()
         circuit = self._circuits.get(extension_id) or self._add(extension_id)
         circuit.forced = False
         self._close(circuit)
@@ -492,6 +520,10 @@ class CircuitBreakers:
         self._callbacks.append(callback)
 
     # -- transitions (the slow path) ---------------------------------------------------------
+
+    def _require_enabled(self) -> None:
+        if self._disabled:
+            raise Conflict(ENABLE_HINT)
 
     def _add(self, extension_id: str) -> _Circuit:
         circuit = self._circuits[extension_id] = _Circuit(extension_id, self.config)

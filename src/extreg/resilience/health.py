@@ -10,8 +10,10 @@ Rules, stated once:
   health-based routing and the summary do not treat a new extension as failing. Its latencies
   read 0 and its last times `None`.
 - Latencies of failed calls count too (a timeout is a slow call); negative ones count as 0.
-- Healthy means: circuit `closed` and success rate >= `min_success_rate` (the setting
+- Healthy means: circuit neither `open` nor `half_open` (so `closed`, or `disabled` when
+  breakers are off) and success rate >= `min_success_rate` (the setting
   `health_based_routing_min_success_rate`, 0.8 by default).
+- Without a breaker attached, every circuit reads `disabled`: no breaker, no protection.
 
 Persistence (the database writer, elsewhere) works with deltas: `take_delta`/`drain_deltas`
 hand over what was recorded since the last drain as a `HealthDelta` and start a new one;
@@ -35,13 +37,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from ddsketch import DDSketch
 from ddsketch.store import DenseStore
 
-from .breaker import CLOSED, CircuitBreakers
+from .breaker import CLOSED, DISABLED, HALF_OPEN, OPEN, CircuitBreakers
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = [
     "DEFAULT_MIN_SUCCESS_RATE",
+    "REFUSING_STATES",
     "RELATIVE_ACCURACY",
     "ExtensionLike",
     "HealthDelta",
@@ -52,6 +55,7 @@ __all__ = [
 
 RELATIVE_ACCURACY = 0.01
 DEFAULT_MIN_SUCCESS_RATE = 0.8
+REFUSING_STATES = frozenset({OPEN, HALF_OPEN})  # the circuit states that count as unhealthy
 QUANTILES = (("p50_latency_ms", 0.50), ("p95_latency_ms", 0.95), ("p99_latency_ms", 0.99))
 
 
@@ -170,7 +174,7 @@ class HealthMonitor:
     """Per-extension health, fed by `record` after every invocation.
 
     `circuit_state` gives each extension's breaker state: a `CircuitBreakers`, or any
-    callable from extension id to state; without one every circuit reads `closed`.
+    callable from extension id to state; without one every circuit reads `disabled`.
     `clock` returns epoch seconds (for the last success/failure times).
     """
 
@@ -185,7 +189,7 @@ class HealthMonitor:
     ) -> None:
         if isinstance(circuit_state, CircuitBreakers):
             circuit_state = circuit_state.state
-        self._circuit_state: Callable[[str], str] = circuit_state or _always_closed
+        self._circuit_state: Callable[[str], str] = circuit_state or _no_breaker
         self.min_success_rate = min_success_rate
         self._entries: dict[str, _Entry] = {}
         self._clock = clock
@@ -195,6 +199,15 @@ class HealthMonitor:
         cls, settings: Settings, breakers: CircuitBreakers | None = None
     ) -> HealthMonitor:
         return cls(breakers, min_success_rate=settings.health_based_routing_min_success_rate)
+
+    @classmethod
+    def blank(
+        cls, breaker_enabled: bool, *, min_success_rate: float = DEFAULT_MIN_SUCCESS_RATE
+    ) -> HealthMonitor:
+        """A monitor for a process that calls nothing (no invoker): every extension reads as
+        new, its circuit `closed` when breakers are on in the settings, else `disabled`."""
+        return cls(_always_closed if breaker_enabled else _no_breaker,
+                   min_success_rate=min_success_rate)
 
     def record(self, extension_id: str, ok: bool, latency_ms: float) -> None:
         """Count one finished call: its outcome and its latency in milliseconds."""
@@ -251,9 +264,9 @@ class HealthMonitor:
         return _rate(successes, successes + failures)
 
     def is_healthy(self, extension_id: str) -> bool:
-        """Circuit closed and success rate >= `min_success_rate`."""
+        """Circuit not open or half-open and success rate >= `min_success_rate`."""
         return (
-            self._circuit_state(extension_id) == CLOSED
+            self._circuit_state(extension_id) not in REFUSING_STATES
             and self.success_rate(extension_id) >= self.min_success_rate
         )
 
@@ -369,6 +382,10 @@ _NO_CALLS = _Entry()  # read-only stand-in for an extension with no calls
 
 def _always_closed(extension_id: str) -> str:
     return CLOSED
+
+
+def _no_breaker(extension_id: str) -> str:
+    return DISABLED
 
 
 def _rate(successes: int, calls: int) -> float:
