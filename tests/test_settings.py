@@ -334,6 +334,18 @@ def test_bad_keyword_is_a_config_error_naming_key_and_origin(
         True, True, False), message
 
 
+def test_keys_are_lower_case_in_the_file_and_as_keywords(
+    environ: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`DB_NAME` in the TOML file or as a keyword is an unknown setting (only the environment
+    spells keys in upper case)."""
+    path = write_toml(tmp_path / "reg.toml", '[extension_registry]\nDB_NAME = "x"\n')
+    for kwargs in ({"config_file": path}, {"DB_NAME": "x"}):
+        assert "unknown setting" in config_error(**kwargs)
+    environ.setenv("EXTENSION_REGISTRY_DB_NAME", "upper")
+    assert "upper" == Settings().db_name
+
+
 def test_replace_reads_no_layer_again(environ: pytest.MonkeyPatch) -> None:
     """`replace` copies what was set: an environment isolated with `load(environ={})` stays
     isolated even when the process environment says otherwise."""

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         frozen=True, extra="forbid", validate_default=True, env_prefix=ENV_PREFIX,
-        case_sensitive=False,
+        case_sensitive=True,  # a TOML or keyword `DB_NAME` is unknown; see _Environment
     )
 
     source: Literal["database", "fixtures", "auto"] = "auto"
@@ -284,15 +284,17 @@ class _Traced(PydanticBaseSettingsSource):
 
 
 class _Environment(EnvSettingsSource):
-    """`EXTENSION_REGISTRY_<KEY>` from a given mapping; a variable with the prefix that names
-    no setting is passed on as a key, so that it is refused as an unknown setting."""
+    """`EXTENSION_REGISTRY_<KEY>` from a given mapping (the prefix as written, the key in any
+    case); a variable with the prefix that names no setting is passed on as a key, so that it
+    is refused as an unknown setting."""
 
     def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
         self._environ = environ
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {name.lower(): value for name, value in self._environ.items()}
+        return {ENV_PREFIX + name[len(ENV_PREFIX) :].lower(): value
+                for name, value in self._environ.items() if name.startswith(ENV_PREFIX)}
 
     def __call__(self) -> dict[str, Any]:
         values = super().__call__()
