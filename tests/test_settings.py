@@ -474,6 +474,16 @@ def test_missing_config_file_names_the_file(tmp_path: Path) -> None:
         assert part in message, (part, message)
 
 
+def test_config_file_that_is_a_fifo_is_refused_not_skipped(tmp_path: Path) -> None:
+    """A FIFO named as the config file is a ConfigError naming it (pydantic-settings' own TOML
+    source would skip it quietly; reading it would block)."""
+    path = tmp_path / "reg.toml"
+    os.mkfifo(path)
+    message = config_error(config_file=path)
+    for part in (str(path), "not a regular file"):
+        assert part in message, (part, message)
+
+
 def test_non_postgresql_database_url_is_refused_naming_the_key() -> None:
     """A database_url whose scheme is not postgresql:// is a ConfigError naming database_url."""
     message = config_error(database_url="mysql://u@h/db")

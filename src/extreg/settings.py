@@ -318,6 +318,8 @@ class _TomlFile(TomlConfigSettingsSource):
             raise ConfigError(f"config file {path} does not exist")
         if path.is_dir():
             raise ConfigError(f"config file {path} is a directory")
+        if not path.is_file():  # a FIFO or a device: reading it could block for good
+            raise ConfigError(f"config file {path} is not a regular file")
         super().__init__(settings_cls, toml_file=path)
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
