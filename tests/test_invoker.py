@@ -102,6 +102,66 @@ async def test_envelope_and_headers(tmp_path: Path, nats_url: str, nats_client: 
     assert {"trace_id": "t-9", "tenant_id": "other"} == second.headers
 
 
+def original_test_provider(msg: Any) -> bytes:
+    """The original's reference test_provider: it reads `prompt` at the top level only."""
+    prompt = msgspec.json.decode(msg.data).get("prompt") or ""
+    return msgspec.json.encode({"provider_id": "test_provider",
+                                "output": f"Mock response to: {prompt}",
+                                "usage": {}, "metadata": {}})
+
+
+async def test_provider_request_carries_the_original_fields(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """A provider gets the common envelope plus the original's provider fields: its id as
+    `provider_id`, the message text as `prompt`, the request's `parameters` ({} without) and
+    the request metadata as `context`; a pre extension gets the plain envelope."""
+    prov_on, pre_on = subject(), subject()
+    settings = fixture_settings(tmp_path, nats_url, rec("prov", prov_on, type="provider"),
+                                rec("pre", pre_on))
+    request = {"payload": MESSAGE, "metadata": {"lang": "en"}, "parameters": {"temperature": 0.2}}
+    async with listen(nats_client, prov_on, constant(b"{}")) as prov, \
+            listen(nats_client, pre_on, constant(b"{}")) as pre, \
+            open_invoker(settings) as inv:  # fmt: skip
+        await inv.invoke("prov", request, CONTEXT)
+        await inv.invoke("prov", {"payload": "bare text"}, {})
+        await inv.invoke("prov", {"payload": {"blocks": [1]}}, {})
+        await inv.invoke("pre", request, CONTEXT)
+    first, bare, no_text = (msgspec.json.decode(m.data) for m in prov.messages)
+    assert {"trace_id": "t-1", "tenant_id": "acme", "payload": MESSAGE, "metadata": {"lang": "en"},
+            "provider_id": "prov", "prompt": "  Hello   WORLD  ",
+            "parameters": {"temperature": 0.2}, "context": {"lang": "en"}} == first
+    assert ("bare text", {}, {}) == (bare["prompt"], bare["parameters"], bare["context"])
+    assert no_text["prompt"] is None
+    assert {"trace_id", "tenant_id", "payload", "metadata"} == set(
+        msgspec.json.decode(pre.messages[0].data))
+
+
+async def test_original_reference_test_provider_answers_the_message_text(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """The original's reference test_provider, called through the invoker with a message,
+    answers an output built from the message text (not "Mock response to: " and nothing)."""
+    on = subject()
+    settings = fixture_settings(tmp_path, nats_url, rec("orig", on, type="provider"))
+    message = {**MESSAGE, "payload": "Summarise this ticket"}
+    async with listen(nats_client, on, original_test_provider), open_invoker(settings) as inv:
+        reply = await inv.invoke("orig", {"payload": message, "metadata": {}}, CONTEXT)
+    assert "Mock response to: Summarise this ticket" == reply["output"]
+
+
+async def test_sample_test_provider_through_the_invoker(
+    tmp_path: Path, nats_url: str, sample_extensions: SampleRunner
+) -> None:
+    """The bundled test_provider, called through the invoker with a message text, answers an
+    output built from that text."""
+    message = {**MESSAGE, "payload": "Summarise this ticket"}
+    async with open_invoker(fixture_settings(tmp_path, nats_url)) as inv:
+        reply = await inv.invoke("test_provider", {"payload": message, "metadata": {}}, CONTEXT)
+    assert ("Test response: Summarise this ticket", "m-1") == (
+        reply["output"], reply["metadata"]["message_id"])
+
+
 # -- timeouts and retries --------------------------------------------------------------------
 
 

@@ -450,3 +450,21 @@ def test_monitoring_endpoint_when_enabled() -> None:
 def test_mask_text_leaves_non_pii_numbers_alone(text: str) -> None:
     """Dates, versions, short ids and bare digit runs are not taken for phones or cards."""
     assert text == ext.mask_text(text)
+
+
+def test_test_provider_reads_the_top_level_prompt() -> None:
+    """Like the original's reference test_provider, the sample reads `prompt` at the top level
+    of the provider request (the invoker puts the message text there), and builds its output,
+    usage and metadata from it; without one it falls back to the message text."""
+    request = {"trace_id": "t-1", "tenant_id": "acme", "provider_id": "test_provider",
+               "prompt": "Summarise this ticket", "parameters": {}, "context": {},
+               "payload": {"message_id": "m-7", "payload": {"blocks": ["not text"]}},
+               "metadata": {}}
+    assert {
+        "provider_id": "test_provider",
+        "output": "Test response: Summarise this ticket",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+        "metadata": {"model": "test-echo-1", "finish_reason": "stop", "message_id": "m-7"},
+    } == ext.test_provider(request)
+    assert "Test response: plain" == ext.test_provider({"payload": {"payload": "plain"}})["output"]
+    assert "Test response: old" == ext.test_provider({"payload": {"prompt": "old"}})["output"]

@@ -6,14 +6,15 @@
 
 One call, in order: registry lookup (`ExtensionNotFound` / `ExtensionDisabled`, before any
 network work); the extension's `Route` (cached per record, see `routing`) picks the version and
-instance; the envelope is encoded and its payload and metadata checked against the limits
-(`PayloadTooLarge`); `dry_run` in the context stops here and returns `{}`; NATS must be
-connected (`TransportUnavailable`, fast); health-based routing and the circuit breaker may
-refuse (`HealthRefused`, `CircuitOpen`); then the request, with `trace_id` and `tenant_id` also
-as NATS headers, each attempt bounded by the capped `timeout_ms`, and `retry` extra attempts
-after a timeout only, with a short jittered backoff (`ExtensionTimeout` with no retries,
-`MaxRetriesExceeded` after them); the reply must be a JSON object (`InvalidResponse`).
-Every error carries `extension_id`, `reason` and `attempts`.
+instance; the envelope is encoded (a provider's with the original's provider fields:
+`provider_id`, `prompt`, `parameters`, `context`; see `envelope`) and its payload and
+metadata checked against the limits (`PayloadTooLarge`); `dry_run` in the context stops here
+and returns `{}`; NATS must be connected (`TransportUnavailable`, fast); health-based routing
+and the circuit breaker may refuse (`HealthRefused`, `CircuitOpen`); then the request, with
+`trace_id` and `tenant_id` also as NATS headers, each attempt bounded by the capped
+`timeout_ms`, and `retry` extra attempts after a timeout only, with a short jittered backoff
+(`ExtensionTimeout` with no retries, `MaxRetriesExceeded` after them); the reply must be a
+JSON object (`InvalidResponse`). Every error carries `extension_id`, `reason` and `attempts`.
 
 The outcome goes to the breaker (`record_success` / `record_failure`) and to the health monitor,
 both in memory. A caller's mistake (too large) and a NATS outage are not the extension's fault
@@ -192,7 +193,8 @@ class Invoker:
         tenant_id = ctx.get("tenant_id") or request.get("tenant_id")
         target = _pick(route, ctx, trace_id, tenant_id) if route.dynamic else route.default
         data = encode_envelope(extension_id, request, trace_id, tenant_id,
-                               route.max_payload_size, route.max_metadata_size)
+                               route.max_payload_size, route.max_metadata_size,
+                               provider=ext.type == "provider")
         if ctx.get("dry_run"):
             return {}
         observer = self.observer

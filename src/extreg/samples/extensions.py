@@ -1,7 +1,8 @@
 """The sample extensions' behaviour, as pure functions of the request (no I/O).
 
 Each handler takes the decoded request envelope
-`{"trace_id", "tenant_id", "payload", "metadata"}` and returns the reply object, following
+`{"trace_id", "tenant_id", "payload", "metadata"}` (a provider's also carries `provider_id`,
+`prompt`, `parameters` and `context`) and returns the reply object, following
 the Beamline wire contract (see `SPEC.md`, "Wire contract with extensions"):
 
 - `normalize_text` (pre): lower-cases, trims and collapses the whitespace of
@@ -11,7 +12,8 @@ the Beamline wire contract (see `SPEC.md`, "Wire contract with extensions"):
   `payload.payload` holds a card number or an SSN, else `{"status": "ok"}`.
 - `mask_pii` (post): replaces card numbers, SSNs, e-mail addresses and phone numbers in
   `payload.payload` and marks `payload.metadata.pii_masked = "true"`.
-- `test_provider` (provider): answers with an output built from the prompt.
+- `test_provider` (provider): answers `{"provider_id", "output", "usage", "metadata"}` with an
+  output built from the top-level `prompt`, as the original's reference test_provider does.
 
 The NATS plumbing (and the stateful `flaky` and the byte-for-byte `echo`) live in
 `extreg.samples.runner`; keeping these pure makes them trivial to test and to reuse.
@@ -262,11 +264,20 @@ TEST_PROVIDER_MODEL = "test-echo-1"
 
 
 def test_provider(request: Request) -> Reply:
-    """Provider: `output` is `"Test response: <prompt>"`; usage counts whitespace words."""
+    """Provider: `output` is `"Test response: <prompt>"`; usage counts whitespace words.
+
+    The prompt is read where the original's reference test_provider reads it: `prompt` at the
+    top level of the provider request (the invoker puts the message text there). A request
+    without one (sent by hand, or by an older router) falls back to the message text, or to a
+    `payload.prompt` string.
+    """
     payload = _payload(request)
-    prompt = payload.get("prompt") if isinstance(payload, Mapping) else None
+    prompt = request.get("prompt")
     if not isinstance(prompt, str):
-        prompt = _text(payload) or ""
+        prompt = _text(payload)
+    if prompt is None and isinstance(payload, Mapping) and isinstance(payload.get("prompt"), str):
+        prompt = payload["prompt"]
+    prompt = prompt or ""
     output = f"Test response: {prompt}"
     prompt_tokens = len(prompt.split())
     completion_tokens = len(output.split())
