@@ -16,11 +16,10 @@ from extreg.invoke.routing import (
     Route,
     Target,
     choose_weighted,
-    limit_problems,
     rules_match,
     select_version,
 )
-from extreg.model import Extension, Instance, Version
+from extreg.model import Extension, Instance, Version, limit_problems
 
 
 def ext(**values: Any) -> Extension:

@@ -50,6 +50,10 @@ class Metrics:
         self.enabled = Gauge(
             "extension_registry_enabled_count", "Enabled extensions in the cache.", registry=r
         )
+        self.invalid_records = Gauge(
+            "extension_registry_invalid_records",
+            "Database rows left out of the cache because they break a record rule.", registry=r
+        )
         self.sync_duration = Histogram(
             "extension_registry_sync_duration_seconds",
             "Duration of database syncs and full reloads.",
@@ -88,6 +92,7 @@ class Metrics:
         self._health.registry = registry
         self.registry_changed(registry.snapshot)
         registry.on_change(self.registry_changed)
+        self.invalid_records.set_function(lambda: len(registry.invalid_records))
         registry.on_sync(self.sync_finished)
 
     def registry_changed(self, snapshot: Snapshot) -> None:

@@ -2,8 +2,11 @@
 
 Records are msgspec structs: they decode and validate in C (a full load of 10,000 records is
 dominated by PostgreSQL, not by us) and take about half the memory of an equivalent pydantic
-model. The same `parse_extension` guards every way in (fixtures, database rows, API bodies),
-so a rule is written once.
+model. The same rules guard every way in: `parse_extension` for plain data (fixtures, API
+bodies, import) and `record_problems` for records decoded by msgspec straight from
+PostgreSQL, which `parse_extension` runs too, so a rule is written once. That includes the
+per-extension overrides in `metadata` (circuit breaker settings, size limits): a record whose
+overrides cannot be used is refused when it is written or read, not discovered at call time.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .errors import InvalidRecord
+from .resilience.breaker import breaker_override_problems
 
 ExtensionType = Literal["pre", "validator", "post", "provider"]
 TYPES: tuple[str, ...] = ("pre", "validator", "post", "provider")
@@ -31,6 +35,8 @@ TimeoutMs = Annotated[int, msgspec.Meta(gt=0)]
 Retry = Annotated[int, msgspec.Meta(ge=0)]
 Weight = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Actor = Annotated[str, msgspec.Meta(max_length=255)]
+
+LIMIT_KEYS = ("max_payload_size", "max_metadata_size")  # metadata overrides of the size limits
 
 # What a failed pattern means, in words, for error messages.
 _RULES = {
@@ -108,10 +114,29 @@ def parse_extension(
         problems = _every_problem(data) or [_explain(str(exc))]
         problems += _raw_limit_problems(data, max_timeout_ms, max_retries)
         raise InvalidRecord(record, problems) from None
-    problems = list(_limit_problems(ext, max_timeout_ms, max_retries))
+    problems = record_problems(ext, max_timeout_ms=max_timeout_ms, max_retries=max_retries)
     if problems:
         raise InvalidRecord(record, problems)
     return ext
+
+
+def record_problems(ext: Extension, *, max_timeout_ms: int, max_retries: int) -> list[tuple[str, str]]:
+    """`(field, message)` for every rule a well-typed record breaks beyond its types: the
+    configured limits, names that appear twice, and unusable metadata overrides."""
+    problems = _limit_problems(ext, max_timeout_ms, max_retries)
+    if ext.metadata:
+        problems += breaker_override_problems(ext.metadata) + limit_problems(ext.metadata)
+    return problems
+
+
+def limit_problems(metadata: dict[str, Any]) -> list[tuple[str, str]]:
+    """`(field, message)` for each size-limit override in `metadata` that cannot be used."""
+    problems = []
+    for key in LIMIT_KEYS:
+        value = metadata.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append((f"metadata.{key}", f"must be a positive integer (got {value!r})"))
+    return problems
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Extension)}

@@ -75,6 +75,7 @@ class Status:
     last_error: str | None
     last_sync_at: datetime | None
     database: str | None
+    invalid_records: dict[str, str]  # database rows left out: {id: the rules they break}
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -166,7 +167,13 @@ class Registry:
             last_error=self._last_error,
             last_sync_at=self._last_sync_at,
             database=self.settings.db_display if self.settings.database_configured else None,
+            invalid_records=self.invalid_records,
         )
+
+    @property
+    def invalid_records(self) -> dict[str, str]:
+        """Rows of the database left out of the cache because they break a record rule."""
+        return dict(self._db.invalid) if self._db is not None and self._source == "database" else {}
 
     @property
     def database(self) -> PostgresSource:

@@ -25,8 +25,8 @@ Rules (the wire contract's, see `shared/reference/contract.md`):
   tenants to them would undo the version routing.)
 - `timeout_ms` is capped by `extension_max_timeout_ms`, `retry` by `extension_max_retries`.
 - `metadata.max_payload_size` / `metadata.max_metadata_size` (positive integers, bytes)
-  replace the global limits for one extension; an unusable value is ignored (and reported by
-  `limit_problems`).
+  replace the global limits for one extension; a record with an unusable value is refused
+  when written or read (`extreg.model.record_problems`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 Rules = Mapping[str, str | Sequence[str]]
-LIMIT_KEYS = ("max_payload_size", "max_metadata_size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +132,6 @@ def usable_instances(instances: Sequence[Instance]) -> list[Instance]:
 def choose_weighted(cumulative: Sequence[int], draw: float) -> int:
     """The index picked by `draw` in [0, 1) over cumulative weights (last = total)."""
     return bisect_right(cumulative, draw * cumulative[-1])
-
-
-def limit_problems(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """`(field, message)` for each size-limit override in `metadata` that cannot be used."""
-    problems = []
-    for key in LIMIT_KEYS:
-        value = metadata.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            problems.append((f"metadata.{key}", f"must be a positive integer (got {value!r})"))
-    return problems
 
 
 def _limit(metadata: Mapping[str, Any], key: str, default: int) -> int:

@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..errors import Conflict, SourceUnavailable
-from ..model import Extension, to_plain
+from ..model import Extension, record_problems, to_plain
 from ..settings import Settings, redact_url
 from . import health as health_sql
 from .health import HealthBatch, HealthRow
@@ -101,6 +101,7 @@ FROM (SELECT DISTINCT hashtext(i) & 255 AS k FROM unnest(%(ids)s::text[]) AS i O
 _LOCK_ROWS = "SELECT 1 FROM extensions WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE"
 _COLUMNS = ("id", "type", "subject", "timeout_ms", "retry", "enabled", "version", "config", "metadata")
 
+Limits = tuple[int, int]  # extension_max_timeout_ms, extension_max_retries
 Change = Callable[["Extension | None"], "Extension | None"]
 Outcome = Literal["created", "updated", "unchanged", "deleted", "absent"]
 Written = tuple[Outcome, "Extension | None"]  # what a write did, and the stored record after
@@ -114,6 +115,10 @@ class PostgresSource:
         self._secret = settings.db_password.get_secret_value() or url_password(self._conninfo)
         self.display = settings.db_display
         self.location = location_of(self._conninfo)
+        self._limits: Limits = (settings.extension_max_timeout_ms, settings.extension_max_retries)
+        # Rows left out of what this source served because they break a rule: {id: problem}.
+        # A full load replaces it; a load by ids updates those ids.
+        self.invalid: dict[str, str] = {}
         self._pool = psycopg_pool.AsyncConnectionPool(
             self._conninfo,
             min_size=min(LOAD_PARTS, settings.db_pool_size),
@@ -172,14 +177,17 @@ class PostgresSource:
             *(self._load(_RECORDS_BY_PART, {"part": part, "mask": mask})
               for part in range(LOAD_PARTS))
         )
-        return [ext for part in parts for ext in part]
+        self.invalid = {i: p for _, invalid in parts for i, p in invalid.items()}
+        return [ext for records, _ in parts for ext in records]
 
     async def load_extension(self, extension_id: str) -> Extension | None:
         found = await self.load_extensions([extension_id])
         return found[0] if found else None
 
     async def load_extensions(self, ids: Sequence[str]) -> list[Extension]:
-        return await self._load(_RECORDS_BY_IDS, {"ids": list(ids)})
+        records, invalid = await self._load(_RECORDS_BY_IDS, {"ids": list(ids)})
+        self.invalid = {i: p for i, p in self.invalid.items() if i not in ids} | invalid
+        return records
 
     async def log_audit(
         self, extension_id: str, action: str, old: Any, new: Any, actor: str
@@ -361,17 +369,19 @@ class PostgresSource:
             self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **kwargs
         )
 
-    async def _load(self, query: str, params: dict[str, Any]) -> list[Extension]:
+    async def _load(
+        self, query: str, params: dict[str, Any]
+    ) -> tuple[list[Extension], dict[str, str]]:
         with self._translate():
             async with self._pool.connection() as conn:
                 cur = await conn.execute(query, params)
                 row = await cur.fetchone()
-        return _decode(row[0] if row else "[]")
+        return _decode(row[0] if row else "[]", self._limits)
 
     async def _read(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[str]) -> list[Extension]:
         """Records by id on a connection of a write's transaction."""
         row = await (await conn.execute(_RECORDS_BY_IDS, {"ids": list(ids)})).fetchone()
-        return _decode(row[0] if row else "[]")
+        return _decode(row[0] if row else "[]", self._limits)[0]
 
     @contextlib.contextmanager
     def _translate(self) -> Iterator[None]:
@@ -406,22 +416,35 @@ def scrub(exc: BaseException, secret: str) -> str:
     return text.replace(secret, "********") if secret else text
 
 
-def _decode(text: str | bytes) -> list[Extension]:
-    """Records from the database's JSON; a record breaking our rules is logged and skipped.
+def _decode(text: str | bytes, limits: Limits) -> tuple[list[Extension], dict[str, str]]:
+    """(records, {id: problem} of rows left out) from the database's JSON.
 
-    A row written with plain SQL can break rules that the schema does not enforce (a wildcard
-    subject, say); serving the rest beats refusing the whole load.
+    Rows go through the same rules as every other way in (`record_problems`): a row written
+    with plain SQL can break rules that the schema does not enforce (a wildcard subject, a bad
+    override in `metadata`), and serving the rest beats refusing the whole load.
     """
     try:
-        return msgspec.json.decode(text, type=list[Extension])
+        decoded = msgspec.json.decode(text, type=list[Extension])
     except msgspec.ValidationError:
-        good = []
+        decoded = []
+        invalid = {}
         for item in msgspec.json.decode(text):
             try:
-                good.append(msgspec.convert(item, type=Extension))
+                decoded.append(msgspec.convert(item, type=Extension))
             except msgspec.ValidationError as exc:
-                log.error("invalid_record_skipped", extension_id=item.get("id"), error=str(exc))
-        return good
+                invalid[str(item.get("id"))] = str(exc)
+    else:
+        invalid = {}
+    good = []
+    for ext in decoded:
+        problems = record_problems(ext, max_timeout_ms=limits[0], max_retries=limits[1])
+        if problems:
+            invalid[ext.id] = "; ".join(f"{field}: {message}" for field, message in problems)
+        else:
+            good.append(ext)
+    for ext_id, problem in invalid.items():
+        log.error("invalid_record_skipped", extension_id=ext_id, error=problem)
+    return good, invalid
 
 
 def _store(ext: Extension) -> Change:
