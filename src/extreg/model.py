@@ -37,6 +37,8 @@ Weight = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Actor = Annotated[str, msgspec.Meta(max_length=255)]
 
 LIMIT_KEYS = ("max_payload_size", "max_metadata_size")  # metadata overrides of the size limits
+_PREFIX_LENGTH = len("circuit_breaker")  # every override key starts with one of these:
+_OVERRIDE_PREFIXES = frozenset(k[:_PREFIX_LENGTH] for k in ("circuit_breaker", *LIMIT_KEYS))
 
 # What a failed pattern means, in words, for error messages.
 _RULES = {
@@ -123,10 +125,32 @@ def parse_extension(
 def record_problems(ext: Extension, *, max_timeout_ms: int, max_retries: int) -> list[tuple[str, str]]:
     """`(field, message)` for every rule a well-typed record breaks beyond its types: the
     configured limits, names that appear twice, and unusable metadata overrides."""
+    if _plainly_fine(ext, max_timeout_ms, max_retries):
+        return []
     problems = _limit_problems(ext, max_timeout_ms, max_retries)
     if ext.metadata:
         problems += breaker_override_problems(ext.metadata) + limit_problems(ext.metadata)
     return problems
+
+
+def _plainly_fine(ext: Extension, max_timeout_ms: int, max_retries: int) -> bool:
+    """The common case decided without building anything (a full load checks every row):
+    within the limits, no name twice, no override in `metadata`."""
+    if ext.timeout_ms > max_timeout_ms or ext.retry > max_retries:
+        return False
+    if ext.metadata and not _OVERRIDE_PREFIXES.isdisjoint(_prefixes(ext.metadata)):
+        return False
+    if ext.versions and not (
+        all(v.timeout_ms <= max_timeout_ms and v.retry <= max_retries for v in ext.versions)
+        and len({v.version for v in ext.versions}) == len(ext.versions)
+    ):
+        return False
+    return len({i.instance_id for i in ext.instances}) == len(ext.instances) if ext.instances else True
+
+
+def _prefixes(metadata: dict[str, Any]) -> set[str]:
+    """The keys of `metadata` cut to the length of an override prefix."""
+    return {str(key)[:_PREFIX_LENGTH] for key in metadata}
 
 
 def limit_problems(metadata: dict[str, Any]) -> list[tuple[str, str]]:
