@@ -25,9 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,13 +140,24 @@ def clean_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+def workspace() -> Iterator[Workspace]:
     """A fresh folder with `extreg serve --demo` running in it (a free port: 8080 may be
-    taken on a shared machine), for every example of the module."""
-    folder = tmp_path_factory.mktemp("docs-examples")
+    taken on a shared machine), for every example of the module. Not under pytest's basetemp:
+    pgserver (as root) opens the folder's parents to its own user, and a pytest session
+    starting meanwhile would close `pytest-of-<user>` again under the server."""
+    top = Path(tempfile.mkdtemp(prefix="extreg-docs-"))
+    folder = top / "work"
+    folder.mkdir()
+    try:
+        yield from serving_demo(folder, top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def serving_demo(folder: Path, top: Path) -> Iterator[Workspace]:
     env = clean_env()
     port = free_port()
-    out, err = folder.parent / "serve.out", folder.parent / "serve.err"
+    out, err = top / "serve.out", top / "serve.err"
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen([str(BIN / "extreg"), "serve", "--demo", "--port", str(port)],
                                 cwd=folder, env=env, stdout=stdout, stderr=stderr, text=True)

@@ -9,9 +9,11 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,13 +42,19 @@ def extreg(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """A fresh working folder with nothing configured, as a new user has it."""
+def folder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh working folder with nothing configured, as a new user has it. Not under pytest's
+    basetemp: pgserver (as root) opens the folder's parents to its own user, and a pytest
+    session starting meanwhile would close `pytest-of-<user>` again under the server."""
     for name in list(os.environ):
         if name.startswith("EXTENSION_REGISTRY_"):
             monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
+    path = Path(tempfile.mkdtemp(prefix="extreg-front-door-"))
+    monkeypatch.chdir(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- one database for the Python API and the CLI -------------------------------------------
@@ -71,6 +79,15 @@ async def test_python_api_and_cli_use_the_same_embedded_database(folder: Path) -
         while reg.get("pii_guard") is None or reg.get("pii_guard").enabled:  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "the CLI's change never reached the script"
             await asyncio.sleep(0.05)
+    release_embedded(folder / ".extreg" / "pgdata")
+
+
+def release_embedded(pgdata: Path) -> None:
+    """Drop this process's handle on the embedded server (pgserver stops it when it was the
+    last one), so the folder can be removed."""
+    from pgserver.postgres_server import get_server
+
+    get_server(pgdata).cleanup()
 
 
 # -- the demo's NATS URL -------------------------------------------------------------------
