@@ -35,14 +35,20 @@ def write_toml(path: Path, body: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _fresh_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test in a folder of its own, so the default data_dir (`.extreg`, relative) holds
+    no demo NATS URL from a `scripts/run` in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
-def environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
-    """The process environment without any EXTENSION_REGISTRY_* variable, in a folder of the
-    test's own (so the default data_dir is fresh): for `Settings()` alone."""
+def environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """The process environment without any EXTENSION_REGISTRY_* variable: for `Settings()`
+    alone."""
     for name in list(os.environ):
         if name.startswith("EXTENSION_REGISTRY_"):
             monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
     yield monkeypatch
 
 
