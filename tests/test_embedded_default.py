@@ -60,6 +60,16 @@ def folder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 # -- one database for the Python API and the CLI -------------------------------------------
 
 
+async def test_source_database_with_nothing_configured_uses_the_embedded_database(
+    folder: Path,
+) -> None:
+    """`source=database` names no database either: like the CLI, the registry uses the
+    embedded one in data_dir (it used to refuse with a ConfigError)."""
+    async with Registry.open(Settings(source="database")) as reg:
+        assert ("database", "database") == (reg.status.mode, reg.status.source)
+        assert "pgdata" in (reg.status.database or "")
+
+
 async def test_python_api_and_cli_use_the_same_embedded_database(folder: Path) -> None:
     """`Registry.open(Settings())` with nothing configured serves the embedded database in
     data_dir (it used to serve fixtures), holding the samples; `extreg status` in the same

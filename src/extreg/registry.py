@@ -37,7 +37,6 @@ import watchfiles
 
 from .embedded import resolve_database
 from .errors import (
-    ConfigError,
     Conflict,
     ExtensionDisabled,
     ExtensionNotFound,
@@ -102,10 +101,6 @@ class Registry:
     """See the module docstring. Create with `Registry.open(settings)`."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.source == "database" and not settings.database_configured:
-            raise ConfigError(
-                "source is 'database' but no database is configured: set database_url or db_host"
-            )
         self.settings = settings
         self._snap = Snapshot.empty()
         self._source: Served = "none"
@@ -220,10 +215,12 @@ class Registry:
             self._swap(self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())
             return
-        if not self.settings.database_configured:  # auto, none configured: the embedded one,
-            try:  # as `extreg serve` and the CLI use it (SPEC.md "Configuration")
+        if not self.settings.database_configured:  # none configured: the embedded one, as
+            try:  # `extreg serve` and the CLI use it (SPEC.md "Configuration")
                 self.settings = await resolve_database(self.settings)
             except SourceUnavailable as exc:
+                if mode == "database":
+                    raise
                 self._fallback_reason = f"no database configured; {exc}"
         if not self.settings.database_configured:
             log.warning("serving_fixtures", reason=self._fallback_reason)
