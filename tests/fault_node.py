@@ -79,7 +79,7 @@ class Node:
             with contextlib.suppress(httpx.HTTPError):
                 answer = self.client.get("/readyz", timeout=1)
                 if answer.status_code == 200:
-                    return dict(answer.json()["status"])
+                    return dict(answer.json()["details"])  # shown to a token
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"node did not become ready:\n{self.stderr_tail()}")
@@ -110,7 +110,7 @@ class Node:
         self.client.close()
 
     def status(self) -> dict[str, Any]:
-        return dict(self.client.get("/readyz").json()["status"])
+        return dict(self.client.get("/readyz").json()["details"])
 
     def invoke(self, extension_id: str, payload: Any) -> httpx.Response:
         return self.client.post(f"/admin/extensions/{extension_id}/invoke",

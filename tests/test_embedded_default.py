@@ -108,14 +108,14 @@ def test_settings_read_the_published_demo_nats_url(folder: Path) -> None:
     layer names nats_url; an explicit setting wins; a file left by a dead process is ignored."""
     path = folder / ".extreg" / DEMO_NATS_FILE
     with published(path, "nats://127.0.0.1:45678"):
-        assert "nats://127.0.0.1:45678" == Settings().nats_url
-        assert "nats://other:1" == Settings(nats_url="nats://other:1").nats_url
-        assert "nats://127.0.0.1:45678" == Settings.load(environ={}).nats_url
-    assert (DEFAULT_NATS, False) == (Settings().nats_url, path.exists())
+        assert "nats://127.0.0.1:45678" == Settings().nats_url.get_secret_value()
+        assert "nats://other:1" == Settings(nats_url="nats://other:1").nats_url.get_secret_value()
+        assert "nats://127.0.0.1:45678" == Settings.load(environ={}).nats_url.get_secret_value()
+    assert (DEFAULT_NATS, False) == (Settings().nats_url.get_secret_value(), path.exists())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     path.write_text(json.dumps({"url": "nats://127.0.0.1:45679", "pid": int(dead.stdout)}))
-    assert DEFAULT_NATS == Settings().nats_url
+    assert DEFAULT_NATS == Settings().nats_url.get_secret_value()
 
 
 def test_demo_nats_url_is_printed_in_status_and_used_by_the_cli(
@@ -148,7 +148,7 @@ def test_demo_nats_url_is_printed_in_status_and_used_by_the_cli(
         proc.send_signal(signal.SIGINT)
         assert 0 == proc.wait(30)
     assert (False, DEFAULT_NATS) == ((folder / ".extreg" / DEMO_NATS_FILE).exists(),
-                                     Settings().nats_url)
+                                     Settings().nats_url.get_secret_value())
 
 
 def wait_for_demo(proc: subprocess.Popen[str], out: Path, err: Path, url: str) -> str:

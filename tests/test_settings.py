@@ -83,7 +83,7 @@ def test_defaults_equal_the_contract_table() -> None:
         "extension_max_metadata_size": s.extension_max_metadata_size,
         "extension_max_timeout_ms": s.extension_max_timeout_ms,
         "extension_max_retries": s.extension_max_retries,
-        "nats_url": s.nats_url,
+        "nats_url": s.nats_url.get_secret_value(),
     }
     expected = {
         "source": "auto",
@@ -191,7 +191,7 @@ extension_max_retries = 3
         "sync_interval_seconds": 7.0,          # environment only, parsed from text
     } == {
         "db_host": s.db_host, "db_name": s.db_name, "db_user": s.db_user,
-        "nats_url": s.nats_url, "extension_max_retries": s.extension_max_retries,
+        "nats_url": s.nats_url.get_secret_value(), "extension_max_retries": s.extension_max_retries,
         "sync_interval_seconds": s.sync_interval_seconds,
     }
 
@@ -214,7 +214,7 @@ def test_config_file_argument_wins_over_the_environment_variable(tmp_path: Path)
 def test_none_overrides_are_ignored() -> None:
     """A flag left unset (None) does not hide the environment's value."""
     s = load(environ={"EXTENSION_REGISTRY_NATS_URL": "nats://env:4222"}, nats_url=None)
-    assert "nats://env:4222" == s.nats_url
+    assert "nats://env:4222" == s.nats_url.get_secret_value()
 
 
 def test_environment_values_are_parsed_to_the_keys_types() -> None:
@@ -253,7 +253,8 @@ def test_every_contract_key_has_an_environment_name() -> None:
         "nats_url": ("nats://x:1", "nats://x:1"),
     }
     s = load(environ={f"EXTENSION_REGISTRY_{k.upper()}": v for k, (v, _) in values.items()})
-    assert {k: want for k, (_, want) in values.items()} == {k: getattr(s, k) for k in values}
+    assert {k: want for k, (_, want) in values.items()} == {
+        k: getattr(s, k).get_secret_value() if k == "nats_url" else getattr(s, k) for k in values}
 
 
 # -- Settings() alone (issue 8: it ignored the environment) --------------------------------
@@ -284,7 +285,7 @@ nats_url = "nats://file:4222"
     environ.setenv("EXTENSION_REGISTRY_NATS_URL", "nats://env:4222")
     s = Settings(nats_url="nats://keyword:4222")
     assert ("localhost", "from_file", "env_user", "nats://keyword:4222") == (
-        s.db_host, s.db_name, s.db_user, s.nats_url)
+        s.db_host, s.db_name, s.db_user, s.nats_url.get_secret_value())
 
 
 def test_settings_alone_refuses_an_unknown_environment_variable(

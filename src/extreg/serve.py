@@ -67,7 +67,7 @@ async def _open_invoker(
     try:
         return await stack.enter_async_context(Invoker.open(registry, settings))
     except NatsUnavailable as exc:
-        log.warning("invoker_unavailable", error=str(exc), nats_url=settings.nats_url,
+        log.warning("invoker_unavailable", error=str(exc), nats_url=settings.nats_display,
                     retry="every few seconds; invoke and circuit routes answer 503 meanwhile")
         return None
 
@@ -85,7 +85,7 @@ async def _attach_invoker_later(stack: contextlib.AsyncExitStack, runtime: Runti
             continue
         runtime.metrics.watch_invoker(invoker)
         runtime.invoker = invoker
-        log.info("invoker_connected", nats_url=runtime.settings.nats_url)
+        log.info("invoker_connected", nats_url=runtime.settings.nats_display)
         return
 
 

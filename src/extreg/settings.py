@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     extension_max_metadata_size: int = Field(65_536, ge=1)
     extension_max_timeout_ms: int = Field(60_000, ge=1)
     extension_max_retries: int = Field(10, ge=0)
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: SecretStr = SecretStr("nats://127.0.0.1:4222")  # may carry a password or token
 
     @field_validator("cache_type")
     @classmethod
@@ -113,8 +113,8 @@ class Settings(BaseSettings):
 
     @field_validator("nats_url")
     @classmethod
-    def _nats_url(cls, value: str) -> str:
-        for url in value.split(","):  # nats-py takes a comma-separated list of servers
+    def _nats_url(cls, value: SecretStr) -> SecretStr:
+        for url in value.get_secret_value().split(","):  # nats-py takes a list of servers
             _check_url(url.strip(), ("nats", "tls", "ws", "wss"))
         return value
 
@@ -156,8 +156,8 @@ class Settings(BaseSettings):
 
     @property
     def nats_display(self) -> str:
-        """The NATS server(s), safe to print (a NATS URL may carry a password too)."""
-        return ",".join(redact_url(url.strip()) for url in self.nats_url.split(","))
+        """The NATS server(s), safe to print (a NATS URL may carry a password or a token)."""
+        return redact_nats_url(self.nats_url.get_secret_value())
 
     @property
     def snapshot_path(self) -> Path:
@@ -423,3 +423,17 @@ def redact_url(url: str) -> str:
         for item in parts.query.split("&")
     ) if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_nats_url(urls: str) -> str:
+    """`redact_url` for a NATS server list: a lone user part (`nats://TOKEN@host`) is a token
+    there, so it is hidden too."""
+    shown = []
+    for url in urls.split(","):
+        url = redact_url(url.strip())
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if at and ":" not in userinfo:
+            url = f"{scheme}{sep}********@{host}"
+        shown.append(url)
+    return ",".join(shown)

@@ -1,14 +1,38 @@
-"""The open endpoints: liveness, readiness and Prometheus metrics (no token needed)."""
+"""The open endpoints: liveness, readiness and Prometheus metrics.
+
+/healthz and /readyz need no token, so they answer status only: the registry's status names
+the database (user, host, name) and the last error, which is for viewers and up (`/readyz` with
+a viewer token adds it as `details`; `GET /admin/status` has it too). /metrics needs no token
+unless `metrics_token` is set.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from ..metrics import CONTENT_TYPE
+from .security import bearer, require
 from .state import runtime_of
 
 router = APIRouter(tags=["probes"])
+
+_viewer = require("viewer")
+
+
+async def _shows_details(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> bool:
+    """True for a viewer token; no token means status only (and is no failed attempt); a wrong
+    token is refused as on any admin route (401, counted by the failed-authentication limit)."""
+    if credentials is None:
+        return False
+    await _viewer(request, credentials)
+    return True
 
 
 @router.get("/healthz")
@@ -18,12 +42,17 @@ async def healthz() -> JSONResponse:
 
 
 @router.get("/readyz", responses={503: {"description": "The registry has not loaded yet."}})
-async def readyz(request: Request) -> JSONResponse:
-    """200 once the registry has loaded (from any source), with its status; 503 before."""
+async def readyz(
+    request: Request, details: Annotated[bool, Depends(_shows_details)]
+) -> JSONResponse:
+    """200 `{"status": "ready"}` once the registry has loaded (from any source), 503
+    `{"status": "not_ready"}` before; with a viewer token, the registry's status as `details`."""
     status = runtime_of(request).registry.status
     ready = status.generation > 0
-    return JSONResponse({"ready": ready, "status": status.as_dict()},
-                        status_code=200 if ready else 503)
+    body: dict[str, object] = {"status": "ready" if ready else "not_ready"}
+    if details:
+        body["details"] = status.as_dict()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", response_class=Response,

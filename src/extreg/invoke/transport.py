@@ -35,6 +35,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from pydantic import SecretStr
 
 from ..errors import (
     ExtensionTimeout,
@@ -43,6 +44,7 @@ from ..errors import (
     PayloadTooLarge,
     TransportUnavailable,
 )
+from ..settings import redact_nats_url
 
 log = structlog.get_logger("extreg.invoke.nats")
 
@@ -65,10 +67,15 @@ _LOST = Msg(None, subject="", data=b"")  # type: ignore[arg-type]  # resolves wa
 
 
 class NatsTransport:
-    """A nats-py client for request-reply. `await connect()`, then `request(...)`, `close()`."""
+    """A nats-py client for request-reply. `await connect()`, then `request(...)`, `close()`.
 
-    def __init__(self, url: str, *, name: str = "extreg-invoker") -> None:
-        self.url = url
+    The URL may carry a password or a token: it is kept as a `SecretStr`, and logs and errors
+    show `display`, its redacted form, only.
+    """
+
+    def __init__(self, url: str | SecretStr, *, name: str = "extreg-invoker") -> None:
+        self._url = url if isinstance(url, SecretStr) else SecretStr(url)
+        self.display = redact_nats_url(self._url.get_secret_value())
         self.name = name
         self._nc: Client | None = None
         self._sub: Subscription | None = None
@@ -86,14 +93,14 @@ class NatsTransport:
         async def on_disconnected() -> None:
             self._fail_waiting()
             if not self._closing:
-                log.warning("nats_disconnected", nats_url=self.url)
+                log.warning("nats_disconnected", nats_url=self.display)
 
         async def on_reconnected() -> None:
-            log.info("nats_reconnected", nats_url=self.url)
+            log.info("nats_reconnected", nats_url=self.display)
 
         try:
             nc = await nats.connect(
-                self.url,
+                self._url.get_secret_value(),
                 name=self.name,
                 connect_timeout=CONNECT_TIMEOUT_S,
                 reconnect_time_wait=RECONNECT_WAIT_S,
@@ -105,7 +112,7 @@ class NatsTransport:
             self._prefix = nc.new_inbox() + "."
             self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise NatsUnavailable(f"cannot connect to NATS at {self.url}: {_name(exc)}") from None
+            raise NatsUnavailable(f"cannot connect to NATS at {self.display}: {_name(exc)}") from None
         # nats-py has one limit for the first connection and for reconnects: fail fast when
         # NATS is absent at start, but never give up on a connection once made.
         nc.options["max_reconnect_attempts"] = -1

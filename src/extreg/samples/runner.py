@@ -25,6 +25,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from pydantic import SecretStr
 
 from extreg.errors import ConfigError, SampleRunnerError
 from extreg.samples.extensions import (
@@ -35,6 +36,7 @@ from extreg.samples.extensions import (
     Handler,
 )
 from extreg.samples.flaky import INVALID_REPLY, Flaky
+from extreg.settings import redact_nats_url
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 QUEUE_GROUP = "extreg-samples"
@@ -54,19 +56,21 @@ class SampleRunner:
     `names` picks samples by id (default: all of `SAMPLE_EXTENSIONS`); an unknown id is a
     `ConfigError`. Pass `connection` to reuse an open nats-py client (it is then left open
     on `stop()`); otherwise the runner connects to `nats_url` itself, reconnecting forever
-    so a NATS restart does not end it.
+    so a NATS restart does not end it. The URL may carry a password or a token: logs and
+    errors show `display`, its redacted form, only.
     """
 
     def __init__(
         self,
-        nats_url: str = DEFAULT_NATS_URL,
+        nats_url: str | SecretStr = DEFAULT_NATS_URL,
         *,
         names: Iterable[str] | None = None,
         connection: Client | None = None,
         queue: str = QUEUE_GROUP,
         flaky: Flaky | None = None,
     ) -> None:
-        self.nats_url = nats_url
+        self._nats_url = nats_url if isinstance(nats_url, SecretStr) else SecretStr(nats_url)
+        self.display = redact_nats_url(self._nats_url.get_secret_value())
         self.names: tuple[str, ...] = _check_names(names)
         self.flaky = flaky or Flaky()
         self.calls: dict[str, int] = dict.fromkeys(self.names, 0)
@@ -101,7 +105,7 @@ class SampleRunner:
         if self.running:
             return self
         if self._nc is None:
-            self._nc = await _connect(self.nats_url, lambda: self._stopping)
+            self._nc = await _connect(self._nats_url, lambda: self._stopping)
         self._stopping = False
         nc = self._nc
         try:
@@ -115,7 +119,7 @@ class SampleRunner:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             await self.stop()
             raise SampleRunnerError(f"cannot subscribe the sample extensions: {exc}") from exc
-        log.info("sample extensions serving", nats_url=self.nats_url, subjects=self.subjects)
+        log.info("sample extensions serving", nats_url=self.display, subjects=self.subjects)
         return self
 
     async def stop(self) -> None:
@@ -243,7 +247,7 @@ class SampleRunner:
 
 
 async def run_samples(
-    nats_url: str = DEFAULT_NATS_URL,
+    nats_url: str | SecretStr = DEFAULT_NATS_URL,
     *,
     names: Iterable[str] | None = None,
     connection: Client | None = None,
@@ -254,7 +258,7 @@ async def run_samples(
 
 
 async def serve_forever(
-    nats_url: str = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None
+    nats_url: str | SecretStr = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None
 ) -> None:
     """Serve the samples until SIGINT or SIGTERM, then stop cleanly."""
     stop = asyncio.Event()
@@ -266,7 +270,7 @@ async def serve_forever(
         await stop.wait()
 
 
-def main(nats_url: str = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None) -> None:
+def main(nats_url: str | SecretStr = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None) -> None:
     """Blocking entry point of `extreg sample-extensions`: serve until interrupted."""
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(nats_url, names=names))
@@ -303,25 +307,26 @@ def _bad_request(message: str, is_validator: bool) -> dict[str, Any]:
     return {"error": {"code": "bad_request", "message": message}}
 
 
-async def _connect(nats_url: str, stopping: Callable[[], bool]) -> Client:
+async def _connect(nats_url: SecretStr, stopping: Callable[[], bool]) -> Client:
     """Connect with endless reconnects and quiet, structured logging of connection events.
 
     `stopping` tells our own shutdown apart from a lost server, which alone is a warning.
     """
+    display = redact_nats_url(nats_url.get_secret_value())
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=str(exc) or type(exc).__name__)
 
     async def on_disconnected() -> None:
         if not stopping():
-            log.warning("nats disconnected", nats_url=nats_url)
+            log.warning("nats disconnected", nats_url=display)
 
     async def on_reconnected() -> None:
-        log.info("nats reconnected", nats_url=nats_url)
+        log.info("nats reconnected", nats_url=display)
 
     try:
         nc = await nats.connect(
-            nats_url,
+            nats_url.get_secret_value(),
             name="extreg-sample-extensions",
             connect_timeout=2,
             reconnect_time_wait=0.25,
@@ -331,7 +336,7 @@ async def _connect(nats_url: str, stopping: Callable[[], bool]) -> Client:
             reconnected_cb=on_reconnected,
         )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
-        raise SampleRunnerError(f"cannot connect to NATS at {nats_url}: {exc}") from exc
+        raise SampleRunnerError(f"cannot connect to NATS at {display}: {exc}") from None
     # nats-py uses one limit for the first connect and for reconnects; we want a quick,
     # clear failure when NATS is absent at start, but never to give up once connected.
     nc.options["max_reconnect_attempts"] = -1

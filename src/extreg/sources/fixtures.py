@@ -129,9 +129,22 @@ def _parse_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_StrictYamlLoader)
     except yaml.YAMLError as exc:
-        raise _FileProblem("invalid YAML: " + printable(" ".join(str(exc).split()), 300)) from None
+        raise _FileProblem("invalid YAML: " + _yaml_problem(exc)) from None
     except RecursionError:
         raise _FileProblem("invalid YAML: nested too deeply") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where (line, column), without the file's text: PyYAML's own message
+    quotes the offending line, which may hold a password."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        what = "; ".join(part for part in (exc.context, exc.problem) if part) or "syntax error"
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return printable(" ".join(what.split()), 300) + where
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        return f"unacceptable character #x{exc.character:04x} (position {exc.position})"
+    return type(exc).__name__
 
 
 def _check_plain(value: Any, where: str, depth: int) -> None:
