@@ -77,6 +77,20 @@ def test_failed_auth_limiter_blocks_then_forgets() -> None:
     assert None is limiter.retry_after("a")
 
 
+def test_failed_auth_limiter_says_when_a_failure_is_over_the_limit() -> None:
+    """`failed` answers None (401) for the first `limit` failures, then the wait (429); each
+    further failure extends the block, so a client that keeps guessing stays refused."""
+    now = [1000.0]
+    limiter = FailedAuthLimiter(limit=2, window_s=60, clock=lambda: now[0])
+    answers = []
+    for _ in range(4):
+        answers.append(limiter.failed("a"))
+        now[0] += 10
+    assert [None, None, 50.0, 50.0] == answers
+    now[0] += 50
+    assert None is limiter.failed("a")
+
+
 async def test_sync_metrics_count_durations_and_errors(
     tmp_path: Path, own_pg: PostgresProcess
 ) -> None:

@@ -17,8 +17,9 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
@@ -33,6 +34,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -93,6 +95,20 @@ class Settings(BaseSettings):
     extension_max_timeout_ms: int = Field(60_000, ge=1)
     extension_max_retries: int = Field(10, ge=0)
     nats_url: SecretStr = SecretStr("nats://127.0.0.1:4222")  # may carry a password or token
+    # proxies whose X-Forwarded-For the API believes: addresses or networks, comma-separated
+    forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> tuple[str, ...]:
+        """A comma-separated string or a list of IP addresses or networks, normalized."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError("expected IP addresses or networks, comma-separated or as a list")
+        try:
+            return tuple(str(ip_network(i.strip(), strict=False)) for i in items if i.strip())
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(" does not appear to be", " is not")) from None
 
     @field_validator("cache_type")
     @classmethod

@@ -19,7 +19,7 @@ from .bodies import schema_components
 from .bodylimit import BodyLimit, max_body_bytes
 from .ratelimit import FailedAuthLimiter
 from .requestlog import RequestLog
-from .security import Viewer
+from .security import Viewer, trusted_proxies
 
 TITLE = "extreg admin API"
 DESCRIPTION = (
@@ -31,11 +31,12 @@ DESCRIPTION = (
 def create_app(
     runtime: Runtime, *, failed_auth_limit: int = 10, failed_auth_window_s: float = 60.0
 ) -> FastAPI:
-    """The admin API over `runtime`; failed authentications are limited per client address."""
+    """The admin API over `runtime`; wrong credentials are limited per client address."""
     app = FastAPI(title=TITLE, description=DESCRIPTION, version="1",
                   openapi_url=None, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.auth_limiter = FailedAuthLimiter(failed_auth_limit, failed_auth_window_s)
+    app.state.trusted_proxies = trusted_proxies(runtime.settings)
     errors.install(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes(runtime.settings))  # 413, before routes
     app.add_middleware(RequestLog)  # added last: outermost, so it logs the 413s too

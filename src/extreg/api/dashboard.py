@@ -9,14 +9,14 @@ header. The page itself is one static HTML file with inline script and styles: n
 from __future__ import annotations
 
 import html
+import math
 from importlib.resources import files
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from .ratelimit import FailedAuthLimiter
-from .security import SESSION_COOKIE, Viewer
+from .security import SESSION_COOKIE, Viewer, failed_authentication
 from .state import runtime_of
 
 router = APIRouter()
@@ -38,11 +38,13 @@ button{{font:inherit;padding:.4rem .9rem}}.error{{color:#b42318}}</style></head>
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard(request: Request) -> Response:
-    principal = request.cookies.get(SESSION_COOKIE) and runtime_of(request).tokens.check(
-        request.cookies[SESSION_COOKIE]
-    )
-    if not principal:
+    """The dashboard for a signed-in browser, else the sign-in form (401). A cookie the server
+    does not know counts as a failed authentication, like a wrong bearer token."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
         return _sign_in_page("", 401)
+    if runtime_of(request).tokens.check(cookie) is None:
+        return _refused(request, "invalid_session", "")
     return HTMLResponse(DASHBOARD)
 
 
@@ -50,17 +52,26 @@ def _sign_in_page(error: str, status: int) -> HTMLResponse:
     return HTMLResponse(SIGN_IN.format(error=html.escape(error)), status_code=status)
 
 
+def _refused(request: Request, reason: str, error: str) -> HTMLResponse:
+    """The sign-in form after a wrong credential: counted, 401, or 429 when over the limit."""
+    wait = failed_authentication(request, reason)
+    if wait is not None:
+        page = _sign_in_page("Too many failed attempts; wait a minute.", 429)
+        page.headers["Retry-After"] = str(math.ceil(wait))
+    else:
+        page = _sign_in_page(error, 401)
+    page.delete_cookie(SESSION_COOKIE, path="/")
+    return page
+
+
 @router.post("/session", include_in_schema=False)
 async def sign_in(request: Request, token: Annotated[str, Form()]) -> Response:
-    """Check the token (failures count towards the same rate limit as the API's), then keep
-    it in the session cookie."""
-    limiter: FailedAuthLimiter = request.app.state.auth_limiter
-    client = request.client.host if request.client else "unknown"
-    if limiter.retry_after(client) is not None:
-        return _sign_in_page("Too many failed attempts; wait a minute.", 429)
+    """Check the token first (a valid one always signs in), count a wrong one towards the
+    same rate limit as the API's, then keep it in the session cookie."""
+    if not token.strip():
+        return _sign_in_page("Paste a token.", 401)
     if runtime_of(request).tokens.check(token) is None:
-        limiter.failed(client)
-        return _sign_in_page("That token is not valid.", 401)
+        return _refused(request, "invalid_token", "That token is not valid.")
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")

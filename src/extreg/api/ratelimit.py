@@ -1,8 +1,26 @@
-"""Limits failed authentications per client address, against token guessing.
+"""Limits failed authentications per client address, without letting anyone lock out an admin.
 
-After `limit` failures within `window_s` seconds an address is refused (HTTP 429 with
-Retry-After) until its oldest counted failure leaves the window; that includes requests with
-a valid token, since letting them through would tell a guesser when it guessed right.
+The scheme, and why (SPEC.md: "a request without a token is not a failure, and a valid token
+is never refused because of other requests' failures"):
+
+- Only a *wrong* credential counts: a bearer token, a session cookie or a sign-in token that
+  the server does not know. A request with no credentials at all answers 401 and counts
+  nothing, so a web page firing `fetch` at the server, a probe, or a browser that has not
+  signed in yet cannot fill anyone's budget.
+- Credentials are checked *before* the limiter is consulted, and a valid one is answered
+  whatever the limiter says. Every local process shares 127.0.0.1, so a limiter that refused
+  valid tokens would let any of them lock the admins out with a few wrong guesses.
+- After `limit` failures within `window_s` seconds an address gets 429 with Retry-After for
+  every further wrong credential (and each one extends the block), so a client that keeps
+  failing is told to stop, and well-behaved clients (the CLI) do stop.
+
+Brute force stays infeasible however many answers a guesser gets: a token is 256 random bits
+(`extreg.auth`) and so is a session id, so at even a million guesses a second a hit is not
+expected in the lifetime of the universe; the limiter is not what protects the secret, and
+refusing valid tokens to "hide" a hit would buy nothing but the lockout above.
+The address is the TCP peer, or the client named in `X-Forwarded-For` when the peer is a proxy
+listed in `forwarded_allow_ips` (see `security.client_address`); a header from anyone else is
+ignored, so it can neither dodge the limit nor charge someone else's address.
 Memory is bounded: at most `max_clients` addresses are tracked, the quietest dropped first.
 """
 
@@ -29,20 +47,23 @@ class FailedAuthLimiter:
         self._failures: dict[str, deque[float]] = {}
 
     def retry_after(self, client: str) -> float | None:
-        """Seconds until `client` may try again, or None when it is not blocked."""
+        """Seconds until `client` is below the limit again, or None when it is below it."""
         failures = self._recent(client)
         if failures is None or len(failures) < self.limit:
             return None
         return max(failures[0] + self.window_s - self._clock(), 0.001)
 
-    def failed(self, client: str) -> None:
-        """Count one failed authentication of `client`."""
+    def failed(self, client: str) -> float | None:
+        """Count one failed authentication of `client`. When the client was already over the
+        limit, the seconds it must now wait (answer 429); else None (answer 401)."""
+        over = self.retry_after(client) is not None
         failures = self._recent(client)
         if failures is None:
             if len(self._failures) >= self.max_clients:
                 self._forget_quietest()
             failures = self._failures[client] = deque(maxlen=self.limit)
         failures.append(self._clock())
+        return self.retry_after(client) if over else None
 
     def _recent(self, client: str) -> deque[float] | None:
         failures = self._failures.get(client)

@@ -52,7 +52,8 @@ async def serve_api(
     """
     sock = listen(host, port)
     config = uvicorn.Config(create_app(runtime), host=host, port=port, log_config=None,
-                            access_log=False, lifespan="off", server_header=False)
+                            access_log=False, lifespan="off", server_header=False,
+                            proxy_headers=False)  # X-Forwarded-For: see security.client_address
     server = uvicorn.Server(config)
     url = base_url(sock)
     announce(url, admin_token)
