@@ -3,15 +3,31 @@ all-or-nothing, every problem naming the file, the record and the field."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
+import fifo_swap
+import httpx
 import pytest
+from helpers import record
+from structlog.testing import capture_logs
 
 from extreg.errors import FixtureError
 from extreg.model import Extension, parse_extension
-from extreg.sources.fixtures import load_fixtures
-from helpers import record
+from extreg.pgprocess import free_port
+from extreg.registry import Registry
+from extreg.settings import Settings
+from extreg.sources.fixtures import load_fixtures, read_fixtures
 
 SUBJECT_RULE = (
     "must be a NATS subject: dot-separated non-empty tokens, at most 512 characters, "
@@ -269,3 +285,263 @@ def test_problems_from_several_files_are_reported_together(tmp_path: Path) -> No
         "4.yml record #1 (r2): field id: duplicate id, first defined in 2.json record #2",
         "5.json record #1 (r5): field colour: unknown field",
     ] == problems[1:]
+
+
+# -- reads never block (issue 8, point 9) ---------------------------------------------------
+# A FIFO renamed over a fixture file used to block `open()` for good: on the event loop under
+# `serve --source fixtures` (/healthz timed out, SIGTERM ignored) and in `extreg validate`.
+# `fifo_swap` renames the FIFO in at the worst moment, right after a check of the path. Each
+# test arms an `Unblocker`, which after a generous deadline opens the FIFO for writing and
+# closes it, releasing a reader stuck opening it: a regression fails instead of hanging.
+
+NOT_REGULAR = "not a regular file (a device, FIFO or socket)"
+EXTREG = Path(sys.executable).parent / "extreg"
+
+
+class Unblocker:
+    """Releases whoever is blocked opening `fifo` for reading, if the test is not over after
+    `after_s`; `fired` says it had to."""
+
+    def __init__(self, fifo: Path, after_s: float = 20.0) -> None:
+        self.fifo, self.after_s, self.fired = fifo, after_s, False
+        self._over = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._over.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        if self._over.wait(self.after_s):
+            return
+        self.fired = True
+        while not self._over.is_set():
+            with contextlib.suppress(OSError):  # ENXIO: no reader has it open (yet)
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def two_records(folder: Path) -> Path:
+    write(folder, "a.json", as_json(record("a")))
+    return write(folder, "b.json", as_json(record("b")))
+
+
+def test_a_fifo_in_the_folder_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO named like a fixture is one problem naming it; opening it does not wait."""
+    write(tmp_path, "a.json", as_json(record("a")))
+    os.mkfifo(tmp_path / "x.json")
+    with Unblocker(tmp_path / "x.json") as unblocker:
+        problems = problems_of(tmp_path)
+    assert (False, [f"x.json: {NOT_REGULAR}"]) == (unblocker.fired, problems)
+
+
+def test_a_fifo_renamed_in_after_a_check_of_the_path_is_not_waited_on(
+    tmp_path: Path, fifo: Path
+) -> None:
+    """The race of the issue, made certain: the FIFO replaces b.json right after the reader
+    looks at the path. The load returns (the file it opened, or a problem naming b.json)."""
+    folder = tmp_path / "fixtures"
+    target = two_records(folder)
+    armed = tmp_path / "armed"
+    armed.touch()
+    uninstall = fifo_swap.install(target, fifo, armed)
+    try:
+        with Unblocker(fifo) as unblocker:
+            try:
+                outcome: object = [e.id for e in load(folder)]
+            except FixtureError as exc:
+                outcome = exc.problems
+    finally:
+        uninstall()
+    assert False is unblocker.fired
+    assert outcome in (["a", "b"], [f"b.json: {NOT_REGULAR}"])
+
+
+def test_loading_while_a_fifo_and_a_file_swap_places_never_blocks(
+    tmp_path: Path, fifo: Path
+) -> None:
+    """A FIFO and a regular file renamed in turn over b.json while the folder is loaded again
+    and again: each load reads the file or refuses the FIFO, none waits on it."""
+    folder = tmp_path / "fixtures"
+    target = two_records(folder)
+    regular = tmp_path / "regular.json"
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            fifo_swap.swap_in_fifo(fifo, target)
+            regular.write_text(as_json(record("b")), encoding="utf-8")
+            os.rename(regular, target)
+
+    outcomes: set[str] = set()
+
+    def load_often() -> None:
+        for _ in range(2000):
+            try:
+                outcomes.add(str(sorted(e.id for e in load(folder))))
+            except FixtureError as exc:
+                outcomes.add(str(exc.problems))
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    loader = threading.Thread(target=load_often, daemon=True)
+    with Unblocker(fifo, after_s=30) as unblocker:
+        swapper.start()
+        loader.start()
+        loader.join(60)
+        stop.set()
+        swapper.join()
+    assert (False, False) == (unblocker.fired, loader.is_alive())
+    assert {"['a', 'b']", str([f"b.json: {NOT_REGULAR}"])} >= outcomes
+
+
+async def test_read_fixtures_is_bounded_in_time(tmp_path: Path) -> None:
+    """`read_fixtures` (the registry's way in) gives up after its time bound with a
+    FixtureError naming the folder, instead of waiting on a read that does not return."""
+    two_records(tmp_path)
+    assert ["a", "b"] == [e.id for e in await read_fixtures(tmp_path, max_timeout_ms=60_000,
+                                                            max_retries=10)]
+    with pytest.raises(FixtureError) as caught:
+        await read_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10, timeout_s=0)
+    assert [f"{tmp_path}: reading the fixtures took longer than 0 s (a stuck filesystem?)"
+            ] == caught.value.problems
+
+
+async def test_registry_keeps_serving_when_a_fifo_is_renamed_over_a_fixture(
+    tmp_path: Path, fifo: Path
+) -> None:
+    """A fixtures-mode Registry watching its folder: the FIFO replaces b.json (right after a
+    check of the path, if the reader makes one). The reload is rejected with a log naming
+    b.json, the cache keeps both records, the loop is never blocked, and close() returns."""
+    folder = tmp_path / "fixtures"
+    target = two_records(folder)
+    armed = tmp_path / "armed"
+    settings = Settings(source="fixtures", fixtures_dir=folder)
+    uninstall = fifo_swap.install(target, fifo, armed)
+    try:
+        with capture_logs() as events, Unblocker(fifo) as unblocker:
+            async with Registry.open(settings) as registry:
+                deadline = time.monotonic() + 60
+                while not any(e["event"] == "reloaded" for e in events):  # the watcher is up
+                    assert time.monotonic() < deadline, events
+                    (folder / "nudge.txt").write_text("")  # a change: the watcher reloads
+                    await asyncio.sleep(0.2)
+                armed.touch()
+                while not any(e["event"] == "fixtures_rejected" for e in events):
+                    assert time.monotonic() < deadline, events
+                    (folder / "nudge.txt").write_text("")
+                    for _ in range(50):
+                        await asyncio.sleep(0.1)
+                        if not armed.exists():
+                            break
+                    else:  # no reload checked the path: swap it in ourselves
+                        armed.unlink()
+                        fifo_swap.swap_in_fifo(fifo, target)
+                assert ["a", "b"] == sorted(e.id for e in registry.all())
+                assert "fixtures" == registry.status.source
+            fired = unblocker.fired
+    finally:
+        uninstall()
+    rejected = [e["problems"] for e in events if e["event"] == "fixtures_rejected"]
+    assert (False, [f"b.json: {NOT_REGULAR}"]) == (fired, rejected[0])
+
+
+def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
+    env.update({"EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"),
+                "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}", **extra})
+    return env
+
+
+def test_validate_refuses_a_fifo_named_like_a_fixture(tmp_path: Path) -> None:
+    """`extreg validate DIR` with a FIFO named x.json exits 2 at once, naming it."""
+    folder = tmp_path / "fixtures"
+    write(folder, "a.json", as_json(record("a")))
+    os.mkfifo(folder / "x.json")
+    with Unblocker(folder / "x.json", after_s=50):
+        result = subprocess.run([str(EXTREG), "validate", str(folder)], capture_output=True,
+                                text=True, env=cli_env(tmp_path), timeout=60, check=False)
+    assert (2, f"error: x.json: {NOT_REGULAR}\n") == (result.returncode, result.stderr)
+
+
+def test_serve_survives_a_fifo_renamed_over_a_fixture_and_stops_on_sigterm(
+    tmp_path: Path, fifo: Path
+) -> None:
+    """`extreg serve --source fixtures`: after the FIFO replaces b.json (right after a check of
+    the path, if the server makes one) the server logs the rejection naming b.json, /healthz
+    still answers, and SIGTERM stops it."""
+    folder = tmp_path / "fixtures"
+    target = two_records(folder)
+    armed = tmp_path / "armed"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    env = fifo_swap.subprocess_env(
+        cli_env(tmp_path, EXTENSION_REGISTRY_SOURCE="fixtures",
+                EXTENSION_REGISTRY_FIXTURES_DIR=str(folder)),
+        tmp_path / "hook", target, fifo, armed)
+    with log_path.open("w") as log_file, Unblocker(fifo, after_s=40) as unblocker:
+        proc = subprocess.Popen([str(EXTREG), "serve", "--port", str(port)], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: healthz(url) == 200, proc, log_path, "serve did not start")
+            wait_until(lambda: nudged(folder) and '"reloaded"' in log_path.read_text(), proc,
+                       log_path, "the watcher never reloaded")
+            armed.touch()
+            nudged(folder)
+            wait_until(lambda: not armed.exists(), proc, log_path, "no reload", timeout_s=5,
+                       fail=False)
+            if armed.exists():  # the server made no check of the path
+                armed.unlink()
+                fifo_swap.swap_in_fifo(fifo, target)
+            wait_until(lambda: "fixtures_rejected" in log_path.read_text(), proc, log_path,
+                       "the FIFO was not rejected")
+            assert 200 == healthz(url)
+            proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        fired = unblocker.fired
+    log = log_path.read_text()
+    assert (False, 0) == (fired, returncode), log
+    rejected = next(line for line in log.splitlines() if "fixtures_rejected" in line)
+    assert f"b.json: {NOT_REGULAR}" in rejected, log
+
+
+def nudged(folder: Path) -> bool:
+    """A change in `folder` that is no fixture: the watcher reloads, nothing else changes."""
+    (folder / "nudge.txt").write_text(str(time.monotonic()))
+    time.sleep(0.2)
+    return True
+
+
+def healthz(url: str) -> int | None:
+    try:
+        return httpx.get(url + "/healthz", timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path,
+               what: str, timeout_s: float = 60, fail: bool = True) -> None:
+    """Until `condition()`; past `timeout_s` (or if the process ended) fail, or just return."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if fail:
+                raise AssertionError(f"{what}:\n{log.read_text()}")
+            return
+        time.sleep(0.05)

@@ -18,7 +18,7 @@ import structlog
 from .db.migrate import migrate
 from .errors import SourceUnavailable
 from .settings import Settings
-from .sources.fixtures import load_fixtures
+from .sources.fixtures import read_fixtures
 from .sources.postgres import PostgresSource
 
 log = structlog.get_logger("extreg.embedded")
@@ -73,7 +73,7 @@ async def prepare_embedded(settings: Settings) -> None:
     async with PostgresSource(settings) as db:
         if await db.ids():
             return
-        records = load_fixtures(
+        records = await read_fixtures(
             settings.fixtures_dir,
             max_timeout_ms=settings.extension_max_timeout_ms,
             max_retries=settings.extension_max_retries,

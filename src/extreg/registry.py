@@ -47,7 +47,7 @@ from .errors import (
 from .model import Extension
 from .settings import Settings
 from .snapshot import Snapshot
-from .sources.fixtures import load_fixtures
+from .sources.fixtures import read_fixtures
 from .sources.postgres import PostgresSource
 from .sources.snapshot_file import Origin, read_snapshot_file, write_snapshot_file
 
@@ -212,7 +212,7 @@ class Registry:
     async def start(self) -> None:
         mode = self.settings.source
         if mode == "fixtures":
-            self._swap(self._read_fixtures(), "fixtures")
+            self._swap(await self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())
             return
         if not self.settings.database_configured:  # none configured: the embedded one, as
@@ -224,7 +224,7 @@ class Registry:
                 self._fallback_reason = f"no database configured; {exc}"
         if not self.settings.database_configured:
             log.warning("serving_fixtures", reason=self._fallback_reason)
-            self._swap(self._read_fixtures(), "fixtures")
+            self._swap(await self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())
             return
         self._db = PostgresSource(self.settings)
@@ -258,7 +258,7 @@ class Registry:
         else:
             self._fallback_reason = reason
             log.warning("serving_fixtures", reason=reason)
-            self._swap(self._read_fixtures(), "fixtures")
+            self._swap(await self._read_fixtures(), "fixtures")
             self._spawn(self._watch_fixtures())
         self._spawn(self._follow_database(None))
         self._spawn(self._keep_snapshot_file())
@@ -282,7 +282,7 @@ class Registry:
         started = time.perf_counter()
         before = self._snap
         if self.settings.source == "fixtures" or self._db is None:
-            self._swap(self._read_fixtures(), "fixtures")
+            self._swap(await self._read_fixtures(), "fixtures")
         else:
             try:
                 await self._reload_from_database()
@@ -290,7 +290,7 @@ class Registry:
                 self._mark_stale(str(exc))
                 if self.settings.source == "database" or self._source == "database":
                     raise
-                self._swap(self._read_fixtures(), "fixtures")
+                self._swap(await self._read_fixtures(), "fixtures")
         after = self._snap
         return ReloadReport(
             source=self._source,
@@ -315,8 +315,8 @@ class Registry:
         for callback in self._listeners:
             callback(snap)
 
-    def _read_fixtures(self) -> list[Extension]:
-        return load_fixtures(
+    async def _read_fixtures(self) -> list[Extension]:
+        return await read_fixtures(
             self.settings.fixtures_dir,
             max_timeout_ms=self.settings.extension_max_timeout_ms,
             max_retries=self.settings.extension_max_retries,
@@ -331,7 +331,7 @@ class Registry:
                 return
             try:
                 before = self._snap
-                self._swap(self._read_fixtures(), "fixtures")
+                self._swap(await self._read_fixtures(), "fixtures")
             except FixtureError as exc:
                 log.error("fixtures_rejected", problems=exc.problems)
                 continue

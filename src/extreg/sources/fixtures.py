@@ -3,13 +3,26 @@
 Strict and all-or-nothing: every problem in every file is collected and reported together,
 and a folder with any problem yields no records at all, so a bad edit never half-replaces the
 cache. Each problem names the file, the record and the field.
+
+Reading never blocks: a file is opened with O_NONBLOCK (so a FIFO or device opens at once
+instead of waiting for a writer) and the *opened descriptor* must be a regular file before a
+byte is read, so a FIFO renamed over a fixture between listing and opening is refused, not
+waited on. Reads are bounded in size (`MAX_FILE_BYTES`); `read_fixtures`, the registry's entry
+point, runs the whole load off the event loop with a time bound (`READ_TIMEOUT_S`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -19,8 +32,13 @@ from ..model import Extension, parse_extension
 
 SUFFIXES = (".json", ".yaml", ".yml")
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a fixtures file is hand-written; beyond this it is a mistake
-
+READ_TIMEOUT_S = 30.0  # a whole folder; only a stuck filesystem (NFS, FUSE) takes this long
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+NOT_REGULAR = "not a regular file (a device, FIFO or socket)"
+DANGLING = "a symbolic link to nothing (dangling, or a loop)"
 MAX_DEPTH = 64  # records are shallow; deeper nesting is a mistake or an attack
+
+T = TypeVar("T")
 
 
 class _StrictYamlLoader(yaml.SafeLoader):
@@ -54,8 +72,42 @@ def fixture_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES)
 
 
+async def read_fixtures(folder: Path, *, max_timeout_ms: int, max_retries: int,
+                        timeout_s: float = READ_TIMEOUT_S) -> list[Extension]:
+    """`load_fixtures` for async callers: off the event loop, and `FixtureError` if it takes
+    longer than `timeout_s`, so a stuck read can hold up neither the loop nor a shutdown."""
+    try:
+        return await _in_daemon_thread(
+            lambda: load_fixtures(folder, max_timeout_ms=max_timeout_ms, max_retries=max_retries),
+            timeout_s,
+        )
+    except TimeoutError:
+        raise FixtureError(
+            [f"{folder}: reading the fixtures took longer than {timeout_s:g} s (a stuck filesystem?)"]
+        ) from None
+
+
+async def _in_daemon_thread(work: Callable[[], T], timeout_s: float) -> T:
+    """`work()` in a daemon thread of its own, awaited for at most `timeout_s`. Not the default
+    executor: a thread stuck in a system call cannot be stopped, and asyncio and the interpreter
+    wait for executor threads on exit, while a daemon thread is simply left behind."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():  # given up on before it started
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # handed to the awaiting task, which re-raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="extreg-fixtures-read", daemon=True).start()
+    return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+
+
 def load_fixtures(folder: Path, *, max_timeout_ms: int, max_retries: int) -> list[Extension]:
-    """Every extension in `folder`, or `FixtureError` listing every problem found."""
+    """Every extension in `folder`, or `FixtureError` listing every problem found. Blocking,
+    but never for long: see the module's docstring; async code calls `read_fixtures`."""
     problems: list[str] = []
     records: list[Extension] = []
     first_seen: dict[str, str] = {}
@@ -92,15 +144,7 @@ class _FileProblem(Exception):
 
 
 def _read_items(path: Path) -> list[Any]:
-    try:
-        if not path.is_file():
-            raise _FileProblem(_not_a_file(path))
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise _FileProblem(f"cannot read file: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise _FileProblem(f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -163,12 +207,37 @@ def _check_plain(value: Any, where: str, depth: int) -> None:
         raise _FileProblem(f"{type(value).__name__} value at {where or 'top level'} is not JSON")
 
 
-def _not_a_file(path: Path) -> str:
-    if path.is_symlink() and not path.exists():
-        return "a symbolic link to nothing (dangling, or a loop)"
-    if path.is_dir():
-        return "a directory, not a file"
-    return "not a regular file (a device, FIFO or socket)"
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, at most MAX_FILE_BYTES. What is checked is the descriptor opened, not
+    the path, which can be replaced in between; O_NONBLOCK makes opening a FIFO return at once.
+    Symbolic links are followed (mounted configuration is often a link to a regular file)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _FileProblem(_open_problem(path, exc)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise _FileProblem("a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise _FileProblem(NOT_REGULAR)
+        with open(fd, "rb", closefd=False) as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise _FileProblem(f"cannot read file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_FILE_BYTES:
+        raise _FileProblem(f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    return raw
+
+
+def _open_problem(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP or (exc.errno == errno.ENOENT and path.is_symlink()):
+        return DANGLING
+    if exc.errno == errno.ENXIO:  # a socket, or a device with nothing behind it
+        return NOT_REGULAR
+    return f"cannot read file: {exc.strerror or exc}"
 
 
 def _kind(value: object) -> str:
