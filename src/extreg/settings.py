@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     nats_url: SecretStr = SecretStr("nats://127.0.0.1:4222")  # may carry a password or token
     # proxies whose X-Forwarded-For the API believes: addresses or networks, comma-separated
     forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = ()
+    metrics_token: SecretStr | None = None  # when set, /metrics needs it as a bearer token
 
     @field_validator("forwarded_allow_ips", mode="before")
     @classmethod

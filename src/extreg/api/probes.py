@@ -8,9 +8,10 @@ unless `metrics_token` is set.
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
@@ -55,7 +56,22 @@ async def readyz(
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text."}})
-async def metrics(request: Request) -> Response:
-    return Response(runtime_of(request).metrics.render(), media_type=CONTENT_TYPE)
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {}}, "description": "Prometheus text."},
+    401: {"description": "`metrics_token` is set and was not given as the bearer token."},
+})
+async def metrics(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Response:
+    """The Prometheus exposition (rendered at most every couple of seconds: see
+    `extreg.metrics`); with `metrics_token` set, only for that bearer token."""
+    runtime = runtime_of(request)
+    wanted = runtime.settings.metrics_token
+    if wanted is not None:
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), wanted.get_secret_value().encode()):
+            raise HTTPException(401, "/metrics needs the metrics token (Authorization: Bearer"
+                                " <metrics_token>)",
+                                headers={"WWW-Authenticate": 'Bearer realm="extreg-metrics"'})
+    return Response(await runtime.metrics.scrape(), media_type=CONTENT_TYPE)
