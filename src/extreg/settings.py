@@ -97,7 +97,6 @@ class Settings(BaseSettings):
     nats_url: SecretStr = SecretStr("nats://127.0.0.1:4222")  # may carry a password or token
     # proxies whose X-Forwarded-For the API believes: addresses or networks, comma-separated
     forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = ()
-    metrics_token: SecretStr | None = None  # when set, /metrics needs it as a bearer token
 
     @field_validator("forwarded_allow_ips", mode="before")
     @classmethod
@@ -110,6 +109,11 @@ class Settings(BaseSettings):
             return tuple(str(ip_network(i.strip(), strict=False)) for i in items if i.strip())
         except ValueError as exc:
             raise ValueError(str(exc).replace(" does not appear to be", " is not")) from None
+
+    # The admin API's HTTP server (`extreg serve`; see extreg.api.connections).
+    http_keep_alive_seconds: int = Field(5, ge=1)  # an idle connection closes after this
+    http_request_timeout_seconds: float = Field(30, gt=0, allow_inf_nan=False)  # headers + body
+    http_max_connections: int | None = Field(None, ge=1)  # None: 1024, or fewer if RLIMIT_NOFILE
 
     @field_validator("cache_type")
     @classmethod

@@ -58,6 +58,14 @@ STATUS: dict[type[ExtregError], int] = {
     ExtregError: 500,
 }
 
+# Answers with no ExtregError behind them (FastAPI's, Starlette's, the HTTP server's own) name
+# the class of the tree that a client raises for their status; any other status is ApiError.
+HTTP_ERRORS: dict[int, str] = {
+    400: "InvalidRecord", 415: "InvalidRecord", 422: "InvalidRecord",  # bad input
+    401: "AuthFailed", 403: "AuthFailed", 429: "AuthFailed",
+    413: "PayloadTooLarge", 500: "ExtregError",
+}
+
 _INDEX = re.compile(r"\[(\d+)\]")
 
 
@@ -66,6 +74,11 @@ def status_of(exc: ExtregError) -> int:
         if cls in STATUS:
             return STATUS[cls]
     return 500
+
+
+def http_error_name(status: int) -> str:
+    """The `error` of an answer with `status` that no ExtregError caused."""
+    return HTTP_ERRORS.get(status, "ApiError")
 
 
 def body_of(exc: ExtregError) -> dict[str, Any]:
