@@ -159,6 +159,11 @@ async def bench_load(url: str, quick: bool) -> None:
             snap = Snapshot.build(await db.load_all_extensions())
             ours.append(time.perf_counter() - t0)
         assert len(snap) == 10_000
+        versions = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            assert len(await db.row_versions()) == 10_000
+            versions.append(time.perf_counter() - t0)
     bare = []
     async with await psycopg.AsyncConnection.connect(url) as conn:
         for _ in range(runs):
@@ -171,6 +176,8 @@ async def bench_load(url: str, quick: bool) -> None:
     print(f"  extreg load + snapshot: median {o:.1f} ms (min {min(ours) * 1000:.1f})")
     print(f"  bare psycopg fetch, jsonb decoded by stdlib json: median {b:.1f} ms")
     print(f"  ratio extreg / bare fetch: {o / b:.2f}x")
+    print(f"  row versions (what a sync reads, and a full reload before its load):"
+          f" median {statistics.median(versions) * 1000:.1f} ms")
 
 
 # -- 3. propagation ------------------------------------------------------------------------------
