@@ -178,6 +178,12 @@ class Registry:
                 "the registry is serving fixtures, which are read-only: "
                 "change the fixture files, or configure a database"
             )
+        if self._source == "snapshot_file":  # booted while the database was down (503)
+            raise SourceUnavailable(
+                f"database {self.settings.db_display} was unreachable at boot: the registry is"
+                " serving its last-known-good snapshot file, read-only until the database is"
+                " back; retry the write then"
+            )
         return self._db
 
     def on_change(self, callback: Any) -> None:

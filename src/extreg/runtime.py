@@ -1,8 +1,9 @@
 """What the HTTP API serves from: settings, the registry, the invoker, tokens and metrics.
 
 `Runtime` is a plain value so tests and embedders can build one by hand; `Runtime.open`
-is the lifespan piece that fills the token book, keeps it fresh, and wires the metrics to the
-registry and the invoker, and stops all of that on exit.
+is the lifespan piece that fills the token book, keeps it fresh (and a copy of the database's
+tokens beside the snapshot file, for a boot while the database is down), and wires the metrics
+to the registry and the invoker, and stops all of that on exit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .auth import TokenBook
 from .metrics import Metrics
 from .registry import Registry
 from .settings import Settings
-from .tokens import TokenFollower, TokenStore
+from .tokens import KnownTokens, TokenFollower, TokenStore
 
 
 @dataclass
@@ -46,8 +47,10 @@ class Runtime:
         runtime.metrics.watch_registry(registry)
         if invoker is not None:
             runtime.metrics.watch_invoker(invoker)
-        store = TokenStore.from_settings(settings) if settings.database_configured else None
-        follower = TokenFollower(runtime.tokens, store, settings.api_tokens_file)
+        store, known = None, None
+        if settings.database_configured:
+            store, known = TokenStore.from_settings(settings), KnownTokens.from_settings(settings)
+        follower = TokenFollower(runtime.tokens, store, settings.api_tokens_file, known)
         await follower.first_load()
         task = asyncio.create_task(follower.run())
         try:

@@ -6,15 +6,24 @@ checking a request never touches the database: it LISTENs on `extreg_tokens` (a 
 notifies every change, so a revoke applies within milliseconds), re-reads the table every
 `REFRESH_S` as a safety net, and re-reads the tokens file when it changes. When the database
 is unreachable the book keeps the tokens it had and the follower retries with backoff.
+
+`KnownTokens` keeps the database's active tokens (names, roles and SHA-256 digests, never a
+token) beside the last-known-good snapshot file, rewritten whenever they change. A server
+booting while the database is down reads them from there, so the admin API accepts the
+tokens it knew while it serves the snapshot (`Registry` refuses writes meanwhile, 503); the
+first load from the database replaces them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import random
+import tempfile
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,7 @@ from .auth import (
 )
 from .errors import ConfigError, Conflict, SourceUnavailable, UnknownToken
 from .settings import Settings, redact_url
-from .sources.postgres import scrub, url_password
+from .sources.postgres import location_of, scrub, url_password
 
 log = structlog.get_logger("extreg.tokens")
 
@@ -43,6 +52,7 @@ CONNECT_TIMEOUT_S = 3
 REFRESH_S = 30.0  # the periodic re-read: a safety net for a lost notification
 FILE_CHECK_S = 2.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
+KNOWN_FORMAT = "extreg-known-tokens/1"
 
 _CREATE = """
 INSERT INTO extreg_api_tokens (name, role, token_hash, created_by) VALUES (%s, %s, %s, %s)
@@ -166,23 +176,107 @@ async def ensure_admin_token(store: TokenStore) -> str | None:
     return await store.ensure_admin()
 
 
-class TokenFollower:
-    """Keeps `book` equal to the database's active tokens plus the tokens file's."""
+class KnownTokens:
+    """The database's active tokens as last read, in a JSON file beside the snapshot file
+    (`<snapshot>.tokens.json`: format, database location, write time, and per name the role
+    and SHA-256 digest). Like the snapshot file, it is used only for the database it came
+    from, and written to a temporary name, fsynced and renamed over the old one."""
 
-    def __init__(self, book: TokenBook, store: TokenStore | None, tokens_file: Path | None) -> None:
+    def __init__(self, path: Path, location: str) -> None:
+        self.path = path
+        self.location = location
+        self._written: frozenset[TokenEntry] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KnownTokens:
+        snapshot = settings.snapshot_path
+        return cls(snapshot.with_name(snapshot.stem + ".tokens.json"),
+                   location_of(settings.conninfo))
+
+    def write(self, entries: list[TokenEntry]) -> None:
+        """Replace the file with `entries` (nothing is written when they did not change);
+        a failure is logged, never raised: the tokens in memory are what counts."""
+        if frozenset(entries) == self._written:
+            return
+        data = {"format": KNOWN_FORMAT, "database": self.location,
+                "written_at": datetime.now(UTC).isoformat(),
+                "tokens": {e.name: {"role": e.role, "sha256": e.digest.hex()} for e in entries}}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                       dir=self.path.parent)  # created 0600
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(data, fh, indent=1)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            log.error("known_tokens_not_written", path=str(self.path),
+                      error=exc.strerror or str(exc))
+            return
+        self._written = frozenset(entries)
+
+    def read(self) -> list[TokenEntry]:
+        """The tokens in the file; `ConfigError` when it is missing, unreadable, malformed or
+        from another database."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"no known-tokens file at {self.path}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"known-tokens file {self.path} is unreadable: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != KNOWN_FORMAT:
+            raise ConfigError(f"known-tokens file {self.path} is not an {KNOWN_FORMAT} file")
+        if data.get("database") != self.location:
+            raise ConfigError(f"known-tokens file {self.path} holds the tokens of database"
+                              f" {data.get('database')}, not of {self.location}: refusing it")
+        tokens = data.get("tokens")
+        if not isinstance(tokens, dict):
+            raise ConfigError(f"known-tokens file {self.path} has no tokens table")
+        try:
+            return [entry(str(name), str(v["role"]), str(v["sha256"]))
+                    for name, v in tokens.items()]
+        except (TypeError, KeyError):
+            raise ConfigError(f"known-tokens file {self.path} has a malformed token") from None
+
+
+class TokenFollower:
+    """Keeps `book` equal to the database's active tokens plus the tokens file's; with
+    `known`, keeps a copy of the database's for a boot while it is down (`KnownTokens`)."""
+
+    def __init__(self, book: TokenBook, store: TokenStore | None, tokens_file: Path | None,
+                 known: KnownTokens | None = None) -> None:
         self.book = book
         self.store = store
         self.tokens_file = tokens_file
+        self.known = known
         self._file_mtime: float | None = None
 
     async def first_load(self) -> None:
-        """Load both sources once; a failure is logged and left to the background tasks."""
+        """Load both sources once; a failure is logged and left to the background tasks
+        (with the database's tokens as last known meanwhile, when there are any)."""
         self.reload_file()
         if self.store is not None:
             try:
                 await self._reload_database()
             except (SourceUnavailable, ConfigError) as exc:
                 log.warning("tokens_unavailable", error=str(exc))
+                self._load_known()
+
+    def _load_known(self) -> None:
+        if self.known is None:
+            return
+        try:
+            entries = self.known.read()
+        except ConfigError as exc:
+            log.warning("known_tokens_unusable", error=str(exc))
+            return
+        self.book.replace("database", entries)
+        log.warning("tokens_from_known_file", path=str(self.known.path), count=len(entries))
 
     async def run(self) -> None:
         """Follow both sources until cancelled."""
@@ -239,3 +333,5 @@ class TokenFollower:
         entries = await self.store.active()
         self.book.replace("database", entries)
         log.debug("tokens_loaded", source="database", count=len(entries))
+        if self.known is not None:
+            await asyncio.to_thread(self.known.write, entries)
