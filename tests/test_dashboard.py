@@ -7,9 +7,12 @@ Set EXTREG_SCREENSHOT=1 to refresh docs/dashboard.png from the first test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import os
 import shutil
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +193,84 @@ async def test_breaker_off_shows_no_protection(
         await expect(page.locator("#breaker-note")).to_contain_text("not protected")
         await expect(row(page, "flaky").locator('button[data-action="disable"]')).to_be_visible()
         assert 0 == await page.locator('button[data-action="reset"]').count()
+
+
+async def test_sign_out_ends_the_session(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser
+) -> None:
+    """The Sign out button ends the session: the page shows the sign-in form, and the cookie
+    the browser held no longer works anywhere."""
+    live, tokens = server
+    page = await signed_in(browser, live.url, tokens["operator"])
+    [cookie] = [c["value"] for c in await page.context.cookies() if c["name"] == "extreg_session"]
+    assert tokens["operator"] != cookie
+    await page.click("#sign-out")
+    await expect(page.locator("#token")).to_be_visible(timeout=10_000)
+    async with httpx.AsyncClient(cookies={"extreg_session": cookie}) as client:
+        me = await client.get(live.url + "/admin/me")
+    assert 401 == me.status_code
+
+
+ATTACKER_PAGE = """<!doctype html><title>waiting</title>
+<iframe id="framed" src="{target}/"></iframe>
+<iframe name="sink"></iframe>
+<form id="forged" method="post" target="sink" action="{target}/admin/extensions/pii_guard/disable">
+</form>
+<script>
+document.getElementById("forged").submit();
+fetch("{target}/admin/extensions/pii_guard/disable", {{method: "POST", credentials: "include",
+      mode: "no-cors"}}).finally(() => {{ document.title = "sent"; }});
+</script>"""
+
+
+@contextlib.contextmanager
+def attacker_site(target: str) -> Iterator[str]:
+    """A page on another port of the same host (so same-site with the server) that frames the
+    dashboard and posts a disable with the browser's cookie, by form and by fetch."""
+    body = ATTACKER_PAGE.format(target=target).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        thread.join(10)
+        httpd.server_close()
+
+
+async def test_a_page_on_another_port_cannot_act_for_the_signed_in_operator(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser, db_url: str
+) -> None:
+    """issue 9's attack: an operator signed in, then a page on http://127.0.0.1:OTHER frames
+    the dashboard and POSTs a disable by form and by fetch (the SameSite cookie goes along,
+    since ports do not make another site). Both posts are refused (403), pii_guard stays
+    enabled, nothing is audited, and the framed dashboard does not render."""
+    live, tokens = server
+    page = await signed_in(browser, live.url, tokens["operator"])
+    statuses: list[int] = []
+    page.on("response", lambda r: statuses.append(r.status) if r.url.endswith("/disable") else None)
+    with attacker_site(live.url) as attacker:
+        await page.goto(attacker)
+        await expect(page).to_have_title("sent", timeout=10_000)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(statuses) < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        framed = page.frame_locator("#framed")
+        assert 0 == await framed.locator("tr.ext, #token").count()
+    assert [403, 403] == statuses
+    assert [(True,)] == sql(db_url, "SELECT enabled FROM extensions WHERE id = 'pii_guard'")
+    assert [] == sql(db_url, "SELECT action FROM extension_audit_log"
+                             " WHERE extension_id = 'pii_guard' AND action = 'disable'")

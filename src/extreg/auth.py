@@ -10,6 +10,7 @@ fast the hash is, and a fast hash lets every request be checked in microseconds.
 from an optional tokens file), so checking a request does no I/O. `check` compares the
 presented token's digest with every stored digest using `hmac.compare_digest` and without
 stopping at a match, so its timing says nothing about which digest, if any, matched.
+`SessionBook` keeps the dashboard's browser sessions, in memory too (see there).
 
 The tokens file (setting `api_tokens_file`, for registries running on fixtures without a
 database) is TOML or JSON mapping each name to its role and digest. `extreg token create NAME
@@ -27,8 +28,9 @@ import hmac
 import json
 import re
 import secrets
+import time
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -117,10 +119,14 @@ class TokenBook:
 
     def check(self, token: str) -> Principal | None:
         """The principal a presented token stands for, or None; constant time per entry."""
-        presented = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        return self.holder(hashlib.sha256(token.encode("utf-8", "replace")).digest())
+
+    def holder(self, digest: bytes) -> Principal | None:
+        """The principal of the token with this SHA-256 digest while the book holds it (a
+        session re-checks its token this way at every request, so a revoke ends it)."""
         found: TokenEntry | None = None
         for candidate in self._entries:  # no early exit: timing does not reveal the match
-            if hmac.compare_digest(presented, candidate.digest):
+            if hmac.compare_digest(digest, candidate.digest):
                 found = candidate
         return Principal(found.name, found.role) if found else None
 
@@ -169,3 +175,85 @@ def add_to_tokens_file(path: Path, name: str, role: Role, hex_digest: str) -> No
     partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     partial.chmod(0o600)
     partial.replace(path)
+
+
+SESSION_TTL_S = 12 * 3600.0  # a browser session's lifetime: a working day, then sign in again
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One signed-in browser: its token's digest (never the token), its CSRF token, its end."""
+
+    digest: bytes
+    csrf: str
+    expires: float  # on the book's clock
+
+
+class SessionBook:
+    """The dashboard's browser sessions, in the memory of the serving process.
+
+    The session cookie carries a random id (`secrets.token_urlsafe`, 256 bits) and nothing
+    derived from the token, so a stolen cookie ends with its session and never yields the
+    token. A session maps to its token's digest, a per-session CSRF token and an expiry;
+    every use looks the digest up in the `TokenBook` again, so revoking the token (the token
+    follower drops it from the book) ends its sessions at once, and a new token of the same
+    name does not revive them. Sessions die with the process (signing in again is cheap) and
+    are kept by the SHA-256 of their id, so even the dict holds no usable cookie. Memory is
+    bounded: ended sessions are swept at each sign-in, and at most `max_sessions` are kept,
+    the oldest dropped first.
+    """
+
+    def __init__(
+        self,
+        tokens: TokenBook,
+        ttl_s: float = SESSION_TTL_S,
+        *,
+        max_sessions: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tokens = tokens
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._sessions: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, token: str) -> tuple[str, Session] | None:
+        """A new session for a valid `token`: (session id for the cookie, session); or None."""
+        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        if self.tokens.holder(digest) is None:
+            return None
+        self._sweep()
+        while len(self._sessions) >= self.max_sessions:
+            del self._sessions[min(self._sessions, key=lambda k: self._sessions[k].expires)]
+        session_id = secrets.token_urlsafe(32)
+        session = Session(digest, secrets.token_urlsafe(32), self._clock() + self.ttl_s)
+        self._sessions[_key(session_id)] = session
+        return session_id, session
+
+    def find(self, session_id: str) -> tuple[Session, Principal] | None:
+        """The live session of a cookie and who it stands for; None (and the session is
+        forgotten) when it is unknown, expired, or its token no longer works."""
+        key = _key(session_id)
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        principal = self.tokens.holder(session.digest) if session.expires > self._clock() else None
+        if principal is None:
+            del self._sessions[key]
+        return (session, principal) if principal else None
+
+    def close(self, session_id: str) -> None:
+        self._sessions.pop(_key(session_id), None)
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for key, session in list(self._sessions.items()):
+            if session.expires <= now or self.tokens.holder(session.digest) is None:
+                del self._sessions[key]
+
+
+def _key(session_id: str) -> bytes:
+    return hashlib.sha256(session_id.encode("utf-8", "replace")).digest()

@@ -13,10 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from ..auth import SESSION_TTL_S, SessionBook
 from ..runtime import Runtime
 from . import dashboard, errors, health, operate, probes, records
 from .bodies import schema_components
 from .bodylimit import BodyLimit, max_body_bytes
+from .browser import SecurityHeaders
 from .ratelimit import FailedAuthLimiter
 from .requestlog import RequestLog
 from .security import Viewer, trusted_proxies
@@ -29,17 +31,24 @@ DESCRIPTION = (
 
 
 def create_app(
-    runtime: Runtime, *, failed_auth_limit: int = 10, failed_auth_window_s: float = 60.0
+    runtime: Runtime,
+    *,
+    failed_auth_limit: int = 10,
+    failed_auth_window_s: float = 60.0,
+    session_ttl_s: float = SESSION_TTL_S,
 ) -> FastAPI:
-    """The admin API over `runtime`; wrong credentials are limited per client address."""
+    """The admin API over `runtime`; wrong credentials are limited per client address, and
+    the dashboard's sessions live in this app (this process) for `session_ttl_s`."""
     app = FastAPI(title=TITLE, description=DESCRIPTION, version="1",
                   openapi_url=None, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.auth_limiter = FailedAuthLimiter(failed_auth_limit, failed_auth_window_s)
     app.state.trusted_proxies = trusted_proxies(runtime.settings)
+    app.state.sessions = SessionBook(runtime.tokens, session_ttl_s)
     errors.install(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes(runtime.settings))  # 413, before routes
-    app.add_middleware(RequestLog)  # added last: outermost, so it logs the 413s too
+    app.add_middleware(RequestLog)  # outside BodyLimit, so it logs the 413s too
+    app.add_middleware(SecurityHeaders)  # outermost: framing headers on every answer
     app.include_router(probes.router)
     app.include_router(dashboard.router)
     app.include_router(operate.router)

@@ -1,9 +1,14 @@
 """The live dashboard at `/`, and the browser session that lets it call the API.
 
 A browser cannot add a bearer header to a page load, so an operator signs in once by pasting
-a token into the form served at `/` (with status 401 and no data when not signed in); the
-token is then kept in an HttpOnly, SameSite=Strict cookie that the API accepts like a bearer
-header. The page itself is one static HTML file with inline script and styles: no build step.
+a token into the form served at `/` (with status 401 and no data when not signed in). The
+server then opens a session (`auth.SessionBook`: in this process's memory, 12 hours, ended by
+`POST /session/logout`, the dashboard's "Sign out", or revoking the token) and sets a cookie
+holding only the session's random id, HttpOnly and SameSite=Strict. The dashboard's HTML
+carries the session's CSRF token, which its script sends as `X-CSRF-Token` with every
+request; changes need it, and the server's own origin (`browser`). The page is one static
+HTML file with one inline script and one inline style, admitted by hash in its CSP: no build
+step, and no other script can run in it.
 """
 
 from __future__ import annotations
@@ -16,40 +21,55 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from ..auth import SessionBook
+from .browser import check_csrf, check_same_origin, page_policy
 from .security import SESSION_COOKIE, Viewer, failed_authentication
-from .state import runtime_of
 
 router = APIRouter()
 
 DASHBOARD = (files("extreg.api") / "static" / "dashboard.html").read_text(encoding="utf-8")
+CSRF_MARK = "__EXTREG_CSRF_TOKEN__"  # in dashboard.html's <meta name="csrf-token">
+DASHBOARD_POLICY = page_policy(DASHBOARD, scripts=True)
 SIGN_IN = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>extreg — sign in</title>
-<style>body{{font:15px system-ui,sans-serif;display:grid;place-items:center;min-height:90vh;
-background:#f6f7f9;color:#1d2330}}form{{background:#fff;border:1px solid #dde1e8;border-radius:8px;
-padding:1.2rem;width:min(26rem,92vw)}}input{{width:100%;padding:.5rem;margin:.5rem 0;font:inherit}}
-button{{font:inherit;padding:.4rem .9rem}}.error{{color:#b42318}}</style></head><body>
-<form method="post" action="/session"><h1 style="font-size:1.2rem">extreg dashboard</h1>
+<style>body{font:15px system-ui,sans-serif;display:grid;place-items:center;min-height:90vh;
+background:#f6f7f9;color:#1d2330}form{background:#fff;border:1px solid #dde1e8;border-radius:8px;
+padding:1.2rem;width:min(26rem,92vw)}input{width:100%;padding:.5rem;margin:.5rem 0;font:inherit}
+button{font:inherit;padding:.4rem .9rem}.error{color:#b42318}h1{font-size:1.2rem}
+.hint{font-size:.8rem;color:#5d6677}</style></head><body>
+<form method="post" action="/session"><h1>extreg dashboard</h1>
 <label for="token">API token (viewer, operator or admin)</label>
 <input id="token" name="token" type="password" autocomplete="off" required>
-<p class="error" role="alert">{error}</p><button type="submit">Sign in</button>
-<p style="font-size:.8rem;color:#5d6677">Create one with <code>extreg token create NAME --role viewer</code>.</p>
+<p class="error" role="alert">__ERROR__</p><button type="submit">Sign in</button>
+<p class="hint">Create one with <code>extreg token create NAME --role viewer</code>.</p>
 </form></body></html>"""
+SIGN_IN_POLICY = page_policy(SIGN_IN, scripts=False)
+
+
+def _sessions(request: Request) -> SessionBook:
+    sessions: SessionBook = request.app.state.sessions
+    return sessions
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard(request: Request) -> Response:
     """The dashboard for a signed-in browser, else the sign-in form (401). A cookie the server
-    does not know counts as a failed authentication, like a wrong bearer token."""
+    does not know (or whose session ended) counts as a failed authentication, like a wrong
+    bearer token."""
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return _sign_in_page("", 401)
-    if runtime_of(request).tokens.check(cookie) is None:
+    found = _sessions(request).find(cookie)
+    if found is None:
         return _refused(request, "invalid_session", "")
-    return HTMLResponse(DASHBOARD)
+    return HTMLResponse(DASHBOARD.replace(CSRF_MARK, html.escape(found[0].csrf)),
+                        headers={"Content-Security-Policy": DASHBOARD_POLICY,
+                                 "Cache-Control": "no-store"})
 
 
 def _sign_in_page(error: str, status: int) -> HTMLResponse:
-    return HTMLResponse(SIGN_IN.format(error=html.escape(error)), status_code=status)
+    return HTMLResponse(SIGN_IN.replace("__ERROR__", html.escape(error)), status_code=status,
+                        headers={"Content-Security-Policy": SIGN_IN_POLICY})
 
 
 def _refused(request: Request, reason: str, error: str) -> HTMLResponse:
@@ -60,21 +80,41 @@ def _refused(request: Request, reason: str, error: str) -> HTMLResponse:
         page.headers["Retry-After"] = str(math.ceil(wait))
     else:
         page = _sign_in_page(error, 401)
-    page.delete_cookie(SESSION_COOKIE, path="/")
+    page.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return page
 
 
 @router.post("/session", include_in_schema=False)
 async def sign_in(request: Request, token: Annotated[str, Form()]) -> Response:
-    """Check the token first (a valid one always signs in), count a wrong one towards the
-    same rate limit as the API's, then keep it in the session cookie."""
+    """Open a session for a valid token. Only from this server's own page (no login CSRF);
+    the token is checked first (a valid one always signs in) and a wrong one counts towards
+    the same rate limit as the API's."""
+    check_same_origin(request)
     if not token.strip():
         return _sign_in_page("Paste a token.", 401)
-    if runtime_of(request).tokens.check(token) is None:
+    opened = _sessions(request).open(token)
+    if opened is None:
         return _refused(request, "invalid_token", "That token is not valid.")
+    session_id, _ = opened
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict",
+    response.set_cookie(SESSION_COOKIE, session_id, max_age=math.ceil(_sessions(request).ttl_s),
+                        httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")
+    return response
+
+
+@router.post("/session/logout", status_code=204, include_in_schema=False)
+async def sign_out(request: Request) -> Response:
+    """End the browser's session (with the same-origin proof and CSRF token a change needs)
+    and clear its cookie; without a live session there is nothing to end, and that is fine."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    found = _sessions(request).find(cookie) if cookie else None
+    if cookie and found is not None:
+        check_same_origin(request)
+        check_csrf(request, found[0].csrf)
+        _sessions(request).close(cookie)
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response
 
 

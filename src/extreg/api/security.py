@@ -1,8 +1,10 @@
-"""The bearer-token check every admin route depends on: a parameter `_: Operator`, say.
+"""The credential check every admin route depends on: a parameter `_: Operator`, say.
 
-The token comes from `Authorization: Bearer` or, for the dashboard, the session cookie.
-401 (with `WWW-Authenticate: Bearer`) without a token or with one the server does not know,
-403 when the token's role is too small, 429 instead of 401 when the client's address has
+A request authenticates with `Authorization: Bearer <token>` or, from the dashboard, with the
+session cookie (a server-side session id, `auth.SessionBook`); a cookie-authenticated change
+must also bring the same-origin proof of `browser`. 401 (with `WWW-Authenticate: Bearer`)
+without credentials or with ones the server does not know, 403 when the token's role is too
+small or the same-origin proof is missing, 429 instead of 401 when the client's address has
 failed too often (`ratelimit`: only wrong credentials count, and a valid one always works).
 The token itself is never logged or echoed; the principal's *name* is bound to the request's
 log context and becomes the audit log's `changed_by`.
@@ -19,15 +21,15 @@ import structlog
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..auth import Principal, Role, role_allows
+from ..auth import Principal, Role, SessionBook, role_allows
 from ..settings import Settings
+from .browser import SAFE_METHODS, check_csrf, check_same_origin
 from .ratelimit import FailedAuthLimiter
 from .state import runtime_of
 
 log = structlog.get_logger("extreg.api")
 
-# The dashboard's browser session carries the same token in an HttpOnly, SameSite=Strict
-# cookie (set by POST /session): scripts cannot read it and other sites cannot send it.
+# The dashboard's session id, in an HttpOnly, SameSite=Strict cookie set by POST /session.
 SESSION_COOKIE = "extreg_session"
 
 bearer = HTTPBearer(
@@ -94,6 +96,36 @@ def too_many(wait: float) -> HTTPException:
     )
 
 
+def unauthorized(request: Request, *, wrong: bool) -> HTTPException:
+    """The 401 for missing credentials, or, for `wrong` ones, counted: 401 or 429. A wrong
+    session cookie is cleared, so a browser stops sending it."""
+    headers = {"WWW-Authenticate": 'Bearer realm="extreg"'}
+    if wrong:
+        wait = failed_authentication(request, "invalid_token")
+        if wait is not None:
+            return too_many(wait)
+        headers["WWW-Authenticate"] += ', error="invalid_token"'
+        if SESSION_COOKIE in request.cookies:
+            headers["Set-Cookie"] = f'{SESSION_COOKIE}=""; Max-Age=0; Path=/; HttpOnly; SameSite=Strict'
+    return HTTPException(
+        401, "a valid bearer token is required (Authorization: Bearer <token>)", headers=headers
+    )
+
+
+def session_principal(request: Request, session_id: str) -> Principal | None:
+    """Who a session cookie stands for; a change (not GET/HEAD/OPTIONS) must also prove it
+    comes from the dashboard (`browser`: own origin plus the session's CSRF token)."""
+    sessions: SessionBook = request.app.state.sessions
+    found = sessions.find(session_id)
+    if found is None:
+        return None
+    session, principal = found
+    if request.method not in SAFE_METHODS:
+        check_same_origin(request)
+        check_csrf(request, session.csrf)
+    return principal
+
+
 def require(role: Role) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting tokens of `role` or a greater one; returns who it is."""
 
@@ -101,21 +133,14 @@ def require(role: Role) -> Callable[..., Awaitable[Principal]]:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Principal:
-        token = credentials.credentials if credentials else request.cookies.get(SESSION_COOKIE)
-        if not token:  # no credentials is not a failure: nothing is counted
-            raise HTTPException(
-                401, "a valid bearer token is required (Authorization: Bearer <token>)",
-                headers={"WWW-Authenticate": 'Bearer realm="extreg"'},
-            )
-        principal = runtime_of(request).tokens.check(token)
+        if credentials:
+            principal = runtime_of(request).tokens.check(credentials.credentials)
+        elif session_id := request.cookies.get(SESSION_COOKIE):
+            principal = session_principal(request, session_id)
+        else:  # no credentials is not a failure: nothing is counted
+            raise unauthorized(request, wrong=False)
         if principal is None:
-            wait = failed_authentication(request, "invalid_token")
-            if wait is not None:
-                raise too_many(wait)
-            raise HTTPException(
-                401, "a valid bearer token is required (Authorization: Bearer <token>)",
-                headers={"WWW-Authenticate": 'Bearer realm="extreg", error="invalid_token"'},
-            )
+            raise unauthorized(request, wrong=True)
         structlog.contextvars.bind_contextvars(actor=principal.name)
         if not role_allows(principal.role, role):
             log.warning("auth_forbidden", role=principal.role, needed=role)
