@@ -11,36 +11,38 @@ of sources feed it:
   `circuit_transition` to its breakers' `on_state_change` (failures = times a circuit
   opened, recoveries = times it closed again);
 - health and circuit gauges are *pulled* at scrape time from `invoker.health` (whose circuit
-  states are its breaker's) by a custom collector, so the hot path does no metric work for
+  states are its breaker's) by `_HealthGauges`, so the hot path does no metric work for
   them. The circuit gauge reads -1 when breakers are off (`circuit_breaker_enabled` false),
   so `extension_circuit_breaker_state > 0` still means "open or half-open" and a dashboard
   can tell "no breaker" from "closed".
 
 No global state: each `Runtime` owns its `Metrics`, the one its /metrics serves.
 
-What a scrape costs grows with the registry (about a quarter of a millisecond per called
-extension: docs/performance.md), so /metrics serves `scrape()`: the exposition rendered at
-most once per `cache_s` (longer when a render is slow: `Exposition`), in a worker thread,
-with every scraper in between given the same bytes. A thread alone is not enough (rendering
-holds the GIL, so the event loop still runs slowly while it lasts) and a cache alone still
-renders on the loop; together the loop is slowed for one render per interval whatever the
-number of scrapers. And the series do not
-outlive their extensions: on every registry change the label sets of ids no longer in the
-registry are removed from every labelled metric (`registry_changed`).
+The per-extension families (latency histograms, health and circuit gauges) are nearly all of
+the exposition, so they are kept and written here (`_Latency`, `_HealthGauges`) rather than
+by prometheus_client's generic renderer, several times slower per line; the rest (registry
+size, syncs, breaker counters) are prometheus_client metrics. Even so a scrape grows with
+the registry (docs/performance.md has the figures), so /metrics serves `scrape()`: the
+exposition rendered at most once per `cache_s` (longer when a render is slow:
+`Exposition`), in a worker thread, with every scraper in between given the same bytes. A
+thread alone is not enough (rendering holds the GIL, so the event loop still runs slowly
+while it lasts) and a cache alone still renders on the loop; together the loop is slowed
+for one render per interval whatever the number of scrapers. And series do not outlive
+their extensions: on every registry change the series of ids no longer in the registry are
+removed from every labelled family (`registry_changed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from .resilience.health import HealthMonitor
 
@@ -95,18 +97,15 @@ class Metrics:
             ["extension_id"],
             registry=r,
         )
-        self.invocation_latency = Histogram(
+        # The per-extension families are kept and rendered here, not by prometheus_client:
+        # they are nearly all of the exposition, and its generic rendering costs about 12 µs
+        # a line (a 10,000-extension registry: seconds per scrape). See `_Latency`.
+        self.invocation_latency = _Latency(
             "extension_invocation_latency_seconds",
             "Duration of extension invocations, by extension and outcome.",
-            ["extension_id", "outcome"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+            LATENCY_BUCKETS_S,
         )
-        self._health = _HealthCollector()
-        r.register(self._health)
-        # The label sets in use, by extension id: the hot path observes through the cached
-        # child (cheaper than `labels()`), and a registry change knows what to remove.
-        self._latency: dict[str, dict[str, Any]] = {}
+        self._health = _HealthGauges()
         self._breaker_ids: set[str] = set()
         self.exposition = Exposition(self.render, cache_s, clock)
 
@@ -125,9 +124,7 @@ class Metrics:
         self.size.set(len(snapshot.by_id))
         self.enabled.set(len(snapshot.enabled))
         present = snapshot.by_id
-        for extension_id in [i for i in self._latency if i not in present]:
-            for outcome in self._latency.pop(extension_id):
-                self.invocation_latency.remove(extension_id, outcome)
+        self.invocation_latency.keep_only(present)
         for extension_id in [i for i in self._breaker_ids if i not in present]:
             self._breaker_ids.discard(extension_id)
             for counter in (self.breaker_failures, self.breaker_recoveries):
@@ -153,13 +150,7 @@ class Metrics:
 
     def observe_invocation(self, extension_id: str, outcome: str, seconds: float) -> None:
         """Record one finished invocation (outcome: ok, error, timeout, rejected, ...)."""
-        children = self._latency.get(extension_id)
-        if children is None:
-            children = self._latency[extension_id] = {}
-        child = children.get(outcome)
-        if child is None:
-            child = children[outcome] = self.invocation_latency.labels(extension_id, outcome)
-        child.observe(max(seconds, 0.0))
+        self.invocation_latency.observe(extension_id, outcome, seconds)
 
     def circuit_transition(self, extension_id: str, old: str, new: str) -> None:
         """A breaker state change, as `CircuitBreakers.on_state_change` reports it."""
@@ -173,7 +164,10 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric, rendered now (blocking)."""
-        return generate_latest(self.registry)
+        lines: list[str] = []
+        self.invocation_latency.render(lines)
+        self._health.render(lines)
+        return generate_latest(self.registry) + "".join(lines).encode()
 
     async def scrape(self) -> bytes:
         """The exposition for /metrics: rendered at most once per `cache_s`, off the loop."""
@@ -216,7 +210,7 @@ class Exposition:
             return self._body
 
 
-class _HealthCollector(Collector):
+class _HealthGauges:
     """Health and circuit gauges per extension, read when Prometheus scrapes (in a worker
     thread: see `Exposition`).
 
@@ -227,38 +221,113 @@ class _HealthCollector(Collector):
     (the same rules as `HealthMonitor.blank`).
     """
 
+    FAMILIES = (
+        ("extension_health_success_rate", "Share of successful calls (1.0 with no calls)."),
+        ("extension_health_avg_latency_ms", "Mean call latency in milliseconds."),
+        ("extension_circuit_breaker_state",
+         "Circuit state: 0 closed, 1 open, 2 half-open, -1 breakers disabled."),
+    )
+
     def __init__(self) -> None:
         self.registry: Registry | None = None
         self.invoker: Any | None = None
 
-    def collect(self) -> Iterator[Metric]:
-        rate = GaugeMetricFamily("extension_health_success_rate",
-                                 "Share of successful calls (1.0 with no calls).",
-                                 labels=["extension_id"])
-        latency = GaugeMetricFamily("extension_health_avg_latency_ms",
-                                    "Mean call latency in milliseconds.", labels=["extension_id"])
-        state = GaugeMetricFamily("extension_circuit_breaker_state",
-                                  "Circuit state: 0 closed, 1 open, 2 half-open, "
-                                  "-1 breakers disabled.",
-                                  labels=["extension_id"])
+    def render(self, out: list[str]) -> None:
         monitor = getattr(self.invoker, "health", None) or self._blank()
         if self.registry is not None:  # an immutable snapshot: safe to read from a thread
             ids = sorted(self.registry.snapshot.by_id)
         else:
             ids = sorted(monitor.get_all_health())
+        rates, latencies, states = [], [], []
         for extension_id in ids:
             health = monitor.get_health(extension_id)
-            circuit = health["circuit_breaker_state"]
-            rate.add_metric([extension_id], float(health["success_rate"]))
-            latency.add_metric([extension_id], float(health["avg_latency_ms"]))
-            state.add_metric([extension_id], CIRCUIT_STATE_VALUES.get(str(circuit), 0))
-        yield from (rate, latency, state)
+            labels = f'{{extension_id="{_escape(extension_id)}"}} '
+            rates.append(labels + _number(float(health["success_rate"])))
+            latencies.append(labels + _number(float(health["avg_latency_ms"])))
+            state = CIRCUIT_STATE_VALUES.get(str(health["circuit_breaker_state"]), 0)
+            states.append(f"{labels}{state}.0")
+        for (name, help_text), values in zip(self.FAMILIES, (rates, latencies, states),
+                                             strict=True):
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
+            out.extend(f"{name}{value}\n" for value in values)
 
     def _blank(self) -> HealthMonitor:
         settings = getattr(self.registry, "settings", None)
         return HealthMonitor.blank(bool(getattr(settings, "circuit_breaker_enabled", False)))
 
-    def describe(self) -> Iterator[Metric]:  # names only, so registration reads no state
-        yield GaugeMetricFamily("extension_health_success_rate", "", labels=["extension_id"])
-        yield GaugeMetricFamily("extension_health_avg_latency_ms", "", labels=["extension_id"])
-        yield GaugeMetricFamily("extension_circuit_breaker_state", "", labels=["extension_id"])
+
+class _Latency:
+    """A Prometheus histogram per (extension_id, outcome), kept and rendered here.
+
+    prometheus_client's `Histogram` renders each line generically (label names checked and
+    escaped, values formatted, one sample object per line); a series here keeps its label text
+    made once and per-bucket counts, so a scrape writes lines with one format each, and an
+    observation is a bisect and two additions, cheaper than `labels().observe()`. Reads from
+    the render thread copy each series' counts (atomic under the GIL), so a scrape sees every
+    series whole. Only the text exposition is produced: no `_created` samples.
+    """
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = bounds
+        self._le = [_number(b) for b in bounds] + ["+Inf"]
+        self.series: dict[str, dict[str, _Series]] = {}  # extension id -> outcome -> series
+
+    def observe(self, extension_id: str, outcome: str, seconds: float) -> None:
+        by_outcome = self.series.get(extension_id)
+        if by_outcome is None:
+            by_outcome = self.series[extension_id] = {}
+        series = by_outcome.get(outcome)
+        if series is None:
+            series = by_outcome[outcome] = _Series(extension_id, outcome, len(self.bounds) + 1)
+        seconds = max(seconds, 0.0)
+        series.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        series.total += seconds
+
+    def keep_only(self, extension_ids: Container[str]) -> None:
+        """Forget the series of every extension not in `extension_ids`."""
+        for extension_id in [i for i in self.series if i not in extension_ids]:
+            del self.series[extension_id]
+
+    def render(self, out: list[str]) -> None:
+        name = self.name
+        out.append(f"# HELP {name} {self.documentation}\n# TYPE {name} histogram\n")
+        for by_outcome in list(self.series.values()):
+            for series in list(by_outcome.values()):
+                counts, total = series.counts[:], series.total
+                labels = series.labels
+                cumulative = 0
+                for le, count in zip(self._le, counts, strict=True):
+                    cumulative += count
+                    out.append(f'{name}_bucket{{{labels},le="{le}"}} {cumulative}.0\n')
+                out.append(f"{name}_count{{{labels}}} {cumulative}.0\n"
+                           f"{name}_sum{{{labels}}} {_number(total)}\n")
+
+    def samples(self, extension_id: str, outcome: str) -> tuple[int, float] | None:
+        """(count, sum) of one series, or None (tests and embedders)."""
+        series = self.series.get(extension_id, {}).get(outcome)
+        return (sum(series.counts), series.total) if series is not None else None
+
+
+class _Series:
+    __slots__ = ("counts", "labels", "total")
+
+    def __init__(self, extension_id: str, outcome: str, buckets: int) -> None:
+        self.labels = f'extension_id="{_escape(extension_id)}",outcome="{_escape(outcome)}"'
+        self.counts = [0] * buckets
+        self.total = 0.0
+
+
+def _number(value: float) -> str:
+    """A sample value as the text format writes it (Go's float syntax, as prometheus_client)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format wants it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
