@@ -48,15 +48,18 @@ def alpha_enabled(api: Api) -> bool:
 async def test_the_session_cookie_is_a_server_side_id_not_the_token(
     tmp_path: Path, db_url: str
 ) -> None:
-    """The cookie is a random session id: not the token, nor derived from it, different on
-    each sign-in; HttpOnly and SameSite=Strict."""
+    """The cookie is a random session id: not the token, nor derived from it, new on each
+    sign-in (which ends the browser's previous session); HttpOnly and SameSite=Strict."""
     async with database_api(tmp_path, db_url) as api:
         token = api.tokens["operator"]
         answer = await api.client.post("/session", data={"token": token},
                                        headers={"Origin": ORIGIN})
         first = api.client.cookies["extreg_session"]
+        second, _ = await sign_in(api.client, token)  # signing in again replaces the session
         api.client.cookies.clear()
-        second, _ = await sign_in(api.client, token)
+        api.client.cookies.set("extreg_session", first)
+        replaced = await api.client.get("/admin/me")
+    assert 401 == replaced.status_code
     cookie_header = answer.headers["set-cookie"]
     assert token not in cookie_header and token[7:20] not in first
     assert first != second and len(first) >= 43
@@ -190,6 +193,7 @@ async def test_revoking_the_token_ends_its_sessions(tmp_path: Path, db_url: str)
         await TokenStore(db_url).revoke(ROLE_TOKENS["operator"])
 
         async def status_with(cookie: str) -> int:
+            api.client.cookies.clear()
             api.client.cookies.set("extreg_session", cookie)
             return (await api.client.get("/admin/me")).status_code
 

@@ -96,6 +96,8 @@ async def sign_in(request: Request, token: Annotated[str, Form()]) -> Response:
     if opened is None:
         return _refused(request, "invalid_token", "That token is not valid.")
     session_id, _ = opened
+    if previous := request.cookies.get(SESSION_COOKIE):
+        _sessions(request).close(previous)  # signing in again replaces the browser's session
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(SESSION_COOKIE, session_id, max_age=math.ceil(_sessions(request).ttl_s),
                         httponly=True, samesite="strict",
