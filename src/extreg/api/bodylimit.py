@@ -3,7 +3,8 @@
 A body whose `Content-Length` is over the cap is refused before the route runs, without
 reading it, so a route that ignores its body (enable, reload) does nothing either. A body
 without a length (chunked) is counted as the route reads it and refused once it passes the
-cap, so no more than the cap is ever held in memory.
+cap, so no more than the cap is ever held in memory. Both answer 413 with `error`
+PayloadTooLarge, like an invocation over the payload limit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..settings import Settings
+from .errors import http_error_name
 
 
 def max_body_bytes(settings: Settings) -> int:
@@ -37,7 +39,8 @@ class BodyLimit:
             return
         length = Headers(scope=scope).get("content-length", "")
         if length.strip().isdigit() and int(length) > self.limit:
-            response = JSONResponse({"detail": _too_large(self.limit), "error": "BodyTooLarge"},
+            response = JSONResponse({"detail": _too_large(self.limit),
+                                     "error": http_error_name(413)},
                                     status_code=413, headers={"Connection": "close"})
             await response(scope, receive, send)
             return

@@ -5,6 +5,9 @@ Every answer carries `detail` (FastAPI's convention) and `error` (the class name
 `attempts` for an `ExtensionError`, `record` for an `InvalidRecord` and `problems` for a
 `FixtureError`). A record that breaks a rule answers 422 in FastAPI's own validation shape,
 with `loc` naming the field, so clients handle a schema error and a rule error alike.
+FastAPI's and Starlette's own errors (a malformed body, a parameter FastAPI validates, an
+unknown route, a method not allowed) get the same two keys, `error` chosen by status in
+`HTTP_ERRORS`; so do the HTTP server's own answers (`connections`: 400, 408, 503).
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import re
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.utils import is_body_allowed_for_status_code
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
     CircuitOpen,
@@ -116,5 +123,34 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body_of(exc), status_code=status_of(exc))
 
 
+async def _handle_http(request: Request, exc: Exception) -> Response:
+    """FastAPI's and Starlette's HTTPException (401, 404 for an unknown route, 405, 415...)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if not is_body_allowed_for_status_code(exc.status_code):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": exc.detail, "error": http_error_name(exc.status_code)},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _handle_validation(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own 422 (a body model or a parameter), shaped like a record's: `loc`, `msg`
+    and `type` per problem (without the input echoed back), `error` InvalidRecord."""
+    assert isinstance(exc, RequestValidationError)
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+               "type": str(e.get("type", "value_error"))} for e in exc.errors()]
+    return JSONResponse(jsonable_encoder(
+        {"detail": detail, "error": "InvalidRecord", "record": "request"}), status_code=422)
+
+
+async def _handle_bug(request: Request, exc: Exception) -> JSONResponse:
+    """Anything unexpected: still JSON (Starlette logs the traceback and re-raises)."""
+    return JSONResponse({"detail": "internal server error; the server log has the details",
+                         "error": http_error_name(500)}, status_code=500)
+
+
 def install(app: FastAPI) -> None:
+    """Every error answer as JSON with `detail` and `error`, FastAPI's own included."""
     app.add_exception_handler(ExtregError, _handle)
+    app.add_exception_handler(StarletteHTTPException, _handle_http)
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(Exception, _handle_bug)

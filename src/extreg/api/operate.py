@@ -11,11 +11,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import Conflict, ExtensionNotFound
+from ..errors import Conflict, ExtensionNotFound, NatsUnavailable
 from ..registry import Registry
 from .bodies import strict_body
 from .requestlog import bind_extension_id
@@ -139,7 +139,7 @@ def _known(registry: Registry, extension_id: str) -> None:
 def _invoker(request: Request, what: str) -> Any:
     invoker = runtime_of(request).invoker
     if invoker is None:
-        raise HTTPException(503, NO_INVOKER.format(what=what))
+        raise NatsUnavailable(NO_INVOKER.format(what=what))  # 503, `error` names it
     return invoker
 
 

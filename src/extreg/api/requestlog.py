@@ -4,6 +4,11 @@ status, duration and (once authenticated) the token's name as `actor`.
 A plain ASGI middleware rather than Starlette's `BaseHTTPMiddleware`, so the handler runs in
 the same context and what it binds (actor, extension_id, trace_id) reaches the final event.
 Only the path is logged, never the query string or any header, so no token can leak.
+
+A client that goes away before its body is complete is no server error: the app then gets
+Starlette's `ClientDisconnect` (or, reading a body model, FastAPI's 400 built from it). Both
+are logged as one `client_disconnected` line and `http_request` with status 499 (nginx's
+"client closed request"), with no traceback; nothing can be answered anyway.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from typing import Any
 
 import structlog
 from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = structlog.get_logger("extreg.api")
 
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: logged at debug
+CLIENT_CLOSED_REQUEST = 499
 
 
 class RequestLog:
@@ -37,6 +45,17 @@ class RequestLog:
         )
         status = 500
         started = time.perf_counter()
+        received, body_complete, disconnected = 0, False, False
+
+        async def receive_and_note() -> Message:
+            nonlocal received, body_complete, disconnected
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not body_complete:
+                disconnected = True
+            return message
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -45,8 +64,14 @@ class RequestLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive_and_note, send_and_note)
+        except ClientDisconnect:
+            disconnected = True  # the body ended early; there is no one to answer
         finally:
+            if disconnected:
+                status = CLIENT_CLOSED_REQUEST
+                log.info("client_disconnected", during="request body", received_bytes=received,
+                         declared_bytes=Headers(scope=scope).get("content-length"))
             event: dict[str, Any] = {
                 "status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 2)
             }
