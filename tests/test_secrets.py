@@ -161,6 +161,9 @@ def test_no_password_or_token_in_any_log_line_or_answer(
     leaks = [(name, where) for where, text in outputs.items()
              for name, secret in secrets_.items() if secret in text]
     assert [] == leaks, leaks
+    print(f"searched {sum(t.count(chr(10)) for t in outputs.values())} lines: "
+          f"{len(outputs['serve stderr'].splitlines())} log lines of serve, "
+          f"{len(answers)} API answers, sample-extensions and extreg invoke output")
     assert "extreg:********@" in outputs["serve stderr"]  # the URL is shown, redacted
 
 
