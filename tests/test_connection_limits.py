@@ -293,3 +293,25 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(tmp_path: Pat
         wait_for(lambda: closed_by_server(used), "an idle connection stayed open")
         fresh.close()
         used.close()
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(tmp_path: Path) -> None:
+    """With `http_max_connections` 3 and three requests in progress (bodies still arriving),
+    a fourth connection is answered 503 in JSON and closed rather than held; once those
+    requests end, new connections are served again."""
+    with serving(tmp_path, http_max_connections="3", http_request_timeout_seconds="300",
+                 http_keep_alive_seconds="300") as served:
+        busy = [served.connect() for _ in range(3)]
+        for sock in busy:
+            sock.sendall(b"POST /admin/extensions/normalize_text/invoke HTTP/1.1\r\nHost: t\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(1.0)  # let the three requests reach the app (parsed in well under that)
+        extra, got = served.connect(), bytearray()
+        wait_for(lambda: closed_by_server(extra, got), "the fourth connection was held")
+        extra.close()
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        assert {"error", "detail"} <= set(json.loads(body))
+        for sock in busy:
+            sock.close()
+        wait_for(lambda: answers(served.url), "no answer once the busy requests ended")

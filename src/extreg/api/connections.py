@@ -111,7 +111,7 @@ class Throttled:
             self._write()
 
     def _write(self, **fields: Any) -> None:
-        log.warning(self.event, occurrences=self.count, per_s=LOG_INTERVAL_S, **fields)
+        log.warning(self.event, occurrences=self.count, interval_s=LOG_INTERVAL_S, **fields)
         self.count = 0
 
 
