@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # The admin API's HTTP server (`extreg serve`; see extreg.api.connections).
     http_keep_alive_seconds: int = Field(5, ge=1)  # an idle connection closes after this
     http_request_timeout_seconds: float = Field(30, gt=0, allow_inf_nan=False)  # headers + body
-    http_max_connections: int | None = Field(None, ge=1)  # None: 1024, or fewer if RLIMIT_NOFILE
+    http_max_connections: int = Field(1024, ge=1)  # kept below RLIMIT_NOFILE, see connections
 
     @field_validator("cache_type")
     @classmethod

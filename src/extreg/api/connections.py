@@ -39,6 +39,7 @@ import contextlib
 import http
 import json
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,7 +56,6 @@ from .errors import http_error_name
 
 log = structlog.get_logger("extreg.api")
 
-DEFAULT_MAX_CONNECTIONS = 1024
 BACKLOG = 128  # the listen queue, and how many asyncio accepts in one go (so part of headroom)
 RESERVED_DESCRIPTORS = 64  # files, NATS, logs, the embedded database's pipes, the snapshot
 LOG_INTERVAL_S = 10.0
@@ -72,9 +72,10 @@ class ConnectionLimits:
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
         """The settings' limits, with the connection cap kept below the descriptor limit."""
         budget = descriptor_budget(settings.db_pool_size)
-        wanted = settings.http_max_connections or DEFAULT_MAX_CONNECTIONS
+        wanted = settings.http_max_connections
         cap = max(1, min(wanted, budget))
-        if cap < wanted and (settings.http_max_connections is not None or cap < 16):
+        explicit = "http_max_connections" in settings.model_fields_set
+        if cap < wanted and (explicit or cap < 16):  # the default lowered quietly
             log.warning("http_max_connections_lowered", wanted=wanted, using=cap,
                         reason="the descriptor limit (ulimit -n) leaves room for no more")
         return cls(settings.http_keep_alive_seconds, settings.http_request_timeout_seconds, cap)
@@ -85,7 +86,7 @@ def descriptor_budget(db_pool_size: int) -> int:
     accept batch and everything else the process opens."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return DEFAULT_MAX_CONNECTIONS
+        return sys.maxsize
     return soft - RESERVED_DESCRIPTORS - db_pool_size - BACKLOG
 
 
