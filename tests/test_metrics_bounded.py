@@ -118,3 +118,22 @@ async def test_metrics_token_is_required_when_set(tmp_path: Path, db_url: str) -
     assert all(secret not in a.text for a in answers)
     assert "metrics token" in answers[0].json()["detail"]
     assert make_settings(tmp_path).metrics_token is None
+
+
+async def test_wrong_metrics_tokens_are_limited(tmp_path: Path, db_url: str) -> None:
+    """Guessing the metrics token is a failed authentication: after 10 from one address, 429;
+    the right token still works, and no token at all is never counted."""
+    settings = make_settings(tmp_path, source="database", database_url=db_url,
+                             metrics_token="right")
+    async with Registry.open(settings) as registry, Runtime.open(
+        settings, registry, metrics=Metrics()
+    ) as runtime:
+        transport = httpx.ASGITransport(app=create_app(runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            bare = [(await client.get("/metrics")).status_code for _ in range(12)]
+            guesses = [(await client.get("/metrics", headers={"Authorization": f"Bearer g{i}"}))
+                       .status_code for i in range(11)]
+            right = await client.get("/metrics", headers={"Authorization": "Bearer right"})
+    assert [401] * 12 == bare
+    assert ([401] * 10, 429) == (guesses[:10], guesses[10])
+    assert 200 == right.status_code

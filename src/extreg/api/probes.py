@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from ..metrics import CONTENT_TYPE
-from .security import bearer, require
+from .security import bearer, failed_authentication, require, too_many
 from .state import runtime_of
 
 router = APIRouter(tags=["probes"])
@@ -71,6 +71,10 @@ async def metrics(
     if wanted is not None:
         given = credentials.credentials if credentials else ""
         if not hmac.compare_digest(given.encode(), wanted.get_secret_value().encode()):
+            # a wrong token counts as a failed authentication, as on the admin routes
+            wait = failed_authentication(request, "invalid_metrics_token") if given else None
+            if wait is not None:
+                raise too_many(wait)
             raise HTTPException(401, "/metrics needs the metrics token (Authorization: Bearer"
                                 " <metrics_token>)",
                                 headers={"WWW-Authenticate": 'Bearer realm="extreg-metrics"'})
