@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     http_keep_alive_seconds: int = Field(5, ge=1)  # an idle connection closes after this
     http_request_timeout_seconds: float = Field(30, gt=0, allow_inf_nan=False)  # headers + body
     http_max_connections: int = Field(1024, ge=1)  # kept below RLIMIT_NOFILE, see connections
+    metrics_token: SecretStr | None = None  # when set, /metrics needs it as a bearer token
 
     @field_validator("cache_type")
     @classmethod
