@@ -52,6 +52,8 @@ HTTP_PACKAGE = "extreg.api."
 ALLOWED_RAISES = {
     ("extreg", "AttributeError"): "module __getattr__ protocol (lazy `extreg.Invoker`)",
     ("extreg.client", "self._error"): "returns an ExtregError rebuilt from the answer",
+    ("extreg.api.connections", "TypeError"):
+        "programming-error guard: the protocol is only built by GuardedConfig's own server",
     ("extreg.cli", "Exit"): "typer.Exit: click's way to end a command with an exit status",
     ("extreg.invoke.invoker", "first"): "re-raises the ExtensionTimeout caught above",
     ("extreg.natsserver", "AssertionError"): "marks unreachable code after a loop",
