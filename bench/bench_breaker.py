@@ -1,7 +1,7 @@
 """Per-call cost of extreg's circuit breaker next to pybreaker, aiobreaker, circuitbreaker and
 purgatory, all guarding the same no-op call on a closed circuit.
 
-Run: `.venv/bin/python bench/bench_breaker.py [--iterations N] [--repeat R]`
+Run: `scripts/bench bench_breaker [--iterations N] [--repeat R]`
 (the libraries come with the `bench` extra).
 
 Each row is the best of R runs of N guarded calls, minus the best of R runs of N bare calls,
@@ -30,7 +30,8 @@ import circuitbreaker  # type: ignore[import-untyped]  # ships no type informati
 import purgatory
 import pybreaker
 
-from extreg.resilience import BreakerConfig, CircuitBreakers, HealthMonitor
+from extreg.core.breaker import BreakerConfig, CircuitBreakers
+from extreg.core.health import HealthMonitor
 
 EXT = "normalize_text"
 TARGET_BREAKER_NS = 300

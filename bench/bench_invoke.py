@@ -1,6 +1,6 @@
 """Invocation through extreg's Invoker against a raw nats-py request to the same echo service.
 
-Run: `.venv/bin/python bench/bench_invoke.py [--calls N] [--rounds R]`
+Run: `scripts/bench bench_invoke [--calls N] [--rounds R]`
 
 Everything is started here and thrown away: a private NATS server, the `echo` sample in its own
 process (so its work does not share the client's event loop), and a private PostgreSQL holding
@@ -35,14 +35,14 @@ import msgspec
 import nats
 
 from extreg import Registry, Settings
-from extreg.db.migrate import migrate
+from extreg.adapters.migrate import migrate
+from extreg.adapters.postgres import PostgresSource
+from extreg.core.model import parse_extension
 from extreg.invoke import Invoker
-from extreg.model import parse_extension
-from extreg.natsserver import NatsServer
-from extreg.pgcount import StatementCounter
-from extreg.pgprocess import PostgresProcess
-from extreg.samples import SAMPLES_BY_ID
-from extreg.sources.postgres import PostgresSource
+from extreg.local.natsserver import NatsServer
+from extreg.local.samples import SAMPLES_BY_ID
+from testsupport.pgcount import StatementCounter
+from testsupport.pgprocess import PostgresProcess
 
 EXT = "echo"
 SUBJECT = SAMPLES_BY_ID[EXT].subject
@@ -83,7 +83,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def start_echo(url: str) -> subprocess.Popen[bytes]:
-    code = f"from extreg.samples import main; main({url!r}, names=['echo'])"
+    code = f"from extreg.local.samples import main; main({url!r}, names=['echo'])"
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
 
 

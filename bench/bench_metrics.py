@@ -1,7 +1,7 @@
 """/metrics benchmarks: what a scrape costs, and what scrapers do to the API, side by side.
 
-    .venv/bin/python bench/bench_metrics.py            # about two minutes
-    .venv/bin/python bench/bench_metrics.py --quick    # shorter runs
+    scripts/bench bench_metrics            # about two minutes
+    scripts/bench bench_metrics --quick    # shorter runs
 
 1. scrape cost at 10 and 10,000 extensions: one render of the exposition (every extension
    called once, so each has its latency histogram, health and circuit series), its size,
@@ -38,10 +38,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from extreg.auth import generate_token, hash_token
+from extreg.core.breaker import BreakerConfig, CircuitBreakers
+from extreg.core.health import HealthMonitor
+from extreg.core.snapshot import Snapshot
 from extreg.metrics import LATENCY_BUCKETS_S, Metrics
-from extreg.pgprocess import free_port
-from extreg.resilience import BreakerConfig, CircuitBreakers, HealthMonitor
-from extreg.snapshot import Snapshot
+from testsupport.pgprocess import free_port
 
 API_EXTENSIONS = 5_000
 
@@ -74,7 +75,7 @@ class _Registry:
     def __init__(self, n: int) -> None:
         import msgspec
 
-        from extreg.model import Extension
+        from extreg.core.model import Extension
 
         recs = msgspec.convert([typical(i) for i in range(n)], type=list[Extension])
         self.snapshot = Snapshot.build(recs, 1)

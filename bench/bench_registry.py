@@ -1,7 +1,7 @@
 """Registry benchmarks, each measured side by side with its reference in one run.
 
-    .venv/bin/python bench/bench_registry.py            # everything, a couple of minutes
-    .venv/bin/python bench/bench_registry.py --quick    # fewer repetitions
+    scripts/bench bench_registry            # everything, a couple of minutes
+    scripts/bench bench_registry --quick    # fewer repetitions
 
 1. lookup vs a bare dict.get on the same data, at 10, 1,000 and 100,000 extensions;
    then lookups while a full reload runs every 100 ms in the same process (misses, p99.9).
@@ -33,12 +33,12 @@ import msgspec
 import psycopg
 
 from extreg import logs
-from extreg.db.migrate import migrate
-from extreg.model import Extension
-from extreg.pgprocess import PostgresProcess
+from extreg.adapters.migrate import migrate
+from extreg.core.model import Extension
+from extreg.core.snapshot import Snapshot
 from extreg.registry import Registry
 from extreg.settings import Settings
-from extreg.snapshot import Snapshot
+from testsupport.pgprocess import PostgresProcess
 
 
 def typical(i: int) -> dict[str, Any]:
@@ -148,7 +148,7 @@ def seed_rows(url: str, n: int) -> None:
 
 async def bench_load(url: str, quick: bool) -> None:
     print("\n## 2. full load of 10,000 extensions from PostgreSQL into a new snapshot")
-    from extreg.sources.postgres import PostgresSource
+    from extreg.adapters.postgres import PostgresSource
 
     settings = Settings.load(environ={}, database_url=url)
     runs = 5 if quick else 15

@@ -1,10 +1,10 @@
 """Load run: invocations through several `extreg serve` nodes, with `flaky` failing on purpose.
 
-Run: `.venv/bin/python bench/load.py [--seconds 120] [--nodes 3] [--concurrency 32]
+Run: `scripts/bench load [--seconds 120] [--nodes 3] [--concurrency 32]
       [--failure-rate 0.3] [--failure-mode drop|invalid]`
 
 Bounded (at most 10 minutes) and loopback only. Everything is started here and thrown away by
-the `extreg.cluster.Cluster` harness: one PostgreSQL, one NATS server, the sample extensions in
+the `testsupport.cluster.Cluster` harness: one PostgreSQL, one NATS server, the sample extensions in
 their own process, and N nodes with the circuit breaker enabled (open -> half-open after
 `--breaker-timeout` seconds, so transitions happen within the run).
 
@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from extreg.cluster import Cluster, Node
-from extreg.demo import REQUESTS
+from extreg.local.demo import REQUESTS
+from testsupport.cluster import Cluster, Node
 
 MIX = {"flaky": 3, "echo": 3, "normalize_text": 1, "pii_guard": 1, "mask_pii": 1,
        "test_provider": 1}  # fmt: skip

@@ -21,16 +21,17 @@ import psycopg
 import uvicorn
 from helpers import make_settings, record
 
+from extreg.adapters.postgres import PostgresSource
 from extreg.api import create_app
+from extreg.core.breaker import BreakerConfig, CircuitBreakers
+from extreg.core.health import HealthMonitor
+from extreg.core.model import parse_extension
 from extreg.metrics import Metrics
-from extreg.model import parse_extension
-from extreg.pgprocess import free_port
 from extreg.registry import Registry
-from extreg.resilience import BreakerConfig, CircuitBreakers, HealthMonitor
 from extreg.runtime import Runtime
 from extreg.settings import Settings
-from extreg.sources.postgres import PostgresSource
 from extreg.tokens import TokenStore
+from testsupport.pgprocess import free_port
 
 ROLE_TOKENS = {"viewer": "vera-viewer", "operator": "otto-operator", "admin": "ada-admin"}
 
@@ -136,7 +137,7 @@ class LiveServer:
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+        except BaseException as exc:
             self._error = exc
             self._ready.set()
 

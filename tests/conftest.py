@@ -10,10 +10,10 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
-
-from extreg.db.migrate import migrate
-from extreg.pgprocess import PostgresProcess
 from nats_fixtures import *  # noqa: F403 - NATS server, client and sample extension fixtures
+
+from extreg.adapters.migrate import migrate
+from testsupport.pgprocess import PostgresProcess
 
 _counter = itertools.count()
 

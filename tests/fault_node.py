@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from extreg.auth import generate_token, hash_token
-from extreg.pgprocess import free_port
+from testsupport.pgprocess import free_port
 
 EXTREG = Path(sys.executable).parent / "extreg"
 START_TIMEOUT_S = 30.0

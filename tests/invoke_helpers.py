@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from extreg import Registry, Settings
 from extreg.invoke import Invoker
-from extreg.samples import SAMPLE_EXTENSIONS
+from extreg.local.samples import SAMPLE_EXTENSIONS
 
 SAMPLE_RECORDS = [s.record() for s in SAMPLE_EXTENSIONS]
 

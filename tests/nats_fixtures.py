@@ -23,8 +23,8 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from extreg.natsserver import NatsServer
-from extreg.samples import Flaky, SampleRunner
+from extreg.local.natsserver import NatsServer
+from extreg.local.samples import Flaky, SampleRunner
 
 __all__ = [
     "flaky_extension",
@@ -74,7 +74,7 @@ async def nats_client(nats_server: NatsServer) -> AsyncIterator[Client]:
 
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def sample_extensions(nats_server: NatsServer) -> AsyncIterator[SampleRunner]:
-    """Every sample extension (see `extreg.samples`) answering on the shared server."""
+    """Every sample extension (see `extreg.local.samples`) answering on the shared server."""
     async with SampleRunner(nats_server.url) as runner:
         yield runner
 

@@ -23,13 +23,13 @@ from api_helpers import EchoInvoker, LiveServer, make_tokens, seed
 from helpers import make_settings, record
 from hypothesis import HealthCheck, settings
 
+from extreg.adapters.migrate import migrate
 from extreg.api import create_app
-from extreg.db.migrate import migrate
 from extreg.metrics import Metrics
-from extreg.pgprocess import PostgresProcess
 from extreg.registry import Registry
 from extreg.runtime import Runtime
 from extreg.settings import Settings
+from testsupport.pgprocess import PostgresProcess
 
 MAX_EXAMPLES = 25
 

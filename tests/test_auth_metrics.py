@@ -10,6 +10,7 @@ import pytest
 from helpers import make_settings, record
 from prometheus_client.parser import text_string_to_metric_families
 
+from extreg.adapters.migrate import migrate
 from extreg.api.ratelimit import FailedAuthLimiter
 from extreg.auth import (
     TokenBook,
@@ -19,12 +20,11 @@ from extreg.auth import (
     load_tokens_file,
     role_allows,
 )
-from extreg.db.migrate import migrate
+from extreg.core.model import parse_extension
 from extreg.errors import ConfigError, SourceUnavailable
 from extreg.metrics import Metrics
-from extreg.model import parse_extension
-from extreg.pgprocess import PostgresProcess
 from extreg.registry import Registry
+from testsupport.pgprocess import PostgresProcess
 
 
 def test_roles_nest() -> None:

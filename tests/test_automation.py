@@ -14,11 +14,11 @@ from helpers import make_settings
 from invoke_helpers import SAMPLE_RECORDS, fixture_settings, open_invoker, wait_for
 
 from extreg import CircuitOpen, ExtensionDisabled, InvalidResponse, Settings
+from extreg.adapters.postgres import PostgresSource
+from extreg.core.health import HealthDelta
+from extreg.core.model import parse_extension
 from extreg.invoke import AUTO_ACTOR, HealthGate, HealthRefused
-from extreg.model import parse_extension
-from extreg.resilience import HealthDelta
-from extreg.samples import Flaky, SampleRunner
-from extreg.sources.postgres import PostgresSource
+from extreg.local.samples import Flaky, SampleRunner
 
 REQUEST = {"payload": {"payload": "hi"}, "metadata": {}}
 

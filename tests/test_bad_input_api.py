@@ -50,7 +50,7 @@ from api_helpers import Api, EchoInvoker, database_api
 from helpers import CaseCounter, record
 
 from extreg.api.bodylimit import max_body_bytes
-from extreg.model import to_plain
+from extreg.core.model import to_plain
 
 CORPUS = Path(__file__).parent / "corpus" / "api"
 ANSWER_LIMIT = 64 * 1024  # a refusal longer than this echoes too much of the input

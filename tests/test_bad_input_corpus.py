@@ -45,9 +45,9 @@ from helpers import CaseCounter, make_settings, record
 from structlog.testing import capture_logs
 
 from extreg import Registry
+from extreg.adapters.fixtures import MAX_FILE_BYTES, load_fixtures
 from extreg.errors import ConfigError, FixtureError
 from extreg.settings import Settings
-from extreg.sources.fixtures import MAX_FILE_BYTES, load_fixtures
 
 CORPUS = Path(__file__).parent / "corpus"
 FIXTURE_CORPUS = CORPUS / "fixtures"

@@ -10,12 +10,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from extreg.core.breaker import BreakerConfig, CircuitBreakers, breaker_override_problems
 from extreg.errors import CircuitOpen, Conflict, ExtensionError, InvalidRecord
-from extreg.resilience import (
-    BreakerConfig,
-    CircuitBreakers,
-    breaker_override_problems,
-)
 from extreg.settings import Settings
 
 EXT = "normalize_text"

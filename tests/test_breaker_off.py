@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from extreg.api import create_app
 from extreg.health_view import report_from_rows
 from extreg.invoke import Invoker
+from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
 from extreg.metrics import Metrics
 from extreg.registry import Registry
 from extreg.runtime import Runtime
-from extreg.samples import SAMPLE_EXTENSIONS, SampleRunner
 from extreg.settings import Settings
 
 EXTREG = Path(sys.executable).parent / "extreg"

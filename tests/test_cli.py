@@ -16,10 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from extreg.db.migrate import migrate, migration_files
-from extreg.model import to_plain
-from extreg.pgprocess import PostgresProcess, free_port
-from extreg.sources.fixtures import load_fixtures
+from extreg.adapters.fixtures import load_fixtures
+from extreg.adapters.migrate import migrate, migration_files
+from extreg.core.model import to_plain
+from testsupport.pgprocess import PostgresProcess, free_port
 
 EXTREG = Path(sys.executable).parent / "extreg"
 ACTOR = f"cli:{getpass.getuser()}"

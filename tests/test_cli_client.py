@@ -19,9 +19,9 @@ import httpx
 import pytest
 from api_helpers import ROLE_TOKENS, make_tokens, sql
 
+from extreg.adapters.migrate import migrate
 from extreg.auth import hash_token
-from extreg.db.migrate import migrate
-from extreg.pgprocess import PostgresProcess, free_port
+from testsupport.pgprocess import PostgresProcess, free_port
 
 EXTREG = Path(sys.executable).parent / "extreg"
 
@@ -289,8 +289,8 @@ async def test_serve_gets_its_invoker_when_nats_comes_up(
     """`extreg serve` started while NATS is down serves the registry with invoke answering 503;
     once NATS and the extension come up it attaches an invoker by itself (no restart) and
     the same invoke succeeds."""
-    from extreg.natsserver import NatsServer
-    from extreg.samples import run_samples
+    from extreg.local.natsserver import NatsServer
+    from extreg.local.samples import run_samples
 
     db_url = pg_server.create_database(f"late_nats_{uuid.uuid4().hex[:8]}")
     migrate(db_url)

@@ -17,11 +17,11 @@ import nats
 import psycopg
 from helpers import make_settings
 
-from extreg.model import parse_extension
-from extreg.natsserver import NatsServer
-from extreg.pgprocess import free_port
-from extreg.samples import SAMPLE_EXTENSIONS, SampleRunner
-from extreg.sources.postgres import PostgresSource
+from extreg.adapters.postgres import PostgresSource
+from extreg.core.model import parse_extension
+from extreg.local.natsserver import NatsServer
+from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
+from testsupport.pgprocess import free_port
 
 EXTREG = Path(sys.executable).parent / "extreg"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from extreg.pgprocess import free_port
+from testsupport.pgprocess import free_port
 
 EXTREG = Path(sys.executable).parent / "extreg"
 DEADLINE_S = 60.0  # generous: what "bounded" must beat, never how fast it must be

@@ -21,13 +21,13 @@ import pytest
 from api_helpers import database_api
 from helpers import make_settings, record
 
+from extreg.adapters.postgres import WRITE_LOCK_CLASS, PostgresSource
 from extreg.api import create_app
+from extreg.core.model import Extension, parse_extension
 from extreg.metrics import Metrics
-from extreg.model import Extension, parse_extension
 from extreg.registry import Registry
 from extreg.runtime import Runtime
 from extreg.settings import Settings
-from extreg.sources.postgres import WRITE_LOCK_CLASS, PostgresSource
 
 DEADLINE_S = 20.0  # generous: a busy 2-core machine
 

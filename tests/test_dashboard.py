@@ -23,8 +23,8 @@ from helpers import make_settings
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from extreg.invoke import Invoker
+from extreg.local.samples import SAMPLE_EXTENSIONS
 from extreg.registry import Registry
-from extreg.samples import SAMPLE_EXTENSIONS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"

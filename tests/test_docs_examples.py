@@ -39,7 +39,7 @@ import httpx
 import pytest
 from markdown_it import MarkdownIt
 
-from extreg.natsserver import free_port
+from extreg.local.natsserver import free_port
 from extreg.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extreg.natsserver import free_port, published
+from extreg.local.natsserver import free_port
+from extreg.published import published
 from extreg.registry import Registry
 from extreg.settings import DEMO_NATS_FILE, Settings
 

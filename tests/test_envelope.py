@@ -9,8 +9,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from extreg.core.envelope import encode_envelope, prompt_of
 from extreg.errors import InvocationError, PayloadTooLarge
-from extreg.invoke.envelope import encode_envelope, prompt_of
 
 
 def provider_request(request: dict[str, Any], limit: int = 1000) -> Any:

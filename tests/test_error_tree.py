@@ -23,22 +23,22 @@ from extreg import errors
 from extreg.api.errors import body_of, status_of
 from extreg.client import ApiClient
 from extreg.errors import ExtensionError, ExtregError, FixtureError, InvalidRecord
-from extreg.pgprocess import free_port
 from extreg.registry import Registry
 from extreg.settings import Settings
+from testsupport.pgprocess import free_port
 
 SRC = Path(extreg.__file__).parent
 DOCS = SRC.parents[1] / "docs"
 
 # Modules that are test harnesses, not the product: they may raise what suits a test.
 HARNESSES = {
-    "extreg.cluster": "multi-node test harness; its ClusterError and ValueError reach test code only",
-    "extreg.pgprocess": "throwaway PostgreSQL for tests and benchmarks, never used by a command",
+    "testsupport.cluster": "multi-node test harness; its ClusterError and ValueError reach test code only",
+    "testsupport.pgprocess": "throwaway PostgreSQL for tests and benchmarks, never used by a command",
 }
 
 # Exception classes defined outside extreg.errors, and why each never reaches a user.
 ALLOWED_CLASSES = {
-    ("extreg.sources.fixtures", "_FileProblem"):
+    ("extreg.adapters.fixtures", "_FileProblem"):
         "private signal of one file's problem, always caught in load_fixtures and reported "
         "inside FixtureError with the file's name",
 }
@@ -56,19 +56,19 @@ ALLOWED_RAISES = {
         "programming-error guard: the protocol is only built by GuardedConfig's own server",
     ("extreg.cli", "Exit"): "typer.Exit: click's way to end a command with an exit status",
     ("extreg.invoke.invoker", "first"): "re-raises the ExtensionTimeout caught above",
-    ("extreg.natsserver", "AssertionError"): "marks unreachable code after a loop",
-    ("extreg.resilience.breaker", "ValueError"):
+    ("extreg.local.natsserver", "AssertionError"): "marks unreachable code after a loop",
+    ("extreg.core.breaker", "ValueError"):
         "argument check of BreakerConfig, built from Settings that validated the same values",
-    ("extreg.resilience.health", "ValueError"):
+    ("extreg.core.health", "ValueError"):
         "invariant guards and sketch parsing; sources.health catches and logs the parse error",
-    ("extreg.samples.flaky", "TypeError"): "control request check, answered as an error reply",
-    ("extreg.samples.flaky", "ValueError"): "control request check, answered as an error reply",
+    ("extreg.local.samples.flaky", "TypeError"): "control request check, answered as an error reply",
+    ("extreg.local.samples.flaky", "ValueError"): "control request check, answered as an error reply",
     ("extreg.settings", "ValueError"): "pydantic validators: pydantic wraps it, Settings reports ConfigError",
-    ("extreg.sources.fixtures", "_FileProblem"): "see ALLOWED_CLASSES",
-    ("extreg.sources.fixtures", "ConstructorError"):
+    ("extreg.adapters.fixtures", "_FileProblem"): "see ALLOWED_CLASSES",
+    ("extreg.adapters.fixtures", "ConstructorError"):
         "raised inside the YAML loader; _parse_yaml turns every YAMLError into a file problem",
-    ("extreg.sources.health", "ValueError"): "invariant guard (a sealed batch cannot grow)",
-    ("extreg.sources.postgres", "ValueError"):
+    ("extreg.adapters.postgres_health", "ValueError"): "invariant guard (a sealed batch cannot grow)",
+    ("extreg.adapters.postgres", "ValueError"):
         "invariant guard: a write's change function returned a record of another id (a bug)",
 }
 

@@ -49,18 +49,17 @@ from extreg import (
     Registry,
     Settings,
 )
-from extreg.db.migrate import migrate
+from extreg.adapters.migrate import migrate
+from extreg.adapters.postgres import PostgresSource, location_of
+from extreg.adapters.snapshot_file import read_snapshot_file
+from extreg.core.model import parse_extension
 from extreg.errors import SourceUnavailable
 from extreg.invoke import Invoker
 from extreg.invoke.invoker import BACKOFF_BASE_S, BACKOFF_CAP_S
+from extreg.local.natsserver import NatsServer
+from extreg.local.samples import SampleRunner
 from extreg.metrics import Metrics
-from extreg.model import parse_extension
-from extreg.natsserver import NatsServer
-from extreg.pgprocess import PostgresProcess
-from extreg.samples import SampleRunner
-from extreg.sources.postgres import PostgresSource
-from extreg.sources.postgres import location_of
-from extreg.sources.snapshot_file import read_snapshot_file
+from testsupport.pgprocess import PostgresProcess
 
 REQUEST = {"payload": {"message_id": "m-1", "payload": "Hi"}, "metadata": {}}
 CONTEXT = {"trace_id": "t-1", "tenant_id": "acme"}

@@ -22,12 +22,12 @@ import pytest
 from helpers import record
 from structlog.testing import capture_logs
 
+from extreg.adapters.fixtures import load_fixtures, read_fixtures
+from extreg.core.model import Extension, parse_extension
 from extreg.errors import FixtureError
-from extreg.model import Extension, parse_extension
-from extreg.pgprocess import free_port
 from extreg.registry import Registry
 from extreg.settings import Settings
-from extreg.sources.fixtures import load_fixtures, read_fixtures
+from testsupport.pgprocess import free_port
 
 SUBJECT_RULE = (
     "must be a NATS subject: dot-separated non-empty tokens, at most 512 characters, "

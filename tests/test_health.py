@@ -12,15 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extreg.resilience import (
-    BreakerConfig,
-    CircuitBreakers,
+from extreg.core.breaker import BreakerConfig, CircuitBreakers
+from extreg.core.health import (
+    RELATIVE_ACCURACY,
     HealthDelta,
     HealthMonitor,
     sketch_from_dict,
     sketch_to_dict,
 )
-from extreg.resilience.health import RELATIVE_ACCURACY
 
 EXT = "normalize_text"
 CONTRACT_KEYS = {

@@ -16,15 +16,15 @@ from invoke_helpers import SAMPLE_RECORDS, open_invoker, wait_for
 from nats.aio.client import Client
 
 from extreg import Registry, Settings
-from extreg.db.migrate import migrate
+from extreg.adapters.migrate import migrate
+from extreg.adapters.postgres import PostgresSource
+from extreg.adapters.postgres_health import HealthBatch
+from extreg.core.health import HealthMonitor
+from extreg.core.model import parse_extension
 from extreg.invoke import Invoker, adopt_totals
-from extreg.model import parse_extension
-from extreg.pgcount import StatementCounter
-from extreg.pgprocess import PostgresProcess
-from extreg.resilience import HealthMonitor
-from extreg.samples import Flaky, SampleRunner
-from extreg.sources.health import HealthBatch
-from extreg.sources.postgres import PostgresSource
+from extreg.local.samples import Flaky, SampleRunner
+from testsupport.pgcount import StatementCounter
+from testsupport.pgprocess import PostgresProcess
 
 REQUEST = {"payload": {"message_id": "m-1", "payload": "Hi"}, "metadata": {}}
 CONTEXT = {"trace_id": "t-1", "tenant_id": "acme"}

@@ -35,11 +35,11 @@ from extreg import (
     MaxRetriesExceeded,
     PayloadTooLarge,
 )
+from extreg.adapters.postgres import PostgresSource
+from extreg.core.model import Extension, parse_extension
 from extreg.invoke import TransportUnavailable
-from extreg.model import Extension, parse_extension
-from extreg.natsserver import NatsServer
-from extreg.samples import Flaky, SampleRunner
-from extreg.sources.postgres import PostgresSource
+from extreg.local.natsserver import NatsServer
+from extreg.local.samples import Flaky, SampleRunner
 
 MESSAGE = {"message_id": "m-1", "message_type": "chat", "payload": "  Hello   WORLD  ",
            "metadata": {"channel": "telegram"}}  # fmt: skip
@@ -240,7 +240,7 @@ async def test_flaky_invalid_mode(
     tmp_path: Path, nats_url: str, nats_client: Client, flaky_extension: Flaky
 ) -> None:
     """The flaky sample set to fail every call with an invalid body gives InvalidResponse."""
-    await nats_client.request("extreg.samples.flaky.control",
+    await nats_client.request("extreg.local.samples.flaky.control",
                               b'{"failure_rate": 1.0, "failure_mode": "invalid"}', timeout=1)
     async with open_invoker(fixture_settings(tmp_path, nats_url)) as inv:
         with pytest.raises(InvalidResponse, match="flaky: injected failure"):

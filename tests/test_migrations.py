@@ -7,8 +7,8 @@ from pathlib import Path
 
 import psycopg
 
-from extreg.db.migrate import migrate, migration_files
-from extreg.pgprocess import PostgresProcess
+from extreg.adapters.migrate import migrate, migration_files
+from testsupport.pgprocess import PostgresProcess
 
 SEED_SQL = Path(__file__).parent / "data" / "seed_011_extensions_registry.sql"
 
@@ -40,7 +40,7 @@ def test_concurrent_migrate_applies_each_file_once(pg_server: PostgresProcess) -
     def run() -> None:
         try:
             results.append(migrate(url))
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(4)]

@@ -1,15 +1,15 @@
 """The extension record's rules (SPEC.md, "The extension record"), checked through
-`extreg.model.parse_extension`, the one gate every record passes through."""
+`extreg.core.model.parse_extension`, the one gate every record passes through."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-
-from extreg.errors import InvalidRecord
-from extreg.model import Extension, Instance, Version, parse_extension, to_plain
 from helpers import record
+
+from extreg.core.model import Extension, Instance, Version, parse_extension, to_plain
+from extreg.errors import InvalidRecord
 
 MAX_TIMEOUT_MS = 60_000  # the settings' default extension_max_timeout_ms
 MAX_RETRIES = 10  # the settings' default extension_max_retries

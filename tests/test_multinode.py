@@ -1,5 +1,5 @@
 """Several nodes, one database: three real `extreg serve` processes on one throwaway PostgreSQL
-and one NATS server (the `extreg.cluster.Cluster` harness).
+and one NATS server (the `testsupport.cluster.Cluster` harness).
 
 Shown here: an admin write on one node reaches the other nodes' caches (and how long that
 took); health written by every node adds up exactly on every node; every node keeps answering
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest_asyncio
 
-from extreg.cluster import Cluster, Node
+from testsupport.cluster import Cluster, Node
 
 FLUSH_S = 0.5  # health_flush_interval_seconds of every node
 PROPAGATION_LIMIT_S = 5.0  # generous: notifications make it milliseconds

@@ -11,14 +11,14 @@ import httpx
 from api_helpers import seed
 from helpers import make_settings, record
 
+from extreg.adapters.migrate import migrate
 from extreg.api import create_app
-from extreg.db.migrate import migrate
 from extreg.metrics import Metrics
-from extreg.pgprocess import PostgresProcess
 from extreg.registry import Registry
 from extreg.runtime import Runtime
 from extreg.settings import Settings
 from extreg.tokens import KnownTokens, TokenStore
+from testsupport.pgprocess import PostgresProcess
 
 
 async def _serve_once(settings: Settings) -> None:
@@ -80,7 +80,7 @@ def test_known_tokens_of_another_database_are_refused(tmp_path: Path) -> None:
     KnownTokens(path, "h1:5432/one").write([])
     try:
         KnownTokens(path, "h2:5432/two").read()
-    except Exception as exc:  # noqa: BLE001 - the class and message are what is checked
+    except Exception as exc:
         assert "ConfigError" == type(exc).__name__
         assert "not of h2:5432/two" in str(exc)
     else:

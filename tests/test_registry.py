@@ -14,14 +14,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from structlog.testing import capture_logs
 from helpers import make_settings, record
+from structlog.testing import capture_logs
 
 from extreg import ExtensionDisabled, ExtensionNotFound, Registry
+from extreg.adapters.postgres import location_of
+from extreg.adapters.snapshot_file import Origin, read_snapshot_file
 from extreg.errors import FixtureError, SourceUnavailable
-from extreg.pgprocess import PostgresProcess, free_port
-from extreg.sources.postgres import location_of
-from extreg.sources.snapshot_file import Origin, read_snapshot_file
+from testsupport.pgprocess import PostgresProcess, free_port
 
 
 def write_fixtures(folder: Path, *records: dict[str, object], name: str = "ext.json") -> Path:
@@ -253,7 +253,7 @@ async def test_database_stopped_mid_run_keeps_serving_then_recovers(
     """With the database stopped, lookups keep answering and status says stale; when it
     returns, the registry recovers by itself and catches up with changes."""
     url = own_pg.create_database("reg")
-    from extreg.db.migrate import migrate
+    from extreg.adapters.migrate import migrate
 
     migrate(url)
     insert(url, "a")
@@ -277,7 +277,7 @@ async def test_boot_from_snapshot_file_with_database_down(
     """source=database boots from the last-known-good snapshot file when the database is down,
     marked stale; then switches to the database when it comes back."""
     url = own_pg.create_database("snap")
-    from extreg.db.migrate import migrate
+    from extreg.adapters.migrate import migrate
 
     migrate(url)
     insert(url, "a")
@@ -298,8 +298,8 @@ async def test_corrupt_snapshot_file_is_refused(tmp_path: Path, damage: str) -> 
     """A torn, garbage or edited snapshot file is refused with a clear error, so source=database
     with the database down does not boot on it."""
     settings = make_settings(tmp_path, source="database", database_url=unreachable_url())
-    from extreg.sources.snapshot_file import write_snapshot_file
-    from extreg.model import parse_extension
+    from extreg.adapters.snapshot_file import write_snapshot_file
+    from extreg.core.model import parse_extension
 
     ext = parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)
     location = location_of(settings.conninfo)
@@ -347,8 +347,8 @@ def test_snapshot_write_removes_old_leftovers_of_killed_writes(tmp_path: Path) -
     is older than a minute; a fresh one (possibly another writer's) is left alone."""
     import os
 
-    from extreg.model import parse_extension
-    from extreg.sources.snapshot_file import write_snapshot_file
+    from extreg.adapters.snapshot_file import write_snapshot_file
+    from extreg.core.model import parse_extension
 
     path = tmp_path / "snapshot.json"
     old = tmp_path / ".snapshot.json.abc.tmp"
@@ -383,7 +383,7 @@ async def test_snapshot_file_is_refused_for_another_database(
 ) -> None:
     """The file written from database A is not served when the registry boots against
     database B while B is down: the boot fails with an error naming both, password-free."""
-    from extreg.db.migrate import migrate
+    from extreg.adapters.migrate import migrate
 
     url_a = own_pg.create_database("db_a")
     own_pg.create_database("db_b")

@@ -9,17 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from extreg.core.envelope import encode_envelope, headers
+from extreg.core.model import Extension, Instance, Version, limit_problems
+from extreg.core.routing import Limits, Route, Target, choose_weighted, rules_match, select_version
 from extreg.errors import PayloadTooLarge
-from extreg.invoke.envelope import encode_envelope, headers
-from extreg.invoke.routing import (
-    Limits,
-    Route,
-    Target,
-    choose_weighted,
-    rules_match,
-    select_version,
-)
-from extreg.model import Extension, Instance, Version, limit_problems
 
 
 def ext(**values: Any) -> Extension:

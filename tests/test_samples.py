@@ -16,17 +16,16 @@ import pytest
 from nats.aio.client import Client
 
 # Fixtures: nats_server, nats_client, sample_extensions, flaky_extension, nats_server_factory.
-
 from extreg.errors import ConfigError
-from extreg.natsserver import NatsServer, NatsServerError, find_binary
-from extreg.samples import (
+from extreg.local.natsserver import NatsServer, NatsServerError, find_binary
+from extreg.local.samples import (
     FLAKY_CONTROL_SUBJECT,
     SAMPLE_EXTENSIONS,
     Flaky,
     SampleRunner,
     run_samples,
 )
-from extreg.samples import extensions as ext
+from extreg.local.samples import extensions as ext
 
 MESSAGE = {
     "message_id": "m-1",

@@ -26,12 +26,12 @@ import psycopg
 import pytest
 from helpers import record
 
-from extreg.db.migrate import migrate
+from extreg.adapters.fixtures import load_fixtures
+from extreg.adapters.migrate import migrate
 from extreg.errors import FixtureError
-from extreg.natsserver import NatsServer
-from extreg.pgprocess import PostgresProcess, free_port
+from extreg.local.natsserver import NatsServer
 from extreg.settings import Settings, redact_nats_url
-from extreg.sources.fixtures import load_fixtures
+from testsupport.pgprocess import PostgresProcess, free_port
 
 EXTREG = Path(sys.executable).parent / "extreg"
 DEADLINE_S = 90.0

@@ -11,10 +11,10 @@ import psycopg
 import pytest
 
 import extreg
+from extreg.adapters.fixtures import load_fixtures
 from extreg.errors import ConfigError
 from extreg.registry import Registry
 from extreg.settings import Settings, redact_url
-from extreg.sources.fixtures import load_fixtures
 
 SECRET = "SECRET-pw-9f3a"
 

@@ -15,11 +15,11 @@ from api_helpers import database_api
 from helpers import make_settings, record
 from structlog.testing import capture_logs
 
+from extreg.adapters.fixtures import load_fixtures
+from extreg.core.model import parse_extension
 from extreg.errors import FixtureError, InvalidRecord
 from extreg.metrics import Metrics
-from extreg.model import parse_extension
 from extreg.registry import Registry
-from extreg.sources.fixtures import load_fixtures
 
 BAD_OVERRIDES = {
     "circuit_breaker_failure_threshold": ({"circuit_breaker_failure_threshold": -1},

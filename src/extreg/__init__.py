@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from .core.model import Extension, Instance, Version
 from .errors import (
     CircuitOpen,
     ConfigError,
@@ -15,7 +16,6 @@ from .errors import (
     MaxRetriesExceeded,
     PayloadTooLarge,
 )
-from .model import Extension, Instance, Version
 from .registry import Registry
 from .settings import Settings
 

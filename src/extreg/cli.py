@@ -23,9 +23,11 @@ from rich.table import Table
 from rich.text import Text
 
 from . import logs
+from .adapters.fixtures import load_fixtures
+from .adapters.migrate import migrate as run_migrations
+from .adapters.postgres import PostgresSource
 from .client import ApiClient
-from .db.migrate import migrate as run_migrations
-from .embedded import with_database
+from .core.model import Extension, to_plain
 from .errors import (
     ConfigError,
     Conflict,
@@ -35,11 +37,9 @@ from .errors import (
     InvalidRecord,
     SnapshotFileError,
 )
-from .model import Extension, to_plain
+from .local.embedded import with_database
 from .registry import Registry
 from .settings import Settings
-from .sources.fixtures import load_fixtures
-from .sources.postgres import PostgresSource
 from .tokens import TokenStore
 
 T = TypeVar("T")
@@ -367,9 +367,9 @@ def sample_extensions(
 ) -> None:
     """Serve the sample extensions on NATS until Ctrl-C (the four reference ones, flaky, echo).
 
-    flaky fails on demand: send {"failure_rate": 0.5} to extreg.samples.flaky.control.
+    flaky fails on demand: send {"failure_rate": 0.5} to extreg.local.samples.flaky.control.
     """
-    from .samples import main as serve_samples
+    from .local.samples import main as serve_samples
 
     serve_samples(nats_url or settings().nats_url)
 

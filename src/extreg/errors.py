@@ -88,7 +88,7 @@ class SnapshotFileError(ExtregError):
 class StrictJSONError(ExtregError, ValueError):
     """The document is not strict JSON; the message says why and where.
 
-    Raised by `extreg.strictjson.loads` and translated by its callers (fixtures, API bodies)
+    Raised by `extreg.core.strictjson.loads` and translated by its callers (fixtures, API bodies)
     into `FixtureError` / `InvalidRecord`, which also name the file or request."""
 
 

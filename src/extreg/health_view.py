@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from .model import Extension
-from .resilience.breaker import DISABLED
-from .resilience.health import REFUSING_STATES, HealthMonitor
+from .core.breaker import DISABLED
+from .core.health import REFUSING_STATES, HealthMonitor
+from .core.model import Extension
 
 
 def extension_health(

@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .resilience.health import HealthMonitor
+from .core.health import HealthMonitor
 
 if TYPE_CHECKING:
+    from .core.snapshot import Snapshot
     from .registry import Registry
-    from .snapshot import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CIRCUIT_STATE_VALUES = {"disabled": -1, "closed": 0, "open": 1, "half_open": 2}

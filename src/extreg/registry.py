@@ -35,7 +35,11 @@ from typing import Any, Literal
 import structlog
 import watchfiles
 
-from .embedded import resolve_database
+from .adapters.fixtures import read_fixtures
+from .adapters.postgres import PostgresSource
+from .adapters.snapshot_file import Origin, read_snapshot_file, write_snapshot_file
+from .core.model import Extension
+from .core.snapshot import Snapshot
 from .errors import (
     Conflict,
     ExtensionDisabled,
@@ -44,12 +48,7 @@ from .errors import (
     SnapshotFileError,
     SourceUnavailable,
 )
-from .model import Extension
 from .settings import Settings
-from .snapshot import Snapshot
-from .sources.fixtures import read_fixtures
-from .sources.postgres import PostgresSource
-from .sources.snapshot_file import Origin, read_snapshot_file, write_snapshot_file
 
 log = structlog.get_logger("extreg.registry")
 
@@ -223,7 +222,9 @@ class Registry:
             self._spawn(self._watch_fixtures())
             return
         if not self.settings.database_configured:  # none configured: the embedded one, as
-            try:  # `extreg serve` and the CLI use it (SPEC.md "Configuration")
+            from .local.embedded import resolve_database  # `extreg serve` and the CLI use it
+
+            try:  # (SPEC.md "Configuration"); imported only when it is the one
                 self.settings = await resolve_database(self.settings)
             except SourceUnavailable as exc:
                 if mode == "database":

@@ -13,10 +13,9 @@ from typing import Any
 import structlog
 
 from .api.server import serve_api
-from .demo import demo_nats_file, demo_services, register_samples, traffic
-from .embedded import resolve_database, uses_embedded
 from .errors import NatsUnavailable, SourceUnavailable
 from .invoke import Invoker
+from .local.embedded import resolve_database, uses_embedded
 from .registry import Registry
 from .runtime import Runtime
 from .settings import Settings
@@ -43,7 +42,9 @@ async def serve(settings: Settings, *, host: str, port: int, demo: bool = False)
     admin_token = await _first_admin_token(settings) if embedded else None
     async with contextlib.AsyncExitStack() as stack:
         services = None
-        if demo:
+        if demo:  # the demo's parts (NATS server, samples) load only for --demo
+            from .local.demo import demo_nats_file, demo_services, register_samples, traffic
+
             services = await stack.enter_async_context(demo_services(settings))
             _announce_demo(services.nats.url, demo_nats_file(settings))
             settings = services.settings
@@ -113,7 +114,7 @@ async def _first_admin_token(settings: Settings) -> str | None:
 
 
 async def _migrate_if_reachable(settings: Settings) -> None:
-    from .db.migrate import migrate
+    from .adapters.migrate import migrate
 
     try:
         applied = await asyncio.to_thread(migrate, settings.conninfo)

@@ -41,7 +41,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
-from .natsserver import published_url
+from .published import published_url
 
 ENV_PREFIX = "EXTENSION_REGISTRY_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"

@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from .adapters.postgres import location_of, scrub, url_password
 from .auth import (
     TokenBook,
     TokenEntry,
@@ -42,7 +43,6 @@ from .auth import (
 )
 from .errors import ConfigError, Conflict, SourceUnavailable, UnknownToken
 from .settings import Settings, redact_url
-from .sources.postgres import location_of, scrub, url_password
 
 log = structlog.get_logger("extreg.tokens")
 

@@ -20,11 +20,11 @@ from typing import Any
 import msgspec
 from fastapi import HTTPException, Request
 
-from .. import strictjson
+from ..adapters.fixtures import MAX_DEPTH
+from ..core import strictjson
+from ..core.model import Extension, parse_extension
 from ..errors import InvalidRecord, StrictJSONError, printable
-from ..model import Extension, parse_extension
 from ..settings import Settings
-from ..sources.fixtures import MAX_DEPTH
 
 READ_ONLY = ("created_at", "updated_at", "created_by", "updated_by")  # kept by the database
 

@@ -13,8 +13,8 @@ import hashlib
 
 import msgspec
 
+from ..core.model import Extension, to_plain
 from ..errors import StaleETag
-from ..model import Extension, to_plain
 
 
 def etag_of(ext: Extension) -> str:

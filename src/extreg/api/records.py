@@ -19,11 +19,11 @@ import structlog
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 
+from ..adapters.postgres import PostgresSource
 from ..auth import Principal
+from ..core.model import Extension, ExtensionType, to_plain
 from ..errors import Conflict, ExtensionNotFound, SourceUnavailable
-from ..model import Extension, ExtensionType, to_plain
 from ..registry import Registry
-from ..sources.postgres import PostgresSource
 from .bodies import json_object, json_response, record, request_body, same_id
 from .etag import check_if_match, etag_of
 from .requestlog import bind_extension_id

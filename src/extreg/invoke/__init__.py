@@ -5,12 +5,12 @@ one job: `routing` (where a call goes), `envelope` (what is sent), `transport` (
 `health_store` (health to the database), `automation` (auto enable/disable, health gate).
 """
 
+from ..adapters.nats import NatsTransport
+from ..core.routing import Limits, Route, Target, rules_match, select_version
 from ..errors import HealthRefused, NatsUnavailable, TransportUnavailable
 from .automation import AUTO_ACTOR, HealthGate
 from .health_store import HealthFlusher, adopt_totals
 from .invoker import Invoker
-from .routing import Limits, Route, Target, rules_match, select_version
-from .transport import NatsTransport
 
 __all__ = [
     "AUTO_ACTOR",

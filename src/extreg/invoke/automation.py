@@ -50,8 +50,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ..core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, State
+from ..core.health import HealthDelta
 from ..errors import Conflict, ExtregError, HealthRefused
-from ..resilience import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, HealthDelta, State
 
 if TYPE_CHECKING:
     from ..registry import Registry

@@ -10,7 +10,7 @@ and once more at shutdown, `HealthFlusher.flush`:
 3. writes the waiting batches, oldest first, through `PostgresSource.update_health`. Each batch
    is one transaction that adds its counts to `extension_health` *and* moves this node's
    `last_seq` in `extreg_health_nodes` forward; a batch whose `seq` is already recorded is
-   skipped (see `extreg.sources.health`);
+   skipped (see `extreg.adapters.postgres_health`);
 4. reads back the rows changed since its last read and makes them the monitor's totals, so
    `get_health` shows cluster-wide numbers: every node's written calls plus this node's
    unwritten ones.
@@ -48,13 +48,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from ..adapters.postgres_health import HealthBatch
+from ..core.breaker import CircuitBreakers, CircuitSnapshot
+from ..core.health import HealthDelta, HealthMonitor
 from ..errors import ExtregError
-from ..resilience import CircuitBreakers, CircuitSnapshot, HealthDelta, HealthMonitor
-from ..sources.health import HealthBatch
 
 if TYPE_CHECKING:
+    from ..adapters.postgres import PostgresSource
     from ..registry import Registry
-    from ..sources.postgres import PostgresSource
 
 log = structlog.get_logger("extreg.invoke.health")
 

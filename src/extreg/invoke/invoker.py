@@ -35,6 +35,13 @@ from typing import Any
 import msgspec
 import structlog
 
+from ..adapters.nats import NatsTransport
+from ..core.breaker import CircuitBreakers
+from ..core.envelope import encode_envelope, headers
+from ..core.health import HealthMonitor
+from ..core.model import Extension
+from ..core.routing import Limits, Route, Target
+from ..core.snapshot import Snapshot
 from ..errors import (
     CircuitOpen,
     ExtensionDisabled,
@@ -46,16 +53,10 @@ from ..errors import (
     PayloadTooLarge,
     TransportUnavailable,
 )
-from ..model import Extension
 from ..registry import Registry
-from ..resilience import CircuitBreakers, HealthMonitor
 from ..settings import Settings
-from ..snapshot import Snapshot
 from .automation import AutoManager, HealthGate
-from .envelope import encode_envelope, headers
 from .health_store import HealthFlusher
-from .routing import Limits, Route, Target
-from .transport import NatsTransport
 
 log = structlog.get_logger("extreg.invoke")
 

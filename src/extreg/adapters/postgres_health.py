@@ -33,8 +33,8 @@ import structlog
 from ddsketch import DDSketch
 from psycopg.types.json import Jsonb
 
-from ..resilience import CircuitSnapshot, HealthDelta, sketch_from_dict, sketch_to_dict
-from ..resilience.health import RELATIVE_ACCURACY
+from ..core.breaker import CircuitSnapshot
+from ..core.health import RELATIVE_ACCURACY, HealthDelta, sketch_from_dict, sketch_to_dict
 
 log = structlog.get_logger("extreg.health_sql")
 

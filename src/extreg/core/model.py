@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .errors import InvalidRecord
-from .resilience.breaker import breaker_override_problems
+from ..errors import InvalidRecord
+from .breaker import breaker_override_problems
 
 ExtensionType = Literal["pre", "validator", "post", "provider"]
 TYPES: tuple[str, ...] = ("pre", "validator", "post", "provider")

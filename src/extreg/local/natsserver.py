@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import sysconfig
@@ -35,12 +34,12 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Self, TypeAlias
 
-from extreg.errors import NatsServerError
+from ..errors import NatsServerError
 
 BINARY_NAME = "nats-server"
 DEFAULT_HOST = "127.0.0.1"
@@ -394,68 +393,3 @@ def _kill_quietly(proc: subprocess.Popen[bytes], log_file: IO[bytes], workdir: P
             proc.wait(timeout=DEFAULT_STOP_TIMEOUT)
     log_file.close()
     shutil.rmtree(workdir, ignore_errors=True)
-
-
-# ---- publishing a running server's URL to other processes ----------------------------------
-# `extreg serve --demo` runs NATS on a free port (a fixed one would clash with a NATS already on
-# the machine, or with a second demo); it writes the URL, with its own pid, to a small file in
-# its data_dir, which `Settings` reads when nothing else names `nats_url`. The pid makes a file
-# left by a killed process harmless: a URL whose publisher is gone is ignored.
-
-_MAX_PUBLISHED = 4096
-
-
-@contextlib.contextmanager
-def published(path: Path, url: str) -> Iterator[None]:
-    """Publish `url` in `path` (atomically) while the block runs; remove it afterwards."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if _read_published(path) == (url, os.getpid()):
-                path.unlink()
-
-
-def published_url(path: Path) -> str | None:
-    """The URL published in `path` by a process that is still alive, else None."""
-    found = _read_published(path)
-    if found is None or not _alive(found[1]):
-        return None
-    return found[0]
-
-
-def _read_published(path: Path) -> tuple[str, int] | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in its place must not block
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = json.loads(os.read(fd, _MAX_PUBLISHED))
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-    if not isinstance(data, dict):
-        return None
-    url, pid = data.get("url"), data.get("pid")
-    if not isinstance(url, str) or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
-    return url, pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process, alive
-    except OverflowError:
-        return False
-    return True

@@ -14,14 +14,14 @@ import psycopg
 
 from ..errors import SourceUnavailable
 from ..settings import redact_url
-from ..sources.postgres import scrub, url_password
+from .postgres import scrub, url_password
 
 LOCK_KEY = 0x65787472  # "extr": the advisory lock every migrating process takes
 
 
 def migration_files() -> list[tuple[str, str]]:
     """(name, SQL) of every bundled migration, in order."""
-    folder = files("extreg.db") / "migrations"
+    folder = files("extreg.adapters") / "migrations"
     paths = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name, p.read_text(encoding="utf-8")) for p in paths]
 

@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .. import strictjson
+from ..core import strictjson
+from ..core.model import Extension, parse_extension
 from ..errors import FixtureError, InvalidRecord, StrictJSONError, printable
-from ..model import Extension, parse_extension
 
 SUFFIXES = (".json", ".yaml", ".yml")
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a fixtures file is hand-written; beyond this it is a mistake

@@ -24,11 +24,11 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from ..core.model import Extension, record_problems, to_plain
 from ..errors import Conflict, SourceUnavailable
-from ..model import Extension, record_problems, to_plain
 from ..settings import Settings, redact_url
-from . import health as health_sql
-from .health import HealthBatch, HealthRow
+from . import postgres_health as health_sql
+from .postgres_health import HealthBatch, HealthRow
 from .snapshot_file import Origin
 
 log = structlog.get_logger("extreg.postgres")
@@ -336,7 +336,7 @@ class PostgresSource:
     async def update_health(self, batch: HealthBatch) -> bool:
         """The seed's name: add one node's health batch; False if it was applied before.
 
-        Additive and idempotent; see `extreg.sources.health` for the transaction."""
+        Additive and idempotent; see `extreg.adapters.postgres_health` for the transaction."""
         with self._translate():
             async with self._pool.connection() as conn:
                 return await health_sql.write_batch(conn, batch)

@@ -3,7 +3,7 @@
 Why: circuit breakers, retries and health numbers need an extension whose failures can be
 dialled up and down while everything runs. `Flaky` holds that dial; the runner consults it
 for every call on `beamline.ext.pre.flaky.v1` and changes it from requests on the control
-subject `extreg.samples.flaky.control`.
+subject `extreg.local.samples.flaky.control`.
 
 Control request (a JSON object; every key optional, `{}` only reads the state):
 

@@ -55,15 +55,15 @@ import psycopg
 from nats.aio.client import Client as NatsClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from .db.migrate import migrate
-from .model import parse_extension
-from .natsserver import NatsServer
-from .pgprocess import PostgresProcess, free_port
-from .samples import SAMPLE_EXTENSIONS
-from .samples.extensions import FLAKY_CONTROL_SUBJECT
-from .settings import ENV_PREFIX, Settings
-from .sources.postgres import PostgresSource
-from .tokens import TokenStore
+from extreg.adapters.migrate import migrate
+from extreg.adapters.postgres import PostgresSource
+from extreg.core.model import parse_extension
+from extreg.local.natsserver import NatsServer
+from extreg.local.samples import SAMPLE_EXTENSIONS
+from extreg.local.samples.extensions import FLAKY_CONTROL_SUBJECT
+from extreg.settings import ENV_PREFIX, Settings
+from extreg.tokens import TokenStore
+from testsupport.pgprocess import PostgresProcess, free_port
 
 DEFAULT_NODES = 3
 DATABASE = "extreg"

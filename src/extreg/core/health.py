@@ -60,7 +60,7 @@ QUANTILES = (("p50_latency_ms", 0.50), ("p95_latency_ms", 0.95), ("p99_latency_m
 
 
 class ExtensionLike(Protocol):
-    """What the summary needs of an extension record (`extreg.model.Extension` fits)."""
+    """What the summary needs of an extension record (`extreg.core.model.Extension` fits)."""
 
     @property
     def id(self) -> str: ...

@@ -27,16 +27,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import SecretStr
 
-from extreg.errors import ConfigError, SampleRunnerError
-from extreg.samples.extensions import (
-    FLAKY_CONTROL_SUBJECT,
-    HANDLERS,
-    SAMPLE_EXTENSIONS,
-    SAMPLES_BY_ID,
-    Handler,
-)
-from extreg.samples.flaky import INVALID_REPLY, Flaky
-from extreg.settings import redact_nats_url
+from ...errors import ConfigError, SampleRunnerError
+from ...settings import redact_nats_url
+from .extensions import FLAKY_CONTROL_SUBJECT, HANDLERS, SAMPLE_EXTENSIONS, SAMPLES_BY_ID, Handler
+from .flaky import INVALID_REPLY, Flaky
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 QUEUE_GROUP = "extreg-samples"
@@ -47,7 +41,7 @@ CONNECT_ATTEMPTS = 3
 
 Callback = Callable[[Msg], Awaitable[None]]
 
-log = structlog.get_logger("extreg.samples")
+log = structlog.get_logger("extreg.local.samples")
 
 
 class SampleRunner:
@@ -233,7 +227,7 @@ class SampleRunner:
         await self.connection.publish(reply_to, self._encode({"payload": payload}))
 
     async def _on_control(self, msg: Msg) -> None:
-        """Change (or read) the flaky dial; see `extreg.samples.flaky`."""
+        """Change (or read) the flaky dial; see `extreg.local.samples.flaky`."""
         try:
             request: Any = self._decode(msg.data) if msg.data.strip() else {}
         except msgspec.DecodeError as exc:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import msgspec
 
+from ..core.model import Extension
 from ..errors import SnapshotFileError
-from ..model import Extension
 
 FORMAT = "extreg-snapshot/2"
 

@@ -26,7 +26,7 @@ Rules (the wire contract's, see `shared/reference/contract.md`):
 - `timeout_ms` is capped by `extension_max_timeout_ms`, `retry` by `extension_max_retries`.
 - `metadata.max_payload_size` / `metadata.max_metadata_size` (positive integers, bytes)
   replace the global limits for one extension; a record with an unusable value is refused
-  when written or read (`extreg.model.record_problems`).
+  when written or read (`extreg.core.model.record_problems`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
-from ..model import Extension, Instance, Version
+from .model import Extension, Instance, Version
 
 if TYPE_CHECKING:
     from ..settings import Settings

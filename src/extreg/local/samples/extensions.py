@@ -16,7 +16,7 @@ the Beamline wire contract (see `SPEC.md`, "Wire contract with extensions"):
   output built from the top-level `prompt`, as the original's reference test_provider does.
 
 The NATS plumbing (and the stateful `flaky` and the byte-for-byte `echo`) live in
-`extreg.samples.runner`; keeping these pure makes them trivial to test and to reuse.
+`extreg.local.samples.runner`; keeping these pure makes them trivial to test and to reuse.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class SampleExtension:
         }
 
 
-FLAKY_CONTROL_SUBJECT = "extreg.samples.flaky.control"
+FLAKY_CONTROL_SUBJECT = "extreg.local.samples.flaky.control"
 
 SAMPLE_EXTENSIONS: tuple[SampleExtension, ...] = (
     SampleExtension(

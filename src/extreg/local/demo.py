@@ -21,15 +21,16 @@ from typing import Any
 
 import structlog
 
-from .errors import ExtensionError
-from .model import parse_extension
-from .natsserver import NatsServer, published
+from ..adapters.postgres import PostgresSource
+from ..core.model import parse_extension
+from ..errors import ExtensionError
+from ..published import published
+from ..settings import DEMO_NATS_FILE, Settings
+from .natsserver import NatsServer
 from .samples import SAMPLE_EXTENSIONS, SampleRunner, run_samples
 from .samples.flaky import FlakySettings
-from .settings import DEMO_NATS_FILE, Settings
-from .sources.postgres import PostgresSource
 
-log = structlog.get_logger("extreg.demo")
+log = structlog.get_logger("extreg.local.demo")
 
 DEMO_ACTOR = "extreg:demo"
 CALLS_PER_SECOND = 4

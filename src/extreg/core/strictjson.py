@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import StrictJSONError, printable
+from ..errors import StrictJSONError, printable
 
 
 def loads(document: str | bytes) -> Any:

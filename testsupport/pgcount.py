@@ -12,7 +12,7 @@ sessions opened afterwards), and statements are counted between two marker state
     ...                                                   # the work to measure
     assert 0 == counter.count_since(start)
 
-For test and benchmark servers (`extreg.pgprocess.PostgresProcess`, whose log is
+For test and benchmark servers (`testsupport.pgprocess.PostgresProcess`, whose log is
 `root / "log"`); the role in `conninfo` must be allowed to `ALTER DATABASE`.
 """
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import structlog
 
-from .db.migrate import migrate
-from .errors import SourceUnavailable
-from .settings import Settings
-from .sources.fixtures import read_fixtures
-from .sources.postgres import PostgresSource
+from ..adapters.fixtures import read_fixtures
+from ..adapters.migrate import migrate
+from ..adapters.postgres import PostgresSource
+from ..errors import SourceUnavailable
+from ..settings import Settings
 
-log = structlog.get_logger("extreg.embedded")
+log = structlog.get_logger("extreg.local.embedded")
 
 BOOTSTRAP_ACTOR = "extreg:bootstrap"
 
