@@ -78,6 +78,25 @@ async def listen(
         await sub.unsubscribe()
 
 
+class FakeClock:
+    """A clock (see `extreg.core.clock`) that moves only when a test calls `advance`, so a
+    breaker timeout passes exactly when the test says, however loaded the machine is."""
+
+    def __init__(self, monotonic: float = 1_000.0, wall: float = 1_780_000_000.0) -> None:
+        self._monotonic = monotonic
+        self._wall = wall
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def time(self) -> float:
+        return self._wall
+
+    def advance(self, seconds: float) -> None:
+        self._monotonic += seconds
+        self._wall += seconds
+
+
 def constant(reply: bytes) -> Callable[[Msg], bytes]:
     return lambda msg: reply
 

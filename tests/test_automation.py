@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from ddsketch import DDSketch
 from helpers import make_settings
-from invoke_helpers import SAMPLE_RECORDS, fixture_settings, open_invoker, wait_for
+from invoke_helpers import SAMPLE_RECORDS, FakeClock, fixture_settings, open_invoker, wait_for
 
 from extreg import CircuitOpen, ExtensionDisabled, InvalidResponse, Settings
 from extreg.adapters.postgres import PostgresSource
@@ -35,7 +35,7 @@ def auto_settings(tmp_path: Path, url: str, nats_url: str, **values: Any) -> Set
     return make_settings(
         tmp_path, source="database", database_url=url, nats_url=nats_url,
         circuit_breaker_enabled=True, circuit_breaker_failure_threshold=3,
-        circuit_breaker_timeout_seconds=0.5, auto_disable_on_circuit_open=True,
+        circuit_breaker_timeout_seconds=30, auto_disable_on_circuit_open=True,
         auto_enable_on_circuit_close=True, health_flush_interval_seconds=3600, **values,
     )  # fmt: skip
 
@@ -55,11 +55,12 @@ async def test_auto_disable_and_enable(
     """Three failures open flaky's circuit and extreg:auto disables it (audited); while open,
     calls get ExtensionDisabled without reaching the extension; after the circuit timeout one
     call goes through as the half-open trial, succeeds, closes the circuit, and extreg:auto
-    enables the extension again (audited)."""
+    enables the extension again (audited). The timeout passes by the test's clock."""
     settings = auto_settings(tmp_path, db_url, nats_url)
+    clock = FakeClock()
     db = await seed(settings)
     try:
-        async with open_invoker(settings) as inv:
+        async with open_invoker(settings, clock=clock) as inv:
             flaky_extension.control({"failure_rate": 1.0, "failure_mode": "invalid"})
             for _ in range(3):
                 with pytest.raises(InvalidResponse):
@@ -71,7 +72,7 @@ async def test_auto_disable_and_enable(
             with pytest.raises(ExtensionDisabled):
                 await inv.invoke("flaky", REQUEST)
             assert calls_before == sample_extensions.calls["flaky"]
-            await asyncio.sleep(0.55)
+            clock.advance(30)
             assert {"payload": {"payload": "hi"}} == await inv.invoke("flaky", REQUEST)
             assert "closed" == inv.breaker.state("flaky")
             await wait_for(lambda: inv.registry.get("flaky").enabled)  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ import nats
 import pytest
 from helpers import make_settings
 from invoke_helpers import (
+    FakeClock,
     constant,
     fixture_settings,
     listen,
@@ -390,22 +391,24 @@ async def test_health_counts_after_known_mix(
 async def test_circuit_opens_and_recovers(tmp_path: Path, nats_url: str, nats_client: Client) -> None:
     """Two failures open the circuit (failure_threshold 2): the next call is refused with
     CircuitOpen without reaching NATS; after timeout_seconds a trial call goes through and its
-    success closes the circuit."""
+    success closes the circuit. Time moves only by the test's clock."""
     on = subject()
     settings = fixture_settings(
         tmp_path, nats_url, rec("brk", on), circuit_breaker_enabled=True,
-        circuit_breaker_failure_threshold=2, circuit_breaker_timeout_seconds=0.3,
+        circuit_breaker_failure_threshold=2, circuit_breaker_timeout_seconds=30,
     )
     answers = iter([b"bad", b"bad", b'{"ok": true}'])
+    clock = FakeClock()
     async with listen(nats_client, on, lambda msg: next(answers)) as seen, \
-            open_invoker(settings) as inv:  # fmt: skip
+            open_invoker(settings, clock=clock) as inv:  # fmt: skip
         for _ in range(2):
             with pytest.raises(InvalidResponse):
                 await inv.invoke("brk", {"payload": 1}, CONTEXT)
+        clock.advance(29.9)
         with pytest.raises(CircuitOpen):
             await inv.invoke("brk", {"payload": 1}, CONTEXT)
         assert (2, "open") == (seen.count, inv.breaker.state("brk"))
-        await asyncio.sleep(0.35)
+        clock.advance(0.1)
         assert {"ok": True} == await inv.invoke("brk", {"payload": 1}, CONTEXT)
         assert (3, "closed") == (seen.count, inv.breaker.state("brk"))
 

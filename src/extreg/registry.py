@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 import structlog
@@ -38,6 +39,7 @@ import watchfiles
 from .adapters.fixtures import read_fixtures
 from .adapters.postgres import PostgresSource
 from .adapters.snapshot_file import Origin, read_snapshot_file, write_snapshot_file
+from .core.clock import SYSTEM_CLOCK, Clock, utc_now
 from .core.model import Extension
 from .core.snapshot import Snapshot
 from .errors import (
@@ -100,8 +102,9 @@ class ReloadReport:
 class Registry:
     """See the module docstring. Create with `Registry.open(settings)`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
+        self._clock = clock  # loaded_at, last_sync_at, the pace of sync error reports
         self._snap = Snapshot.empty()
         self._source: Served = "none"
         self._fallback_reason: str | None = None
@@ -199,9 +202,9 @@ class Registry:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[Registry]:
+    async def open(cls, settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[Registry]:
         """Load on boot, keep fresh in the background, stop everything on exit."""
-        registry = cls(settings)
+        registry = cls(settings, clock=clock)
         await registry.start()
         try:
             yield registry
@@ -316,6 +319,7 @@ class Registry:
         self._install(Snapshot.build(records, self._snap.generation + 1), source)
 
     def _install(self, snap: Snapshot, source: Served) -> None:
+        snap = dataclasses.replace(snap, loaded_at=utc_now(self._clock))
         self._snap = snap  # the one assignment readers can observe
         self._source = source
         if source == "database":
@@ -372,7 +376,8 @@ class Registry:
                           else f"{type(exc).__name__}: {exc}")
                 # While the database is away no sync runs, yet each one that falls due has
                 # failed: report those (not every retry), so the sync error count grows.
-                if time.monotonic() - self._sync_reported_at >= self.settings.sync_interval_seconds:
+                since = self._clock.monotonic() - self._sync_reported_at
+                if since >= self.settings.sync_interval_seconds:
                     self._report_sync(0.0, reason)
                 self._mark_stale(reason)
             await asyncio.sleep(backoff * (0.5 + random.random()))
@@ -433,7 +438,7 @@ class Registry:
             gone = self._snap.by_id.keys() - versions.keys()
             await self._refresh(changed | gone, "sync")
         self._row_versions = versions
-        self._last_sync_at = datetime.now(UTC)
+        self._last_sync_at = utc_now(self._clock)
         self._mark_fresh()
         log.debug("synced", changed=len(changed), deleted=len(gone),
                   duration_ms=round((time.perf_counter() - started) * 1000, 2))
@@ -469,7 +474,7 @@ class Registry:
         self._report_sync(time.perf_counter() - started, None)
 
     def _report_sync(self, duration_s: float, error: str | None) -> None:
-        self._sync_reported_at = time.monotonic()
+        self._sync_reported_at = self._clock.monotonic()
         for callback in self._sync_listeners:
             callback(duration_s, error)
 

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import structlog
 
 from ..errors import CircuitOpen, Conflict, InvalidRecord
+from .clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -339,10 +340,10 @@ class CircuitBreakers:
         self._callbacks: list[StateCallback] = []
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic
-    ) -> CircuitBreakers:
-        return cls(BreakerConfig.from_settings(settings), clock=clock)
+    def from_settings(cls, settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> CircuitBreakers:
+        """Breakers configured by the settings, on `clock` (both its readings)."""
+        return cls(BreakerConfig.from_settings(settings), clock=clock.monotonic,
+                   wall_clock=clock.time)
 
     @property
     def enabled(self) -> bool:

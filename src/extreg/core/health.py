@@ -38,6 +38,7 @@ from ddsketch import DDSketch
 from ddsketch.store import DenseStore
 
 from .breaker import CLOSED, DISABLED, HALF_OPEN, OPEN, CircuitBreakers
+from .clock import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -196,9 +197,14 @@ class HealthMonitor:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, breakers: CircuitBreakers | None = None
+        cls,
+        settings: Settings,
+        breakers: CircuitBreakers | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> HealthMonitor:
-        return cls(breakers, min_success_rate=settings.health_based_routing_min_success_rate)
+        return cls(breakers, min_success_rate=settings.health_based_routing_min_success_rate,
+                   clock=clock.time)
 
     @classmethod
     def blank(

@@ -24,6 +24,9 @@ that closes it. Recovery therefore has two paths:
 - an operator closes or resets the circuit (`POST /admin/extensions/{id}/circuit`), which
   closes it and so enables the extension; or simply enables it.
 
+The recovery door reads time only through the breaker, so it follows the invoker's clock
+(`Invoker.open(..., clock=...)`): a test moves it past `timeout_seconds` instead of sleeping.
+
 Other nodes, whose circuits never opened, refuse the auto-disabled extension like any disabled
 one; and after the node that opened the circuit restarts, its breaker starts closed, so only an
 operator brings the extension back. Both are deliberate: a restarted node has no evidence that

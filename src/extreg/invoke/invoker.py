@@ -37,6 +37,7 @@ import structlog
 
 from ..adapters.nats import NatsTransport
 from ..core.breaker import CircuitBreakers
+from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.envelope import encode_envelope, headers
 from ..core.health import HealthMonitor
 from ..core.model import Extension
@@ -91,6 +92,8 @@ class Invoker:
 
     `breaker` and `health` are this process's; `health` shows cluster-wide totals once the
     flusher has read them back from the database. Set `observer` to be told of every outcome.
+    Latencies are measured with `perf_counter` whatever the clock: they are durations that
+    happened, not decisions a test needs to steer.
     """
 
     def __init__(
@@ -100,11 +103,13 @@ class Invoker:
         *,
         transport: NatsTransport | None = None,
         node_id: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.registry = registry
         self.settings = settings
-        self.breaker = CircuitBreakers.from_settings(settings)
-        self.health = HealthMonitor.from_settings(settings, self.breaker)
+        self.clock = clock
+        self.breaker = CircuitBreakers.from_settings(settings, clock=clock)
+        self.health = HealthMonitor.from_settings(settings, self.breaker, clock=clock)
         self.observer: Observer | None = None
         self._transport = transport or NatsTransport(settings.nats_url)
         self._request = self._transport.request
@@ -132,10 +137,18 @@ class Invoker:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, registry: Registry, settings: Settings, *, node_id: str | None = None
+        cls,
+        registry: Registry,
+        settings: Settings,
+        *,
+        node_id: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> AsyncIterator[Invoker]:
-        """Connect to NATS and start the background work; flush health and stop on exit."""
-        invoker = cls(registry, settings, node_id=node_id)
+        """Connect to NATS and start the background work; flush health and stop on exit.
+
+        `clock` is read by the breaker (timeouts, windows), health (last call times) and so the
+        automation's recovery door; tests pass one they move forward (see `core.clock`)."""
+        invoker = cls(registry, settings, node_id=node_id, clock=clock)
         await invoker.start()
         try:
             yield invoker
