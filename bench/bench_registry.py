@@ -3,10 +3,15 @@
     scripts/bench bench_registry            # everything, a couple of minutes
     scripts/bench bench_registry --quick    # fewer repetitions
 
+Every comparison runs both sides in this process, alternating, and reports medians.
+
 1. lookup vs a bare dict.get on the same data, at 10, 1,000 and 100,000 extensions;
    then lookups while a full reload runs every 100 ms in the same process (misses, p99.9).
 2. full load of 10,000 extensions from PostgreSQL into a new snapshot, vs a bare psycopg fetch
-   of the same rows with jsonb decoded by the standard library.
+   of the same rows with jsonb decoded by the standard library, like for like: 1 connection
+   each (extreg with LOAD_PARTS=1), 2 connections each (extreg as shipped, bare reading the same
+   two hash partitions at once), JIT off on both; then JIT on for each, to show what it costs
+   (when the server has JIT at all).
 3. change propagation: another process's committed UPDATE to this process's cache, p50/p99
    over 500 changes, vs the raw LISTEN/NOTIFY round trip measured the same way.
 4. memory per cached extension (full footprint), vs the same record as a pydantic model.
@@ -27,6 +32,7 @@ import threading
 import time
 import timeit
 import tracemalloc
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -57,7 +63,7 @@ def records(n: int) -> list[Extension]:
     return msgspec.convert([typical(i) for i in range(n)], type=list[Extension])
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -72,7 +78,10 @@ def registry_with(recs: list[Extension]) -> Registry:
 
 
 def bench_lookup(quick: bool) -> None:
-    print("\n## 1. lookup vs bare dict.get (same keys, same loop)")
+    repeat = 7
+    print(f"\n## 1. lookup vs bare dict.get: the same 1,000 keys in the same loop"
+          f" (`for k in keys: f(k)`), f = dict.get of a dict of the same records or"
+          f" Registry.lookup; median of {repeat} alternating runs")
     print(f"{'extensions':>11} {'dict.get ns':>12} {'lookup ns':>10} {'ratio':>6}")
     number = 200_000 if quick else 1_000_000
     for n in (10, 1_000, 100_000):
@@ -82,11 +91,14 @@ def bench_lookup(quick: bool) -> None:
         plain = {r.id: r for r in recs}
         keys = (enabled * (1000 // len(enabled) + 1))[:1000]
         loop = "for k in keys: f(k)"
-        t_dict = min(timeit.repeat(loop, globals={"keys": keys, "f": plain.get},
-                                   number=number // 1000, repeat=7)) / number * 1e9
-        t_reg = min(timeit.repeat(loop, globals={"keys": keys, "f": reg.lookup},
-                                  number=number // 1000, repeat=7)) / number * 1e9
-        print(f"{n:>11,} {t_dict:>12.1f} {t_reg:>10.1f} {t_reg / t_dict:>5.2f}x")
+        t_dict, t_reg = [], []
+        for _ in range(repeat):
+            t_dict.append(timeit.timeit(loop, globals={"keys": keys, "f": plain.get},
+                                        number=number // 1000) / number * 1e9)
+            t_reg.append(timeit.timeit(loop, globals={"keys": keys, "f": reg.lookup},
+                                       number=number // 1000) / number * 1e9)
+        d, r = statistics.median(t_dict), statistics.median(t_reg)
+        print(f"{n:>11,} {d:>12.1f} {r:>10.1f} {r / d:>5.2f}x")
 
     print("\n## 1b. lookups while a full reload of the same records runs every 100 ms")
     for n in (1_000, 100_000):
@@ -146,38 +158,104 @@ def seed_rows(url: str, n: int) -> None:
         conn.commit()
 
 
-async def bench_load(url: str, quick: bool) -> None:
-    print("\n## 2. full load of 10,000 extensions from PostgreSQL into a new snapshot")
-    from extreg.adapters.postgres import PostgresSource
+LoadRun = Callable[[], Awaitable[int]]  # one full read; returns the number of records
 
-    settings = Settings.load(environ={}, database_url=url)
+
+async def bench_load(url: str, quick: bool) -> None:
+    """Every variant in one process, in alternating rounds, connections opened beforehand."""
+    from extreg.adapters import postgres
+
     runs = 5 if quick else 15
-    async with PostgresSource(settings) as db:
-        ours = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            snap = Snapshot.build(await db.load_all_extensions())
-            ours.append(time.perf_counter() - t0)
-        assert len(snap) == 10_000
+    print(f"\n## 2. full load of 10,000 extensions from PostgreSQL, median of {runs} alternating"
+          " rounds")
+    print("  extreg = PostgresSource.load_all_extensions() (PostgreSQL renders the records as JSON,"
+          " msgspec decodes and validates) + Snapshot.build, its pool open;")
+    print("  bare   = psycopg `SELECT * FROM extensions` (the same rows, split by the same"
+          " hashtext partitions on 2 connections), jsonb decoded by stdlib json, no snapshot;")
+    print("  the versions and instances tables are empty. Both sides use the same connection"
+          " options; JIT is set by `-c jit=...` per connection on both.")
+    settings = Settings.load(environ={}, database_url=url)
+    jit_on = "-c jit=on"
+    saved = postgres.NO_JIT
+    postgres.NO_JIT = jit_on  # read when a PostgresSource is made: this one runs with JIT
+    try:
+        db_jit = postgres.PostgresSource(settings)
+    finally:
+        postgres.NO_JIT = saved
+
+    async def connect(options: str) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(url, autocommit=True, options=options)
+
+    def extreg(db: postgres.PostgresSource, parts: int) -> LoadRun:
+        async def run() -> int:
+            saved_parts = postgres.LOAD_PARTS  # read at each call: parts=1 is one connection
+            postgres.LOAD_PARTS = parts
+            try:
+                return len(Snapshot.build(await db.load_all_extensions()))
+            finally:
+                postgres.LOAD_PARTS = saved_parts
+
+        return run
+
+    def bare(conns: list[psycopg.AsyncConnection[Any]]) -> LoadRun:
+        async def fetch(conn: psycopg.AsyncConnection[Any], part: int) -> int:
+            query = "SELECT * FROM extensions"
+            if len(conns) > 1:
+                query += f" WHERE hashtext(id) & {len(conns) - 1} = {part}"
+            cur = await conn.execute(query.encode())
+            return len(await cur.fetchall())
+
+        async def run() -> int:
+            return sum(await asyncio.gather(*(fetch(c, i) for i, c in enumerate(conns))))
+
+        return run
+
+    async with postgres.PostgresSource(settings) as db, db_jit:
+        off = [await connect(postgres.NO_JIT) for _ in range(2)]
+        on = await connect(jit_on)
+        jit_available = (await (await on.execute("SELECT pg_jit_available()")).fetchone() or [0])[0]
+        variants: dict[str, tuple[int, str, LoadRun]] = {
+            "bare": (1, "off", bare(off[:1])),
+            "extreg, LOAD_PARTS=1": (1, "off", extreg(db, 1)),
+            "bare, 2 partitions at once": (2, "off", bare(off)),
+            "extreg, LOAD_PARTS=2 (as shipped)": (2, "off", extreg(db, 2)),
+        }
+        if jit_available:  # else `jit=on` changes nothing, and the rows would measure nothing
+            variants["bare, JIT on"] = (1, "on", bare([on]))
+            variants["extreg, LOAD_PARTS=2, JIT on"] = (2, "on", extreg(db_jit, 2))
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(runs + 1):  # the first round warms up every variant, and is dropped
+            for name, (_, _, run) in variants.items():
+                t0 = time.perf_counter()
+                assert await run() == 10_000
+                times[name].append(time.perf_counter() - t0)
         versions = []
         for _ in range(runs):
             t0 = time.perf_counter()
             assert len(await db.row_versions()) == 10_000
             versions.append(time.perf_counter() - t0)
-    bare = []
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            cur = await conn.execute("SELECT * FROM extensions")
-            rows = await cur.fetchall()
-            bare.append(time.perf_counter() - t0)
-        assert len(rows) == 10_000
-    o, b = statistics.median(ours) * 1000, statistics.median(bare) * 1000
-    print(f"  extreg load + snapshot: median {o:.1f} ms (min {min(ours) * 1000:.1f})")
-    print(f"  bare psycopg fetch, jsonb decoded by stdlib json: median {b:.1f} ms")
-    print(f"  ratio extreg / bare fetch: {o / b:.2f}x")
-    print(f"  row versions (what a sync reads, and a full reload before its load):"
-          f" median {statistics.median(versions) * 1000:.1f} ms")
+        for conn in [*off, on]:
+            await conn.close()
+    ms = {name: statistics.median(t[1:]) * 1000 for name, t in times.items()}
+    print(f"  {'variant':<36} {'connections':>11} {'JIT':>4} {'median ms':>10}")
+    for name, (conns, jit, _) in variants.items():
+        print(f"  {name:<36} {conns:>11} {jit:>4} {ms[name]:>10.1f}")
+    if not jit_available:
+        print("  this PostgreSQL has no JIT (pg_jit_available() is false): no JIT-on rows")
+    for label, a, b in (
+        ("extreg / bare, 1 connection each, JIT off", "extreg, LOAD_PARTS=1", "bare"),
+        ("extreg / bare, 2 connections each, JIT off", "extreg, LOAD_PARTS=2 (as shipped)",
+         "bare, 2 partitions at once"),
+        ("extreg LOAD_PARTS=2 / LOAD_PARTS=1, JIT off", "extreg, LOAD_PARTS=2 (as shipped)",
+         "extreg, LOAD_PARTS=1"),
+        ("extreg JIT on / off, 2 connections", "extreg, LOAD_PARTS=2, JIT on",
+         "extreg, LOAD_PARTS=2 (as shipped)"),
+        ("bare JIT on / off, 1 connection", "bare, JIT on", "bare"),
+    ):
+        if a in ms:
+            print(f"  ratio {label}: {ms[a] / ms[b]:.2f}x")
+    print(f"  row versions (what a sync reads, and a full reload before its load), extreg's pool,"
+          f" JIT off: median {statistics.median(versions) * 1000:.1f} ms")
 
 
 # -- 3. propagation ------------------------------------------------------------------------------
@@ -200,6 +278,10 @@ WRITER = textwrap.dedent("""
 async def bench_propagation(url: str, quick: bool) -> None:
     n = 200 if quick else 500
     print(f"\n## 3. change propagation: another process's committed UPDATE -> this cache ({n} changes)")
+    print("  extreg = a Registry following the database (LISTEN, then an indexed read of the record"
+          " and a copy-on-write patch) sees an UPDATE; raw = a LISTEN connection sees a pg_notify;")
+    print("  both: the same writer process, one change per 4 ms, from its commit (monotonic clock)"
+          " to arrival; percentiles over all changes")
     seen: dict[int, float] = {}
 
     def on_swap(snap: Snapshot) -> None:
@@ -238,17 +320,17 @@ async def _run_writer(url: str, mode: str, n: int, seen: dict[int, float]) -> li
     committed: dict[int, float] = {}
     assert proc.stdout is not None
     async for line in proc.stdout:
-        i, t = line.split()
-        committed[int(i)] = float(t)
+        index, stamp = line.split()
+        committed[int(index)] = float(stamp)
     await proc.wait()
     await asyncio.sleep(0.2)
     # Notifications that arrive together are applied together: a change counts as seen when
     # the cache first holds it or a later one.
     latencies = []
-    for i, t in committed.items():
+    for i, at in committed.items():
         later = [seen[j] for j in seen if j >= i]
         if later:
-            latencies.append(min(later) - t)
+            latencies.append(min(later) - at)
     return latencies
 
 
@@ -257,6 +339,8 @@ async def _run_writer(url: str, mode: str, n: int, seen: dict[int, float]) -> li
 
 def bench_memory() -> None:
     print("\n## 4. memory per cached extension (records + snapshot indexes, all strings and JSON)")
+    print("  both sides decode the same JSON of 10,000 records; extreg = msgspec structs in a"
+          " Snapshot, pydantic = pydantic models in a dict by id; tracemalloc, one measurement each")
     from pydantic import BaseModel
 
     class PydanticExtension(BaseModel):
