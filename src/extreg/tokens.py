@@ -22,15 +22,14 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import structlog
 
-from .adapters.postgres import location_of, scrub, url_password
+from .adapters.postgres import location_of
+from .adapters.postgres_tokens import TokenChanges, TokenTable
 from .auth import (
     TokenBook,
     TokenEntry,
@@ -42,34 +41,22 @@ from .auth import (
     load_tokens_file,
 )
 from .errors import ConfigError, Conflict, SourceUnavailable, UnknownToken
-from .settings import Settings, redact_url
+from .settings import Settings
 
 log = structlog.get_logger("extreg.tokens")
 
-CHANNEL = "extreg_tokens"
 ADMIN_NAME = "admin"
-CONNECT_TIMEOUT_S = 3
 REFRESH_S = 30.0  # the periodic re-read: a safety net for a lost notification
 FILE_CHECK_S = 2.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 KNOWN_FORMAT = "extreg-known-tokens/1"
 
-_CREATE = """
-INSERT INTO extreg_api_tokens (name, role, token_hash, created_by) VALUES (%s, %s, %s, %s)
-ON CONFLICT (name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash,
-    created_at = now(), created_by = excluded.created_by, revoked_at = NULL
-    WHERE extreg_api_tokens.revoked_at IS NOT NULL
-RETURNING name
-"""
-
-
 class TokenStore:
-    """The token table of one database. Each call uses a short-lived connection: token
-    commands are rare, and the follower holds its own listening connection."""
+    """The tokens of one database: the rules (names, roles, only digests stored, what a taken
+    name means); the SQL and its errors are the adapter's (`TokenTable`)."""
 
     def __init__(self, conninfo: str) -> None:
-        self._conninfo = conninfo
-        self._secret = url_password(conninfo)
+        self._table = TokenTable(conninfo)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenStore:
@@ -78,93 +65,36 @@ class TokenStore:
     async def create(self, name: str, role: str, created_by: str) -> str:
         """Store a new token's digest and return the token (the only time it is seen)."""
         token = generate_token()
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                _CREATE, (check_name(name), check_role(role), hash_token(token), created_by)
-            )
-            if await cur.fetchone() is None:
-                raise Conflict(f"token {name!r} exists: revoke it first, or choose another name")
+        row = (check_name(name), check_role(role), hash_token(token))
+        if not await self._table.insert(row, created_by, replace_revoked=True):
+            raise Conflict(f"token {name!r} exists: revoke it first, or choose another name")
         return token
 
     async def ensure_admin(self) -> str | None:
         """Create the token named `admin` unless one was ever made; the new token, or None."""
         token = generate_token()
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "INSERT INTO extreg_api_tokens (name, role, token_hash, created_by)"
-                " VALUES (%s, 'admin', %s, 'extreg:bootstrap') ON CONFLICT (name) DO NOTHING"
-                " RETURNING name",
-                (ADMIN_NAME, hash_token(token)),
-            )
-            created = await cur.fetchone() is not None
+        row = (ADMIN_NAME, "admin", hash_token(token))
+        created = await self._table.insert(row, "extreg:bootstrap", replace_revoked=False)
         return token if created else None
 
     async def list_tokens(self) -> list[dict[str, Any]]:
         """Every token's name, role and dates (never the digest), by name."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT name, role, created_at, created_by, revoked_at FROM extreg_api_tokens"
-                " ORDER BY name"
-            )
-            rows = await cur.fetchall()
-        keys = ("name", "role", "created_at", "created_by", "revoked_at")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return await self._table.rows()
 
     async def revoke(self, name: str) -> datetime:
         """Stop a token from working (at once, on every server); when it was revoked."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "UPDATE extreg_api_tokens SET revoked_at = coalesce(revoked_at, now())"
-                " WHERE name = %s RETURNING revoked_at",
-                (name,),
-            )
-            row = await cur.fetchone()
-        if row is None:
+        revoked = await self._table.revoke(name)
+        if revoked is None:
             raise UnknownToken(f"no token named {name!r}")
-        revoked: datetime = row[0]
         return revoked
 
     async def active(self) -> list[TokenEntry]:
         """The tokens that work now."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT name, role, token_hash FROM extreg_api_tokens WHERE revoked_at IS NULL"
-            )
-            return [entry(name, role, digest) for name, role, digest in await cur.fetchall()]
+        return [entry(name, role, digest) for name, role, digest in await self._table.active()]
 
-    @contextlib.asynccontextmanager
-    async def listen(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A connection listening on the token channel."""
-        async with self._connection() as conn:
-            with self._translate():
-                await conn.execute(f"LISTEN {CHANNEL}")
-            yield conn
-
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        with self._translate():
-            conn = await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
-            )
-        try:
-            with self._translate():
-                yield conn
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.close()
-
-    @contextlib.contextmanager
-    def _translate(self) -> Iterator[None]:
-        try:
-            yield
-        except psycopg.errors.UndefinedTable:
-            raise ConfigError(
-                f"database {redact_url(self._conninfo)} has no token table: run `extreg migrate`"
-            ) from None
-        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
-            raise SourceUnavailable(
-                f"database {redact_url(self._conninfo)} unavailable: {scrub(exc, self._secret)}"
-            ) from None
+    def changes(self) -> contextlib.AbstractAsyncContextManager[TokenChanges]:
+        """Notifications of changes to the token table (`TokenChanges.wait`)."""
+        return self._table.changes()
 
 
 async def ensure_admin_token(store: TokenStore) -> str | None:
@@ -316,14 +246,13 @@ class TokenFollower:
         backoff = BACKOFF_MIN_S
         while True:
             try:
-                async with self.store.listen() as conn:
+                async with self.store.changes() as changes:
                     await self._reload_database()
                     backoff = BACKOFF_MIN_S
                     while True:
-                        async for _ in conn.notifies(timeout=REFRESH_S, stop_after=1):
-                            pass
+                        await changes.wait(REFRESH_S)
                         await self._reload_database()
-            except (SourceUnavailable, ConfigError, psycopg.Error) as exc:
+            except (SourceUnavailable, ConfigError) as exc:
                 log.warning("tokens_refresh_failed", error=str(exc), retry_in_s=round(backoff, 2))
             await asyncio.sleep(backoff * (0.5 + random.random()))  # jitter, not secrecy
             backoff = min(backoff * 2, BACKOFF_MAX_S)

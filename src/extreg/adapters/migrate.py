@@ -12,9 +12,7 @@ from importlib.resources import files
 
 import psycopg
 
-from ..errors import SourceUnavailable
-from ..settings import redact_url
-from .postgres import scrub, url_password
+from .postgres import translate_for
 
 LOCK_KEY = 0x65787472  # "extr": the advisory lock every migrating process takes
 
@@ -27,13 +25,10 @@ def migration_files() -> list[tuple[str, str]]:
 
 
 def migrate(conninfo: str) -> list[str]:
-    """Apply what is missing; return the names applied now (empty when up to date)."""
-    try:
+    """Apply what is missing; return the names applied now (empty when up to date).
+    psycopg's errors become ours in the adapter's one translator."""
+    with translate_for(conninfo):
         return _migrate(conninfo)
-    except psycopg.OperationalError as exc:
-        raise SourceUnavailable(
-            f"database {redact_url(conninfo)} unavailable: {scrub(exc, url_password(conninfo))}"
-        ) from None
 
 
 def _migrate(conninfo: str) -> list[str]:

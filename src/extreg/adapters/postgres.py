@@ -326,7 +326,7 @@ class PostgresSource:
                 await cur.execute(
                     "SELECT e.id, e.type, e.enabled, h.success_count, h.failure_count,"
                     " h.avg_latency_ms, h.p50_latency_ms, h.p95_latency_ms, h.p99_latency_ms,"
-                    " h.circuit_breaker_state, h.last_success, h.last_failure"
+                    " h.circuit_breaker_state, h.last_success, h.last_failure, h.latency_total_ms"
                     " FROM extensions e LEFT JOIN extension_health h ON h.extension_id = e.id"
                     " WHERE %(id)s::text IS NULL OR e.id = %(id)s ORDER BY e.id",
                     {"id": extension_id},
@@ -383,22 +383,8 @@ class PostgresSource:
         row = await (await conn.execute(_RECORDS_BY_IDS, {"ids": list(ids)})).fetchone()
         return _decode(row[0] if row else "[]", self._limits)[0]
 
-    @contextlib.contextmanager
-    def _translate(self) -> Iterator[None]:
-        """Turn psycopg's errors into ours, without the password."""
-        try:
-            yield
-        except psycopg.errors.UndefinedTable:
-            raise SourceUnavailable(
-                f"database {self.display} has no extreg tables: run `extreg migrate`"
-            ) from None
-        except psycopg.errors.UniqueViolation as exc:
-            raise Conflict(self._scrub(exc)) from None
-        except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
-            raise Conflict(self._scrub(exc)) from None
-        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
-                psycopg_pool.PoolClosed, OSError) as exc:
-            raise SourceUnavailable(f"database {self.display} unavailable: {self._scrub(exc)}") from None
+    def _translate(self) -> contextlib.AbstractContextManager[None]:
+        return translate(self.display, self._secret)
 
     def _scrub(self, exc: BaseException) -> str:
         return scrub(exc, self._secret)
@@ -408,6 +394,31 @@ class PostgresSource:
         with self._translate():
             async with self._pool.connection() as conn:
                 await conn.execute("SELECT pg_notify(%s, '*')", (CHANNEL,))
+
+
+@contextlib.contextmanager
+def translate(display: str, secret: str) -> Iterator[None]:
+    """Turn psycopg's errors into ours, without the password: the one translator of every
+    statement we send (records, health, tokens, migrations), so one failure reads and exits
+    alike whichever command met it. `display` names the database (password masked)."""
+    try:
+        yield
+    except psycopg.errors.UndefinedTable:
+        raise SourceUnavailable(
+            f"database {display} has no extreg tables: run `extreg migrate`"
+        ) from None
+    except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+        raise Conflict(scrub(exc, secret)) from None
+    except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
+            psycopg_pool.PoolClosed, OSError) as exc:
+        raise SourceUnavailable(f"database {display} unavailable: {scrub(exc, secret)}") from None
+    except psycopg.Error as exc:  # refused otherwise (a permission, say): unusable all the same
+        raise SourceUnavailable(f"database {display} refused: {scrub(exc, secret)}") from None
+
+
+def translate_for(conninfo: str) -> contextlib.AbstractContextManager[None]:
+    """`translate` for a connection string (the password taken from it)."""
+    return translate(redact_url(conninfo), url_password(conninfo))
 
 
 def scrub(exc: BaseException, secret: str) -> str:
