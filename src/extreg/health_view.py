@@ -15,12 +15,12 @@ circuit state), so the caller's `breaker_enabled` decides.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from typing import Any
 
 from .core.breaker import DISABLED
-from .core.health import REFUSING_STATES, HealthMonitor
+from .core.health import HealthMonitor, Tally, call_numbers, summarize
 from .core.model import Extension
+from .core.times import iso_seconds
 
 
 def extension_health(
@@ -47,24 +47,18 @@ def health_report(
 
 def health_from_row(row: Mapping[str, Any], *, breaker_enabled: bool) -> dict[str, Any]:
     """One `extension_health` row (joined with `extensions` for type) in the health shape."""
-    state = (row.get("circuit_breaker_state") or "closed") if breaker_enabled else DISABLED
-    successes = int(row.get("success_count") or 0)
-    failures = int(row.get("failure_count") or 0)
-    calls = successes + failures
+    tally = _tally(row, breaker_enabled=breaker_enabled)
     return {
         "id": row["id"],
         "type": row["type"],
         "health": {
-            "success_count": successes,
-            "failure_count": failures,
-            "success_rate": round(successes / calls, 4) if calls else 1.0,
-            "avg_latency_ms": _number(row.get("avg_latency_ms")),
+            **call_numbers(tally.successes, tally.failures, tally.latency_sum_ms),
             "p50_latency_ms": _number(row.get("p50_latency_ms")),
             "p95_latency_ms": _number(row.get("p95_latency_ms")),
             "p99_latency_ms": _number(row.get("p99_latency_ms")),
-            "circuit_breaker_state": state,
-            "last_success": _iso(row.get("last_success")),
-            "last_failure": _iso(row.get("last_failure")),
+            "circuit_breaker_state": tally.circuit_state,
+            "last_success": iso_seconds(row.get("last_success")),
+            "last_failure": iso_seconds(row.get("last_failure")),
         },
     }
 
@@ -72,36 +66,26 @@ def health_from_row(row: Mapping[str, Any], *, breaker_enabled: bool) -> dict[st
 def report_from_rows(
     rows: Iterable[Mapping[str, Any]], min_success_rate: float, *, breaker_enabled: bool
 ) -> dict[str, Any]:
-    """The whole answer from database rows; the summary follows `HealthMonitor`'s rules."""
-    items = [
-        (health_from_row(row, breaker_enabled=breaker_enabled), bool(row.get("enabled", True)))
-        for row in rows
-    ]
-    healthy = sum(
-        1 for item, _ in items
-        if item["health"]["circuit_breaker_state"] not in REFUSING_STATES
-        and item["health"]["success_rate"] >= min_success_rate
-    )  # fmt: skip
-    called = [item["health"] for item, _ in items if item["health"]["success_count"]
-              + item["health"]["failure_count"]]  # fmt: skip
+    """The whole answer from database rows; the summary is the core's `summarize`, as for a
+    live monitor, so the same counts give the same numbers on both paths."""
+    rows = list(rows)
     return {
-        "extensions": [item for item, _ in items],
-        "summary": {
-            "total": len(items),
-            "enabled": sum(1 for _, enabled in items if enabled),
-            "healthy": healthy,
-            "unhealthy": len(items) - healthy,
-            "avg_success_rate": round(sum(h["success_rate"] for h in called) / len(called), 4)
-            if called else 1.0,
-            "avg_latency_ms": round(sum(h["avg_latency_ms"] for h in called) / len(called), 2)
-            if called else 0.0,
-        },
+        "extensions": [health_from_row(row, breaker_enabled=breaker_enabled) for row in rows],
+        "summary": summarize((_tally(row, breaker_enabled=breaker_enabled) for row in rows),
+                             min_success_rate),
     }
+
+
+def _tally(row: Mapping[str, Any], *, breaker_enabled: bool) -> Tally:
+    """The counts of a row. A row written by the seed's writers may carry only
+    `avg_latency_ms`, no `latency_total_ms`: its sum is then the mean times the calls."""
+    state = (row.get("circuit_breaker_state") or "closed") if breaker_enabled else DISABLED
+    successes = int(row.get("success_count") or 0)
+    failures = int(row.get("failure_count") or 0)
+    latency_sum = float(row.get("latency_total_ms") or 0.0) or (
+        float(row.get("avg_latency_ms") or 0.0) * (successes + failures))
+    return Tally(bool(row.get("enabled", True)), state, successes, failures, latency_sum)
 
 
 def _number(value: Any) -> float:
     return round(float(value), 2) if value is not None else 0.0
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if isinstance(value, datetime) else value

@@ -32,13 +32,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from ddsketch import DDSketch
 from ddsketch.store import DenseStore
 
 from .breaker import CLOSED, DISABLED, HALF_OPEN, OPEN, CircuitBreakers
 from .clock import SYSTEM_CLOCK, Clock
+from .times import iso_epoch
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -50,8 +51,12 @@ __all__ = [
     "ExtensionLike",
     "HealthDelta",
     "HealthMonitor",
+    "Tally",
+    "call_numbers",
+    "is_healthy",
     "sketch_from_dict",
     "sketch_to_dict",
+    "summarize",
 ]
 
 RELATIVE_ACCURACY = 0.01
@@ -121,6 +126,61 @@ class HealthDelta:
 
 def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
     return b if a is None else a if b is None else max(a, b)
+
+
+class Tally(NamedTuple):
+    """What the summary needs of one extension: whether it is enabled, its circuit state and
+    its all-time counts (from a live monitor or from a database row alike)."""
+
+    enabled: bool
+    circuit_state: str
+    successes: int
+    failures: int
+    latency_sum_ms: float
+
+
+def call_numbers(successes: int, failures: int, latency_sum_ms: float) -> dict[str, Any]:
+    """The counts part of the health shape: counts, success rate (1.0 with no call) and mean
+    latency (0 with no call), rounded as the contract shows them."""
+    calls = successes + failures
+    return {
+        "success_count": successes,
+        "failure_count": failures,
+        "success_rate": _rate(successes, calls),
+        "avg_latency_ms": round(latency_sum_ms / calls, 2) if calls else 0.0,
+    }
+
+
+def is_healthy(circuit_state: str, success_rate: float, min_success_rate: float) -> bool:
+    """Healthy: circuit neither open nor half-open, success rate >= `min_success_rate`."""
+    return circuit_state not in REFUSING_STATES and success_rate >= min_success_rate
+
+
+def summarize(tallies: Iterable[Tally], min_success_rate: float) -> dict[str, Any]:
+    """The summary bar over `tallies`, the one computation every caller uses.
+
+    `healthy + unhealthy == total`, disabled extensions included. `avg_success_rate` and
+    `avg_latency_ms` are plain means of the unrounded per-extension figures over the
+    extensions that have calls (1.0 and 0.0 when none has), rounded once at the end.
+    """
+    items = list(tallies)
+    healthy = 0
+    rates: list[float] = []
+    latencies: list[float] = []
+    for tally in items:
+        calls = tally.successes + tally.failures
+        healthy += is_healthy(tally.circuit_state, _rate(tally.successes, calls), min_success_rate)
+        if calls:
+            rates.append(tally.successes / calls)
+            latencies.append(tally.latency_sum_ms / calls)
+    return {
+        "total": len(items),
+        "enabled": sum(1 for tally in items if tally.enabled),
+        "healthy": healthy,
+        "unhealthy": len(items) - healthy,
+        "avg_success_rate": round(math.fsum(rates) / len(rates), 4) if rates else 1.0,
+        "avg_latency_ms": round(math.fsum(latencies) / len(latencies), 2) if latencies else 0.0,
+    }
 
 
 class _Entry:
@@ -239,20 +299,13 @@ class HealthMonitor:
         """The contract's health shape plus `last_latency_ms`; an unseen extension reads as new."""
         state = self._circuit_state(extension_id)
         entry = self._entries.get(extension_id) or _NO_CALLS
-        successes, failures, latency_sum = entry.totals()
-        calls = successes + failures
         sketch = entry.all_latencies()
-        health: dict[str, Any] = {
-            "success_count": successes,
-            "failure_count": failures,
-            "success_rate": _rate(successes, calls),
-            "avg_latency_ms": round(latency_sum / calls, 2) if calls else 0.0,
-        }
+        health = call_numbers(*entry.totals())
         for key, q in QUANTILES:
             health[key] = round(sketch.get_quantile_value(q) or 0.0, 2)
         health["circuit_breaker_state"] = state
-        health["last_success"] = _iso(entry.last_success)
-        health["last_failure"] = _iso(entry.last_failure)
+        health["last_success"] = iso_epoch(entry.last_success)
+        health["last_failure"] = iso_epoch(entry.last_failure)
         last = entry.last_latency
         health["last_latency_ms"] = None if last is None else round(last, 2)
         return health
@@ -271,45 +324,24 @@ class HealthMonitor:
 
     def is_healthy(self, extension_id: str) -> bool:
         """Circuit not open or half-open and success rate >= `min_success_rate`."""
-        return (
-            self._circuit_state(extension_id) not in REFUSING_STATES
-            and self.success_rate(extension_id) >= self.min_success_rate
-        )
+        return is_healthy(self._circuit_state(extension_id), self.success_rate(extension_id),
+                          self.min_success_rate)
 
     def get_health_summary(
         self, extensions: Iterable[ExtensionLike] | None = None
     ) -> dict[str, Any]:
-        """Totals over `extensions` (default: every extension seen here, counted as enabled).
-
-        `healthy + unhealthy == total`, disabled extensions included. `avg_success_rate` and
-        `avg_latency_ms` are plain means over the extensions that have calls (1.0 and 0.0
-        when none has).
-        """
+        """`summarize` over `extensions` (default: every extension seen here, counted as
+        enabled), with this monitor's circuit states and counts."""
         if extensions is None:
             items = [(extension_id, True) for extension_id in self._entries]
         else:
             items = [(ext.id, ext.enabled) for ext in extensions]
-        healthy = 0
-        rates: list[float] = []
-        latencies: list[float] = []
-        for extension_id, _ in items:
-            healthy += self.is_healthy(extension_id)
-            entry = self._entries.get(extension_id)
-            if entry is None:
-                continue
-            successes, failures, latency_sum = entry.totals()
-            calls = successes + failures
-            if calls:
-                rates.append(successes / calls)
-                latencies.append(latency_sum / calls)
-        return {
-            "total": len(items),
-            "enabled": sum(1 for _, enabled in items if enabled),
-            "healthy": healthy,
-            "unhealthy": len(items) - healthy,
-            "avg_success_rate": round(math.fsum(rates) / len(rates), 4) if rates else 1.0,
-            "avg_latency_ms": round(math.fsum(latencies) / len(latencies), 2) if latencies else 0.0,
-        }
+        return summarize((self._tally(extension_id, enabled) for extension_id, enabled in items),
+                         self.min_success_rate)
+
+    def _tally(self, extension_id: str, enabled: bool) -> Tally:
+        entry = self._entries.get(extension_id) or _NO_CALLS
+        return Tally(enabled, self._circuit_state(extension_id), *entry.totals())
 
     # -- persistence and other nodes ---------------------------------------------------------
 
@@ -400,12 +432,6 @@ def _rate(successes: int, calls: int) -> float:
 
 def _datetime(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
-
-
-def _iso(epoch: float | None) -> str | None:
-    """ISO 8601 in UTC with a `Z`, to the second, as in the contract's example."""
-    moment = _datetime(epoch)
-    return None if moment is None else moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # -- a portable form of a sketch, for a database column or another node ----------------------
