@@ -70,7 +70,7 @@ def test_the_live_openapi_document_is_the_one_tested(live: tuple[LiveServer, str
 @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_no_generated_request_gets_a_server_error(
-    case: schemathesis.Case, live: tuple[LiveServer, str]
+    case: schemathesis.Case[Any], live: tuple[LiveServer, str]
 ) -> None:
     """Every operation, with generated valid and invalid input, answers below 500."""
     server, token = live

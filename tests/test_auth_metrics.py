@@ -29,7 +29,7 @@ from testsupport.pgprocess import PostgresProcess
 
 def test_roles_nest() -> None:
     """admin may do what operator may, operator what viewer may; not the other way round."""
-    table = [(held, needed, role_allows(held, needed))  # type: ignore[arg-type]
+    table = [(held, needed, role_allows(held, needed))
              for held in ("viewer", "operator", "admin", "root")
              for needed in ("viewer", "operator", "admin")]
     allowed = [(held, needed) for held, needed, ok in table if ok]

@@ -77,7 +77,7 @@ def fresh_database(pg_server: PostgresProcess, *, migrated: bool) -> str:
     return url
 
 
-ROUTED = {
+ROUTED: dict[str, Any] = {
     "id": "routed", "type": "provider", "subject": "beamline.provider.routed.v1",
     "timeout_ms": 900, "retry": 2, "config": {"model": "big"}, "metadata": {"owner": "team-a"},
     "versions": [

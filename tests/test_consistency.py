@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -227,7 +227,7 @@ async def test_stale_if_match_cannot_undo_an_acknowledged_disable(
                 assert {(200, 200), (412, 200)} >= outcomes.keys()
 
 
-WRITERS: dict[str, Callable[[PostgresSource], Awaitable[object]]] = {
+WRITERS: dict[str, Callable[[PostgresSource], Coroutine[Any, Any, object]]] = {
     "set_enabled": lambda db: db.set_enabled("x", False, "test"),
     "enable_if_disabled_by": lambda db: db.enable_if_disabled_by("x", "extreg:auto", "test"),
     "delete_extension": lambda db: db.delete_extension("x", "test"),

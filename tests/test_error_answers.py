@@ -9,7 +9,6 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ import structlog
 from api_helpers import EchoInvoker, LiveServer, make_tokens, seed
 from helpers import make_settings, record
 from structlog.testing import capture_logs
+from structlog.typing import EventDict
 from test_connection_limits import closed_by_server, serving
 
 from extreg.api import create_app
@@ -108,7 +108,7 @@ def _send_part_and_close(port: int, path: str, token: str) -> None:
         time.sleep(0.2)  # let the app start reading
 
 
-def _wait_for(events: list[dict[str, Any]], name: str, count: int) -> list[dict[str, Any]]:
+def _wait_for(events: list[EventDict], name: str, count: int) -> list[EventDict]:
     deadline = time.monotonic() + DEADLINE_S
     while len(found := [e for e in events if e["event"] == name]) < count:
         assert time.monotonic() < deadline, f"fewer than {count} {name} events: {events}"

@@ -73,7 +73,7 @@ ALLOWED_RAISES = {
 }
 
 
-def tree() -> list[type[ExtregError]]:
+def tree() -> list[type[BaseException]]:
     """Every exception class of `extreg.errors`, in definition order."""
     return [v for v in vars(errors).values()
             if isinstance(v, type) and issubclass(v, BaseException) and v.__module__ == errors.__name__]

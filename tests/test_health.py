@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -106,9 +107,11 @@ def test_an_extension_without_calls_reads_as_new() -> None:
 def test_breaker_off_reads_disabled_and_healthy(kind: str) -> None:
     """With the breaker off (the default), or none attached, the circuit reads `disabled`, not
     `closed`; an extension is judged healthy on its success rate alone."""
-    monitor = {"no-breaker": HealthMonitor,
-               "breaker-off": lambda: HealthMonitor(CircuitBreakers(BreakerConfig())),
-               "blank-off": lambda: HealthMonitor.blank(False)}[kind]()
+    factories: dict[str, Callable[[], HealthMonitor]] = {
+        "no-breaker": HealthMonitor,
+        "breaker-off": lambda: HealthMonitor(CircuitBreakers(BreakerConfig())),
+        "blank-off": lambda: HealthMonitor.blank(False)}
+    monitor = factories[kind]()
     monitor.record(EXT, True, 5)
     assert "disabled" == monitor.get_health(EXT)["circuit_breaker_state"]
     assert "disabled" == monitor.get_health("never_called")["circuit_breaker_state"]

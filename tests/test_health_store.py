@@ -41,7 +41,7 @@ def health_row(url: str, ext_id: str) -> tuple[int, int, int, float, int] | None
     rows = query(url, "SELECT success_count, failure_count, latency_samples, latency_total_ms,"
                       " (latency_sketch->>'count')::float::int FROM extension_health"
                       " WHERE extension_id = %s", (ext_id,))  # fmt: skip
-    return rows[0] if rows else None  # type: ignore[return-value]
+    return rows[0] if rows else None
 
 
 async def seed(url: str, settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -59,7 +60,8 @@ def test_rules_match(rules: dict[str, Any], context: dict[str, Any], expected: b
 def test_first_matching_version_wins() -> None:
     """Versions are tried in order; the first match wins; no match gives None."""
     a, b, c = (Target(f"s.{n}", 0.1, 0, n) for n in ("a", "b", "c"))
-    versions = [({"tenant_id": ["t1"]}, a), ({"tenant_id": ["t1", "t2"]}, b), ({"env": "x"}, c)]
+    versions: list[tuple[Mapping[str, str | Sequence[str]], Target]] = [
+        ({"tenant_id": ["t1"]}, a), ({"tenant_id": ["t1", "t2"]}, b), ({"env": "x"}, c)]
     assert a == select_version(versions, ctx(tenant_id="t1"))
     assert b == select_version(versions, ctx(tenant_id="t2"))
     assert select_version(versions, ctx(tenant_id="t9")) is None

@@ -16,8 +16,8 @@ import pytest
 from nats.aio.client import Client
 
 # Fixtures: nats_server, nats_client, sample_extensions, flaky_extension, nats_server_factory.
-from extreg.errors import ConfigError
-from extreg.local.natsserver import NatsServer, NatsServerError, find_binary
+from extreg.errors import ConfigError, NatsServerError
+from extreg.local.natsserver import NatsServer, find_binary
 from extreg.local.samples import (
     FLAKY_CONTROL_SUBJECT,
     SAMPLE_EXTENSIONS,

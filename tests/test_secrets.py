@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -143,7 +144,7 @@ def test_no_password_or_token_in_any_log_line_or_answer(
                 ("GET", "/readyz", {"Authorization": f"Bearer {token}x"}),  # 401
                 ("GET", "/admin/extensions", {"Authorization": "Basic " + token}),
             ]:
-                body = {"payload": {}} if method == "POST" else None
+                body: dict[str, Any] | None = {"payload": {}} if method == "POST" else None
                 answers.append(_answer_text(client.request(method, path, headers=headers,
                                                            json=body)))
         outputs["sample-extensions"] = _sample_extensions_output(env, tmp_path)
