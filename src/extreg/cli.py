@@ -12,9 +12,10 @@ import getpass
 import json as jsonlib
 import sys
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import typer
@@ -65,15 +66,21 @@ TokenOption = Annotated[str | None, typer.Option(
     help="API token for --url.")]
 
 
-class _State:
-    """The global options of this invocation, for the commands to read."""
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The global options of this invocation, kept in typer's context (`ctx.obj`) for the
+    commands to read: no state outlives the invocation."""
 
-    overrides: ClassVar[dict[str, Any]] = {}
-    config: ClassVar[Path | None] = None
+    config: Path | None
+    overrides: dict[str, Any]
+
+    def settings(self) -> Settings:
+        return Settings.load(self.config, **self.overrides)
 
 
 @app.callback()
 def _global(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
     database_url: Annotated[
         str | None, typer.Option("--database-url", help="PostgreSQL URL.", show_default=False)
@@ -85,20 +92,44 @@ def _global(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     logs.configure(log_level)
-    _State.config = config
-    _State.overrides = {"database_url": database_url, "source": source, "fixtures_dir": fixtures_dir}
+    ctx.obj = Options(config, {"database_url": database_url, "source": source,
+                               "fixtures_dir": fixtures_dir})
 
 
-def settings() -> Settings:
-    return Settings.load(_State.config, **_State.overrides)
+def settings(ctx: typer.Context) -> Settings:
+    """The settings of this invocation: file, environment and the global options."""
+    options: Options = ctx.find_root().obj
+    return options.settings()
 
 
 def actor() -> str:
     return f"cli:{getpass.getuser()}"
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+def on_database(s: Settings, use: Callable[[PostgresSource], Awaitable[T]]) -> T:
+    """The frame of every command that works on the database: open it (the embedded one
+    when no database is configured), run `use` on it, close it."""
+
+    resolved = with_database(s)  # outside the loop: starting the embedded one runs its own
+
+    async def go() -> T:
+        async with PostgresSource(resolved) as db:
+            return await use(db)
+
+    return asyncio.run(go())
+
+
+def on_registry(s: Settings, use: Callable[[Registry], Awaitable[T]]) -> T:
+    """Like `on_database` for a command that reads through a registry (which falls back to
+    fixtures or the snapshot file, as a server would)."""
+
+    resolved = with_database(s)  # outside the loop: starting the embedded one runs its own
+
+    async def go() -> T:
+        async with Registry.open(resolved) as reg:
+            return await use(reg)
+
+    return asyncio.run(go())
 
 
 def emit_json(data: Any) -> None:
@@ -107,6 +138,7 @@ def emit_json(data: Any) -> None:
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8080,
     demo: Annotated[bool, typer.Option(
@@ -117,34 +149,30 @@ def serve(
     from .serve import serve as run_server
 
     with contextlib.suppress(KeyboardInterrupt):
-        run(run_server(settings(), host=host, port=port, demo=demo))
+        asyncio.run(run_server(settings(ctx), host=host, port=port, demo=demo))
 
 
 # -- database ------------------------------------------------------------------------------
 
 
 @app.command()
-def migrate() -> None:
+def migrate(ctx: typer.Context) -> None:
     """Apply missing schema migrations (safe to run twice, and from two processes)."""
-    applied = run_migrations(with_database(settings()).conninfo)
+    applied = run_migrations(with_database(settings(ctx)).conninfo)
     out.print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
 
 
 @app.command("import-fixtures")
 def import_fixtures(
+    ctx: typer.Context,
     folder: Path,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, write nothing.")] = False,
     json: JsonFlag = False,
 ) -> None:
     """Upsert every record of a fixtures folder into the database, audited, all or nothing."""
-    s = with_database(settings())
+    s = settings(ctx)
     records = _fixtures(folder, s)
-
-    async def go() -> dict[str, str]:
-        async with PostgresSource(s) as db:
-            return await db.import_extensions(records, actor(), dry_run=dry_run)
-
-    report = run(go())
+    report = on_database(s, lambda db: db.import_extensions(records, actor(), dry_run=dry_run))
     counts = {k: sorted(i for i, v in report.items() if v == k) for k in ("created", "updated", "unchanged")}
     if json:
         emit_json({"dry_run": dry_run, **counts})
@@ -155,9 +183,12 @@ def import_fixtures(
 
 
 @app.command()
-def export(target: Annotated[str, typer.Argument(help="A folder, or - for standard output.")]) -> None:
+def export(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="A folder, or - for standard output.")],
+) -> None:
     """Write every record as fixtures (one JSON file per extension) or as one list to stdout."""
-    records = [to_plain(e, writable_only=True) for e in _load_all(settings())]
+    records = [to_plain(e, writable_only=True) for e in _load_all(settings(ctx))]
     if target == "-":
         sys.stdout.write(jsonlib.dumps(records, indent=2, ensure_ascii=False) + "\n")
         return
@@ -171,12 +202,10 @@ def export(target: Annotated[str, typer.Argument(help="A folder, or - for standa
 
 
 @app.command()
-def validate(folder: Path, json: JsonFlag = False) -> None:
+def validate(ctx: typer.Context, folder: Path, json: JsonFlag = False) -> None:
     """Check a fixtures folder; report every problem and exit 2 if there is one."""
-    s = settings()
     try:
-        records = load_fixtures(folder, max_timeout_ms=s.extension_max_timeout_ms,
-                                max_retries=s.extension_max_retries)
+        records = _fixtures(folder, settings(ctx))
     except FixtureError as exc:
         if json:
             emit_json({"valid": False, "problems": exc.problems})
@@ -192,9 +221,9 @@ def validate(folder: Path, json: JsonFlag = False) -> None:
 
 
 @app.command("list")
-def list_(json: JsonFlag = False) -> None:
+def list_(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Every extension, disabled ones too."""
-    records = _load_all(settings())
+    records = _load_all(settings(ctx))
     if json:
         emit_json([to_plain(e) for e in records])
         return
@@ -206,9 +235,9 @@ def list_(json: JsonFlag = False) -> None:
 
 
 @app.command()
-def show(extension_id: str, json: JsonFlag = False) -> None:
+def show(ctx: typer.Context, extension_id: str, json: JsonFlag = False) -> None:
     """One extension, with its versions and instances."""
-    found = [e for e in _load_all(settings()) if e.id == extension_id]
+    found = [e for e in _load_all(settings(ctx)) if e.id == extension_id]
     if not found:
         raise ExtensionNotFound(extension_id)
     data = to_plain(found[0])
@@ -223,16 +252,14 @@ def show(extension_id: str, json: JsonFlag = False) -> None:
 
 
 @app.command()
-def status(json: JsonFlag = False) -> None:
+def status(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Which source serves, how many records, and how fresh they are."""
+    s = settings(ctx)
 
-    s = with_database(settings())
+    async def read(reg: Registry) -> dict[str, Any]:
+        return {**reg.status.as_dict(), "nats_url": s.nats_display}
 
-    async def go() -> dict[str, Any]:
-        async with Registry.open(s) as reg:
-            return {**reg.status.as_dict(), "nats_url": s.nats_display}
-
-    data = run(go())
+    data = on_registry(s, read)
     if json:
         emit_json(data)
         return
@@ -246,32 +273,28 @@ def status(json: JsonFlag = False) -> None:
 
 
 @app.command()
-def enable(extension_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+def enable(ctx: typer.Context, extension_id: str, url: UrlOption = None,
+           token: TokenOption = None) -> None:
     """Enable an extension (audited); every running registry picks it up by notification."""
-    _set_enabled(extension_id, True, url, token)
+    _set_enabled(ctx, extension_id, True, url, token)
 
 
 @app.command()
-def disable(extension_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+def disable(ctx: typer.Context, extension_id: str, url: UrlOption = None,
+            token: TokenOption = None) -> None:
     """Disable an extension (audited); every running registry picks it up by notification."""
-    _set_enabled(extension_id, False, url, token)
+    _set_enabled(ctx, extension_id, False, url, token)
 
 
 @app.command()
-def reload(url: UrlOption = None, token: TokenOption = None) -> None:
+def reload(ctx: typer.Context, url: UrlOption = None, token: TokenOption = None) -> None:
     """Ask every running registry on this database for a full reload."""
     if url:
         with ApiClient(url, token) as api:
             report = api.reload()
         out.print(f"reloaded: {report['count']} extensions from {report['source']}")
         return
-    s = _database_settings()
-
-    async def go() -> None:
-        async with PostgresSource(s) as db:
-            await db.request_reload()
-
-    run(go())
+    on_database(_database_settings(ctx), lambda db: db.request_reload())
     out.print("reload requested")
 
 
@@ -282,6 +305,7 @@ OneOrAll = Annotated[str | None, typer.Argument(help="One extension; all if omit
 
 @app.command()
 def health(
+    ctx: typer.Context,
     extension_id: OneOrAll = None,
     url: UrlOption = None,
     token: TokenOption = None,
@@ -293,7 +317,7 @@ def health(
             answer = api.health(extension_id)
         report: dict[str, Any] = answer if extension_id is None else {"extensions": [answer]}
     else:
-        report = _health_from_database(extension_id)
+        report = _health_from_database(ctx, extension_id)
     if json:
         emit_json(report if extension_id is None else report["extensions"][0])
         return
@@ -310,6 +334,7 @@ def health(
 
 @app.command()
 def audit(
+    ctx: typer.Context,
     extension_id: OneOrAll = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
     url: UrlOption = None,
@@ -321,7 +346,7 @@ def audit(
         with ApiClient(url, token) as api:
             rows = api.audit(extension_id, limit)
     else:
-        rows = _audit_from_database(extension_id, limit)
+        rows = _audit_from_database(ctx, extension_id, limit)
     if json:
         emit_json(rows)
         return
@@ -334,6 +359,7 @@ def audit(
 
 @app.command()
 def invoke(
+    ctx: typer.Context,
     extension_id: str,
     payload: Annotated[str, typer.Option("--payload", help="The request payload, as JSON.")] = "{}",
     tenant: Annotated[str | None, typer.Option("--tenant", help="Tenant id.")] = None,
@@ -353,7 +379,7 @@ def invoke(
         with ApiClient(url, token) as api:
             reply = api.invoke(extension_id, data, tenant_id=tenant)["reply"]
     else:
-        reply = _invoke_directly(extension_id, data, tenant)
+        reply = _invoke_directly(ctx, extension_id, data, tenant)
     if json:
         emit_json(reply)
     else:
@@ -362,6 +388,7 @@ def invoke(
 
 @app.command("sample-extensions")
 def sample_extensions(
+    ctx: typer.Context,
     nats_url: Annotated[str | None, typer.Option(
         "--nats-url", show_default=False, help="NATS server (default: the nats_url setting).")] = None,
 ) -> None:
@@ -371,7 +398,7 @@ def sample_extensions(
     """
     from .local.samples import main as serve_samples
 
-    serve_samples(nats_url or settings().nats_url)
+    serve_samples(nats_url or settings(ctx).nats_url)
 
 
 # -- API tokens ----------------------------------------------------------------------------
@@ -383,6 +410,7 @@ app.add_typer(token_app, name="token")
 
 @token_app.command("create")
 def token_create(
+    ctx: typer.Context,
     name: str,
     role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")],
     file: Annotated[Path | None, typer.Option(
@@ -400,8 +428,7 @@ def token_create(
         add_to_tokens_file(file, name, checked, hash_token(secret))
         where = str(file)
     else:
-        store = _token_store()
-        secret = run(store.create(name, checked, actor()))
+        secret = asyncio.run(_token_store(ctx).create(name, checked, actor()))
         where = "the database"
     if json:
         emit_json({"name": name, "role": checked, "token": secret})
@@ -412,9 +439,9 @@ def token_create(
 
 
 @token_app.command("list")
-def token_list(json: JsonFlag = False) -> None:
+def token_list(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Every token's name, role and dates (never the token or its hash)."""
-    rows = run(_token_store().list_tokens())
+    rows = asyncio.run(_token_store(ctx).list_tokens())
     if json:
         emit_json(rows)
         return
@@ -426,78 +453,68 @@ def token_list(json: JsonFlag = False) -> None:
 
 
 @token_app.command("revoke")
-def token_revoke(name: str) -> None:
+def token_revoke(ctx: typer.Context, name: str) -> None:
     """Stop a token from working, at once, on every server of this database."""
-    when = run(_token_store().revoke(name))
+    when = asyncio.run(_token_store(ctx).revoke(name))
     out.print(f"token {name!r} revoked at {when.isoformat()}", highlight=False)
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _set_enabled(extension_id: str, enabled: bool, url: str | None, token: str | None) -> None:
+def _set_enabled(ctx: typer.Context, extension_id: str, enabled: bool, url: str | None,
+                 token: str | None) -> None:
     if url:
         with ApiClient(url, token) as api:
             api.set_enabled(extension_id, enabled)
         out.print(f"{extension_id} {'enabled' if enabled else 'disabled'}")
         return
-    s = _database_settings()
-
-    async def go() -> str:
-        async with PostgresSource(s) as db:
-            return (await db.set_enabled(extension_id, enabled, actor()))[0]
-
-    outcome = run(go())
+    outcome, _ = on_database(_database_settings(ctx),
+                             lambda db: db.set_enabled(extension_id, enabled, actor()))
     if outcome == "absent":
         raise ExtensionNotFound(extension_id)
     state = "enabled" if enabled else "disabled"
     out.print(f"{extension_id} {state}" if outcome == "updated" else f"{extension_id} was already {state}")
 
 
-def _invoke_directly(extension_id: str, payload: Any, tenant: str | None) -> dict[str, Any]:
+def _invoke_directly(
+    ctx: typer.Context, extension_id: str, payload: Any, tenant: str | None
+) -> dict[str, Any]:
     """One call through a registry and invoker of our own; an extension error exits 1."""
     from .errors import ExtensionError
     from .invoke import Invoker
 
-    s = with_database(settings())
+    s = with_database(settings(ctx))
 
-    async def go() -> dict[str, Any]:
-        async with Registry.open(s) as reg, Invoker.open(reg, s) as inv:
+    async def call(reg: Registry) -> dict[str, Any]:
+        async with Invoker.open(reg, s) as inv:
             context = {"trace_id": uuid.uuid4().hex, "tenant_id": tenant}
             return await inv.invoke(extension_id, {"payload": payload, "metadata": {}}, context)
 
     try:
-        return run(go())
+        return on_registry(s, call)
     except ExtensionError as exc:
         err.print(ERROR, f"{exc.extension_id}: {exc.reason} (attempts: {exc.attempts})", sep="")
         raise typer.Exit(1) from None
 
 
-def _health_from_database(extension_id: str | None) -> dict[str, Any]:
+def _health_from_database(ctx: typer.Context, extension_id: str | None) -> dict[str, Any]:
     from .health_view import report_from_rows
 
-    s = _database_settings()
-
-    async def go() -> list[dict[str, Any]]:
-        async with PostgresSource(s) as db:
-            return await db.health_rows(extension_id)
-
-    rows = run(go())
+    s = _database_settings(ctx)
+    rows = on_database(s, lambda db: db.health_rows(extension_id))
     if extension_id is not None and not rows:
         raise ExtensionNotFound(extension_id)
     return report_from_rows(rows, s.health_based_routing_min_success_rate,
                             breaker_enabled=s.circuit_breaker_enabled)
 
 
-def _audit_from_database(extension_id: str | None, limit: int) -> list[dict[str, Any]]:
-    s = _database_settings()
-
-    async def go() -> list[dict[str, Any]]:
-        async with PostgresSource(s) as db:
-            return await db.audit_trail(extension_id, limit)
-
+def _audit_from_database(
+    ctx: typer.Context, extension_id: str | None, limit: int
+) -> list[dict[str, Any]]:
+    rows = on_database(_database_settings(ctx), lambda db: db.audit_trail(extension_id, limit))
     return [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
-            for row in run(go())]
+            for row in rows]
 
 
 def _changed_fields(row: dict[str, Any]) -> list[str]:
@@ -507,8 +524,8 @@ def _changed_fields(row: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if k not in stamps and old.get(k) != new.get(k))
 
 
-def _token_store() -> TokenStore:
-    s = with_database(settings())
+def _token_store(ctx: typer.Context) -> TokenStore:
+    s = with_database(settings(ctx))
     if not s.database_configured:
         raise ConfigError(
             "no database: a registry on fixtures takes its tokens from a tokens file; "
@@ -517,19 +534,21 @@ def _token_store() -> TokenStore:
     return TokenStore.from_settings(s)
 
 
-def _database_settings() -> Settings:
-    s = with_database(settings())
+def _database_settings(ctx: typer.Context) -> Settings:
+    """The settings of a command that works on the database itself (refused on fixtures,
+    which are read-only)."""
+    s = settings(ctx)
     if s.source == "fixtures":
         raise Conflict("source is 'fixtures': fixtures are read-only, edit the files instead")
     return s
 
 
-def _load_all(s: Settings) -> list[Extension]:
-    async def go() -> list[Extension]:
-        async with Registry.open(with_database(s)) as reg:
-            return reg.all()
+async def _all(reg: Registry) -> list[Extension]:
+    return reg.all()
 
-    return run(go())
+
+def _load_all(s: Settings) -> list[Extension]:
+    return on_registry(s, _all)
 
 
 def _fixtures(folder: Path, s: Settings) -> list[Extension]:
