@@ -40,7 +40,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
-from extreg import Registry, Settings
+from extreg import Registry, Settings, logs
 from extreg.adapters.migrate import migrate
 from extreg.adapters.nats import NatsTransport
 from extreg.adapters.postgres import PostgresSource
@@ -151,7 +151,7 @@ async def run(calls: int, rounds: int) -> None:
                     results = await compare(clients, calls, rounds)
                     start = counter.mark()
                     invoked = 0
-                    for _ in range(3):
+                    for _ in range(2):
                         _, done = await measure(invoke, calls, IN_FLIGHT)
                         invoked += len(done)
                     hot_statements = counter.count_since(start)
@@ -206,10 +206,11 @@ def print_table(rows: list[tuple[str, ...]], calls: int, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20_000, help="concurrent calls per round")
+    parser.add_argument("--calls", type=int, default=10_000, help="concurrent calls per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="4,000 calls, 3 rounds")
     args = parser.parse_args()
+    logs.configure("warning")
     asyncio.run(run(4_000, 3) if args.quick else run(args.calls, args.rounds))
 
 
