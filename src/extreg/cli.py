@@ -28,7 +28,7 @@ from .adapters.fixtures import load_fixtures
 from .adapters.migrate import migrate as run_migrations
 from .adapters.postgres import PostgresSource
 from .client import ApiClient
-from .core.model import Extension, to_plain
+from .core.model import DATABASE_KEPT, Extension, to_plain
 from .errors import (
     ConfigError,
     Conflict,
@@ -520,8 +520,8 @@ def _audit_from_database(
 def _changed_fields(row: dict[str, Any]) -> list[str]:
     """The fields an audit row changed (stamps left out)."""
     old, new = row.get("old_values") or {}, row.get("new_values") or {}
-    stamps = {"updated_at", "updated_by", "created_at", "created_by"}
-    return sorted(k for k in set(old) | set(new) if k not in stamps and old.get(k) != new.get(k))
+    return sorted(k for k in set(old) | set(new)
+                  if k not in DATABASE_KEPT and old.get(k) != new.get(k))
 
 
 def _token_store(ctx: typer.Context) -> TokenStore:

@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from ..core.model import Extension, record_problems, to_plain
+from ..core.model import WRITABLE_FIELDS, Extension, record_problems, to_plain
 from ..errors import Conflict, SourceUnavailable
 from ..settings import Settings, redact_url
 from . import postgres_health as health_sql
@@ -99,7 +99,8 @@ SELECT pg_advisory_xact_lock(%(lock_class)s, k)
 FROM (SELECT DISTINCT hashtext(i) & 255 AS k FROM unnest(%(ids)s::text[]) AS i ORDER BY k) AS keys
 """
 _LOCK_ROWS = "SELECT 1 FROM extensions WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE"
-_COLUMNS = ("id", "type", "subject", "timeout_ms", "retry", "enabled", "version", "config", "metadata")
+# The `extensions` table's own writable columns: the record's, but the child tables'.
+_COLUMNS = tuple(f for f in WRITABLE_FIELDS if f not in ("versions", "instances"))
 
 Limits = tuple[int, int]  # extension_max_timeout_ms, extension_max_retries
 Change = Callable[["Extension | None"], "Extension | None"]

@@ -22,11 +22,9 @@ from fastapi import HTTPException, Request
 
 from ..adapters.fixtures import MAX_DEPTH
 from ..core import strictjson
-from ..core.model import Extension, parse_extension
+from ..core.model import DATABASE_KEPT, Extension, parse_extension
 from ..errors import InvalidRecord, StrictJSONError, printable
 from ..settings import Settings
-
-READ_ONLY = ("created_at", "updated_at", "created_by", "updated_by")  # kept by the database
 
 
 async def json_object(request: Request, label: str) -> dict[str, Any]:
@@ -38,7 +36,7 @@ async def json_object(request: Request, label: str) -> dict[str, Any]:
     problems = list(_unstorable(data, ""))
     if problems:
         raise InvalidRecord(label, problems)
-    return {k: v for k, v in data.items() if k not in READ_ONLY}
+    return {k: v for k, v in data.items() if k not in DATABASE_KEPT}  # kept by the database
 
 
 async def strict_body(request: Request) -> None:
@@ -120,7 +118,7 @@ def schema_components() -> dict[str, Any]:
     components: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(generated))  # plain JSON
     served = components["Extension"]
     writable = copy.deepcopy(served)
-    for key in READ_ONLY:
+    for key in DATABASE_KEPT:
         writable["properties"].pop(key, None)
     create = {**writable, "title": "ExtensionCreate", "description": "A new extension record."}
     replace = {**copy.deepcopy(writable), "title": "ExtensionReplace",

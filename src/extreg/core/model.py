@@ -94,11 +94,13 @@ class Extension(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=Fals
     updated_by: Actor | None = None
 
 
-# Fields a user may write; the rest are kept by the database.
-WRITABLE_FIELDS = (
-    "id", "type", "subject", "timeout_ms", "retry", "enabled", "version",
-    "config", "metadata", "versions", "instances",
-)  # fmt: skip
+# The stamps the database keeps (who made and last changed a record, and when): never
+# written by a user, left out of exports and imports. Versions carry the `created_*` pair.
+DATABASE_KEPT = ("created_at", "updated_at", "created_by", "updated_by")
+# Fields a user may write: every other field of the record, in the record's order.
+WRITABLE_FIELDS = tuple(
+    f.name for f in msgspec.structs.fields(Extension) if f.name not in DATABASE_KEPT
+)
 
 
 def parse_extension(
@@ -191,8 +193,8 @@ def to_plain(ext: Extension, *, writable_only: bool = False) -> dict[str, Any]:
     if writable_only:
         data = {k: data[k] for k in WRITABLE_FIELDS}
         for version in data["versions"]:
-            version.pop("created_at", None)
-            version.pop("created_by", None)
+            for key in DATABASE_KEPT:
+                version.pop(key, None)
     return data
 
 
