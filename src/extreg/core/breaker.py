@@ -50,6 +50,7 @@ import structlog
 
 from ..errors import CircuitOpen, Conflict, InvalidRecord
 from .clock import SYSTEM_CLOCK, Clock
+from .times import iso_seconds
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -213,14 +214,10 @@ class CircuitSnapshot:
             "window_calls": self.window_calls,
             "window_failures": self.window_failures,
             "half_open_admitted": self.half_open_admitted,
-            "opened_at": _iso(self.opened_at),
+            "opened_at": iso_seconds(self.opened_at),
             "open_reason": self.open_reason,
             "forced": self.forced,
         }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class _Circuit:
