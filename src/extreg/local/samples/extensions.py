@@ -21,9 +21,11 @@ The NATS plumbing (and the stateful `flaky` and the byte-for-byte `echo`) live i
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -95,6 +97,24 @@ SAMPLE_EXTENSIONS: tuple[SampleExtension, ...] = (
 """Every sample, in the order `extreg sample-extensions` serves them."""
 
 SAMPLES_BY_ID: dict[str, SampleExtension] = {s.id: s for s in SAMPLE_EXTENSIONS}
+
+BUNDLED_IDS = ("normalize_text", "pii_guard", "mask_pii", "test_provider")
+"""The samples whose records are the bundled fixtures (the four of the wire contract)."""
+BUNDLED_FIXTURES_FILE = Path(__file__).parents[2] / "fixtures" / "samples.json"
+
+
+def bundled_fixtures_text() -> str:
+    """The bundled fixtures file (`extreg/fixtures/samples.json`, the default `fixtures_dir`
+    and the embedded database's first records), generated from the samples so the records
+    are written once: `write_bundled_fixtures` rewrites it, and a test fails when it differs."""
+    records = [SAMPLES_BY_ID[i].record() for i in BUNDLED_IDS]
+    return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_bundled_fixtures() -> None:
+    """Regenerate the bundled fixtures file after a change to the samples' records (run
+    `python -c "from extreg.local.samples.extensions import write_bundled_fixtures as w; w()"`)."""
+    BUNDLED_FIXTURES_FILE.write_text(bundled_fixtures_text(), encoding="utf-8")
 
 # ---- patterns ---------------------------------------------------------------------------
 
