@@ -28,15 +28,20 @@ TASK_GRACE_S = 2.0  # for tasks cancelled during teardown to finish: they need a
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Put the task check first among every async test's fixtures (so it is torn down last,
-    after the test's own fixtures have closed what they opened), on the test's loop."""
+    """Give every async test the task check, on the test's loop: after the fixtures shared by
+    a module or the session (their tasks are not the test's) and before the test's own (so it
+    is torn down after them, once they have closed what they opened)."""
     for item in items:
         if not pytest_asyncio.is_async_test(item):
             continue
         marker = item.get_closest_marker("asyncio")
         scope = (marker.kwargs.get("loop_scope") if marker else None) or item.config.getini(
             "asyncio_default_test_loop_scope")
-        item.fixturenames.insert(0, f"_no_task_outlives_the_test_{scope}")  # type: ignore[attr-defined]
+        names: list[str] = item.fixturenames  # type: ignore[attr-defined]
+        defs = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]  # no public view
+        first_own = next((i for i, name in enumerate(names)
+                          if name in defs and defs[name][-1].scope == "function"), len(names))
+        names.insert(first_own, f"_no_task_outlives_the_test_{scope}")
 
 
 async def _tasks_outliving(before: set[asyncio.Task[object]]) -> None:
