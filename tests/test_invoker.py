@@ -181,7 +181,8 @@ async def test_timeout_with_retry_one_makes_two_attempts(
 
 
 async def test_timeout_without_retry(tmp_path: Path, nats_url: str, nats_client: Client) -> None:
-    """With retry 0 one request is sent; ExtensionTimeout after about timeout_ms, 1 attempt."""
+    """With retry 0 one request is sent; ExtensionTimeout after timeout_ms (not before), 1
+    attempt."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("slow", on, timeout_ms=50))
     async with listen(nats_client, on) as seen, open_invoker(settings) as inv:
@@ -190,7 +191,7 @@ async def test_timeout_without_retry(tmp_path: Path, nats_url: str, nats_client:
             await inv.invoke("slow", {"payload": 1}, CONTEXT)
         elapsed = time.perf_counter() - started
     assert (1, 1) == (seen.count, caught.value.attempts)
-    assert 0.045 < elapsed < 0.5
+    assert elapsed > 0.045  # a lower bound only: a loaded machine may take longer, never less
 
 
 async def test_retry_succeeds_on_second_attempt(
@@ -207,15 +208,14 @@ async def test_retry_succeeds_on_second_attempt(
 
 
 async def test_no_responders_is_not_retried(tmp_path: Path, nats_url: str) -> None:
-    """Nobody listening: InvocationError 'no responders' at once, one attempt, no retry."""
+    """Nobody listening: InvocationError 'no responders', one attempt, no retry. (Not a
+    timeout waited out: that would be MaxRetriesExceeded after 4 attempts.)"""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("nobody", on, timeout_ms=2000, retry=3))
     async with open_invoker(settings) as inv:
-        started = time.perf_counter()
         with pytest.raises(InvocationError) as caught:
             await inv.invoke("nobody", {"payload": 1}, CONTEXT)
     assert (f"no responders on {on}", 1) == (caught.value.reason, caught.value.attempts)
-    assert time.perf_counter() - started < 0.5
 
 
 # -- the reply -------------------------------------------------------------------------------
@@ -446,9 +446,9 @@ async def test_observer_sees_every_outcome(tmp_path: Path, nats_url: str, nats_c
 async def test_nats_outage_fails_fast_and_recovers(
     tmp_path: Path, nats_server_factory: Callable[..., NatsServer]
 ) -> None:
-    """While NATS is down, calls fail at once with TransportUnavailable (far under their
-    5-second timeout) and are not counted against the extension; when NATS is back, calls
-    succeed again without a new invoker."""
+    """While NATS is down, calls fail with TransportUnavailable (raised before any request,
+    so no timeout is waited out) and are not counted against the extension; when NATS is back,
+    calls succeed again without a new invoker."""
     server = nats_server_factory()
     settings = fixture_settings(tmp_path, server.url)
     request = {"payload": {"prompt": "hi"}}
@@ -456,10 +456,8 @@ async def test_nats_outage_fails_fast_and_recovers(
         assert "Test response: hi" == (await inv.invoke("test_provider", request, CONTEXT))["output"]
         await server.astop()
         await wait_for(lambda: not inv.connected, timeout=5)
-        started = time.perf_counter()
         with pytest.raises(TransportUnavailable):
             await inv.invoke("test_provider", request, CONTEXT)
-        down_call_s = time.perf_counter() - started
         await server.astart()
         replies: list[dict[str, Any]] = []
 
@@ -470,12 +468,11 @@ async def test_nats_outage_fails_fast_and_recovers(
                 return False
             return True
 
-        deadline = time.perf_counter() + 15
+        deadline = time.perf_counter() + 30
         while not await try_call():
             assert time.perf_counter() < deadline, "calls did not succeed after NATS came back"
             await asyncio.sleep(0.05)
         health = inv.health.get_health("test_provider")
-    assert down_call_s < 0.05
     assert "Test response: hi" == replies[-1]["output"]
     assert 0 == health["failure_count"]
 
@@ -484,13 +481,15 @@ async def test_call_waiting_when_nats_drops_fails_fast(
     tmp_path: Path, nats_server_factory: Callable[..., NatsServer]
 ) -> None:
     """A call waiting for a reply when the connection drops fails with TransportUnavailable
-    right away instead of waiting out its 5-second timeout."""
+    instead of waiting out its timeout (which would raise ExtensionTimeout)."""
     server = nats_server_factory()
     on = subject()
-    settings = fixture_settings(tmp_path, server.url, rec("hang", on, timeout_ms=5000))
+    settings = fixture_settings(tmp_path, server.url, rec("hang", on, timeout_ms=30_000))
     async with open_invoker(settings) as inv:
+        received = asyncio.Event()
+
         async def never_answer(msg: Any) -> None:
-            return None
+            received.set()
 
         async def quiet(exc: Exception) -> None:
             return None
@@ -499,14 +498,11 @@ async def test_call_waiting_when_nats_drops_fails_fast(
         await listener.subscribe(on, cb=never_answer)
         await listener.flush()
         call = asyncio.create_task(inv.invoke("hang", {"payload": 1}, CONTEXT))
-        await asyncio.sleep(0.1)
-        started = time.perf_counter()
+        await received.wait()  # the request is out: the call is waiting for its reply
         await server.astop()
         with pytest.raises(TransportUnavailable):
             await call
-        elapsed = time.perf_counter() - started
         await listener.close()
-    assert elapsed < 2.0
 
 
 async def test_breaker_follows_registry_changes(tmp_path: Path, db_url: str, nats_url: str) -> None:

@@ -10,11 +10,13 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 from helpers import make_settings, record
+from invoke_helpers import FakeClock
 from structlog.testing import capture_logs
 
 from extreg import ExtensionDisabled, ExtensionNotFound, Registry
@@ -46,7 +48,10 @@ def unreachable_url() -> str:
     return f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/nothing"
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> float:
+DEADLINE_S = 30.0  # generous: fails only what never happens
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = DEADLINE_S) -> float:
     """Poll until `condition()` holds; return the seconds it took, fail after `timeout`."""
     started = time.perf_counter()
     while not condition():
@@ -124,6 +129,21 @@ async def test_periodic_sync_picks_up_plain_sql_change(tmp_path: Path, db_url: s
         await wait_for(lambda: [e.id for e in reg.all()] == ["keep", "new"]
                        and reg.lookup("keep").timeout_ms == 777)
         assert reg.status.last_sync_at is not None
+
+
+async def test_times_come_from_the_given_clock(tmp_path: Path, db_url: str) -> None:
+    """`Registry.open(..., clock=)` dates loads and syncs by that clock, not the system's."""
+    insert(db_url, "a")
+    clock = FakeClock(wall=1_780_000_000.0)
+    settings = make_settings(tmp_path, source="database", database_url=db_url,
+                             sync_interval_seconds=0.05)
+    async with Registry.open(settings, clock=clock) as reg:
+        loaded = reg.status.loaded_at
+        clock.advance(60)
+        await wait_for(lambda: reg.status.last_sync_at is not None)
+        synced = reg.status.last_sync_at
+    start = datetime.fromtimestamp(1_780_000_000.0, UTC)
+    assert (start, start + timedelta(seconds=60)) == (loaded, synced)
 
 
 async def test_reload_fixtures(tmp_path: Path) -> None:
@@ -227,23 +247,24 @@ async def test_readers_never_miss_during_reloads(tmp_path: Path) -> None:
 # -- freshness ---------------------------------------------------------------------------------
 
 
-async def test_notification_applies_sql_change_within_a_second(tmp_path: Path, db_url: str) -> None:
+async def test_notification_applies_sql_change(tmp_path: Path, db_url: str) -> None:
     """An insert, an update and a delete made with plain SQL in another connection reach the
-    cache through notifications, each within a second (the periodic sync is an hour away)."""
+    cache through notifications (the periodic sync is an hour away, so nothing else brings
+    them; how fast they arrive is a benchmark's figure)."""
     insert(db_url, "a")
     settings = make_settings(tmp_path, source="database", database_url=db_url,
                              sync_interval_seconds=3600)
     async with Registry.open(settings) as reg:
         insert(db_url, "b")
-        assert await wait_for(lambda: reg.get("b") is not None, 1.0) < 1.0
+        await wait_for(lambda: reg.get("b") is not None)
         sql(db_url, "UPDATE extensions SET enabled = false WHERE id = 'a'")
-        await wait_for(lambda: not reg.get("a").enabled, 1.0)  # type: ignore[union-attr]
+        await wait_for(lambda: not reg.get("a").enabled)  # type: ignore[union-attr]
         sql(db_url, "INSERT INTO extension_versions (id, version, subject, timeout_ms, retry,"
                     " routing_rules) VALUES ('b', 'v2', 'x.b.v2', 50, 0, '{\"tenant_id\": [\"t1\"]}')")
-        await wait_for(lambda: len(reg.lookup("b").versions) == 1, 1.0)
+        await wait_for(lambda: len(reg.lookup("b").versions) == 1)
         assert {"tenant_id": ["t1"]} == reg.lookup("b").versions[0].routing_rules
         sql(db_url, "DELETE FROM extensions WHERE id = 'b'")
-        await wait_for(lambda: reg.get("b") is None, 1.0)
+        await wait_for(lambda: reg.get("b") is None)
         assert ["a"] == [e.id for e in reg.all()]
 
 
@@ -261,13 +282,13 @@ async def test_database_stopped_mid_run_keeps_serving_then_recovers(
                              sync_interval_seconds=0.5)
     async with Registry.open(settings) as reg:
         own_pg.stop()
-        await wait_for(lambda: reg.status.stale, 5)
+        await wait_for(lambda: reg.status.stale)
         assert "a" == reg.lookup("a").id
         assert "database" == reg.status.source
         assert reg.status.last_error is not None
         own_pg.start()
         insert(url, "b")
-        await wait_for(lambda: not reg.status.stale and reg.get("b") is not None, 15)
+        await wait_for(lambda: not reg.status.stale and reg.get("b") is not None)
         assert ["a", "b"] == [e.id for e in reg.all()]
 
 
@@ -290,7 +311,7 @@ async def test_boot_from_snapshot_file_with_database_down(
         assert served == reg.all()
         assert ("snapshot_file", True) == (reg.status.source, reg.status.stale)
         own_pg.start()
-        await wait_for(lambda: reg.status.source == "database" and not reg.status.stale, 15)
+        await wait_for(lambda: reg.status.source == "database" and not reg.status.stale)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "edit"])
@@ -326,20 +347,35 @@ def read_snapshot_file_or_none(path: Path, good: bytes, location: str) -> list[o
     return list(read_snapshot_file(path, location)[0])
 
 
+async def watcher_live(folder: Path, events: list[dict[str, object]]) -> None:
+    """Touch a file that is no fixture until the folder watcher reloads: it is watching now."""
+    for attempt in range(300):
+        (folder / "ready.txt").write_text(str(attempt), encoding="utf-8")
+        try:
+            await wait_for(lambda: any(e["event"] == "reloaded" for e in events), 0.1)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("the fixtures watcher never started")
+
+
 async def test_bad_fixtures_leave_the_cache_untouched(tmp_path: Path) -> None:
     """A reload with a bad fixtures folder raises and keeps serving the previous snapshot;
-    the folder watcher ignores a bad edit and applies a good one."""
+    the folder watcher rejects a bad edit (logged) and applies a good one."""
     folder = write_fixtures(tmp_path / "fx", record("a"))
-    async with Registry.open(make_settings(tmp_path, source="fixtures", fixtures_dir=folder)) as reg:
-        before = reg.snapshot
-        (folder / "bad.json").write_text('[{"id": "b", "type": "pre"', encoding="utf-8")
-        with pytest.raises(FixtureError):
-            await reg.reload()
-        await asyncio.sleep(0.6)  # give the watcher time to see the bad file
-        assert before is reg.snapshot
-        (folder / "bad.json").write_text(json.dumps(record("b")), encoding="utf-8")
-        await wait_for(lambda: reg.get("b") is not None, 5)
-        assert ["a", "b"] == [e.id for e in reg.all()]
+    settings = make_settings(tmp_path, source="fixtures", fixtures_dir=folder)
+    with capture_logs() as events:
+        async with Registry.open(settings) as reg:
+            await watcher_live(folder, events)
+            before = reg.snapshot
+            (folder / "bad.json").write_text('[{"id": "b", "type": "pre"', encoding="utf-8")
+            with pytest.raises(FixtureError):
+                await reg.reload()
+            await wait_for(lambda: any(e["event"] == "fixtures_rejected" for e in events))
+            assert before is reg.snapshot  # the watcher saw the bad file and kept the cache
+            (folder / "bad.json").write_text(json.dumps(record("b")), encoding="utf-8")
+            await wait_for(lambda: reg.get("b") is not None)
+            assert ["a", "b"] == [e.id for e in reg.all()]
 
 
 def test_snapshot_write_removes_old_leftovers_of_killed_writes(tmp_path: Path) -> None:
@@ -422,5 +458,5 @@ async def test_failed_snapshot_write_is_retried_without_a_new_change(
             await wait_for(lambda: any(e["event"] == "snapshot_file_not_written" for e in events))
             assert not settings.snapshot_path.exists()
             blocker.unlink()
-            await wait_for(settings.snapshot_path.exists, 10)
+            await wait_for(settings.snapshot_path.exists)
     assert ["a"] == [r.id for r in read_snapshot_file(settings.snapshot_path, location_of(db_url))[0]]
