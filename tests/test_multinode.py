@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -39,6 +39,18 @@ async def cluster() -> AsyncIterator[Cluster]:
         yield running
         for node in running.nodes:
             assert node.alive, f"{node.name} died during the tests:\n{node.log_tail()}"
+
+
+@pytest.fixture(autouse=True)
+def no_node_logs_an_error(cluster: Cluster) -> Iterator[None]:
+    """After every test, whatever the order they run in: no node has logged an error-level
+    event or a traceback (warnings about the database being away are expected and allowed).
+    A check written as a last test would pass untested when run first."""
+    yield
+    for node in cluster.nodes:
+        errors = [e for e in node.log_events() if e.get("level") in ("error", "critical")]
+        assert [] == errors, f"{node.name}:\n{node.log_tail()}"
+        assert "Traceback" not in node.log_path.read_text(errors="replace")
 
 
 async def _record(node: Node, extension_id: str) -> dict[str, Any]:
@@ -255,12 +267,3 @@ async def test_every_node_answers_lookups_while_the_database_restarts(cluster: C
     await _write_and_measure(cluster, "PATCH after restart", "PATCH",
                              "/admin/extensions/test_provider", "test_provider", "timeout_ms",
                              base["timeout_ms"] + 11, json={"timeout_ms": base["timeout_ms"] + 11})
-
-
-async def test_no_node_logged_an_error(cluster: Cluster) -> None:
-    """No node logged an error-level event or a traceback during the run so far (warnings
-    about the database being away are expected and allowed)."""
-    for node in cluster.nodes:
-        errors = [e for e in node.log_events() if e.get("level") in ("error", "critical")]
-        assert [] == errors, f"{node.name}:\n{node.log_tail()}"
-        assert "Traceback" not in node.log_path.read_text(errors="replace")
