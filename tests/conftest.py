@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterator
+from typing import Literal
 
 import pytest
 import pytest_asyncio
@@ -37,8 +38,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marker = item.get_closest_marker("asyncio")
         scope = (marker.kwargs.get("loop_scope") if marker else None) or item.config.getini(
             "asyncio_default_test_loop_scope")
-        names: list[str] = item.fixturenames  # type: ignore[attr-defined]
-        defs = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]  # no public view
+        names: list[str] = item.fixturenames
+        defs = item._fixtureinfo.name2fixturedefs  # no public view of the fixtures' scopes
         first_own = next((i for i, name in enumerate(names)
                           if name in defs and defs[name][-1].scope == "function"), len(names))
         names.insert(first_own, f"_no_task_outlives_the_test_{scope}")
@@ -64,8 +65,8 @@ async def _tasks_outliving(before: set[asyncio.Task[object]]) -> None:
             f"{t.get_name()} ({t.get_coro()!r})" for t in leaked), pytrace=False)
 
 
-def _task_check(loop_scope: str) -> object:
-    @pytest_asyncio.fixture(loop_scope=loop_scope, name=f"_no_task_outlives_the_test_{loop_scope}")  # type: ignore[arg-type]
+def _task_check(loop_scope: Literal["function", "module"]) -> object:
+    @pytest_asyncio.fixture(loop_scope=loop_scope, name=f"_no_task_outlives_the_test_{loop_scope}")
     async def check() -> AsyncIterator[None]:
         before = asyncio.all_tasks()
         yield
