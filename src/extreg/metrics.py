@@ -98,8 +98,8 @@ class Metrics:
             registry=r,
         )
         # The per-extension families are kept and rendered here, not by prometheus_client:
-        # they are nearly all of the exposition, and its generic rendering costs about 12 µs
-        # a line (a 10,000-extension registry: seconds per scrape). See `_Latency`.
+        # they are nearly all of the exposition, and its generic rendering took seconds per
+        # scrape at 10,000 extensions (`scripts/bench bench_metrics` renders both). See `_Latency`.
         self.invocation_latency = _Latency(
             "extension_invocation_latency_seconds",
             "Duration of extension invocations, by extension and outcome.",

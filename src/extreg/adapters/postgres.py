@@ -36,10 +36,11 @@ log = structlog.get_logger("extreg.postgres")
 CHANNEL = "extreg_changes"
 WRITE_LOCK_CLASS = 0x65787401  # advisory lock class of `write_extension` (one per id)
 CONNECT_TIMEOUT_S = 3
-# PostgreSQL's JIT compiles the load query anew each time and costs more than it saves:
-# a 10,000-extension load takes 80 ms with it and 57 ms without.
+# A server built with JIT would compile the load query anew on every load; ours run short
+# queries, so JIT is off on our connections (bench/bench_registry.py prints JIT-on rows on a
+# server that has JIT).
 NO_JIT = "-c jit=off"
-LOAD_PARTS = 2  # a power of two; more gains nothing on two cores
+LOAD_PARTS = 2  # a power of two: the full load in parts on as many connections at once
 
 # Versions and instances are aggregated once per table and joined, rather than by a
 # subquery per row: half the time at 10,000 extensions. `{key}` is the id column of each
@@ -169,8 +170,8 @@ class PostgresSource:
         """Every extension, enabled or not, with versions and instances.
 
         Read as LOAD_PARTS hash partitions on separate connections at once, so PostgreSQL
-        renders one part while we decode another: 10,000 extensions load in about 70 ms
-        instead of 100. Each id lives in exactly one part; a change made between the parts'
+        renders one part while we decode another (two parts against one: docs/performance.md,
+        "Full load"). Each id lives in exactly one part; a change made between the parts'
         reads arrives by notification like any other.
         """
         mask = LOAD_PARTS - 1
