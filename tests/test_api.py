@@ -94,7 +94,7 @@ async def test_route_roles(tmp_path: Path, db_url: str, method: str, path: str, 
         unknown = await call(api.client, method, path, body,
                              {"Authorization": f"Bearer {generate_token()}"})
         assert 401 == unknown.status_code
-        for smaller in ROLES[: ROLES.index(role)]:  # type: ignore[arg-type]
+        for smaller in ROLES[: ROLES.index(role)]:
             refused = await call(api.client, method, path, body, api.auth(smaller))
             assert (smaller, 403) == (smaller, refused.status_code)
         answer = await call(api.client, method, path, body, api.auth(role))

@@ -86,6 +86,7 @@ def state(conn: psycopg.Connection[Any], api: Api) -> dict[str, Any]:
         ).fetchone()
         found[table] = row[0] if row else None
     invoker = api.runtime.invoker
+    assert invoker is not None
     found["registry"] = [to_plain(e) for e in api.runtime.registry.all()]
     found["circuits"] = dict(invoker.breaker.states())
     found["calls"] = len(invoker.calls)

@@ -37,12 +37,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import annotated_types
 import pytest
 from helpers import CaseCounter, make_settings, record
 from structlog.testing import capture_logs
+from structlog.typing import EventDict
 
 from extreg import Registry
 from extreg.adapters.fixtures import MAX_FILE_BYTES, load_fixtures
@@ -490,7 +491,7 @@ async def until(condition: Callable[[], bool], seconds: float) -> bool:
     return condition()
 
 
-async def watcher_ready(folder: Path, events: list[dict[str, Any]]) -> None:
+async def watcher_ready(folder: Path, events: list[EventDict]) -> None:
     """Touch a non-fixture file until the folder watcher reacts, so it is known to be live."""
     for attempt in range(100):
         (folder / "ready.txt").write_text(str(attempt), encoding="utf-8")
@@ -518,13 +519,13 @@ async def test_watcher_keeps_serving_through_the_whole_corpus(tmp_path: Path) ->
             for entry in sorted(staging.iterdir()):
                 os.rename(entry, folder / entry.name)
                 moved.append(folder / entry.name)
-            def names_every_case(event: dict[str, Any]) -> bool:
+            def names_every_case(event: EventDict) -> bool:
                 return event["event"] == "fixtures_rejected" and all(
                     any(p.startswith(c.name) for p in event["problems"]) for c in CASES)
 
             # on a loaded machine the moves may reach the watcher in more than one batch, each
             # rejected; the one after the last move names every case
-            def rejections() -> list[dict[str, Any]]:
+            def rejections() -> list[EventDict]:
                 return [e for e in events if e["event"] == "fixtures_rejected"]
 
             assert await until(lambda: any(map(names_every_case, rejections())), DEADLINE_S), (
@@ -872,10 +873,10 @@ def _numeric_keys() -> dict[str, Numeric]:
         low, strict = None, False
         for meta in info.metadata:
             if isinstance(meta, annotated_types.Ge):
-                low, strict = float(meta.ge), False
+                low, strict = float(cast(float, meta.ge)), False
             elif isinstance(meta, annotated_types.Gt):
-                low, strict = float(meta.gt), True
-        keys[name] = Numeric(info.annotation, low, strict)
+                low, strict = float(cast(float, meta.gt)), True
+        keys[name] = Numeric(float if info.annotation is float else int, low, strict)
     return keys
 
 

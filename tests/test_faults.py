@@ -40,6 +40,7 @@ from invoke_helpers import SAMPLE_RECORDS, fixture_settings, open_invoker, subje
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from structlog.testing import capture_logs
+from structlog.typing import EventDict
 
 from extreg import (
     ExtensionError,
@@ -479,8 +480,11 @@ async def test_kill_node_during_snapshot_write(
             node.kill()
             node.start()
             left_before = set(temp_files(node.data_dir))
-            killer = watch_and_kill(node, lambda old=left_before: bool(
-                set(temp_files(node.data_dir)) - old), timeout=10)
+
+            def new_temp_file(old: set[str] = left_before) -> bool:
+                return bool(set(temp_files(node.data_dir)) - old)
+
+            killer = watch_and_kill(node, new_temp_file, timeout=10)
             await asyncio.to_thread(killer.join)
             assert node.proc is not None and node.proc.wait(5) == -signal.SIGKILL
             node.proc = None
@@ -535,8 +539,11 @@ async def test_kill_node_during_health_flush(
                 landed = health_counts(db_url, "counted")[0] + 20
                 async with httpx.AsyncClient(base_url=node.url, headers=node.client.headers) as c:
                     callers = [asyncio.create_task(traffic(c)) for _ in range(4)]
-                    await wait_for(lambda goal=landed: health_counts(db_url, "counted")[0] >= goal,
-                                   timeout=10, step=0.02)
+
+                    def landed_all(goal: int = landed) -> bool:
+                        return health_counts(db_url, "counted")[0] >= goal
+
+                    await wait_for(landed_all, timeout=10, step=0.02)
                     with psycopg.connect(db_url, autocommit=True) as probe:
                         killer = watch_and_kill(node, lambda: bool(
                             other_backends(probe, "backend_xid IS NOT NULL")), timeout=10)
@@ -622,7 +629,7 @@ async def test_snapshot_disk_full_or_read_only(
             else:
                 remount(tiny_disk, "ro")
 
-            def refused() -> list[dict[str, Any]]:
+            def refused() -> list[EventDict]:
                 return [e for e in events if e["event"] == "snapshot_file_not_written"]
 
             sql(db_url, insert, ("b", "x.b.v1"))

@@ -5,6 +5,7 @@ side (health persistence, automation) is in test_health_store.py and test_automa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -373,10 +374,8 @@ async def test_health_counts_after_known_mix(
     answers = iter(plan)
     async with listen(nats_client, on, lambda msg: next(answers)), open_invoker(settings) as inv:
         for _ in plan:
-            try:
+            with contextlib.suppress(InvalidResponse, ExtensionTimeout):
                 await inv.invoke("mix", {"payload": 1}, CONTEXT)
-            except (InvalidResponse, ExtensionTimeout):
-                pass
         health = inv.health.get_health("mix")
         summary = inv.health.get_health_summary(inv.registry.all())
     assert (7, 5, round(7 / 12, 4), "disabled") == (  # breakers are off by default

@@ -179,10 +179,12 @@ async def _flushed_once_more(cluster: Cluster) -> None:
         response = await node.client.post(f"/admin/extensions/{WITNESS}/invoke",
                                           json={"payload": {"text": "witness"}})
         assert 200 == response.status_code, response.text
+    pids = [pid for n in cluster.nodes if (pid := n.pid) is not None]
+    assert len(cluster.nodes) == len(pids), "a node is not running"
     deadline = time.monotonic() + DEADLINE_S
     while True:
         now = await _batches(cluster)
-        if all(now.get(n.pid, 0) > before.get(n.pid, 0) for n in cluster.nodes):
+        if all(now.get(pid, 0) > before.get(pid, 0) for pid in pids):
             return
         assert time.monotonic() < deadline, f"no new health batch: {before} -> {now}"
         await asyncio.sleep(0.05)

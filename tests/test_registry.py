@@ -18,6 +18,7 @@ import pytest
 from helpers import make_settings, record
 from invoke_helpers import FakeClock
 from structlog.testing import capture_logs
+from structlog.typing import EventDict
 
 from extreg import ExtensionDisabled, ExtensionNotFound, Registry
 from extreg.adapters.postgres import location_of
@@ -347,7 +348,7 @@ def read_snapshot_file_or_none(path: Path, good: bytes, location: str) -> list[o
     return list(read_snapshot_file(path, location)[0])
 
 
-async def watcher_live(folder: Path, events: list[dict[str, object]]) -> None:
+async def watcher_live(folder: Path, events: list[EventDict]) -> None:
     """Touch a file that is no fixture until the folder watcher reloads: it is watching now."""
     for attempt in range(300):
         (folder / "ready.txt").write_text(str(attempt), encoding="utf-8")
