@@ -226,8 +226,7 @@ def main() -> None:
     aio("purgatory (async factory)", purgatory_async())
     sync("extreg HealthMonitor.record alone", health_guarded(HealthMonitor()), "-")
     breakers = CircuitBreakers(enabled)
-    sync("extreg breaker + health",
-         extreg_guarded(breakers, HealthMonitor(breakers)), "-")
+    sync("extreg breaker + health", extreg_guarded(breakers, HealthMonitor(breakers)), "-")
 
     ours = {style: ns for name, style, ns, _ in rows if name == "extreg CircuitBreakers"}
     print("Per-call cost on a closed circuit. Both sides of every row: the same loop calling a")

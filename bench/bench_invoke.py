@@ -63,7 +63,9 @@ REQUEST = {
 }  # fmt: skip
 CONTEXT = {"trace_id": "0b6a2c1e-bench", "tenant_id": "tenant-123"}
 # The bytes the invoker sends for REQUEST and CONTEXT, encoded once for the two lower layers.
-ENVELOPE = encode_envelope(EXT, REQUEST, CONTEXT["trace_id"], CONTEXT["tenant_id"], 1 << 20, 1 << 20)
+ENVELOPE = encode_envelope(
+    EXT, REQUEST, CONTEXT["trace_id"], CONTEXT["tenant_id"], 1 << 20, 1 << 20
+)
 HEADERS = {"trace_id": CONTEXT["trace_id"], "tenant_id": CONTEXT["tenant_id"]}
 TIMEOUT_S = 1.0
 BELOW = {"transport": "nc.request", "invoker": "transport"}  # each client's layer below
@@ -136,8 +138,9 @@ async def run(calls: int, rounds: int) -> None:
                     await wait_for_echo(nc)
 
                     async def raw() -> object:
-                        return await nc.request(SUBJECT, ENVELOPE, timeout=TIMEOUT_S,
-                                                headers=HEADERS)
+                        return await nc.request(
+                            SUBJECT, ENVELOPE, timeout=TIMEOUT_S, headers=HEADERS
+                        )
 
                     async def ours() -> object:
                         return await transport.request(EXT, SUBJECT, ENVELOPE, TIMEOUT_S, HEADERS)
@@ -145,7 +148,11 @@ async def run(calls: int, rounds: int) -> None:
                     async def invoke() -> object:
                         return await inv.invoke(EXT, REQUEST, CONTEXT)
 
-                    clients: dict[str, Call] = {"nc.request": raw, "transport": ours, "invoker": invoke}
+                    clients: dict[str, Call] = {
+                        "nc.request": raw,
+                        "transport": ours,
+                        "invoker": invoke,
+                    }
                     for call in clients.values():  # warm up every path
                         await measure(call, 2000, 8)
                     results = await compare(clients, calls, rounds)
@@ -164,15 +171,20 @@ async def run(calls: int, rounds: int) -> None:
             echo.terminate()
             echo.wait()
     print_table(results, calls, rounds)
-    print(f"\ndatabase statements during {invoked} invocations (flusher paused): "
-          f"{hot_statements} -> {hot_statements / invoked:g} per invocation (target 0)")
+    print(
+        f"\ndatabase statements during {invoked} invocations (flusher paused): "
+        f"{hot_statements} -> {hot_statements / invoked:g} per invocation (target 0)"
+    )
     print(f"database statements of one health flush (any number of calls): {flush_statements}")
 
 
 async def compare(clients: dict[str, Call], calls: int, rounds: int) -> list[tuple[str, ...]]:
     """Rows of (mode, client, calls/s, p50, p99, ratio to the layer below, ratio to nc.request)."""
     rows: list[tuple[str, ...]] = []
-    for label, in_flight, n in (("sequential", 1, calls // 4), (f"{IN_FLIGHT} in flight", IN_FLIGHT, calls)):
+    for label, in_flight, n in (
+        ("sequential", 1, calls // 4),
+        (f"{IN_FLIGHT} in flight", IN_FLIGHT, calls),
+    ):
         runs: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in clients}
         for _ in range(rounds):  # alternate, so drift affects every client alike
             for name, call in clients.items():
@@ -185,20 +197,40 @@ async def compare(clients: dict[str, Call], calls: int, rounds: int) -> list[tup
             overall = "" if name == "nc.request" else f"{rate / rates['nc.request']:.3f}"
             if name == "invoker":
                 overall += " ok" if rate / rates["nc.request"] >= TARGET_RATIO else " BELOW TARGET"
-            rows.append((label, name, f"{rate:,.0f}", f"{pct(latencies, 0.5):,.0f}",
-                         f"{pct(latencies, 0.99):,.0f}", below, overall))
+            rows.append(
+                (
+                    label,
+                    name,
+                    f"{rate:,.0f}",
+                    f"{pct(latencies, 0.5):,.0f}",
+                    f"{pct(latencies, 0.99):,.0f}",
+                    below,
+                    overall,
+                )
+            )
     return rows
 
 
 def print_table(rows: list[tuple[str, ...]], calls: int, rounds: int) -> None:
-    print("\nOne connection (a NatsTransport's), echo sample, same envelope bytes, same two headers,")
+    print(
+        "\nOne connection (a NatsTransport's), echo sample, same envelope bytes, same two headers,"
+    )
     print("1 s timeout on every side: nc.request = nats-py's request-reply; transport = extreg's")
     print("NatsTransport.request; invoker = Invoker.invoke on that transport (lookup, routing,")
     print("encoding, breaker, reply check, health).")
-    print(f"Median of {rounds} alternating rounds ({calls // 4} sequential / {calls} with"
-          f" {IN_FLIGHT} in flight per round); ratios are throughputs.\n")
-    header = ("mode", "client", "calls/s", "p50 µs", "p99 µs", "÷ layer below",
-              f"÷ nc.request (invoker target >= {TARGET_RATIO})")
+    print(
+        f"Median of {rounds} alternating rounds ({calls // 4} sequential / {calls} with"
+        f" {IN_FLIGHT} in flight per round); ratios are throughputs.\n"
+    )
+    header = (
+        "mode",
+        "client",
+        "calls/s",
+        "p50 µs",
+        "p99 µs",
+        "÷ layer below",
+        f"÷ nc.request (invoker target >= {TARGET_RATIO})",
+    )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))

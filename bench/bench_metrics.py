@@ -49,10 +49,15 @@ API_EXTENSIONS = 5_000
 
 def typical(i: int) -> dict[str, Any]:
     name = f"ext_{i:06d}"
-    return {"id": name, "type": ("pre", "validator", "post", "provider")[i % 4],
-            "subject": f"beamline.ext.pre.{name}.v1", "timeout_ms": 100 + i % 900,
-            "enabled": i % 10 != 0, "config": {"mode": "strict"},
-            "metadata": {"owner": "team-nlp"}}
+    return {
+        "id": name,
+        "type": ("pre", "validator", "post", "provider")[i % 4],
+        "subject": f"beamline.ext.pre.{name}.v1",
+        "timeout_ms": 100 + i % 900,
+        "enabled": i % 10 != 0,
+        "config": {"mode": "strict"},
+        "metadata": {"owner": "team-nlp"},
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -106,12 +111,18 @@ def populated(metrics: Metrics, ids: list[str], invoker: _Invoker) -> None:
 def bench_scrape_cost(quick: bool) -> None:
     rounds = 3 if quick else 5
     print("\n## 1. scrape cost (every extension called once)")
-    print("  render = Metrics.render() of the per-extension series; prometheus_client ="
-          " generate_latest() of the same series as a labelled Histogram and a gauge collector;")
-    print(f"  same process, {rounds} alternating rounds, medians; cached scrape = mean of 1,000"
-          " Metrics.scrape() calls answered from the cache")
-    print(f"{'extensions':>11} {'render ms':>10} {'size KB':>8} {'prometheus_client ms':>21}"
-          f" {'÷ extreg':>9} {'cached scrape µs':>17}")
+    print(
+        "  render = Metrics.render() of the per-extension series; prometheus_client ="
+        " generate_latest() of the same series as a labelled Histogram and a gauge collector;"
+    )
+    print(
+        f"  same process, {rounds} alternating rounds, medians; cached scrape = mean of 1,000"
+        " Metrics.scrape() calls answered from the cache"
+    )
+    print(
+        f"{'extensions':>11} {'render ms':>10} {'size KB':>8} {'prometheus_client ms':>21}"
+        f" {'÷ extreg':>9} {'cached scrape µs':>17}"
+    )
     for n in (10, 10_000):
         registry, invoker = _Registry(n), _Invoker()
         metrics = Metrics(cache_s=3600)
@@ -129,27 +140,38 @@ def bench_scrape_cost(quick: bool) -> None:
             ref_times.append(time.perf_counter() - t0)
         per_scrape = asyncio.run(cached_scrape(metrics))
         ours, theirs = statistics.median(times), statistics.median(ref_times)
-        print(f"{n:>11,} {ours * 1000:>10.1f} {len(body) / 1024:>8.0f} {theirs * 1000:>21.1f}"
-              f" {theirs / ours:>8.1f}x {per_scrape * 1e6:>17.2f}")
+        print(
+            f"{n:>11,} {ours * 1000:>10.1f} {len(body) / 1024:>8.0f} {theirs * 1000:>21.1f}"
+            f" {theirs / ours:>8.1f}x {per_scrape * 1e6:>17.2f}"
+        )
 
 
-def prometheus_client_render(metrics: Metrics, invoker: _Invoker,
-                             ids: list[str]) -> CollectorRegistry:
+def prometheus_client_render(
+    metrics: Metrics, invoker: _Invoker, ids: list[str]
+) -> CollectorRegistry:
     """The same per-extension series in prometheus_client's own types (the reference)."""
     reference = CollectorRegistry()
-    latency = Histogram("extension_invocation_latency_seconds", "Duration.",
-                        ["extension_id", "outcome"], buckets=LATENCY_BUCKETS_S,
-                        registry=reference)
+    latency = Histogram(
+        "extension_invocation_latency_seconds",
+        "Duration.",
+        ["extension_id", "outcome"],
+        buckets=LATENCY_BUCKETS_S,
+        registry=reference,
+    )
     for ext_id, by_outcome in metrics.invocation_latency.series.items():
         for outcome, series in by_outcome.items():
             latency.labels(ext_id, outcome).observe(series.total / max(sum(series.counts), 1))
 
     class Gauges(Collector):
         def collect(self) -> Iterator[Metric]:
-            families = [GaugeMetricFamily(name, "Health.", labels=["extension_id"])
-                        for name in ("extension_health_success_rate",
-                                     "extension_health_avg_latency_ms",
-                                     "extension_circuit_breaker_state")]
+            families = [
+                GaugeMetricFamily(name, "Health.", labels=["extension_id"])
+                for name in (
+                    "extension_health_success_rate",
+                    "extension_health_avg_latency_ms",
+                    "extension_circuit_breaker_state",
+                )
+            ]
             for ext_id in ids:
                 health = invoker.health.get_health(ext_id)
                 families[0].add_metric([ext_id], health["success_rate"])
@@ -185,22 +207,35 @@ def serve(port: int, folder: Path, before: bool) -> None:
     from extreg.settings import Settings
 
     logs.configure("warning")
-    settings = Settings.load(environ={}, source="fixtures", fixtures_dir=folder / "fixtures",
-                             data_dir=folder / "data", api_tokens_file=folder / "tokens.json")
+    settings = Settings.load(
+        environ={},
+        source="fixtures",
+        fixtures_dir=folder / "fixtures",
+        data_dir=folder / "data",
+        api_tokens_file=folder / "tokens.json",
+    )
 
     async def run() -> None:
         invoker = _Invoker()
-        async with Registry.open(settings) as registry, Runtime.open(
-            settings, registry, invoker
-        ) as runtime:
+        async with (
+            Registry.open(settings) as registry,
+            Runtime.open(settings, registry, invoker) as runtime,
+        ):
             populated(runtime.metrics, [e.id for e in registry.all()], invoker)
             if before:
+
                 async def on_the_loop() -> bytes:
                     return runtime.metrics.render()
 
                 runtime.metrics.scrape = on_the_loop  # type: ignore[method-assign]
-            config = uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port,
-                                    log_config=None, access_log=False, lifespan="off")
+            config = uvicorn.Config(
+                create_app(runtime),
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+            )
             await uvicorn.Server(config).serve()
 
     asyncio.run(run())
@@ -240,8 +275,10 @@ def scrape_forever(url: str, scrapers: int) -> None:
 
 def start_server(folder: Path, before: bool) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(folder)]
-                            + (["--before"] if before else []))
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), str(folder)]
+        + (["--before"] if before else [])
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -258,8 +295,9 @@ def start_server(folder: Path, before: bool) -> tuple[subprocess.Popen[bytes], s
 def measure(url: str, token: str, seconds: float) -> list[float]:
     """Sequential GET /admin/extensions/{id} for `seconds`; each request's time in ms."""
     samples: list[float] = []
-    with httpx.Client(base_url=url, timeout=60,
-                      headers={"Authorization": f"Bearer {token}"}) as client:
+    with httpx.Client(
+        base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}
+    ) as client:
         deadline = time.monotonic() + seconds
         i = 0
         while time.monotonic() < deadline:
@@ -272,22 +310,32 @@ def measure(url: str, token: str, seconds: float) -> list[float]:
 
 def bench_api_under_scrapers(quick: bool) -> None:
     seconds = 4.0 if quick else 10.0
-    print(f"\n## 2. API GET /admin/extensions/{{id}}, {API_EXTENSIONS:,} extensions,"
-          f" {seconds:g} s per row")
-    print("  one sequential httpx client against a fresh API process per row (5,000 extensions"
-          " from fixtures, each called once); scrapers loop on /metrics from a third process;")
-    print("  extreg = /metrics as shipped (cached, rendered in a thread); before = the same server"
-          " rendering on the event loop at every scrape; p50/p99 over every request of the row")
-    print(f"{'server':>8} {'scrapers':>9} {'requests':>9} {'p50 ms':>7} {'p99 ms':>7}"
-          f" {'p50 ÷ quiet':>12} {'scrapes/s':>10}")
+    print(
+        f"\n## 2. API GET /admin/extensions/{{id}}, {API_EXTENSIONS:,} extensions,"
+        f" {seconds:g} s per row"
+    )
+    print(
+        "  one sequential httpx client against a fresh API process per row (5,000 extensions"
+        " from fixtures, each called once); scrapers loop on /metrics from a third process;"
+    )
+    print(
+        "  extreg = /metrics as shipped (cached, rendered in a thread); before = the same server"
+        " rendering on the event loop at every scrape; p50/p99 over every request of the row"
+    )
+    print(
+        f"{'server':>8} {'scrapers':>9} {'requests':>9} {'p50 ms':>7} {'p99 ms':>7}"
+        f" {'p50 ÷ quiet':>12} {'scrapes/s':>10}"
+    )
     with tempfile.TemporaryDirectory(prefix="extreg-bench-metrics-") as tmp:
         folder = Path(tmp)
         (folder / "fixtures").mkdir()
         (folder / "fixtures" / "extensions.json").write_text(
-            json.dumps([typical(i) | {"enabled": True} for i in range(API_EXTENSIONS)]))
+            json.dumps([typical(i) | {"enabled": True} for i in range(API_EXTENSIONS)])
+        )
         token = generate_token()
-        (folder / "tokens.json").write_text(json.dumps(
-            {"tokens": {"bench": {"role": "viewer", "sha256": hash_token(token)}}}))
+        (folder / "tokens.json").write_text(
+            json.dumps({"tokens": {"bench": {"role": "viewer", "sha256": hash_token(token)}}})
+        )
         quiet_p50 = None
         for before, scrapers in ((False, 0), (False, 4), (False, 8), (True, 8)):
             server, url = start_server(folder, before)
@@ -295,8 +343,11 @@ def bench_api_under_scrapers(quick: bool) -> None:
             rate = "-"
             try:
                 if scrapers:
-                    scraper = subprocess.Popen([sys.executable, __file__, "--scrape", url,
-                                                str(scrapers)], stdout=subprocess.PIPE, text=True)
+                    scraper = subprocess.Popen(
+                        [sys.executable, __file__, "--scrape", url, str(scrapers)],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
                     assert scraper.stdout is not None
                     if scraper.stdout.readline().strip() != "ready":
                         raise SystemExit("the scrapers did not start")
@@ -309,9 +360,11 @@ def bench_api_under_scrapers(quick: bool) -> None:
                 server.wait(30)
             p50 = pct(samples, 0.5)
             quiet_p50 = quiet_p50 or p50
-            print(f"{'before' if before else 'extreg':>8} {scrapers:>9} {len(samples):>9,}"
-                  f" {p50:>7.2f} {pct(samples, 0.99):>7.2f} {p50 / quiet_p50:>11.1f}x"
-                  f" {rate:>10}")
+            print(
+                f"{'before' if before else 'extreg':>8} {scrapers:>9} {len(samples):>9,}"
+                f" {p50:>7.2f} {pct(samples, 0.99):>7.2f} {p50 / quiet_p50:>11.1f}x"
+                f" {rate:>10}"
+            )
 
 
 def main() -> None:
@@ -327,8 +380,10 @@ def main() -> None:
     if args.scrape:
         scrape_forever(args.scrape[0], int(args.scrape[1]))
         return
-    print(f"# bench_metrics: {platform.python_implementation()} {platform.python_version()},"
-          f" {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"# bench_metrics: {platform.python_implementation()} {platform.python_version()},"
+        f" {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     bench_scrape_cost(args.quick)
     bench_api_under_scrapers(args.quick)
 

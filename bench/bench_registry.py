@@ -51,9 +51,13 @@ def typical(i: int) -> dict[str, Any]:
     """A typical record: short id, versioned subject, a small config and metadata."""
     name = f"ext_{i:06d}"
     return {
-        "id": name, "type": ("pre", "validator", "post", "provider")[i % 4],
-        "subject": f"beamline.ext.pre.{name}.v1", "timeout_ms": 100 + i % 900, "retry": i % 3,
-        "enabled": i % 10 != 0, "version": "v1",
+        "id": name,
+        "type": ("pre", "validator", "post", "provider")[i % 4],
+        "subject": f"beamline.ext.pre.{name}.v1",
+        "timeout_ms": 100 + i % 900,
+        "retry": i % 3,
+        "enabled": i % 10 != 0,
+        "version": "v1",
         "config": {"lowercase": True, "max_length": 4096, "mode": "strict"},
         "metadata": {"owner": "team-nlp", "description": "Normalizes text before routing"},
     }
@@ -79,9 +83,11 @@ def registry_with(recs: list[Extension]) -> Registry:
 
 def bench_lookup(quick: bool) -> None:
     repeat = 7
-    print(f"\n## 1. lookup vs bare dict.get: the same 1,000 keys in the same loop"
-          f" (`for k in keys: f(k)`), f = dict.get of a dict of the same records or"
-          f" Registry.lookup; median of {repeat} alternating runs")
+    print(
+        f"\n## 1. lookup vs bare dict.get: the same 1,000 keys in the same loop"
+        f" (`for k in keys: f(k)`), f = dict.get of a dict of the same records or"
+        f" Registry.lookup; median of {repeat} alternating runs"
+    )
     print(f"{'extensions':>11} {'dict.get ns':>12} {'lookup ns':>10} {'ratio':>6}")
     number = 200_000 if quick else 1_000_000
     for n in (10, 1_000, 100_000):
@@ -93,10 +99,16 @@ def bench_lookup(quick: bool) -> None:
         loop = "for k in keys: f(k)"
         t_dict, t_reg = [], []
         for _ in range(repeat):
-            t_dict.append(timeit.timeit(loop, globals={"keys": keys, "f": plain.get},
-                                        number=number // 1000) / number * 1e9)
-            t_reg.append(timeit.timeit(loop, globals={"keys": keys, "f": reg.lookup},
-                                       number=number // 1000) / number * 1e9)
+            t_dict.append(
+                timeit.timeit(loop, globals={"keys": keys, "f": plain.get}, number=number // 1000)
+                / number
+                * 1e9
+            )
+            t_reg.append(
+                timeit.timeit(loop, globals={"keys": keys, "f": reg.lookup}, number=number // 1000)
+                / number
+                * 1e9
+            )
         d, r = statistics.median(t_dict), statistics.median(t_reg)
         print(f"{n:>11,} {d:>12.1f} {r:>10.1f} {r / d:>5.2f}x")
 
@@ -138,9 +150,11 @@ def lookups_during_reloads(n: int, seconds: float) -> None:
     thread.join()
     # A timer call's own cost, to read the figures against.
     base = [(lambda t0: clock() - t0)(clock()) for _ in range(100_000)]
-    print(f"  {n:>7,} extensions: {len(samples):,} lookups, {reloads} reloads, misses {misses};"
-          f" p50 {pct(samples, .5):.0f} ns, p99 {pct(samples, .99):.0f} ns,"
-          f" p99.9 {pct(samples, .999):.0f} ns (timer alone: p50 {pct(base, .5):.0f} ns)")
+    print(
+        f"  {n:>7,} extensions: {len(samples):,} lookups, {reloads} reloads, misses {misses};"
+        f" p50 {pct(samples, 0.5):.0f} ns, p99 {pct(samples, 0.99):.0f} ns,"
+        f" p99.9 {pct(samples, 0.999):.0f} ns (timer alone: p50 {pct(base, 0.5):.0f} ns)"
+    )
 
 
 # -- 2. full load --------------------------------------------------------------------------------
@@ -148,13 +162,25 @@ def lookups_during_reloads(n: int, seconds: float) -> None:
 
 def seed_rows(url: str, n: int) -> None:
     with psycopg.connect(url) as conn, conn.cursor() as cur:
-        with cur.copy("COPY extensions (id, type, subject, timeout_ms, retry, enabled, version,"
-                      " config, metadata) FROM STDIN") as copy:
+        with cur.copy(
+            "COPY extensions (id, type, subject, timeout_ms, retry, enabled, version,"
+            " config, metadata) FROM STDIN"
+        ) as copy:
             for i in range(n):
                 r = typical(i)
-                copy.write_row((r["id"], r["type"], r["subject"], r["timeout_ms"], r["retry"],
-                                r["enabled"], r["version"], json.dumps(r["config"]),
-                                json.dumps(r["metadata"])))
+                copy.write_row(
+                    (
+                        r["id"],
+                        r["type"],
+                        r["subject"],
+                        r["timeout_ms"],
+                        r["retry"],
+                        r["enabled"],
+                        r["version"],
+                        json.dumps(r["config"]),
+                        json.dumps(r["metadata"]),
+                    )
+                )
         conn.commit()
 
 
@@ -166,14 +192,22 @@ async def bench_load(url: str, quick: bool) -> None:
     from extreg.adapters import postgres
 
     runs = 5 if quick else 15
-    print(f"\n## 2. full load of 10,000 extensions from PostgreSQL, median of {runs} alternating"
-          " rounds")
-    print("  extreg = PostgresSource.load_all_extensions() (PostgreSQL renders the records as JSON,"
-          " msgspec decodes and validates) + Snapshot.build, its pool open;")
-    print("  bare   = psycopg `SELECT * FROM extensions` (the same rows, split by the same"
-          " hashtext partitions on 2 connections), jsonb decoded by stdlib json, no snapshot;")
-    print("  the versions and instances tables are empty. Both sides use the same connection"
-          " options; JIT is set by `-c jit=...` per connection on both.")
+    print(
+        f"\n## 2. full load of 10,000 extensions from PostgreSQL, median of {runs} alternating"
+        " rounds"
+    )
+    print(
+        "  extreg = PostgresSource.load_all_extensions() (PostgreSQL renders the records as JSON,"
+        " msgspec decodes and validates) + Snapshot.build, its pool open;"
+    )
+    print(
+        "  bare   = psycopg `SELECT * FROM extensions` (the same rows, split by the same"
+        " hashtext partitions on 2 connections), jsonb decoded by stdlib json, no snapshot;"
+    )
+    print(
+        "  the versions and instances tables are empty. Both sides use the same connection"
+        " options; JIT is set by `-c jit=...` per connection on both."
+    )
     settings = Settings.load(environ={}, database_url=url)
     jit_on = "-c jit=on"
     saved = postgres.NO_JIT
@@ -244,18 +278,29 @@ async def bench_load(url: str, quick: bool) -> None:
         print("  this PostgreSQL has no JIT (pg_jit_available() is false): no JIT-on rows")
     for label, a, b in (
         ("extreg / bare, 1 connection each, JIT off", "extreg, LOAD_PARTS=1", "bare"),
-        ("extreg / bare, 2 connections each, JIT off", "extreg, LOAD_PARTS=2 (as shipped)",
-         "bare, 2 partitions at once"),
-        ("extreg LOAD_PARTS=2 / LOAD_PARTS=1, JIT off", "extreg, LOAD_PARTS=2 (as shipped)",
-         "extreg, LOAD_PARTS=1"),
-        ("extreg JIT on / off, 2 connections", "extreg, LOAD_PARTS=2, JIT on",
-         "extreg, LOAD_PARTS=2 (as shipped)"),
+        (
+            "extreg / bare, 2 connections each, JIT off",
+            "extreg, LOAD_PARTS=2 (as shipped)",
+            "bare, 2 partitions at once",
+        ),
+        (
+            "extreg LOAD_PARTS=2 / LOAD_PARTS=1, JIT off",
+            "extreg, LOAD_PARTS=2 (as shipped)",
+            "extreg, LOAD_PARTS=1",
+        ),
+        (
+            "extreg JIT on / off, 2 connections",
+            "extreg, LOAD_PARTS=2, JIT on",
+            "extreg, LOAD_PARTS=2 (as shipped)",
+        ),
         ("bare JIT on / off, 1 connection", "bare, JIT on", "bare"),
     ):
         if a in ms:
             print(f"  ratio {label}: {ms[a] / ms[b]:.2f}x")
-    print(f"  row versions (what a sync reads, and a full reload before its load), extreg's pool,"
-          f" JIT off: median {statistics.median(versions) * 1000:.1f} ms")
+    print(
+        f"  row versions (what a sync reads, and a full reload before its load), extreg's pool,"
+        f" JIT off: median {statistics.median(versions) * 1000:.1f} ms"
+    )
 
 
 # -- 3. propagation ------------------------------------------------------------------------------
@@ -277,11 +322,17 @@ WRITER = textwrap.dedent("""
 
 async def bench_propagation(url: str, quick: bool) -> None:
     n = 200 if quick else 500
-    print(f"\n## 3. change propagation: another process's committed UPDATE -> this cache ({n} changes)")
-    print("  extreg = a Registry following the database (LISTEN, then an indexed read of the record"
-          " and a copy-on-write patch) sees an UPDATE; raw = a LISTEN connection sees a pg_notify;")
-    print("  both: the same writer process, one change per 4 ms, from its commit (monotonic clock)"
-          " to arrival; percentiles over all changes")
+    print(
+        f"\n## 3. change propagation: another process's committed UPDATE -> this cache ({n} changes)"
+    )
+    print(
+        "  extreg = a Registry following the database (LISTEN, then an indexed read of the record"
+        " and a copy-on-write patch) sees an UPDATE; raw = a LISTEN connection sees a pg_notify;"
+    )
+    print(
+        "  both: the same writer process, one change per 4 ms, from its commit (monotonic clock)"
+        " to arrival; percentiles over all changes"
+    )
     seen: dict[int, float] = {}
 
     def on_swap(snap: Snapshot) -> None:
@@ -289,8 +340,13 @@ async def bench_propagation(url: str, quick: bool) -> None:
         if ext is not None and ext.timeout_ms >= 20000:
             seen.setdefault(ext.timeout_ms - 20000, time.monotonic())
 
-    settings = Settings.load(environ={}, source="database", database_url=url,
-                             sync_interval_seconds=3600, data_dir="/tmp/extreg-bench")
+    settings = Settings.load(
+        environ={},
+        source="database",
+        database_url=url,
+        sync_interval_seconds=3600,
+        data_dir="/tmp/extreg-bench",
+    )
     async with Registry.open(settings) as reg:
         reg.on_change(on_swap)
         ours = await _run_writer(url, "update", n, seen)
@@ -309,14 +365,17 @@ async def bench_propagation(url: str, quick: bool) -> None:
         raw = await _run_writer(url, "raw", n, raw_seen)
         await asyncio.wait_for(listener, 10)
     for label, lat in (("extreg UPDATE -> cache", ours), ("raw NOTIFY round trip", raw)):
-        print(f"  {label:<24} p50 {pct(lat, .5) * 1000:.2f} ms, p99 {pct(lat, .99) * 1000:.2f} ms,"
-              f" max {max(lat) * 1000:.2f} ms ({len(lat)} of {n} seen)")
-    print(f"  ratio p99 extreg / raw: {pct(ours, .99) / pct(raw, .99):.2f}x")
+        print(
+            f"  {label:<24} p50 {pct(lat, 0.5) * 1000:.2f} ms, p99 {pct(lat, 0.99) * 1000:.2f} ms,"
+            f" max {max(lat) * 1000:.2f} ms ({len(lat)} of {n} seen)"
+        )
+    print(f"  ratio p99 extreg / raw: {pct(ours, 0.99) / pct(raw, 0.99):.2f}x")
 
 
 async def _run_writer(url: str, mode: str, n: int, seen: dict[int, float]) -> list[float]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WRITER, url, mode, str(n), stdout=subprocess.PIPE)
+        sys.executable, "-c", WRITER, url, mode, str(n), stdout=subprocess.PIPE
+    )
     committed: dict[int, float] = {}
     assert proc.stdout is not None
     async for line in proc.stdout:
@@ -339,8 +398,10 @@ async def _run_writer(url: str, mode: str, n: int, seen: dict[int, float]) -> li
 
 def bench_memory() -> None:
     print("\n## 4. memory per cached extension (records + snapshot indexes, all strings and JSON)")
-    print("  both sides decode the same JSON of 10,000 records; extreg = msgspec structs in a"
-          " Snapshot, pydantic = pydantic models in a dict by id; tracemalloc, one measurement each")
+    print(
+        "  both sides decode the same JSON of 10,000 records; extreg = msgspec structs in a"
+        " Snapshot, pydantic = pydantic models in a dict by id; tracemalloc, one measurement each"
+    )
     from pydantic import BaseModel
 
     class PydanticExtension(BaseModel):
@@ -379,8 +440,10 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     logs.configure("warning")
-    print(f"# extreg registry benchmarks - Python {platform.python_version()},"
-          f" {platform.machine()}, {platform.platform()}")
+    print(
+        f"# extreg registry benchmarks - Python {platform.python_version()},"
+        f" {platform.machine()}, {platform.platform()}"
+    )
     bench_lookup(args.quick)
     bench_memory()
     with PostgresProcess() as pg:

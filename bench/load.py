@@ -83,14 +83,19 @@ def classify(ext: str, response: httpx.Response, failure_mode: str) -> str:
             return "injected_circuit_open"
         if failure_mode == "drop" and response.status_code == 504 and error == "ExtensionTimeout":
             return "injected_timeout"
-        if failure_mode == "invalid" and response.status_code == 502 \
-                and error == "InvalidResponse":
+        if failure_mode == "invalid" and response.status_code == 502 and error == "InvalidResponse":
             return "injected_invalid"
     return "unexpected"
 
 
-async def worker(nodes: list[Node], turn: itertools.count[int], stop_at: float, tally: Tally,
-                 failure_mode: str, seed: int) -> None:
+async def worker(
+    nodes: list[Node],
+    turn: itertools.count[int],
+    stop_at: float,
+    tally: Tally,
+    failure_mode: str,
+    seed: int,
+) -> None:
     rng = random.Random(seed)
     ids, weights = list(MIX), list(MIX.values())
     while time.monotonic() < stop_at:
@@ -118,8 +123,9 @@ def rss_mib(nodes: list[Node]) -> list[float]:
     return [round((n.rss() or 0) / MIB, 1) for n in nodes]
 
 
-async def sample_memory(nodes: list[Node], every_s: float, into: list[list[float]],
-                        stop: asyncio.Event) -> None:
+async def sample_memory(
+    nodes: list[Node], every_s: float, into: list[list[float]], stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         into.append(rss_mib(nodes))
         with contextlib.suppress(TimeoutError):
@@ -131,17 +137,24 @@ async def breaker_transitions(nodes: list[Node]) -> dict[str, tuple[int, int]]:
     found = {}
     for node in nodes:
         metrics = await node.metrics()
-        opened = sum(v for (name, _), v in metrics.items()
-                     if name == "extension_circuit_breaker_failures_total")
-        closed = sum(v for (name, _), v in metrics.items()
-                     if name == "extension_circuit_breaker_recoveries_total")
+        opened = sum(
+            v
+            for (name, _), v in metrics.items()
+            if name == "extension_circuit_breaker_failures_total"
+        )
+        closed = sum(
+            v
+            for (name, _), v in metrics.items()
+            if name == "extension_circuit_breaker_recoveries_total"
+        )
         found[node.name] = (int(opened), int(closed))
     return found
 
 
 async def health_totals(cluster: Cluster) -> dict[str, tuple[int, int]]:
-    rows = await cluster.query("SELECT extension_id, success_count, failure_count"
-                               " FROM extension_health")
+    rows = await cluster.query(
+        "SELECT extension_id, success_count, failure_count FROM extension_health"
+    )
     return {ext: (int(ok), int(failed)) for ext, ok, failed in rows}
 
 
@@ -151,8 +164,9 @@ def expected_health(tally: Tally) -> dict[str, tuple[int, int]]:
     expected: dict[str, tuple[int, int]] = {}
     for ext in MIX:
         ok = tally.outcomes[(ext, "ok")]
-        failed = tally.outcomes[(ext, "injected_timeout")] + tally.outcomes[
-            (ext, "injected_invalid")]
+        failed = (
+            tally.outcomes[(ext, "injected_timeout")] + tally.outcomes[(ext, "injected_invalid")]
+        )
         if ok or failed:
             expected[ext] = (ok, failed)
     return expected
@@ -169,12 +183,15 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info
-                       if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def table(rows: list[tuple[object, ...]], header: tuple[str, ...]) -> str:
@@ -182,8 +199,12 @@ def table(rows: list[tuple[object, ...]], header: tuple[str, ...]) -> str:
     line = "  ".join("-" * w for w in widths)
     out = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)), line]
     for row in rows:
-        out.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                             for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        out.append(
+            "  ".join(
+                str(c).rjust(w) if i else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     return "\n".join(out)
 
 
@@ -193,16 +214,24 @@ async def run(args: argparse.Namespace) -> int:
         "circuit_breaker_timeout_seconds": args.breaker_timeout,
         "health_flush_interval_seconds": 1.0,
     }
-    print(f"load run: {args.seconds:g} s, {args.nodes} nodes, {args.concurrency} in flight, "
-          f"flaky failing {args.failure_rate:.0%} ({args.failure_mode}), breaker enabled "
-          f"(open -> half-open after {args.breaker_timeout:g} s)")
+    print(
+        f"load run: {args.seconds:g} s, {args.nodes} nodes, {args.concurrency} in flight, "
+        f"flaky failing {args.failure_rate:.0%} ({args.failure_mode}), breaker enabled "
+        f"(open -> half-open after {args.breaker_timeout:g} s)"
+    )
     print(f"machine: {machine()}")
     async with Cluster(args.nodes, settings=settings) as cluster:
         nodes = cluster.nodes
-        print(f"cluster ready in {cluster.startup_s:.1f} s: "
-              + ", ".join(f"{n.name} {n.url} (pid {n.pid})" for n in nodes))
-        await cluster.flaky(reset=True, failure_rate=args.failure_rate,
-                            failure_mode=args.failure_mode, seed=args.seed)
+        print(
+            f"cluster ready in {cluster.startup_s:.1f} s: "
+            + ", ".join(f"{n.name} {n.url} (pid {n.pid})" for n in nodes)
+        )
+        await cluster.flaky(
+            reset=True,
+            failure_rate=args.failure_rate,
+            failure_mode=args.failure_mode,
+            seed=args.seed,
+        )
         rss_start = rss_mib(nodes)
         memory: list[list[float]] = []
         stop_sampling = asyncio.Event()
@@ -211,9 +240,12 @@ async def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         warmup_s = max(5.0, args.seconds * 0.1)
         turn = itertools.count()
-        workers = [asyncio.create_task(worker(nodes, turn, started + args.seconds, tally,
-                                              args.failure_mode, args.seed + i))
-                   for i in range(args.concurrency)]
+        workers = [
+            asyncio.create_task(
+                worker(nodes, turn, started + args.seconds, tally, args.failure_mode, args.seed + i)
+            )
+            for i in range(args.concurrency)
+        ]
         await asyncio.sleep(min(warmup_s, args.seconds))
         rss_warm = rss_mib(nodes)
         calls_warm = sum(tally.per_node.values())
@@ -230,49 +262,89 @@ async def run(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + 15  # every node flushes every second
         while True:
             written = await health_totals(cluster)
-            if all(written.get(ext) == want for ext, want in expected.items()) \
-                    or time.monotonic() > deadline:
+            if (
+                all(written.get(ext) == want for ext, want in expected.items())
+                or time.monotonic() > deadline
+            ):
                 break
             await asyncio.sleep(0.25)
         alive = [n.alive for n in nodes]
 
     # -- report --------------------------------------------------------------------------------
     unexpected = tally.count("unexpected")
-    timeouts = tally.outcomes[("flaky", "injected_timeout")] + tally.outcomes[
-        ("flaky", "injected_invalid")]
+    timeouts = (
+        tally.outcomes[("flaky", "injected_timeout")]
+        + tally.outcomes[("flaky", "injected_invalid")]
+    )
     spurious = timeouts - flaky_state["failures"]  # e.g. a real answer that came too late
     print()
-    print(table([
-        (ext, tally.outcomes[(ext, "ok")], tally.outcomes[(ext, "injected_timeout")]
-         + tally.outcomes[(ext, "injected_invalid")],
-         tally.outcomes[(ext, "injected_circuit_open")], tally.outcomes[(ext, "unexpected")],
-         f"{expected.get(ext, (0, 0))}", f"{written.get(ext, (0, 0))}",
-         "exact" if written.get(ext, (0, 0)) == expected.get(ext, (0, 0)) else "MISMATCH")
-        for ext in MIX
-    ], ("extension", "ok", "injected fail", "circuit open", "unexpected",
-        "health expected (ok, fail)", "health in database", "")))
+    print(
+        table(
+            [
+                (
+                    ext,
+                    tally.outcomes[(ext, "ok")],
+                    tally.outcomes[(ext, "injected_timeout")]
+                    + tally.outcomes[(ext, "injected_invalid")],
+                    tally.outcomes[(ext, "injected_circuit_open")],
+                    tally.outcomes[(ext, "unexpected")],
+                    f"{expected.get(ext, (0, 0))}",
+                    f"{written.get(ext, (0, 0))}",
+                    "exact"
+                    if written.get(ext, (0, 0)) == expected.get(ext, (0, 0))
+                    else "MISMATCH",
+                )
+                for ext in MIX
+            ],
+            (
+                "extension",
+                "ok",
+                "injected fail",
+                "circuit open",
+                "unexpected",
+                "health expected (ok, fail)",
+                "health in database",
+                "",
+            ),
+        )
+    )
     print()
     ok_lat = tally.latency_ms["ok"]
     rows = [
         ("duration", f"{elapsed:.1f} s (warm-up {warmup_s:.0f} s included)"),
         ("calls made", f"{calls}"),
-        ("throughput", f"{calls / elapsed:.0f} calls/s  (per node: "
-         + ", ".join(f"{k} {v / elapsed:.0f}" for k, v in sorted(tally.per_node.items())) + ")"),
-        ("latency of ok calls", f"p50 {pct(ok_lat, 0.5):.1f} ms, p95 {pct(ok_lat, 0.95):.1f} ms, "
-         f"p99 {pct(ok_lat, 0.99):.1f} ms, max {max(ok_lat, default=0):.1f} ms"),
+        (
+            "throughput",
+            f"{calls / elapsed:.0f} calls/s  (per node: "
+            + ", ".join(f"{k} {v / elapsed:.0f}" for k, v in sorted(tally.per_node.items()))
+            + ")",
+        ),
+        (
+            "latency of ok calls",
+            f"p50 {pct(ok_lat, 0.5):.1f} ms, p95 {pct(ok_lat, 0.95):.1f} ms, "
+            f"p99 {pct(ok_lat, 0.99):.1f} ms, max {max(ok_lat, default=0):.1f} ms",
+        ),
         ("ok", f"{tally.count('ok')}"),
-        ("injected failures (flaky)",
-         f"{timeouts} {'timeouts' if args.failure_mode == 'drop' else 'invalid replies'}, "
-         f"{tally.count('injected_circuit_open')} circuit-open refusals"),
-        ("flaky's own count", f"{flaky_state['calls']} calls reached it, "
-         f"{flaky_state['failures']} failed on purpose"),
+        (
+            "injected failures (flaky)",
+            f"{timeouts} {'timeouts' if args.failure_mode == 'drop' else 'invalid replies'}, "
+            f"{tally.count('injected_circuit_open')} circuit-open refusals",
+        ),
+        (
+            "flaky's own count",
+            f"{flaky_state['calls']} calls reached it, {flaky_state['failures']} failed on purpose",
+        ),
         ("UNEXPECTED failures", f"{unexpected}  (target 0)"),
-        ("flaky failures not injected", f"{spurious}  (failures seen - failures flaky made; "
-         "target 0)"),
-        ("breaker transitions", ", ".join(f"{k}: opened {o}, closed {c}"
-                                          for k, (o, c) in transitions.items())
-         + f"  (total opened {sum(o for o, _ in transitions.values())}, "
-           f"closed {sum(c for _, c in transitions.values())})"),
+        (
+            "flaky failures not injected",
+            f"{spurious}  (failures seen - failures flaky made; target 0)",
+        ),
+        (
+            "breaker transitions",
+            ", ".join(f"{k}: opened {o}, closed {c}" for k, (o, c) in transitions.items())
+            + f"  (total opened {sum(o for o, _ in transitions.values())}, "
+            f"closed {sum(c for _, c in transitions.values())})",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -280,18 +352,40 @@ async def run(args: argparse.Namespace) -> int:
     print()
     growth = [round(e - w, 1) for e, w in zip(rss_end, rss_warm, strict=True)]
     peak = [max(sample[i] for sample in memory) if memory else 0 for i in range(len(nodes))]
-    print(table([
-        (n.name, f"{s:.1f}", f"{w:.1f}", f"{e:.1f}", f"{p:.1f}", f"{g:+.1f}", f"{e - s:+.1f}")
-        for n, s, w, e, p, g in zip(nodes, rss_start, rss_warm, rss_end, peak, growth,
-                                    strict=True)
-    ], ("RSS MiB", "before load", f"after warm-up ({calls_warm} calls)", "end", "peak",
-        "growth after warm-up", "growth overall")))
+    print(
+        table(
+            [
+                (
+                    n.name,
+                    f"{s:.1f}",
+                    f"{w:.1f}",
+                    f"{e:.1f}",
+                    f"{p:.1f}",
+                    f"{g:+.1f}",
+                    f"{e - s:+.1f}",
+                )
+                for n, s, w, e, p, g in zip(
+                    nodes, rss_start, rss_warm, rss_end, peak, growth, strict=True
+                )
+            ],
+            (
+                "RSS MiB",
+                "before load",
+                f"after warm-up ({calls_warm} calls)",
+                "end",
+                "peak",
+                "growth after warm-up",
+                "growth overall",
+            ),
+        )
+    )
     verdicts = {
         "no unexpected failures": unexpected == 0,
         "every flaky failure was an injected one": spurious == 0,
         "health totals exact": all(written.get(e) == w for e, w in expected.items()),
-        f"memory growth after warm-up <= {args.memory_bound_mib} MiB":
-            all(g <= args.memory_bound_mib for g in growth),
+        f"memory growth after warm-up <= {args.memory_bound_mib} MiB": all(
+            g <= args.memory_bound_mib for g in growth
+        ),
         "every node alive at the end": all(alive),
     }
     print()

@@ -92,9 +92,10 @@ async def database_api(
     settings = make_settings(tmp_path, source="database", database_url=db_url)
     await seed(db_url, settings, record("alpha"), record("beta", type="post", enabled=False))
     tokens = await make_tokens(db_url)
-    async with Registry.open(settings) as registry, Runtime.open(
-        settings, registry, invoker, metrics=Metrics()
-    ) as runtime:
+    async with (
+        Registry.open(settings) as registry,
+        Runtime.open(settings, registry, invoker, metrics=Metrics()) as runtime,
+    ):
         app = create_app(runtime, **app_options)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://extreg.test") as client:
@@ -111,8 +112,9 @@ class LiveServer:
     """`extreg`'s API on uvicorn in a background thread with its own event loop, on a free
     port; the registry and runtime are opened inside that loop. Use as a context manager."""
 
-    def __init__(self, settings: Settings, *, invoker: Any | None = None,
-                 **app_options: Any) -> None:
+    def __init__(
+        self, settings: Settings, *, invoker: Any | None = None, **app_options: Any
+    ) -> None:
         self.settings = settings
         self.invoker = invoker
         self.app_options = app_options
@@ -147,9 +149,14 @@ class LiveServer:
 
     async def _serve_with(self, registry: Registry, invoker: Any | None) -> None:
         async with Runtime.open(self.settings, registry, invoker, metrics=Metrics()) as runtime:
-            config = uvicorn.Config(create_app(runtime, **self.app_options), host="127.0.0.1",
-                                    port=self.port,
-                                    log_config=None, access_log=False, lifespan="off")
+            config = uvicorn.Config(
+                create_app(runtime, **self.app_options),
+                host="127.0.0.1",
+                port=self.port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+            )
             self._server = uvicorn.Server(config)
             task = asyncio.create_task(self._server.serve())
             while not self._server.started:

@@ -37,11 +37,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         marker = item.get_closest_marker("asyncio")
         scope = (marker.kwargs.get("loop_scope") if marker else None) or item.config.getini(
-            "asyncio_default_test_loop_scope")
+            "asyncio_default_test_loop_scope"
+        )
         names: list[str] = item.fixturenames
         defs = item._fixtureinfo.name2fixturedefs  # no public view of the fixtures' scopes
-        first_own = next((i for i, name in enumerate(names)
-                          if name in defs and defs[name][-1].scope == "function"), len(names))
+        first_own = next(
+            (
+                i
+                for i, name in enumerate(names)
+                if name in defs and defs[name][-1].scope == "function"
+            ),
+            len(names),
+        )
         names.insert(first_own, f"_no_task_outlives_the_test_{scope}")
 
 
@@ -61,8 +68,11 @@ async def _tasks_outliving(before: set[asyncio.Task[object]]) -> None:
         task.cancel()
     await asyncio.gather(*leaked, return_exceptions=True)
     if leaked:
-        pytest.fail("tasks outlived the test: " + "; ".join(
-            f"{t.get_name()} ({t.get_coro()!r})" for t in leaked), pytrace=False)
+        pytest.fail(
+            "tasks outlived the test: "
+            + "; ".join(f"{t.get_name()} ({t.get_coro()!r})" for t in leaked),
+            pytrace=False,
+        )
 
 
 def _task_check(loop_scope: Literal["function", "module"]) -> object:

@@ -48,20 +48,29 @@ class Node:
         self.token = generate_token()
         tokens_file = folder / "tokens.json"
         folder.mkdir(parents=True, exist_ok=True)
-        tokens_file.write_text(json.dumps(
-            {"tokens": {"faults": {"role": "operator", "sha256": hash_token(self.token)}}}))
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
-        self.env.update({
-            "EXTENSION_REGISTRY_SOURCE": "database",
-            "EXTENSION_REGISTRY_NATS_URL": nats_url,
-            "EXTENSION_REGISTRY_DATA_DIR": str(self.data_dir),
-            "EXTENSION_REGISTRY_API_TOKENS_FILE": str(tokens_file),
-        })
+        tokens_file.write_text(
+            json.dumps(
+                {"tokens": {"faults": {"role": "operator", "sha256": hash_token(self.token)}}}
+            )
+        )
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
+        }
+        self.env.update(
+            {
+                "EXTENSION_REGISTRY_SOURCE": "database",
+                "EXTENSION_REGISTRY_NATS_URL": nats_url,
+                "EXTENSION_REGISTRY_DATA_DIR": str(self.data_dir),
+                "EXTENSION_REGISTRY_API_TOKENS_FILE": str(tokens_file),
+            }
+        )
         self.env.update({f"EXTENSION_REGISTRY_{k.upper()}": str(v) for k, v in settings.items()})
         self.proc: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=10,
-                                   headers={"Authorization": f"Bearer {self.token}"})
+        self.client = httpx.Client(
+            base_url=self.url, timeout=10, headers={"Authorization": f"Bearer {self.token}"}
+        )
 
     @property
     def pid(self) -> int:
@@ -73,7 +82,11 @@ class Node:
         with self.stderr_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
                 [str(EXTREG), "--database-url", self.db_url, "serve", "--port", str(self.port)],
-                stdout=subprocess.DEVNULL, stderr=stderr, env=self.env, start_new_session=True)
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=self.env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             with contextlib.suppress(httpx.HTTPError):
@@ -113,8 +126,9 @@ class Node:
         return dict(self.client.get("/readyz").json()["details"])
 
     def invoke(self, extension_id: str, payload: Any) -> httpx.Response:
-        return self.client.post(f"/admin/extensions/{extension_id}/invoke",
-                                json={"payload": payload})
+        return self.client.post(
+            f"/admin/extensions/{extension_id}/invoke", json={"payload": payload}
+        )
 
     def events(self) -> list[dict[str, Any]]:
         """Every JSON log line the node wrote to stderr, across restarts."""
@@ -185,8 +199,12 @@ def sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[An
 
 def health_counts(url: str, extension_id: str) -> tuple[int, int]:
     """(success_count, failure_count) stored for one extension; (0, 0) without a row."""
-    rows = sql(url, "SELECT coalesce(success_count, 0), coalesce(failure_count, 0)"
-                    " FROM extension_health WHERE extension_id = %s", (extension_id,))
+    rows = sql(
+        url,
+        "SELECT coalesce(success_count, 0), coalesce(failure_count, 0)"
+        " FROM extension_health WHERE extension_id = %s",
+        (extension_id,),
+    )
     return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
 
@@ -194,5 +212,6 @@ def other_backends(conn: psycopg.Connection[Any], where: str = "true") -> list[i
     """Pids of the other backends connected to this connection's database matching `where`."""
     cur = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-        f" AND pid <> pg_backend_pid() AND ({where}) ORDER BY pid")
+        f" AND pid <> pg_backend_pid() AND ({where}) ORDER BY pid"
+    )
     return [int(row[0]) for row in cur.fetchall()]

@@ -62,8 +62,9 @@ def install(target: Path, fifo: Path, armed: Path) -> Callable[[], None]:
     return uninstall
 
 
-def subprocess_env(env: dict[str, str], folder: Path, target: Path, fifo: Path,
-                   armed: Path) -> dict[str, str]:
+def subprocess_env(
+    env: dict[str, str], folder: Path, target: Path, fifo: Path, armed: Path
+) -> dict[str, str]:
     """`env` with the hook installed in every Python child started with it."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(

@@ -20,8 +20,12 @@ def make_settings(tmp_path: Path, **values: Any) -> Settings:
 
 def record(ext_id: str, **values: Any) -> dict[str, Any]:
     """A valid plain extension record with `values` overriding the defaults."""
-    base = {"id": ext_id, "type": "pre", "subject": f"beamline.ext.pre.{ext_id}.v1",
-            "timeout_ms": 100}
+    base = {
+        "id": ext_id,
+        "type": "pre",
+        "subject": f"beamline.ext.pre.{ext_id}.v1",
+        "timeout_ms": 100,
+    }
     return {**base, **values}
 
 

@@ -28,19 +28,25 @@ def subject() -> str:
     return f"test.{uuid.uuid4().hex}.v1"
 
 
-def fixture_settings(tmp_path: Path, nats_url: str, *records: dict[str, Any], **values: Any) -> Settings:
+def fixture_settings(
+    tmp_path: Path, nats_url: str, *records: dict[str, Any], **values: Any
+) -> Settings:
     """Settings serving `records` (default: the samples) from a fixtures folder, on `nats_url`."""
     folder = tmp_path / "fixtures"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "records.json").write_text(json.dumps(list(records or SAMPLE_RECORDS)), "utf-8")
-    return make_settings(tmp_path, source="fixtures", fixtures_dir=folder, nats_url=nats_url,
-                         **values)
+    return make_settings(
+        tmp_path, source="fixtures", fixtures_dir=folder, nats_url=nats_url, **values
+    )
 
 
 @contextlib.asynccontextmanager
 async def open_invoker(settings: Settings, **kwargs: Any) -> AsyncIterator[Invoker]:
     """A registry and an invoker on it, both closed afterwards."""
-    async with Registry.open(settings) as registry, Invoker.open(registry, settings, **kwargs) as inv:
+    async with (
+        Registry.open(settings) as registry,
+        Invoker.open(registry, settings, **kwargs) as inv,
+    ):
         yield inv
 
 
@@ -101,7 +107,9 @@ def constant(reply: bytes) -> Callable[[Msg], bytes]:
     return lambda msg: reply
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0, step: float = 0.01) -> float:
+async def wait_for(
+    condition: Callable[[], bool], timeout: float = 10.0, step: float = 0.01
+) -> float:
     """Poll until `condition()` holds; the seconds it took; AssertionError after `timeout`."""
     started = time.perf_counter()
     while not condition():

@@ -58,8 +58,13 @@ METRIC_NAMES = [
 ]
 
 
-async def call(client: httpx.AsyncClient, method: str, path: str, body: Any = None,
-               headers: dict[str, str] | None = None) -> httpx.Response:
+async def call(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     kwargs: dict[str, Any] = {"headers": headers or {}}
     if body is not None:
         kwargs["json"] = body
@@ -81,18 +86,23 @@ async def assert_eventually(condition: Any, timeout: float = DEADLINE_S) -> floa
 # -- roles ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path", "body", "role", "ok"), ROUTES,
-                         ids=[f"{m} {p}" for m, p, *_ in ROUTES])
-async def test_route_roles(tmp_path: Path, db_url: str, method: str, path: str, body: Any,
-                           role: str, ok: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "role", "ok"), ROUTES, ids=[f"{m} {p}" for m, p, *_ in ROUTES]
+)
+async def test_route_roles(
+    tmp_path: Path, db_url: str, method: str, path: str, body: Any, role: str, ok: int
+) -> None:
     """Each route answers 401 without a token or with an unknown one (with a Bearer challenge),
     403 to every smaller role, and succeeds for its minimal role."""
     async with database_api(tmp_path, db_url, invoker=EchoInvoker()) as api:
         missing = await call(api.client, method, path, body)
-        assert (401, "Bearer") == (missing.status_code,
-                                   missing.headers.get("www-authenticate", "").split(" ")[0])
-        unknown = await call(api.client, method, path, body,
-                             {"Authorization": f"Bearer {generate_token()}"})
+        assert (401, "Bearer") == (
+            missing.status_code,
+            missing.headers.get("www-authenticate", "").split(" ")[0],
+        )
+        unknown = await call(
+            api.client, method, path, body, {"Authorization": f"Bearer {generate_token()}"}
+        )
         assert 401 == unknown.status_code
         for smaller in ROLES[: ROLES.index(role)]:
             refused = await call(api.client, method, path, body, api.auth(smaller))
@@ -112,8 +122,9 @@ async def test_readyz_is_503_until_the_registry_loads(tmp_path: Path, db_url: st
     """/readyz answers 503 for a registry that has not loaded yet, and says so."""
     settings = make_settings(tmp_path, source="database", database_url=db_url)
     app = create_app(Runtime(settings, Registry(settings), metrics=Metrics()))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
         answer = await client.get("/readyz")
     assert (503, {"status": "not_ready"}) == (answer.status_code, answer.json())
 
@@ -136,30 +147,44 @@ async def test_every_write_is_audited_with_the_token_name(tmp_path: Path, db_url
         ]
         statuses = [(await call(api.client, m, p, b, admin)).status_code for m, p, b in steps]
     assert [201, 200, 200, 200, 200, 204] == statuses
-    rows = sql(db_url, "SELECT action, changed_by FROM extension_audit_log"
-                       " WHERE extension_id = 'delta' ORDER BY changed_at, action")
+    rows = sql(
+        db_url,
+        "SELECT action, changed_by FROM extension_audit_log"
+        " WHERE extension_id = 'delta' ORDER BY changed_at, action",
+    )
     admin_name = ROLE_TOKENS["admin"]
-    expected = [("create", admin_name), ("update", admin_name), ("update", admin_name),
-                ("disable", admin_name), ("enable", admin_name), ("delete", admin_name)]
+    expected = [
+        ("create", admin_name),
+        ("update", admin_name),
+        ("update", admin_name),
+        ("disable", admin_name),
+        ("enable", admin_name),
+        ("delete", admin_name),
+    ]
     assert expected == rows
 
 
 async def test_operator_enable_is_audited_as_the_operator(tmp_path: Path, db_url: str) -> None:
     """An operator's enable is recorded with the operator token's name."""
     async with database_api(tmp_path, db_url) as api:
-        answer = await api.client.post("/admin/extensions/beta/enable",
-                                       headers=api.auth("operator"))
+        answer = await api.client.post(
+            "/admin/extensions/beta/enable", headers=api.auth("operator")
+        )
     assert (200, True) == (answer.status_code, answer.json()["enabled"])
-    rows = sql(db_url, "SELECT action, changed_by FROM extension_audit_log"
-                       " WHERE extension_id = 'beta' AND action = 'enable'")
+    rows = sql(
+        db_url,
+        "SELECT action, changed_by FROM extension_audit_log"
+        " WHERE extension_id = 'beta' AND action = 'enable'",
+    )
     assert [("enable", ROLE_TOKENS["operator"])] == rows
 
 
 async def test_a_write_is_readable_right_after_it_returns(tmp_path: Path, db_url: str) -> None:
     """A GET right after a write returns what was written, with the same ETag."""
     async with database_api(tmp_path, db_url) as api:
-        written = await api.client.patch("/admin/extensions/alpha", json={"timeout_ms": 777},
-                                         headers=api.auth("admin"))
+        written = await api.client.patch(
+            "/admin/extensions/alpha", json={"timeout_ms": 777}, headers=api.auth("admin")
+        )
         read = await api.client.get("/admin/extensions/alpha", headers=api.auth("viewer"))
     assert (777, written.headers["etag"]) == (read.json()["timeout_ms"], read.headers["etag"])
 
@@ -169,8 +194,11 @@ async def test_a_plain_sql_write_appears_in_the_api(tmp_path: Path, db_url: str)
     how fast is a benchmark's figure)."""
     async with database_api(tmp_path, db_url) as api:
         viewer = api.auth("viewer")
-        sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms)"
-                    " VALUES ('from_sql', 'validator', 'beamline.ext.validate.from_sql.v1', 120)")
+        sql(
+            db_url,
+            "INSERT INTO extensions (id, type, subject, timeout_ms)"
+            " VALUES ('from_sql', 'validator', 'beamline.ext.validate.from_sql.v1', 120)",
+        )
 
         async def visible() -> bool:
             answer = await api.client.get("/admin/extensions/from_sql", headers=viewer)
@@ -193,20 +221,28 @@ async def test_stale_etag_gets_412(tmp_path: Path, db_url: str) -> None:
         admin = api.auth("admin")
         etag = (await api.client.get("/admin/extensions/alpha", headers=admin)).headers["etag"]
         first, second = await asyncio.gather(
-            api.client.patch("/admin/extensions/alpha", json={"timeout_ms": 111},
-                             headers={**admin, "If-Match": etag}),
-            api.client.patch("/admin/extensions/alpha", json={"retry": 3},
-                             headers={**admin, "If-Match": etag}),
+            api.client.patch(
+                "/admin/extensions/alpha",
+                json={"timeout_ms": 111},
+                headers={**admin, "If-Match": etag},
+            ),
+            api.client.patch(
+                "/admin/extensions/alpha", json={"retry": 3}, headers={**admin, "If-Match": etag}
+            ),
         )
         assert [200, 412] == sorted([first.status_code, second.status_code])
-        late = await api.client.put("/admin/extensions/alpha", json=record("alpha"),
-                                    headers={**admin, "If-Match": etag})
+        late = await api.client.put(
+            "/admin/extensions/alpha", json=record("alpha"), headers={**admin, "If-Match": etag}
+        )
         assert 412 == late.status_code
         winner = first if first.status_code == 200 else second
         current = await api.client.get("/admin/extensions/alpha", headers=admin)
         assert winner.json() == current.json()
-        fresh = await api.client.patch("/admin/extensions/alpha", json={"retry": 1},
-                                       headers={**admin, "If-Match": current.headers["etag"]})
+        fresh = await api.client.patch(
+            "/admin/extensions/alpha",
+            json={"retry": 1},
+            headers={**admin, "If-Match": current.headers["etag"]},
+        )
         assert 200 == fresh.status_code
 
 
@@ -214,16 +250,23 @@ async def test_put_replaces_and_patch_merges(tmp_path: Path, db_url: str) -> Non
     """PATCH keeps the fields it does not name; PUT resets them to their defaults."""
     async with database_api(tmp_path, db_url) as api:
         admin = api.auth("admin")
-        await api.client.patch("/admin/extensions/alpha", json={"config": {"mode": "strict"}},
-                               headers=admin)
-        patched = await api.client.patch("/admin/extensions/alpha", json={"retry": 2},
-                                         headers=admin)
+        await api.client.patch(
+            "/admin/extensions/alpha", json={"config": {"mode": "strict"}}, headers=admin
+        )
+        patched = await api.client.patch(
+            "/admin/extensions/alpha", json={"retry": 2}, headers=admin
+        )
         assert ({"mode": "strict"}, 2) == (patched.json()["config"], patched.json()["retry"])
-        replaced = await api.client.put("/admin/extensions/alpha",
-                                        json={"type": "pre", "subject": "a.b"}, headers=admin)
+        replaced = await api.client.put(
+            "/admin/extensions/alpha", json={"type": "pre", "subject": "a.b"}, headers=admin
+        )
         body = replaced.json()
-        assert ({}, 0, 5000, "a.b") == (body["config"], body["retry"], body["timeout_ms"],
-                                        body["subject"])
+        assert ({}, 0, 5000, "a.b") == (
+            body["config"],
+            body["retry"],
+            body["timeout_ms"],
+            body["subject"],
+        )
 
 
 # -- bad input and missing records ---------------------------------------------------------------
@@ -238,18 +281,35 @@ async def test_put_replaces_and_patch_merges(tmp_path: Path, db_url: str) -> Non
         ("POST", "/admin/extensions", record("bad", colour="red"), ["body", "colour"]),
         ("POST", "/admin/extensions", {"id": "bad", "type": "pre"}, ["body", "subject"]),
         ("POST", "/admin/extensions", record("-bad"), ["body", "id"]),
-        ("POST", "/admin/extensions", record("bad", config={"k": "a\x00b"}),
-         ["body", "config", "k"]),
+        (
+            "POST",
+            "/admin/extensions",
+            record("bad", config={"k": "a\x00b"}),
+            ["body", "config", "k"],
+        ),
         ("PUT", "/admin/extensions/alpha", record("alpha", type="sideways"), ["body", "type"]),
         ("PUT", "/admin/extensions/alpha", record("other"), ["body", "id"]),
         ("PATCH", "/admin/extensions/alpha", {"retry": 11}, ["body", "retry"]),
-        ("PATCH", "/admin/extensions/alpha",
-         {"versions": [{"version": "v2", "subject": "x.y", "timeout_ms": 0}]},
-         ["body", "versions", 0, "timeout_ms"]),
+        (
+            "PATCH",
+            "/admin/extensions/alpha",
+            {"versions": [{"version": "v2", "subject": "x.y", "timeout_ms": 0}]},
+            ["body", "versions", 0, "timeout_ms"],
+        ),
     ],
-    ids=["negative timeout", "timeout over max", "wildcard subject", "unknown field",
-         "missing subject", "bad id", "NUL in config", "bad type", "id mismatch",
-         "retry over max", "bad version"],
+    ids=[
+        "negative timeout",
+        "timeout over max",
+        "wildcard subject",
+        "unknown field",
+        "missing subject",
+        "bad id",
+        "NUL in config",
+        "bad type",
+        "id mismatch",
+        "retry over max",
+        "bad version",
+    ],
 )
 async def test_bad_input_is_422_naming_the_field_and_writes_nothing(
     tmp_path: Path, db_url: str, method: str, path: str, body: Any, loc: list[Any]
@@ -271,22 +331,27 @@ async def test_a_body_that_is_not_a_json_object_is_422(tmp_path: Path, db_url: s
         broken = await api.client.post("/admin/extensions", content=b"{nope", headers=admin)
         listed = await api.client.post("/admin/extensions", content=b"[1]", headers=admin)
     assert [(422, ["body"]), (422, ["body"])] == [
-        (r.status_code, r.json()["detail"][0]["loc"]) for r in (broken, listed)]
+        (r.status_code, r.json()["detail"][0]["loc"]) for r in (broken, listed)
+    ]
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("GET", "/admin/extensions/nope", None),
-    ("GET", "/admin/extensions/nope/health", None),
-    ("PUT", "/admin/extensions/nope", record("nope")),
-    ("PATCH", "/admin/extensions/nope", {"retry": 1}),
-    ("DELETE", "/admin/extensions/nope", None),
-    ("POST", "/admin/extensions/nope/enable", None),
-    ("POST", "/admin/extensions/nope/disable", None),
-    ("POST", "/admin/extensions/nope/circuit", {"action": "open"}),
-    ("POST", "/admin/extensions/nope/invoke", {"payload": {}}),
-])
-async def test_missing_extension_is_404(tmp_path: Path, db_url: str, method: str, path: str,
-                                        body: Any) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/admin/extensions/nope", None),
+        ("GET", "/admin/extensions/nope/health", None),
+        ("PUT", "/admin/extensions/nope", record("nope")),
+        ("PATCH", "/admin/extensions/nope", {"retry": 1}),
+        ("DELETE", "/admin/extensions/nope", None),
+        ("POST", "/admin/extensions/nope/enable", None),
+        ("POST", "/admin/extensions/nope/disable", None),
+        ("POST", "/admin/extensions/nope/circuit", {"action": "open"}),
+        ("POST", "/admin/extensions/nope/invoke", {"payload": {}}),
+    ],
+)
+async def test_missing_extension_is_404(
+    tmp_path: Path, db_url: str, method: str, path: str, body: Any
+) -> None:
     """Every route about one extension answers 404 for an id that does not exist."""
     async with database_api(tmp_path, db_url, invoker=EchoInvoker()) as api:
         answer = await call(api.client, method, path, body, api.auth("admin"))
@@ -296,8 +361,9 @@ async def test_missing_extension_is_404(tmp_path: Path, db_url: str, method: str
 async def test_duplicate_create_is_409(tmp_path: Path, db_url: str) -> None:
     """Creating an id that exists answers 409 and leaves the record as it was."""
     async with database_api(tmp_path, db_url) as api:
-        answer = await api.client.post("/admin/extensions", json=record("alpha", timeout_ms=999),
-                                       headers=api.auth("admin"))
+        answer = await api.client.post(
+            "/admin/extensions", json=record("alpha", timeout_ms=999), headers=api.auth("admin")
+        )
         kept = await api.client.get("/admin/extensions/alpha", headers=api.auth("viewer"))
     assert (409, 100) == (answer.status_code, kept.json()["timeout_ms"])
 
@@ -312,13 +378,17 @@ async def test_writes_on_fixtures_are_409_and_tokens_come_from_the_tokens_file(
     (folder / "ext.json").write_text(json.dumps([record("fx_a")]), encoding="utf-8")
     token = generate_token()
     tokens_file = tmp_path / "tokens.json"
-    tokens_file.write_text(json.dumps(
-        {"tokens": {"root": {"role": "admin", "sha256": hash_token(token)}}}), encoding="utf-8")
-    settings = make_settings(tmp_path, source="fixtures", fixtures_dir=folder,
-                             api_tokens_file=tokens_file)
-    async with Registry.open(settings) as registry, Runtime.open(
-        settings, registry, metrics=Metrics()
-    ) as runtime:
+    tokens_file.write_text(
+        json.dumps({"tokens": {"root": {"role": "admin", "sha256": hash_token(token)}}}),
+        encoding="utf-8",
+    )
+    settings = make_settings(
+        tmp_path, source="fixtures", fixtures_dir=folder, api_tokens_file=tokens_file
+    )
+    async with (
+        Registry.open(settings) as registry,
+        Runtime.open(settings, registry, metrics=Metrics()) as runtime,
+    ):
         transport = httpx.ASGITransport(app=create_app(runtime))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             admin = {"Authorization": f"Bearer {token}"}
@@ -333,8 +403,9 @@ async def test_writes_on_fixtures_are_409_and_tokens_come_from_the_tokens_file(
             ]
     assert (200, ["fx_a"]) == (read.status_code, [e["id"] for e in read.json()])
     assert [409] * 6 == [w.status_code for w in writes]
-    assert all("fixtures" in w.json()["detail"] and "read-only" in w.json()["detail"]
-               for w in writes)
+    assert all(
+        "fixtures" in w.json()["detail"] and "read-only" in w.json()["detail"] for w in writes
+    )
 
 
 # -- auth: rate limit, revocation, first start ---------------------------------------------------
@@ -346,12 +417,15 @@ async def test_failed_auth_is_rate_limited_per_address(tmp_path: Path, db_url: s
     addresses are unaffected."""
     async with database_api(tmp_path, db_url) as api:
         bad = {"Authorization": "Bearer extreg_wrong"}
-        failures = [(await api.client.get("/admin/status", headers=bad)).status_code
-                    for _ in range(10)]
+        failures = [
+            (await api.client.get("/admin/status", headers=bad)).status_code for _ in range(10)
+        ]
         blocked = await api.client.get("/admin/status", headers=bad)
         valid = await api.client.get("/admin/status", headers=api.auth("viewer"))
-        other = httpx.ASGITransport(app=api.client._transport.app,  # type: ignore[attr-defined]
-                                    client=("127.0.0.2", 5000))
+        other = httpx.ASGITransport(
+            app=api.client._transport.app,  # type: ignore[attr-defined]
+            client=("127.0.0.2", 5000),
+        )
         async with httpx.AsyncClient(transport=other, base_url="http://t") as elsewhere:
             fine = await elsewhere.get("/admin/status", headers=bad)
     assert [401] * 10 == failures
@@ -379,8 +453,9 @@ async def test_a_token_created_while_serving_works(tmp_path: Path, db_url: str) 
         token = await TokenStore(db_url).create("late", "viewer", "test")
 
         async def accepted() -> bool:
-            answer = await api.client.get("/admin/status",
-                                          headers={"Authorization": f"Bearer {token}"})
+            answer = await api.client.get(
+                "/admin/status", headers={"Authorization": f"Bearer {token}"}
+            )
             return answer.status_code == 200
 
         await assert_eventually(accepted)
@@ -395,7 +470,8 @@ async def test_ensure_admin_token_creates_one_admin_token_once(db_url: str) -> N
     assert first is not None and first.startswith("extreg_")
     assert second is None
     assert [("admin", "admin", hash_token(first))] == sql(
-        db_url, "SELECT name, role, token_hash FROM extreg_api_tokens")
+        db_url, "SELECT name, role, token_hash FROM extreg_api_tokens"
+    )
 
 
 # -- health, circuit, invoke ----------------------------------------------------------------------
@@ -410,18 +486,34 @@ async def test_health_without_an_invoker_reads_every_extension_as_new(
     async with database_api(tmp_path, db_url) as api:
         viewer, operator = api.auth("viewer"), api.auth("operator")
         report = (await api.client.get("/admin/extensions/health", headers=viewer)).json()
-        circuit = await api.client.post("/admin/extensions/alpha/circuit", json={"action": "open"},
-                                        headers=operator)
-        invoke = await api.client.post("/admin/extensions/alpha/invoke", json={"payload": {}},
-                                       headers=operator)
+        circuit = await api.client.post(
+            "/admin/extensions/alpha/circuit", json={"action": "open"}, headers=operator
+        )
+        invoke = await api.client.post(
+            "/admin/extensions/alpha/invoke", json={"payload": {}}, headers=operator
+        )
     alpha = report["extensions"][0]
     assert ("alpha", "pre") == (alpha["id"], alpha["type"])
-    assert {"success_count": 0, "failure_count": 0, "success_rate": 1.0, "avg_latency_ms": 0.0,
-            "p50_latency_ms": 0.0, "p95_latency_ms": 0.0, "p99_latency_ms": 0.0,
-            "circuit_breaker_state": "disabled", "last_success": None,
-            "last_failure": None}.items() <= alpha["health"].items()
-    assert {"total": 2, "enabled": 1, "healthy": 2, "unhealthy": 0, "avg_success_rate": 1.0,
-            "avg_latency_ms": 0.0} == report["summary"]
+    assert {
+        "success_count": 0,
+        "failure_count": 0,
+        "success_rate": 1.0,
+        "avg_latency_ms": 0.0,
+        "p50_latency_ms": 0.0,
+        "p95_latency_ms": 0.0,
+        "p99_latency_ms": 0.0,
+        "circuit_breaker_state": "disabled",
+        "last_success": None,
+        "last_failure": None,
+    }.items() <= alpha["health"].items()
+    assert {
+        "total": 2,
+        "enabled": 1,
+        "healthy": 2,
+        "unhealthy": 0,
+        "avg_success_rate": 1.0,
+        "avg_latency_ms": 0.0,
+    } == report["summary"]
     assert [503, 503] == [circuit.status_code, invoke.status_code]
     assert "without an invoker" in circuit.json()["detail"]
 
@@ -435,17 +527,24 @@ async def test_invoke_circuit_and_health_with_an_invoker(tmp_path: Path, db_url:
         reply = await api.client.post(
             "/admin/extensions/alpha/invoke",
             json={"payload": {"text": "hi"}, "tenant_id": "acme", "trace_id": "t-1"},
-            headers=operator)
+            headers=operator,
+        )
         health = (await api.client.get("/admin/extensions/alpha/health", headers=operator)).json()
-        opened = await api.client.post("/admin/extensions/alpha/circuit", json={"action": "open"},
-                                       headers=operator)
-        refused = await api.client.post("/admin/extensions/alpha/invoke", json={"payload": {}},
-                                        headers=operator)
+        opened = await api.client.post(
+            "/admin/extensions/alpha/circuit", json={"action": "open"}, headers=operator
+        )
+        refused = await api.client.post(
+            "/admin/extensions/alpha/invoke", json={"payload": {}}, headers=operator
+        )
         state = (await api.client.get("/admin/extensions/alpha/health", headers=operator)).json()
-        reset = await api.client.post("/admin/extensions/alpha/circuit", json={"action": "reset"},
-                                      headers=operator)
+        reset = await api.client.post(
+            "/admin/extensions/alpha/circuit", json={"action": "reset"}, headers=operator
+        )
     assert (200, {"payload": {"text": "hi"}, "metadata": {}}, "t-1") == (
-        reply.status_code, reply.json()["reply"], reply.json()["trace_id"])
+        reply.status_code,
+        reply.json()["reply"],
+        reply.json()["trace_id"],
+    )
     assert {"trace_id": "t-1", "tenant_id": "acme"} == invoker.calls[0][2]
     assert (1, 1.0) == (health["health"]["success_count"], health["health"]["success_rate"])
     assert (200, "open") == (opened.status_code, opened.json()["circuit_breaker_state"])
@@ -459,10 +558,16 @@ async def test_audit_route_lists_rows_newest_first(tmp_path: Path, db_url: str) 
     async with database_api(tmp_path, db_url) as api:
         await api.client.post("/admin/extensions/alpha/disable", headers=api.auth("operator"))
         await api.client.post("/admin/extensions/alpha/enable", headers=api.auth("operator"))
-        rows = (await api.client.get("/admin/audit", params={"extension_id": "alpha", "limit": 2},
-                                     headers=api.auth("viewer"))).json()
+        rows = (
+            await api.client.get(
+                "/admin/audit",
+                params={"extension_id": "alpha", "limit": 2},
+                headers=api.auth("viewer"),
+            )
+        ).json()
     assert [("enable", "otto-operator"), ("disable", "otto-operator")] == [
-        (r["action"], r["changed_by"]) for r in rows]
+        (r["action"], r["changed_by"]) for r in rows
+    ]
 
 
 # -- metrics and logs ---------------------------------------------------------------------------
@@ -474,37 +579,56 @@ async def test_metrics_parse_and_carry_every_name(tmp_path: Path, db_url: str) -
     opened and recovered, and a sync."""
     async with database_api(tmp_path, db_url, invoker=EchoInvoker()) as api:
         operator = api.auth("operator")
-        await api.client.post("/admin/extensions/alpha/invoke", json={"payload": {}},
-                              headers=operator)
+        await api.client.post(
+            "/admin/extensions/alpha/invoke", json={"payload": {}}, headers=operator
+        )
         await api.runtime.registry.sync()
-        await api.client.post("/admin/extensions/alpha/circuit", json={"action": "open"},
-                              headers=operator)
-        await api.client.post("/admin/extensions/alpha/circuit", json={"action": "reset"},
-                              headers=operator)
+        await api.client.post(
+            "/admin/extensions/alpha/circuit", json={"action": "open"}, headers=operator
+        )
+        await api.client.post(
+            "/admin/extensions/alpha/circuit", json={"action": "reset"}, headers=operator
+        )
         text = (await api.client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     names = set(families) | {f"{name}_total" for name, f in families.items() if f.type == "counter"}
     assert [] == [name for name in METRIC_NAMES if name not in names]
 
     def value(family: str, sample: str, **labels: str) -> float:
-        return next(s.value for s in families[family].samples
-                    if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+        return next(
+            s.value
+            for s in families[family].samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
-    assert (2.0, 1.0) == (value("extension_registry_size", "extension_registry_size"),
-                          value("extension_registry_enabled_count",
-                                "extension_registry_enabled_count"))
-    assert 1.0 == value("extension_invocation_latency_seconds",
-                        "extension_invocation_latency_seconds_count", extension_id="alpha",
-                        outcome="ok")
+    assert (2.0, 1.0) == (
+        value("extension_registry_size", "extension_registry_size"),
+        value("extension_registry_enabled_count", "extension_registry_enabled_count"),
+    )
+    assert 1.0 == value(
+        "extension_invocation_latency_seconds",
+        "extension_invocation_latency_seconds_count",
+        extension_id="alpha",
+        outcome="ok",
+    )
     assert (1.0, 1.0) == (
-        value("extension_circuit_breaker_failures", "extension_circuit_breaker_failures_total",
-              extension_id="alpha"),
-        value("extension_circuit_breaker_recoveries",
-              "extension_circuit_breaker_recoveries_total", extension_id="alpha"))
-    assert 0.0 == value("extension_circuit_breaker_state", "extension_circuit_breaker_state",
-                        extension_id="alpha")
-    assert 1.0 == value("extension_registry_sync_duration_seconds",
-                        "extension_registry_sync_duration_seconds_count")
+        value(
+            "extension_circuit_breaker_failures",
+            "extension_circuit_breaker_failures_total",
+            extension_id="alpha",
+        ),
+        value(
+            "extension_circuit_breaker_recoveries",
+            "extension_circuit_breaker_recoveries_total",
+            extension_id="alpha",
+        ),
+    )
+    assert 0.0 == value(
+        "extension_circuit_breaker_state", "extension_circuit_breaker_state", extension_id="alpha"
+    )
+    assert 1.0 == value(
+        "extension_registry_sync_duration_seconds", "extension_registry_sync_duration_seconds_count"
+    )
 
 
 async def test_logs_are_structured_and_never_carry_a_token(tmp_path: Path, db_url: str) -> None:
@@ -513,15 +637,17 @@ async def test_logs_are_structured_and_never_carry_a_token(tmp_path: Path, db_ur
     wrong = generate_token()
     async with database_api(tmp_path, db_url) as api:
         with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
-            await api.client.patch("/admin/extensions/alpha", json={"retry": 1},
-                                   headers=api.auth("admin"))
+            await api.client.patch(
+                "/admin/extensions/alpha", json={"retry": 1}, headers=api.auth("admin")
+            )
             await api.client.get("/admin/status", headers={"Authorization": f"Bearer {wrong}"})
             await api.client.get("/admin/status?token=" + api.tokens["viewer"])
     text = repr(events)
     assert [] == [t for t in [*api.tokens.values(), wrong] if t in text]
     requests = [e for e in events if e["event"] == "http_request"]
     assert [(200, "ada-admin", "alpha"), (401, None, None), (401, None, None)] == [
-        (e["status"], e.get("actor"), e.get("extension_id")) for e in requests]
+        (e["status"], e.get("actor"), e.get("extension_id")) for e in requests
+    ]
     assert all(isinstance(e["duration_ms"], float) for e in requests)
     written = [e for e in events if e["event"] == "extension_written"]
     assert [("alpha", "updated")] == [(e["extension_id"], e["action"]) for e in written]

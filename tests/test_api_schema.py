@@ -35,8 +35,9 @@ MAX_EXAMPLES = 25
 
 
 @pytest.fixture(scope="module")
-def live(pg_server: PostgresProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[LiveServer, str]]:
+def live(
+    pg_server: PostgresProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LiveServer, str]]:
     """A live server with two records and an admin token; (server, token)."""
     tmp = tmp_path_factory.mktemp("schema")
     db_url = pg_server.create_database(f"schema_{uuid.uuid4().hex[:8]}")
@@ -67,8 +68,13 @@ def test_the_live_openapi_document_is_the_one_tested(live: tuple[LiveServer, str
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=MAX_EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_no_generated_request_gets_a_server_error(
     case: schemathesis.Case[Any], live: tuple[LiveServer, str]
 ) -> None:
@@ -76,4 +82,5 @@ def test_no_generated_request_gets_a_server_error(
     server, token = live
     response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {token}"})
     assert response.status_code < 500, (
-        f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}")
+        f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"
+    )

@@ -29,12 +29,20 @@ from testsupport.pgprocess import PostgresProcess
 
 def test_roles_nest() -> None:
     """admin may do what operator may, operator what viewer may; not the other way round."""
-    table = [(held, needed, role_allows(held, needed))
-             for held in ("viewer", "operator", "admin", "root")
-             for needed in ("viewer", "operator", "admin")]
+    table = [
+        (held, needed, role_allows(held, needed))
+        for held in ("viewer", "operator", "admin", "root")
+        for needed in ("viewer", "operator", "admin")
+    ]
     allowed = [(held, needed) for held, needed, ok in table if ok]
-    assert [("viewer", "viewer"), ("operator", "viewer"), ("operator", "operator"),
-            ("admin", "viewer"), ("admin", "operator"), ("admin", "admin")] == allowed
+    assert [
+        ("viewer", "viewer"),
+        ("operator", "viewer"),
+        ("operator", "operator"),
+        ("admin", "viewer"),
+        ("admin", "operator"),
+        ("admin", "admin"),
+    ] == allowed
 
 
 def test_token_book_checks_tokens_by_their_hash() -> None:
@@ -44,7 +52,9 @@ def test_token_book_checks_tokens_by_their_hash() -> None:
     book.add("ci", "operator", token)
     assert (("ci", "operator"), None, None) == (
         (book.check(token).name, book.check(token).role),  # type: ignore[union-attr]
-        book.check(token + "x"), book.check(""))
+        book.check(token + "x"),
+        book.check(""),
+    )
     assert 64 == len(hash_token(token)) and token.startswith("extreg_")
 
 
@@ -111,6 +121,8 @@ async def test_sync_metrics_count_durations_and_errors(
         own_pg.start()
         text = metrics.render().decode()
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    assert (2.0, 1.0, 1.0) == (values["extension_registry_sync_duration_seconds_count"],
-                               values["extension_registry_sync_errors_total"],
-                               values["extension_registry_size"])
+    assert (2.0, 1.0, 1.0) == (
+        values["extension_registry_sync_duration_seconds_count"],
+        values["extension_registry_sync_errors_total"],
+        values["extension_registry_size"],
+    )

@@ -48,7 +48,10 @@ async def seed(settings: Settings) -> PostgresSource:
 
 
 async def test_auto_disable_and_enable(
-    tmp_path: Path, db_url: str, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    db_url: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
     flaky_extension: Flaky,
 ) -> None:
     """Three failures open flaky's circuit and extreg:auto disables it (audited); while open,
@@ -82,7 +85,10 @@ async def test_auto_disable_and_enable(
 
 
 async def test_operator_reset_enables_and_operator_disable_is_kept(
-    tmp_path: Path, db_url: str, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    db_url: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
 ) -> None:
     """An operator opening a circuit disables the extension and resetting it enables it again;
     an extension an operator disabled stays disabled when its circuit closes."""
@@ -109,12 +115,18 @@ async def test_operator_reset_enables_and_operator_disable_is_kept(
 
 
 async def test_auto_disable_without_database_leaves_calls_to_the_breaker(
-    tmp_path: Path, nats_url: str, sample_extensions: SampleRunner, flaky_extension: Flaky,
+    tmp_path: Path,
+    nats_url: str,
+    sample_extensions: SampleRunner,
+    flaky_extension: Flaky,
 ) -> None:
     """On fixtures (no database) an opening circuit cannot disable anything: the call path is
     unaffected and the circuit alone refuses calls."""
     settings = fixture_settings(
-        tmp_path, nats_url, circuit_breaker_enabled=True, circuit_breaker_failure_threshold=1,
+        tmp_path,
+        nats_url,
+        circuit_breaker_enabled=True,
+        circuit_breaker_failure_threshold=1,
         auto_disable_on_circuit_open=True,
     )
     async with open_invoker(settings) as inv:
@@ -153,14 +165,21 @@ def test_gate_refuses_low_success_rate_after_min_calls() -> None:
 
 
 async def test_health_based_routing_refuses_and_recovers(
-    tmp_path: Path, nats_url: str, sample_extensions: SampleRunner, flaky_extension: Flaky,
+    tmp_path: Path,
+    nats_url: str,
+    sample_extensions: SampleRunner,
+    flaky_extension: Flaky,
 ) -> None:
     """With health-based routing on, an extension failing 5 of 5 calls is refused with
     HealthRefused (nothing sent) after the next flush; once the bad calls leave the window (two
     flushes wide) it is called again. The flushes are the test's, not the timer's."""
     settings = fixture_settings(
-        tmp_path, nats_url, health_based_routing_enabled=True, circuit_breaker_min_calls=5,
-        circuit_breaker_window_seconds=7200, health_flush_interval_seconds=3600,
+        tmp_path,
+        nats_url,
+        health_based_routing_enabled=True,
+        circuit_breaker_min_calls=5,
+        circuit_breaker_window_seconds=7200,
+        health_flush_interval_seconds=3600,
     )
     async with open_invoker(settings) as inv:
         flaky_extension.control({"failure_rate": 1.0, "failure_mode": "invalid"})

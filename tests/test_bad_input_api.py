@@ -61,8 +61,15 @@ DEEP = 100_000
 
 COUNTER = CaseCounter(
     "bad-input API corpus",
-    ["body files", "record fields", "operation bodies", "ids", "query parameters", "headers",
-     "oversize and deep bodies"],
+    [
+        "body files",
+        "record fields",
+        "operation bodies",
+        "ids",
+        "query parameters",
+        "headers",
+        "oversize and deep bodies",
+    ],
     unit="requests",
 )
 tried = COUNTER.tried
@@ -71,8 +78,13 @@ _print_case_count = COUNTER.fixture()
 
 # -- sending a case and judging the answer ----------------------------------------------------
 
-TABLES = ("extensions", "extension_versions", "extension_instances", "extension_health",
-          "extension_audit_log")
+TABLES = (
+    "extensions",
+    "extension_versions",
+    "extension_instances",
+    "extension_health",
+    "extension_audit_log",
+)
 BODY = ["body"]
 
 
@@ -134,7 +146,8 @@ class Probe:
         label = f"{area} / {case}: {method} {path[:80]}"
         try:
             answer = await self.api.client.request(
-                method, path, headers={**base, **(headers or {})}, **sent)
+                method, path, headers={**base, **(headers or {})}, **sent
+            )
         except Exception as exc:  # reported with the other failures
             self.failures.append(f"{label}: the request raised {exc!r}")
             return None
@@ -152,8 +165,13 @@ class Probe:
         assert not self.failures, f"{len(self.failures)} bad cases:\n" + "\n".join(self.failures)
 
 
-def judge(answer: httpx.Response, expect: tuple[int, ...], loc: list[Any] | None,
-          text: str | None, result: Any) -> list[str]:
+def judge(
+    answer: httpx.Response,
+    expect: tuple[int, ...],
+    loc: list[Any] | None,
+    text: str | None,
+    result: Any,
+) -> list[str]:
     problems = []
     status = answer.status_code
     if status >= 500:
@@ -249,8 +267,11 @@ FILES: dict[str, tuple[list[Any], str]] = {
     "top_level_null.json": (BODY, NOT_OBJECT),
     "top_level_true.json": (BODY, NOT_OBJECT),
 }
-RECORD_WRITES = [("POST", "/admin/extensions"), ("PUT", "/admin/extensions/alpha"),
-                 ("PATCH", "/admin/extensions/alpha")]
+RECORD_WRITES = [
+    ("POST", "/admin/extensions"),
+    ("PUT", "/admin/extensions/alpha"),
+    ("PATCH", "/admin/extensions/alpha"),
+]
 
 
 def test_corpus_files_are_all_listed() -> None:
@@ -367,16 +388,23 @@ FIELDS: list[tuple[str, Any, list[Any], str | None]] = [
     ("versions", [{**VERSION, "subject": "a b"}], ["versions", 0, "subject"], SUBJECT_RULE),
     ("versions", [{**VERSION, "timeout_ms": -1}], ["versions", 0, "timeout_ms"], ">= 1"),
     ("versions", [{**VERSION, "retry": 99}], ["versions", 0, "retry"], "exceeds"),
-    ("versions", [{**VERSION, "routing_rules": {"tenant_id": 1}}],
-     ["versions", 0, "routing_rules"], "Expected str | array, got int"),
+    (
+        "versions",
+        [{**VERSION, "routing_rules": {"tenant_id": 1}}],
+        ["versions", 0, "routing_rules"],
+        "Expected str | array, got int",
+    ),
     ("versions", [VERSION, VERSION], ["versions"], "version 'v2' appears twice"),
     ("instances", "i1", ["instances"], "Expected array, got str"),
     ("instances", [{**INSTANCE, "weight": 101}], ["instances", 0, "weight"], "<= 100"),
     ("instances", [{**INSTANCE, "weight": "heavy"}], ["instances", 0, "weight"], "got str"),
-    ("instances", [{**INSTANCE, "instance_id": "../i1"}], ["instances", 0, "instance_id"],
-     ID_RULE),
-    ("instances", [{**INSTANCE, "health_status": "sick"}], ["instances", 0, "health_status"],
-     "Invalid enum value 'sick'"),
+    ("instances", [{**INSTANCE, "instance_id": "../i1"}], ["instances", 0, "instance_id"], ID_RULE),
+    (
+        "instances",
+        [{**INSTANCE, "health_status": "sick"}],
+        ["instances", 0, "health_status"],
+        "Invalid enum value 'sick'",
+    ),
     ("instances", [INSTANCE, INSTANCE], ["instances"], "instance_id 'i1' appears twice"),
     ("colour", "blue", ["colour"], "unknown field"),
     ("timeout", 100, ["timeout"], "unknown field"),
@@ -392,14 +420,35 @@ async def test_wrong_field_values(probe: Probe) -> None:
     for name, value, where, text in FIELDS:
         case = f"{name}={json.dumps(value)[:40]}"
         loc = ["body", *where]
-        await probe.send("record fields", case, "POST", "/admin/extensions",
-                         record("gamma", **{name: value}), loc=loc, text=text)
+        await probe.send(
+            "record fields",
+            case,
+            "POST",
+            "/admin/extensions",
+            record("gamma", **{name: value}),
+            loc=loc,
+            text=text,
+        )
         if name == "id":  # a replace or patch naming another id is refused for that
             text = None
-        await probe.send("record fields", case, "PUT", "/admin/extensions/alpha",
-                         alpha_record(**{name: value}), loc=loc, text=text)
-        await probe.send("record fields", case, "PATCH", "/admin/extensions/alpha",
-                         {name: value}, loc=loc, text=text)
+        await probe.send(
+            "record fields",
+            case,
+            "PUT",
+            "/admin/extensions/alpha",
+            alpha_record(**{name: value}),
+            loc=loc,
+            text=text,
+        )
+        await probe.send(
+            "record fields",
+            case,
+            "PATCH",
+            "/admin/extensions/alpha",
+            {name: value},
+            loc=loc,
+            text=text,
+        )
     probe.assert_every_case_refused()
 
 
@@ -408,17 +457,39 @@ async def test_missing_fields_and_mismatched_ids(probe: Probe) -> None:
     id than its URL, get 422 naming each field; nothing is stored."""
     for missing in ("id", "type", "subject"):
         body = {k: v for k, v in record("gamma").items() if k != missing}
-        await probe.send("record fields", f"missing {missing}", "POST", "/admin/extensions",
-                         body, loc=["body", missing], text="required field is missing")
+        await probe.send(
+            "record fields",
+            f"missing {missing}",
+            "POST",
+            "/admin/extensions",
+            body,
+            loc=["body", missing],
+            text="required field is missing",
+        )
     for missing in ("type", "subject"):
         body = {k: v for k, v in alpha_record().items() if k != missing}
-        await probe.send("record fields", f"missing {missing}", "PUT", "/admin/extensions/alpha",
-                         body, loc=["body", missing], text="required field is missing")
+        await probe.send(
+            "record fields",
+            f"missing {missing}",
+            "PUT",
+            "/admin/extensions/alpha",
+            body,
+            loc=["body", missing],
+            text="required field is missing",
+        )
     for method in ("PUT", "PATCH"):
-        await probe.send("record fields", "other id", method, "/admin/extensions/alpha",
-                         record("beta"), loc=["body", "id"], text="must equal the id in the URL")
-    await probe.send("record fields", "existing id", "POST", "/admin/extensions", record("alpha"),
-                     expect=(409,))
+        await probe.send(
+            "record fields",
+            "other id",
+            method,
+            "/admin/extensions/alpha",
+            record("beta"),
+            loc=["body", "id"],
+            text="must equal the id in the URL",
+        )
+    await probe.send(
+        "record fields", "existing id", "POST", "/admin/extensions", record("alpha"), expect=(409,)
+    )
     probe.assert_every_case_refused()
 
 
@@ -437,44 +508,91 @@ OPERATION_BODIES: list[tuple[str, str, bytes, tuple[int, ...], list[Any] | None,
     ("action null", CIRCUIT, b'{"action": null}', (422,), ACTION, None),
     ("action a list", CIRCUIT, b'{"action": ["open"]}', (422,), ACTION, None),
     ("action with NUL", CIRCUIT, b'{"action": "open\\u0000"}', (422,), ACTION, None),
-    ("extra field", CIRCUIT, b'{"action": "open", "force": true}', (422,), ["body", "force"],
-     None),
+    ("extra field", CIRCUIT, b'{"action": "open", "force": true}', (422,), ["body", "force"], None),
     ("array", CIRCUIT, b'["open"]', (422,), BODY, None),
     ("string", CIRCUIT, b'"open"', (422,), BODY, None),
     ("null", CIRCUIT, b"null", (422,), BODY, None),
     ("invalid JSON", CIRCUIT, b'{"action": open}', (422,), None, None),
     ("truncated", CIRCUIT, b'{"action": "op', (422,), None, None),
-    ("key twice, bad one first", CIRCUIT, b'{"action": "bogus", "action": "open"}', (422,), BODY,
-     "key action appears twice"),
-    ("key twice, good one first", CIRCUIT, b'{"action": "open", "action": "bogus"}', (422,),
-     None, None),
+    (
+        "key twice, bad one first",
+        CIRCUIT,
+        b'{"action": "bogus", "action": "open"}',
+        (422,),
+        BODY,
+        "key action appears twice",
+    ),
+    (
+        "key twice, good one first",
+        CIRCUIT,
+        b'{"action": "open", "action": "bogus"}',
+        (422,),
+        None,
+        None,
+    ),
     ("NaN", CIRCUIT, b'{"action": NaN}', (422,), None, None),
     ("invalid UTF-8", CIRCUIT, b'{"action": "op\xffen"}', (400, 422), None, None),
-    ("deep nesting", CIRCUIT, b'{"action": ' + b"[" * DEEP + b"]" * DEEP + b"}", (400, 422),
-     None, None),
+    (
+        "deep nesting",
+        CIRCUIT,
+        b'{"action": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        (400, 422),
+        None,
+        None,
+    ),
     ("metadata a list", INVOKE, b'{"metadata": []}', (422,), ["body", "metadata"], None),
     ("metadata a string", INVOKE, b'{"metadata": "x"}', (422,), ["body", "metadata"], None),
     ("tenant_id a number", INVOKE, b'{"tenant_id": 7}', (422,), ["body", "tenant_id"], None),
-    ("tenant_id too long", INVOKE, json.dumps({"tenant_id": "t" * 256}).encode(), (422,),
-     ["body", "tenant_id"], None),
-    ("trace_id too long", INVOKE, json.dumps({"trace_id": "t" * 10_000}).encode(), (422,),
-     ["body", "trace_id"], None),
+    (
+        "tenant_id too long",
+        INVOKE,
+        json.dumps({"tenant_id": "t" * 256}).encode(),
+        (422,),
+        ["body", "tenant_id"],
+        None,
+    ),
+    (
+        "trace_id too long",
+        INVOKE,
+        json.dumps({"trace_id": "t" * 10_000}).encode(),
+        (422,),
+        ["body", "trace_id"],
+        None,
+    ),
     ("trace_id an object", INVOKE, b'{"trace_id": {"a": 1}}', (422,), ["body", "trace_id"], None),
     ("unknown field", INVOKE, b'{"payload": {}, "colour": 1}', (422,), ["body", "colour"], None),
     ("array", INVOKE, b"[]", (422,), BODY, None),
     ("number", INVOKE, b"1", (422,), BODY, None),
     ("invalid JSON", INVOKE, b"{payload: 1}", (422,), None, None),
     ("object then garbage", INVOKE, b'{"payload": 1} trailing', (422,), None, None),
-    ("payload key twice", INVOKE, b'{"payload": 1, "payload": 2}', (422,), BODY,
-     "key payload appears twice"),
-    ("key twice deep in the payload", INVOKE, b'{"payload": {"a": {"b": 1, "b": 2}}}', (422,),
-     BODY, "key b appears twice"),
+    (
+        "payload key twice",
+        INVOKE,
+        b'{"payload": 1, "payload": 2}',
+        (422,),
+        BODY,
+        "key payload appears twice",
+    ),
+    (
+        "key twice deep in the payload",
+        INVOKE,
+        b'{"payload": {"a": {"b": 1, "b": 2}}}',
+        (422,),
+        BODY,
+        "key b appears twice",
+    ),
     ("NaN payload", INVOKE, b'{"payload": NaN}', (422,), BODY, NOT_JSON),
     ("Infinity in payload", INVOKE, b'{"payload": {"x": -Infinity}}', (422,), BODY, NOT_JSON),
     ("payload number out of range", INVOKE, b'{"payload": 1e400}', (422,), BODY, NOT_JSON),
     ("invalid UTF-8 payload", INVOKE, b'{"payload": "\xc3\x28"}', (400, 422), None, None),
-    ("deep payload", INVOKE, b'{"payload": ' + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}",
-     (400, 422), None, None),
+    (
+        "deep payload",
+        INVOKE,
+        b'{"payload": ' + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}",
+        (400, 422),
+        None,
+        None,
+    ),
 ]
 
 
@@ -483,8 +601,17 @@ async def test_circuit_and_invoke_bodies(probe: Probe) -> None:
     one is at fault; FastAPI's 400 for a body its JSON parser gives up on): no circuit moves
     and the extension is never called."""
     for case, path, raw, expect, loc, text in OPERATION_BODIES:
-        await probe.send("operation bodies", case, "POST", path, raw=raw, role="operator",
-                         expect=expect, loc=loc, text=text)
+        await probe.send(
+            "operation bodies",
+            case,
+            "POST",
+            path,
+            raw=raw,
+            role="operator",
+            expect=expect,
+            loc=loc,
+            text=text,
+        )
     probe.assert_every_case_refused()
 
 
@@ -532,21 +659,38 @@ async def test_odd_ids(probe: Probe) -> None:
         base = f"/admin/extensions/{segment(ext_id, raw)}"
         await probe.send("ids", case, "GET", base, role="viewer", expect=not_found)
         await probe.send("ids", case, "GET", f"{base}/health", role="viewer", expect=not_found)
-        await probe.send("ids", case, "PUT", base, replacement, expect=(404, 422),
-                         loc=["body", "id"])
+        await probe.send(
+            "ids", case, "PUT", base, replacement, expect=(404, 422), loc=["body", "id"]
+        )
         await probe.send("ids", case, "PATCH", base, {"timeout_ms": 300}, expect=not_found)
         await probe.send("ids", case, "DELETE", base, expect=not_found)
         for action in ("enable", "disable"):
-            await probe.send("ids", case, "POST", f"{base}/{action}", role="operator",
-                             expect=not_found)
-        await probe.send("ids", case, "POST", f"{base}/circuit", {"action": "open"},
-                         role="operator", expect=not_found)
-        await probe.send("ids", case, "POST", f"{base}/invoke", {"payload": {}},
-                         role="operator", expect=not_found)
+            await probe.send(
+                "ids", case, "POST", f"{base}/{action}", role="operator", expect=not_found
+            )
+        await probe.send(
+            "ids",
+            case,
+            "POST",
+            f"{base}/circuit",
+            {"action": "open"},
+            role="operator",
+            expect=not_found,
+        )
+        await probe.send(
+            "ids",
+            case,
+            "POST",
+            f"{base}/invoke",
+            {"payload": {}},
+            role="operator",
+            expect=not_found,
+        )
         if ext_id is not None:
             query = urllib.parse.urlencode({"extension_id": ext_id})
-            await probe.send("ids", case, "GET", f"/admin/audit?{query}", role="viewer",
-                             expect=(200,), result=[])
+            await probe.send(
+                "ids", case, "GET", f"/admin/audit?{query}", role="viewer", expect=(200,), result=[]
+            )
     probe.assert_every_case_refused()
 
 
@@ -575,9 +719,13 @@ QUERIES: list[tuple[str, str, list[Any]]] = [
 ]
 
 METHODS = [
-    ("PATCH", "/admin/extensions"), ("DELETE", "/admin/extensions"), ("PUT", "/admin/extensions"),
-    ("GET", "/admin/reload"), ("PUT", "/admin/extensions/alpha/enable"),
-    ("GET", "/admin/extensions/alpha/circuit"), ("DELETE", "/admin/audit"),
+    ("PATCH", "/admin/extensions"),
+    ("DELETE", "/admin/extensions"),
+    ("PUT", "/admin/extensions"),
+    ("GET", "/admin/reload"),
+    ("PUT", "/admin/extensions/alpha/enable"),
+    ("GET", "/admin/extensions/alpha/circuit"),
+    ("DELETE", "/admin/audit"),
 ]
 
 
@@ -595,22 +743,41 @@ async def test_if_match_values(probe: Probe) -> None:
     """Any If-Match that is not `*` or the record's current tag (garbage, a tag of another
     version, the weak form of the current tag, empty, huge, non-ASCII) gets 412 on replace,
     patch and delete, and the record stays as it was."""
-    current = (await probe.api.client.get("/admin/extensions/alpha",
-                                          headers=probe.api.auth("viewer"))).headers["etag"]
+    current = (
+        await probe.api.client.get("/admin/extensions/alpha", headers=probe.api.auth("viewer"))
+    ).headers["etag"]
     values: list[tuple[str, str | bytes]] = [
-        ("garbage", "garbage"), ("other tag", '"0123456789abcdef0123456789abcdef"'),
-        ("empty tag", '""'), ("empty", ""), ("commas", ", ,"), ("weak current", f"W/{current}"),
-        ("unquoted current", current.strip('"')), ("current plus junk", current + "x"),
-        ("quoted star", '"*"'), ("star and junk", "*x"), ("10k characters", "x" * 10_000),
-        ("non-ASCII", "\u00e9tag".encode("latin-1")), ("bytes", b"\xff\xfe"),
-        ("SQL", "\"'; DROP TABLE extensions;--\""),
+        ("garbage", "garbage"),
+        ("other tag", '"0123456789abcdef0123456789abcdef"'),
+        ("empty tag", '""'),
+        ("empty", ""),
+        ("commas", ", ,"),
+        ("weak current", f"W/{current}"),
+        ("unquoted current", current.strip('"')),
+        ("current plus junk", current + "x"),
+        ("quoted star", '"*"'),
+        ("star and junk", "*x"),
+        ("10k characters", "x" * 10_000),
+        ("non-ASCII", "\u00e9tag".encode("latin-1")),
+        ("bytes", b"\xff\xfe"),
+        ("SQL", '"\'; DROP TABLE extensions;--"'),
     ]
-    writes: list[tuple[str, Any]] = [("PUT", alpha_record(timeout_ms=250)),
-                                     ("PATCH", {"timeout_ms": 300}), ("DELETE", None)]
+    writes: list[tuple[str, Any]] = [
+        ("PUT", alpha_record(timeout_ms=250)),
+        ("PATCH", {"timeout_ms": 300}),
+        ("DELETE", None),
+    ]
     for case, value in values:
         for method, body in writes:
-            await probe.send("headers", f"If-Match {case}", method, "/admin/extensions/alpha",
-                             body, headers={"If-Match": value}, expect=(412,))
+            await probe.send(
+                "headers",
+                f"If-Match {case}",
+                method,
+                "/admin/extensions/alpha",
+                body,
+                headers={"If-Match": value},
+                expect=(412,),
+            )
     probe.assert_every_case_refused()
 
 
@@ -618,34 +785,65 @@ async def test_bad_tokens_and_content_types(probe: Probe) -> None:
     """A malformed Authorization header gets 401; a record, circuit or invoke body sent as
     anything but JSON (text/plain, form data, XML, no Content-Type) gets 415 (or FastAPI's 422
     for the bodies it decodes), even when the bytes are a valid record."""
-    for case, value in [("huge token", "Bearer " + "x" * 10_000),
-                        ("SQL token", "Bearer x'; DROP TABLE extreg_api_tokens;--"),
-                        ("basic scheme", "Basic YWRtaW46YWRtaW4="), ("no scheme", "ada-admin")]:
-        await probe.send("headers", case, "POST", "/admin/extensions", record("gamma"), role=None,
-                         headers={"Authorization": value}, expect=(401,))
-    bodies = [("POST", "/admin/extensions", record("gamma"), "admin"),
-              ("PUT", "/admin/extensions/alpha", alpha_record(timeout_ms=250), "admin"),
-              ("PATCH", "/admin/extensions/alpha", {"timeout_ms": 300}, "admin"),
-              ("POST", CIRCUIT, {"action": "open"}, "operator"),
-              ("POST", INVOKE, {"payload": {"a": 1}}, "operator")]
-    types: list[str | None] = ["text/plain", "application/x-www-form-urlencoded",
-                               "multipart/form-data; boundary=x", "application/xml",
-                               "application/jsonx", "json", None]
+    for case, value in [
+        ("huge token", "Bearer " + "x" * 10_000),
+        ("SQL token", "Bearer x'; DROP TABLE extreg_api_tokens;--"),
+        ("basic scheme", "Basic YWRtaW46YWRtaW4="),
+        ("no scheme", "ada-admin"),
+    ]:
+        await probe.send(
+            "headers",
+            case,
+            "POST",
+            "/admin/extensions",
+            record("gamma"),
+            role=None,
+            headers={"Authorization": value},
+            expect=(401,),
+        )
+    bodies = [
+        ("POST", "/admin/extensions", record("gamma"), "admin"),
+        ("PUT", "/admin/extensions/alpha", alpha_record(timeout_ms=250), "admin"),
+        ("PATCH", "/admin/extensions/alpha", {"timeout_ms": 300}, "admin"),
+        ("POST", CIRCUIT, {"action": "open"}, "operator"),
+        ("POST", INVOKE, {"payload": {"a": 1}}, "operator"),
+    ]
+    types: list[str | None] = [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        "application/jsonx",
+        "json",
+        None,
+    ]
     for method, path, body, role in bodies:
         for content_type in types:
-            await probe.send("headers", f"Content-Type {content_type}", method, path, body,
-                             role=role, content_type=content_type, expect=(415, 422))
+            await probe.send(
+                "headers",
+                f"Content-Type {content_type}",
+                method,
+                path,
+                body,
+                role=role,
+                content_type=content_type,
+                expect=(415, 422),
+            )
     probe.assert_every_case_refused()
 
 
 # -- oversize and deep bodies -----------------------------------------------------------------
 
 EVERY_ROUTE_WITH_BODY = [
-    ("POST", "/admin/extensions", "admin"), ("PUT", "/admin/extensions/alpha", "admin"),
-    ("PATCH", "/admin/extensions/alpha", "admin"), ("DELETE", "/admin/extensions/alpha", "admin"),
+    ("POST", "/admin/extensions", "admin"),
+    ("PUT", "/admin/extensions/alpha", "admin"),
+    ("PATCH", "/admin/extensions/alpha", "admin"),
+    ("DELETE", "/admin/extensions/alpha", "admin"),
     ("POST", "/admin/extensions/beta/enable", "operator"),
-    ("POST", "/admin/extensions/alpha/disable", "operator"), ("POST", CIRCUIT, "operator"),
-    ("POST", INVOKE, "operator"), ("POST", "/admin/reload", "operator"),
+    ("POST", "/admin/extensions/alpha/disable", "operator"),
+    ("POST", CIRCUIT, "operator"),
+    ("POST", INVOKE, "operator"),
+    ("POST", "/admin/reload", "operator"),
     ("GET", "/admin/extensions/alpha", "viewer"),
 ]
 
@@ -661,7 +859,7 @@ class Counted(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         chunk = 64 * 1024
         while self.read < self.size:
-            piece = (self.head if self.read == 0 and self.head else b" ")
+            piece = self.head if self.read == 0 and self.head else b" "
             data = (piece + b" " * chunk)[: min(chunk, self.size - self.read)]
             self.read += len(data)
             yield data
@@ -677,17 +875,41 @@ async def test_oversize_bodies_are_refused_unread(probe: Probe) -> None:
     huge_record = json.dumps(record("gamma", config={"blob": "x" * TEN_MB})).encode()
     for method, path, role in EVERY_ROUTE_WITH_BODY:
         stream = Counted(TEN_MB, b'{"id": "gamma", "config": {"x": "')
-        await probe.send("oversize and deep bodies", "10 MB with a length", method, path,
-                         role=role, headers={"Content-Length": str(TEN_MB)}, expect=(413,),
-                         raw=stream)  # type: ignore[arg-type]
+        await probe.send(
+            "oversize and deep bodies",
+            "10 MB with a length",
+            method,
+            path,
+            role=role,
+            headers={"Content-Length": str(TEN_MB)},
+            expect=(413,),
+            raw=stream,
+        )  # type: ignore[arg-type]
         assert stream.read < limit, (method, path, stream.read)
-        await probe.send("oversize and deep bodies", "10 MB valid record", method, path,
-                         raw=huge_record, role=role, expect=(413,))
-    for method, path, role in [*EVERY_ROUTE_WITH_BODY[:3], ("POST", CIRCUIT, "operator"),
-                               ("POST", INVOKE, "operator")]:
+        await probe.send(
+            "oversize and deep bodies",
+            "10 MB valid record",
+            method,
+            path,
+            raw=huge_record,
+            role=role,
+            expect=(413,),
+        )
+    for method, path, role in [
+        *EVERY_ROUTE_WITH_BODY[:3],
+        ("POST", CIRCUIT, "operator"),
+        ("POST", INVOKE, "operator"),
+    ]:
         stream = Counted(TEN_MB)
-        await probe.send("oversize and deep bodies", "10 MB chunked", method, path, role=role,
-                         expect=(413,), raw=stream)  # type: ignore[arg-type]
+        await probe.send(
+            "oversize and deep bodies",
+            "10 MB chunked",
+            method,
+            path,
+            role=role,
+            expect=(413,),
+            raw=stream,
+        )  # type: ignore[arg-type]
         assert stream.read <= limit + 64 * 1024, (method, path, stream.read)
     probe.assert_every_case_refused()
 
@@ -699,16 +921,38 @@ async def test_deep_bodies(probe: Probe) -> None:
     bodies = {
         "deep list": b"[" * DEEP + b"]" * DEEP,
         "deep object": b'{"a": ' * DEEP + b"1" + b"}" * DEEP,
-        "deep config": json.dumps(record("gamma"))[:-1].encode() + b', "config": '
-        + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}",
-        "1000 deep config": json.dumps(record("gamma"))[:-1].encode() + b', "config": '
-        + b'{"a": ' * 1000 + b"1" + b"}" * 1000 + b"}",
+        "deep config": json.dumps(record("gamma"))[:-1].encode()
+        + b', "config": '
+        + b'{"a": ' * DEEP
+        + b"1"
+        + b"}" * DEEP
+        + b"}",
+        "1000 deep config": json.dumps(record("gamma"))[:-1].encode()
+        + b', "config": '
+        + b'{"a": ' * 1000
+        + b"1"
+        + b"}" * 1000
+        + b"}",
     }
     for case, raw in bodies.items():
         for method, path in RECORD_WRITES:
             await probe.send("oversize and deep bodies", case, method, path, raw=raw, loc=None)
-        await probe.send("oversize and deep bodies", case, "POST", CIRCUIT, raw=raw,
-                         role="operator", expect=(400, 422))
-        await probe.send("oversize and deep bodies", case, "POST", INVOKE, raw=raw,
-                         role="operator", expect=(400, 422))
+        await probe.send(
+            "oversize and deep bodies",
+            case,
+            "POST",
+            CIRCUIT,
+            raw=raw,
+            role="operator",
+            expect=(400, 422),
+        )
+        await probe.send(
+            "oversize and deep bodies",
+            case,
+            "POST",
+            INVOKE,
+            raw=raw,
+            role="operator",
+            expect=(400, 422),
+        )
     probe.assert_every_case_refused()

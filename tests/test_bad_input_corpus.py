@@ -60,8 +60,9 @@ DEEP = 100_000  # nesting depth of the deep-nesting cases
 
 # -- counting what was tried ----------------------------------------------------------------
 
-COUNTER = CaseCounter("bad-input corpus", ["fixture files", "configuration", "cli runs"],
-                      unit="checks")
+COUNTER = CaseCounter(
+    "bad-input corpus", ["fixture files", "configuration", "cli runs"], unit="checks"
+)
 tried = COUNTER.tried
 _print_case_count = COUNTER.fixture()
 
@@ -70,8 +71,11 @@ _print_case_count = COUNTER.fixture()
 def _start_cli_early(request: pytest.FixtureRequest) -> None:
     """Start the background `extreg` runs (fixture `cli`) with the module's first test when
     any selected test needs them, so they overlap the in-process tests."""
-    if any("cli" in getattr(item, "fixturenames", ()) for item in request.session.items
-           if getattr(item, "module", None) is request.module):
+    if any(
+        "cli" in getattr(item, "fixturenames", ())
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+    ):
         request.getfixturevalue("cli")
 
 
@@ -150,9 +154,11 @@ STATIC: dict[str, tuple[Expect, ...]] = {
     "top_level_float.json": (F(f"{NOT_AN_EXTENSION}, got a number"),),
     "top_level_string.yaml": (F(f"{NOT_AN_EXTENSION}, got a string"),),
     "empty_list.yml": (F("file holds an empty list"),),
-    "empty_object.json": (R("id", "required field is missing"),
-                          R("type", "required field is missing"),
-                          R("subject", "required field is missing")),
+    "empty_object.json": (
+        R("id", "required field is missing"),
+        R("type", "required field is missing"),
+        R("subject", "required field is missing"),
+    ),
     "list_of_lists.json": (R("record", "Expected a JSON object, got `array`"),),
     "list_with_null.json": (R("record", "Expected a JSON object, got `null`", 2),),
     # wrong field types and values
@@ -172,7 +178,8 @@ STATIC: dict[str, tuple[Expect, ...]] = {
     "version_name_too_long.json": (R("version", "Expected str of length <= 32"),),
     "instance_weight_101.json": (R("instances[0].weight", "Expected int <= 100"),),
     "instance_health_status_unknown_value.json": (
-        R("instances[0].health_status", "Invalid enum value 'sick'"),),
+        R("instances[0].health_status", "Invalid enum value 'sick'"),
+    ),
     "duplicate_instance_ids.json": (R("instances", "instance_id 'i1' appears twice"),),
     "created_at_not_a_date.json": (R("created_at", "Invalid RFC3339"),),
     "subject_wildcard.json": (R("subject", SUBJECT_RULE),),
@@ -187,13 +194,15 @@ STATIC: dict[str, tuple[Expect, ...]] = {
     "unknown_field_with_markup.json": (R("[/red]", "unknown field"),),
     # duplicates
     "duplicate_id_in_list.json": (
-        R("id", "duplicate id, first defined in duplicate_id_in_list.json record #1", 3),),
+        R("id", "duplicate id, first defined in duplicate_id_in_list.json record #1", 3),
+    ),
     "duplicate_id_of_other_file.json": (
-        R("id", f"duplicate id, first defined in {BASELINE} record #1"),),
-    "duplicate_key_in_object.json": (
-        F("invalid JSON: key enabled appears twice in one object"),),
+        R("id", f"duplicate id, first defined in {BASELINE} record #1"),
+    ),
+    "duplicate_key_in_object.json": (F("invalid JSON: key enabled appears twice in one object"),),
     "duplicate_key_in_object.yaml": (
-        F("invalid YAML: key timeout_ms appears twice (line 5, column"),),
+        F("invalid YAML: key timeout_ms appears twice (line 5, column"),
+    ),
     # ids
     "id_cyrillic_confusable.json": (R("id", ID_RULE),),
     "id_fullwidth_letters.json": (R("id", ID_RULE),),
@@ -219,8 +228,9 @@ STATIC: dict[str, tuple[Expect, ...]] = {
     "yaml_python_object_apply.yaml": (F("invalid YAML: could not determine a constructor"),),
     "yaml_python_name_tag.yaml": (F("invalid YAML: could not determine a constructor"),),
     "yaml_python_object_new.yaml": (F("invalid YAML: could not determine a constructor"),),
-    "yaml_custom_tag.yaml": (F("invalid YAML: could not determine a constructor for the tag "
-                               "'!Ref'"),),
+    "yaml_custom_tag.yaml": (
+        F("invalid YAML: could not determine a constructor for the tag '!Ref'"),
+    ),
     "yaml_undefined_alias.yaml": (F(NO_ALIASES),),  # refused as an alias before it is resolved
     "yaml_date_as_version.yaml": (R("version", "Expected str, got date"),),
     "yaml_int_id.yaml": (R("id", "Expected str, got int"),),
@@ -231,6 +241,7 @@ STATIC: dict[str, tuple[Expect, ...]] = {
     "yaml_billion_laughs_top_level.yaml": (F(NO_ALIASES),),
     "yaml_billion_laughs_in_config.yaml": (F(NO_ALIASES),),
 }
+
 
 def _write(name: str, content: str | bytes) -> Callable[[Path], None]:
     def build(folder: Path) -> None:
@@ -274,56 +285,100 @@ DANGLING = "a symbolic link to nothing (dangling, or a loop)"
 A_DIRECTORY = "a directory, not a file"
 
 GENERATED: list[Case] = [
-    Case("huge_file_over_16mib.json", _sparse("huge_file_over_16mib.json", MAX_FILE_BYTES + 1),
-         (F("file is larger than 16 MiB"),)),
-    Case("huge_file_over_16mib.yaml", _sparse("huge_file_over_16mib.yaml", MAX_FILE_BYTES + 1),
-         (F("file is larger than 16 MiB"),)),
-    Case("deep_nesting_lists.json", _write("deep_nesting_lists.json", "[" * DEEP + "]" * DEEP),
-         (F("invalid JSON: nested too deeply"),)),
-    Case("deep_nesting_objects.json",
-         _write("deep_nesting_objects.json", '{"a": ' * DEEP + "1" + "}" * DEEP),
-         (F("invalid JSON: nested too deeply"),)),
-    Case("deep_nesting_in_config.json",
-         _write("deep_nesting_in_config.json", _deep_record_json(DEEP)),
-         (F("invalid JSON: nested too deeply"),)),
-    Case("nesting_over_64_levels.json",  # parses, but deeper than fixtures allow (63 passes)
-         _write("nesting_over_64_levels.json", _deep_record_json(64)),
-         (F("nested more than 64 levels deep at config" + ".a" * 64),)),
-    Case("deep_nesting_flow.yaml", _write("deep_nesting_flow.yaml", "[" * DEEP + "]" * DEEP),
-         (F("invalid YAML: nested too deeply"),)),
-    Case("deep_nesting_flow_mappings.yaml",
-         _write("deep_nesting_flow_mappings.yaml", "{a: " * DEEP + "1" + "}" * DEEP),
-         (F("invalid YAML: nested too deeply"),)),
-    Case("deep_nesting_block.yaml", _write("deep_nesting_block.yaml", "- " * DEEP + "x\n"),
-         (F("invalid YAML: nested too deeply"),)),
-    Case("symlink_loop_a.json",
-         _symlinks(("symlink_loop_a.json", "symlink_loop_b.json"),
-                   ("symlink_loop_b.json", "symlink_loop_a.json")),
-         (F(DANGLING),),
-         names=("symlink_loop_a.json", "symlink_loop_b.json")),
-    Case("symlink_self_loop.yaml", _symlinks(("symlink_self_loop.yaml", "symlink_self_loop.yaml")),
-         (F(DANGLING),)),
-    Case("dangling_symlink.json", _symlinks(("dangling_symlink.json", "no-such-target.json")),
-         (F(DANGLING),)),
-    Case("symlink_to_directory.json", _symlinks(("symlink_to_directory.json", ".")),
-         (F(A_DIRECTORY),)),
+    Case(
+        "huge_file_over_16mib.json",
+        _sparse("huge_file_over_16mib.json", MAX_FILE_BYTES + 1),
+        (F("file is larger than 16 MiB"),),
+    ),
+    Case(
+        "huge_file_over_16mib.yaml",
+        _sparse("huge_file_over_16mib.yaml", MAX_FILE_BYTES + 1),
+        (F("file is larger than 16 MiB"),),
+    ),
+    Case(
+        "deep_nesting_lists.json",
+        _write("deep_nesting_lists.json", "[" * DEEP + "]" * DEEP),
+        (F("invalid JSON: nested too deeply"),),
+    ),
+    Case(
+        "deep_nesting_objects.json",
+        _write("deep_nesting_objects.json", '{"a": ' * DEEP + "1" + "}" * DEEP),
+        (F("invalid JSON: nested too deeply"),),
+    ),
+    Case(
+        "deep_nesting_in_config.json",
+        _write("deep_nesting_in_config.json", _deep_record_json(DEEP)),
+        (F("invalid JSON: nested too deeply"),),
+    ),
+    Case(
+        "nesting_over_64_levels.json",  # parses, but deeper than fixtures allow (63 passes)
+        _write("nesting_over_64_levels.json", _deep_record_json(64)),
+        (F("nested more than 64 levels deep at config" + ".a" * 64),),
+    ),
+    Case(
+        "deep_nesting_flow.yaml",
+        _write("deep_nesting_flow.yaml", "[" * DEEP + "]" * DEEP),
+        (F("invalid YAML: nested too deeply"),),
+    ),
+    Case(
+        "deep_nesting_flow_mappings.yaml",
+        _write("deep_nesting_flow_mappings.yaml", "{a: " * DEEP + "1" + "}" * DEEP),
+        (F("invalid YAML: nested too deeply"),),
+    ),
+    Case(
+        "deep_nesting_block.yaml",
+        _write("deep_nesting_block.yaml", "- " * DEEP + "x\n"),
+        (F("invalid YAML: nested too deeply"),),
+    ),
+    Case(
+        "symlink_loop_a.json",
+        _symlinks(
+            ("symlink_loop_a.json", "symlink_loop_b.json"),
+            ("symlink_loop_b.json", "symlink_loop_a.json"),
+        ),
+        (F(DANGLING),),
+        names=("symlink_loop_a.json", "symlink_loop_b.json"),
+    ),
+    Case(
+        "symlink_self_loop.yaml",
+        _symlinks(("symlink_self_loop.yaml", "symlink_self_loop.yaml")),
+        (F(DANGLING),),
+    ),
+    Case(
+        "dangling_symlink.json",
+        _symlinks(("dangling_symlink.json", "no-such-target.json")),
+        (F(DANGLING),),
+    ),
+    Case(
+        "symlink_to_directory.json",
+        _symlinks(("symlink_to_directory.json", ".")),
+        (F(A_DIRECTORY),),
+    ),
     Case("directory_named.json", _mkdir("directory_named.json"), (F(A_DIRECTORY),)),
-    Case("symlink_to_proc_self_mem.json",  # unreadable even by root: read() gives EIO
-         _symlinks(("symlink_to_proc_self_mem.json", "/proc/self/mem")),
-         (F("cannot read file: Input/output error"),)),
-    Case("unknown_field_name_5mib.json",
-         _write("unknown_field_name_5mib.json",
-                json.dumps({"id": "big_key", "type": "pre", "subject": "a.b", HUGE_KEY: 1})),
-         (R(HUGE_KEY_SHOWN, "unknown field"),)),
-    Case("id_10mib.json",
-         _write("id_10mib.json",
-                json.dumps({"id": "a" * (10 * 1024 * 1024), "type": "pre", "subject": "a.b"})),
-         (R("id", "Expected str of length <= 255"),)),
+    Case(
+        "symlink_to_proc_self_mem.json",  # unreadable even by root: read() gives EIO
+        _symlinks(("symlink_to_proc_self_mem.json", "/proc/self/mem")),
+        (F("cannot read file: Input/output error"),),
+    ),
+    Case(
+        "unknown_field_name_5mib.json",
+        _write(
+            "unknown_field_name_5mib.json",
+            json.dumps({"id": "big_key", "type": "pre", "subject": "a.b", HUGE_KEY: 1}),
+        ),
+        (R(HUGE_KEY_SHOWN, "unknown field"),),
+    ),
+    Case(
+        "id_10mib.json",
+        _write(
+            "id_10mib.json",
+            json.dumps({"id": "a" * (10 * 1024 * 1024), "type": "pre", "subject": "a.b"}),
+        ),
+        (R("id", "Expected str of length <= 255"),),
+    ),
 ]
 
-CASES: list[Case] = [
-    Case(name, _copy(name), expect) for name, expect in STATIC.items()
-] + GENERATED
+CASES: list[Case] = [Case(name, _copy(name), expect) for name, expect in STATIC.items()] + GENERATED
 CASE_PARAMS = [pytest.param(c, id=c.name) for c in CASES]
 
 
@@ -343,7 +398,9 @@ def check_problems(problems: list[str], case: Case) -> None:
     assert problems, "FixtureError without problems"
     for name in case.named:
         assert any(p.startswith((f"{name}: ", f"{name} record #")) for p in problems), (
-            name, problems)
+            name,
+            problems,
+        )
     for want in case.expect:
         if want.record is None:
             prefix, middle = f"{case.name}: ", ""
@@ -461,7 +518,8 @@ def test_unreadable_file_real_behaviour(tmp_path: Path) -> None:
             with pytest.raises(FixtureError) as info:
                 load(folder)
             assert ["unreadable_chmod_000.json: cannot read file: Permission denied"] == (
-                info.value.problems)
+                info.value.problems
+            )
     finally:
         path.chmod(0o600)
 
@@ -478,7 +536,8 @@ def test_yaml_bom_is_accepted_json_bom_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FixtureError) as info:
         load(folder)
     assert ["utf8_bom.json: invalid JSON: JSON is malformed: invalid character (byte 0)"] == (
-        info.value.problems)
+        info.value.problems
+    )
 
 
 DEADLINE_S = 30.0  # generous: fails only what never happens
@@ -519,17 +578,20 @@ async def test_watcher_keeps_serving_through_the_whole_corpus(tmp_path: Path) ->
             for entry in sorted(staging.iterdir()):
                 os.rename(entry, folder / entry.name)
                 moved.append(folder / entry.name)
+
             def names_every_case(event: EventDict) -> bool:
                 return event["event"] == "fixtures_rejected" and all(
-                    any(p.startswith(c.name) for p in event["problems"]) for c in CASES)
+                    any(p.startswith(c.name) for p in event["problems"]) for c in CASES
+                )
 
             # on a loaded machine the moves may reach the watcher in more than one batch, each
             # rejected; the one after the last move names every case
             def rejections() -> list[EventDict]:
                 return [e for e in events if e["event"] == "fixtures_rejected"]
 
-            assert await until(lambda: any(map(names_every_case, rejections())), DEADLINE_S), (
-                [e["problems"][:3] for e in rejections()])
+            assert await until(lambda: any(map(names_every_case, rejections())), DEADLINE_S), [
+                e["problems"][:3] for e in rejections()
+            ]
             assert reg.snapshot is before
             for path in moved:
                 if path.is_dir() and not path.is_symlink():
@@ -557,8 +619,9 @@ async def test_watcher_survives_deep_json(tmp_path: Path) -> None:
             await watcher_ready(folder, events)
             seen = len(events)
             os.rename(staging / name, folder / name)
-            assert await until(lambda: any(e["event"] == "fixtures_rejected"
-                                           for e in events[seen:]), DEADLINE_S)
+            assert await until(
+                lambda: any(e["event"] == "fixtures_rejected" for e in events[seen:]), DEADLINE_S
+            )
             [rejected] = [e for e in events[seen:] if e["event"] == "fixtures_rejected"]
             assert [f"{name}: invalid JSON: nested too deeply"] == rejected["problems"]
             (folder / name).unlink()
@@ -593,8 +656,15 @@ def _execute(run: CliRun) -> Result:
     if run.memory_kib:
         cmd = ["sh", "-c", f'ulimit -v {run.memory_kib} && exec "$@"', "sh", *cmd]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=run.env,
-                              timeout=run.timeout, check=False, errors="replace")
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env=run.env,
+            timeout=run.timeout,
+            check=False,
+            errors="replace",
+        )
     except subprocess.TimeoutExpired as exc:
         return exc
 
@@ -602,8 +672,10 @@ def _execute(run: CliRun) -> Result:
 def outcome(result: Result) -> str:
     if isinstance(result, subprocess.TimeoutExpired):
         return f"timed out after {result.timeout} s"
-    return (f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
-            f"stderr:\n{result.stderr[-3000:]}")
+    return (
+        f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+        f"stderr:\n{result.stderr[-3000:]}"
+    )
 
 
 # A valid record (NATS allows brackets in a subject) whose values look like rich markup.
@@ -615,8 +687,10 @@ MARKUP_RECORD = record("markup", subject="beamline.[/red]", version="[bold]v1")
 NOT_A_REGULAR_FILE = "not a regular file (a device, FIFO or socket)"
 SPECIAL_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "fifo_named.json": (lambda folder: os.mkfifo(folder / "fifo_named.json"), NOT_A_REGULAR_FILE),
-    "symlink_to_dev_zero.json": (_symlinks(("symlink_to_dev_zero.json", "/dev/zero")),
-                                 NOT_A_REGULAR_FILE),
+    "symlink_to_dev_zero.json": (
+        _symlinks(("symlink_to_dev_zero.json", "/dev/zero")),
+        NOT_A_REGULAR_FILE,
+    ),
 }
 
 
@@ -629,13 +703,15 @@ def _fixture_cli_runs(root: Path) -> dict[str, CliRun]:
     runs["validate:corpus:json"] = CliRun(["validate", "--json", str(corpus)], clean_env(root))
     markup = with_baseline(root / "markup-like-values")
     (markup / "markup.json").write_text(json.dumps(MARKUP_RECORD), encoding="utf-8")
-    runs["list:markup"] = CliRun(["--source", "fixtures", "--fixtures-dir", str(markup), "list"],
-                                 clean_env(root))
+    runs["list:markup"] = CliRun(
+        ["--source", "fixtures", "--fixtures-dir", str(markup), "list"], clean_env(root)
+    )
     for name, (build, _) in SPECIAL_FILES.items():
         folder = with_baseline(root / f"special-{name}")
         build(folder)
-        runs[f"validate:{name}"] = CliRun(["validate", str(folder)], clean_env(root),
-                                          timeout=10, memory_kib=700_000)
+        runs[f"validate:{name}"] = CliRun(
+            ["validate", str(folder)], clean_env(root), timeout=10, memory_kib=700_000
+        )
     return runs
 
 
@@ -652,41 +728,64 @@ def toml_arg(name: str) -> tuple[str, ...]:
 
 
 CLI_CONFIG: dict[str, CliConfigCase] = {
-    "toml-unknown-key": CliConfigCase(toml_arg("unknown_key.toml"),
-                                      parts=("db_prot", "config file", "unknown setting")),
-    "toml-invalid": CliConfigCase(toml_arg("invalid_unclosed_table.toml"),
-                                  parts=("invalid_unclosed_table.toml", "not valid TOML")),
-    "toml-mnesia": CliConfigCase(toml_arg("cache_type_mnesia.toml"),
-                                 parts=("cache_type", "config file", "mnesia", "not supported")),
-    "toml-mysql-url": CliConfigCase(toml_arg("database_url_mysql.toml"),
-                                    parts=("database_url", "config file", "postgresql://")),
-    "toml-no-table": CliConfigCase(toml_arg("no_table.toml"),
-                                   parts=("no_table.toml", "[extension_registry]")),
-    "toml-directory": CliConfigCase(("--config", str(CONFIG_CORPUS), "list"),
-                                    parts=(f"config file {CONFIG_CORPUS} is a directory",)),
-    "env-unknown-key": CliConfigCase(("list",), (("EXTENSION_REGISTRY_COLOUR", "blue"),),
-                                     ("EXTENSION_REGISTRY_COLOUR", "environment", "unknown")),
-    "env-negative-port": CliConfigCase(("list",), (("EXTENSION_REGISTRY_DB_PORT", "-1"),),
-                                       ("EXTENSION_REGISTRY_DB_PORT", "environment",
-                                        "greater than or equal to 1")),
+    "toml-unknown-key": CliConfigCase(
+        toml_arg("unknown_key.toml"), parts=("db_prot", "config file", "unknown setting")
+    ),
+    "toml-invalid": CliConfigCase(
+        toml_arg("invalid_unclosed_table.toml"),
+        parts=("invalid_unclosed_table.toml", "not valid TOML"),
+    ),
+    "toml-mnesia": CliConfigCase(
+        toml_arg("cache_type_mnesia.toml"),
+        parts=("cache_type", "config file", "mnesia", "not supported"),
+    ),
+    "toml-mysql-url": CliConfigCase(
+        toml_arg("database_url_mysql.toml"), parts=("database_url", "config file", "postgresql://")
+    ),
+    "toml-no-table": CliConfigCase(
+        toml_arg("no_table.toml"), parts=("no_table.toml", "[extension_registry]")
+    ),
+    "toml-directory": CliConfigCase(
+        ("--config", str(CONFIG_CORPUS), "list"),
+        parts=(f"config file {CONFIG_CORPUS} is a directory",),
+    ),
+    "env-unknown-key": CliConfigCase(
+        ("list",),
+        (("EXTENSION_REGISTRY_COLOUR", "blue"),),
+        ("EXTENSION_REGISTRY_COLOUR", "environment", "unknown"),
+    ),
+    "env-negative-port": CliConfigCase(
+        ("list",),
+        (("EXTENSION_REGISTRY_DB_PORT", "-1"),),
+        ("EXTENSION_REGISTRY_DB_PORT", "environment", "greater than or equal to 1"),
+    ),
     "env-url-port-99999": CliConfigCase(
-        ("list",), (("EXTENSION_REGISTRY_SOURCE", "auto"),
-                    ("EXTENSION_REGISTRY_DATABASE_URL",
-                     f"postgresql://reg:{SECRET}@127.0.0.1:99999/reg")),
-        ("setting EXTENSION_REGISTRY_DATABASE_URL from environment: ", "port")),
-    "serve-port-70000": CliConfigCase(("serve", "--port", "70000"), usage=True,
-                                      parts=("Invalid value for '--port'", "65535")),
+        ("list",),
+        (
+            ("EXTENSION_REGISTRY_SOURCE", "auto"),
+            ("EXTENSION_REGISTRY_DATABASE_URL", f"postgresql://reg:{SECRET}@127.0.0.1:99999/reg"),
+        ),
+        ("setting EXTENSION_REGISTRY_DATABASE_URL from environment: ", "port"),
+    ),
+    "serve-port-70000": CliConfigCase(
+        ("serve", "--port", "70000"), usage=True, parts=("Invalid value for '--port'", "65535")
+    ),
     "serve-port-0": CliConfigCase(
-        ("serve", "--port", "0"), usage=True,
-        parts=("Invalid value for '--port'", "greater than or equal to 1")),
+        ("serve", "--port", "0"),
+        usage=True,
+        parts=("Invalid value for '--port'", "greater than or equal to 1"),
+    ),
 }
 
 
 def _config_cli_runs(root: Path) -> dict[str, CliRun]:
     runs = {}
     for key, case in CLI_CONFIG.items():
-        env = clean_env(root, EXTENSION_REGISTRY_SOURCE="fixtures",  # never an embedded database
-                        EXTENSION_REGISTRY_DB_PASSWORD=SECRET)
+        env = clean_env(
+            root,
+            EXTENSION_REGISTRY_SOURCE="fixtures",  # never an embedded database
+            EXTENSION_REGISTRY_DB_PASSWORD=SECRET,
+        )
         env.update(dict(case.env))
         runs[f"config:{key}"] = CliRun(list(case.args), env, timeout=15)
     return runs
@@ -724,8 +823,10 @@ def test_cli_validate_whole_corpus(cli: dict[str, Future[Result]]) -> None:
     shown = squeeze(result.stderr)
     missing = [n for c in CASES for n in c.named if squeeze(n) not in shown]
     assert not missing, (missing, outcome(result))
-    assert ("unknown_field_with_markup.json record #1 (unknown_field_with_markup): "
-            "field [/red]: unknown field") in result.stderr, outcome(result)
+    assert (
+        "unknown_field_with_markup.json record #1 (unknown_field_with_markup): "
+        "field [/red]: unknown field"
+    ) in result.stderr, outcome(result)
     lines = [line.removeprefix("error: ") for line in result.stderr.splitlines()]
     assert not [line for line in lines if line.startswith(BASELINE)], outcome(result)
 
@@ -890,11 +991,18 @@ def test_every_numeric_setting_has_a_lower_bound() -> None:
     tried("configuration", "numeric bounds")
     assert len(NUMERIC) >= 15, NUMERIC
     assert not [k for k, n in NUMERIC.items() if n.low is None or n.low < 0]
-    for key in ("db_port", "sync_interval_seconds", "circuit_breaker_failure_threshold",
-                "circuit_breaker_timeout_seconds", "circuit_breaker_half_open_max_requests",
-                "circuit_breaker_window_seconds", "circuit_breaker_min_calls",
-                "extension_max_payload_size", "extension_max_metadata_size",
-                "extension_max_timeout_ms"):
+    for key in (
+        "db_port",
+        "sync_interval_seconds",
+        "circuit_breaker_failure_threshold",
+        "circuit_breaker_timeout_seconds",
+        "circuit_breaker_half_open_max_requests",
+        "circuit_breaker_window_seconds",
+        "circuit_breaker_min_calls",
+        "extension_max_payload_size",
+        "extension_max_metadata_size",
+        "extension_max_timeout_ms",
+    ):
         assert key in POSITIVE, key
 
 
@@ -905,8 +1013,12 @@ def test_negative_numbers_are_refused(tmp_path: Path, key: str, origin: str) -> 
     ConfigError naming the key as written in that layer and the layer."""
     tried("configuration", f"{key}=-1 from {origin}")
     if origin == "environment":
-        message = config_error(environ={f"EXTENSION_REGISTRY_{key.upper()}": "-1",
-                                        "EXTENSION_REGISTRY_DB_PASSWORD": SECRET})
+        message = config_error(
+            environ={
+                f"EXTENSION_REGISTRY_{key.upper()}": "-1",
+                "EXTENSION_REGISTRY_DB_PASSWORD": SECRET,
+            }
+        )
         assert_has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ")
     elif origin == "config file":
         path = tmp_path / "negative.toml"
@@ -924,13 +1036,16 @@ def test_zero_is_refused_where_positive_is_required(key: str) -> None:
     """0 for a setting that must be positive is a ConfigError naming the variable."""
     tried("configuration", f"{key}=0")
     message = config_error(environ={f"EXTENSION_REGISTRY_{key.upper()}": "0"})
-    assert_has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ", "greater than")
+    assert_has_all(
+        message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ", "greater than"
+    )
 
 
 FLOAT_KEYS = sorted(k for k, n in NUMERIC.items() if n.kind is float)
 NON_FINITE = [
     pytest.param(key, value, id=f"{key}={value}")
-    for key in FLOAT_KEYS for value in ("nan", "-inf", "inf")
+    for key in FLOAT_KEYS
+    for value in ("nan", "-inf", "inf")
 ]
 
 
@@ -939,8 +1054,11 @@ def test_non_finite_floats_are_refused(key: str, value: str) -> None:
     """nan, -inf and inf are refused for every float setting, naming the variable."""
     tried("configuration", f"{key}={value}")
     message = config_error(environ={f"EXTENSION_REGISTRY_{key.upper()}": value})
-    assert_has_all(message, f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ",
-            "Input should be a finite number")
+    assert_has_all(
+        message,
+        f"setting EXTENSION_REGISTRY_{key.upper()} from environment: ",
+        "Input should be a finite number",
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "70000", "abc", "", "5432.5", "0x10"])
@@ -982,20 +1100,25 @@ def test_bad_database_urls(case: str, origin: str) -> None:
     tried("configuration", f"database_url {case} from {origin}")
     if origin == "environment":
         message = config_error(environ={"EXTENSION_REGISTRY_DATABASE_URL": url})
-        assert_has_all(message, "setting EXTENSION_REGISTRY_DATABASE_URL from environment: ", fragment)
+        assert_has_all(
+            message, "setting EXTENSION_REGISTRY_DATABASE_URL from environment: ", fragment
+        )
     else:
         message = config_error(database_url=url)
         assert_has_all(message, "setting database_url from command line: ", fragment)
 
 
-@pytest.mark.parametrize(("url", "fragment"), [
-    ("not a url", "must start with nats:// (got scheme '')"),
-    ("http://127.0.0.1:4222", "must start with nats:// (got scheme 'http')"),
-    ("nats://127.0.0.1:99999", URL_PORT),
-    ("nats://127.0.0.1:abc", URL_PORT),
-    ("nats://127.0.0.1:0", URL_PORT),  # nothing listens on port 0
-    ("nats://127.0.0.1:4222,http://127.0.0.1:4223", "must start with nats://"),  # a list
-])
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("not a url", "must start with nats:// (got scheme '')"),
+        ("http://127.0.0.1:4222", "must start with nats:// (got scheme 'http')"),
+        ("nats://127.0.0.1:99999", URL_PORT),
+        ("nats://127.0.0.1:abc", URL_PORT),
+        ("nats://127.0.0.1:0", URL_PORT),  # nothing listens on port 0
+        ("nats://127.0.0.1:4222,http://127.0.0.1:4223", "must start with nats://"),  # a list
+    ],
+)
 def test_bad_nats_urls(url: str, fragment: str) -> None:
     """A nats_url that is not a nats:// (or tls://, ws://) URL with a valid port, or a list
     holding one, is a ConfigError naming the variable and what is wrong."""
@@ -1004,54 +1127,81 @@ def test_bad_nats_urls(url: str, fragment: str) -> None:
     assert_has_all(message, "setting EXTENSION_REGISTRY_NATS_URL from environment: ", fragment)
 
 
-@pytest.mark.parametrize(("environ", "overrides", "parts"), [
-    pytest.param({"EXTENSION_REGISTRY_DB_PROT": "5432"}, {},
-                 ("setting EXTENSION_REGISTRY_DB_PROT from environment: unknown setting",),
-                 id="env-typo"),
-    pytest.param({"EXTENSION_REGISTRY_CACHETYPE": "ets"}, {},
-                 ("setting EXTENSION_REGISTRY_CACHETYPE from environment: unknown setting",),
-                 id="env-missing-underscore"),
-    pytest.param({}, {"colour": "blue"}, ("setting colour from command line: unknown setting",),
-                 id="flag-unknown"),
-    pytest.param({"EXTENSION_REGISTRY_": "x"}, {},
-                 ("environment variable EXTENSION_REGISTRY_ names no setting",),
-                 id="empty-env-key"),
-])
-def test_unknown_keys(environ: dict[str, str], overrides: dict[str, str],
-                      parts: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("environ", "overrides", "parts"),
+    [
+        pytest.param(
+            {"EXTENSION_REGISTRY_DB_PROT": "5432"},
+            {},
+            ("setting EXTENSION_REGISTRY_DB_PROT from environment: unknown setting",),
+            id="env-typo",
+        ),
+        pytest.param(
+            {"EXTENSION_REGISTRY_CACHETYPE": "ets"},
+            {},
+            ("setting EXTENSION_REGISTRY_CACHETYPE from environment: unknown setting",),
+            id="env-missing-underscore",
+        ),
+        pytest.param(
+            {},
+            {"colour": "blue"},
+            ("setting colour from command line: unknown setting",),
+            id="flag-unknown",
+        ),
+        pytest.param(
+            {"EXTENSION_REGISTRY_": "x"},
+            {},
+            ("environment variable EXTENSION_REGISTRY_ names no setting",),
+            id="empty-env-key",
+        ),
+    ],
+)
+def test_unknown_keys(
+    environ: dict[str, str], overrides: dict[str, str], parts: tuple[str, ...]
+) -> None:
     """An unknown setting from the environment or a flag is refused, naming it as written in
     its layer and the layer (the TOML cases are in the config corpus)."""
     tried("configuration", f"unknown key {sorted(environ) or sorted(overrides)}")
-    message = config_error(environ={**environ, "EXTENSION_REGISTRY_DB_PASSWORD": SECRET},
-                           **overrides)
+    message = config_error(
+        environ={**environ, "EXTENSION_REGISTRY_DB_PASSWORD": SECRET}, **overrides
+    )
     assert_has_all(message, *parts)
 
 
-@pytest.mark.parametrize(("variable", "value", "fragment"), [
-    ("CIRCUIT_BREAKER_ENABLED", "maybe", "valid boolean"),
-    ("HEALTH_BASED_ROUTING_ENABLED", "2", "valid boolean"),
-    ("DB_POOL_SIZE", "1.5", "valid integer"),
-    ("EXTENSION_MAX_RETRIES", "ten", "valid integer"),
-    ("SYNC_INTERVAL_SECONDS", "fast", "valid number"),
-    ("CIRCUIT_BREAKER_ERROR_RATE_THRESHOLD", "50%", "valid number"),
-    ("SOURCE", "postgres", "'database', 'fixtures' or 'auto'"),
-    ("CACHE_TYPE", "redis", "'ets', 'memory'"),
-    ("CACHE_TYPE", "mnesia", "'mnesia' is not supported"),
-    ("DB_ENABLED", "sometimes", "valid boolean"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("CIRCUIT_BREAKER_ENABLED", "maybe", "valid boolean"),
+        ("HEALTH_BASED_ROUTING_ENABLED", "2", "valid boolean"),
+        ("DB_POOL_SIZE", "1.5", "valid integer"),
+        ("EXTENSION_MAX_RETRIES", "ten", "valid integer"),
+        ("SYNC_INTERVAL_SECONDS", "fast", "valid number"),
+        ("CIRCUIT_BREAKER_ERROR_RATE_THRESHOLD", "50%", "valid number"),
+        ("SOURCE", "postgres", "'database', 'fixtures' or 'auto'"),
+        ("CACHE_TYPE", "redis", "'ets', 'memory'"),
+        ("CACHE_TYPE", "mnesia", "'mnesia' is not supported"),
+        ("DB_ENABLED", "sometimes", "valid boolean"),
+    ],
+)
 def test_wrong_types_from_the_environment(variable: str, value: str, fragment: str) -> None:
     """Environment text that does not parse as the key's type is refused, naming the variable
     and saying what was expected."""
     tried("configuration", f"{variable}={value}")
-    message = config_error(environ={f"EXTENSION_REGISTRY_{variable}": value,
-                                    "EXTENSION_REGISTRY_DB_PASSWORD": SECRET})
+    message = config_error(
+        environ={f"EXTENSION_REGISTRY_{variable}": value, "EXTENSION_REGISTRY_DB_PASSWORD": SECRET}
+    )
     assert_has_all(message, f"setting EXTENSION_REGISTRY_{variable} from environment: ", fragment)
 
 
-@pytest.mark.parametrize("kind", [
-    "missing", "dangling-symlink", "empty-path-in-env",
-    "directory",
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing",
+        "dangling-symlink",
+        "empty-path-in-env",
+        "directory",
+    ],
+)
 def test_config_path_that_is_not_a_file(tmp_path: Path, kind: str) -> None:
     """--config naming something that is not a readable file is a ConfigError naming the
     path; an empty EXTENSION_REGISTRY_CONFIG means no file."""
@@ -1065,9 +1215,15 @@ def test_config_path_that_is_not_a_file(tmp_path: Path, kind: str) -> None:
     elif kind == "directory":
         path.mkdir()
     message = config_error(config_file=path)
-    assert_has_all(message, f"config file {path} ", {
-        "missing": "does not exist", "dangling-symlink": "does not exist",
-        "directory": "is a directory"}[kind])
+    assert_has_all(
+        message,
+        f"config file {path} ",
+        {
+            "missing": "does not exist",
+            "dangling-symlink": "does not exist",
+            "directory": "is a directory",
+        }[kind],
+    )
 
 
 def test_mnesia_from_every_layer(tmp_path: Path) -> None:
@@ -1077,8 +1233,10 @@ def test_mnesia_from_every_layer(tmp_path: Path) -> None:
     path.write_text("[extension_registry]\ncache_type = 'mnesia'\n", encoding="utf-8")
     for kwargs, shown in (
         ({"config_file": path}, f"setting cache_type from config file {path}: "),
-        ({"environ": {"EXTENSION_REGISTRY_CACHE_TYPE": "mnesia"}},
-         "setting EXTENSION_REGISTRY_CACHE_TYPE from environment: "),
+        (
+            {"environ": {"EXTENSION_REGISTRY_CACHE_TYPE": "mnesia"}},
+            "setting EXTENSION_REGISTRY_CACHE_TYPE from environment: ",
+        ),
         ({"cache_type": "mnesia"}, "setting cache_type from command line: "),
     ):
         tried("configuration", f"mnesia {shown.split()[1]}")
@@ -1112,8 +1270,10 @@ def test_no_secret_in_any_config_corpus_message() -> None:
     password and a database host set in the environment next to the bad file."""
     refused = 0
     for path in sorted(CONFIG_CORPUS.iterdir()):
-        for environ in ({}, {"EXTENSION_REGISTRY_DB_PASSWORD": SECRET,
-                             "EXTENSION_REGISTRY_DB_HOST": "db.example"}):
+        for environ in (
+            {},
+            {"EXTENSION_REGISTRY_DB_PASSWORD": SECRET, "EXTENSION_REGISTRY_DB_HOST": "db.example"},
+        ):
             try:
                 Settings.load(config_file=path, environ=environ)
             except ConfigError as exc:

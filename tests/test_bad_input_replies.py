@@ -53,8 +53,9 @@ INVALID = object()  # expected outcome: InvalidResponse
 
 # -- counting what was tried ------------------------------------------------------------------
 
-COUNTER = CaseCounter("bad-input replies corpus", ["replies"],
-                      unit="calls, each followed by a good one")
+COUNTER = CaseCounter(
+    "bad-input replies corpus", ["replies"], unit="calls, each followed by a good one"
+)
 _print_case_count = COUNTER.fixture()
 
 
@@ -104,8 +105,9 @@ REPLIES: list[Reply] = [
     Reply("lone surrogate escape", b'{"status": "\\ud800"}', INVALID),
     # deep nesting
     Reply("object nested 100k deep", b'{"a": ' * DEEP + b"1" + b"}" * DEEP, INVALID),
-    Reply("list nested 100k deep in an object",
-          b'{"a": ' + b"[" * DEEP + b"]" * DEEP + b"}", INVALID),
+    Reply(
+        "list nested 100k deep in an object", b'{"a": ' + b"[" * DEEP + b"]" * DEEP + b"}", INVALID
+    ),
     Reply("unclosed nesting 100k deep", b'{"a": ' * DEEP, INVALID),
     # NUL
     Reply("raw NUL in a string", b'{"status": "o\x00k"}', INVALID),
@@ -123,8 +125,11 @@ REPLIES: list[Reply] = [
     Reply("object then whitespace", b'{"status": "ok"}\n\t ', {"status": "ok"}),
     # valid replies that look odd
     Reply("empty object", b"{}", {}),
-    Reply("integer beyond 64 bits", b'{"n": 123456789012345678901234567890}',
-          {"n": 123456789012345678901234567890}),
+    Reply(
+        "integer beyond 64 bits",
+        b'{"n": 123456789012345678901234567890}',
+        {"n": 123456789012345678901234567890},
+    ),
 ]
 
 HUGE: list[Reply] = [
@@ -252,19 +257,27 @@ async def test_malformed_replies(tmp_path: Path, nats_url: str, nats_client: Cli
     observer and to the breaker; bad replies are not retried; the invoker keeps working. The
     longest event-loop stall is printed, not asserted (a loaded machine stalls it too)."""
     async with responders(nats_client, REPLIES) as (records, listeners):
-        settings = fixture_settings(tmp_path, nats_url, *records, circuit_breaker_enabled=True,
-                                    circuit_breaker_failure_threshold=1000)
+        settings = fixture_settings(
+            tmp_path,
+            nats_url,
+            *records,
+            circuit_breaker_enabled=True,
+            circuit_breaker_failure_threshold=1000,
+        )
         async with open_invoker(settings) as inv, LoopWatch() as watch:
             failures = await run_cases(inv, REPLIES, "good")
     retried = [c.name for c, lst in zip(REPLIES, listeners, strict=True) if lst.count != 1]
     assert not failures, "\n".join(failures)
     assert not retried, f"bad replies were retried: {retried}"
-    print(f"longest event-loop stall while the malformed replies were decoded:"
-          f" {watch.longest * 1000:.0f} ms")
+    print(
+        f"longest event-loop stall while the malformed replies were decoded:"
+        f" {watch.longest * 1000:.0f} ms"
+    )
 
 
-async def test_five_megabyte_replies(tmp_path: Path,
-                                     nats_server_factory: Callable[..., Any]) -> None:
+async def test_five_megabyte_replies(
+    tmp_path: Path, nats_server_factory: Callable[..., Any]
+) -> None:
     """On a NATS server carrying 8 MiB messages, 5 MB replies that are not a JSON object give
     InvalidResponse with a reason of at most 400 characters (not megabytes of the reply), a
     valid 5 MB object is returned whole, and each is counted in health."""
@@ -275,9 +288,13 @@ async def test_five_megabyte_replies(tmp_path: Path,
     try:
         assert nc.max_payload == 8 * 1024 * 1024
         async with responders(nc, HUGE) as (records, _):
-            settings = fixture_settings(tmp_path, server.url, *records,
-                                        circuit_breaker_enabled=True,
-                                        circuit_breaker_failure_threshold=1000)
+            settings = fixture_settings(
+                tmp_path,
+                server.url,
+                *records,
+                circuit_breaker_enabled=True,
+                circuit_breaker_failure_threshold=1000,
+            )
             async with open_invoker(settings) as inv:
                 failures = await run_cases(inv, HUGE, "good")
     finally:
@@ -285,8 +302,9 @@ async def test_five_megabyte_replies(tmp_path: Path,
     assert not failures, "\n".join(failures)
 
 
-async def test_reply_over_the_servers_max_payload(tmp_path: Path, nats_url: str,
-                                                  nats_client: Client) -> None:
+async def test_reply_over_the_servers_max_payload(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
     """On the shared server (max_payload 1 MB) an extension trying to answer 5 MB cannot send
     it: every attempt times out, and the call ends as MaxRetriesExceeded after 3 attempts of
     200 ms plus backoff, counted as one failure; the invoker keeps working."""
@@ -303,16 +321,20 @@ async def test_reply_over_the_servers_max_payload(tmp_path: Path, nats_url: str,
 
     sub = await nats_client.subscribe(on, cb=huge)
     settings = fixture_settings(
-        tmp_path, nats_url, {**record("huge", on), "timeout_ms": 200},
-        record("good", good))
+        tmp_path, nats_url, {**record("huge", on), "timeout_ms": 200}, record("good", good)
+    )
     try:
-        async with listen(nats_client, good, constant(b'{"fine": true}')), \
-                open_invoker(settings) as inv:
+        async with (
+            listen(nats_client, good, constant(b'{"fine": true}')),
+            open_invoker(settings) as inv,
+        ):
             with pytest.raises(MaxRetriesExceeded) as caught:
                 await asyncio.wait_for(inv.invoke("huge", {"payload": 1}), CALL_LIMIT_S)
             assert ("huge", 3) == (caught.value.extension_id, caught.value.attempts)
-            assert (0, 1) == (inv.health.get_health("huge")["success_count"],
-                              inv.health.get_health("huge")["failure_count"])
+            assert (0, 1) == (
+                inv.health.get_health("huge")["success_count"],
+                inv.health.get_health("huge")["failure_count"],
+            )
             assert {"fine": True} == await inv.invoke("good", {"payload": 1})
     finally:
         await sub.unsubscribe()

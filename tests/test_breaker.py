@@ -392,10 +392,16 @@ def test_disabled_breaker_never_refuses_and_records_nothing(clock: FakeClock) ->
     fail(breakers, 50)
     assert "disabled" == breakers.check_circuit(EXT)
     assert ("disabled", "disabled", {}, False) == (
-        breakers.state(EXT), breakers.update_state(EXT), breakers.states(), breakers.enabled)
+        breakers.state(EXT),
+        breakers.update_state(EXT),
+        breakers.states(),
+        breakers.enabled,
+    )
     assert ("disabled", None, 0) == (
-        breakers.snapshot(EXT).state, breakers.snapshot(EXT).opened_at,
-        breakers.snapshot(EXT).consecutive_failures)
+        breakers.snapshot(EXT).state,
+        breakers.snapshot(EXT).opened_at,
+        breakers.snapshot(EXT).consecutive_failures,
+    )
 
 
 def test_enabled_breaker_check_returns_the_admitting_state(clock: FakeClock) -> None:

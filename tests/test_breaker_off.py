@@ -39,27 +39,36 @@ async def api_client(
     """The API on a real registry (and, if asked, a real NATS invoker): client and invoker."""
     async with contextlib.AsyncExitStack() as stack:
         registry = await stack.enter_async_context(Registry.open(settings))
-        invoker = (await stack.enter_async_context(Invoker.open(registry, settings))
-                   if with_invoker else None)
+        invoker = (
+            await stack.enter_async_context(Invoker.open(registry, settings))
+            if with_invoker
+            else None
+        )
         runtime = await stack.enter_async_context(
-            Runtime.open(settings, registry, invoker, metrics=Metrics()))
+            Runtime.open(settings, registry, invoker, metrics=Metrics())
+        )
         transport = httpx.ASGITransport(app=create_app(runtime))
         client = await stack.enter_async_context(
-            httpx.AsyncClient(transport=transport, base_url="http://extreg.test"))
+            httpx.AsyncClient(transport=transport, base_url="http://extreg.test")
+        )
         yield client, invoker
 
 
 async def bearers(db_url: str) -> dict[str, dict[str, str]]:
     """Authorization headers by role, for tokens stored in the database."""
-    return {role: {"Authorization": f"Bearer {token}"}
-            for role, token in (await make_tokens(db_url)).items()}
+    return {
+        role: {"Authorization": f"Bearer {token}"}
+        for role, token in (await make_tokens(db_url)).items()
+    }
 
 
 def circuit_gauge(text: str) -> dict[str, float]:
     """extension_circuit_breaker_state by extension id, from a /metrics body."""
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    return {s.labels["extension_id"]: s.value
-            for s in families["extension_circuit_breaker_state"].samples}
+    return {
+        s.labels["extension_id"]: s.value
+        for s in families["extension_circuit_breaker_state"].samples
+    }
 
 
 async def test_breaker_off_reads_disabled_through_invoker_api_and_metrics(
@@ -73,27 +82,38 @@ async def test_breaker_off_reads_disabled_through_invoker_api_and_metrics(
     auth = await bearers(db_url)
     async with api_client(settings, with_invoker=True) as (client, inv):
         await inv.invoke("normalize_text", {"payload": {"payload": "Hi"}, "metadata": {}}, {})
-        python = (inv.breaker.check_circuit("normalize_text"), inv.breaker.state("normalize_text"),
-                  inv.health.get_health("normalize_text")["circuit_breaker_state"])
-        report = (await client.get("/admin/extensions/health",
-                                   headers=auth["viewer"])).json()
-        one = (await client.get("/admin/extensions/normalize_text/health",
-                                headers=auth["viewer"])).json()
-        forced = [await client.post("/admin/extensions/normalize_text/circuit",
-                                    json={"action": action},
-                                    headers=auth["operator"])
-                  for action in ("open", "close", "reset")]
+        python = (
+            inv.breaker.check_circuit("normalize_text"),
+            inv.breaker.state("normalize_text"),
+            inv.health.get_health("normalize_text")["circuit_breaker_state"],
+        )
+        report = (await client.get("/admin/extensions/health", headers=auth["viewer"])).json()
+        one = (
+            await client.get("/admin/extensions/normalize_text/health", headers=auth["viewer"])
+        ).json()
+        forced = [
+            await client.post(
+                "/admin/extensions/normalize_text/circuit",
+                json={"action": action},
+                headers=auth["operator"],
+            )
+            for action in ("open", "close", "reset")
+        ]
         gauge = circuit_gauge((await client.get("/metrics")).text)
         still = inv.breaker.state("normalize_text")
     assert ("disabled", "disabled", "disabled") == python
     assert {"disabled"} == {e["health"]["circuit_breaker_state"] for e in report["extensions"]}
-    assert (len(SAMPLE_EXTENSIONS), 1) == (report["summary"]["healthy"],
-                                           one["health"]["success_count"])
+    assert (len(SAMPLE_EXTENSIONS), 1) == (
+        report["summary"]["healthy"],
+        one["health"]["success_count"],
+    )
     assert "disabled" == one["health"]["circuit_breaker_state"]
     assert [409] * 3 == [r.status_code for r in forced]
     assert {"Conflict"} == {r.json()["error"] for r in forced}
-    assert all("circuit breakers are disabled" in r.json()["detail"]
-               and ENABLE_HINT in r.json()["detail"] for r in forced)
+    assert all(
+        "circuit breakers are disabled" in r.json()["detail"] and ENABLE_HINT in r.json()["detail"]
+        for r in forced
+    )
     assert {s.id: -1.0 for s in SAMPLE_EXTENSIONS} == gauge
     assert "disabled" == still
 
@@ -101,16 +121,17 @@ async def test_breaker_off_reads_disabled_through_invoker_api_and_metrics(
 async def test_without_an_invoker_the_setting_decides(tmp_path: Path, db_url: str) -> None:
     """A server without an invoker answers `disabled` (gauge -1) when the breaker is off and
     `closed` (gauge 0) when it is on."""
-    await seed(db_url, make_settings(tmp_path, source="database", database_url=db_url),
-               record("alpha"))
+    await seed(
+        db_url, make_settings(tmp_path, source="database", database_url=db_url), record("alpha")
+    )
     auth = await bearers(db_url)
     seen = []
     for enabled in (False, True):
-        settings = make_settings(tmp_path, source="database", database_url=db_url,
-                                 circuit_breaker_enabled=enabled)
+        settings = make_settings(
+            tmp_path, source="database", database_url=db_url, circuit_breaker_enabled=enabled
+        )
         async with api_client(settings, with_invoker=False) as (client, _):
-            report = (await client.get("/admin/extensions/health",
-                                       headers=auth["viewer"])).json()
+            report = (await client.get("/admin/extensions/health", headers=auth["viewer"])).json()
             gauge = circuit_gauge((await client.get("/metrics")).text)
         seen.append((report["extensions"][0]["health"]["circuit_breaker_state"], gauge["alpha"]))
     assert [("disabled", -1.0), ("closed", 0.0)] == seen
@@ -120,20 +141,35 @@ def test_cli_health_on_the_database_reads_disabled(tmp_path: Path, db_url: str) 
     """`extreg health` without --url reads the rows but, with the breaker off in its settings,
     shows `disabled` whatever state a row holds; with the breaker on, the row's state."""
     sql(db_url, "INSERT INTO extensions (id, type, subject) VALUES ('alpha', 'pre', 'a.b')")
-    sql(db_url, "INSERT INTO extension_health (extension_id, circuit_breaker_state)"
-                " VALUES ('alpha', 'open')")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_",
-                                                                      "EXTREG_"))}
+    sql(
+        db_url,
+        "INSERT INTO extension_health (extension_id, circuit_breaker_state)"
+        " VALUES ('alpha', 'open')",
+    )
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
+    }
     env["EXTENSION_REGISTRY_DATA_DIR"] = str(tmp_path / "data")
     states = []
     for extra in ({}, {"EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED": "true"}):
-        done = subprocess.run([str(EXTREG), "--database-url", db_url, "health", "alpha", "--json"],
-                              capture_output=True, text=True, env={**env, **extra}, timeout=60,
-                              check=False)
+        done = subprocess.run(
+            [str(EXTREG), "--database-url", db_url, "health", "alpha", "--json"],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=60,
+            check=False,
+        )
         assert 0 == done.returncode, done.stderr
         states.append(json.loads(done.stdout)["health"]["circuit_breaker_state"])
-    table = subprocess.run([str(EXTREG), "--database-url", db_url, "health"], capture_output=True,
-                           text=True, env={**env, "COLUMNS": "400"}, timeout=60, check=False)
+    table = subprocess.run(
+        [str(EXTREG), "--database-url", db_url, "health"],
+        capture_output=True,
+        text=True,
+        env={**env, "COLUMNS": "400"},
+        timeout=60,
+        check=False,
+    )
     assert ["disabled", "open"] == states
     assert (0, True) == (table.returncode, "disabled" in table.stdout)
 
@@ -142,11 +178,22 @@ def test_report_from_rows_follows_the_setting() -> None:
     """Database rows say `closed` by default (the seed's column default) even when no breaker
     ever ran; with the breaker off the report says `disabled` and the summary judges health by
     success rate alone."""
-    rows = [{"id": "a", "type": "pre", "success_count": 9, "failure_count": 1,
-             "circuit_breaker_state": "open"}]
+    rows = [
+        {
+            "id": "a",
+            "type": "pre",
+            "success_count": 9,
+            "failure_count": 1,
+            "circuit_breaker_state": "open",
+        }
+    ]
     off = report_from_rows(rows, 0.8, breaker_enabled=False)
     on = report_from_rows(rows, 0.8, breaker_enabled=True)
-    assert ("disabled", 1) == (off["extensions"][0]["health"]["circuit_breaker_state"],
-                               off["summary"]["healthy"])
-    assert ("open", 0) == (on["extensions"][0]["health"]["circuit_breaker_state"],
-                           on["summary"]["healthy"])
+    assert ("disabled", 1) == (
+        off["extensions"][0]["health"]["circuit_breaker_state"],
+        off["summary"]["healthy"],
+    )
+    assert ("open", 0) == (
+        on["extensions"][0]["health"]["circuit_breaker_state"],
+        on["summary"]["healthy"],
+    )

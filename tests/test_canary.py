@@ -21,8 +21,12 @@ async def test_canary_recipe_newest_version_first(
     row, default_on, canary_on = subject(), subject(), subject()
     settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url)
     default = {"version": "v2", "subject": default_on, "timeout_ms": 500, "routing_rules": {}}
-    canary = {"version": "v3", "subject": canary_on, "timeout_ms": 500,
-              "routing_rules": {"tenant_id": ["beta-1", "beta-2"]}}
+    canary = {
+        "version": "v3",
+        "subject": canary_on,
+        "timeout_ms": 500,
+        "routing_rules": {"tenant_id": ["beta-1", "beta-2"]},
+    }
     await seed(db_url, settings, record("canaried", subject=row, versions=[default]))
     # The canary is listed first on purpose: the order of the record is not what decides.
     await seed(db_url, settings, record("canaried", subject=row, versions=[canary, default]))

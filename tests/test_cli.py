@@ -78,23 +78,45 @@ def fresh_database(pg_server: PostgresProcess, *, migrated: bool) -> str:
 
 
 ROUTED: dict[str, Any] = {
-    "id": "routed", "type": "provider", "subject": "beamline.provider.routed.v1",
-    "timeout_ms": 900, "retry": 2, "config": {"model": "big"}, "metadata": {"owner": "team-a"},
+    "id": "routed",
+    "type": "provider",
+    "subject": "beamline.provider.routed.v1",
+    "timeout_ms": 900,
+    "retry": 2,
+    "config": {"model": "big"},
+    "metadata": {"owner": "team-a"},
     "versions": [
         {"version": "v2", "subject": "beamline.provider.routed.v2"},
-        {"version": "v3", "subject": "beamline.provider.routed.v3", "timeout_ms": 1200,
-         "routing_rules": {"tenant_id": ["acme", "beta"]}},
+        {
+            "version": "v3",
+            "subject": "beamline.provider.routed.v3",
+            "timeout_ms": 1200,
+            "routing_rules": {"tenant_id": ["acme", "beta"]},
+        },
     ],
     "instances": [
-        {"instance_id": "i1", "subject": "beamline.provider.routed.i1", "weight": 70,
-         "health_status": "healthy"},
+        {
+            "instance_id": "i1",
+            "subject": "beamline.provider.routed.i1",
+            "weight": 70,
+            "health_status": "healthy",
+        },
         {"instance_id": "i2", "subject": "beamline.provider.routed.i2", "weight": 30},
     ],
 }
-NORMALIZE = {"id": "normalize_text", "type": "pre", "subject": "beamline.ext.pre.normalize_text.v1",
-             "timeout_ms": 100}
-GUARD = {"id": "pii_guard", "type": "validator", "subject": "beamline.ext.validate.pii_guard.v1",
-         "timeout_ms": 200, "enabled": False}
+NORMALIZE = {
+    "id": "normalize_text",
+    "type": "pre",
+    "subject": "beamline.ext.pre.normalize_text.v1",
+    "timeout_ms": 100,
+}
+GUARD = {
+    "id": "pii_guard",
+    "type": "validator",
+    "subject": "beamline.ext.validate.pii_guard.v1",
+    "timeout_ms": 200,
+    "enabled": False,
+}
 IDS = ["normalize_text", "pii_guard", "routed"]
 
 
@@ -108,9 +130,12 @@ def fixtures_folder(folder: Path, routed: dict[str, Any] = ROUTED) -> Path:
 
 def seed(url: str) -> None:
     """Two extensions written with plain SQL, one disabled."""
-    query(url, "INSERT INTO extensions (id, type, subject, timeout_ms, retry, enabled, metadata)"
-               " VALUES ('alpha', 'pre', 'a.alpha', 100, 1, true, '{\"k\": 1}'),"
-               " ('beta', 'post', 'a.beta', 200, 0, false, '{}')")
+    query(
+        url,
+        "INSERT INTO extensions (id, type, subject, timeout_ms, retry, enabled, metadata)"
+        " VALUES ('alpha', 'pre', 'a.alpha', 100, 1, true, '{\"k\": 1}'),"
+        " ('beta', 'post', 'a.beta', 200, 0, false, '{}')",
+    )
 
 
 def without_db_kept(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -118,8 +143,9 @@ def without_db_kept(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for rec in records:
         rec = {k: v for k, v in rec.items() if k not in DB_KEPT}
-        rec["versions"] = [{k: v for k, v in ver.items() if k != "created_at"}
-                           for ver in rec["versions"]]
+        rec["versions"] = [
+            {k: v for k, v in ver.items() if k != "created_at"} for ver in rec["versions"]
+        ]
         out.append(rec)
     return out
 
@@ -134,7 +160,9 @@ def test_migrate_twice(pg_server: PostgresProcess, tmp_path: Path) -> None:
     names = ", ".join(name for name, _ in migration_files())
     assert (0, f"applied: {names}") == (first.returncode, first.stdout.strip()), outcome(first)
     second = run(tmp_path, "migrate", db=url)
-    assert (0, "database is up to date") == (second.returncode, second.stdout.strip()), outcome(second)
+    assert (0, "database is up to date") == (second.returncode, second.stdout.strip()), outcome(
+        second
+    )
     assert 0 == count_rows(url, "extensions")
 
 
@@ -147,43 +175,60 @@ def test_import_fixtures_counts_audit_and_idempotence(db_url: str, tmp_path: Pat
     folder = fixtures_folder(tmp_path / "fx")
     first = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
     assert 0 == first.returncode, outcome(first)
-    assert {"dry_run": False, "created": IDS, "updated": [], "unchanged": []} == json.loads(first.stdout)
+    assert {"dry_run": False, "created": IDS, "updated": [], "unchanged": []} == json.loads(
+        first.stdout
+    )
     assert [(i, "create", ACTOR) for i in IDS] == audit_rows(db_url)
     assert ACTOR.startswith("cli:")
-    assert (2, 2) == (count_rows(db_url, "extension_versions"),
-                      count_rows(db_url, "extension_instances"))
+    assert (2, 2) == (
+        count_rows(db_url, "extension_versions"),
+        count_rows(db_url, "extension_instances"),
+    )
     stamps = query(db_url, "SELECT id, updated_at FROM extensions ORDER BY id")
 
     second = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
     assert 0 == second.returncode, outcome(second)
     assert {"dry_run": False, "created": [], "updated": [], "unchanged": IDS} == json.loads(
-        second.stdout)
+        second.stdout
+    )
     assert [(i, "create", ACTOR) for i in IDS] == audit_rows(db_url)
     assert stamps == query(db_url, "SELECT id, updated_at FROM extensions ORDER BY id")
 
-    (folder / "basic.json").write_text(json.dumps([{**NORMALIZE, "timeout_ms": 250}, GUARD]),
-                                       encoding="utf-8")
+    (folder / "basic.json").write_text(
+        json.dumps([{**NORMALIZE, "timeout_ms": 250}, GUARD]), encoding="utf-8"
+    )
     third = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
     assert 0 == third.returncode, outcome(third)
-    assert {"dry_run": False, "created": [], "updated": ["normalize_text"],
-            "unchanged": ["pii_guard", "routed"]} == json.loads(third.stdout)
-    assert sorted([*((i, "create", ACTOR) for i in IDS), ("normalize_text", "update", ACTOR)]
-                  ) == audit_rows(db_url)
-    assert [(250,)] == query(db_url, "SELECT timeout_ms FROM extensions WHERE id = 'normalize_text'")
+    assert {
+        "dry_run": False,
+        "created": [],
+        "updated": ["normalize_text"],
+        "unchanged": ["pii_guard", "routed"],
+    } == json.loads(third.stdout)
+    assert sorted(
+        [*((i, "create", ACTOR) for i in IDS), ("normalize_text", "update", ACTOR)]
+    ) == audit_rows(db_url)
+    assert [(250,)] == query(
+        db_url, "SELECT timeout_ms FROM extensions WHERE id = 'normalize_text'"
+    )
 
 
 def test_reimport_with_children_in_any_order_is_unchanged(db_url: str, tmp_path: Path) -> None:
     """A record whose versions/instances are listed in another order than the database returns
     them is still "unchanged" on the second import (and its row is not rewritten)."""
-    shuffled = {**ROUTED, "versions": ROUTED["versions"][::-1],
-                "instances": ROUTED["instances"][::-1]}
+    shuffled = {
+        **ROUTED,
+        "versions": ROUTED["versions"][::-1],
+        "instances": ROUTED["instances"][::-1],
+    }
     folder = fixtures_folder(tmp_path / "fx", routed=shuffled)
     first = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
     assert 0 == first.returncode, outcome(first)
     stamps = query(db_url, "SELECT id, updated_at FROM extensions ORDER BY id")
     second = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
     assert {"dry_run": False, "created": [], "updated": [], "unchanged": IDS} == json.loads(
-        second.stdout), outcome(second)
+        second.stdout
+    ), outcome(second)
     assert stamps == query(db_url, "SELECT id, updated_at FROM extensions ORDER BY id")
 
 
@@ -192,16 +237,27 @@ def test_import_changing_only_a_version_is_audited(db_url: str, tmp_path: Path) 
     reports the record as updated and leaves an `update` audit row by cli:<user>."""
     folder = fixtures_folder(tmp_path / "fx")
     assert 0 == run(tmp_path, "import-fixtures", str(folder), db=db_url).returncode
-    changed = {**ROUTED, "versions": [ROUTED["versions"][0],
-                                      {**ROUTED["versions"][1], "subject": "beamline.routed.v3b"}]}
+    changed = {
+        **ROUTED,
+        "versions": [
+            ROUTED["versions"][0],
+            {**ROUTED["versions"][1], "subject": "beamline.routed.v3b"},
+        ],
+    }
     fixtures_folder(folder, routed=changed)
     result = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
-    assert {"dry_run": False, "created": [], "updated": ["routed"],
-            "unchanged": ["normalize_text", "pii_guard"]} == json.loads(result.stdout), outcome(result)
+    assert {
+        "dry_run": False,
+        "created": [],
+        "updated": ["routed"],
+        "unchanged": ["normalize_text", "pii_guard"],
+    } == json.loads(result.stdout), outcome(result)
     assert [("beamline.routed.v3b",)] == query(
-        db_url, "SELECT subject FROM extension_versions WHERE id = 'routed' AND version = 'v3'")
-    assert sorted([*((i, "create", ACTOR) for i in IDS), ("routed", "update", ACTOR)]
-                  ) == audit_rows(db_url)
+        db_url, "SELECT subject FROM extension_versions WHERE id = 'routed' AND version = 'v3'"
+    )
+    assert sorted(
+        [*((i, "create", ACTOR) for i in IDS), ("routed", "update", ACTOR)]
+    ) == audit_rows(db_url)
 
 
 def test_import_fixtures_dry_run_writes_nothing(db_url: str, tmp_path: Path) -> None:
@@ -210,23 +266,35 @@ def test_import_fixtures_dry_run_writes_nothing(db_url: str, tmp_path: Path) -> 
     as_json = run(tmp_path, "import-fixtures", str(folder), "--dry-run", "--json", db=db_url)
     assert 0 == as_json.returncode, outcome(as_json)
     assert {"dry_run": True, "created": IDS, "updated": [], "unchanged": []} == json.loads(
-        as_json.stdout)
+        as_json.stdout
+    )
     as_text = run(tmp_path, "import-fixtures", str(folder), "--dry-run", db=db_url)
     assert 0 == as_text.returncode, outcome(as_text)
-    assert [f"would be created: 3 ({', '.join(IDS)})", "would be updated: 0",
-            "would be unchanged: 0"] == [flat(line) for line in as_text.stdout.strip().splitlines()]
-    assert {"extensions": 0, "extension_versions": 0, "extension_instances": 0,
-            "extension_audit_log": 0} == {
-        t: count_rows(db_url, t) for t in
-        ("extensions", "extension_versions", "extension_instances", "extension_audit_log")}
+    assert [
+        f"would be created: 3 ({', '.join(IDS)})",
+        "would be updated: 0",
+        "would be unchanged: 0",
+    ] == [flat(line) for line in as_text.stdout.strip().splitlines()]
+    assert {
+        "extensions": 0,
+        "extension_versions": 0,
+        "extension_instances": 0,
+        "extension_audit_log": 0,
+    } == {
+        t: count_rows(db_url, t)
+        for t in ("extensions", "extension_versions", "extension_instances", "extension_audit_log")
+    }
 
 
-def test_import_fixtures_with_one_invalid_record_writes_nothing(db_url: str, tmp_path: Path) -> None:
+def test_import_fixtures_with_one_invalid_record_writes_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
     """One bad record among good ones: exit 2, the error names file, record and field, and not
     a single row is written."""
     folder = fixtures_folder(tmp_path / "fx")
     (folder / "zz-bad.yaml").write_text(
-        "id: bad_one\ntype: pre\nsubject: beamline.bad\ncolour: blue\n", encoding="utf-8")
+        "id: bad_one\ntype: pre\nsubject: beamline.bad\ncolour: blue\n", encoding="utf-8"
+    )
     result = run(tmp_path, "import-fixtures", str(folder), db=db_url)
     assert 2 == result.returncode, outcome(result)
     assert "zz-bad.yaml record #1 (bad_one): field colour: unknown field" in flat(result.stderr)
@@ -237,8 +305,9 @@ def test_import_fixtures_with_one_invalid_record_writes_nothing(db_url: str, tmp
 # -- export --------------------------------------------------------------------------------
 
 
-def test_export_then_import_round_trip(db_url: str, pg_server: PostgresProcess,
-                                       tmp_path: Path) -> None:
+def test_export_then_import_round_trip(
+    db_url: str, pg_server: PostgresProcess, tmp_path: Path
+) -> None:
     """Records exported to a folder and imported into another fresh database list identically
     (database timestamps aside); `export -` prints the same records as one JSON list."""
     source = fixtures_folder(tmp_path / "fx")
@@ -254,7 +323,8 @@ def test_export_then_import_round_trip(db_url: str, pg_server: PostgresProcess,
     other = fresh_database(pg_server, migrated=True)
     result = run(tmp_path, "import-fixtures", str(exported), "--json", db=other)
     assert {"dry_run": False, "created": IDS, "updated": [], "unchanged": []} == json.loads(
-        result.stdout), outcome(result)
+        result.stdout
+    ), outcome(result)
 
     listed = [run(tmp_path, "list", "--json", db=url) for url in (db_url, other)]
     assert [0, 0] == [r.returncode for r in listed], [outcome(r) for r in listed]
@@ -265,8 +335,10 @@ def test_export_then_import_round_trip(db_url: str, pg_server: PostgresProcess,
     to_stdout = run(tmp_path, "export", "-", db=other)
     assert 0 == to_stdout.returncode, outcome(to_stdout)
     printed = json.loads(to_stdout.stdout)
-    assert [json.loads(json.dumps(to_plain(e, writable_only=True)))
-            for e in sorted(originals, key=lambda e: e.id)] == printed
+    assert [
+        json.loads(json.dumps(to_plain(e, writable_only=True)))
+        for e in sorted(originals, key=lambda e: e.id)
+    ] == printed
 
 
 # -- validate ------------------------------------------------------------------------------
@@ -276,17 +348,24 @@ def test_validate_good_folder(tmp_path: Path) -> None:
     """A valid folder: exit 0, with a count in text and in JSON."""
     folder = fixtures_folder(tmp_path / "fx")
     text = run(tmp_path, "validate", str(folder))
-    assert (0, f"{folder}: 3 extensions, all valid") == (text.returncode, flat(text.stdout)), outcome(
-        text)
+    assert (0, f"{folder}: 3 extensions, all valid") == (text.returncode, flat(text.stdout)), (
+        outcome(text)
+    )
     as_json = run(tmp_path, "validate", str(folder), "--json")
     assert (0, {"valid": True, "count": 3}) == (as_json.returncode, json.loads(as_json.stdout))
 
 
 def bad_folder(folder: Path) -> tuple[Path, list[str]]:
     folder = fixtures_folder(folder)
-    (folder / "x1.json").write_text(json.dumps([{**NORMALIZE, "id": "dup_free", "retry": 11},
-                                                {**NORMALIZE, "id": "wild", "subject": "a.>"}]),
-                                    encoding="utf-8")
+    (folder / "x1.json").write_text(
+        json.dumps(
+            [
+                {**NORMALIZE, "id": "dup_free", "retry": 11},
+                {**NORMALIZE, "id": "wild", "subject": "a.>"},
+            ]
+        ),
+        encoding="utf-8",
+    )
     (folder / "x2.yaml").write_text("id: pii_guard\ntype: pre\nsubject: x.y\n", encoding="utf-8")
     (folder / "x3.json").write_text("[]", encoding="utf-8")
     return folder, [
@@ -327,10 +406,13 @@ def test_list_and_show(db_url: str, tmp_path: Path) -> None:
     listed = run(tmp_path, "list", "--json", db=db_url)
     assert 0 == listed.returncode, outcome(listed)
     records = json.loads(listed.stdout)
-    assert [("alpha", "pre", "a.alpha", 100, 1, True, {"k": 1}),
-            ("beta", "post", "a.beta", 200, 0, False, {})] == [
-        (r["id"], r["type"], r["subject"], r["timeout_ms"], r["retry"], r["enabled"],
-         r["metadata"]) for r in records]
+    assert [
+        ("alpha", "pre", "a.alpha", 100, 1, True, {"k": 1}),
+        ("beta", "post", "a.beta", 200, 0, False, {}),
+    ] == [
+        (r["id"], r["type"], r["subject"], r["timeout_ms"], r["retry"], r["enabled"], r["metadata"])
+        for r in records
+    ]
 
     shown = run(tmp_path, "show", "beta", "--json", db=db_url)
     assert (0, records[1]) == (shown.returncode, json.loads(shown.stdout)), outcome(shown)
@@ -346,10 +428,26 @@ def test_status_json(db_url: str, tmp_path: Path) -> None:
     result = run(tmp_path, "status", "--json", db=db_url)
     assert 0 == result.returncode, outcome(result)
     data = json.loads(result.stdout)
-    assert {"mode": "auto", "source": "database", "count": 2, "enabled_count": 1, "stale": False,
-            "fallback_reason": None, "database": db_url} == {
-        k: data[k] for k in ("mode", "source", "count", "enabled_count", "stale",
-                             "fallback_reason", "database")}
+    assert {
+        "mode": "auto",
+        "source": "database",
+        "count": 2,
+        "enabled_count": 1,
+        "stale": False,
+        "fallback_reason": None,
+        "database": db_url,
+    } == {
+        k: data[k]
+        for k in (
+            "mode",
+            "source",
+            "count",
+            "enabled_count",
+            "stale",
+            "fallback_reason",
+            "database",
+        )
+    }
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -370,13 +468,15 @@ def test_enable_and_disable(db_url: str, tmp_path: Path) -> None:
     assert [(True,)] == query(db_url, "SELECT enabled FROM extensions WHERE id = 'beta'")
 
     assert sorted([*before, ("alpha", "disable", ACTOR), ("beta", "enable", ACTOR)]) == audit_rows(
-        db_url)
+        db_url
+    )
 
     missing = run(tmp_path, "disable", "missing", db=db_url)
     assert 2 == missing.returncode, outcome(missing)
     assert "error: missing: no such extension" == last_line(missing.stderr)
     assert sorted([*before, ("alpha", "disable", ACTOR), ("beta", "enable", ACTOR)]) == audit_rows(
-        db_url)
+        db_url
+    )
 
 
 # -- failures ------------------------------------------------------------------------------
@@ -384,11 +484,17 @@ def test_enable_and_disable(db_url: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("migrate",), ("--source", "database", "list"), ("enable", "alpha"),
-     ("import-fixtures", "FIXTURES")],
+    [
+        ("migrate",),
+        ("--source", "database", "list"),
+        ("enable", "alpha"),
+        ("import-fixtures", "FIXTURES"),
+    ],
     ids=["migrate", "list-source-database", "enable", "import-fixtures"],
 )
-def test_unreachable_database_exits_1_without_password(tmp_path: Path, args: tuple[str, ...]) -> None:
+def test_unreachable_database_exits_1_without_password(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
     """A database URL on a closed port: exit 1, a one-line error that shows where (password
     masked), never the password, and no traceback."""
     port = free_port()
@@ -400,7 +506,8 @@ def test_unreachable_database_exits_1_without_password(tmp_path: Path, args: tup
     assert SECRET not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert f"error: database postgresql://u:********@127.0.0.1:{port}/x unavailable" in flat(
-        result.stderr), outcome(result)
+        result.stderr
+    ), outcome(result)
 
 
 def test_status_falls_back_to_fixtures_when_database_is_unreachable(tmp_path: Path) -> None:
@@ -413,9 +520,15 @@ def test_status_falls_back_to_fixtures_when_database_is_unreachable(tmp_path: Pa
     assert SECRET not in result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert ("auto", "fixtures", True, 4, f"postgresql://u:********@127.0.0.1:{port}/x") == (
-        data["mode"], data["source"], data["stale"], data["count"], data["database"])
+        data["mode"],
+        data["source"],
+        data["stale"],
+        data["count"],
+        data["database"],
+    )
     assert data["fallback_reason"].startswith(
-        f"database postgresql://u:********@127.0.0.1:{port}/x unavailable")
+        f"database postgresql://u:********@127.0.0.1:{port}/x unavailable"
+    )
 
 
 def test_non_postgresql_url_exits_2_without_password(tmp_path: Path) -> None:

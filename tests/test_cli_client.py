@@ -27,18 +27,31 @@ EXTREG = Path(sys.executable).parent / "extreg"
 
 
 def environment(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
+    }
     # NATS on a closed port: these servers run without an invoker, and must never reach the
     # machine's own NATS on the default 127.0.0.1:4222.
-    env.update({"EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"), "COLUMNS": "400",
-                "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}", **extra})
+    env.update(
+        {
+            "EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"),
+            "COLUMNS": "400",
+            "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            **extra,
+        }
+    )
     return env
 
 
 def extreg(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(EXTREG), *args], capture_output=True, text=True,
-                          env=environment(tmp, **env), timeout=60, check=False)
+    return subprocess.run(
+        [str(EXTREG), *args],
+        capture_output=True,
+        text=True,
+        env=environment(tmp, **env),
+        timeout=60,
+        check=False,
+    )
 
 
 def flat(text: str) -> str:
@@ -57,15 +70,18 @@ class Server:
         return ["--url", self.url, "--token", self.tokens[role]]
 
 
-def start_server(
-    tmp: Path, *args: str, **env: str
-) -> tuple[subprocess.Popen[str], str, Path]:
+def start_server(tmp: Path, *args: str, **env: str) -> tuple[subprocess.Popen[str], str, Path]:
     """`extreg [ARGS] serve --port N` in the background, once /healthz answers."""
     port = free_port()
     out, errs = tmp / f"serve-{port}.out", tmp / f"serve-{port}.err"
     with out.open("w") as stdout, errs.open("w") as stderr:
-        proc = subprocess.Popen([str(EXTREG), *args, "serve", "--port", str(port)], text=True,
-                                stdout=stdout, stderr=stderr, env=environment(tmp, **env))
+        proc = subprocess.Popen(
+            [str(EXTREG), *args, "serve", "--port", str(port)],
+            text=True,
+            stdout=stdout,
+            stderr=stderr,
+            env=environment(tmp, **env),
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -100,9 +116,12 @@ def server(
     db_url = pg_server.create_database(f"cli_client_{uuid.uuid4().hex[:8]}")
     migrate(db_url)
     for ext_id, enabled in (("alpha", True), ("beta", False)):
-        sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms, enabled)"
-                    " VALUES (%s, 'pre', %s, 100, %s)",
-            (ext_id, f"beamline.ext.pre.{ext_id}.v1", enabled))
+        sql(
+            db_url,
+            "INSERT INTO extensions (id, type, subject, timeout_ms, enabled)"
+            " VALUES (%s, 'pre', %s, 100, %s)",
+            (ext_id, f"beamline.ext.pre.{ext_id}.v1", enabled),
+        )
     tokens = asyncio.run(make_tokens(db_url))
     proc, url, out = start_server(tmp, "--database-url", db_url)
     yield Server(url, db_url, tokens, proc, out)
@@ -117,8 +136,11 @@ def test_disable_and_enable_through_the_server(server: Server, tmp_path: Path) -
     assert [(False,)] == sql(server.db_url, "SELECT enabled FROM extensions WHERE id = 'alpha'")
     enabled = extreg(tmp_path, "enable", "alpha", *server.opts("operator"))
     assert (0, "alpha enabled") == (enabled.returncode, enabled.stdout.strip())
-    rows = sql(server.db_url, "SELECT action, changed_by FROM extension_audit_log"
-                              " WHERE extension_id = 'alpha' ORDER BY changed_at")
+    rows = sql(
+        server.db_url,
+        "SELECT action, changed_by FROM extension_audit_log"
+        " WHERE extension_id = 'alpha' ORDER BY changed_at",
+    )
     operator = ROLE_TOKENS["operator"]
     assert [("disable", operator), ("enable", operator)] == rows[-2:]
 
@@ -140,23 +162,35 @@ def test_audit_and_health_through_the_server_with_environment(
     audit = extreg(tmp_path, "audit", "beta", "--json", **env)
     assert 0 == audit.returncode, audit.stderr
     assert [("enable", ROLE_TOKENS["admin"])] == [
-        (r["action"], r["changed_by"]) for r in json.loads(audit.stdout)][:1]
+        (r["action"], r["changed_by"]) for r in json.loads(audit.stdout)
+    ][:1]
     health = extreg(tmp_path, "health", "--json", **env)
     assert 0 == health.returncode, health.stderr
     report = json.loads(health.stdout)
-    assert (["alpha", "beta"], 2) == ([e["id"] for e in report["extensions"]],
-                                      report["summary"]["total"])
+    assert (["alpha", "beta"], 2) == (
+        [e["id"] for e in report["extensions"]],
+        report["summary"]["total"],
+    )
     one = extreg(tmp_path, "health", "alpha", "--json", **env)
-    assert ("alpha", "disabled") == (json.loads(one.stdout)["id"],
-                                   json.loads(one.stdout)["health"]["circuit_breaker_state"])
+    assert ("alpha", "disabled") == (
+        json.loads(one.stdout)["id"],
+        json.loads(one.stdout)["health"]["circuit_breaker_state"],
+    )
 
 
-@pytest.mark.parametrize(("token", "message"), [
-    ("extreg_not-a-real-token", "the server refused the token (401 unauthorized): check --token"),
-    ("", "no token given: pass --token or set EXTREG_TOKEN"),
-])
-def test_a_bad_token_exits_1_with_a_clear_message(server: Server, tmp_path: Path, token: str,
-                                                  message: str) -> None:
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (
+            "extreg_not-a-real-token",
+            "the server refused the token (401 unauthorized): check --token",
+        ),
+        ("", "no token given: pass --token or set EXTREG_TOKEN"),
+    ],
+)
+def test_a_bad_token_exits_1_with_a_clear_message(
+    server: Server, tmp_path: Path, token: str, message: str
+) -> None:
     """A wrong or missing token exits 1, says what is wrong, and never prints the token."""
     result = extreg(tmp_path, "disable", "alpha", "--url", server.url, "--token", token)
     assert (1, True) == (result.returncode, message in flat(result.stderr)), result.stderr
@@ -166,8 +200,9 @@ def test_a_bad_token_exits_1_with_a_clear_message(server: Server, tmp_path: Path
 def test_a_too_small_role_exits_1(server: Server, tmp_path: Path) -> None:
     """A viewer's `disable` exits 1 with the server's 403 reason."""
     result = extreg(tmp_path, "disable", "alpha", *server.opts("viewer"))
-    expected = ("not allowed (403 forbidden): token 'vera-viewer' has role viewer;"
-                " this needs operator")
+    expected = (
+        "not allowed (403 forbidden): token 'vera-viewer' has role viewer; this needs operator"
+    )
     assert (1, expected) == (result.returncode, flat(result.stderr).removeprefix("error: "))
 
 
@@ -179,8 +214,16 @@ def test_a_missing_extension_exits_2(server: Server, tmp_path: Path) -> None:
 
 def test_invoke_without_an_invoker_exits_1(server: Server, tmp_path: Path) -> None:
     """`invoke --url` on a server without NATS exits 1 saying invocation is unavailable."""
-    result = extreg(tmp_path, "invoke", "alpha", "--payload", '{"text": "hi"}', "--tenant", "acme",
-                    *server.opts("operator"))
+    result = extreg(
+        tmp_path,
+        "invoke",
+        "alpha",
+        "--payload",
+        '{"text": "hi"}',
+        "--tenant",
+        "acme",
+        *server.opts("operator"),
+    )
     assert (1, True) == (result.returncode, "without an invoker" in flat(result.stderr))
 
 
@@ -199,12 +242,14 @@ def test_token_create_list_revoke(pg_server: PostgresProcess, tmp_path: Path) ->
     exits 2."""
     db_url = pg_server.create_database(f"tokens_{uuid.uuid4().hex[:8]}")
     migrate(db_url)
-    created = extreg(tmp_path, "--database-url", db_url, "token", "create", "ci",
-                     "--role", "operator")
+    created = extreg(
+        tmp_path, "--database-url", db_url, "token", "create", "ci", "--role", "operator"
+    )
     assert 0 == created.returncode, created.stderr
     token = created.stdout.strip().splitlines()[-1]
     assert [("ci", "operator", hash_token(token))] == sql(
-        db_url, "SELECT name, role, token_hash FROM extreg_api_tokens")
+        db_url, "SELECT name, role, token_hash FROM extreg_api_tokens"
+    )
     listed = extreg(tmp_path, "--database-url", db_url, "token", "list", "--json")
     rows = json.loads(listed.stdout)
     assert [("ci", "operator", None)] == [(r["name"], r["role"], r["revoked_at"]) for r in rows]
@@ -220,11 +265,22 @@ def test_token_create_list_revoke(pg_server: PostgresProcess, tmp_path: Path) ->
 def test_token_create_into_a_tokens_file(tmp_path: Path) -> None:
     """`token create --file` adds the token's hash to a JSON tokens file (no database)."""
     file = tmp_path / "tokens.json"
-    created = extreg(tmp_path, "--source", "fixtures", "token", "create", "dev", "--role", "admin",
-                     "--file", str(file))
+    created = extreg(
+        tmp_path,
+        "--source",
+        "fixtures",
+        "token",
+        "create",
+        "dev",
+        "--role",
+        "admin",
+        "--file",
+        str(file),
+    )
     token = created.stdout.strip().splitlines()[-1]
     assert {"tokens": {"dev": {"role": "admin", "sha256": hash_token(token)}}} == json.loads(
-        file.read_text())
+        file.read_text()
+    )
 
 
 def test_embedded_first_start_prints_the_admin_token_once(tmp_path: Path) -> None:
@@ -250,27 +306,45 @@ def test_embedded_first_start_prints_the_admin_token_once(tmp_path: Path) -> Non
     assert (True, False) == (f"dashboard {url}/" in second, "extreg_" in second)
 
 
-def test_health_and_audit_directly_on_the_database(pg_server: PostgresProcess,
-                                                   tmp_path: Path) -> None:
+def test_health_and_audit_directly_on_the_database(
+    pg_server: PostgresProcess, tmp_path: Path
+) -> None:
     """Without --url, `health` reads `extension_health` rows and `audit` the audit log, straight
     from the database, in the same shapes as the API."""
     db_url = pg_server.create_database(f"direct_{uuid.uuid4().hex[:8]}")
     migrate(db_url)
-    sql(db_url, "INSERT INTO extensions (id, type, subject) VALUES ('alpha', 'pre', 'a.b'),"
-                " ('beta', 'post', 'c.d')")
-    sql(db_url, "INSERT INTO extension_health (extension_id, success_count, failure_count,"
-                " avg_latency_ms, p95_latency_ms, circuit_breaker_state)"
-                " VALUES ('alpha', 3, 1, 12.5, 30, 'open')")
+    sql(
+        db_url,
+        "INSERT INTO extensions (id, type, subject) VALUES ('alpha', 'pre', 'a.b'),"
+        " ('beta', 'post', 'c.d')",
+    )
+    sql(
+        db_url,
+        "INSERT INTO extension_health (extension_id, success_count, failure_count,"
+        " avg_latency_ms, p95_latency_ms, circuit_breaker_state)"
+        " VALUES ('alpha', 3, 1, 12.5, 30, 'open')",
+    )
     on = {"EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED": "true"}  # off, every circuit: disabled
     health = extreg(tmp_path, "--database-url", db_url, "health", "--json", **on)
     assert 0 == health.returncode, health.stderr
     report = json.loads(health.stdout)
     alpha = report["extensions"][0]["health"]
     assert (3, 1, 0.75, 12.5, 30.0, "open") == (
-        alpha["success_count"], alpha["failure_count"], alpha["success_rate"],
-        alpha["avg_latency_ms"], alpha["p95_latency_ms"], alpha["circuit_breaker_state"])
-    assert {"total": 2, "enabled": 2, "healthy": 1, "unhealthy": 1, "avg_success_rate": 0.75,
-            "avg_latency_ms": 12.5} == report["summary"]
+        alpha["success_count"],
+        alpha["failure_count"],
+        alpha["success_rate"],
+        alpha["avg_latency_ms"],
+        alpha["p95_latency_ms"],
+        alpha["circuit_breaker_state"],
+    )
+    assert {
+        "total": 2,
+        "enabled": 2,
+        "healthy": 1,
+        "unhealthy": 1,
+        "avg_success_rate": 0.75,
+        "avg_latency_ms": 12.5,
+    } == report["summary"]
     table = extreg(tmp_path, "--database-url", db_url, "health", **on)
     assert (0, True) == (table.returncode, "alpha" in table.stdout and "open" in table.stdout)
     missing = extreg(tmp_path, "--database-url", db_url, "health", "nope")
@@ -294,12 +368,16 @@ async def test_serve_gets_its_invoker_when_nats_comes_up(
 
     db_url = pg_server.create_database(f"late_nats_{uuid.uuid4().hex[:8]}")
     migrate(db_url)
-    sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
-                " ('normalize_text', 'pre', 'beamline.ext.pre.normalize_text.v1', 1000)")
+    sql(
+        db_url,
+        "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
+        " ('normalize_text', 'pre', 'beamline.ext.pre.normalize_text.v1', 1000)",
+    )
     tokens = await make_tokens(db_url)
     nats = NatsServer()
-    proc, url, _ = start_server(tmp_path, "--database-url", db_url,
-                                EXTENSION_REGISTRY_NATS_URL=nats.url)
+    proc, url, _ = start_server(
+        tmp_path, "--database-url", db_url, EXTENSION_REGISTRY_NATS_URL=nats.url
+    )
     headers = {"Authorization": f"Bearer {tokens['operator']}"}
     body = {"payload": {"payload": "  Hello   WORLD "}, "metadata": {}}
     try:

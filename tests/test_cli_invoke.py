@@ -32,23 +32,46 @@ async def run(
     """`extreg ARGS` with a clean environment: bundled fixtures unless `db` is given. Run in a
     thread, so the session's sample extensions (on this event loop) keep answering."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXTENSION_REGISTRY_")}
-    env.update({"EXTENSION_REGISTRY_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "400",
-                "EXTENSION_REGISTRY_NATS_URL": nats_url})
+    env.update(
+        {
+            "EXTENSION_REGISTRY_DATA_DIR": str(tmp_path / "data"),
+            "COLUMNS": "400",
+            "EXTENSION_REGISTRY_NATS_URL": nats_url,
+        }
+    )
     source = ["--database-url", db] if db else ["--source", "fixtures"]
     return await asyncio.to_thread(
-        subprocess.run, [str(EXTREG), *source, *args], capture_output=True, text=True, env=env,
-        timeout=60, check=False,
+        subprocess.run,
+        [str(EXTREG), *source, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
 
 
-async def test_invoke_prints_the_reply(tmp_path: Path, nats_url: str, sample_extensions: SampleRunner) -> None:
+async def test_invoke_prints_the_reply(
+    tmp_path: Path, nats_url: str, sample_extensions: SampleRunner
+) -> None:
     """`extreg invoke ID --payload JSON --tenant T --json` prints the extension's reply as JSON."""
     payload = json.dumps({"payload": "  Hello   There ", "metadata": {}})
-    result = await run(tmp_path, nats_url, "invoke", "normalize_text", "--payload", payload,
-                 "--tenant", "acme", "--json")
+    result = await run(
+        tmp_path,
+        nats_url,
+        "invoke",
+        "normalize_text",
+        "--payload",
+        payload,
+        "--tenant",
+        "acme",
+        "--json",
+    )
     assert 0 == result.returncode, result.stderr
-    assert {"payload": {"payload": "hello there", "metadata": {"normalized": "true"}},
-            "metadata": {"detected_lang": "en"}} == json.loads(result.stdout)
+    assert {
+        "payload": {"payload": "hello there", "metadata": {"normalized": "true"}},
+        "metadata": {"detected_lang": "en"},
+    } == json.loads(result.stdout)
 
 
 async def test_invoke_bad_payload_is_bad_input(tmp_path: Path, nats_url: str) -> None:
@@ -75,17 +98,29 @@ async def test_invoke_records_health_in_the_database(
 ) -> None:
     """A direct invoke on a database writes the call's health before exiting."""
     settings = make_settings(tmp_path, source="database", database_url=db_url)
-    records = [parse_extension(s.record(), max_timeout_ms=60_000, max_retries=10)
-               for s in SAMPLE_EXTENSIONS]
+    records = [
+        parse_extension(s.record(), max_timeout_ms=60_000, max_retries=10)
+        for s in SAMPLE_EXTENSIONS
+    ]
     async with PostgresSource(settings) as db:
         await db.import_extensions(records, "test")
-    result = await run(tmp_path, nats_url, "invoke", "pii_guard", "--payload", '"4111 1111 1111 1111"',
-                 "--json", db=db_url)
+    result = await run(
+        tmp_path,
+        nats_url,
+        "invoke",
+        "pii_guard",
+        "--payload",
+        '"4111 1111 1111 1111"',
+        "--json",
+        db=db_url,
+    )
     assert 0 == result.returncode, result.stderr
     assert "reject" == json.loads(result.stdout)["status"]
     with psycopg.connect(db_url) as conn:
-        row = conn.execute("SELECT success_count, failure_count FROM extension_health"
-                           " WHERE extension_id = 'pii_guard'").fetchone()
+        row = conn.execute(
+            "SELECT success_count, failure_count FROM extension_health"
+            " WHERE extension_id = 'pii_guard'"
+        ).fetchone()
     assert (1, 0) == row
 
 
@@ -96,16 +131,24 @@ async def test_sample_extensions_command(
     server = nats_server_factory()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXTENSION_REGISTRY_")}
     proc = await asyncio.create_subprocess_exec(
-        str(EXTREG), "sample-extensions", "--nats-url", server.url, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        str(EXTREG),
+        "sample-extensions",
+        "--nats-url",
+        server.url,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         nc = await nats.connect(server.url)
         deadline = time.monotonic() + 20
         while True:
             try:
-                msg = await nc.request("beamline.provider.test_provider.v1",
-                                       b'{"payload": {"prompt": "ping"}}', timeout=0.5)
+                msg = await nc.request(
+                    "beamline.provider.test_provider.v1",
+                    b'{"payload": {"prompt": "ping"}}',
+                    timeout=0.5,
+                )
                 break
             except nats.errors.Error:
                 assert time.monotonic() < deadline, "the samples did not start"

@@ -61,11 +61,16 @@ class Served:
 
 
 def environment(tmp: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
-    env.update({"EXTENSION_REGISTRY_SOURCE": "fixtures",
-                "EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"),
-                "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}"})
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
+    }
+    env.update(
+        {
+            "EXTENSION_REGISTRY_SOURCE": "fixtures",
+            "EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"),
+            "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+        }
+    )
     env.update({f"EXTENSION_REGISTRY_{key.upper()}": value for key, value in settings.items()})
     return env
 
@@ -82,8 +87,13 @@ def serving(tmp: Path, argv: list[str] | None = None, **settings: str) -> Iterat
     out, err = tmp / f"serve-{port}.out", tmp / f"serve-{port}.err"
     command = (argv or [str(EXTREG), "serve", "--port"]) + [str(port)]
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr,
-                                env=environment(tmp, **settings), preexec_fn=lowered_nofile)
+        proc = subprocess.Popen(
+            command,
+            stdout=stdout,
+            stderr=stderr,
+            env=environment(tmp, **settings),
+            preexec_fn=lowered_nofile,
+        )
     served = Served(proc, port, out, err)
     try:
         wait_for(lambda: answers(served.url), f"serve did not start: {err}", proc)
@@ -104,8 +114,9 @@ def answers(url: str) -> bool:
         return False
 
 
-def wait_for(condition: Callable[[], bool], what: str,
-             proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for(
+    condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while not condition():
         if proc is not None and proc.poll() is not None:
@@ -140,8 +151,9 @@ def test_silent_connections_beyond_the_cap_leave_room_for_requests(tmp_path: Pat
     to help: the server keeps its cap (60 here: 256 minus room for the pool, one accept batch
     and files), answers a request on a fresh connection, logs no traceback, never runs out of
     descriptors, and answers normally once the silent connections are gone."""
-    with serving(tmp_path, http_keep_alive_seconds="300",
-                 http_request_timeout_seconds="300") as served:
+    with serving(
+        tmp_path, http_keep_alive_seconds="300", http_request_timeout_seconds="300"
+    ) as served:
         listening = served.events("api_listening")[0]
         cap = listening["max_connections"]
         assert isinstance(cap, int) and cap < NOFILE
@@ -157,8 +169,10 @@ def test_silent_connections_beyond_the_cap_leave_room_for_requests(tmp_path: Pat
             for sock in silent:
                 sock.close()
         wait_for(lambda: answers(served.url), "no answer after the silent connections left")
-        print(f"\ncap {cap}: {held} descriptors held with 150 silent connections, "
-              f"{dropped} of them closed by the server; {lines} log lines, {traced} tracebacks")
+        print(
+            f"\ncap {cap}: {held} descriptors held with 150 silent connections, "
+            f"{dropped} of them closed by the server; {lines} log lines, {traced} tracebacks"
+        )
         assert 0 == traced
         assert lines < 50
         assert dropped >= 150 - cap
@@ -201,8 +215,7 @@ def test_descriptor_exhaustion_logs_a_line_per_interval_and_recovers(tmp_path: P
     connections wait in the backlog; accept() fails with EMFILE again and again, but the log
     gets one warning per interval and no traceback. Once the hog lets go (SIGUSR2) the server
     accepts again by itself: the waiting requests and new ones are answered."""
-    with serving(tmp_path, argv=[sys.executable, "-c", HOG],
-                 http_keep_alive_seconds="2") as served:
+    with serving(tmp_path, argv=[sys.executable, "-c", HOG], http_keep_alive_seconds="2") as served:
         served.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "hogged" in served.out.read_text(), "the hog did not start")
         before = len(served.log_lines())
@@ -226,15 +239,16 @@ def test_descriptor_exhaustion_logs_a_line_per_interval_and_recovers(tmp_path: P
         assert len(during) <= 3
         assert all(reply.startswith(b"HTTP/1.1 200") for reply in replies)
     failures = sum(int(str(e["occurrences"])) for e in served.events("http_accept_failed"))
-    print(f"\nexhausted for ~3 s: {len(during)} log lines (NATS retries aside), {len(failed)} "
-          f"accept warnings; {failures} failed accepts in all (the last line, at shutdown)")
+    print(
+        f"\nexhausted for ~3 s: {len(during)} log lines (NATS retries aside), {len(failed)} "
+        f"accept warnings; {failures} failed accepts in all (the last line, at shutdown)"
+    )
 
 
 def test_a_client_trickling_headers_is_dropped(tmp_path: Path) -> None:
     """One header line every 0.5 s, more often than the keep-alive timeout: the connection is
     closed with a 408 once the request timeout (2 s) passes, not held for ever."""
-    with serving(tmp_path, http_keep_alive_seconds="1",
-                 http_request_timeout_seconds="2") as served:
+    with serving(tmp_path, http_keep_alive_seconds="1", http_request_timeout_seconds="2") as served:
         sock = served.connect()
         started = time.monotonic()
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
@@ -259,12 +273,13 @@ def test_a_client_trickling_headers_is_dropped(tmp_path: Path) -> None:
 def test_a_body_that_never_finishes_is_dropped(tmp_path: Path) -> None:
     """Content-Length 1000 and a byte every 0.5 s: the request is answered 408 and closed once
     the request timeout passes, the app sees the disconnect, and no traceback is logged."""
-    with serving(tmp_path, http_keep_alive_seconds="1",
-                 http_request_timeout_seconds="2") as served:
+    with serving(tmp_path, http_keep_alive_seconds="1", http_request_timeout_seconds="2") as served:
         sock = served.connect()
         started = time.monotonic()
-        sock.sendall(b"POST /admin/extensions/normalize_text/invoke HTTP/1.1\r\nHost: t\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        sock.sendall(
+            b"POST /admin/extensions/normalize_text/invoke HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        )
         answer, closed = bytearray(), False
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             for _ in range(int(DEADLINE_S / 0.5)):
@@ -299,12 +314,18 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(tmp_path: Path
     """With `http_max_connections` 3 and three requests in progress (bodies still arriving),
     a fourth connection is answered 503 in JSON and closed rather than held; once those
     requests end, new connections are served again."""
-    with serving(tmp_path, http_max_connections="3", http_request_timeout_seconds="300",
-                 http_keep_alive_seconds="300") as served:
+    with serving(
+        tmp_path,
+        http_max_connections="3",
+        http_request_timeout_seconds="300",
+        http_keep_alive_seconds="300",
+    ) as served:
         busy = [served.connect() for _ in range(3)]
         for sock in busy:
-            sock.sendall(b"POST /admin/extensions/normalize_text/invoke HTTP/1.1\r\nHost: t\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+            sock.sendall(
+                b"POST /admin/extensions/normalize_text/invoke HTTP/1.1\r\nHost: t\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
         time.sleep(1.0)  # let the three requests reach the app (parsed in well under that)
         extra, got = served.connect(), bytearray()
         wait_for(lambda: closed_by_server(extra, got), "the fourth connection was held")

@@ -76,7 +76,9 @@ async def drop_notify_triggers(url: str) -> None:
             await conn.execute(f"DROP TRIGGER extreg_notify ON {table}")
 
 
-async def start_first_commit_last(url: str, on_commit_of_second: Callable[[], Awaitable[None]]) -> None:
+async def start_first_commit_last(
+    url: str, on_commit_of_second: Callable[[], Awaitable[None]]
+) -> None:
     """The issue's reproduction: A begins (its `now()` fixed), B changes `x` and commits, then
     A changes `x` and commits. A's row carries the *older* `updated_at`, yet it is current."""
     a = await connect(url)
@@ -90,9 +92,12 @@ async def start_first_commit_last(url: str, on_commit_of_second: Callable[[], Aw
         await a.execute("COMMIT")
 
 
-async def test_notifications_follow_commit_order_not_start_time(tmp_path: Path, db_url: str) -> None:
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             sync_interval_seconds=3600)
+async def test_notifications_follow_commit_order_not_start_time(
+    tmp_path: Path, db_url: str
+) -> None:
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, sync_interval_seconds=3600
+    )
     async with PostgresSource(settings) as db:
         await db.import_extensions([parse(record("x"))], "test")
         async with nodes(settings, 2) as regs:
@@ -100,6 +105,7 @@ async def test_notifications_follow_commit_order_not_start_time(tmp_path: Path, 
             async def second_committed() -> None:
                 async def seen() -> bool:
                     return all(r.get("x").retry == 2 for r in regs)  # type: ignore[union-attr]
+
                 await until(seen, "B's change reached every cache")
 
             await start_first_commit_last(db_url, second_committed)
@@ -114,8 +120,9 @@ async def test_notifications_follow_commit_order_not_start_time(tmp_path: Path, 
 
 async def test_sync_follows_commit_order_not_start_time(tmp_path: Path, db_url: str) -> None:
     """With no notifications at all, the sync alone converges on the same interleaving."""
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             sync_interval_seconds=3600)
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, sync_interval_seconds=3600
+    )
     await drop_notify_triggers(db_url)
     async with PostgresSource(settings) as db:
         await db.import_extensions([parse(record("x"))], "test")
@@ -137,8 +144,9 @@ async def test_random_interleavings_converge_on_the_database(
 ) -> None:
     """Property-style: writers whose begin, updates and commit (or rollback) interleave at
     random, as row locks allow, leave every node equal to the database."""
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             sync_interval_seconds=3600)
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, sync_interval_seconds=3600
+    )
     if not notify:
         await drop_notify_triggers(db_url)
     ids = ["a", "b", "c"]
@@ -163,24 +171,35 @@ async def run_random_writers(url: str, ids: list[str], rng: random.Random) -> No
     plans = []
     for _ in range(4):
         steps: list[tuple[str, ...]] = [("BEGIN",)]
-        steps += sorted(("UPDATE", rng.choice(ids), rng.choice(["enabled", "retry", "timeout_ms"]),
-                         str(rng.randint(0, 9))) for _ in range(rng.randint(2, 3)))
+        steps += sorted(
+            (
+                "UPDATE",
+                rng.choice(ids),
+                rng.choice(["enabled", "retry", "timeout_ms"]),
+                str(rng.randint(0, 9)),
+            )
+            for _ in range(rng.randint(2, 3))
+        )
         steps.append(("COMMIT",) if rng.random() < 0.8 else ("ROLLBACK",))
         plans.append(steps)
     conns = [await connect(url) for _ in plans]
     holder: dict[str, int] = {}  # row id -> transaction holding its lock
     try:
         while any(plans):
-            ready = [n for n, steps in enumerate(plans) if steps and (
-                steps[0][0] != "UPDATE" or holder.get(steps[0][1], n) == n)]
+            ready = [
+                n
+                for n, steps in enumerate(plans)
+                if steps and (steps[0][0] != "UPDATE" or holder.get(steps[0][1], n) == n)
+            ]
             n = rng.choice(ready)
             step = plans[n].pop(0)
             if step[0] == "UPDATE":
                 _, ext_id, column, value = step
                 holder[ext_id] = n
                 expr = {"enabled": f"{value} < 5", "retry": value, "timeout_ms": f"{value} + 100"}
-                await conns[n].execute(f"UPDATE extensions SET {column} = {expr[column]}"
-                                       " WHERE id = %s", (ext_id,))
+                await conns[n].execute(
+                    f"UPDATE extensions SET {column} = {expr[column]} WHERE id = %s", (ext_id,)
+                )
                 continue
             await conns[n].execute(step[0])
             if step[0] == "BEGIN":
@@ -201,20 +220,23 @@ async def test_stale_if_match_cannot_undo_an_acknowledged_disable(
     if it came second, answers 412)."""
     async with database_api(tmp_path / "n1", db_url) as one:
         settings = make_settings(tmp_path / "n2", source="database", database_url=db_url)
-        async with Registry.open(settings) as registry, Runtime.open(
-            settings, registry, metrics=Metrics()
-        ) as runtime:
+        async with (
+            Registry.open(settings) as registry,
+            Runtime.open(settings, registry, metrics=Metrics()) as runtime,
+        ):
             transport = httpx.ASGITransport(app=create_app(runtime))
             async with httpx.AsyncClient(transport=transport, base_url="http://two") as two:
                 admin = one.auth("admin")
                 outcomes: dict[tuple[int, int], int] = {}
                 for n in range(100):
-                    enabled = await one.client.post("/admin/extensions/alpha/enable",
-                                                    headers=admin)
+                    enabled = await one.client.post("/admin/extensions/alpha/enable", headers=admin)
                     assert 200 == enabled.status_code
                     patch, disable = await asyncio.gather(
-                        one.client.patch("/admin/extensions/alpha", json={"retry": n % 5},
-                                         headers={**admin, "If-Match": enabled.headers["etag"]}),
+                        one.client.patch(
+                            "/admin/extensions/alpha",
+                            json={"retry": n % 5},
+                            headers={**admin, "If-Match": enabled.headers["etag"]},
+                        ),
                         two.post("/admin/extensions/alpha/disable", headers=admin),
                     )
                     key = (patch.status_code, disable.status_code)
@@ -237,9 +259,7 @@ WRITERS: dict[str, Callable[[PostgresSource], Coroutine[Any, Any, object]]] = {
 
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-async def test_every_writer_takes_the_per_id_lock(
-    tmp_path: Path, db_url: str, writer: str
-) -> None:
+async def test_every_writer_takes_the_per_id_lock(tmp_path: Path, db_url: str, writer: str) -> None:
     """While another session holds the write lock of an id, every kind of write of that id
     waits for it (creation of a new id included, where there is no row to lock yet)."""
     settings = make_settings(tmp_path, source="database", database_url=db_url)
@@ -249,14 +269,16 @@ async def test_every_writer_takes_the_per_id_lock(
         holder = await connect(db_url)
         async with holder:
             await holder.execute("BEGIN")
-            await holder.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s) & 255)",
-                                 (WRITE_LOCK_CLASS, target))
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s) & 255)", (WRITE_LOCK_CLASS, target)
+            )
             task = asyncio.create_task(WRITERS[writer](db))
 
             async def waiting() -> bool:
                 cur = await holder.execute(
                     "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'")
+                    " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                )
                 row = await cur.fetchone()
                 return row is not None and row[0] == 1
 

@@ -35,8 +35,11 @@ async def sign_in(client: httpx.AsyncClient, token: str) -> tuple[str, str]:
 
 def disables_of_alpha(api: Api) -> list[tuple[str, str]]:
     assert api.db_url is not None
-    return sql(api.db_url, "SELECT action, changed_by FROM extension_audit_log"
-                           " WHERE extension_id = 'alpha' AND action = 'disable'")
+    return sql(
+        api.db_url,
+        "SELECT action, changed_by FROM extension_audit_log"
+        " WHERE extension_id = 'alpha' AND action = 'disable'",
+    )
 
 
 def alpha_enabled(api: Api) -> bool:
@@ -52,8 +55,9 @@ async def test_the_session_cookie_is_a_server_side_id_not_the_token(
     sign-in (which ends the browser's previous session); HttpOnly and SameSite=Strict."""
     async with database_api(tmp_path, db_url) as api:
         token = api.tokens["operator"]
-        answer = await api.client.post("/session", data={"token": token},
-                                       headers={"Origin": ORIGIN})
+        answer = await api.client.post(
+            "/session", data={"token": token}, headers={"Origin": ORIGIN}
+        )
         first = api.client.cookies["extreg_session"]
         second, _ = await sign_in(api.client, token)  # signing in again replaces the session
         api.client.cookies.clear()
@@ -98,17 +102,24 @@ async def test_a_same_origin_post_needs_the_sessions_csrf_token(
         _, other_csrf = await sign_in(api.client, api.tokens["admin"])
         api.client.cookies.clear()
         _, csrf = await sign_in(api.client, api.tokens["operator"])
-        refused = [await api.client.post(DISABLE_ALPHA, headers=h) for h in (
-            {"Origin": ORIGIN},
-            {"Origin": ORIGIN, "X-CSRF-Token": "x" * len(csrf)},
-            {"Origin": ORIGIN, "X-CSRF-Token": other_csrf},
-        )]
+        refused = [
+            await api.client.post(DISABLE_ALPHA, headers=h)
+            for h in (
+                {"Origin": ORIGIN},
+                {"Origin": ORIGIN, "X-CSRF-Token": "x" * len(csrf)},
+                {"Origin": ORIGIN, "X-CSRF-Token": other_csrf},
+            )
+        ]
         assert [403] * 3 == [r.status_code for r in refused]
         assert all("CSRF" in r.json()["detail"] for r in refused)
         assert (True, []) == (alpha_enabled(api), disables_of_alpha(api))
-        done = await api.client.post(DISABLE_ALPHA, headers={"Origin": ORIGIN, "X-CSRF-Token": csrf})
-        fetch_meta = await api.client.post("/admin/extensions/alpha/enable", headers={
-            "Sec-Fetch-Site": "same-origin", "X-CSRF-Token": csrf})
+        done = await api.client.post(
+            DISABLE_ALPHA, headers={"Origin": ORIGIN, "X-CSRF-Token": csrf}
+        )
+        fetch_meta = await api.client.post(
+            "/admin/extensions/alpha/enable",
+            headers={"Sec-Fetch-Site": "same-origin", "X-CSRF-Token": csrf},
+        )
         assert (200, 200) == (done.status_code, fetch_meta.status_code)
         assert [("disable", ROLE_TOKENS["operator"])] == disables_of_alpha(api)
 
@@ -116,8 +127,9 @@ async def test_a_same_origin_post_needs_the_sessions_csrf_token(
 async def test_bearer_requests_need_no_origin_or_csrf_token(tmp_path: Path, db_url: str) -> None:
     """A bearer token involves no cookie, so no CSRF proof is asked for, whatever Origin says."""
     async with database_api(tmp_path, db_url) as api:
-        answer = await api.client.post(DISABLE_ALPHA, headers={
-            **api.auth("operator"), "Origin": "https://elsewhere.example"})
+        answer = await api.client.post(
+            DISABLE_ALPHA, headers={**api.auth("operator"), "Origin": "https://elsewhere.example"}
+        )
     assert 200 == answer.status_code
 
 
@@ -141,8 +153,11 @@ async def test_every_page_forbids_framing(tmp_path: Path, db_url: str) -> None:
         sign_in_page = await api.client.get("/")
         await sign_in(api.client, api.tokens["viewer"])
         dashboard = await api.client.get("/")
-        others = [await api.client.get("/admin/status"), await api.client.get("/healthz"),
-                  await api.client.get("/nowhere")]
+        others = [
+            await api.client.get("/admin/status"),
+            await api.client.get("/healthz"),
+            await api.client.get("/nowhere"),
+        ]
     for answer in (sign_in_page, dashboard, *others):
         assert "DENY" == answer.headers["x-frame-options"], answer.url
         assert ["'none'"] == csp_directives(answer)["frame-ancestors"], answer.url
@@ -157,8 +172,11 @@ async def test_every_page_forbids_framing(tmp_path: Path, db_url: str) -> None:
 async def test_sign_in_from_another_origin_is_refused(tmp_path: Path, db_url: str) -> None:
     """A sign-in form posted from another origin (login CSRF) is 403 and sets no cookie."""
     async with database_api(tmp_path, db_url) as api:
-        answer = await api.client.post("/session", data={"token": api.tokens["viewer"]},
-                                       headers={"Origin": "http://extreg.test:9999"})
+        answer = await api.client.post(
+            "/session",
+            data={"token": api.tokens["viewer"]},
+            headers={"Origin": "http://extreg.test:9999"},
+        )
     assert (403, None) == (answer.status_code, answer.headers.get("set-cookie"))
 
 
@@ -170,13 +188,15 @@ async def test_sign_out_ends_the_session(tmp_path: Path, db_url: str) -> None:
         cookie, csrf = await sign_in(api.client, api.tokens["operator"])
         forged = await api.client.post("/session/logout", headers={"Origin": ORIGIN})
         still = await api.client.get("/admin/me")
-        out = await api.client.post("/session/logout",
-                                    headers={"Origin": ORIGIN, "X-CSRF-Token": csrf})
+        out = await api.client.post(
+            "/session/logout", headers={"Origin": ORIGIN, "X-CSRF-Token": csrf}
+        )
         api.client.cookies.set("extreg_session", cookie)
         me = await api.client.get("/admin/me")
         page = await api.client.get("/")
-        change = await api.client.post(DISABLE_ALPHA,
-                                       headers={"Origin": ORIGIN, "X-CSRF-Token": csrf})
+        change = await api.client.post(
+            DISABLE_ALPHA, headers={"Origin": ORIGIN, "X-CSRF-Token": csrf}
+        )
     assert (403, 200) == (forged.status_code, still.status_code)
     assert 204 == out.status_code and 'extreg_session=""' in out.headers["set-cookie"]
     assert (401, 401, 401) == (me.status_code, page.status_code, change.status_code)

@@ -30,23 +30,30 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"
 
 
-
 class InvokingServer(LiveServer):
     """A live server whose runtime carries a real Invoker, opened in the server's own loop."""
 
     async def _serve(self) -> None:
-        async with Registry.open(self.settings) as registry, Invoker.open(
-            registry, self.settings
-        ) as invoker:
+        async with (
+            Registry.open(self.settings) as registry,
+            Invoker.open(registry, self.settings) as invoker,
+        ):
             await self._serve_with(registry, invoker)
 
 
 @pytest.fixture
-async def server(tmp_path: Path, db_url: str, nats_url: str, sample_extensions: Any
-                 ) -> AsyncIterator[tuple[LiveServer, dict[str, str]]]:
+async def server(
+    tmp_path: Path, db_url: str, nats_url: str, sample_extensions: Any
+) -> AsyncIterator[tuple[LiveServer, dict[str, str]]]:
     """A live server on a database holding the sample extensions, with tokens for each role."""
-    settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url,
-                             circuit_breaker_enabled=True, health_flush_interval_seconds=0.5)
+    settings = make_settings(
+        tmp_path,
+        source="database",
+        database_url=db_url,
+        nats_url=nats_url,
+        circuit_breaker_enabled=True,
+        health_flush_interval_seconds=0.5,
+    )
     await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
     tokens = await make_tokens(db_url)
     with InvokingServer(settings) as live:
@@ -58,9 +65,15 @@ async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as p:
         chromium = await p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         yield chromium
         await chromium.close()
@@ -119,9 +132,11 @@ async def test_badge_changes_when_a_circuit_opens(
     page = await signed_in(browser, live.url, tokens["viewer"])
     await expect(row(page, "flaky").locator(".circuit")).to_contain_text("closed")
     async with httpx.AsyncClient() as client:
-        reply = await client.post(f"{live.url}/admin/extensions/flaky/circuit",
-                                  headers={"Authorization": f"Bearer {tokens['operator']}"},
-                                  json={"action": "open"})
+        reply = await client.post(
+            f"{live.url}/admin/extensions/flaky/circuit",
+            headers={"Authorization": f"Bearer {tokens['operator']}"},
+            json={"action": "open"},
+        )
     assert 200 == reply.status_code
     badge = row(page, "flaky").locator(".circuit .badge")
     await expect(badge).to_contain_text("open", timeout=10_000)
@@ -138,8 +153,11 @@ async def test_operator_disable_click_reaches_database_and_audit(
     await row(page, "mask_pii").locator('button[data-action="disable"]').click()
     await expect(row(page, "mask_pii")).to_contain_text("disabled", timeout=10_000)
     assert [(False,)] == sql(db_url, "SELECT enabled FROM extensions WHERE id = 'mask_pii'")
-    audit = sql(db_url, "SELECT action, changed_by FROM extension_audit_log"
-                        " WHERE extension_id = 'mask_pii' AND action = 'disable'")
+    audit = sql(
+        db_url,
+        "SELECT action, changed_by FROM extension_audit_log"
+        " WHERE extension_id = 'mask_pii' AND action = 'disable'",
+    )
     assert [("disable", "otto-operator")] == audit
     await row(page, "mask_pii").click()
     await expect(page.locator("#audit")).to_contain_text("disable by otto-operator")
@@ -163,10 +181,14 @@ async def test_plain_sql_write_appears_live_on_a_phone(
     """On a phone-sized screen, an extension inserted with plain SQL appears on the open page
     (change notification to cache to the next poll) without a reload."""
     live, tokens = server
-    page = await signed_in(browser, live.url, tokens["viewer"],
-                           viewport={"width": 390, "height": 844})
-    sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
-                " ('sql_made', 'post', 'beamline.ext.post.sql_made.v1', 100)")
+    page = await signed_in(
+        browser, live.url, tokens["viewer"], viewport={"width": 390, "height": 844}
+    )
+    sql(
+        db_url,
+        "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
+        " ('sql_made', 'post', 'beamline.ext.post.sql_made.v1', 100)",
+    )
     await expect(row(page, "sql_made")).to_be_visible(timeout=10_000)
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390
@@ -188,7 +210,8 @@ async def test_breaker_off_shows_no_protection(
             await expect(badge).to_have_text("○ breaker off")
             assert "badge breaker-off" == await badge.get_attribute("class")
             assert "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED=true" in (
-                await badge.get_attribute("title") or "")
+                await badge.get_attribute("title") or ""
+            )
         await expect(page.locator("#breaker-note")).to_be_visible()
         await expect(page.locator("#breaker-note")).to_contain_text("not protected")
         await expect(row(page, "flaky").locator('button[data-action="disable"]')).to_be_visible()
@@ -272,8 +295,11 @@ async def test_a_page_on_another_port_cannot_act_for_the_signed_in_operator(
         assert 0 == await framed.locator("tr.ext, #token").count()
     assert [403, 403] == statuses
     assert [(True,)] == sql(db_url, "SELECT enabled FROM extensions WHERE id = 'pii_guard'")
-    assert [] == sql(db_url, "SELECT action FROM extension_audit_log"
-                             " WHERE extension_id = 'pii_guard' AND action = 'disable'")
+    assert [] == sql(
+        db_url,
+        "SELECT action FROM extension_audit_log"
+        " WHERE extension_id = 'pii_guard' AND action = 'disable'",
+    )
 
 
 async def test_the_dashboard_runs_within_its_content_security_policy(
@@ -285,8 +311,10 @@ async def test_the_dashboard_runs_within_its_content_security_policy(
     context = await browser.new_context()
     page = await context.new_page()
     violations: list[str] = []
-    page.on("console", lambda m: violations.append(m.text)
-            if "Content Security Policy" in m.text else None)
+    page.on(
+        "console",
+        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     await page.goto(live.url + "/")
     await page.fill("#token", tokens["operator"])
     await page.click("button[type=submit]")

@@ -22,12 +22,14 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXTENSION_REGISTRY_")}
     env["EXTENSION_REGISTRY_DATA_DIR"] = str(tmp_path / "data")
     env["COLUMNS"] = "400"
-    return subprocess.run([str(EXTREG), *args], capture_output=True, text=True, env=env,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [str(EXTREG), *args], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
 
 
-def test_unmigrated_database_token_list_exits_like_list(pg_server: PostgresProcess,
-                                                        tmp_path: Path) -> None:
+def test_unmigrated_database_token_list_exits_like_list(
+    pg_server: PostgresProcess, tmp_path: Path
+) -> None:
     """`extreg token list` on a database without extreg tables exits with the status of
     `extreg --source database list` (1, the database is unusable), both saying to migrate."""
     url = pg_server.create_database(f"bare_{uuid.uuid4().hex[:12]}")

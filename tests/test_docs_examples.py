@@ -88,8 +88,9 @@ def parse(path: Path, text: str) -> list[Block]:
             continue
         if token.type in ("fence", "code_block"):
             marker, reason = (pending[0], pending[1]) if pending else (None, "")
-            found.append(Block(path, line, token.type, token.info.strip(), token.content,
-                               marker, reason))
+            found.append(
+                Block(path, line, token.type, token.info.strip(), token.content, marker, reason)
+            )
             pending = None
         elif pending is not None and token.nesting >= 0 and token.level == 0:
             found.append(Block(path, pending[2], "marker", "", "", pending[0], pending[1]))
@@ -132,8 +133,11 @@ class Workspace:
 
 def clean_env() -> dict[str, str]:
     """Nothing configured: no EXTENSION_REGISTRY_* and no EXTREG_URL/TOKEN; `extreg` on PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("EXTENSION_REGISTRY_") and k not in ("EXTREG_URL", "EXTREG_TOKEN")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EXTENSION_REGISTRY_") and k not in ("EXTREG_URL", "EXTREG_TOKEN")
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["COLUMNS"] = "200"
     return env
@@ -159,8 +163,14 @@ def serving_demo(folder: Path, top: Path) -> Iterator[Workspace]:
     port = free_port()
     out, err = top / "serve.out", top / "serve.err"
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen([str(BIN / "extreg"), "serve", "--demo", "--port", str(port)],
-                                cwd=folder, env=env, stdout=stdout, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [str(BIN / "extreg"), "serve", "--demo", "--port", str(port)],
+            cwd=folder,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+        )
     try:
         wait_for_demo(proc, out, err, f"http://127.0.0.1:{port}")
         yield Workspace(folder, env)
@@ -178,7 +188,8 @@ def wait_for_demo(proc: subprocess.Popen[str], out: Path, err: Path, url: str) -
     while True:
         try:
             if "demo NATS server:" in out.read_text() and (
-                    httpx.get(url + "/healthz", timeout=1).status_code == 200):
+                httpx.get(url + "/healthz", timeout=1).status_code == 200
+            ):
                 return
         except httpx.HTTPError:
             pass
@@ -195,8 +206,15 @@ def run_example(block: Block, ws: Workspace) -> subprocess.CompletedProcess[str]
         cmd = [sys.executable, str(script)]
     else:
         cmd = ["bash", "-e", "-o", "pipefail", "-c", block.code]
-    return subprocess.run(cmd, cwd=ws.folder, env=ws.env, capture_output=True, text=True,
-                          timeout=EXAMPLE_TIMEOUT_S, check=False)
+    return subprocess.run(
+        cmd,
+        cwd=ws.folder,
+        env=ws.env,
+        capture_output=True,
+        text=True,
+        timeout=EXAMPLE_TIMEOUT_S,
+        check=False,
+    )
 
 
 # -- the tests -----------------------------------------------------------------------------
@@ -229,20 +247,36 @@ def test_example(block: Block, request: pytest.FixtureRequest, tmp_path: Path) -
     result = run_example(block, ws)
     assert 0 == result.returncode, (
         f"{block.where} failed (exit {result.returncode}):\n{block.code}\n"
-        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
 
 
-@pytest.mark.parametrize(("markdown", "expected"), [
-    ("```\nextreg list\n```\n", "untagged"),
-    ("```bash-ish\nextreg list\n```\n", "unknown tag"),
-    ("Text:\n\n    extreg list\n", "indented"),
-    ("<!-- docs-test: skip -->\n```sh\nextreg serve\n```\n", "without a reason"),
-    ("<!-- docs-test: skip serves forever -->\n\nSome text.\n", "precedes no code block"),
-    ("<!-- docs-test: run-later why -->\n```sh\nextreg list\n```\n", "unknown docs-test marker"),
-    ("<!-- docs-test: skip serves until Ctrl-C -->\n```sh\nextreg serve\n```\n", None),
-    ("```sh\nextreg list\n```\n", None),
-], ids=["untagged", "unknown-tag", "indented", "skip-without-reason", "orphan-marker",
-        "unknown-marker", "skip-with-reason", "tagged"])
+@pytest.mark.parametrize(
+    ("markdown", "expected"),
+    [
+        ("```\nextreg list\n```\n", "untagged"),
+        ("```bash-ish\nextreg list\n```\n", "unknown tag"),
+        ("Text:\n\n    extreg list\n", "indented"),
+        ("<!-- docs-test: skip -->\n```sh\nextreg serve\n```\n", "without a reason"),
+        ("<!-- docs-test: skip serves forever -->\n\nSome text.\n", "precedes no code block"),
+        (
+            "<!-- docs-test: run-later why -->\n```sh\nextreg list\n```\n",
+            "unknown docs-test marker",
+        ),
+        ("<!-- docs-test: skip serves until Ctrl-C -->\n```sh\nextreg serve\n```\n", None),
+        ("```sh\nextreg list\n```\n", None),
+    ],
+    ids=[
+        "untagged",
+        "unknown-tag",
+        "indented",
+        "skip-without-reason",
+        "orphan-marker",
+        "unknown-marker",
+        "skip-with-reason",
+        "tagged",
+    ],
+)
 def test_a_block_the_test_cannot_run_fails_it(markdown: str, expected: str | None) -> None:
     """A new untagged example (or a malformed marker) is reported, never silently ignored."""
     blocks = parse(ROOT / "new.md", markdown)

@@ -38,8 +38,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def extreg(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(EXTREG), *args], cwd=cwd, env=clean_env(), capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [str(EXTREG), *args],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -79,11 +86,14 @@ async def test_python_api_and_cli_use_the_same_embedded_database(folder: Path) -
         status = reg.status
         assert ("auto", "database", None) == (status.mode, status.source, status.fallback_reason)
         assert {"normalize_text", "pii_guard", "mask_pii", "test_provider"} <= {
-            e.id for e in reg.all()}
+            e.id for e in reg.all()
+        }
         cli = await asyncio.to_thread(extreg, folder, "status", "--json")
         assert 0 == cli.returncode, cli.stderr
         assert (status.database, "database") == (
-            json.loads(cli.stdout)["database"], json.loads(cli.stdout)["source"])
+            json.loads(cli.stdout)["database"],
+            json.loads(cli.stdout)["source"],
+        )
         disabled = await asyncio.to_thread(extreg, folder, "disable", "pii_guard")
         assert 0 == disabled.returncode, disabled.stderr
         deadline = time.monotonic() + 30
@@ -113,15 +123,17 @@ def test_settings_read_the_published_demo_nats_url(folder: Path) -> None:
         assert "nats://other:1" == Settings(nats_url="nats://other:1").nats_url.get_secret_value()
         assert "nats://127.0.0.1:45678" == Settings.load(environ={}).nats_url.get_secret_value()
     assert (DEFAULT_NATS, False) == (Settings().nats_url.get_secret_value(), path.exists())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     path.write_text(json.dumps({"url": "nats://127.0.0.1:45679", "pid": int(dead.stdout)}))
     assert DEFAULT_NATS == Settings().nats_url.get_secret_value()
 
 
-def test_demo_nats_url_is_printed_in_status_and_used_by_the_cli(
-    folder: Path, db_url: str
-) -> None:
+def test_demo_nats_url_is_printed_in_status_and_used_by_the_cli(folder: Path, db_url: str) -> None:
     """`serve --demo` prints its NATS URL; GET /admin/status and `extreg status` show it;
     `extreg invoke` (no --url, no nats_url) in the same folder calls the demo's extension
     through it; when the server stops, the URL is withdrawn."""
@@ -131,25 +143,41 @@ def test_demo_nats_url_is_printed_in_status_and_used_by_the_cli(
     port = free_port()
     out, err = folder / "serve.out", folder / "serve.err"
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen([str(EXTREG), "--database-url", db_url, "serve", "--demo",
-                                 "--port", str(port)], cwd=folder, env=clean_env(),
-                                stdout=stdout, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [str(EXTREG), "--database-url", db_url, "serve", "--demo", "--port", str(port)],
+            cwd=folder,
+            env=clean_env(),
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+        )
     try:
         nats_url = wait_for_demo(proc, out, err, f"http://127.0.0.1:{port}")
-        status = httpx.get(f"http://127.0.0.1:{port}/admin/status",
-                           headers={"Authorization": f"Bearer {token}"}).json()
+        status = httpx.get(
+            f"http://127.0.0.1:{port}/admin/status", headers={"Authorization": f"Bearer {token}"}
+        ).json()
         cli = extreg(folder, "--database-url", db_url, "status", "--json")
         assert 0 == cli.returncode, cli.stderr
         assert (nats_url, nats_url) == (status["nats_url"], json.loads(cli.stdout)["nats_url"])
-        call = extreg(folder, "--database-url", db_url, "invoke", "normalize_text", "--json",
-                      "--payload", '{"payload": "  Hello   WORLD  "}')
+        call = extreg(
+            folder,
+            "--database-url",
+            db_url,
+            "invoke",
+            "normalize_text",
+            "--json",
+            "--payload",
+            '{"payload": "  Hello   WORLD  "}',
+        )
         assert 0 == call.returncode, call.stderr
         assert "hello world" == json.loads(call.stdout)["payload"]["payload"]
     finally:
         proc.send_signal(signal.SIGINT)
         assert 0 == proc.wait(30)
-    assert (False, DEFAULT_NATS) == ((folder / ".extreg" / DEMO_NATS_FILE).exists(),
-                                     Settings().nats_url.get_secret_value())
+    assert (False, DEFAULT_NATS) == (
+        (folder / ".extreg" / DEMO_NATS_FILE).exists(),
+        Settings().nats_url.get_secret_value(),
+    )
 
 
 def wait_for_demo(proc: subprocess.Popen[str], out: Path, err: Path, url: str) -> str:

@@ -43,27 +43,33 @@ async def test_fastapi_own_errors_answer_error_and_detail(tmp_path: Path) -> Non
     invoker (503) all answer JSON with `error` and `detail`, against the real app."""
     token = generate_token()
     tokens_file = tmp_path / "tokens.json"
-    tokens_file.write_text(json.dumps(
-        {"tokens": {"root": {"role": "admin", "sha256": hash_token(token)}}}), encoding="utf-8")
+    tokens_file.write_text(
+        json.dumps({"tokens": {"root": {"role": "admin", "sha256": hash_token(token)}}}),
+        encoding="utf-8",
+    )
     settings = make_settings(tmp_path, source="fixtures", api_tokens_file=tokens_file)
     admin = {"Authorization": f"Bearer {token}"}
     as_json = {**admin, "Content-Type": "application/json"}
     invoke = "/admin/extensions/normalize_text/invoke"
-    async with Registry.open(settings) as registry, Runtime.open(
-        settings, registry, metrics=Metrics()
-    ) as runtime:
+    async with (
+        Registry.open(settings) as registry,
+        Runtime.open(settings, registry, metrics=Metrics()) as runtime,
+    ):
         transport = httpx.ASGITransport(app=create_app(runtime))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             answers = {
                 "unknown route": await client.get("/no/such/route", headers=admin),
                 "method not allowed": await client.delete("/healthz"),
-                "unreadable body": await client.post(invoke, content=b"[" * 100_000,
-                                                     headers=as_json),  # RecursionError
-                "body model": await client.post(invoke, content=b'{"payload": 1, "x": 2}',
-                                                headers=as_json),
+                "unreadable body": await client.post(
+                    invoke, content=b"[" * 100_000, headers=as_json
+                ),  # RecursionError
+                "body model": await client.post(
+                    invoke, content=b'{"payload": 1, "x": 2}', headers=as_json
+                ),
                 "invalid JSON": await client.post(invoke, content=b"{", headers=as_json),
-                "query parameter": await client.get("/admin/extensions?enabled=maybe",
-                                                    headers=admin),
+                "query parameter": await client.get(
+                    "/admin/extensions?enabled=maybe", headers=admin
+                ),
                 "no token": await client.get("/admin/status"),
                 "no invoker": await client.post(invoke, json={"payload": {}}, headers=admin),
             }
@@ -102,9 +108,11 @@ def test_the_servers_own_answer_to_malformed_http_is_json(tmp_path: Path) -> Non
 def _send_part_and_close(port: int, path: str, token: str) -> None:
     """Content-Length 1000, 10 bytes of it, then gone."""
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
-                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-                     '{"payload"'.encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            '{"payload"'.encode()
+        )
         time.sleep(0.2)  # let the app start reading
 
 
@@ -128,14 +136,17 @@ def test_a_client_gone_mid_body_is_logged_as_a_disconnect(
     tokens = asyncio.run(make_tokens(db_url))
     paths = ["/admin/extensions", "/admin/extensions/alpha/invoke"]
     caplog.set_level(logging.WARNING)
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events, \
-            LiveServer(settings, invoker=EchoInvoker()) as server:
+    with (
+        capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events,
+        LiveServer(settings, invoker=EchoInvoker()) as server,
+    ):
         for path in paths:
             _send_part_and_close(server.port, path, tokens["admin"])
         gone = _wait_for(events, "client_disconnected", 2)
         requests = _wait_for(events, "http_request", 2)
     assert [(p, 10, "1000") for p in paths] == [
-        (e["path"], e["received_bytes"], e["declared_bytes"]) for e in gone]
+        (e["path"], e["received_bytes"], e["declared_bytes"]) for e in gone
+    ]
     assert [(p, 499) for p in paths] == [(e["path"], e["status"]) for e in requests]
     assert [] == [e for e in events if e.get("status") == 500 or "exc_info" in e]
     assert [] == [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -38,9 +38,11 @@ HARNESSES = {
 
 # Exception classes defined outside extreg.errors, and why each never reaches a user.
 ALLOWED_CLASSES = {
-    ("extreg.adapters.fixtures", "_FileProblem"):
-        "private signal of one file's problem, always caught in load_fixtures and reported "
-        "inside FixtureError with the file's name",
+    (
+        "extreg.adapters.fixtures",
+        "_FileProblem",
+    ): "private signal of one file's problem, always caught in load_fixtures and reported "
+    "inside FixtureError with the file's name",
 }
 
 # Inside the HTTP API, an HTTPException (raised, or returned by a helper and raised) is an
@@ -52,31 +54,56 @@ HTTP_PACKAGE = "extreg.api."
 ALLOWED_RAISES = {
     ("extreg", "AttributeError"): "module __getattr__ protocol (lazy `extreg.Invoker`)",
     ("extreg.client", "self._error"): "returns an ExtregError rebuilt from the answer",
-    ("extreg.api.connections", "TypeError"):
-        "programming-error guard: the protocol is only built by GuardedConfig's own server",
+    (
+        "extreg.api.connections",
+        "TypeError",
+    ): "programming-error guard: the protocol is only built by GuardedConfig's own server",
     ("extreg.cli", "Exit"): "typer.Exit: click's way to end a command with an exit status",
     ("extreg.invoke.invoker", "first"): "re-raises the ExtensionTimeout caught above",
     ("extreg.local.natsserver", "AssertionError"): "marks unreachable code after a loop",
-    ("extreg.core.breaker", "ValueError"):
-        "argument check of BreakerConfig, built from Settings that validated the same values",
-    ("extreg.core.health", "ValueError"):
-        "invariant guards and sketch parsing; sources.health catches and logs the parse error",
-    ("extreg.local.samples.flaky", "TypeError"): "control request check, answered as an error reply",
-    ("extreg.local.samples.flaky", "ValueError"): "control request check, answered as an error reply",
-    ("extreg.settings", "ValueError"): "pydantic validators: pydantic wraps it, Settings reports ConfigError",
+    (
+        "extreg.core.breaker",
+        "ValueError",
+    ): "argument check of BreakerConfig, built from Settings that validated the same values",
+    (
+        "extreg.core.health",
+        "ValueError",
+    ): "invariant guards and sketch parsing; sources.health catches and logs the parse error",
+    (
+        "extreg.local.samples.flaky",
+        "TypeError",
+    ): "control request check, answered as an error reply",
+    (
+        "extreg.local.samples.flaky",
+        "ValueError",
+    ): "control request check, answered as an error reply",
+    (
+        "extreg.settings",
+        "ValueError",
+    ): "pydantic validators: pydantic wraps it, Settings reports ConfigError",
     ("extreg.adapters.fixtures", "_FileProblem"): "see ALLOWED_CLASSES",
-    ("extreg.adapters.fixtures", "ConstructorError"):
-        "raised inside the YAML loader; _parse_yaml turns every YAMLError into a file problem",
-    ("extreg.adapters.postgres_health", "ValueError"): "invariant guard (a sealed batch cannot grow)",
-    ("extreg.adapters.postgres", "ValueError"):
-        "invariant guard: a write's change function returned a record of another id (a bug)",
+    (
+        "extreg.adapters.fixtures",
+        "ConstructorError",
+    ): "raised inside the YAML loader; _parse_yaml turns every YAMLError into a file problem",
+    (
+        "extreg.adapters.postgres_health",
+        "ValueError",
+    ): "invariant guard (a sealed batch cannot grow)",
+    (
+        "extreg.adapters.postgres",
+        "ValueError",
+    ): "invariant guard: a write's change function returned a record of another id (a bug)",
 }
 
 
 def tree() -> list[type[BaseException]]:
     """Every exception class of `extreg.errors`, in definition order."""
-    return [v for v in vars(errors).values()
-            if isinstance(v, type) and issubclass(v, BaseException) and v.__module__ == errors.__name__]
+    return [
+        v
+        for v in vars(errors).values()
+        if isinstance(v, type) and issubclass(v, BaseException) and v.__module__ == errors.__name__
+    ]
 
 
 def modules() -> Iterator[tuple[str, ast.Module]]:
@@ -109,8 +136,11 @@ def allowed(module: str, raised: object) -> bool:
     """In the tree, or an HTTPException inside the HTTP API."""
     if isinstance(raised, type) and issubclass(raised, ExtregError):
         return raised.__module__ == errors.__name__
-    return module.startswith(HTTP_PACKAGE) and isinstance(raised, type) \
+    return (
+        module.startswith(HTTP_PACKAGE)
+        and isinstance(raised, type)
         and issubclass(raised, HTTPException)
+    )
 
 
 def test_every_class_of_the_errors_module_derives_from_extreg_error() -> None:
@@ -211,8 +241,10 @@ def test_the_client_rebuilds_each_class_by_name(cls: type[ExtregError]) -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status_of(sent), json=body_of(sent))
 
-    with ApiClient("http://extreg.invalid", "t", transport=httpx.MockTransport(answer)) as client, \
-            pytest.raises(ExtregError) as caught:
+    with (
+        ApiClient("http://extreg.invalid", "t", transport=httpx.MockTransport(answer)) as client,
+        pytest.raises(ExtregError) as caught,
+    ):
         client.set_enabled("ext-1", False)
     got = caught.value
     assert (cls, str(sent)) == (type(got), str(got))
@@ -223,9 +255,14 @@ def test_the_client_rebuilds_each_class_by_name(cls: type[ExtregError]) -> None:
 def test_the_client_falls_back_to_api_error_for_an_unknown_name() -> None:
     """A name that is not a class of the tree (or not an error at all) is an ApiError."""
     for name in ("NoSuchError", "printable", "Exception"):
+
         def answer(request: httpx.Request, name: str = name) -> httpx.Response:
             return httpx.Response(500, json={"detail": "boom", "error": name})
 
-        with ApiClient("http://extreg.invalid", "t", transport=httpx.MockTransport(answer)) as client, \
-                pytest.raises(errors.ApiError, match="500: boom"):
+        with (
+            ApiClient(
+                "http://extreg.invalid", "t", transport=httpx.MockTransport(answer)
+            ) as client,
+            pytest.raises(errors.ApiError, match="500: boom"),
+        ):
             client.reload()

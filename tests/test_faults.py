@@ -71,8 +71,9 @@ def rec(ext_id: str, on: str, **values: Any) -> dict[str, Any]:
 
 async def seed(url: str, settings: Settings, *records: dict[str, Any]) -> None:
     """`records` (default: the sample extensions) in the database."""
-    parsed = [parse_extension(r, max_timeout_ms=60_000, max_retries=10)
-              for r in records or SAMPLE_RECORDS]
+    parsed = [
+        parse_extension(r, max_timeout_ms=60_000, max_retries=10) for r in records or SAMPLE_RECORDS
+    ]
     async with PostgresSource(settings) as db:
         await db.import_extensions(parsed, "test")
 
@@ -94,8 +95,14 @@ async def test_database_restart_under_invocation_traffic(
     the calls made: none lost while the flushes failed, none written twice."""
     url = own_pg.create_database("traffic")
     migrate(url)
-    settings = make_settings(tmp_path, source="database", database_url=url, nats_url=nats_url,
-                             sync_interval_seconds=0.2, health_flush_interval_seconds=0.1)
+    settings = make_settings(
+        tmp_path,
+        source="database",
+        database_url=url,
+        nats_url=nats_url,
+        sync_interval_seconds=0.2,
+        health_flush_interval_seconds=0.1,
+    )
     await seed(url, settings)
     metrics = Metrics()
     answered = 0
@@ -139,8 +146,10 @@ async def test_database_restart_under_invocation_traffic(
         errors_after = sync_errors(metrics)
         assert "echo" == reg.lookup("echo").id
     # leaving Invoker.open made the final flush
-    print(f"calls answered {answered} ({during_outage} with the database down for"
-          f" {down_s:.1f} s), failures {len(failures)}, sync errors {errors_after:g}")
+    print(
+        f"calls answered {answered} ({during_outage} with the database down for"
+        f" {down_s:.1f} s), failures {len(failures)}, sync errors {errors_after:g}"
+    )
     assert [] == failures
     assert during_outage >= 100
     assert 1 <= errors_at_recovery <= down_s / 0.2 + 2  # at most one per due sync while down
@@ -155,8 +164,11 @@ async def test_registry_connections_killed_mid_reload(tmp_path: Path, db_url: st
     notification connection is re-established by itself, a later change arrives by
     notification, and a reload then reports the cache identical to the database."""
     for ext_id in ("a", "b"):
-        sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
-                    " (%s, 'pre', %s, 100)", (ext_id, f"x.{ext_id}.v1"))
+        sql(
+            db_url,
+            "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES (%s, 'pre', %s, 100)",
+            (ext_id, f"x.{ext_id}.v1"),
+        )
     settings = make_settings(tmp_path, source="database", database_url=db_url)
     metrics = Metrics()
     async with Registry.open(settings) as reg:
@@ -175,8 +187,11 @@ async def test_registry_connections_killed_mid_reload(tmp_path: Path, db_url: st
             served_while_down = (reg.snapshot is before, reg.lookup("a").id, reg.status.stale)
             blocker.rollback()
         await wait_for(lambda: not reg.status.stale and reg.snapshot is not before, timeout=10)
-        sql(db_url, "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
-                    " ('c', 'pre', 'x.c.v1', 100)")
+        sql(
+            db_url,
+            "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES"
+            " ('c', 'pre', 'x.c.v1', 100)",
+        )
         await wait_for(lambda: reg.get("c") is not None, timeout=5)
         report = await reg.reload()
     assert 2 <= len(killed) and set(waiting) <= set(killed)  # the listener and the reloader
@@ -195,8 +210,13 @@ async def test_health_flush_killed_mid_transaction(
     and the next flush writes everything exactly once. The registry's cache is untouched.
     (A failure at COMMIT, after the batch is sealed: see test_health_store.py,
     `test_failed_commit_is_retried_not_regrown`.)"""
-    settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url,
-                             health_flush_interval_seconds=3600)
+    settings = make_settings(
+        tmp_path,
+        source="database",
+        database_url=db_url,
+        nats_url=nats_url,
+        health_flush_interval_seconds=3600,
+    )
     await seed(db_url, settings)
     async with open_invoker(settings) as inv:
         snapshot = inv.registry.snapshot
@@ -214,8 +234,11 @@ async def test_health_flush_killed_mid_transaction(
             probe.execute("SELECT pg_terminate_backend(%s)", (flusher_pid,))
             flushed = await flush
             blocker.rollback()
-        after_kill = (health_counts(db_url, "echo"), inv.flusher.queued(),
-                      sql(db_url, "SELECT last_seq FROM extreg_health_nodes"))
+        after_kill = (
+            health_counts(db_url, "echo"),
+            inv.flusher.queued(),
+            sql(db_url, "SELECT last_seq FROM extreg_health_nodes"),
+        )
         for _ in range(5):
             await inv.invoke("echo", REQUEST, CONTEXT)
         assert await inv.flush_health()
@@ -241,9 +264,13 @@ async def test_nats_restart_under_traffic(
     and calls succeed again on the same invoker with the circuit closed, without any
     restart. (How fast the failures are is printed, not asserted: a loaded machine decides.)"""
     server = nats_server_factory()
-    settings = fixture_settings(tmp_path, server.url, circuit_breaker_enabled=True,
-                                circuit_breaker_failure_threshold=3,
-                                circuit_breaker_timeout_seconds=0.3)
+    settings = fixture_settings(
+        tmp_path,
+        server.url,
+        circuit_breaker_enabled=True,
+        circuit_breaker_failure_threshold=3,
+        circuit_breaker_timeout_seconds=0.3,
+    )
     outcomes: list[tuple[str, float]] = []
     stop = asyncio.Event()
 
@@ -262,8 +289,9 @@ async def test_nats_restart_under_traffic(
         callers = [asyncio.create_task(caller()) for _ in range(2)]
         await wait_for(lambda: len(outcomes) >= 10, timeout=30)
         await server.astop()
-        await wait_for(lambda: Counter(k for k, _ in outcomes)["TransportUnavailable"] > 10,
-                       timeout=30)
+        await wait_for(
+            lambda: Counter(k for k, _ in outcomes)["TransportUnavailable"] > 10, timeout=30
+        )
         down = Counter(kind for kind, _ in outcomes)
         await server.astart()
 
@@ -276,12 +304,17 @@ async def test_nats_restart_under_traffic(
         await asyncio.gather(*callers)
         state = (inv.connected, inv.breaker.state("echo"))
     failed = [(kind, s) for kind, s in outcomes if kind != "ok"]
-    print(f"outcomes {dict(Counter(kind for kind, _ in outcomes))}, slowest failure"
-          f" {max(s for _, s in failed) * 1000:.1f} ms, slowest call"
-          f" {max(s for _, s in outcomes) * 1000:.1f} ms")
+    print(
+        f"outcomes {dict(Counter(kind for kind, _ in outcomes))}, slowest failure"
+        f" {max(s for _, s in failed) * 1000:.1f} ms, slowest call"
+        f" {max(s for _, s in outcomes) * 1000:.1f} ms"
+    )
     assert down["TransportUnavailable"] > 10
-    assert {kind for kind, _ in failed} <= {"TransportUnavailable", "CircuitOpen",
-                                            "InvocationError"}
+    assert {kind for kind, _ in failed} <= {
+        "TransportUnavailable",
+        "CircuitOpen",
+        "InvocationError",
+    }
     assert (True, "closed") == state
 
 
@@ -337,8 +370,13 @@ async def test_garbage_replies_are_invalid_response_and_not_retried(
     truncated JSON, a number, a JSON object followed by junk, a UTF-8 BOM before an object)
     raise InvalidResponse on the first attempt, even with retry 3 (a wrong answer is not a
     timeout), each one counted as a failure; the message shows the start of the reply."""
-    garbage = [b"\xff\xfe\x00\x81garbage", b'{"truncated": ', b"42", b'{"a": 1} trailing',
-               b"\xef\xbb\xbf{}"]
+    garbage = [
+        b"\xff\xfe\x00\x81garbage",
+        b'{"truncated": ',
+        b"42",
+        b'{"a": 1} trailing',
+        b"\xef\xbb\xbf{}",
+    ]
     on = subject()
     answers = iter(garbage)
 
@@ -401,8 +439,12 @@ async def test_silent_extension_times_out_after_retry_plus_one_attempts(
     async def never(msg: Msg, state: Any) -> list[bytes]:
         return []
 
-    settings = fixture_settings(tmp_path, nats_url, rec("mute", on, timeout_ms=50, retry=retry),
-                                rec("probe", on, timeout_ms=50))
+    settings = fixture_settings(
+        tmp_path,
+        nats_url,
+        rec("mute", on, timeout_ms=50, retry=retry),
+        rec("probe", on, timeout_ms=50),
+    )
     async with responder(nats_client, on, never) as seen, open_invoker(settings) as inv:
         started = time.perf_counter()
         with pytest.raises(ExtensionTimeout if retry == 0 else MaxRetriesExceeded) as caught:
@@ -453,10 +495,13 @@ async def test_kill_node_during_snapshot_write(
     stale, every record served)."""
     url = own_pg.create_database("snapkill")
     migrate(url)
-    sql(url, "INSERT INTO extensions (id, type, subject, timeout_ms, config)"
-             " SELECT 'bulk-' || g, 'pre', 'bulk.' || g || '.v1', 100,"
-             "        jsonb_build_object('blob', repeat('x', 2000), 'gen', 0)"
-             f" FROM generate_series(1, {BULK}) g")
+    sql(
+        url,
+        "INSERT INTO extensions (id, type, subject, timeout_ms, config)"
+        " SELECT 'bulk-' || g, 'pre', 'bulk.' || g || '.v1', 100,"
+        "        jsonb_build_object('blob', repeat('x', 2000), 'gen', 0)"
+        f" FROM generate_series(1, {BULK}) g",
+    )
     ids = {f"bulk-{g}" for g in range(1, BULK + 1)}
     node = Node(tmp_path / "node", url, nats_url)
     snapshot = node.data_dir / "snapshot.json"
@@ -467,8 +512,11 @@ async def test_kill_node_during_snapshot_write(
             gen = 0
             while not stop.wait(0.02):
                 gen += 1
-                conn.execute("UPDATE extensions SET config = config || jsonb_build_object("
-                             "'gen', %s::int) WHERE id = %s", (gen, f"bulk-{gen % BULK + 1}"))
+                conn.execute(
+                    "UPDATE extensions SET config = config || jsonb_build_object("
+                    "'gen', %s::int) WHERE id = %s",
+                    (gen, f"bulk-{gen % BULK + 1}"),
+                )
 
     changer = threading.Thread(target=change, daemon=True)
     changer.start()
@@ -545,8 +593,11 @@ async def test_kill_node_during_health_flush(
 
                     await wait_for(landed_all, timeout=10, step=0.02)
                     with psycopg.connect(db_url, autocommit=True) as probe:
-                        killer = watch_and_kill(node, lambda: bool(
-                            other_backends(probe, "backend_xid IS NOT NULL")), timeout=10)
+                        killer = watch_and_kill(
+                            node,
+                            lambda: bool(other_backends(probe, "backend_xid IS NOT NULL")),
+                            timeout=10,
+                        )
                         await asyncio.to_thread(killer.join)
                     await asyncio.gather(*callers)
                 assert node.proc is not None and node.proc.wait(5) == -signal.SIGKILL
@@ -556,8 +607,12 @@ async def test_kill_node_during_health_flush(
             node.start()
             before = health_counts(db_url, "counted")
             async with httpx.AsyncClient(base_url=node.url, headers=node.client.headers) as c:
-                answers = [(await c.post("/admin/extensions/counted/invoke",
-                                         json={"payload": i})).status_code for i in range(50)]
+                answers = [
+                    (
+                        await c.post("/admin/extensions/counted/invoke", json={"payload": i})
+                    ).status_code
+                    for i in range(50)
+                ]
             await wait_for(lambda: health_counts(db_url, "counted")[0] >= before[0] + 50, 5)
             await asyncio.sleep(0.3)
             after = health_counts(db_url, "counted")
@@ -579,15 +634,23 @@ async def test_kill_node_during_health_flush(
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs mounted for the test (needs root, as in CI), unmounted afterwards."""
     if os.geteuid() != 0:
-        pytest.fail("the disk-full and read-only cases mount a tmpfs and must run as root "
-                    "(CI does); run this test as root")
+        pytest.fail(
+            "the disk-full and read-only cases mount a tmpfs and must run as root "
+            "(CI does); run this test as root"
+        )
     folder = tmp_path / "tiny"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs on {folder} (root with mount rights is required):"
-                    f" {mounted.stderr.strip()}")
+        pytest.fail(
+            f"cannot mount a tmpfs on {folder} (root with mount rights is required):"
+            f" {mounted.stderr.strip()}"
+        )
     try:
         yield folder
     finally:
@@ -616,8 +679,7 @@ async def test_snapshot_disk_full_or_read_only(
     serving and applying changes; once the disk is writable again the next change is written."""
     insert = "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES (%s, 'pre', %s, 100)"
     sql(db_url, insert, ("a", "x.a.v1"))
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             data_dir=tiny_disk)
+    settings = make_settings(tmp_path, source="database", database_url=db_url, data_dir=tiny_disk)
     path = settings.snapshot_path
     reason = {"full": "No space left on device", "read_only": "Read-only file system"}[fault]
     with capture_logs() as events:
@@ -634,17 +696,24 @@ async def test_snapshot_disk_full_or_read_only(
 
             sql(db_url, insert, ("b", "x.b.v1"))
             await wait_for(lambda: bool(refused()), timeout=5)
-            during = (reg.lookup("b").id, reg.status.source, reg.status.stale,
-                      path.read_bytes() == good, temp_files(tiny_disk))
+            during = (
+                reg.lookup("b").id,
+                reg.status.source,
+                reg.status.stale,
+                path.read_bytes() == good,
+                temp_files(tiny_disk),
+            )
             if fault == "full":
                 (tiny_disk / "filler").unlink()
             else:
                 remount(tiny_disk, "rw")
             sql(db_url, insert, ("c", "x.c.v1"))
             await wait_for(lambda: reg.get("c") is not None, timeout=5)
-            await wait_for(lambda: len(read_snapshot_file(path, location_of(db_url))[0]) == 3,
-                           timeout=5)
+            await wait_for(
+                lambda: len(read_snapshot_file(path, location_of(db_url))[0]) == 3, timeout=5
+            )
     assert ("b", "database", False, True, []) == during
     assert [("error", f"cannot write snapshot file {path}: {reason}")] == [
-        (e["log_level"], e["error"]) for e in refused()]
+        (e["log_level"], e["error"]) for e in refused()
+    ]
     assert ["a", "b", "c"] == sorted(r.id for r in read_snapshot_file(path, location_of(db_url))[0])

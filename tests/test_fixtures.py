@@ -78,7 +78,10 @@ def test_json_one_object_and_a_list_per_file(tmp_path: Path) -> None:
 
 def test_yaml_one_object_and_a_list_per_file_with_both_suffixes(tmp_path: Path) -> None:
     """.yaml and .yml files may hold one object or a list; the values equal the JSON form."""
-    write(tmp_path, "1-single.yaml", """
+    write(
+        tmp_path,
+        "1-single.yaml",
+        """
 id: yaml_one
 type: post
 subject: beamline.ext.post.yaml_one.v1
@@ -86,8 +89,12 @@ timeout_ms: 150
 config: {mode: strict}
 metadata:
   description: one object
-""")
-    write(tmp_path, "2-list.yml", """
+""",
+    )
+    write(
+        tmp_path,
+        "2-list.yml",
+        """
 - id: yaml_two
   type: provider
   subject: beamline.provider.yaml_two.v1
@@ -105,17 +112,43 @@ metadata:
 - id: yaml_three
   type: pre
   subject: beamline.ext.pre.yaml_three.v1
-""")
+""",
+    )
     expected = [
-        parsed({"id": "yaml_one", "type": "post", "subject": "beamline.ext.post.yaml_one.v1",
-                "timeout_ms": 150, "config": {"mode": "strict"},
-                "metadata": {"description": "one object"}}),
-        parsed({"id": "yaml_two", "type": "provider", "subject": "beamline.provider.yaml_two.v1",
-                "retry": 2, "enabled": False,
-                "versions": [{"version": "v2", "subject": "beamline.provider.yaml_two.v2",
-                              "routing_rules": {"tenant_id": ["acme", "beta"]}}],
-                "instances": [{"instance_id": "i1", "subject": "beamline.provider.yaml_two.i1",
-                               "weight": 25, "health_status": "healthy"}]}),
+        parsed(
+            {
+                "id": "yaml_one",
+                "type": "post",
+                "subject": "beamline.ext.post.yaml_one.v1",
+                "timeout_ms": 150,
+                "config": {"mode": "strict"},
+                "metadata": {"description": "one object"},
+            }
+        ),
+        parsed(
+            {
+                "id": "yaml_two",
+                "type": "provider",
+                "subject": "beamline.provider.yaml_two.v1",
+                "retry": 2,
+                "enabled": False,
+                "versions": [
+                    {
+                        "version": "v2",
+                        "subject": "beamline.provider.yaml_two.v2",
+                        "routing_rules": {"tenant_id": ["acme", "beta"]},
+                    }
+                ],
+                "instances": [
+                    {
+                        "instance_id": "i1",
+                        "subject": "beamline.provider.yaml_two.i1",
+                        "weight": 25,
+                        "health_status": "healthy",
+                    }
+                ],
+            }
+        ),
         parsed({"id": "yaml_three", "type": "pre", "subject": "beamline.ext.pre.yaml_three.v1"}),
     ]
     assert expected == load(tmp_path)
@@ -172,44 +205,55 @@ def test_wrong_type_names_file_record_and_field(tmp_path: Path) -> None:
     """timeout_ms given as a string is reported with file, record number, id and field."""
     write(tmp_path, "ext.json", as_json(record("ext1", timeout_ms="100")))
     assert ["ext.json record #1 (ext1): field timeout_ms: Expected int, got str"] == problems_of(
-        tmp_path)
+        tmp_path
+    )
 
 
 def test_unknown_field_names_file_record_and_field(tmp_path: Path) -> None:
     """An unknown field in the second record of a YAML list names that record and field."""
-    write(tmp_path, "list.yaml", "- {id: a, type: pre, subject: a.b}\n"
-                                 "- {id: b, type: pre, subject: a.c, colour: blue}\n")
+    write(
+        tmp_path,
+        "list.yaml",
+        "- {id: a, type: pre, subject: a.b}\n- {id: b, type: pre, subject: a.c, colour: blue}\n",
+    )
     assert ["list.yaml record #2 (b): field colour: unknown field"] == problems_of(tmp_path)
 
 
 def test_bad_nested_field_names_its_path(tmp_path: Path) -> None:
     """A wildcard in a version's subject names versions[0].subject and explains the rule."""
-    write(tmp_path, "ext.json", as_json(record("ext1", versions=[
-        {"version": "v2", "subject": "a.*"}])))
+    write(
+        tmp_path,
+        "ext.json",
+        as_json(record("ext1", versions=[{"version": "v2", "subject": "a.*"}])),
+    )
     assert [f"ext.json record #1 (ext1): field versions[0].subject: {SUBJECT_RULE}"] == problems_of(
-        tmp_path)
+        tmp_path
+    )
 
 
 def test_limit_problem_names_the_limit(tmp_path: Path) -> None:
     """timeout_ms above the configured maximum is reported with the limit."""
     write(tmp_path, "ext.json", as_json(record("ext1", timeout_ms=60_001)))
-    assert ["ext.json record #1 (ext1): field timeout_ms: "
-            "60001 exceeds extension_max_timeout_ms 60000"] == problems_of(tmp_path)
+    assert [
+        "ext.json record #1 (ext1): field timeout_ms: 60001 exceeds extension_max_timeout_ms 60000"
+    ] == problems_of(tmp_path)
 
 
 def test_duplicate_id_across_two_files_names_both(tmp_path: Path) -> None:
     """The same id in two files is an error on the second naming where the first was."""
     write(tmp_path, "a.json", as_json(record("twice")))
     write(tmp_path, "b.yaml", "id: twice\ntype: post\nsubject: x.y\n")
-    assert ["b.yaml record #1 (twice): field id: duplicate id, first defined in a.json record #1"
-            ] == problems_of(tmp_path)
+    assert [
+        "b.yaml record #1 (twice): field id: duplicate id, first defined in a.json record #1"
+    ] == problems_of(tmp_path)
 
 
 def test_duplicate_id_within_one_list(tmp_path: Path) -> None:
     """The same id twice in one list is an error on the later record."""
     write(tmp_path, "list.json", as_json([record("x"), record("y"), record("x")]))
-    assert ["list.json record #3 (x): field id: duplicate id, first defined in list.json record #1"
-            ] == problems_of(tmp_path)
+    assert [
+        "list.json record #3 (x): field id: duplicate id, first defined in list.json record #1"
+    ] == problems_of(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -220,8 +264,11 @@ def test_duplicate_id_within_one_list(tmp_path: Path) -> None:
         ("empty-list.json", "[]", "file holds an empty list"),
         ("empty-list.yaml", "[]\n", "file holds an empty list"),
         ("string.json", '"hello"', "expected an extension object or a list of them, got a string"),
-        ("string.yaml", "just some words\n",
-         "expected an extension object or a list of them, got a string"),
+        (
+            "string.yaml",
+            "just some words\n",
+            "expected an extension object or a list of them, got a string",
+        ),
         ("number.json", "42", "expected an extension object or a list of them, got a number"),
         ("null.yaml", "~\n", "expected an extension object or a list of them, got nothing"),
         ("latin1.json", b'{"id": "caf\xe9"}', "not UTF-8 text (invalid byte at offset 11)"),
@@ -252,8 +299,9 @@ def test_a_file_in_place_of_the_folder_is_a_fixture_error(tmp_path: Path) -> Non
 def test_record_that_is_not_an_object_in_a_list(tmp_path: Path) -> None:
     """A list item that is not an object is reported against its record number."""
     write(tmp_path, "list.json", as_json([record("ok"), "oops"]))
-    assert ["list.json record #2 (<record without id>): field record: "
-            "Expected a JSON object, got `str`"] == problems_of(tmp_path)
+    assert [
+        "list.json record #2 (<record without id>): field record: Expected a JSON object, got `str`"
+    ] == problems_of(tmp_path)
 
 
 # -- all or nothing, everything reported ----------------------------------------------------
@@ -264,14 +312,19 @@ def test_one_bad_file_among_good_ones_fails_the_whole_folder(tmp_path: Path) -> 
     write(tmp_path, "a.json", as_json(record("a")))
     write(tmp_path, "b.json", as_json([record("b1"), record("b2", type="bogus")]))
     write(tmp_path, "c.yaml", "id: c\ntype: pre\nsubject: c.d\n")
-    assert ["b.json record #2 (b2): field type: Invalid enum value 'bogus'"] == problems_of(tmp_path)
+    assert ["b.json record #2 (b2): field type: Invalid enum value 'bogus'"] == problems_of(
+        tmp_path
+    )
 
 
 def test_problems_from_several_files_are_reported_together(tmp_path: Path) -> None:
     """Every problem of every file is listed, in file order, in one FixtureError."""
     write(tmp_path, "1.json", "{not json")
-    write(tmp_path, "2.json", as_json([record("r1", retry=-1), record("r2"),
-                                       record("r3", subject="a b")]))
+    write(
+        tmp_path,
+        "2.json",
+        as_json([record("r1", retry=-1), record("r2"), record("r3", subject="a b")]),
+    )
     write(tmp_path, "3.yaml", "")
     write(tmp_path, "4.yml", "id: r2\ntype: pre\nsubject: x.y\n")
     write(tmp_path, "5.json", as_json(record("r5", colour="red")))
@@ -409,12 +462,14 @@ async def test_read_fixtures_is_bounded_in_time(tmp_path: Path) -> None:
     """`read_fixtures` (the registry's way in) gives up after its time bound with a
     FixtureError naming the folder, instead of waiting on a read that does not return."""
     two_records(tmp_path)
-    assert ["a", "b"] == [e.id for e in await read_fixtures(tmp_path, max_timeout_ms=60_000,
-                                                            max_retries=10)]
+    assert ["a", "b"] == [
+        e.id for e in await read_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10)
+    ]
     with pytest.raises(FixtureError) as caught:
         await read_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10, timeout_s=0)
-    assert [f"{tmp_path}: reading the fixtures took longer than 0 s (a stuck filesystem?)"
-            ] == caught.value.problems
+    assert [
+        f"{tmp_path}: reading the fixtures took longer than 0 s (a stuck filesystem?)"
+    ] == caught.value.problems
 
 
 async def test_registry_keeps_serving_when_a_fifo_is_renamed_over_a_fixture(
@@ -457,10 +512,16 @@ async def test_registry_keeps_serving_when_a_fifo_is_renamed_over_a_fixture(
 
 
 def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
-    env.update({"EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"),
-                "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}", **extra})
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
+    }
+    env.update(
+        {
+            "EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"),
+            "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            **extra,
+        }
+    )
     return env
 
 
@@ -470,8 +531,14 @@ def test_validate_refuses_a_fifo_named_like_a_fixture(tmp_path: Path) -> None:
     write(folder, "a.json", as_json(record("a")))
     os.mkfifo(folder / "x.json")
     with Unblocker(folder / "x.json", after_s=50):
-        result = subprocess.run([str(EXTREG), "validate", str(folder)], capture_output=True,
-                                text=True, env=cli_env(tmp_path), timeout=60, check=False)
+        result = subprocess.run(
+            [str(EXTREG), "validate", str(folder)],
+            capture_output=True,
+            text=True,
+            env=cli_env(tmp_path),
+            timeout=60,
+            check=False,
+        )
     assert (2, f"error: x.json: {NOT_REGULAR}\n") == (result.returncode, result.stderr)
 
 
@@ -488,25 +555,45 @@ def test_serve_survives_a_fifo_renamed_over_a_fixture_and_stops_on_sigterm(
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     env = fifo_swap.subprocess_env(
-        cli_env(tmp_path, EXTENSION_REGISTRY_SOURCE="fixtures",
-                EXTENSION_REGISTRY_FIXTURES_DIR=str(folder)),
-        tmp_path / "hook", target, fifo, armed)
+        cli_env(
+            tmp_path,
+            EXTENSION_REGISTRY_SOURCE="fixtures",
+            EXTENSION_REGISTRY_FIXTURES_DIR=str(folder),
+        ),
+        tmp_path / "hook",
+        target,
+        fifo,
+        armed,
+    )
     with log_path.open("w") as log_file, Unblocker(fifo, after_s=40) as unblocker:
-        proc = subprocess.Popen([str(EXTREG), "serve", "--port", str(port)], env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(EXTREG), "serve", "--port", str(port)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_until(lambda: healthz(url) == 200, proc, log_path, "serve did not start")
-            wait_until(lambda: nudged(folder) and '"reloaded"' in log_path.read_text(), proc,
-                       log_path, "the watcher never reloaded")
+            wait_until(
+                lambda: nudged(folder) and '"reloaded"' in log_path.read_text(),
+                proc,
+                log_path,
+                "the watcher never reloaded",
+            )
             armed.touch()
             nudged(folder)
-            wait_until(lambda: not armed.exists(), proc, log_path, "no reload", timeout_s=5,
-                       fail=False)
+            wait_until(
+                lambda: not armed.exists(), proc, log_path, "no reload", timeout_s=5, fail=False
+            )
             if armed.exists():  # the server made no check of the path
                 armed.unlink()
                 fifo_swap.swap_in_fifo(fifo, target)
-            wait_until(lambda: "fixtures_rejected" in log_path.read_text(), proc, log_path,
-                       "the FIFO was not rejected")
+            wait_until(
+                lambda: "fixtures_rejected" in log_path.read_text(),
+                proc,
+                log_path,
+                "the FIFO was not rejected",
+            )
             assert 200 == healthz(url)
             proc.send_signal(signal.SIGTERM)
             returncode = proc.wait(60)
@@ -535,8 +622,14 @@ def healthz(url: str) -> int | None:
         return None
 
 
-def wait_until(condition: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path,
-               what: str, timeout_s: float = 60, fail: bool = True) -> None:
+def wait_until(
+    condition: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    what: str,
+    timeout_s: float = 60,
+    fail: bool = True,
+) -> None:
     """Until `condition()`; past `timeout_s` (or if the process ended) fail, or just return."""
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -110,20 +110,24 @@ def test_breaker_off_reads_disabled_and_healthy(kind: str) -> None:
     factories: dict[str, Callable[[], HealthMonitor]] = {
         "no-breaker": HealthMonitor,
         "breaker-off": lambda: HealthMonitor(CircuitBreakers(BreakerConfig())),
-        "blank-off": lambda: HealthMonitor.blank(False)}
+        "blank-off": lambda: HealthMonitor.blank(False),
+    }
     monitor = factories[kind]()
     monitor.record(EXT, True, 5)
     assert "disabled" == monitor.get_health(EXT)["circuit_breaker_state"]
     assert "disabled" == monitor.get_health("never_called")["circuit_breaker_state"]
-    assert (True, 2) == (monitor.is_healthy(EXT),
-                         monitor.get_health_summary([Ext(EXT), Ext("never_called")])["healthy"])
+    assert (True, 2) == (
+        monitor.is_healthy(EXT),
+        monitor.get_health_summary([Ext(EXT), Ext("never_called")])["healthy"],
+    )
 
 
 def test_blank_monitor_follows_the_setting() -> None:
     """`HealthMonitor.blank(enabled)` (no invoker in this process) reads `closed` when the
     breaker is on and `disabled` when it is off."""
     assert ("closed", "disabled") == tuple(
-        HealthMonitor.blank(on).get_health(EXT)["circuit_breaker_state"] for on in (True, False))
+        HealthMonitor.blank(on).get_health(EXT)["circuit_breaker_state"] for on in (True, False)
+    )
 
 
 def test_percentiles_are_within_the_sketch_accuracy() -> None:

@@ -88,18 +88,26 @@ async def test_batch_is_applied_once(tmp_path: Path, seeded_db: str, nats_url: s
     async with PostgresSource(db_settings(tmp_path, seeded_db, nats_url)) as db:
         assert (True, False) == (await db.update_health(batch), await db.update_health(batch))
         assert (3, 1, 4, 100.0, 4) == health_row(seeded_db, "flaky")
-        assert [(1,)] == query(seeded_db, "SELECT last_seq FROM extreg_health_nodes"
-                                          " WHERE node_id = 'node-a'")
+        assert [(1,)] == query(
+            seeded_db, "SELECT last_seq FROM extreg_health_nodes WHERE node_id = 'node-a'"
+        )
         _, rows = await db.read_health(None, ["flaky"])
     assert 1 == len(rows)
     totals = rows[0].totals
-    assert (3, 1, 100.0, 4.0) == (totals.success_count, totals.failure_count,
-                                  totals.latency_sum_ms, totals.sketch.count)
+    assert (3, 1, 100.0, 4.0) == (
+        totals.success_count,
+        totals.failure_count,
+        totals.latency_sum_ms,
+        totals.sketch.count,
+    )
     assert 20.0 == pytest.approx(totals.quantile(0.5), rel=0.02)
 
 
 async def test_two_nodes_sum_exactly(
-    tmp_path: Path, seeded_db: str, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    seeded_db: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
     flaky_extension: Flaky,
 ) -> None:
     """Two invokers (two nodes: own registries, own monitors) on one database: the stored counts
@@ -119,17 +127,24 @@ async def test_two_nodes_sum_exactly(
     assert [30, 20] == local
     assert (50, 15, 65, 65) == (stored[0], stored[1], stored[2], stored[4])  # type: ignore[index]
     assert (50, 15, round(50 / 65, 4)) == (
-        shown_a["success_count"], shown_a["failure_count"], shown_a["success_rate"])
+        shown_a["success_count"],
+        shown_a["failure_count"],
+        shown_a["success_rate"],
+    )
     assert (50, 15) == (shown_b["success_count"], shown_b["failure_count"])
     assert [(True,)] == query(seeded_db, "SELECT avg_latency_ms = round((latency_total_ms / 65)"
                                          "::numeric, 2) FROM extension_health"
                                          " WHERE extension_id = 'flaky'")  # fmt: skip
-    assert sorted(nodes) == [r[0] for r in query(
-        seeded_db, "SELECT node_id FROM extreg_health_nodes ORDER BY node_id")]
+    assert sorted(nodes) == [
+        r[0] for r in query(seeded_db, "SELECT node_id FROM extreg_health_nodes ORDER BY node_id")
+    ]
 
 
 async def test_shown_totals_keep_unwritten_calls(
-    tmp_path: Path, seeded_db: str, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    seeded_db: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
     flaky_extension: Flaky,
 ) -> None:
     """After a read-back, the monitor shows database totals plus this node's calls not yet
@@ -153,7 +168,10 @@ async def test_shown_totals_keep_unwritten_calls(
 
 
 async def test_survives_database_restart(
-    tmp_path: Path, own_pg: PostgresProcess, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    own_pg: PostgresProcess,
+    nats_url: str,
+    sample_extensions: SampleRunner,
     flaky_extension: Flaky,
 ) -> None:
     """Calls made before, during and after a database outage all reach extension_health exactly
@@ -176,8 +194,9 @@ async def test_survives_database_restart(
         # one more call, written by a later flush: had anything been written twice meanwhile,
         # the row would hold more than the 41 calls made
         await calls(inv, 1, 0, flaky_extension)
-        await wait_for(lambda: sum((health_row(url, "flaky") or (0, 0))[:2]) >= 41, timeout=30,
-                       step=0.05)
+        await wait_for(
+            lambda: sum((health_row(url, "flaky") or (0, 0))[:2]) >= 41, timeout=30, step=0.05
+        )
     assert waiting[0] in (1, 2) and waiting[1] >= 23
     stored = health_row(url, "flaky")
     assert stored is not None
@@ -185,7 +204,10 @@ async def test_survives_database_restart(
 
 
 async def test_failed_commit_is_retried_not_regrown(
-    tmp_path: Path, seeded_db: str, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    seeded_db: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
     flaky_extension: Flaky,
 ) -> None:
     """A batch whose commit fails (a deferred trigger makes COMMIT raise a connection failure)
@@ -219,7 +241,10 @@ async def test_failed_commit_is_retried_not_regrown(
 
 
 async def test_final_flush_on_exit(
-    tmp_path: Path, seeded_db: str, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    seeded_db: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
     flaky_extension: Flaky,
 ) -> None:
     """Leaving `Invoker.open` writes what is left, with no periodic flush having run."""
@@ -234,7 +259,10 @@ async def test_final_flush_on_exit(
 
 
 async def test_no_database_statement_per_invocation(
-    tmp_path: Path, pg_server: PostgresProcess, seeded_db: str, nats_url: str,
+    tmp_path: Path,
+    pg_server: PostgresProcess,
+    seeded_db: str,
+    nats_url: str,
     sample_extensions: SampleRunner,
 ) -> None:
     """1,000 invocations issue 0 statements, counted at the server from its statement log
@@ -254,7 +282,10 @@ async def test_no_database_statement_per_invocation(
 
 
 async def test_health_of_sample_shows_in_cli_rows(
-    tmp_path: Path, seeded_db: str, nats_url: str, sample_extensions: SampleRunner,
+    tmp_path: Path,
+    seeded_db: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
     nats_client: Client,
 ) -> None:
     """The seed's columns are filled for other readers (extreg health, dashboards): counts,

@@ -34,8 +34,14 @@ COUNTS = ("success_count", "failure_count", "success_rate", "avg_latency_ms")
 def cli_health(tmp_path: Path, db_url: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXTENSION_REGISTRY_")}
     env["EXTENSION_REGISTRY_DATA_DIR"] = str(tmp_path / "data")
-    done = subprocess.run([str(EXTREG), "--database-url", db_url, "health", "--json"],
-                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    done = subprocess.run(
+        [str(EXTREG), "--database-url", db_url, "health", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert 0 == done.returncode, done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
     return report
@@ -49,8 +55,10 @@ async def test_cli_from_rows_and_api_from_monitor_give_identical_numbers(
     rates and mean latencies per extension."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         for ext_id, enabled, _ in CALLS:
-            conn.execute("INSERT INTO extensions (id, type, subject, enabled)"
-                         " VALUES (%s, 'pre', %s, %s)", (ext_id, f"s.{ext_id}", enabled))
+            conn.execute(
+                "INSERT INTO extensions (id, type, subject, enabled) VALUES (%s, 'pre', %s, %s)",
+                (ext_id, f"s.{ext_id}", enabled),
+            )
     monitor = HealthMonitor()  # no breaker: every circuit `disabled`, as with breakers off
     for ext_id, _, calls in CALLS:
         for ok, latency_ms in calls:
@@ -65,8 +73,14 @@ async def test_cli_from_rows_and_api_from_monitor_give_identical_numbers(
     cli = cli_health(tmp_path, db_url)
 
     assert api["summary"] == cli["summary"]
-    assert {"total": 4, "enabled": 3, "healthy": 3, "unhealthy": 1,
-            "avg_success_rate": 0.6667, "avg_latency_ms": 0.0} == cli["summary"]
+    assert {
+        "total": 4,
+        "enabled": 3,
+        "healthy": 3,
+        "unhealthy": 1,
+        "avg_success_rate": 0.6667,
+        "avg_latency_ms": 0.0,
+    } == cli["summary"]
     per_extension = [
         {"id": item["id"], **{k: item["health"][k] for k in (*COUNTS, "circuit_breaker_state")}}
         for item in api["extensions"]

@@ -77,8 +77,12 @@ def rec(ext_id: str, on: str, **values: Any) -> dict[str, Any]:
     ],
 )  # fmt: skip
 async def test_reference_extensions(
-    tmp_path: Path, nats_url: str, sample_extensions: SampleRunner,
-    ext_id: str, payload: Any, expected: dict[str, Any],
+    tmp_path: Path,
+    nats_url: str,
+    sample_extensions: SampleRunner,
+    ext_id: str,
+    payload: Any,
+    expected: dict[str, Any],
 ) -> None:
     """Each reference extension, called through the invoker, answers exactly as the contract
     says."""
@@ -96,20 +100,33 @@ async def test_envelope_and_headers(tmp_path: Path, nats_url: str, nats_client: 
         await inv.invoke("x", {"payload": [1], "metadata": {"k": "v"}}, CONTEXT)
         await inv.invoke("x", {"payload": 2, "trace_id": "t-9", "tenant_id": "other"}, {})
     first, second = seen.messages
-    assert {"trace_id": "t-1", "tenant_id": "acme", "payload": [1], "metadata": {"k": "v"}} == \
-        msgspec.json.decode(first.data)
+    assert {
+        "trace_id": "t-1",
+        "tenant_id": "acme",
+        "payload": [1],
+        "metadata": {"k": "v"},
+    } == msgspec.json.decode(first.data)
     assert {"trace_id": "t-1", "tenant_id": "acme"} == first.headers
-    assert {"trace_id": "t-9", "tenant_id": "other", "payload": 2, "metadata": {}} == \
-        msgspec.json.decode(second.data)
+    assert {
+        "trace_id": "t-9",
+        "tenant_id": "other",
+        "payload": 2,
+        "metadata": {},
+    } == msgspec.json.decode(second.data)
     assert {"trace_id": "t-9", "tenant_id": "other"} == second.headers
 
 
 def original_test_provider(msg: Any) -> bytes:
     """The original's reference test_provider: it reads `prompt` at the top level only."""
     prompt = msgspec.json.decode(msg.data).get("prompt") or ""
-    return msgspec.json.encode({"provider_id": "test_provider",
-                                "output": f"Mock response to: {prompt}",
-                                "usage": {}, "metadata": {}})
+    return msgspec.json.encode(
+        {
+            "provider_id": "test_provider",
+            "output": f"Mock response to: {prompt}",
+            "usage": {},
+            "metadata": {},
+        }
+    )
 
 
 async def test_provider_request_carries_the_original_fields(
@@ -119,8 +136,9 @@ async def test_provider_request_carries_the_original_fields(
     `provider_id`, the message text as `prompt`, the request's `parameters` ({} without) and
     the request metadata as `context`; a pre extension gets the plain envelope."""
     prov_on, pre_on = subject(), subject()
-    settings = fixture_settings(tmp_path, nats_url, rec("prov", prov_on, type="provider"),
-                                rec("pre", pre_on))
+    settings = fixture_settings(
+        tmp_path, nats_url, rec("prov", prov_on, type="provider"), rec("pre", pre_on)
+    )
     request = {"payload": MESSAGE, "metadata": {"lang": "en"}, "parameters": {"temperature": 0.2}}
     async with listen(nats_client, prov_on, constant(b"{}")) as prov, \
             listen(nats_client, pre_on, constant(b"{}")) as pre, \
@@ -130,13 +148,21 @@ async def test_provider_request_carries_the_original_fields(
         await inv.invoke("prov", {"payload": {"blocks": [1]}}, {})
         await inv.invoke("pre", request, CONTEXT)
     first, bare, no_text = (msgspec.json.decode(m.data) for m in prov.messages)
-    assert {"trace_id": "t-1", "tenant_id": "acme", "payload": MESSAGE, "metadata": {"lang": "en"},
-            "provider_id": "prov", "prompt": "  Hello   WORLD  ",
-            "parameters": {"temperature": 0.2}, "context": {"lang": "en"}} == first
+    assert {
+        "trace_id": "t-1",
+        "tenant_id": "acme",
+        "payload": MESSAGE,
+        "metadata": {"lang": "en"},
+        "provider_id": "prov",
+        "prompt": "  Hello   WORLD  ",
+        "parameters": {"temperature": 0.2},
+        "context": {"lang": "en"},
+    } == first
     assert ("bare text", {}, {}) == (bare["prompt"], bare["parameters"], bare["context"])
     assert no_text["prompt"] is None
     assert {"trace_id", "tenant_id", "payload", "metadata"} == set(
-        msgspec.json.decode(pre.messages[0].data))
+        msgspec.json.decode(pre.messages[0].data)
+    )
 
 
 async def test_original_reference_test_provider_answers_the_message_text(
@@ -161,7 +187,9 @@ async def test_sample_test_provider_through_the_invoker(
     async with open_invoker(fixture_settings(tmp_path, nats_url)) as inv:
         reply = await inv.invoke("test_provider", {"payload": message, "metadata": {}}, CONTEXT)
     assert ("Test response: Summarise this ticket", "m-1") == (
-        reply["output"], reply["metadata"]["message_id"])
+        reply["output"],
+        reply["metadata"]["message_id"],
+    )
 
 
 # -- timeouts and retries --------------------------------------------------------------------
@@ -234,16 +262,21 @@ async def test_reply_must_be_a_json_object(
         with pytest.raises(InvalidResponse) as caught:
             await inv.invoke("bad", {"payload": 1}, CONTEXT)
         assert ("bad", 1) == (caught.value.extension_id, caught.value.attempts)
-        assert (0, 1) == (inv.health.get_health("bad")["success_count"],
-                          inv.health.get_health("bad")["failure_count"])
+        assert (0, 1) == (
+            inv.health.get_health("bad")["success_count"],
+            inv.health.get_health("bad")["failure_count"],
+        )
 
 
 async def test_flaky_invalid_mode(
     tmp_path: Path, nats_url: str, nats_client: Client, flaky_extension: Flaky
 ) -> None:
     """The flaky sample set to fail every call with an invalid body gives InvalidResponse."""
-    await nats_client.request("extreg.local.samples.flaky.control",
-                              b'{"failure_rate": 1.0, "failure_mode": "invalid"}', timeout=1)
+    await nats_client.request(
+        "extreg.local.samples.flaky.control",
+        b'{"failure_rate": 1.0, "failure_mode": "invalid"}',
+        timeout=1,
+    )
     async with open_invoker(fixture_settings(tmp_path, nats_url)) as inv:
         with pytest.raises(InvalidResponse, match="flaky: injected failure"):
             await inv.invoke("flaky", {"payload": 1}, CONTEXT)
@@ -252,13 +285,19 @@ async def test_flaky_invalid_mode(
 # -- before anything is sent -----------------------------------------------------------------
 
 
-async def test_payload_and_metadata_limits(tmp_path: Path, nats_url: str, nats_client: Client) -> None:
+async def test_payload_and_metadata_limits(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
     """Payload or metadata over the global limit, or over an extension's own
     metadata.max_payload_size, is refused with PayloadTooLarge and nothing reaches NATS."""
     on, own = subject(), subject()
     settings = fixture_settings(
-        tmp_path, nats_url, rec("x", on), rec("tight", own, metadata={"max_payload_size": 5}),
-        extension_max_payload_size=100, extension_max_metadata_size=50,
+        tmp_path,
+        nats_url,
+        rec("x", on),
+        rec("tight", own, metadata={"max_payload_size": 5}),
+        extension_max_payload_size=100,
+        extension_max_metadata_size=50,
     )
     big = "a" * 200
     async with listen(nats_client, on, constant(b"{}")) as seen, \
@@ -279,7 +318,10 @@ async def test_dry_run_sends_nothing(tmp_path: Path, nats_url: str, nats_client:
     """dry_run in the context: the call is prepared and checked, nothing is sent, {} returns."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("x", on), extension_max_payload_size=10)
-    async with listen(nats_client, on, constant(b'{"a": 1}')) as seen, open_invoker(settings) as inv:
+    async with (
+        listen(nats_client, on, constant(b'{"a": 1}')) as seen,
+        open_invoker(settings) as inv,
+    ):
         assert {} == await inv.invoke("x", {"payload": 1}, {**CONTEXT, "dry_run": True})
         with pytest.raises(PayloadTooLarge):
             await inv.invoke("x", {"payload": "a" * 20}, {"dry_run": True})
@@ -298,13 +340,19 @@ async def test_disabled_and_unknown_fail_before_network(
             await inv.invoke("off", {"payload": 1}, CONTEXT)
         with pytest.raises(ExtensionNotFound) as unknown:
             await inv.invoke("nope", {"payload": 1}, CONTEXT)
-    assert (0, "off", "nope") == (seen.count, disabled.value.extension_id, unknown.value.extension_id)
+    assert (0, "off", "nope") == (
+        seen.count,
+        disabled.value.extension_id,
+        unknown.value.extension_id,
+    )
 
 
 # -- routing ---------------------------------------------------------------------------------
 
 
-async def test_version_routing_by_tenant(tmp_path: Path, nats_url: str, nats_client: Client) -> None:
+async def test_version_routing_by_tenant(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
     """A version whose routing_rules list tenants gets exactly those tenants' calls (from the
     context, or from the request when the context has none); everyone else gets the row."""
     main, canary = subject(), subject()
@@ -379,22 +427,32 @@ async def test_health_counts_after_known_mix(
         health = inv.health.get_health("mix")
         summary = inv.health.get_health_summary(inv.registry.all())
     assert (7, 5, round(7 / 12, 4), "disabled") == (  # breakers are off by default
-        health["success_count"], health["failure_count"], health["success_rate"],
-        health["circuit_breaker_state"])
+        health["success_count"],
+        health["failure_count"],
+        health["success_rate"],
+        health["circuit_breaker_state"],
+    )
     assert health["p99_latency_ms"] >= 39 and health["avg_latency_ms"] > 0
     assert health["last_success"] is not None and health["last_failure"] is not None
     assert {"total": 1, "enabled": 1, "healthy": 0, "unhealthy": 1} == {
-        k: summary[k] for k in ("total", "enabled", "healthy", "unhealthy")}
+        k: summary[k] for k in ("total", "enabled", "healthy", "unhealthy")
+    }
 
 
-async def test_circuit_opens_and_recovers(tmp_path: Path, nats_url: str, nats_client: Client) -> None:
+async def test_circuit_opens_and_recovers(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
     """Two failures open the circuit (failure_threshold 2): the next call is refused with
     CircuitOpen without reaching NATS; after timeout_seconds a trial call goes through and its
     success closes the circuit. Time moves only by the test's clock."""
     on = subject()
     settings = fixture_settings(
-        tmp_path, nats_url, rec("brk", on), circuit_breaker_enabled=True,
-        circuit_breaker_failure_threshold=2, circuit_breaker_timeout_seconds=30,
+        tmp_path,
+        nats_url,
+        rec("brk", on),
+        circuit_breaker_enabled=True,
+        circuit_breaker_failure_threshold=2,
+        circuit_breaker_timeout_seconds=30,
     )
     answers = iter([b"bad", b"bad", b'{"ok": true}'])
     clock = FakeClock()
@@ -416,16 +474,23 @@ async def test_breaker_overrides_from_metadata(tmp_path: Path, nats_url: str) ->
     """circuit_breaker_* keys in an extension's metadata configure its breaker when the
     invoker starts; other extensions keep the settings' defaults."""
     settings = fixture_settings(
-        tmp_path, nats_url, rec("own", subject(), metadata={"circuit_breaker_failure_threshold": 2}),
-        rec("plain", subject()), circuit_breaker_enabled=True,
+        tmp_path,
+        nats_url,
+        rec("own", subject(), metadata={"circuit_breaker_failure_threshold": 2}),
+        rec("plain", subject()),
+        circuit_breaker_enabled=True,
     )
     async with open_invoker(settings) as inv:
-        configs = (inv.breaker.snapshot("own").config.failure_threshold,
-                   inv.breaker.snapshot("plain").config.failure_threshold)
+        configs = (
+            inv.breaker.snapshot("own").config.failure_threshold,
+            inv.breaker.snapshot("plain").config.failure_threshold,
+        )
     assert (2, 5) == configs
 
 
-async def test_observer_sees_every_outcome(tmp_path: Path, nats_url: str, nats_client: Client) -> None:
+async def test_observer_sees_every_outcome(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
     """The observer hook (metrics) is told of each call's outcome and duration."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("x", on, timeout_ms=30))
@@ -452,7 +517,9 @@ async def test_nats_outage_fails_fast_and_recovers(
     settings = fixture_settings(tmp_path, server.url)
     request = {"payload": {"prompt": "hi"}}
     async with SampleRunner(server.url), open_invoker(settings) as inv:
-        assert "Test response: hi" == (await inv.invoke("test_provider", request, CONTEXT))["output"]
+        assert (
+            "Test response: hi" == (await inv.invoke("test_provider", request, CONTEXT))["output"]
+        )
         await server.astop()
         await wait_for(lambda: not inv.connected, timeout=5)
         with pytest.raises(TransportUnavailable):
@@ -507,8 +574,13 @@ async def test_call_waiting_when_nats_drops_fails_fast(
 async def test_breaker_follows_registry_changes(tmp_path: Path, db_url: str, nats_url: str) -> None:
     """A metadata change made in the database reconfigures that extension's breaker (by
     notification, no restart) and a deleted extension's circuit is forgotten."""
-    settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url,
-                             circuit_breaker_enabled=True)
+    settings = make_settings(
+        tmp_path,
+        source="database",
+        database_url=db_url,
+        nats_url=nats_url,
+        circuit_breaker_enabled=True,
+    )
     record = rec("watched", subject(), metadata={"circuit_breaker_failure_threshold": 2})
     changed = {**record, "metadata": {"circuit_breaker_failure_threshold": 7}}
     async with PostgresSource(settings) as db:

@@ -50,10 +50,14 @@ async def test_wrong_tokens_do_not_stop_a_valid_token(tmp_path: Path, db_url: st
     Retry-After; the valid tokens of every role from that same address still answer 200, and
     the guesser is still refused afterwards."""
     async with database_api(tmp_path, db_url) as api:
-        wrong = [(await api.client.get("/admin/status", headers=bearer(generate_token())))
-                 for _ in range(30)]
-        valid = [(await api.client.get("/admin/status", headers=api.auth(role))).status_code
-                 for role in ("viewer", "operator", "admin")]
+        wrong = [
+            (await api.client.get("/admin/status", headers=bearer(generate_token())))
+            for _ in range(30)
+        ]
+        valid = [
+            (await api.client.get("/admin/status", headers=api.auth(role))).status_code
+            for role in ("viewer", "operator", "admin")
+        ]
         after = await api.client.get("/admin/status", headers=bearer(generate_token()))
     assert [401] * 10 + [429] * 20 == [w.status_code for w in wrong]
     assert 1 <= int(wrong[-1].headers["retry-after"]) <= 60
@@ -63,10 +67,15 @@ async def test_wrong_tokens_do_not_stop_a_valid_token(tmp_path: Path, db_url: st
 async def test_wrong_sign_ins_do_not_stop_a_valid_sign_in(tmp_path: Path, db_url: str) -> None:
     """The sign-in form counts wrong tokens (401, then 429) but a valid token signs in."""
     async with database_api(tmp_path, db_url) as api:
-        wrong = [(await api.client.post("/session", data={"token": generate_token()},
-                                        headers=ORIGIN)).status_code for _ in range(12)]
-        valid = await api.client.post("/session", data={"token": api.tokens["viewer"]},
-                                      headers=ORIGIN)
+        wrong = [
+            (
+                await api.client.post("/session", data={"token": generate_token()}, headers=ORIGIN)
+            ).status_code
+            for _ in range(12)
+        ]
+        valid = await api.client.post(
+            "/session", data={"token": api.tokens["viewer"]}, headers=ORIGIN
+        )
     assert [401] * 10 + [429] * 2 == wrong
     assert 303 == valid.status_code
 
@@ -147,16 +156,18 @@ def guess(forwarded_for: str | None = None) -> dict[str, str]:
     return headers
 
 
-async def test_forged_forwarded_for_is_ignored_by_default(tmp_path: Path, tokens_file: Path
-                                                          ) -> None:
+async def test_forged_forwarded_for_is_ignored_by_default(
+    tmp_path: Path, tokens_file: Path
+) -> None:
     """Without `forwarded_allow_ips`, a loopback client rotating `X-Forwarded-For` is still
     one address: after 10 wrong tokens it gets 429 whatever the header says; and a forged
     header naming another address locks nobody else out (the admin's token still works)."""
     settings = make_settings(tmp_path, source="fixtures", api_tokens_file=tokens_file)
     async with served(settings) as server:
         rotating = await statuses(server.url, [guess(f"10.0.0.{n}") for n in range(15)])
-        admin = await statuses(server.url, [{**bearer("extreg_the-admins-own-token"),
-                                             "X-Forwarded-For": "10.0.0.1"}])
+        admin = await statuses(
+            server.url, [{**bearer("extreg_the-admins-own-token"), "X-Forwarded-For": "10.0.0.1"}]
+        )
     assert ([401] * 10 + [429] * 5, [200]) == (rotating, admin)
 
 
@@ -165,8 +176,9 @@ async def test_forwarded_for_is_trusted_from_forwarded_allow_ips(
 ) -> None:
     """With `forwarded_allow_ips = "127.0.0.1"` the limiter keys on the forwarded address:
     the guessing client is refused, another client behind the same proxy is not."""
-    settings = make_settings(tmp_path, source="fixtures", api_tokens_file=tokens_file,
-                             forwarded_allow_ips="127.0.0.1")
+    settings = make_settings(
+        tmp_path, source="fixtures", api_tokens_file=tokens_file, forwarded_allow_ips="127.0.0.1"
+    )
     async with served(settings) as server:
         guesser = await statuses(server.url, [guess("203.0.113.7") for _ in range(12)])
         neighbour = await statuses(server.url, [guess("198.51.100.1, 203.0.113.8")])
@@ -185,4 +197,3 @@ def test_forwarded_allow_ips_setting_is_validated(tmp_path: Path) -> None:
     assert ("192.0.2.1/32",) == listed.forwarded_allow_ips
     with pytest.raises(ConfigError, match=r"forwarded_allow_ips.*'proxy\.local'"):
         make_settings(tmp_path, forwarded_allow_ips="127.0.0.1,proxy.local")
-

@@ -19,13 +19,20 @@ from extreg.runtime import Runtime
 
 def series_ids(text: str) -> set[str]:
     """Every extension_id label value of an exposition."""
-    return {s.labels["extension_id"] for family in text_string_to_metric_families(text)
-            for s in family.samples if "extension_id" in s.labels}
+    return {
+        s.labels["extension_id"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if "extension_id" in s.labels
+    }
 
 
 def labelled_families(text: str) -> set[str]:
-    return {family.name for family in text_string_to_metric_families(text)
-            if any("extension_id" in s.labels for s in family.samples)}
+    return {
+        family.name
+        for family in text_string_to_metric_families(text)
+        if any("extension_id" in s.labels for s in family.samples)
+    }
 
 
 async def test_series_of_a_deleted_extension_are_removed(tmp_path: Path, db_url: str) -> None:
@@ -34,16 +41,17 @@ async def test_series_of_a_deleted_extension_are_removed(tmp_path: Path, db_url:
     none has (the other extensions' series stay)."""
     async with database_api(tmp_path, db_url, invoker=EchoInvoker()) as api:
         operator, admin = api.auth("operator"), api.auth("admin")
-        created = await api.client.post("/admin/extensions", headers=admin,
-                                        json=record("doomed"))
+        created = await api.client.post("/admin/extensions", headers=admin, json=record("doomed"))
         assert 201 == created.status_code, created.text
         for ext_id in ("doomed", "alpha"):
-            invoked = await api.client.post(f"/admin/extensions/{ext_id}/invoke",
-                                            json={"payload": {}}, headers=operator)
+            invoked = await api.client.post(
+                f"/admin/extensions/{ext_id}/invoke", json={"payload": {}}, headers=operator
+            )
             assert 200 == invoked.status_code, invoked.text
         for action in ("open", "reset"):
-            forced = await api.client.post("/admin/extensions/doomed/circuit",
-                                           json={"action": action}, headers=operator)
+            forced = await api.client.post(
+                "/admin/extensions/doomed/circuit", json={"action": action}, headers=operator
+            )
             assert 200 == forced.status_code, forced.text
         before = api.runtime.metrics.render().decode()
         deleted = await api.client.delete("/admin/extensions/doomed", headers=admin)
@@ -51,13 +59,17 @@ async def test_series_of_a_deleted_extension_are_removed(tmp_path: Path, db_url:
         after = api.runtime.metrics.render().decode()
     assert {"doomed", "alpha", "beta"} == series_ids(before)
     assert {
-        "extension_invocation_latency_seconds", "extension_circuit_breaker_failures",
-        "extension_circuit_breaker_recoveries", "extension_health_success_rate",
-        "extension_health_avg_latency_ms", "extension_circuit_breaker_state",
+        "extension_invocation_latency_seconds",
+        "extension_circuit_breaker_failures",
+        "extension_circuit_breaker_recoveries",
+        "extension_health_success_rate",
+        "extension_health_avg_latency_ms",
+        "extension_circuit_breaker_state",
     } == {name.removesuffix("_created") for name in labelled_families(before)}
     assert {"alpha", "beta"} == series_ids(after)
-    assert 'extension_invocation_latency_seconds_count{extension_id="alpha",outcome="ok"} 1.0' \
-        in after
+    assert (
+        'extension_invocation_latency_seconds_count{extension_id="alpha",outcome="ok"} 1.0' in after
+    )
 
 
 async def test_the_exposition_is_cached_for_its_interval() -> None:
@@ -99,20 +111,24 @@ async def test_metrics_token_is_required_when_set(tmp_path: Path, db_url: str) -
     """With `metrics_token` set, /metrics answers 401 without it or with another token (an
     admin API token included) and 200 with it; without the setting it needs none."""
     secret = "metrics-" + "s3cret"
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             metrics_token=secret)
+    settings = make_settings(tmp_path, source="database", database_url=db_url, metrics_token=secret)
     await seed(db_url, settings, record("alpha"))
     tokens = await make_tokens(db_url)
-    async with Registry.open(settings) as registry, Runtime.open(
-        settings, registry, metrics=Metrics()
-    ) as runtime:
+    async with (
+        Registry.open(settings) as registry,
+        Runtime.open(settings, registry, metrics=Metrics()) as runtime,
+    ):
         transport = httpx.ASGITransport(app=create_app(runtime))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            answers = [await client.get("/metrics", headers=headers) for headers in (
-                {}, {"Authorization": "Bearer wrong"},
-                {"Authorization": f"Bearer {tokens['admin']}"},
-                {"Authorization": f"Bearer {secret}"},
-            )]
+            answers = [
+                await client.get("/metrics", headers=headers)
+                for headers in (
+                    {},
+                    {"Authorization": "Bearer wrong"},
+                    {"Authorization": f"Bearer {tokens['admin']}"},
+                    {"Authorization": f"Bearer {secret}"},
+                )
+            ]
     assert [401, 401, 401, 200] == [a.status_code for a in answers]
     assert "extension_registry_size" in answers[3].text
     assert all(secret not in a.text for a in answers)
@@ -123,16 +139,22 @@ async def test_metrics_token_is_required_when_set(tmp_path: Path, db_url: str) -
 async def test_wrong_metrics_tokens_are_limited(tmp_path: Path, db_url: str) -> None:
     """Guessing the metrics token is a failed authentication: after 10 from one address, 429;
     the right token still works, and no token at all is never counted."""
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             metrics_token="right")
-    async with Registry.open(settings) as registry, Runtime.open(
-        settings, registry, metrics=Metrics()
-    ) as runtime:
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, metrics_token="right"
+    )
+    async with (
+        Registry.open(settings) as registry,
+        Runtime.open(settings, registry, metrics=Metrics()) as runtime,
+    ):
         transport = httpx.ASGITransport(app=create_app(runtime))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             bare = [(await client.get("/metrics")).status_code for _ in range(12)]
-            guesses = [(await client.get("/metrics", headers={"Authorization": f"Bearer g{i}"}))
-                       .status_code for i in range(11)]
+            guesses = [
+                (
+                    await client.get("/metrics", headers={"Authorization": f"Bearer g{i}"})
+                ).status_code
+                for i in range(11)
+            ]
             right = await client.get("/metrics", headers={"Authorization": "Bearer right"})
     assert [401] * 12 == bare
     assert ([401] * 10, 429) == (guesses[:10], guesses[10])

@@ -27,8 +27,14 @@ def test_migrate_twice_applies_nothing_the_second_time(pg_server: PostgresProces
     names = [name for name, _ in migration_files()]
     assert names == migrate(url)
     assert [] == migrate(url)
-    assert {"extensions", "extension_versions", "extension_instances", "extension_health",
-            "extension_audit_log", "extreg_schema_migrations"} <= _tables(url)
+    assert {
+        "extensions",
+        "extension_versions",
+        "extension_instances",
+        "extension_health",
+        "extension_audit_log",
+        "extreg_schema_migrations",
+    } <= _tables(url)
 
 
 def test_concurrent_migrate_applies_each_file_once(pg_server: PostgresProcess) -> None:

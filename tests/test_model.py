@@ -44,12 +44,24 @@ def fields_of(exc: InvalidRecord) -> list[str]:
 
 def test_minimal_record_gets_the_documented_defaults() -> None:
     """A record with only id, type and subject gets timeout 5000, retry 0, enabled, v1, {} and {}."""
-    ext = parse({"id": "normalize_text", "type": "pre",
-                 "subject": "beamline.ext.pre.normalize_text.v1"})
+    ext = parse(
+        {"id": "normalize_text", "type": "pre", "subject": "beamline.ext.pre.normalize_text.v1"}
+    )
     expected = Extension(
-        id="normalize_text", type="pre", subject="beamline.ext.pre.normalize_text.v1",
-        timeout_ms=5000, retry=0, enabled=True, version="v1", config={}, metadata={},
-        versions=(), instances=(), created_at=None, updated_at=None, created_by=None,
+        id="normalize_text",
+        type="pre",
+        subject="beamline.ext.pre.normalize_text.v1",
+        timeout_ms=5000,
+        retry=0,
+        enabled=True,
+        version="v1",
+        config={},
+        metadata={},
+        versions=(),
+        instances=(),
+        created_at=None,
+        updated_at=None,
+        created_by=None,
         updated_by=None,
     )
     assert expected == ext
@@ -64,25 +76,70 @@ def test_each_of_the_four_types_is_accepted(ext_type: str) -> None:
 def test_full_record_with_versions_and_instances_is_kept_as_given() -> None:
     """Every writable field, versions and instances included, survives parsing unchanged."""
     data = record(
-        "routed", type="provider", subject="beamline.provider.routed.v1", timeout_ms=900,
-        retry=2, enabled=False, version="v7", config={"model": "big", "n": [1, 2]},
+        "routed",
+        type="provider",
+        subject="beamline.provider.routed.v1",
+        timeout_ms=900,
+        retry=2,
+        enabled=False,
+        version="v7",
+        config={"model": "big", "n": [1, 2]},
         metadata={"owner": "team-a", "max_payload_size": 2048},
-        versions=[{"version": "v2", "subject": "beamline.provider.routed.v2", "timeout_ms": 1200,
-                   "retry": 1, "config": {"a": 1}, "metadata": {"b": 2},
-                   "routing_rules": {"tenant_id": ["acme", "beta"], "region": "eu"},
-                   "enabled": False}],
-        instances=[{"instance_id": "i1", "subject": "beamline.provider.routed.i1", "weight": 0,
-                    "enabled": False, "health_status": "degraded"}],
+        versions=[
+            {
+                "version": "v2",
+                "subject": "beamline.provider.routed.v2",
+                "timeout_ms": 1200,
+                "retry": 1,
+                "config": {"a": 1},
+                "metadata": {"b": 2},
+                "routing_rules": {"tenant_id": ["acme", "beta"], "region": "eu"},
+                "enabled": False,
+            }
+        ],
+        instances=[
+            {
+                "instance_id": "i1",
+                "subject": "beamline.provider.routed.i1",
+                "weight": 0,
+                "enabled": False,
+                "health_status": "degraded",
+            }
+        ],
     )
     ext = parse(data)
-    assert Version(version="v2", subject="beamline.provider.routed.v2", timeout_ms=1200, retry=1,
-                   config={"a": 1}, metadata={"b": 2},
-                   routing_rules={"tenant_id": ["acme", "beta"], "region": "eu"},
-                   enabled=False) == ext.versions[0]
-    assert Instance(instance_id="i1", subject="beamline.provider.routed.i1", weight=0,
-                    enabled=False, health_status="degraded") == ext.instances[0]
+    assert (
+        Version(
+            version="v2",
+            subject="beamline.provider.routed.v2",
+            timeout_ms=1200,
+            retry=1,
+            config={"a": 1},
+            metadata={"b": 2},
+            routing_rules={"tenant_id": ["acme", "beta"], "region": "eu"},
+            enabled=False,
+        )
+        == ext.versions[0]
+    )
+    assert (
+        Instance(
+            instance_id="i1",
+            subject="beamline.provider.routed.i1",
+            weight=0,
+            enabled=False,
+            health_status="degraded",
+        )
+        == ext.instances[0]
+    )
     assert ("routed", "provider", "beamline.provider.routed.v1", 900, 2, False, "v7") == (
-        ext.id, ext.type, ext.subject, ext.timeout_ms, ext.retry, ext.enabled, ext.version)
+        ext.id,
+        ext.type,
+        ext.subject,
+        ext.timeout_ms,
+        ext.retry,
+        ext.enabled,
+        ext.version,
+    )
     assert {"model": "big", "n": [1, 2]} == ext.config
     assert {"owner": "team-a", "max_payload_size": 2048} == ext.metadata
 
@@ -145,7 +202,8 @@ def test_id_of_256_characters_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad_id", ["-leading-dash", "_leading_underscore", ".leading-dot", "a/b", "a b", "a:b", "ä"],
+    "bad_id",
+    ["-leading-dash", "_leading_underscore", ".leading-dot", "a/b", "a b", "a:b", "ä"],
 )
 def test_id_outside_the_alphabet_or_with_a_bad_first_character_is_rejected(bad_id: str) -> None:
     """An id starting with - _ . or holding / space : or non-ASCII is rejected on field id."""
@@ -179,10 +237,32 @@ def test_type_outside_the_four_is_rejected(bad_type: str) -> None:
 
 @pytest.mark.parametrize(
     "subject",
-    ["beamline.*.v1", "beamline.>", "beamline.ext*", ">", "beamline. ext", "beamline.ext\tv1",
-     "beamline.ext\nv1", "beamline..v1", ".beamline", "beamline.", ""],
-    ids=["star-token", "gt-token", "star-in-token", "gt-alone", "space", "tab", "newline",
-         "empty-middle-token", "empty-first-token", "empty-last-token", "empty"],
+    [
+        "beamline.*.v1",
+        "beamline.>",
+        "beamline.ext*",
+        ">",
+        "beamline. ext",
+        "beamline.ext\tv1",
+        "beamline.ext\nv1",
+        "beamline..v1",
+        ".beamline",
+        "beamline.",
+        "",
+    ],
+    ids=[
+        "star-token",
+        "gt-token",
+        "star-in-token",
+        "gt-alone",
+        "space",
+        "tab",
+        "newline",
+        "empty-middle-token",
+        "empty-first-token",
+        "empty-last-token",
+        "empty",
+    ],
 )
 def test_subject_breaking_the_nats_rule_is_rejected(subject: str) -> None:
     """Wildcards, whitespace and empty tokens make a subject invalid, on field subject."""
@@ -282,23 +362,31 @@ def test_error_message_names_record_and_field() -> None:
 
 def test_instance_weight_above_100_is_rejected() -> None:
     """An instance weight of 101 breaks the 0-100 rule; the field path names the instance."""
-    exc = rejection(record("ext1", instances=[
-        {"instance_id": "i1", "subject": "a.b", "weight": 101}]))
+    exc = rejection(
+        record("ext1", instances=[{"instance_id": "i1", "subject": "a.b", "weight": 101}])
+    )
     assert [("instances[0].weight", "Expected int <= 100")] == exc.problems
 
 
 def test_instance_weight_below_0_is_rejected() -> None:
     """A negative instance weight is rejected."""
-    exc = rejection(record("ext1", instances=[
-        {"instance_id": "i1", "subject": "a.b", "weight": 50},
-        {"instance_id": "i2", "subject": "a.c", "weight": -1}]))
+    exc = rejection(
+        record(
+            "ext1",
+            instances=[
+                {"instance_id": "i1", "subject": "a.b", "weight": 50},
+                {"instance_id": "i2", "subject": "a.c", "weight": -1},
+            ],
+        )
+    )
     assert [("instances[1].weight", "Expected int >= 0")] == exc.problems
 
 
 def test_instance_health_status_outside_the_four_is_rejected() -> None:
     """health_status must be healthy, degraded, unhealthy or unknown."""
-    exc = rejection(record("ext1", instances=[
-        {"instance_id": "i1", "subject": "a.b", "health_status": "fine"}]))
+    exc = rejection(
+        record("ext1", instances=[{"instance_id": "i1", "subject": "a.b", "health_status": "fine"}])
+    )
     assert ["instances[0].health_status"] == fields_of(exc)
 
 
@@ -310,15 +398,26 @@ def test_instance_subject_follows_the_subject_rule() -> None:
 
 def test_duplicate_instance_ids_are_rejected() -> None:
     """Two instances with the same instance_id are an error on field instances."""
-    exc = rejection(record("ext1", instances=[
-        {"instance_id": "i1", "subject": "a.b"}, {"instance_id": "i1", "subject": "a.c"}]))
+    exc = rejection(
+        record(
+            "ext1",
+            instances=[
+                {"instance_id": "i1", "subject": "a.b"},
+                {"instance_id": "i1", "subject": "a.c"},
+            ],
+        )
+    )
     assert [("instances", "instance_id 'i1' appears twice")] == exc.problems
 
 
 def test_duplicate_version_names_are_rejected() -> None:
     """Two versions with the same name are an error on field versions."""
-    exc = rejection(record("ext1", versions=[
-        {"version": "v2", "subject": "a.b"}, {"version": "v2", "subject": "a.c"}]))
+    exc = rejection(
+        record(
+            "ext1",
+            versions=[{"version": "v2", "subject": "a.b"}, {"version": "v2", "subject": "a.c"}],
+        )
+    )
     assert "ext1" == exc.record
     assert [("versions", "version 'v2' appears twice")] == exc.problems
 
@@ -331,10 +430,16 @@ def test_version_without_subject_is_rejected() -> None:
 
 def test_version_limits_are_checked_like_the_record() -> None:
     """A version's timeout_ms and retry obey the same maxima as the record's."""
-    exc = rejection(record("ext1", versions=[
-        {"version": "v2", "subject": "a.b", "timeout_ms": 70_000, "retry": 11}]))
-    assert [("versions[0].timeout_ms", "70000 exceeds extension_max_timeout_ms 60000"),
-            ("versions[0].retry", "11 exceeds extension_max_retries 10")] == exc.problems
+    exc = rejection(
+        record(
+            "ext1",
+            versions=[{"version": "v2", "subject": "a.b", "timeout_ms": 70_000, "retry": 11}],
+        )
+    )
+    assert [
+        ("versions[0].timeout_ms", "70000 exceeds extension_max_timeout_ms 60000"),
+        ("versions[0].retry", "11 exceeds extension_max_retries 10"),
+    ] == exc.problems
 
 
 def test_unknown_field_in_a_version_is_rejected() -> None:
@@ -362,28 +467,63 @@ def test_limit_problems_are_reported_alongside_both_limits() -> None:
 def test_to_plain_writable_only_round_trips() -> None:
     """to_plain(writable_only=True) gives exactly the writable fields, and parsing them back
     gives an equal record."""
-    ext = parse(record(
-        "routed", retry=1, config={"k": "v"}, metadata={"m": 1},
-        versions=[{"version": "v2", "subject": "a.v2", "routing_rules": {"tenant_id": "acme"}}],
-        instances=[{"instance_id": "i1", "subject": "a.i1", "weight": 40}],
-    ))
+    ext = parse(
+        record(
+            "routed",
+            retry=1,
+            config={"k": "v"},
+            metadata={"m": 1},
+            versions=[{"version": "v2", "subject": "a.v2", "routing_rules": {"tenant_id": "acme"}}],
+            instances=[{"instance_id": "i1", "subject": "a.i1", "weight": 40}],
+        )
+    )
     plain = to_plain(ext, writable_only=True)
-    assert ["id", "type", "subject", "timeout_ms", "retry", "enabled", "version", "config",
-            "metadata", "versions", "instances"] == list(plain)
-    assert ["version", "subject", "timeout_ms", "retry", "config", "metadata", "routing_rules",
-            "enabled"] == list(plain["versions"][0])
+    assert [
+        "id",
+        "type",
+        "subject",
+        "timeout_ms",
+        "retry",
+        "enabled",
+        "version",
+        "config",
+        "metadata",
+        "versions",
+        "instances",
+    ] == list(plain)
+    assert [
+        "version",
+        "subject",
+        "timeout_ms",
+        "retry",
+        "config",
+        "metadata",
+        "routing_rules",
+        "enabled",
+    ] == list(plain["versions"][0])
     assert ext == parse(plain)
 
 
 def test_to_plain_writable_only_drops_database_kept_fields() -> None:
     """Timestamps and actors (kept by the database) are left out of the writable form, also in
     versions, but kept in the full form."""
-    ext = parse(record(
-        "x", created_at="2025-01-27T12:00:00Z", updated_at="2025-01-27T12:00:00Z",
-        created_by="cli:alice", updated_by="cli:bob",
-        versions=[{"version": "v2", "subject": "a.b", "created_at": "2025-01-27T12:00:00Z",
-                   "created_by": "cli:alice"}],
-    ))
+    ext = parse(
+        record(
+            "x",
+            created_at="2025-01-27T12:00:00Z",
+            updated_at="2025-01-27T12:00:00Z",
+            created_by="cli:alice",
+            updated_by="cli:bob",
+            versions=[
+                {
+                    "version": "v2",
+                    "subject": "a.b",
+                    "created_at": "2025-01-27T12:00:00Z",
+                    "created_by": "cli:alice",
+                }
+            ],
+        )
+    )
     full = to_plain(ext)
     assert ("cli:alice", "cli:bob") == (full["created_by"], full["updated_by"])
     assert "cli:alice" == full["versions"][0]["created_by"]

@@ -60,37 +60,49 @@ async def _record(node: Node, extension_id: str) -> dict[str, Any]:
     return record
 
 
-async def _visible_after(node: Node, extension_id: str, field: str, value: Any,
-                         started: float) -> float:
+async def _visible_after(
+    node: Node, extension_id: str, field: str, value: Any, started: float
+) -> float:
     """Poll `node` until the record's `field` reads `value`; seconds since `started`."""
     deadline = started + PROPAGATION_DEADLINE_S
     while True:
         if (await _record(node, extension_id))[field] == value:
             return time.perf_counter() - started
         if time.perf_counter() > deadline:
-            raise AssertionError(f"{extension_id}.{field} = {value!r} not visible on "
-                                 f"{node.name} after {PROPAGATION_DEADLINE_S} s")
+            raise AssertionError(
+                f"{extension_id}.{field} = {value!r} not visible on "
+                f"{node.name} after {PROPAGATION_DEADLINE_S} s"
+            )
         await asyncio.sleep(0.002)
 
 
-async def _write_and_measure(cluster: Cluster, label: str, method: str, path: str,
-                             extension_id: str, field: str, value: Any,
-                             **request: Any) -> list[float]:
+async def _write_and_measure(
+    cluster: Cluster,
+    label: str,
+    method: str,
+    path: str,
+    extension_id: str,
+    field: str,
+    value: Any,
+    **request: Any,
+) -> list[float]:
     """Make one write on node 0 while nodes 1 and 2 poll for it; print and return the times
     (node 0's answer, then visibility on 1 and 2), in seconds from sending the write."""
     writer, *others = cluster.nodes
     started = time.perf_counter()
-    watchers = [asyncio.create_task(_visible_after(n, extension_id, field, value, started))
-                for n in others]
+    watchers = [
+        asyncio.create_task(_visible_after(n, extension_id, field, value, started)) for n in others
+    ]
     response = await writer.client.request(method, path, **request)
     answered = time.perf_counter() - started
     assert 200 == response.status_code, response.text
     assert value == response.json()[field]
     seen = await asyncio.gather(*watchers)
-    print(f"{label}: node0 answered in {answered * 1000:.1f} ms; visible on "
-          + ", ".join(f"{n.name} after {s * 1000:.1f} ms"
-                      for n, s in zip(others, seen, strict=True))
-          + " (from sending the write)")
+    print(
+        f"{label}: node0 answered in {answered * 1000:.1f} ms; visible on "
+        + ", ".join(f"{n.name} after {s * 1000:.1f} ms" for n, s in zip(others, seen, strict=True))
+        + " (from sending the write)"
+    )
     return [answered, *seen]
 
 
@@ -99,13 +111,28 @@ async def test_admin_write_on_one_node_is_visible_on_the_others(cluster: Cluster
     and 2 (read through their APIs); the time each took is printed."""
     base = await _record(cluster.nodes[0], "mask_pii")
     new_timeout = base["timeout_ms"] + 77
-    await _write_and_measure(cluster, "PATCH timeout_ms", "PATCH", "/admin/extensions/mask_pii",
-                             "mask_pii", "timeout_ms", new_timeout,
-                             json={"timeout_ms": new_timeout})
-    await _write_and_measure(cluster, "disable", "POST", "/admin/extensions/mask_pii/disable",
-                             "mask_pii", "enabled", False)
-    await _write_and_measure(cluster, "enable", "POST", "/admin/extensions/mask_pii/enable",
-                             "mask_pii", "enabled", True)
+    await _write_and_measure(
+        cluster,
+        "PATCH timeout_ms",
+        "PATCH",
+        "/admin/extensions/mask_pii",
+        "mask_pii",
+        "timeout_ms",
+        new_timeout,
+        json={"timeout_ms": new_timeout},
+    )
+    await _write_and_measure(
+        cluster,
+        "disable",
+        "POST",
+        "/admin/extensions/mask_pii/disable",
+        "mask_pii",
+        "enabled",
+        False,
+    )
+    await _write_and_measure(
+        cluster, "enable", "POST", "/admin/extensions/mask_pii/enable", "mask_pii", "enabled", True
+    )
     for node in cluster.nodes:  # every cache holds the same final record
         record = await _record(node, "mask_pii")
         assert (new_timeout, True) == (record["timeout_ms"], record["enabled"])
@@ -128,7 +155,8 @@ async def test_health_written_by_every_node_sums_exactly_on_every_node(
     over two further flushes of every node (each seen by a call of another extension landing
     in a new batch of that node). Each node wrote under its own node identity."""
     rows = await cluster.query(
-        "SELECT success_count, failure_count FROM extension_health WHERE extension_id = 'echo'")
+        "SELECT success_count, failure_count FROM extension_health WHERE extension_id = 'echo'"
+    )
     before = rows[0] if rows else (0, 0)
     expected = (before[0] + sum(HEALTH_CALLS), before[1])
 
@@ -136,11 +164,13 @@ async def test_health_written_by_every_node_sums_exactly_on_every_node(
         for i in range(calls):
             response = await node.client.post(
                 "/admin/extensions/echo/invoke",
-                json={"payload": {"n": i, "node": node.index}, "tenant_id": "multinode"})
+                json={"payload": {"n": i, "node": node.index}, "tenant_id": "multinode"},
+            )
             assert 200 == response.status_code, response.text
 
-    await asyncio.gather(*(invoke(node, calls)
-                           for node, calls in zip(cluster.nodes, HEALTH_CALLS, strict=True)))
+    await asyncio.gather(
+        *(invoke(node, calls) for node, calls in zip(cluster.nodes, HEALTH_CALLS, strict=True))
+    )
 
     deadline = time.monotonic() + DEADLINE_S
     while True:
@@ -157,10 +187,12 @@ async def test_health_written_by_every_node_sums_exactly_on_every_node(
     again = [await _echo_health(n) for n in cluster.nodes]
     assert [expected] * 3 == [(h["success_count"], h["failure_count"]) for h in again]
     rows = await cluster.query(
-        "SELECT success_count, failure_count FROM extension_health WHERE extension_id = 'echo'")
+        "SELECT success_count, failure_count FROM extension_health WHERE extension_id = 'echo'"
+    )
     assert [expected] == rows
-    writers = {node_id for (node_id,) in await cluster.query(
-        "SELECT node_id FROM extreg_health_nodes")}
+    writers = {
+        node_id for (node_id,) in await cluster.query("SELECT node_id FROM extreg_health_nodes")
+    }
     pids = {int(node_id.split(":")[-2]) for node_id in writers}
     assert {n.pid for n in cluster.nodes} <= pids, (writers, [n.pid for n in cluster.nodes])
 
@@ -176,8 +208,9 @@ async def _flushed_once_more(cluster: Cluster) -> None:
     so it has flushed and read the totals back since this was called."""
     before = await _batches(cluster)
     for node in cluster.nodes:
-        response = await node.client.post(f"/admin/extensions/{WITNESS}/invoke",
-                                          json={"payload": {"text": "witness"}})
+        response = await node.client.post(
+            f"/admin/extensions/{WITNESS}/invoke", json={"payload": {"text": "witness"}}
+        )
         assert 200 == response.status_code, response.text
     pids = [pid for n in cluster.nodes if (pid := n.pid) is not None]
     assert len(cluster.nodes) == len(pids), "a node is not running"
@@ -237,8 +270,10 @@ async def test_every_node_answers_lookups_while_the_database_restarts(cluster: C
         await asyncio.to_thread(cluster.pg.stop)
         phase = "outage"
         outage_started = time.perf_counter()
-        await until(lambda: len(stale_seen) == len(cluster.nodes)
-                    and answered("outage") >= 30, "every node stale, 30 lookups")
+        await until(
+            lambda: len(stale_seen) == len(cluster.nodes) and answered("outage") >= 30,
+            "every node stale, 30 lookups",
+        )
         await asyncio.to_thread(cluster.pg.start)
         outage_s = time.perf_counter() - outage_started
         phase = "after"
@@ -258,14 +293,24 @@ async def test_every_node_answers_lookups_while_the_database_restarts(cluster: C
     if cluster.pg.proc is None:  # a failure above must not leave the database down
         await asyncio.to_thread(cluster.pg.start)
 
-    print(f"\ndatabase down for {outage_s:.2f} s; lookups answered: "
-          + ", ".join(f"{p} {s} same={ok}: {n}" for (p, s, ok), n in sorted(answers.items()))
-          + "; fresh again after " + ", ".join(f"{k} {v:.2f} s" for k, v in fresh.items()))
+    print(
+        f"\ndatabase down for {outage_s:.2f} s; lookups answered: "
+        + ", ".join(f"{p} {s} same={ok}: {n}" for (p, s, ok), n in sorted(answers.items()))
+        + "; fresh again after "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in fresh.items())
+    )
     assert {key for key in answers if key[1:] != (200, True)} == set(), answers
     assert answers[("outage", 200, True)] >= 30  # really asked, on every node, during it
     assert {n.name for n in cluster.nodes} == stale_seen
 
     base = await _record(cluster.nodes[0], "test_provider")
-    await _write_and_measure(cluster, "PATCH after restart", "PATCH",
-                             "/admin/extensions/test_provider", "test_provider", "timeout_ms",
-                             base["timeout_ms"] + 11, json={"timeout_ms": base["timeout_ms"] + 11})
+    await _write_and_measure(
+        cluster,
+        "PATCH after restart",
+        "PATCH",
+        "/admin/extensions/test_provider",
+        "test_provider",
+        "timeout_ms",
+        base["timeout_ms"] + 11,
+        json={"timeout_ms": base["timeout_ms"] + 11},
+    )

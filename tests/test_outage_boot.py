@@ -23,8 +23,9 @@ from testsupport.pgprocess import PostgresProcess
 
 async def _serve_once(settings: Settings) -> None:
     """Boot with the database up and stop: leaves the snapshot and known-tokens files."""
-    async with Registry.open(settings) as registry, Runtime.open(
-        settings, registry, metrics=Metrics()
+    async with (
+        Registry.open(settings) as registry,
+        Runtime.open(settings, registry, metrics=Metrics()),
     ):
         pass
 
@@ -37,8 +38,10 @@ async def test_boot_without_database_accepts_known_tokens_reads_and_refuses_writ
     settings = make_settings(tmp_path, source="database", database_url=url)
     await seed(url, settings, record("alpha"))
     store = TokenStore(url)
-    admin, viewer = await store.create("ada", "admin", "test"), await store.create("vic", "viewer",
-                                                                                   "test")
+    admin, viewer = (
+        await store.create("ada", "admin", "test"),
+        await store.create("vic", "viewer", "test"),
+    )
     gone = await store.create("rex", "admin", "test")
     await store.revoke("rex")
     await _serve_once(settings)
@@ -48,19 +51,22 @@ async def test_boot_without_database_accepts_known_tokens_reads_and_refuses_writ
     assert all(token not in text for token in (admin, viewer, gone))
 
     own_pg.stop()
-    async with Registry.open(settings) as registry, Runtime.open(
-        settings, registry, metrics=Metrics()
-    ) as runtime:
+    async with (
+        Registry.open(settings) as registry,
+        Runtime.open(settings, registry, metrics=Metrics()) as runtime,
+    ):
         assert "snapshot_file" == registry.status.source
         transport = httpx.ASGITransport(app=create_app(runtime))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
             def auth(token: str) -> dict[str, str]:
                 return {"Authorization": f"Bearer {token}"}
 
             listed = await client.get("/admin/extensions", headers=auth(admin))
             as_viewer = await client.get("/admin/extensions/alpha", headers=auth(viewer))
-            created = await client.post("/admin/extensions", headers=auth(admin),
-                                        json=record("beta"))
+            created = await client.post(
+                "/admin/extensions", headers=auth(admin), json=record("beta")
+            )
             disabled = await client.post("/admin/extensions/alpha/disable", headers=auth(admin))
             wrong = await client.get("/admin/extensions", headers=auth(admin + "x"))
             revoked = await client.get("/admin/extensions", headers=auth(gone))

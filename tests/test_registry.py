@@ -74,7 +74,11 @@ async def test_fixtures_mode(tmp_path: Path, db_url: str) -> None:
         assert ["fx_a", "fx_b"] == [e.id for e in reg.all()]
         status = reg.status
         assert ("fixtures", "fixtures", None, False) == (
-            status.mode, status.source, status.fallback_reason, status.stale)
+            status.mode,
+            status.source,
+            status.fallback_reason,
+            status.stale,
+        )
 
 
 async def test_database_mode(tmp_path: Path, db_url: str) -> None:
@@ -85,8 +89,12 @@ async def test_database_mode(tmp_path: Path, db_url: str) -> None:
     async with Registry.open(settings) as reg:
         assert ["db_a", "db_b"] == [e.id for e in reg.all()]
         assert ("database", "database", False, 2, 1) == (
-            reg.status.mode, reg.status.source, reg.status.stale, reg.status.count,
-            reg.status.enabled_count)
+            reg.status.mode,
+            reg.status.source,
+            reg.status.stale,
+            reg.status.count,
+            reg.status.enabled_count,
+        )
 
 
 async def test_auto_mode_database_available(tmp_path: Path, db_url: str) -> None:
@@ -103,8 +111,9 @@ async def test_auto_mode_database_unavailable(tmp_path: Path) -> None:
     """source=auto with the database down falls back to fixtures and says why, without the
     password."""
     folder = write_fixtures(tmp_path / "fx", record("fx_a"))
-    settings = make_settings(tmp_path, source="auto", fixtures_dir=folder,
-                             database_url=unreachable_url())
+    settings = make_settings(
+        tmp_path, source="auto", fixtures_dir=folder, database_url=unreachable_url()
+    )
     async with Registry.open(settings) as reg:
         assert ["fx_a"] == [e.id for e in reg.all()]
         status = reg.status
@@ -121,14 +130,19 @@ async def test_periodic_sync_picks_up_plain_sql_change(tmp_path: Path, db_url: s
     insert(db_url, "gone")
     for table in ("extensions", "extension_versions", "extension_instances"):
         sql(db_url, f"DROP TRIGGER extreg_notify ON {table}")
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             sync_interval_seconds=0.2)
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, sync_interval_seconds=0.2
+    )
     async with Registry.open(settings) as reg:
         insert(db_url, "new")
         sql(db_url, "UPDATE extensions SET timeout_ms = 777 WHERE id = 'keep'")
         sql(db_url, "DELETE FROM extensions WHERE id = 'gone'")
-        await wait_for(lambda: [e.id for e in reg.all()] == ["keep", "new"]
-                       and reg.lookup("keep").timeout_ms == 777)
+        await wait_for(
+            lambda: (
+                [e.id for e in reg.all()] == ["keep", "new"]
+                and reg.lookup("keep").timeout_ms == 777
+            )
+        )
         assert reg.status.last_sync_at is not None
 
 
@@ -136,8 +150,9 @@ async def test_times_come_from_the_given_clock(tmp_path: Path, db_url: str) -> N
     """`Registry.open(..., clock=)` dates loads and syncs by that clock, not the system's."""
     insert(db_url, "a")
     clock = FakeClock(wall=1_780_000_000.0)
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             sync_interval_seconds=0.05)
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, sync_interval_seconds=0.05
+    )
     async with Registry.open(settings, clock=clock) as reg:
         loaded = reg.status.loaded_at
         clock.advance(60)
@@ -155,7 +170,12 @@ async def test_reload_fixtures(tmp_path: Path) -> None:
         write_fixtures(folder, record("a", timeout_ms=300), record("c"))
         report = await reg.reload()
         assert ("fixtures", 2, 1, 1, 1) == (
-            report.source, report.count, report.added, report.removed, report.changed)
+            report.source,
+            report.count,
+            report.added,
+            report.removed,
+            report.changed,
+        )
         assert 300 == reg.lookup("a").timeout_ms
 
 
@@ -181,8 +201,9 @@ async def test_reload_auto_mode(tmp_path: Path, db_url: str) -> None:
         sql(db_url, "DROP TRIGGER extreg_notify ON extensions")
         insert(db_url, "b")
         assert ("database", 2) == ((r := await reg.reload()).source, r.count)
-    down = make_settings(tmp_path, source="auto", fixtures_dir=folder,
-                         database_url=unreachable_url())
+    down = make_settings(
+        tmp_path, source="auto", fixtures_dir=folder, database_url=unreachable_url()
+    )
     async with Registry.open(down) as reg:
         write_fixtures(folder, record("fx"), record("fx2"))
         report = await reg.reload()
@@ -197,10 +218,14 @@ async def test_lookup_present_missing_disabled_and_by_type(tmp_path: Path) -> No
     lists only enabled records of that type; get and all include disabled ones."""
     folder = write_fixtures(
         tmp_path / "fx",
-        record("on"), record("off", enabled=False), record("val", type="validator"),
+        record("on"),
+        record("off", enabled=False),
+        record("val", type="validator"),
         record("on2"),
     )
-    async with Registry.open(make_settings(tmp_path, source="fixtures", fixtures_dir=folder)) as reg:
+    async with Registry.open(
+        make_settings(tmp_path, source="fixtures", fixtures_dir=folder)
+    ) as reg:
         assert "on" == reg.lookup("on").id
         with pytest.raises(ExtensionNotFound) as missing:
             reg.lookup("nope")
@@ -218,7 +243,9 @@ async def test_lookup_present_missing_disabled_and_by_type(tmp_path: Path) -> No
 async def test_readers_never_miss_during_reloads(tmp_path: Path) -> None:
     """A reader thread looking up an id present before and after 100 reloads never misses it."""
     folder = write_fixtures(tmp_path / "fx", *(record(f"e{i}") for i in range(200)))
-    async with Registry.open(make_settings(tmp_path, source="fixtures", fixtures_dir=folder)) as reg:
+    async with Registry.open(
+        make_settings(tmp_path, source="fixtures", fixtures_dir=folder)
+    ) as reg:
         misses = 0
         lookups = 0
         stop = threading.Event()
@@ -253,15 +280,19 @@ async def test_notification_applies_sql_change(tmp_path: Path, db_url: str) -> N
     cache through notifications (the periodic sync is an hour away, so nothing else brings
     them; how fast they arrive is a benchmark's figure)."""
     insert(db_url, "a")
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             sync_interval_seconds=3600)
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, sync_interval_seconds=3600
+    )
     async with Registry.open(settings) as reg:
         insert(db_url, "b")
         await wait_for(lambda: reg.get("b") is not None)
         sql(db_url, "UPDATE extensions SET enabled = false WHERE id = 'a'")
         await wait_for(lambda: not reg.get("a").enabled)  # type: ignore[union-attr]
-        sql(db_url, "INSERT INTO extension_versions (id, version, subject, timeout_ms, retry,"
-                    " routing_rules) VALUES ('b', 'v2', 'x.b.v2', 50, 0, '{\"tenant_id\": [\"t1\"]}')")
+        sql(
+            db_url,
+            "INSERT INTO extension_versions (id, version, subject, timeout_ms, retry,"
+            " routing_rules) VALUES ('b', 'v2', 'x.b.v2', 50, 0, '{\"tenant_id\": [\"t1\"]}')",
+        )
         await wait_for(lambda: len(reg.lookup("b").versions) == 1)
         assert {"tenant_id": ["t1"]} == reg.lookup("b").versions[0].routing_rules
         sql(db_url, "DELETE FROM extensions WHERE id = 'b'")
@@ -279,8 +310,9 @@ async def test_database_stopped_mid_run_keeps_serving_then_recovers(
 
     migrate(url)
     insert(url, "a")
-    settings = make_settings(tmp_path, source="database", database_url=url,
-                             sync_interval_seconds=0.5)
+    settings = make_settings(
+        tmp_path, source="database", database_url=url, sync_interval_seconds=0.5
+    )
     async with Registry.open(settings) as reg:
         own_pg.stop()
         await wait_for(lambda: reg.status.stale)
@@ -394,8 +426,9 @@ def test_snapshot_write_removes_old_leftovers_of_killed_writes(tmp_path: Path) -
     fresh.write_bytes(b"y" * 100)
     os.utime(old, (time.time() - 120, time.time() - 120))
     origin = Origin("here:5432/db", "db", "1")
-    write_snapshot_file(path, [parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)],
-                        origin)
+    write_snapshot_file(
+        path, [parse_extension(record("a"), max_timeout_ms=60000, max_retries=10)], origin
+    )
     assert (False, True) == (old.exists(), fresh.exists())
     assert ["a"] == [e.id for e in read_snapshot_file(path, origin.location)[0]]
 
@@ -452,12 +485,15 @@ async def test_failed_snapshot_write_is_retried_without_a_new_change(
     insert(db_url, "a")
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the snapshot's folder should be")
-    settings = make_settings(tmp_path, source="database", database_url=db_url,
-                             snapshot_file=blocker / "snapshot.json")
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, snapshot_file=blocker / "snapshot.json"
+    )
     with capture_logs() as events:
         async with Registry.open(settings):
             await wait_for(lambda: any(e["event"] == "snapshot_file_not_written" for e in events))
             assert not settings.snapshot_path.exists()
             blocker.unlink()
             await wait_for(settings.snapshot_path.exists)
-    assert ["a"] == [r.id for r in read_snapshot_file(settings.snapshot_path, location_of(db_url))[0]]
+    assert ["a"] == [
+        r.id for r in read_snapshot_file(settings.snapshot_path, location_of(db_url))[0]
+    ]

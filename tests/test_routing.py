@@ -22,14 +22,20 @@ def ext(**values: Any) -> Extension:
 
 
 def version(name: str, rules: dict[str, Any], **values: Any) -> Version:
-    base = {"version": name, "subject": f"ext.x.{name}", "timeout_ms": 100, "retry": 0,
-            "routing_rules": rules}
+    base = {
+        "version": name,
+        "subject": f"ext.x.{name}",
+        "timeout_ms": 100,
+        "retry": 0,
+        "routing_rules": rules,
+    }
     return msgspec.convert({**base, **values}, type=Version)
 
 
 def instance(name: str, weight: int, **values: Any) -> Instance:
-    return msgspec.convert({"instance_id": name, "subject": f"ext.x.{name}", "weight": weight,
-                            **values}, type=Instance)
+    return msgspec.convert(
+        {"instance_id": name, "subject": f"ext.x.{name}", "weight": weight, **values}, type=Instance
+    )
 
 
 def ctx(**values: Any) -> Any:
@@ -46,8 +52,16 @@ def ctx(**values: Any) -> Any:
         ({"tenant_id": ["t1"]}, {}, False),
         ({"environment": "prod"}, {"environment": "prod"}, True),
         ({"environment": "prod"}, {"environment": "production"}, False),
-        ({"environment": "prod", "tenant_id": ["t1"]}, {"environment": "prod", "tenant_id": "t1"}, True),
-        ({"environment": "prod", "tenant_id": ["t1"]}, {"environment": "prod", "tenant_id": "t2"}, False),
+        (
+            {"environment": "prod", "tenant_id": ["t1"]},
+            {"environment": "prod", "tenant_id": "t1"},
+            True,
+        ),
+        (
+            {"environment": "prod", "tenant_id": ["t1"]},
+            {"environment": "prod", "tenant_id": "t2"},
+            False,
+        ),
         ({"shard": ["7"]}, {"shard": 7}, True),
     ],
 )
@@ -61,7 +75,10 @@ def test_first_matching_version_wins() -> None:
     """Versions are tried in order; the first match wins; no match gives None."""
     a, b, c = (Target(f"s.{n}", 0.1, 0, n) for n in ("a", "b", "c"))
     versions: list[tuple[Mapping[str, str | Sequence[str]], Target]] = [
-        ({"tenant_id": ["t1"]}, a), ({"tenant_id": ["t1", "t2"]}, b), ({"env": "x"}, c)]
+        ({"tenant_id": ["t1"]}, a),
+        ({"tenant_id": ["t1", "t2"]}, b),
+        ({"env": "x"}, c),
+    ]
     assert a == select_version(versions, ctx(tenant_id="t1"))
     assert b == select_version(versions, ctx(tenant_id="t2"))
     assert select_version(versions, ctx(tenant_id="t9")) is None
@@ -70,8 +87,12 @@ def test_first_matching_version_wins() -> None:
 def test_route_uses_version_then_row() -> None:
     """Enabled versions are routed by their rules; disabled ones are skipped; no match means
     the extension's own row."""
-    record = ext(versions=[version("v2", {"tenant_id": ["t1"]}, timeout_ms=300, retry=2),
-                           version("v3", {}, enabled=False)])
+    record = ext(
+        versions=[
+            version("v2", {"tenant_id": ["t1"]}, timeout_ms=300, retry=2),
+            version("v3", {}, enabled=False),
+        ]
+    )
     route = Route(record, Limits())
     assert Target("ext.x.v2", 0.3, 2, "v2") == route.pick(ctx(tenant_id="t1"))
     assert Target("ext.x.v1", 0.1, 0, "v1") == route.pick(ctx(tenant_id="t2"))
@@ -86,8 +107,11 @@ def test_route_caps_timeout_and_retries() -> None:
 def test_usable_instances_only() -> None:
     """Disabled, unhealthy and zero-weight instances are never chosen; with none usable the
     extension's subject is used; with one, always that one."""
-    unusable = [instance("a", 50, enabled=False), instance("b", 50, health_status="unhealthy"),
-                instance("c", 0)]
+    unusable = [
+        instance("a", 50, enabled=False),
+        instance("b", 50, health_status="unhealthy"),
+        instance("c", 0),
+    ]
     assert "ext.x.v1" == Route(ext(instances=unusable), Limits()).pick(ctx()).subject
     one = Route(ext(instances=[*unusable, instance("d", 10, health_status="degraded")]), Limits())
     assert (False, "ext.x.d") == (one.dynamic, one.pick(ctx()).subject)
@@ -95,7 +119,9 @@ def test_usable_instances_only() -> None:
 
 def test_weighted_choice_follows_weights() -> None:
     """Over 20,000 draws, each instance is chosen in proportion to its weight (within 2%)."""
-    route = Route(ext(instances=[instance("a", 60), instance("b", 30), instance("c", 10)]), Limits())
+    route = Route(
+        ext(instances=[instance("a", 60), instance("b", 30), instance("c", 10)]), Limits()
+    )
     rng = random.Random(7)
     counts = Counter(route.pick(ctx(), rng.random).subject for _ in range(20_000))
     shares = {k: round(v / 20_000, 2) for k, v in counts.items()}
@@ -116,9 +142,10 @@ def test_size_limits_from_metadata() -> None:
     assert (10, 20) == (good.max_payload_size, good.max_metadata_size)
     bad = Route(ext(metadata={"max_payload_size": -1, "max_metadata_size": "big"}), Limits())
     assert (1_048_576, 65_536) == (bad.max_payload_size, bad.max_metadata_size)
-    assert [("metadata.max_payload_size", "must be a positive integer (got -1)"),
-            ("metadata.max_metadata_size", "must be a positive integer (got 'big')")] == \
-        limit_problems({"max_payload_size": -1, "max_metadata_size": "big"})
+    assert [
+        ("metadata.max_payload_size", "must be a positive integer (got -1)"),
+        ("metadata.max_metadata_size", "must be a positive integer (got 'big')"),
+    ] == limit_problems({"max_payload_size": -1, "max_metadata_size": "big"})
 
 
 def test_envelope_bytes_and_limits() -> None:
@@ -126,22 +153,33 @@ def test_envelope_bytes_and_limits() -> None:
     metadata (a payload of exactly the limit passes, one byte more does not)."""
     request = {"payload": {"text": "héllo"}, "metadata": {"lang": "en"}}
     data = encode_envelope("x", request, "t-1", "acme", 1000, 1000)
-    assert {"trace_id": "t-1", "tenant_id": "acme", "payload": {"text": "héllo"},
-            "metadata": {"lang": "en"}} == msgspec.json.decode(data)
+    assert {
+        "trace_id": "t-1",
+        "tenant_id": "acme",
+        "payload": {"text": "héllo"},
+        "metadata": {"lang": "en"},
+    } == msgspec.json.decode(data)
     size = len(msgspec.json.encode(request["payload"]))
     encode_envelope("x", request, None, None, size, 1000)
     with pytest.raises(PayloadTooLarge) as caught:
         encode_envelope("x", request, None, None, size - 1, 1000)
     assert ("x", f"payload is {size} bytes, the limit is {size - 1}", 0) == (
-        caught.value.extension_id, caught.value.reason, caught.value.attempts)
+        caught.value.extension_id,
+        caught.value.reason,
+        caught.value.attempts,
+    )
     with pytest.raises(PayloadTooLarge, match="metadata is 13 bytes, the limit is 12"):
         encode_envelope("x", request, None, None, 1000, 12)
 
 
 def test_envelope_defaults_and_headers() -> None:
     """A missing payload is null and missing metadata {}; headers carry only the ids set."""
-    assert {"trace_id": None, "tenant_id": None, "payload": None, "metadata": {}} == \
-        msgspec.json.decode(encode_envelope("x", {}, None, None, 10, 10))
+    assert {
+        "trace_id": None,
+        "tenant_id": None,
+        "payload": None,
+        "metadata": {},
+    } == msgspec.json.decode(encode_envelope("x", {}, None, None, 10, 10))
     assert headers(None, None) is None
     assert {"trace_id": "t", "tenant_id": "42"} == headers("t", 42)
     assert {"tenant_id": "a"} == headers(None, "a")
@@ -164,12 +202,19 @@ def test_versions_without_created_at_later_in_list_is_newer() -> None:
     """Without created_at (fixtures), a version later in the record counts as newer; a dated
     version is newer than an undated one; equal times fall back to the record's order too."""
     default, canary = version("v2", {}), version("v3", {"tenant_id": ["t1"]})
-    assert "v3" == Route(ext(versions=[default, canary]), Limits()).pick(ctx(tenant_id="t1")).version
-    assert "v2" == Route(ext(versions=[canary, default]), Limits()).pick(ctx(tenant_id="t1")).version
+    assert (
+        "v3" == Route(ext(versions=[default, canary]), Limits()).pick(ctx(tenant_id="t1")).version
+    )
+    assert (
+        "v2" == Route(ext(versions=[canary, default]), Limits()).pick(ctx(tenant_id="t1")).version
+    )
     dated = version("v3", {"tenant_id": ["t1"]}, created_at="2026-01-01T00:00:00Z")
     assert "v3" == Route(ext(versions=[dated, default]), Limits()).pick(ctx(tenant_id="t1")).version
     same = "2026-01-01T00:00:00+00:00"
-    tied = [version("v2", {}, created_at=same), version("v3", {"tenant_id": ["t1"]}, created_at=same)]
+    tied = [
+        version("v2", {}, created_at=same),
+        version("v3", {"tenant_id": ["t1"]}, created_at=same),
+    ]
     assert "v3" == Route(ext(versions=tied), Limits()).pick(ctx(tenant_id="t1")).version
     naive = version("v4", {"tenant_id": ["t1"]}, created_at="2026-03-01T00:00:00")
     assert "v4" == Route(ext(versions=[naive, dated]), Limits()).pick(ctx(tenant_id="t1")).version

@@ -281,8 +281,9 @@ async def test_flaky_delay_is_applied_without_serialising_calls(
     await control(nats_client, {"delay_ms": 3000})  # far longer than sending 5 requests takes
     before = sample_extensions.calls["flaky"]
     started = time.monotonic()
-    waiting = [asyncio.create_task(call(nats_client, "flaky", envelope(), timeout=120))
-               for _ in range(5)]
+    waiting = [
+        asyncio.create_task(call(nats_client, "flaky", envelope(), timeout=120)) for _ in range(5)
+    ]
     deadline = started + 30
     while sample_extensions.calls["flaky"] < before + 5:  # counted as each call arrives
         assert time.monotonic() < deadline, "the delayed calls were taken in one at a time"
@@ -466,10 +467,16 @@ def test_test_provider_reads_the_top_level_prompt() -> None:
     """Like the original's reference test_provider, the sample reads `prompt` at the top level
     of the provider request (the invoker puts the message text there), and builds its output,
     usage and metadata from it; without one it falls back to the message text."""
-    request = {"trace_id": "t-1", "tenant_id": "acme", "provider_id": "test_provider",
-               "prompt": "Summarise this ticket", "parameters": {}, "context": {},
-               "payload": {"message_id": "m-7", "payload": {"blocks": ["not text"]}},
-               "metadata": {}}
+    request = {
+        "trace_id": "t-1",
+        "tenant_id": "acme",
+        "provider_id": "test_provider",
+        "prompt": "Summarise this ticket",
+        "parameters": {},
+        "context": {},
+        "payload": {"message_id": "m-7", "payload": {"blocks": ["not text"]}},
+        "metadata": {},
+    }
     assert {
         "provider_id": "test_provider",
         "output": "Test response: Summarise this ticket",

@@ -39,8 +39,9 @@ DEADLINE_S = 90.0
 
 
 def _env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
+    }
     env.update({f"EXTENSION_REGISTRY_{k.upper()}": v for k, v in settings.items()})
     return env
 
@@ -92,20 +93,34 @@ def test_no_password_or_token_in_any_log_line_or_answer(
     nats, nats_url = secret_nats
     db_password = secret_db.split("//", 1)[1].split("@", 1)[0].split(":", 1)[1]
     nats_password = nats_url.split("//", 1)[1].split("@", 1)[0].split(":", 1)[1]
-    env = _env(source="database", database_url=secret_db, nats_url=nats_url,
-               data_dir=str(tmp_path / "data"))
-    made = subprocess.run([str(EXTREG), "token", "create", "probe", "--role", "admin"],
-                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    env = _env(
+        source="database",
+        database_url=secret_db,
+        nats_url=nats_url,
+        data_dir=str(tmp_path / "data"),
+    )
+    made = subprocess.run(
+        [str(EXTREG), "token", "create", "probe", "--role", "admin"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert 0 == made.returncode, made.stderr
     token = made.stdout.strip().splitlines()[-1]
-    secrets_ = {"database password": db_password, "NATS password": nats_password,
-                "token": token}
+    secrets_ = {"database password": db_password, "NATS password": nats_password, "token": token}
 
     port = free_port()
     out, err = tmp_path / "serve.out", tmp_path / "serve.err"
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen([str(EXTREG), "serve", "--port", str(port)], env=env,
-                                stdout=stdout, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(EXTREG), "serve", "--port", str(port)],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
     answers: list[str] = []
     outputs: dict[str, str] = {}
     try:
@@ -120,12 +135,15 @@ def test_no_password_or_token_in_any_log_line_or_answer(
             _wait("nats_reconnected", _logged(err, "nats_reconnected"), err)
             assert _logged(err, "nats_disconnected")()
 
-            created = client.post("/admin/extensions", headers=auth,
-                                  json=record("secret_probe", timeout_ms=200))
+            created = client.post(
+                "/admin/extensions", headers=auth, json=record("secret_probe", timeout_ms=200)
+            )
             assert 201 == created.status_code, created.text
             anonymous_ready = client.get("/readyz")
-            assert (200, {"status": "ready"}) == (anonymous_ready.status_code,
-                                                 anonymous_ready.json())
+            assert (200, {"status": "ready"}) == (
+                anonymous_ready.status_code,
+                anonymous_ready.json(),
+            )
             detailed = client.get("/readyz", headers=auth)
             assert "********" in detailed.json()["details"]["database"]
             answers += [_answer_text(a) for a in (created, anonymous_ready, detailed)]
@@ -145,8 +163,9 @@ def test_no_password_or_token_in_any_log_line_or_answer(
                 ("GET", "/admin/extensions", {"Authorization": "Basic " + token}),
             ]:
                 body: dict[str, Any] | None = {"payload": {}} if method == "POST" else None
-                answers.append(_answer_text(client.request(method, path, headers=headers,
-                                                           json=body)))
+                answers.append(
+                    _answer_text(client.request(method, path, headers=headers, json=body))
+                )
         outputs["sample-extensions"] = _sample_extensions_output(env, tmp_path)
         outputs["extreg invoke"] = _failed_invoke_output(env, nats_password)
     finally:
@@ -159,12 +178,18 @@ def test_no_password_or_token_in_any_log_line_or_answer(
     outputs["serve stderr"] = err.read_text()
     outputs["serve stdout"] = out.read_text()
     outputs["API answers"] = "\n\n".join(answers)
-    leaks = [(name, where) for where, text in outputs.items()
-             for name, secret in secrets_.items() if secret in text]
+    leaks = [
+        (name, where)
+        for where, text in outputs.items()
+        for name, secret in secrets_.items()
+        if secret in text
+    ]
     assert [] == leaks, leaks
-    print(f"searched {sum(t.count(chr(10)) for t in outputs.values())} lines: "
-          f"{len(outputs['serve stderr'].splitlines())} log lines of serve, "
-          f"{len(answers)} API answers, sample-extensions and extreg invoke output")
+    print(
+        f"searched {sum(t.count(chr(10)) for t in outputs.values())} lines: "
+        f"{len(outputs['serve stderr'].splitlines())} log lines of serve, "
+        f"{len(answers)} API answers, sample-extensions and extreg invoke output"
+    )
     assert "extreg:********@" in outputs["serve stderr"]  # the URL is shown, redacted
 
 
@@ -179,11 +204,13 @@ def _sample_extensions_output(env: dict[str, str], tmp_path: Path) -> str:
     """`extreg sample-extensions` on the password URL: its start line, then Ctrl-C."""
     log = tmp_path / "samples.err"
     with log.open("w") as stderr:
-        proc = subprocess.Popen([str(EXTREG), "sample-extensions"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [str(EXTREG), "sample-extensions"], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     try:
-        _wait("sample extensions serving", lambda: "sample extensions serving" in log.read_text(),
-              log)
+        _wait(
+            "sample extensions serving", lambda: "sample extensions serving" in log.read_text(), log
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
@@ -193,12 +220,18 @@ def _sample_extensions_output(env: dict[str, str], tmp_path: Path) -> str:
 def _failed_invoke_output(env: dict[str, str], nats_password: str) -> str:
     """`extreg invoke` with NATS unreachable at a password URL: its error message."""
     wrong = f"nats://extreg:{nats_password}@127.0.0.1:{free_port()}"
-    result = subprocess.run([str(EXTREG), "invoke", "secret_probe"],
-                            env={**env, "EXTENSION_REGISTRY_NATS_URL": wrong},
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [str(EXTREG), "invoke", "secret_probe"],
+        env={**env, "EXTENSION_REGISTRY_NATS_URL": wrong},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert 0 != result.returncode
     assert "cannot connect to NATS at nats://extreg:********@127.0.0.1" in result.stderr, (
-        result.stderr)
+        result.stderr
+    )
     return result.stdout + result.stderr
 
 
@@ -217,7 +250,8 @@ def test_nats_url_is_a_secret_and_shown_redacted() -> None:
 def test_yaml_error_names_file_line_and_column_but_not_content(tmp_path: Path) -> None:
     """PyYAML's message quotes the offending line; the fixture problem must not."""
     (tmp_path / "creds.yaml").write_text(
-        "id: x\ntype: pre\npassword: hunter2: oops\nsubject: a.b\n", encoding="utf-8")
+        "id: x\ntype: pre\npassword: hunter2: oops\nsubject: a.b\n", encoding="utf-8"
+    )
     with pytest.raises(FixtureError) as info:
         load_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10)
     [problem] = info.value.problems

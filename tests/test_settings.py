@@ -119,8 +119,11 @@ def test_default_fixtures_dir_is_the_bundled_samples() -> None:
     """fixtures_dir defaults to the package's samples: the four reference extensions."""
     s = load()
     assert Path(extreg.__file__).parent / "fixtures" == s.fixtures_dir
-    records = load_fixtures(s.fixtures_dir, max_timeout_ms=s.extension_max_timeout_ms,
-                            max_retries=s.extension_max_retries)
+    records = load_fixtures(
+        s.fixtures_dir,
+        max_timeout_ms=s.extension_max_timeout_ms,
+        max_retries=s.extension_max_retries,
+    )
     assert [
         ("mask_pii", "post", "beamline.ext.post.mask_pii.v1", 150, 0),
         ("normalize_text", "pre", "beamline.ext.pre.normalize_text.v1", 100, 0),
@@ -168,30 +171,38 @@ def test_database_configured_follows_url_host_and_explicit_flag() -> None:
 
 def test_precedence_defaults_then_file_then_environment_then_flags(tmp_path: Path) -> None:
     """Each layer overrides the one below: default < TOML < environment < keyword override."""
-    path = write_toml(tmp_path / "reg.toml", """
+    path = write_toml(
+        tmp_path / "reg.toml",
+        """
 [extension_registry]
 db_name = "from_file"
 db_user = "file_user"
 nats_url = "nats://file:4222"
 extension_max_retries = 3
-""")
+""",
+    )
     s = load(
         config_file=path,
-        environ={"EXTENSION_REGISTRY_DB_USER": "env_user",
-                 "EXTENSION_REGISTRY_NATS_URL": "nats://env:4222",
-                 "EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS": "7"},
+        environ={
+            "EXTENSION_REGISTRY_DB_USER": "env_user",
+            "EXTENSION_REGISTRY_NATS_URL": "nats://env:4222",
+            "EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS": "7",
+        },
         nats_url="nats://flag:4222",
     )
     assert {
-        "db_host": "localhost",                # default only
-        "db_name": "from_file",                # file only
-        "db_user": "env_user",                 # file < environment
-        "nats_url": "nats://flag:4222",        # file < environment < flag
-        "extension_max_retries": 3,            # file only, typed
-        "sync_interval_seconds": 7.0,          # environment only, parsed from text
+        "db_host": "localhost",  # default only
+        "db_name": "from_file",  # file only
+        "db_user": "env_user",  # file < environment
+        "nats_url": "nats://flag:4222",  # file < environment < flag
+        "extension_max_retries": 3,  # file only, typed
+        "sync_interval_seconds": 7.0,  # environment only, parsed from text
     } == {
-        "db_host": s.db_host, "db_name": s.db_name, "db_user": s.db_user,
-        "nats_url": s.nats_url.get_secret_value(), "extension_max_retries": s.extension_max_retries,
+        "db_host": s.db_host,
+        "db_name": s.db_name,
+        "db_user": s.db_user,
+        "nats_url": s.nats_url.get_secret_value(),
+        "extension_max_retries": s.extension_max_retries,
         "sync_interval_seconds": s.sync_interval_seconds,
     }
 
@@ -219,22 +230,32 @@ def test_none_overrides_are_ignored() -> None:
 
 def test_environment_values_are_parsed_to_the_keys_types() -> None:
     """Environment text becomes bools, ints and floats as each key requires."""
-    s = load(environ={
-        "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED": "true",
-        "EXTENSION_REGISTRY_DB_PORT": "6543",
-        "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ERROR_RATE_THRESHOLD": "0.25",
-        "EXTENSION_REGISTRY_SOURCE": "fixtures",
-    })
+    s = load(
+        environ={
+            "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED": "true",
+            "EXTENSION_REGISTRY_DB_PORT": "6543",
+            "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ERROR_RATE_THRESHOLD": "0.25",
+            "EXTENSION_REGISTRY_SOURCE": "fixtures",
+        }
+    )
     assert (True, 6543, 0.25, "fixtures") == (
-        s.circuit_breaker_enabled, s.db_port, s.circuit_breaker_error_rate_threshold, s.source)
+        s.circuit_breaker_enabled,
+        s.db_port,
+        s.circuit_breaker_error_rate_threshold,
+        s.source,
+    )
 
 
 def test_every_contract_key_has_an_environment_name() -> None:
     """Every key of the table can be set as EXTENSION_REGISTRY_<KEY>."""
     values = {
-        "source": ("database", "database"), "db_host": ("h1", "h1"), "db_port": ("1234", 1234),
-        "db_name": ("n1", "n1"), "db_user": ("u1", "u1"),
-        "cache_type": ("memory", "memory"), "sync_interval_seconds": ("5", 5.0),
+        "source": ("database", "database"),
+        "db_host": ("h1", "h1"),
+        "db_port": ("1234", 1234),
+        "db_name": ("n1", "n1"),
+        "db_user": ("u1", "u1"),
+        "cache_type": ("memory", "memory"),
+        "sync_interval_seconds": ("5", 5.0),
         "circuit_breaker_enabled": ("true", True),
         "circuit_breaker_failure_threshold": ("7", 7),
         "circuit_breaker_timeout_seconds": ("9", 9.0),
@@ -254,7 +275,8 @@ def test_every_contract_key_has_an_environment_name() -> None:
     }
     s = load(environ={f"EXTENSION_REGISTRY_{k.upper()}": v for k, (v, _) in values.items()})
     assert {k: want for k, (_, want) in values.items()} == {
-        k: getattr(s, k).get_secret_value() if k == "nats_url" else getattr(s, k) for k in values}
+        k: getattr(s, k).get_secret_value() if k == "nats_url" else getattr(s, k) for k in values
+    }
 
 
 # -- Settings() alone (issue 8: it ignored the environment) --------------------------------
@@ -267,25 +289,35 @@ def test_settings_alone_reads_the_environment(environ: pytest.MonkeyPatch) -> No
     environ.setenv("EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS", "7")
     environ.setenv("EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED", "true")
     s = Settings()
-    assert ("from_env", 7.0, True) == (s.db_name, s.sync_interval_seconds,
-                                       s.circuit_breaker_enabled)
+    assert ("from_env", 7.0, True) == (
+        s.db_name,
+        s.sync_interval_seconds,
+        s.circuit_breaker_enabled,
+    )
 
 
 def test_settings_alone_reads_every_layer(environ: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`Settings(**keywords)`: default < the TOML file named by EXTENSION_REGISTRY_CONFIG <
     environment < keyword argument."""
-    path = write_toml(tmp_path / "reg.toml", """
+    path = write_toml(
+        tmp_path / "reg.toml",
+        """
 [extension_registry]
 db_name = "from_file"
 db_user = "file_user"
 nats_url = "nats://file:4222"
-""")
+""",
+    )
     environ.setenv("EXTENSION_REGISTRY_CONFIG", str(path))
     environ.setenv("EXTENSION_REGISTRY_DB_USER", "env_user")
     environ.setenv("EXTENSION_REGISTRY_NATS_URL", "nats://env:4222")
     s = Settings(nats_url="nats://keyword:4222")
     assert ("localhost", "from_file", "env_user", "nats://keyword:4222") == (
-        s.db_host, s.db_name, s.db_user, s.nats_url.get_secret_value())
+        s.db_host,
+        s.db_name,
+        s.db_user,
+        s.nats_url.get_secret_value(),
+    )
 
 
 def test_settings_alone_refuses_an_unknown_environment_variable(
@@ -325,10 +357,16 @@ def test_bad_keyword_database_url_is_a_config_error_without_the_password(
         assert part in message, (part, message)
 
 
-@pytest.mark.parametrize(("values", "key"), [
-    ({"db_port": 0}, "db_port"), ({"cache_type": "mnesia"}, "cache_type"),
-    ({"colour": "blue"}, "colour"), ({"db_password": 123456789}, "db_password"),
-], ids=["port", "mnesia", "unknown", "password-type"])
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"db_port": 0}, "db_port"),
+        ({"cache_type": "mnesia"}, "cache_type"),
+        ({"colour": "blue"}, "colour"),
+        ({"db_password": 123456789}, "db_password"),
+    ],
+    ids=["port", "mnesia", "unknown", "password-type"],
+)
 def test_bad_keyword_is_a_config_error_naming_key_and_origin(
     environ: pytest.MonkeyPatch, values: dict[str, object], key: str
 ) -> None:
@@ -338,7 +376,10 @@ def test_bad_keyword_is_a_config_error_naming_key_and_origin(
         Settings(**values)
     message = str(info.value)
     assert (key in message, "keyword argument" in message, "123456789" in message) == (
-        True, True, False), message
+        True,
+        True,
+        False,
+    ), message
 
 
 def test_keys_are_lower_case_in_the_file_and_as_keywords(
@@ -368,12 +409,17 @@ async def test_registry_open_settings_uses_the_database_of_the_environment(
     """The contract's first lines: with EXTENSION_REGISTRY_DATABASE_URL set,
     `Registry.open(Settings())` serves that database (it used to fall back to fixtures)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO extensions (id, type, subject) VALUES ('from_env_db', 'pre', 'a.b')")
+        conn.execute(
+            "INSERT INTO extensions (id, type, subject) VALUES ('from_env_db', 'pre', 'a.b')"
+        )
     environ.setenv("EXTENSION_REGISTRY_DATABASE_URL", db_url)
     environ.setenv("EXTENSION_REGISTRY_DATA_DIR", str(tmp_path / "data"))
     async with Registry.open(Settings()) as reg:
         assert ("auto", "database", ["from_env_db"]) == (
-            reg.status.mode, reg.status.source, [e.id for e in reg.all()])
+            reg.status.mode,
+            reg.status.source,
+            [e.id for e in reg.all()],
+        )
 
 
 # -- cache_type ------------------------------------------------------------------------------
@@ -403,7 +449,7 @@ def test_cache_type_memory_and_ets_are_accepted(cache_type: str) -> None:
 
 def test_unknown_key_in_the_toml_file_names_key_and_file(tmp_path: Path) -> None:
     """An unknown key in [extension_registry] is a ConfigError naming the key and the file."""
-    path = write_toml(tmp_path / "reg.toml", "[extension_registry]\ncolour = \"blue\"\n")
+    path = write_toml(tmp_path / "reg.toml", '[extension_registry]\ncolour = "blue"\n')
     message = config_error(config_file=path)
     for part in ("colour", f"config file {path}", "unknown setting"):
         assert part in message, (part, message)
@@ -418,8 +464,9 @@ def test_unknown_key_in_the_environment_names_the_variable() -> None:
 
 def test_unknown_table_in_the_toml_file_is_refused(tmp_path: Path) -> None:
     """A TOML table other than [extension_registry] is refused, naming it and the file."""
-    path = write_toml(tmp_path / "reg.toml",
-                      "[extension_registry]\ndb_name = \"x\"\n[registry]\ndb_name = \"y\"\n")
+    path = write_toml(
+        tmp_path / "reg.toml", '[extension_registry]\ndb_name = "x"\n[registry]\ndb_name = "y"\n'
+    )
     message = config_error(config_file=path)
     for part in (str(path), "registry"):
         assert part in message, (part, message)
@@ -427,7 +474,7 @@ def test_unknown_table_in_the_toml_file_is_refused(tmp_path: Path) -> None:
 
 def test_toml_file_without_the_table_is_refused(tmp_path: Path) -> None:
     """A TOML file whose keys are not in an [extension_registry] table is refused."""
-    path = write_toml(tmp_path / "reg.toml", "db_name = \"x\"\n")
+    path = write_toml(tmp_path / "reg.toml", 'db_name = "x"\n')
     message = config_error(config_file=path)
     for part in (str(path), "[extension_registry]"):
         assert part in message, (part, message)
@@ -436,17 +483,37 @@ def test_toml_file_without_the_table_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("environ", "overrides", "parts"),
     [
-        ({"EXTENSION_REGISTRY_DB_PORT": "99999"}, {}, ("EXTENSION_REGISTRY_DB_PORT", "environment")),
-        ({"EXTENSION_REGISTRY_DB_PORT": "not-a-port"}, {},
-         ("EXTENSION_REGISTRY_DB_PORT", "environment")),
+        (
+            {"EXTENSION_REGISTRY_DB_PORT": "99999"},
+            {},
+            ("EXTENSION_REGISTRY_DB_PORT", "environment"),
+        ),
+        (
+            {"EXTENSION_REGISTRY_DB_PORT": "not-a-port"},
+            {},
+            ("EXTENSION_REGISTRY_DB_PORT", "environment"),
+        ),
         ({}, {"db_port": 0}, ("db_port", "command line")),
         ({}, {"sync_interval_seconds": -1}, ("sync_interval_seconds", "command line")),
-        ({"EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS": "-5"}, {},
-         ("EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS", "environment")),
-        ({"EXTENSION_REGISTRY_SOURCE": "postgres"}, {}, ("EXTENSION_REGISTRY_SOURCE", "environment")),
+        (
+            {"EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS": "-5"},
+            {},
+            ("EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS", "environment"),
+        ),
+        (
+            {"EXTENSION_REGISTRY_SOURCE": "postgres"},
+            {},
+            ("EXTENSION_REGISTRY_SOURCE", "environment"),
+        ),
     ],
-    ids=["port-too-big", "port-not-a-number", "port-zero-flag", "negative-interval-flag",
-         "negative-interval-env", "unknown-source"],
+    ids=[
+        "port-too-big",
+        "port-not-a-number",
+        "port-zero-flag",
+        "negative-interval-flag",
+        "negative-interval-env",
+        "unknown-source",
+    ],
 )
 def test_bad_values_name_the_key_and_origin(
     environ: dict[str, str], overrides: dict[str, object], parts: tuple[str, ...]
@@ -510,8 +577,12 @@ def test_password_not_in_repr_str_or_db_display_with_a_url() -> None:
 
 def test_password_not_in_repr_str_or_db_display_with_parts() -> None:
     """db_password (set through the environment) stays hidden; db_display masks it."""
-    s = load(environ={"EXTENSION_REGISTRY_DB_HOST": "db.example",
-                      "EXTENSION_REGISTRY_DB_PASSWORD": SECRET})
+    s = load(
+        environ={
+            "EXTENSION_REGISTRY_DB_HOST": "db.example",
+            "EXTENSION_REGISTRY_DB_PASSWORD": SECRET,
+        }
+    )
     for text in (repr(s), str(s), s.db_display):
         assert SECRET not in text
     assert "postgresql://beamline:********@db.example:5432/beamline" == s.db_display
@@ -541,13 +612,14 @@ def test_bad_database_url_from_environment_does_not_show_its_password() -> None:
 def test_unrelated_config_error_does_not_show_the_password() -> None:
     """A ConfigError about another key (cache_type, db_port) never shows db_password or a URL
     password configured alongside it."""
-    for bad in ({"EXTENSION_REGISTRY_CACHE_TYPE": "mnesia"},
-                {"EXTENSION_REGISTRY_DB_PORT": "0"}):
-        message = config_error(environ={
-            "EXTENSION_REGISTRY_DB_PASSWORD": SECRET,
-            "EXTENSION_REGISTRY_DATABASE_URL": f"postgresql://u:{SECRET}@h/db",
-            **bad,
-        })
+    for bad in ({"EXTENSION_REGISTRY_CACHE_TYPE": "mnesia"}, {"EXTENSION_REGISTRY_DB_PORT": "0"}):
+        message = config_error(
+            environ={
+                "EXTENSION_REGISTRY_DB_PASSWORD": SECRET,
+                "EXTENSION_REGISTRY_DATABASE_URL": f"postgresql://u:{SECRET}@h/db",
+                **bad,
+            }
+        )
         assert SECRET not in message, message
 
 
@@ -563,16 +635,28 @@ def test_bad_password_type_error_does_not_show_it(tmp_path: Path) -> None:
     ("url", "expected"),
     [
         (f"postgresql://u:{SECRET}@h:5432/db", "postgresql://u:********@h:5432/db"),
-        (f"postgresql://u:{SECRET}@h/db?sslmode=require", "postgresql://u:********@h/db?sslmode=require"),
-        (f"postgresql://h/db?user=u&password={SECRET}&sslmode=require",
-         "postgresql://h/db?user=u&password=********&sslmode=require"),
+        (
+            f"postgresql://u:{SECRET}@h/db?sslmode=require",
+            "postgresql://u:********@h/db?sslmode=require",
+        ),
+        (
+            f"postgresql://h/db?user=u&password={SECRET}&sslmode=require",
+            "postgresql://h/db?user=u&password=********&sslmode=require",
+        ),
         (f"postgresql://h/db?PASSWORD={SECRET}", "postgresql://h/db?password=********"),
         (f"postgresql://u:p@{SECRET}@h/db", "postgresql://u:********@h/db"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("postgresql://h/db", "postgresql://h/db"),
     ],
-    ids=["userinfo", "userinfo-with-query", "query", "query-upper-case", "at-sign-in-password",
-         "user-only", "no-auth"],
+    ids=[
+        "userinfo",
+        "userinfo-with-query",
+        "query",
+        "query-upper-case",
+        "at-sign-in-password",
+        "user-only",
+        "no-auth",
+    ],
 )
 def test_redact_url(url: str, expected: str) -> None:
     """redact_url masks a userinfo password and a password= parameter, and nothing else."""

@@ -22,8 +22,10 @@ from extreg.metrics import Metrics
 from extreg.registry import Registry
 
 BAD_OVERRIDES = {
-    "circuit_breaker_failure_threshold": ({"circuit_breaker_failure_threshold": -1},
-                                          "metadata.circuit_breaker_failure_threshold"),
+    "circuit_breaker_failure_threshold": (
+        {"circuit_breaker_failure_threshold": -1},
+        "metadata.circuit_breaker_failure_threshold",
+    ),
     "unknown_breaker_key": ({"circuit_breaker_colour": "red"}, "metadata.circuit_breaker_colour"),
     "max_payload_size": ({"max_payload_size": "big"}, "metadata.max_payload_size"),
 }
@@ -35,9 +37,12 @@ def sql(url: str, statement: str, params: tuple[object, ...] = ()) -> None:
 
 
 def insert(url: str, ext_id: str, subject: str | None = None, metadata: object = None) -> None:
-    sql(url, "INSERT INTO extensions (id, type, subject, timeout_ms, metadata)"
-             " VALUES (%s, 'pre', %s, 100, %s)",
-        (ext_id, subject or f"beamline.ext.pre.{ext_id}.v1", json.dumps(metadata or {})))
+    sql(
+        url,
+        "INSERT INTO extensions (id, type, subject, timeout_ms, metadata)"
+        " VALUES (%s, 'pre', %s, 100, %s)",
+        (ext_id, subject or f"beamline.ext.pre.{ext_id}.v1", json.dumps(metadata or {})),
+    )
 
 
 @pytest.mark.parametrize("case", sorted(BAD_OVERRIDES))
@@ -49,8 +54,9 @@ def test_parse_refuses_unusable_overrides(case: str) -> None:
 
 
 def test_fixtures_refuse_unusable_overrides(tmp_path: Path) -> None:
-    (tmp_path / "x.json").write_text(json.dumps(
-        record("x", metadata={"circuit_breaker_timeout_seconds": 0})))
+    (tmp_path / "x.json").write_text(
+        json.dumps(record("x", metadata={"circuit_breaker_timeout_seconds": 0}))
+    )
     with pytest.raises(FixtureError) as refused:
         load_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10)
     text = str(refused.value)
@@ -60,15 +66,20 @@ def test_fixtures_refuse_unusable_overrides(tmp_path: Path) -> None:
 async def test_api_refuses_unusable_overrides(tmp_path: Path, db_url: str) -> None:
     async with database_api(tmp_path, db_url) as api:
         answer = await api.client.post(
-            "/admin/extensions", headers=api.auth("admin"),
-            json=record("x", metadata={"circuit_breaker_error_rate_threshold": 2}))
+            "/admin/extensions",
+            headers=api.auth("admin"),
+            json=record("x", metadata={"circuit_breaker_error_rate_threshold": 2}),
+        )
         assert 422 == answer.status_code, answer.text
         assert [["body", "metadata", "circuit_breaker_error_rate_threshold"]] == [
-            d["loc"] for d in answer.json()["detail"]]
+            d["loc"] for d in answer.json()["detail"]
+        ]
         assert api.runtime.registry.get("x") is None
 
 
-async def test_bad_database_rows_are_left_out_named_and_counted(tmp_path: Path, db_url: str) -> None:
+async def test_bad_database_rows_are_left_out_named_and_counted(
+    tmp_path: Path, db_url: str
+) -> None:
     """Rows that break a rule the schema cannot enforce (a bad override, a wildcard subject,
     a timeout over the configured limit) are left out of a full load, each named with its
     reason in status and counted in a metric; the good rows are served."""
@@ -101,8 +112,11 @@ async def test_a_row_changed_to_bad_leaves_the_cache_and_returns_when_fixed(
     insert(db_url, "b")
     settings = make_settings(tmp_path, source="database", database_url=db_url)
     async with Registry.open(settings) as reg:
-        sql(db_url, "UPDATE extensions SET metadata = %s WHERE id = 'a'",
-            (json.dumps({"max_metadata_size": -5}),))
+        sql(
+            db_url,
+            "UPDATE extensions SET metadata = %s WHERE id = 'a'",
+            (json.dumps({"max_metadata_size": -5}),),
+        )
         await until(lambda: reg.get("a") is None)
         assert ["b"] == [e.id for e in reg.all()]
         assert ["a"] == sorted(reg.status.invalid_records)

@@ -68,8 +68,7 @@ from testsupport.pgprocess import PostgresProcess, free_port
 DEFAULT_NODES = 3
 DATABASE = "extreg"
 ACTOR = "cluster:setup"
-TOKEN_NAMES = {"viewer": "cluster-viewer", "operator": "cluster-operator",
-               "admin": "cluster-admin"}
+TOKEN_NAMES = {"viewer": "cluster-viewer", "operator": "cluster-operator", "admin": "cluster-admin"}
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 # Health reaches the database (and so the other nodes) within half a second; record changes
@@ -104,8 +103,7 @@ def _extreg_command() -> list[str]:
 
 def _clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment without any extreg setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith((ENV_PREFIX, "EXTREG_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith((ENV_PREFIX, "EXTREG_"))}
     env.update(extra)
     return env
 
@@ -114,9 +112,14 @@ def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
     """`extreg ARGS` in its own session (a Ctrl-C meant for the caller does not reach it, the
     harness stops it), output appended to `log_path`; remembered for the exit handler."""
     with log_path.open("ab") as log_file:
-        proc = subprocess.Popen([*_extreg_command(), *args], stdin=subprocess.DEVNULL,
-                                stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*_extreg_command(), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     _live.add(proc)
     return proc
 
@@ -188,8 +191,9 @@ class Node:
         self.client = self._new_client()
 
     def _new_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=10.0,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        return httpx.AsyncClient(
+            base_url=self.url, timeout=10.0, headers={"Authorization": f"Bearer {self.token}"}
+        )
 
     @property
     def url(self) -> str:
@@ -271,8 +275,9 @@ class Cluster:
         self.settings = {**BASE_SETTINGS, **(settings or {})}
         Settings.load(environ={}, **self.settings)  # a bad key or value fails here, clearly
         self._own_workdir = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="extreg-cluster-")) if workdir is None \
-            else workdir
+        self.workdir = (
+            Path(tempfile.mkdtemp(prefix="extreg-cluster-")) if workdir is None else workdir
+        )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.with_samples = samples
         self.pg: PostgresProcess | None = None
@@ -311,8 +316,9 @@ class Cluster:
         await asyncio.to_thread(migrate, self.db_url)
         await self._import_samples()
         store = TokenStore(self.db_url)
-        self.tokens = {role: await store.create(name, role, ACTOR)
-                       for role, name in TOKEN_NAMES.items()}
+        self.tokens = {
+            role: await store.create(name, role, ACTOR) for role, name in TOKEN_NAMES.items()
+        }
         self.nats = NatsServer()
         await self.nats.astart()
         if self.with_samples:
@@ -320,8 +326,15 @@ class Cluster:
         for index in range(self.size):
             data_dir = self.workdir / f"node{index}"
             data_dir.mkdir(exist_ok=True)
-            self.nodes.append(Node(index, free_port(), data_dir, self.workdir / f"node{index}.log",
-                                   self.tokens["admin"]))
+            self.nodes.append(
+                Node(
+                    index,
+                    free_port(),
+                    data_dir,
+                    self.workdir / f"node{index}.log",
+                    self.tokens["admin"],
+                )
+            )
         for node in self.nodes:
             self._launch(node)
         await asyncio.gather(*(node.wait_ready() for node in self.nodes))
@@ -363,11 +376,15 @@ class Cluster:
             **self.settings,
         }
         return _clean_environment(
-            {ENV_PREFIX + key.upper(): _env_value(value) for key, value in values.items()})
+            {ENV_PREFIX + key.upper(): _env_value(value) for key, value in values.items()}
+        )
 
     def _launch(self, node: Node) -> None:
-        node.proc = _spawn(["serve", "--host", "127.0.0.1", "--port", str(node.port)],
-                           node.log_path, self.node_environment(node))
+        node.proc = _spawn(
+            ["serve", "--host", "127.0.0.1", "--port", str(node.port)],
+            node.log_path,
+            self.node_environment(node),
+        )
 
     async def stop_node(self, index: int, sig: int = signal.SIGTERM) -> int | None:
         """Stop one node (`sig` = SIGKILL for a crash); its exit status."""
@@ -394,24 +411,31 @@ class Cluster:
 
     async def _import_samples(self) -> None:
         settings = Settings.load(environ={}, source="database", database_url=self.db_url)
-        records = [parse_extension(s.record(), max_timeout_ms=settings.extension_max_timeout_ms,
-                                   max_retries=settings.extension_max_retries)
-                   for s in SAMPLE_EXTENSIONS]
+        records = [
+            parse_extension(
+                s.record(),
+                max_timeout_ms=settings.extension_max_timeout_ms,
+                max_retries=settings.extension_max_retries,
+            )
+            for s in SAMPLE_EXTENSIONS
+        ]
         async with PostgresSource(settings) as db:
             await db.import_extensions(records, ACTOR)
 
     async def query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run one SQL statement on the cluster's database (autocommit); its rows."""
-        async with await psycopg.AsyncConnection.connect(self.db_url, autocommit=True,
-                                                         connect_timeout=3) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            self.db_url, autocommit=True, connect_timeout=3
+        ) as conn:
             cur = await conn.execute(statement, params)
             return list(await cur.fetchall()) if cur.description else []
 
     async def _start_samples(self) -> None:
         assert self.nats is not None
         log_path = self.workdir / "samples.log"
-        self.samples_proc = _spawn(["sample-extensions", "--nats-url", self.nats.url], log_path,
-                                   _clean_environment({}))
+        self.samples_proc = _spawn(
+            ["sample-extensions", "--nats-url", self.nats.url], log_path, _clean_environment({})
+        )
         self.nc = await nats.connect(self.nats.url, name="extreg-cluster", connect_timeout=2)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:  # the control subject answers once every sample is subscribed
@@ -429,8 +453,9 @@ class Cluster:
         `failure_mode`, `seed`, `reset`; nothing reads its state) and return its answer."""
         if self.nc is None:
             raise ClusterError("the sample extensions are not running")
-        reply = await self.nc.request(FLAKY_CONTROL_SUBJECT, msgspec.json.encode(control),
-                                      timeout=timeout_s)
+        reply = await self.nc.request(
+            FLAKY_CONTROL_SUBJECT, msgspec.json.encode(control), timeout=timeout_s
+        )
         answer: dict[str, Any] = msgspec.json.decode(reply.data)
         if not answer.get("ok"):
             raise ClusterError(f"flaky control refused {control}: {answer.get('error')}")

@@ -35,7 +35,7 @@ class StatementCounter:
         self.conninfo = conninfo
         with psycopg.connect(conninfo, autocommit=True) as conn:
             dbname = conn.info.dbname
-            conn.execute(f'ALTER DATABASE "{dbname}" SET log_statement = \'all\'')
+            conn.execute(f"ALTER DATABASE \"{dbname}\" SET log_statement = 'all'")
 
     def mark(self) -> str:
         """Log a unique marker statement and return it."""

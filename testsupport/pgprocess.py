@@ -53,8 +53,20 @@ class PostgresProcess:
             assert entry is not None
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
             self._user = {"user": entry.pw_uid, "group": entry.pw_gid}
-        self._run([str(POSTGRES_BIN_PATH / "initdb"), "-D", str(self.data), "-U", "postgres",
-                   "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"])
+        self._run(
+            [
+                str(POSTGRES_BIN_PATH / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ]
+        )
 
     def url(self, dbname: str = "postgres", password: str | None = None) -> str:
         auth = f"postgres:{password}" if password else "postgres"
@@ -64,9 +76,22 @@ class PostgresProcess:
         settings = [] if self.durable else [a for s in FAST_SETTINGS for a in ("-c", s)]
         with open(self.root / "log", "ab") as log_file:
             self.proc = subprocess.Popen(
-                [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                 "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", *settings],
-                stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True, **self._user,
+                [
+                    str(POSTGRES_BIN_PATH / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.root),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    *settings,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                start_new_session=True,
+                **self._user,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -75,7 +100,9 @@ class PostgresProcess:
                     return
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"PostgreSQL did not start; see {self.root / 'log'}") from None
+                    raise RuntimeError(
+                        f"PostgreSQL did not start; see {self.root / 'log'}"
+                    ) from None
                 time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 20) -> None:

@@ -58,12 +58,25 @@ err = Console(stderr=True, markup=False, highlight=False)
 ERROR = Text("error: ", style="red")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-UrlOption = Annotated[str | None, typer.Option(
-    "--url", envvar="EXTREG_URL", show_default=False,
-    help="Act through the extreg server at this URL (else directly on the database).")]
-TokenOption = Annotated[str | None, typer.Option(
-    "--token", envvar="EXTREG_TOKEN", show_default=False, show_envvar=True,
-    help="API token for --url.")]
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        envvar="EXTREG_URL",
+        show_default=False,
+        help="Act through the extreg server at this URL (else directly on the database).",
+    ),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="EXTREG_TOKEN",
+        show_default=False,
+        show_envvar=True,
+        help="API token for --url.",
+    ),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +105,9 @@ def _global(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     logs.configure(log_level)
-    ctx.obj = Options(config, {"database_url": database_url, "source": source,
-                               "fixtures_dir": fixtures_dir})
+    ctx.obj = Options(
+        config, {"database_url": database_url, "source": source, "fixtures_dir": fixtures_dir}
+    )
 
 
 def settings(ctx: typer.Context) -> Settings:
@@ -141,8 +155,11 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8080,
-    demo: Annotated[bool, typer.Option(
-        "--demo", help="Also run an embedded NATS server, the sample extensions and traffic.")
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo", help="Also run an embedded NATS server, the sample extensions and traffic."
+        ),
     ] = False,
 ) -> None:
     """Run the registry until Ctrl-C, logging what it loaded and every change."""
@@ -173,7 +190,10 @@ def import_fixtures(
     s = settings(ctx)
     records = _fixtures(folder, s)
     report = on_database(s, lambda db: db.import_extensions(records, actor(), dry_run=dry_run))
-    counts = {k: sorted(i for i, v in report.items() if v == k) for k in ("created", "updated", "unchanged")}
+    counts = {
+        k: sorted(i for i, v in report.items() if v == k)
+        for k in ("created", "updated", "unchanged")
+    }
     if json:
         emit_json({"dry_run": dry_run, **counts})
         return
@@ -229,8 +249,15 @@ def list_(ctx: typer.Context, json: JsonFlag = False) -> None:
         return
     table = Table("id", "type", "version", "subject", "timeout", "retry", "enabled")
     for e in records:
-        table.add_row(e.id, e.type, e.version, e.subject, f"{e.timeout_ms} ms", str(e.retry),
-                      "yes" if e.enabled else Text("no", style="red"))
+        table.add_row(
+            e.id,
+            e.type,
+            e.version,
+            e.subject,
+            f"{e.timeout_ms} ms",
+            str(e.retry),
+            "yes" if e.enabled else Text("no", style="red"),
+        )
     out.print(table)
 
 
@@ -273,15 +300,17 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
 
 
 @app.command()
-def enable(ctx: typer.Context, extension_id: str, url: UrlOption = None,
-           token: TokenOption = None) -> None:
+def enable(
+    ctx: typer.Context, extension_id: str, url: UrlOption = None, token: TokenOption = None
+) -> None:
     """Enable an extension (audited); every running registry picks it up by notification."""
     _set_enabled(ctx, extension_id, True, url, token)
 
 
 @app.command()
-def disable(ctx: typer.Context, extension_id: str, url: UrlOption = None,
-            token: TokenOption = None) -> None:
+def disable(
+    ctx: typer.Context, extension_id: str, url: UrlOption = None, token: TokenOption = None
+) -> None:
     """Disable an extension (audited); every running registry picks it up by notification."""
     _set_enabled(ctx, extension_id, False, url, token)
 
@@ -324,9 +353,16 @@ def health(
     table = Table("id", "type", "circuit", "success", "calls", "avg ms", "p95 ms", "last failure")
     for item in report["extensions"]:
         h = item["health"]
-        table.add_row(item["id"], item["type"], h["circuit_breaker_state"],
-                      f"{h['success_rate']:.0%}", str(h["success_count"] + h["failure_count"]),
-                      str(h["avg_latency_ms"]), str(h["p95_latency_ms"]), h["last_failure"] or "")
+        table.add_row(
+            item["id"],
+            item["type"],
+            h["circuit_breaker_state"],
+            f"{h['success_rate']:.0%}",
+            str(h["success_count"] + h["failure_count"]),
+            str(h["avg_latency_ms"]),
+            str(h["p95_latency_ms"]),
+            h["last_failure"] or "",
+        )
     out.print(table)
     if "summary" in report:
         out.print(" ".join(f"{k}={v}" for k, v in report["summary"].items()))
@@ -352,8 +388,13 @@ def audit(
         return
     table = Table("changed_at", "extension", "action", "changed_by", "fields")
     for row in rows:
-        table.add_row(str(row["changed_at"]), row["extension_id"], row["action"],
-                      row["changed_by"] or "", ", ".join(_changed_fields(row)))
+        table.add_row(
+            str(row["changed_at"]),
+            row["extension_id"],
+            row["action"],
+            row["changed_by"] or "",
+            ", ".join(_changed_fields(row)),
+        )
     out.print(table)
 
 
@@ -389,8 +430,12 @@ def invoke(
 @app.command("sample-extensions")
 def sample_extensions(
     ctx: typer.Context,
-    nats_url: Annotated[str | None, typer.Option(
-        "--nats-url", show_default=False, help="NATS server (default: the nats_url setting).")] = None,
+    nats_url: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-url", show_default=False, help="NATS server (default: the nats_url setting)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the sample extensions on NATS until Ctrl-C (the four reference ones, flaky, echo).
 
@@ -403,8 +448,9 @@ def sample_extensions(
 
 # -- API tokens ----------------------------------------------------------------------------
 
-token_app = typer.Typer(help="API tokens: create, list, revoke (only hashes are stored).",
-                        no_args_is_help=True)
+token_app = typer.Typer(
+    help="API tokens: create, list, revoke (only hashes are stored).", no_args_is_help=True
+)
 app.add_typer(token_app, name="token")
 
 
@@ -413,8 +459,12 @@ def token_create(
     ctx: typer.Context,
     name: str,
     role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")],
-    file: Annotated[Path | None, typer.Option(
-        "--file", help="Add it to this JSON tokens file (api_tokens_file) instead of the database.")
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Add it to this JSON tokens file (api_tokens_file) instead of the database.",
+        ),
     ] = None,
     json: JsonFlag = False,
 ) -> None:
@@ -433,8 +483,10 @@ def token_create(
     if json:
         emit_json({"name": name, "role": checked, "token": secret})
         return
-    out.print(f"token {name!r} ({checked}) stored as a hash in {where}; it is shown only now:",
-              highlight=False)
+    out.print(
+        f"token {name!r} ({checked}) stored as a hash in {where}; it is shown only now:",
+        highlight=False,
+    )
     sys.stdout.write(secret + "\n")
 
 
@@ -447,8 +499,13 @@ def token_list(ctx: typer.Context, json: JsonFlag = False) -> None:
         return
     table = Table("name", "role", "created_at", "created_by", "revoked_at")
     for row in rows:
-        table.add_row(row["name"], row["role"], str(row["created_at"]), row["created_by"] or "",
-                      str(row["revoked_at"] or ""))
+        table.add_row(
+            row["name"],
+            row["role"],
+            str(row["created_at"]),
+            row["created_by"] or "",
+            str(row["revoked_at"] or ""),
+        )
     out.print(table)
 
 
@@ -462,19 +519,23 @@ def token_revoke(ctx: typer.Context, name: str) -> None:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _set_enabled(ctx: typer.Context, extension_id: str, enabled: bool, url: str | None,
-                 token: str | None) -> None:
+def _set_enabled(
+    ctx: typer.Context, extension_id: str, enabled: bool, url: str | None, token: str | None
+) -> None:
     if url:
         with ApiClient(url, token) as api:
             api.set_enabled(extension_id, enabled)
         out.print(f"{extension_id} {'enabled' if enabled else 'disabled'}")
         return
-    outcome, _ = on_database(_database_settings(ctx),
-                             lambda db: db.set_enabled(extension_id, enabled, actor()))
+    outcome, _ = on_database(
+        _database_settings(ctx), lambda db: db.set_enabled(extension_id, enabled, actor())
+    )
     if outcome == "absent":
         raise ExtensionNotFound(extension_id)
     state = "enabled" if enabled else "disabled"
-    out.print(f"{extension_id} {state}" if outcome == "updated" else f"{extension_id} was already {state}")
+    out.print(
+        f"{extension_id} {state}" if outcome == "updated" else f"{extension_id} was already {state}"
+    )
 
 
 def _invoke_directly(
@@ -505,23 +566,26 @@ def _health_from_database(ctx: typer.Context, extension_id: str | None) -> dict[
     rows = on_database(s, lambda db: db.health_rows(extension_id))
     if extension_id is not None and not rows:
         raise ExtensionNotFound(extension_id)
-    return report_from_rows(rows, s.health_based_routing_min_success_rate,
-                            breaker_enabled=s.circuit_breaker_enabled)
+    return report_from_rows(
+        rows, s.health_based_routing_min_success_rate, breaker_enabled=s.circuit_breaker_enabled
+    )
 
 
 def _audit_from_database(
     ctx: typer.Context, extension_id: str | None, limit: int
 ) -> list[dict[str, Any]]:
     rows = on_database(_database_settings(ctx), lambda db: db.audit_trail(extension_id, limit))
-    return [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
-            for row in rows]
+    return [
+        {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()} for row in rows
+    ]
 
 
 def _changed_fields(row: dict[str, Any]) -> list[str]:
     """The fields an audit row changed (stamps left out)."""
     old, new = row.get("old_values") or {}, row.get("new_values") or {}
-    return sorted(k for k in set(old) | set(new)
-                  if k not in DATABASE_KEPT and old.get(k) != new.get(k))
+    return sorted(
+        k for k in set(old) | set(new) if k not in DATABASE_KEPT and old.get(k) != new.get(k)
+    )
 
 
 def _token_store(ctx: typer.Context) -> TokenStore:
@@ -552,11 +616,19 @@ def _load_all(s: Settings) -> list[Extension]:
 
 
 def _fixtures(folder: Path, s: Settings) -> list[Extension]:
-    return load_fixtures(folder, max_timeout_ms=s.extension_max_timeout_ms,
-                         max_retries=s.extension_max_retries)
+    return load_fixtures(
+        folder, max_timeout_ms=s.extension_max_timeout_ms, max_retries=s.extension_max_retries
+    )
 
 
-BAD_INPUT = (ConfigError, FixtureError, InvalidRecord, SnapshotFileError, ExtensionNotFound, Conflict)
+BAD_INPUT = (
+    ConfigError,
+    FixtureError,
+    InvalidRecord,
+    SnapshotFileError,
+    ExtensionNotFound,
+    Conflict,
+)
 
 
 def main() -> None:

@@ -38,13 +38,20 @@ URL_ENV, TOKEN_ENV = "EXTREG_URL", "EXTREG_TOKEN"
 class ApiClient:
     """`ApiClient(url, token)`; one method per CLI command acting through the API."""
 
-    def __init__(self, url: str, token: str | None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self._has_token = bool(token)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s,
-                                  transport=transport)
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout_s, transport=transport
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -63,8 +70,11 @@ class ApiClient:
         return report
 
     def health(self, extension_id: str | None = None) -> dict[str, Any]:
-        path = "/admin/extensions/health" if extension_id is None else \
-            f"/admin/extensions/{_segment(extension_id)}/health"
+        path = (
+            "/admin/extensions/health"
+            if extension_id is None
+            else f"/admin/extensions/{_segment(extension_id)}/health"
+        )
         report: dict[str, Any] = self._call("GET", path, extension_id=extension_id)
         return report
 
@@ -75,17 +85,32 @@ class ApiClient:
         rows: list[dict[str, Any]] = self._call("GET", "/admin/audit", params=params)
         return rows
 
-    def invoke(self, extension_id: str, payload: Any, *, metadata: dict[str, Any] | None = None,
-               tenant_id: str | None = None, trace_id: str | None = None) -> dict[str, Any]:
-        body = {"payload": payload, "metadata": metadata or {}, "tenant_id": tenant_id,
-                "trace_id": trace_id}
+    def invoke(
+        self,
+        extension_id: str,
+        payload: Any,
+        *,
+        metadata: dict[str, Any] | None = None,
+        tenant_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "payload": payload,
+            "metadata": metadata or {},
+            "tenant_id": tenant_id,
+            "trace_id": trace_id,
+        }
         answer: dict[str, Any] = self._call(
-            "POST", f"/admin/extensions/{_segment(extension_id)}/invoke", json=body,
-            extension_id=extension_id)
+            "POST",
+            f"/admin/extensions/{_segment(extension_id)}/invoke",
+            json=body,
+            extension_id=extension_id,
+        )
         return answer
 
-    def _call(self, method: str, path: str, *, extension_id: str | None = None,
-              **kwargs: Any) -> Any:
+    def _call(
+        self, method: str, path: str, *, extension_id: str | None = None, **kwargs: Any
+    ) -> Any:
         try:
             answer = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -103,8 +128,11 @@ class ApiClient:
         detail = body.get("detail")
         text = detail if isinstance(detail, str) else answer.reason_phrase
         if status == 401:
-            hint = "check --token or EXTREG_TOKEN" if self._has_token else \
-                "no token given: pass --token or set EXTREG_TOKEN"
+            hint = (
+                "check --token or EXTREG_TOKEN"
+                if self._has_token
+                else "no token given: pass --token or set EXTREG_TOKEN"
+            )
             return AuthFailed(f"the server refused the token (401 unauthorized): {hint}")
         if status == 403:
             return AuthFailed(f"not allowed (403 forbidden): {text}")
@@ -130,19 +158,24 @@ def class_named(name: object) -> type[ExtregError] | None:
     return found if isinstance(found, type) and issubclass(found, ExtregError) else None
 
 
-def rebuild(cls: type[ExtregError], body: dict[str, Any], text: str,
-            extension_id: str | None) -> ExtregError:
+def rebuild(
+    cls: type[ExtregError], body: dict[str, Any], text: str, extension_id: str | None
+) -> ExtregError:
     """`cls` built from an error answer's body, with the arguments its constructor takes."""
     if issubclass(cls, ExtensionError):
         reason = body.get("reason")
         attempts = body.get("attempts")
-        return cls(str(body.get("extension_id") or extension_id or "?"),
-                   reason if isinstance(reason, str) else None,
-                   attempts if isinstance(attempts, int) else 0)
+        return cls(
+            str(body.get("extension_id") or extension_id or "?"),
+            reason if isinstance(reason, str) else None,
+            attempts if isinstance(attempts, int) else 0,
+        )
     if issubclass(cls, InvalidRecord):
         record = body.get("record")
-        return cls(record if isinstance(record, str) else extension_id or "request",
-                   _problems(body.get("detail")))
+        return cls(
+            record if isinstance(record, str) else extension_id or "request",
+            _problems(body.get("detail")),
+        )
     if issubclass(cls, FixtureError):
         problems = body.get("problems")
         return cls([str(p) for p in problems] if isinstance(problems, list) else [text])

@@ -44,7 +44,9 @@ from __future__ import annotations
 def printable(text: str, limit: int = 80) -> str:
     """User input made safe to show: control and invisible characters escaped, length capped,
     so an error message can neither drive a terminal nor run to megabytes."""
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text[:limit])
+    shown = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode() for c in text[:limit]
+    )
     return shown + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 

@@ -39,8 +39,9 @@ def health_report(
     records = list(extensions)
     live = monitor or HealthMonitor.blank(breaker_enabled)
     return {
-        "extensions": [extension_health(ext, live, breaker_enabled=breaker_enabled)
-                       for ext in records],
+        "extensions": [
+            extension_health(ext, live, breaker_enabled=breaker_enabled) for ext in records
+        ],
         "summary": live.get_health_summary(records),
     }
 
@@ -71,8 +72,9 @@ def report_from_rows(
     rows = list(rows)
     return {
         "extensions": [health_from_row(row, breaker_enabled=breaker_enabled) for row in rows],
-        "summary": summarize((_tally(row, breaker_enabled=breaker_enabled) for row in rows),
-                             min_success_rate),
+        "summary": summarize(
+            (_tally(row, breaker_enabled=breaker_enabled) for row in rows), min_success_rate
+        ),
     }
 
 
@@ -83,7 +85,8 @@ def _tally(row: Mapping[str, Any], *, breaker_enabled: bool) -> Tally:
     successes = int(row.get("success_count") or 0)
     failures = int(row.get("failure_count") or 0)
     latency_sum = float(row.get("latency_total_ms") or 0.0) or (
-        float(row.get("avg_latency_ms") or 0.0) * (successes + failures))
+        float(row.get("avg_latency_ms") or 0.0) * (successes + failures)
+    )
     return Tally(bool(row.get("enabled", True)), state, successes, failures, latency_sum)
 
 

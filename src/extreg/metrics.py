@@ -52,8 +52,23 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CIRCUIT_STATE_VALUES = {"disabled": -1, "closed": 0, "open": 1, "half_open": 2}
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                     10.0, 30.0, 60.0)  # fmt: skip - extension timeouts reach 60 s
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)  # fmt: skip - extension timeouts reach 60 s
 CACHE_S = 2.0  # a rendered exposition is served this long (Prometheus scrapes every 15 s or so)
 
 
@@ -74,7 +89,8 @@ class Metrics:
         )
         self.invalid_records = Gauge(
             "extension_registry_invalid_records",
-            "Database rows left out of the cache because they break a record rule.", registry=r
+            "Database rows left out of the cache because they break a record rule.",
+            registry=r,
         )
         self.sync_duration = Histogram(
             "extension_registry_sync_duration_seconds",
@@ -183,8 +199,9 @@ class Exposition:
 
     HOLD_FACTOR = 5.0
 
-    def __init__(self, render: Callable[[], bytes], cache_s: float,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self, render: Callable[[], bytes], cache_s: float, clock: Callable[[], float]
+    ) -> None:
         self._render = render
         self.cache_s = cache_s
         self._clock = clock
@@ -224,8 +241,10 @@ class _HealthGauges:
     FAMILIES = (
         ("extension_health_success_rate", "Share of successful calls (1.0 with no calls)."),
         ("extension_health_avg_latency_ms", "Mean call latency in milliseconds."),
-        ("extension_circuit_breaker_state",
-         "Circuit state: 0 closed, 1 open, 2 half-open, -1 breakers disabled."),
+        (
+            "extension_circuit_breaker_state",
+            "Circuit state: 0 closed, 1 open, 2 half-open, -1 breakers disabled.",
+        ),
     )
 
     def __init__(self) -> None:
@@ -246,8 +265,9 @@ class _HealthGauges:
             latencies.append(labels + _number(float(health["avg_latency_ms"])))
             state = CIRCUIT_STATE_VALUES.get(str(health["circuit_breaker_state"]), 0)
             states.append(f"{labels}{state}.0")
-        for (name, help_text), values in zip(self.FAMILIES, (rates, latencies, states),
-                                             strict=True):
+        for (name, help_text), values in zip(
+            self.FAMILIES, (rates, latencies, states), strict=True
+        ):
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
             out.extend(f"{name}{value}\n" for value in values)
 
@@ -301,8 +321,10 @@ class _Latency:
                 for le, count in zip(self._le, counts, strict=True):
                     cumulative += count
                     out.append(f'{name}_bucket{{{labels},le="{le}"}} {cumulative}.0\n')
-                out.append(f"{name}_count{{{labels}}} {cumulative}.0\n"
-                           f"{name}_sum{{{labels}}} {_number(total)}\n")
+                out.append(
+                    f"{name}_count{{{labels}}} {cumulative}.0\n"
+                    f"{name}_sum{{{labels}}} {_number(total)}\n"
+                )
 
     def samples(self, extension_id: str, outcome: str) -> tuple[int, float] | None:
         """(count, sum) of one series, or None (tests and embedders)."""

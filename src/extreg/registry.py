@@ -202,7 +202,9 @@ class Registry:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[Registry]:
+    async def open(
+        cls, settings: Settings, *, clock: Clock = SYSTEM_CLOCK
+    ) -> AsyncIterator[Registry]:
         """Load on boot, keep fresh in the background, stop everything on exit."""
         registry = cls(settings, clock=clock)
         await registry.start()
@@ -263,7 +265,9 @@ class Registry:
                 raise SourceUnavailable(
                     f"{reason}; and no usable last-known-good snapshot: {exc}"
                 ) from None
-            self._fallback_reason = f"{reason}; serving snapshot file written {written_at.isoformat()}"
+            self._fallback_reason = (
+                f"{reason}; serving snapshot file written {written_at.isoformat()}"
+            )
             log.warning("serving_snapshot_file", path=str(path), reason=reason, count=len(records))
             self._swap(records, "snapshot_file")
         else:
@@ -309,7 +313,9 @@ class Registry:
             count=len(after),
             added=len(after.by_id.keys() - before.by_id.keys()),
             removed=len(before.by_id.keys() - after.by_id.keys()),
-            changed=sum(1 for k, v in after.by_id.items() if k in before.by_id and before.by_id[k] != v),
+            changed=sum(
+                1 for k, v in after.by_id.items() if k in before.by_id and before.by_id[k] != v
+            ),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
@@ -372,8 +378,11 @@ class Registry:
                 if loaded is not None:
                     loaded.set_exception(exc)
                     return
-                reason = (str(exc) if isinstance(exc, SourceUnavailable)
-                          else f"{type(exc).__name__}: {exc}")
+                reason = (
+                    str(exc)
+                    if isinstance(exc, SourceUnavailable)
+                    else f"{type(exc).__name__}: {exc}"
+                )
                 # While the database is away no sync runs, yet each one that falls due has
                 # failed: report those (not every retry), so the sync error count grows.
                 since = self._clock.monotonic() - self._sync_reported_at
@@ -440,8 +449,12 @@ class Registry:
         self._row_versions = versions
         self._last_sync_at = utc_now(self._clock)
         self._mark_fresh()
-        log.debug("synced", changed=len(changed), deleted=len(gone),
-                  duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        log.debug(
+            "synced",
+            changed=len(changed),
+            deleted=len(gone),
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
 
     async def _refresh(self, ids: set[str], why: str) -> None:
         """Re-read `ids` and patch them into a new snapshot; ids not found are deleted."""
@@ -457,8 +470,13 @@ class Registry:
                 return
             self._install(before.patched(upserts, deleted), "database")
         for ext in upserts:
-            log.info("extension_changed", extension_id=ext.id, enabled=ext.enabled, via=why,
-                     created=ext.id not in before.by_id)
+            log.info(
+                "extension_changed",
+                extension_id=ext.id,
+                enabled=ext.enabled,
+                via=why,
+                created=ext.id not in before.by_id,
+            )
         for ext_id in deleted:
             log.info("extension_deleted", extension_id=ext_id, via=why)
 
@@ -480,8 +498,9 @@ class Registry:
 
     def _mark_stale(self, reason: str) -> None:
         if not self._stale:
-            log.warning("database_unavailable", error=reason, serving=self._source,
-                        count=len(self._snap))
+            log.warning(
+                "database_unavailable", error=reason, serving=self._source, count=len(self._snap)
+            )
         self._stale = True
         self._last_error = reason
 
@@ -556,10 +575,19 @@ async def _first_failure(*coros: Any) -> None:
 def _log_diff(before: Snapshot, after: Snapshot, source: str, paths: list[str] | None) -> None:
     added = sorted(after.by_id.keys() - before.by_id.keys())
     removed = sorted(before.by_id.keys() - after.by_id.keys())
-    changed = sorted(k for k in after.by_id.keys() & before.by_id.keys()
-                     if after.by_id[k] != before.by_id[k])
-    log.info("reloaded", source=source, count=len(after), generation=after.generation,
-             added=_some(added), removed=_some(removed), changed=_some(changed), files=paths)
+    changed = sorted(
+        k for k in after.by_id.keys() & before.by_id.keys() if after.by_id[k] != before.by_id[k]
+    )
+    log.info(
+        "reloaded",
+        source=source,
+        count=len(after),
+        generation=after.generation,
+        added=_some(added),
+        removed=_some(removed),
+        changed=_some(changed),
+        files=paths,
+    )
 
 
 def _some(ids: list[str], limit: int = 20) -> list[str] | str:

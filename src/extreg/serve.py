@@ -68,8 +68,12 @@ async def _open_invoker(
     try:
         return await stack.enter_async_context(Invoker.open(registry, settings))
     except NatsUnavailable as exc:
-        log.warning("invoker_unavailable", error=str(exc), nats_url=settings.nats_display,
-                    retry="every few seconds; invoke and circuit routes answer 503 meanwhile")
+        log.warning(
+            "invoker_unavailable",
+            error=str(exc),
+            nats_url=settings.nats_display,
+            retry="every few seconds; invoke and circuit routes answer 503 meanwhile",
+        )
         return None
 
 
@@ -80,7 +84,8 @@ async def _attach_invoker_later(stack: contextlib.AsyncExitStack, runtime: Runti
         await asyncio.sleep(delay)
         try:
             invoker = await stack.enter_async_context(
-                Invoker.open(runtime.registry, runtime.settings))
+                Invoker.open(runtime.registry, runtime.settings)
+            )
         except NatsUnavailable:
             delay = min(delay * 2, INVOKER_RETRY_MAX_S)
             continue

@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     """Every key of the contract's settings table, plus extreg's own (data_dir, snapshot_file)."""
 
     model_config = SettingsConfigDict(
-        frozen=True, extra="forbid", validate_default=True, env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+        env_prefix=ENV_PREFIX,
         case_sensitive=True,  # a TOML or keyword `DB_NAME` is unknown; see _Environment
     )
 
@@ -144,9 +147,11 @@ class Settings(BaseSettings):
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """TOML `true` is not a number (pydantic would read it as 1)."""
-        if isinstance(value, bool) and info.field_name and cls.model_fields[
-            info.field_name
-        ].annotation in (int, float):
+        if (
+            isinstance(value, bool)
+            and info.field_name
+            and cls.model_fields[info.field_name].annotation in (int, float)
+        ):
             raise ValueError("expected a number, got a boolean")
         return value
 
@@ -315,8 +320,11 @@ class _Environment(EnvSettingsSource):
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {ENV_PREFIX + name[len(ENV_PREFIX) :].lower(): value
-                for name, value in self._environ.items() if name.startswith(ENV_PREFIX)}
+        return {
+            ENV_PREFIX + name[len(ENV_PREFIX) :].lower(): value
+            for name, value in self._environ.items()
+            if name.startswith(ENV_PREFIX)
+        }
 
     def __call__(self) -> dict[str, Any]:
         values = super().__call__()
@@ -440,10 +448,14 @@ def redact_url(url: str) -> str:
         if ":" in userinfo:
             userinfo = userinfo.split(":", 1)[0] + ":********"
         netloc = f"{userinfo}@{host}"
-    query = "&".join(
-        "password=********" if item.lower().startswith("password=") else item
-        for item in parts.query.split("&")
-    ) if parts.query else ""
+    query = (
+        "&".join(
+            "password=********" if item.lower().startswith("password=") else item
+            for item in parts.query.split("&")
+        )
+        if parts.query
+        else ""
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -51,6 +51,7 @@ FILE_CHECK_S = 2.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0
 KNOWN_FORMAT = "extreg-known-tokens/1"
 
+
 class TokenStore:
     """The tokens of one database: the rules (names, roles, only digests stored, what a taken
     name means); the SQL and its errors are the adapter's (`TokenTable`)."""
@@ -120,21 +121,26 @@ class KnownTokens:
     @classmethod
     def from_settings(cls, settings: Settings) -> KnownTokens:
         snapshot = settings.snapshot_path
-        return cls(snapshot.with_name(snapshot.stem + ".tokens.json"),
-                   location_of(settings.conninfo))
+        return cls(
+            snapshot.with_name(snapshot.stem + ".tokens.json"), location_of(settings.conninfo)
+        )
 
     def write(self, entries: list[TokenEntry]) -> None:
         """Replace the file with `entries` (nothing is written when they did not change);
         a failure is logged, never raised: the tokens in memory are what counts."""
         if frozenset(entries) == self._written:
             return
-        data = {"format": KNOWN_FORMAT, "database": self.location,
-                "written_at": datetime.now(UTC).isoformat(),
-                "tokens": {e.name: {"role": e.role, "sha256": e.digest.hex()} for e in entries}}
+        data = {
+            "format": KNOWN_FORMAT,
+            "database": self.location,
+            "written_at": datetime.now(UTC).isoformat(),
+            "tokens": {e.name: {"role": e.role, "sha256": e.digest.hex()} for e in entries},
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                       dir=self.path.parent)  # created 0600
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+            )  # created 0600
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     json.dump(data, fh, indent=1)
@@ -145,8 +151,9 @@ class KnownTokens:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            log.error("known_tokens_not_written", path=str(self.path),
-                      error=exc.strerror or str(exc))
+            log.error(
+                "known_tokens_not_written", path=str(self.path), error=exc.strerror or str(exc)
+            )
             return
         self._written = frozenset(entries)
 
@@ -162,14 +169,17 @@ class KnownTokens:
         if not isinstance(data, dict) or data.get("format") != KNOWN_FORMAT:
             raise ConfigError(f"known-tokens file {self.path} is not an {KNOWN_FORMAT} file")
         if data.get("database") != self.location:
-            raise ConfigError(f"known-tokens file {self.path} holds the tokens of database"
-                              f" {data.get('database')}, not of {self.location}: refusing it")
+            raise ConfigError(
+                f"known-tokens file {self.path} holds the tokens of database"
+                f" {data.get('database')}, not of {self.location}: refusing it"
+            )
         tokens = data.get("tokens")
         if not isinstance(tokens, dict):
             raise ConfigError(f"known-tokens file {self.path} has no tokens table")
         try:
-            return [entry(str(name), str(v["role"]), str(v["sha256"]))
-                    for name, v in tokens.items()]
+            return [
+                entry(str(name), str(v["role"]), str(v["sha256"])) for name, v in tokens.items()
+            ]
         except (TypeError, KeyError):
             raise ConfigError(f"known-tokens file {self.path} has a malformed token") from None
 
@@ -178,8 +188,13 @@ class TokenFollower:
     """Keeps `book` equal to the database's active tokens plus the tokens file's; with
     `known`, keeps a copy of the database's for a boot while it is down (`KnownTokens`)."""
 
-    def __init__(self, book: TokenBook, store: TokenStore | None, tokens_file: Path | None,
-                 known: KnownTokens | None = None) -> None:
+    def __init__(
+        self,
+        book: TokenBook,
+        store: TokenStore | None,
+        tokens_file: Path | None,
+        known: KnownTokens | None = None,
+    ) -> None:
         self.book = book
         self.store = store
         self.tokens_file = tokens_file

@@ -72,8 +72,9 @@ def fixture_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES)
 
 
-async def read_fixtures(folder: Path, *, max_timeout_ms: int, max_retries: int,
-                        timeout_s: float = READ_TIMEOUT_S) -> list[Extension]:
+async def read_fixtures(
+    folder: Path, *, max_timeout_ms: int, max_retries: int, timeout_s: float = READ_TIMEOUT_S
+) -> list[Extension]:
     """`load_fixtures` for async callers: off the event loop, and `FixtureError` if it takes
     longer than `timeout_s`, so a stuck read can hold up neither the loop nor a shutdown."""
     try:
@@ -83,7 +84,9 @@ async def read_fixtures(folder: Path, *, max_timeout_ms: int, max_retries: int,
         )
     except TimeoutError:
         raise FixtureError(
-            [f"{folder}: reading the fixtures took longer than {timeout_s:g} s (a stuck filesystem?)"]
+            [
+                f"{folder}: reading the fixtures took longer than {timeout_s:g} s (a stuck filesystem?)"
+            ]
         ) from None
 
 
@@ -198,7 +201,9 @@ def _check_plain(value: Any, where: str, depth: int) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise _FileProblem(f"key {printable(repr(key))} at {where or 'top level'} is not a string")
+                raise _FileProblem(
+                    f"key {printable(repr(key))} at {where or 'top level'} is not a string"
+                )
             _check_plain(item, f"{where}.{printable(key)}" if where else printable(key), depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):

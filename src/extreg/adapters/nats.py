@@ -112,7 +112,9 @@ class NatsTransport:
             self._prefix = nc.new_inbox() + "."
             self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise NatsUnavailable(f"cannot connect to NATS at {self.display}: {_name(exc)}") from None
+            raise NatsUnavailable(
+                f"cannot connect to NATS at {self.display}: {_name(exc)}"
+            ) from None
         # nats-py has one limit for the first connection and for reconnects: fail fast when
         # NATS is absent at start, but never give up on a connection once made.
         nc.options["max_reconnect_attempts"] = -1
@@ -161,7 +163,9 @@ class NatsTransport:
                 extension_id, f"request is larger than NATS's max_payload ({nc.max_payload})"
             ) from None
         except _UNAVAILABLE as exc:
-            raise TransportUnavailable(extension_id, f"NATS is not connected: {_name(exc)}") from None
+            raise TransportUnavailable(
+                extension_id, f"NATS is not connected: {_name(exc)}"
+            ) from None
         except nats.errors.Error as exc:
             raise InvocationError(extension_id, f"NATS error: {_name(exc)}") from None
         finally:

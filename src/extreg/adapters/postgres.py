@@ -176,8 +176,10 @@ class PostgresSource:
         """
         mask = LOAD_PARTS - 1
         parts = await asyncio.gather(
-            *(self._load(_RECORDS_BY_PART, {"part": part, "mask": mask})
-              for part in range(LOAD_PARTS))
+            *(
+                self._load(_RECORDS_BY_PART, {"part": part, "mask": mask})
+                for part in range(LOAD_PARTS)
+            )
         )
         self.invalid = {i: p for _, invalid in parts for i, p in invalid.items()}
         return [ext for records, _ in parts for ext in records]
@@ -210,8 +212,9 @@ class PostgresSource:
         """Which database this is, for the snapshot file."""
         with self._translate():
             async with self._pool.connection() as conn:
-                cur = await conn.execute("SELECT current_database(), system_identifier::text"
-                                         " FROM pg_control_system()")
+                cur = await conn.execute(
+                    "SELECT current_database(), system_identifier::text FROM pg_control_system()"
+                )
                 row = await cur.fetchone()
         assert row is not None
         return Origin(self.location, row[0], row[1])
@@ -235,8 +238,9 @@ class PostgresSource:
     async def listen(self) -> AsyncIterator[AsyncIterator[str]]:
         """A dedicated connection listening for change notifications; yields their payloads."""
         with self._translate():
-            conn = await self._connect(keepalives=1, keepalives_idle=5, keepalives_interval=2,
-                                       keepalives_count=2)
+            conn = await self._connect(
+                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2
+            )
         try:
             with self._translate():
                 await conn.execute(f"LISTEN {CHANNEL}")
@@ -275,12 +279,16 @@ class PostgresSource:
                 await conn.execute(_LOCK_IDS, {"ids": ids, "lock_class": WRITE_LOCK_CLASS})
                 await conn.execute(_LOCK_ROWS, {"ids": ids})
                 current = {e.id: e for e in await self._read(conn, ids)}
-                outcomes = {i: await _apply(conn, i, current.get(i), changes[i](current.get(i)))
-                            for i in ids}
+                outcomes = {
+                    i: await _apply(conn, i, current.get(i), changes[i](current.get(i)))
+                    for i in ids
+                }
                 written = [i for i, o in outcomes.items() if o in ("created", "updated")]
                 after = {e.id: e for e in await self._read(conn, written)} if written else {}
-        return {i: (o, current.get(i) if o == "unchanged" else after.get(i))
-                for i, o in outcomes.items()}
+        return {
+            i: (o, current.get(i) if o == "unchanged" else after.get(i))
+            for i, o in outcomes.items()
+        }
 
     async def write_extension(self, extension_id: str, change: Change, actor: str) -> Written:
         """`write` for one id."""
@@ -380,7 +388,9 @@ class PostgresSource:
                 row = await cur.fetchone()
         return _decode(row[0] if row else "[]", self._limits)
 
-    async def _read(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[str]) -> list[Extension]:
+    async def _read(
+        self, conn: psycopg.AsyncConnection[Any], ids: Sequence[str]
+    ) -> list[Extension]:
         """Records by id on a connection of a write's transaction."""
         row = await (await conn.execute(_RECORDS_BY_IDS, {"ids": list(ids)})).fetchone()
         return _decode(row[0] if row else "[]", self._limits)[0]
@@ -411,8 +421,13 @@ def translate(display: str, secret: str) -> Iterator[None]:
         ) from None
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
         raise Conflict(scrub(exc, secret)) from None
-    except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
-            psycopg_pool.PoolClosed, OSError) as exc:
+    except (
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        psycopg_pool.PoolTimeout,
+        psycopg_pool.PoolClosed,
+        OSError,
+    ) as exc:
         raise SourceUnavailable(f"database {display} unavailable: {scrub(exc, secret)}") from None
     except psycopg.Error as exc:  # refused otherwise (a permission, say): unusable all the same
         raise SourceUnavailable(f"database {display} refused: {scrub(exc, secret)}") from None
@@ -489,7 +504,8 @@ async def _apply(
             [Jsonb(wanted[c]) if c in ("config", "metadata") else wanted[c] for c in _COLUMNS],
         )
     if stored is None or (stored["versions"], stored["instances"]) != (
-        wanted["versions"], wanted["instances"]
+        wanted["versions"],
+        wanted["instances"],
     ):
         await _replace_children(conn, new)
     return "created" if old is None else "updated"
@@ -522,8 +538,17 @@ async def _replace_children(conn: psycopg.AsyncConnection[Any], ext: Extension) 
             " timeout_ms = excluded.timeout_ms, retry = excluded.retry, config = excluded.config,"
             " metadata = excluded.metadata, routing_rules = excluded.routing_rules,"
             " enabled = excluded.enabled",
-            (ext.id, v.version, v.subject, v.timeout_ms, v.retry, Jsonb(v.config),
-             Jsonb(v.metadata), Jsonb(v.routing_rules), v.enabled),
+            (
+                ext.id,
+                v.version,
+                v.subject,
+                v.timeout_ms,
+                v.retry,
+                Jsonb(v.config),
+                Jsonb(v.metadata),
+                Jsonb(v.routing_rules),
+                v.enabled,
+            ),
         )
     await conn.execute(
         "DELETE FROM extension_instances WHERE extension_id = %s AND NOT (instance_id = ANY(%s))",

@@ -47,8 +47,9 @@ class Header(msgspec.Struct, forbid_unknown_fields=True):
 def write_snapshot_file(path: Path, records: list[Extension], origin: Origin) -> None:
     """Atomically replace `path` with `records`; raise `SnapshotFileError` if it cannot."""
     body = msgspec.json.encode(records)
-    header = Header(FORMAT, len(records), datetime.now(UTC), origin,
-                    hashlib.sha256(body).hexdigest())
+    header = Header(
+        FORMAT, len(records), datetime.now(UTC), origin, hashlib.sha256(body).hexdigest()
+    )
     data = msgspec.json.encode(header) + b"\n" + body
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,9 @@ def write_snapshot_file(path: Path, records: list[Extension], origin: Origin) ->
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise SnapshotFileError(f"cannot write snapshot file {path}: {exc.strerror or exc}") from None
+        raise SnapshotFileError(
+            f"cannot write snapshot file {path}: {exc.strerror or exc}"
+        ) from None
 
 
 def _remove_leftovers(path: Path, older_than_s: float = 60) -> None:
@@ -85,7 +88,9 @@ def read_snapshot_file(path: Path, location: str) -> tuple[list[Extension], date
     except FileNotFoundError:
         raise SnapshotFileError(f"no snapshot file at {path}") from None
     except OSError as exc:
-        raise SnapshotFileError(f"cannot read snapshot file {path}: {exc.strerror or exc}") from None
+        raise SnapshotFileError(
+            f"cannot read snapshot file {path}: {exc.strerror or exc}"
+        ) from None
     head, sep, body = data.partition(b"\n")
     try:
         header = msgspec.json.decode(head, type=Header)

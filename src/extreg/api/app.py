@@ -39,8 +39,14 @@ def create_app(
 ) -> FastAPI:
     """The admin API over `runtime`; wrong credentials are limited per client address, and
     the dashboard's sessions live in this app (this process) for `session_ttl_s`."""
-    app = FastAPI(title=TITLE, description=DESCRIPTION, version="1",
-                  openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title=TITLE,
+        description=DESCRIPTION,
+        version="1",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.runtime = runtime
     app.state.auth_limiter = FailedAuthLimiter(failed_auth_limit, failed_auth_window_s)
     app.state.trusted_proxies = trusted_proxies(runtime.settings)
@@ -65,8 +71,9 @@ def create_app(
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         schema.setdefault("components", {}).setdefault("schemas", {}).update(schema_components())
         app.openapi_schema = schema
     return app.openapi_schema

@@ -53,11 +53,13 @@ def require_json(request: Request) -> None:
     """415 unless the body is declared JSON (`application/json` or `application/*+json`)."""
     declared = request.headers.get("content-type", "")
     media = declared.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/")
-                                            and media.endswith("+json")):
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
         shown = printable(declared, 60) if declared else "none"
-        raise HTTPException(415, f"the body must be sent as Content-Type: application/json "
-                                 f"(got {shown})")
+        raise HTTPException(
+            415, f"the body must be sent as Content-Type: application/json (got {shown})"
+        )
 
 
 def decode_strict(body: bytes, label: str) -> Any:
@@ -102,8 +104,9 @@ def _unstorable(value: Any, path: str, depth: int = 0) -> list[tuple[str, str]]:
             found += _unstorable(item, where, depth + 1)
         return found
     if isinstance(value, list):
-        return [p for i, item in enumerate(value)
-                for p in _unstorable(item, f"{path}[{i}]", depth + 1)]
+        return [
+            p for i, item in enumerate(value) for p in _unstorable(item, f"{path}[{i}]", depth + 1)
+        ]
     return []
 
 
@@ -121,22 +124,37 @@ def schema_components() -> dict[str, Any]:
     for key in DATABASE_KEPT:
         writable["properties"].pop(key, None)
     create = {**writable, "title": "ExtensionCreate", "description": "A new extension record."}
-    replace = {**copy.deepcopy(writable), "title": "ExtensionReplace",
-               "description": "The whole record; `id`, when given, must equal the URL's.",
-               "required": ["type", "subject"]}
-    patch = {**copy.deepcopy(writable), "title": "ExtensionPatch",
-             "description": "The fields to change; the rest stay as they are.", "required": []}
+    replace = {
+        **copy.deepcopy(writable),
+        "title": "ExtensionReplace",
+        "description": "The whole record; `id`, when given, must equal the URL's.",
+        "required": ["type", "subject"],
+    }
+    patch = {
+        **copy.deepcopy(writable),
+        "title": "ExtensionPatch",
+        "description": "The fields to change; the rest stay as they are.",
+        "required": [],
+    }
     for variant in (replace, patch):
         for spec in variant["properties"].values():
             spec.pop("default", None)
-    return {**components, "ExtensionCreate": create, "ExtensionReplace": replace,
-            "ExtensionPatch": patch}
+    return {
+        **components,
+        "ExtensionCreate": create,
+        "ExtensionReplace": replace,
+        "ExtensionPatch": patch,
+    }
 
 
 def request_body(name: str) -> dict[str, Any]:
     """`openapi_extra` declaring a JSON body of component `name`."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": _REF.format(name=name)}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(name=name)}}},
+        }
+    }
 
 
 def json_response(name: str, description: str, *, array: bool = False) -> dict[str, Any]:

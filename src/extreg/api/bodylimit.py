@@ -39,9 +39,11 @@ class BodyLimit:
             return
         length = Headers(scope=scope).get("content-length", "")
         if length.strip().isdigit() and int(length) > self.limit:
-            response = JSONResponse({"detail": _too_large(self.limit),
-                                     "error": http_error_name(413)},
-                                    status_code=413, headers={"Connection": "close"})
+            response = JSONResponse(
+                {"detail": _too_large(self.limit), "error": http_error_name(413)},
+                status_code=413,
+                headers={"Connection": "close"},
+            )
             await response(scope, receive, send)
             return
         received = 0

@@ -47,7 +47,8 @@ def check_same_origin(request: Request) -> None:
         ok = _same_host_and_port(origin, request.headers.get("host", ""))
     if not ok:
         raise HTTPException(
-            403, "cross-origin request refused: a signed-in browser may change things only "
+            403,
+            "cross-origin request refused: a signed-in browser may change things only "
             "from this server's own origin (or use Authorization: Bearer)",
         )
 
@@ -57,7 +58,8 @@ def check_csrf(request: Request, expected: str) -> None:
     presented = request.headers.get(CSRF_HEADER, "")
     if not hmac.compare_digest(presented.encode(), expected.encode()):
         raise HTTPException(
-            403, f"CSRF token missing or wrong: send the session's token as {CSRF_HEADER} "
+            403,
+            f"CSRF token missing or wrong: send the session's token as {CSRF_HEADER} "
             "(the dashboard does), or use Authorization: Bearer",
         )
 
@@ -89,9 +91,11 @@ def page_policy(html: str, *, scripts: bool) -> str:
     """The CSP of one of our HTML pages: its own inline style (and script), fetches to this
     origin, forms to this origin, no frames, nothing else."""
     script = f"script-src {inline_hashes(html, 'script')}; " if scripts else ""
-    return (f"default-src 'none'; {script}style-src {inline_hashes(html, 'style')}; "
-            "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'")
+    return (
+        f"default-src 'none'; {script}style-src {inline_hashes(html, 'style')}; "
+        "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
 
 
 class SecurityHeaders:

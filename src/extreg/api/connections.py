@@ -76,8 +76,12 @@ class ConnectionLimits:
         cap = max(1, min(wanted, budget))
         explicit = "http_max_connections" in settings.model_fields_set
         if cap < wanted and (explicit or cap < 16):  # the default lowered quietly
-            log.warning("http_max_connections_lowered", wanted=wanted, using=cap,
-                        reason="the descriptor limit (ulimit -n) leaves room for no more")
+            log.warning(
+                "http_max_connections_lowered",
+                wanted=wanted,
+                using=cap,
+                reason="the descriptor limit (ulimit -n) leaves room for no more",
+            )
         return cls(settings.http_keep_alive_seconds, settings.http_request_timeout_seconds, cap)
 
 
@@ -120,8 +124,14 @@ class GuardedConfig(uvicorn.Config):
     """uvicorn's Config with the limits and this server's open connections, oldest first."""
 
     def __init__(self, app: Callable[..., Any], limits: ConnectionLimits, **options: Any) -> None:
-        super().__init__(app, http=GuardedH11Protocol, ws="none", backlog=BACKLOG,
-                         timeout_keep_alive=limits.keep_alive_s, **options)
+        super().__init__(
+            app,
+            http=GuardedH11Protocol,
+            ws="none",
+            backlog=BACKLOG,
+            timeout_keep_alive=limits.keep_alive_s,
+            **options,
+        )
         self.limits = limits
         self.open: dict[GuardedH11Protocol, None] = {}
         self.evicted = Throttled("http_connection_limit")
@@ -136,8 +146,13 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with an idle first wait, a request deadline and a connection
     cap (see the module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, server_state: ServerState,
-                 app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         if not isinstance(config, GuardedConfig):
             raise TypeError("GuardedH11Protocol needs a GuardedConfig")
@@ -148,13 +163,16 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self.guard.open[self] = None
         if len(self.guard.open) > self.guard.limits.max_connections and not self._make_room():
-            self.guard.evicted.note(max_connections=self.guard.limits.max_connections,
-                                    action="refused a new connection (503): all are busy")
+            self.guard.evicted.note(
+                max_connections=self.guard.limits.max_connections,
+                action="refused a new connection (503): all are busy",
+            )
             self._answer_and_close(503, "the server is at its connection limit; retry shortly")
             return
         # Idle until its first byte, like a kept-alive connection (uvicorn waits for ever).
         self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -169,8 +187,9 @@ class GuardedH11Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request already buffered
         state = self.conn.their_state
-        self._watch(state is h11.SEND_BODY or (state is h11.IDLE and
-                                               bool(self.conn.trailing_data[0])))
+        self._watch(
+            state is h11.SEND_BODY or (state is h11.IDLE and bool(self.conn.trailing_data[0]))
+        )
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a malformed request, as JSON with `error` and `detail`."""
@@ -179,15 +198,18 @@ class GuardedH11Protocol(H11Protocol):
     @property
     def idle(self) -> bool:
         """No request of this connection is in the app (it may be receiving headers)."""
-        return not self.transport.is_closing() and (self.cycle is None
-                                                    or self.cycle.response_complete)
+        return not self.transport.is_closing() and (
+            self.cycle is None or self.cycle.response_complete
+        )
 
     def _make_room(self) -> bool:
         """Close the oldest idle connection; False when every other one is busy."""
         for other in self.guard.open:
             if other is not self and other.idle:
-                self.guard.evicted.note(max_connections=self.guard.limits.max_connections,
-                                        action="closed the oldest idle connection")
+                self.guard.evicted.note(
+                    max_connections=self.guard.limits.max_connections,
+                    action="closed the oldest idle connection",
+                )
                 other.transport.close()
                 return True
         return False
@@ -198,7 +220,8 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()
         elif self.request_deadline is None:
             self.request_deadline = self.loop.call_later(
-                self.guard.limits.request_timeout_s, self._request_timed_out)
+                self.guard.limits.request_timeout_s, self._request_timed_out
+            )
 
     def _disarm(self) -> None:
         if self.request_deadline is not None:
@@ -220,9 +243,11 @@ class GuardedH11Protocol(H11Protocol):
     def _answer_and_close(self, status: int, detail: str) -> None:
         """Write a JSON error answer by hand (outside h11's state machine) and close."""
         body = json.dumps({"detail": detail, "error": http_error_name(status)}).encode()
-        head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
-                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\n\r\n").encode()
+        head = (
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n"
+        ).encode()
         self.transport.write(head + body)
         self.transport.close()
 
@@ -237,8 +262,9 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if context.get("message") == ACCEPT_FAILED and isinstance(exc, OSError):
-            throttled.note(error=exc.strerror or str(exc),
-                           action="accepting paused for 1 s, then retried")
+            throttled.note(
+                error=exc.strerror or str(exc), action="accepting paused for 1 s, then retried"
+            )
         elif previous is not None:
             previous(loop, context)
         else:

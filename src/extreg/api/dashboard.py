@@ -62,14 +62,18 @@ async def dashboard(request: Request) -> Response:
     found = _sessions(request).find(cookie)
     if found is None:
         return _refused(request, "invalid_session", "")
-    return HTMLResponse(DASHBOARD.replace(CSRF_MARK, html.escape(found[0].csrf)),
-                        headers={"Content-Security-Policy": DASHBOARD_POLICY,
-                                 "Cache-Control": "no-store"})
+    return HTMLResponse(
+        DASHBOARD.replace(CSRF_MARK, html.escape(found[0].csrf)),
+        headers={"Content-Security-Policy": DASHBOARD_POLICY, "Cache-Control": "no-store"},
+    )
 
 
 def _sign_in_page(error: str, status: int) -> HTMLResponse:
-    return HTMLResponse(SIGN_IN.replace("__ERROR__", html.escape(error)), status_code=status,
-                        headers={"Content-Security-Policy": SIGN_IN_POLICY})
+    return HTMLResponse(
+        SIGN_IN.replace("__ERROR__", html.escape(error)),
+        status_code=status,
+        headers={"Content-Security-Policy": SIGN_IN_POLICY},
+    )
 
 
 def _refused(request: Request, reason: str, error: str) -> HTMLResponse:
@@ -99,9 +103,15 @@ async def sign_in(request: Request, token: Annotated[str, Form()]) -> Response:
     if previous := request.cookies.get(SESSION_COOKIE):
         _sessions(request).close(previous)  # signing in again replaces the browser's session
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(SESSION_COOKIE, session_id, max_age=math.ceil(_sessions(request).ttl_s),
-                        httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", path="/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_id,
+        max_age=math.ceil(_sessions(request).ttl_s),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
     return response
 
 

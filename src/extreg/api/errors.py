@@ -68,9 +68,14 @@ STATUS: dict[type[ExtregError], int] = {
 # Answers with no ExtregError behind them (FastAPI's, Starlette's, the HTTP server's own) name
 # the class of the tree that a client raises for their status; any other status is ApiError.
 HTTP_ERRORS: dict[int, str] = {
-    400: "InvalidRecord", 415: "InvalidRecord", 422: "InvalidRecord",  # bad input
-    401: "AuthFailed", 403: "AuthFailed", 429: "AuthFailed",
-    413: "PayloadTooLarge", 500: "ExtregError",
+    400: "InvalidRecord",
+    415: "InvalidRecord",
+    422: "InvalidRecord",  # bad input
+    401: "AuthFailed",
+    403: "AuthFailed",
+    429: "AuthFailed",
+    413: "PayloadTooLarge",
+    500: "ExtregError",
 }
 
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -128,24 +133,40 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if not is_body_allowed_for_status_code(exc.status_code):
         return Response(status_code=exc.status_code, headers=exc.headers)
-    return JSONResponse({"detail": exc.detail, "error": http_error_name(exc.status_code)},
-                        status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        {"detail": exc.detail, "error": http_error_name(exc.status_code)},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 async def _handle_validation(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's own 422 (a body model or a parameter), shaped like a record's: `loc`, `msg`
     and `type` per problem (without the input echoed back), `error` InvalidRecord."""
     assert isinstance(exc, RequestValidationError)
-    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
-               "type": str(e.get("type", "value_error"))} for e in exc.errors()]
-    return JSONResponse(jsonable_encoder(
-        {"detail": detail, "error": "InvalidRecord", "record": "request"}), status_code=422)
+    detail = [
+        {
+            "loc": list(e.get("loc", ())),
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "value_error")),
+        }
+        for e in exc.errors()
+    ]
+    return JSONResponse(
+        jsonable_encoder({"detail": detail, "error": "InvalidRecord", "record": "request"}),
+        status_code=422,
+    )
 
 
 async def _handle_bug(request: Request, exc: Exception) -> JSONResponse:
     """Anything unexpected: still JSON (Starlette logs the traceback and re-raises)."""
-    return JSONResponse({"detail": "internal server error; the server log has the details",
-                         "error": http_error_name(500)}, status_code=500)
+    return JSONResponse(
+        {
+            "detail": "internal server error; the server log has the details",
+            "error": http_error_name(500),
+        },
+        status_code=500,
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -13,8 +13,9 @@ from .requestlog import bind_extension_id
 from .security import Viewer
 from .state import runtime_of
 
-router = APIRouter(prefix="/admin/extensions", tags=["health"],
-                   dependencies=[Depends(bind_extension_id)])
+router = APIRouter(
+    prefix="/admin/extensions", tags=["health"], dependencies=[Depends(bind_extension_id)]
+)
 
 
 @router.get("/health")
@@ -22,17 +23,25 @@ async def all_health(request: Request, _: Viewer) -> JSONResponse:
     """Every extension's health, and the summary bar."""
     runtime = runtime_of(request)
     monitor = getattr(runtime.invoker, "health", None)
-    return JSONResponse(health_report(runtime.registry.all(), monitor,
-                                      breaker_enabled=runtime.settings.circuit_breaker_enabled))
+    return JSONResponse(
+        health_report(
+            runtime.registry.all(),
+            monitor,
+            breaker_enabled=runtime.settings.circuit_breaker_enabled,
+        )
+    )
 
 
 @router.get("/{extension_id}/health", responses={404: {"description": "No such extension."}})
-async def one_health(
-    extension_id: str, request: Request, _: Viewer
-) -> JSONResponse:
+async def one_health(extension_id: str, request: Request, _: Viewer) -> JSONResponse:
     runtime = runtime_of(request)
     ext = runtime.registry.get(extension_id)
     if ext is None:
         raise ExtensionNotFound(extension_id)
-    return JSONResponse(extension_health(ext, getattr(runtime.invoker, "health", None),
-                                         breaker_enabled=runtime.settings.circuit_breaker_enabled))
+    return JSONResponse(
+        extension_health(
+            ext,
+            getattr(runtime.invoker, "health", None),
+            breaker_enabled=runtime.settings.circuit_breaker_enabled,
+        )
+    )

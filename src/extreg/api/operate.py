@@ -26,8 +26,7 @@ log = structlog.get_logger("extreg.api")
 
 NO_INVOKER = "{what} unavailable: this server runs without an invoker (no NATS connection)"
 
-router = APIRouter(prefix="/admin", tags=["operations"],
-                   dependencies=[Depends(bind_extension_id)])
+router = APIRouter(prefix="/admin", tags=["operations"], dependencies=[Depends(bind_extension_id)])
 StrictBody = Annotated[None, Depends(strict_body)]  # after the token check: a parameter
 
 
@@ -51,8 +50,13 @@ async def status(request: Request, _: Viewer) -> JSONResponse:
     """Which source serves, how many records, how fresh; and whether an invoker runs."""
     runtime = runtime_of(request)
     status = runtime.registry.status.as_dict()
-    return JSONResponse({**status, "invoker": runtime.invoker is not None,
-                         "nats_url": runtime.settings.nats_display})
+    return JSONResponse(
+        {
+            **status,
+            "invoker": runtime.invoker is not None,
+            "nats_url": runtime.settings.nats_display,
+        }
+    )
 
 
 @router.post("/reload")
@@ -84,10 +88,16 @@ async def audit(
     return JSONResponse([{k: _plain(v) for k, v in row.items()} for row in rows])
 
 
-@router.post("/extensions/{extension_id}/circuit", responses={
-    409: {"description": "Circuit breakers are disabled (circuit_breaker_enabled is false): "
-                         "nothing would enforce a forced state; the detail says how to enable "
-                         "them."}})
+@router.post(
+    "/extensions/{extension_id}/circuit",
+    responses={
+        409: {
+            "description": "Circuit breakers are disabled (circuit_breaker_enabled is false): "
+            "nothing would enforce a forced state; the detail says how to enable "
+            "them."
+        }
+    },
+)
 async def circuit(
     extension_id: str,
     body: CircuitAction,
@@ -127,8 +137,14 @@ async def invoke(
     )
     duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info("invoked_by_request", duration_ms=duration_ms)
-    return JSONResponse({"extension_id": extension_id, "trace_id": trace_id,
-                         "duration_ms": duration_ms, "reply": reply})
+    return JSONResponse(
+        {
+            "extension_id": extension_id,
+            "trace_id": trace_id,
+            "duration_ms": duration_ms,
+            "reply": reply,
+        }
+    )
 
 
 def _known(registry: Registry, extension_id: str) -> None:

@@ -56,10 +56,14 @@ async def readyz(
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={
-    200: {"content": {"text/plain": {}}, "description": "Prometheus text."},
-    401: {"description": "`metrics_token` is set and was not given as the bearer token."},
-})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text."},
+        401: {"description": "`metrics_token` is set and was not given as the bearer token."},
+    },
+)
 async def metrics(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -75,7 +79,9 @@ async def metrics(
             wait = failed_authentication(request, "invalid_metrics_token") if given else None
             if wait is not None:
                 raise too_many(wait)
-            raise HTTPException(401, "/metrics needs the metrics token (Authorization: Bearer"
-                                " <metrics_token>)",
-                                headers={"WWW-Authenticate": 'Bearer realm="extreg-metrics"'})
+            raise HTTPException(
+                401,
+                "/metrics needs the metrics token (Authorization: Bearer <metrics_token>)",
+                headers={"WWW-Authenticate": 'Bearer realm="extreg-metrics"'},
+            )
     return Response(await runtime.metrics.scrape(), media_type=CONTENT_TYPE)

@@ -32,12 +32,14 @@ from .state import runtime_of
 
 log = structlog.get_logger("extreg.api")
 
-IfMatch = Annotated[str | None, Header(
-    alias="If-Match", description="The ETag you read; a stale one gets 412.")]
+IfMatch = Annotated[
+    str | None, Header(alias="If-Match", description="The ETag you read; a stale one gets 412.")
+]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such extension."}}
 
-router = APIRouter(prefix="/admin/extensions", tags=["extensions"],
-                   dependencies=[Depends(bind_extension_id)])
+router = APIRouter(
+    prefix="/admin/extensions", tags=["extensions"], dependencies=[Depends(bind_extension_id)]
+)
 
 
 @router.get("", responses={200: json_response("Extension", "Every cached extension.", array=True)})
@@ -48,16 +50,18 @@ async def list_extensions(
     enabled: bool | None = None,
 ) -> JSONResponse:
     """Every extension in the cache, disabled ones too, by id; filter by `type` and `enabled`."""
-    found = [e for e in runtime_of(request).registry.all()
-             if (type is None or e.type == type) and (enabled is None or e.enabled == enabled)]
+    found = [
+        e
+        for e in runtime_of(request).registry.all()
+        if (type is None or e.type == type) and (enabled is None or e.enabled == enabled)
+    ]
     return JSONResponse([to_plain(e) for e in found])
 
 
-@router.get("/{extension_id}",
-            responses={200: json_response("Extension", "The record."), **NOT_FOUND})
-async def get_extension(
-    extension_id: str, request: Request, _: Viewer
-) -> JSONResponse:
+@router.get(
+    "/{extension_id}", responses={200: json_response("Extension", "The record."), **NOT_FOUND}
+)
+async def get_extension(extension_id: str, request: Request, _: Viewer) -> JSONResponse:
     """One record, with its `ETag` for a later conditional PUT or PATCH."""
     ext = runtime_of(request).registry.get(extension_id)
     if ext is None:
@@ -65,12 +69,16 @@ async def get_extension(
     return _record_response(ext)
 
 
-@router.post("", status_code=201, openapi_extra=request_body("ExtensionCreate"),
-             responses={201: json_response("Extension", "Created."),
-                        409: {"description": "The id exists, or the registry serves fixtures."}})
-async def create_extension(
-    request: Request, principal: Admin
-) -> JSONResponse:
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=request_body("ExtensionCreate"),
+    responses={
+        201: json_response("Extension", "Created."),
+        409: {"description": "The id exists, or the registry serves fixtures."},
+    },
+)
+async def create_extension(request: Request, principal: Admin) -> JSONResponse:
     """Create a record; 409 when the id exists."""
     runtime = runtime_of(request)
     writable(runtime.registry)  # 409 in fixtures mode before even reading the body
@@ -88,9 +96,15 @@ async def create_extension(
     return response
 
 
-@router.put("/{extension_id}", openapi_extra=request_body("ExtensionReplace"),
-            responses={200: json_response("Extension", "Replaced."), **NOT_FOUND,
-                       412: {"description": "If-Match is stale."}})
+@router.put(
+    "/{extension_id}",
+    openapi_extra=request_body("ExtensionReplace"),
+    responses={
+        200: json_response("Extension", "Replaced."),
+        **NOT_FOUND,
+        412: {"description": "If-Match is stale."},
+    },
+)
 async def replace_extension(
     extension_id: str,
     request: Request,
@@ -110,9 +124,15 @@ async def replace_extension(
     return _record_response(await _write(runtime.registry, extension_id, change, principal))
 
 
-@router.patch("/{extension_id}", openapi_extra=request_body("ExtensionPatch"),
-              responses={200: json_response("Extension", "Changed."), **NOT_FOUND,
-                         412: {"description": "If-Match is stale."}})
+@router.patch(
+    "/{extension_id}",
+    openapi_extra=request_body("ExtensionPatch"),
+    responses={
+        200: json_response("Extension", "Changed."),
+        **NOT_FOUND,
+        412: {"description": "If-Match is stale."},
+    },
+)
 async def patch_extension(
     extension_id: str,
     request: Request,
@@ -125,15 +145,21 @@ async def patch_extension(
     patch = same_id(await json_object(request, extension_id), extension_id)
 
     def change(current: Extension | None) -> Extension:
-        merged = {**to_plain(_existing(current, extension_id, if_match), writable_only=True),
-                  **patch}
+        merged = {
+            **to_plain(_existing(current, extension_id, if_match), writable_only=True),
+            **patch,
+        }
         return record(merged, runtime.settings, extension_id)
 
     return _record_response(await _write(runtime.registry, extension_id, change, principal))
 
 
-@router.delete("/{extension_id}", status_code=204, response_class=Response,
-               responses={204: {"description": "Deleted."}, **NOT_FOUND})
+@router.delete(
+    "/{extension_id}",
+    status_code=204,
+    response_class=Response,
+    responses={204: {"description": "Deleted."}, **NOT_FOUND},
+)
 async def delete_extension(
     extension_id: str,
     request: Request,
@@ -150,9 +176,14 @@ async def delete_extension(
     return Response(status_code=204)
 
 
-@router.post("/{extension_id}/enable",
-             responses={200: json_response("Extension", "Enabled."), **NOT_FOUND,
-                        412: {"description": "If-Match is stale."}})
+@router.post(
+    "/{extension_id}/enable",
+    responses={
+        200: json_response("Extension", "Enabled."),
+        **NOT_FOUND,
+        412: {"description": "If-Match is stale."},
+    },
+)
 async def enable_extension(
     extension_id: str, request: Request, principal: Operator, if_match: IfMatch = None
 ) -> JSONResponse:
@@ -160,9 +191,14 @@ async def enable_extension(
     return await _set_enabled(request, extension_id, True, principal, if_match)
 
 
-@router.post("/{extension_id}/disable",
-             responses={200: json_response("Extension", "Disabled."), **NOT_FOUND,
-                        412: {"description": "If-Match is stale."}})
+@router.post(
+    "/{extension_id}/disable",
+    responses={
+        200: json_response("Extension", "Disabled."),
+        **NOT_FOUND,
+        412: {"description": "If-Match is stale."},
+    },
+)
 async def disable_extension(
     extension_id: str, request: Request, principal: Operator, if_match: IfMatch = None
 ) -> JSONResponse:
@@ -193,8 +229,12 @@ async def _write(
     _no_nul(extension_id)
     started = time.perf_counter()
     outcome, after = await db.write_extension(extension_id, change, principal.name)
-    log.info("extension_written", extension_id=extension_id, action=outcome,
-             duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    log.info(
+        "extension_written",
+        extension_id=extension_id,
+        action=outcome,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
     try:
         await registry.refresh([extension_id])
     except SourceUnavailable as exc:  # written; the notification or the sync brings it
@@ -203,7 +243,10 @@ async def _write(
 
 
 async def _set_enabled(
-    request: Request, extension_id: str, enabled: bool, principal: Principal,
+    request: Request,
+    extension_id: str,
+    enabled: bool,
+    principal: Principal,
     if_match: str | None,
 ) -> JSONResponse:
     registry = runtime_of(request).registry

@@ -40,7 +40,9 @@ class RequestLog:
         structlog.contextvars.clear_contextvars()
         client = scope.get("client")
         structlog.contextvars.bind_contextvars(
-            request_id=uuid.uuid4().hex[:16], method=scope["method"], path=scope["path"],
+            request_id=uuid.uuid4().hex[:16],
+            method=scope["method"],
+            path=scope["path"],
             client=client[0] if client else None,
         )
         status = 500
@@ -70,10 +72,15 @@ class RequestLog:
         finally:
             if disconnected:
                 status = CLIENT_CLOSED_REQUEST
-                log.info("client_disconnected", during="request body", received_bytes=received,
-                         declared_bytes=Headers(scope=scope).get("content-length"))
+                log.info(
+                    "client_disconnected",
+                    during="request body",
+                    received_bytes=received,
+                    declared_bytes=Headers(scope=scope).get("content-length"),
+                )
             event: dict[str, Any] = {
-                "status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 2)
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             }
             if scope["path"] in QUIET_PATHS:
                 log.debug("http_request", **event)

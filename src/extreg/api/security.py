@@ -56,8 +56,12 @@ def client_address(request: Request) -> str:
     proxies: tuple[Network, ...] = request.app.state.trusted_proxies
     if not _within(peer, proxies):
         return peer
-    hops = [hop.strip() for line in request.headers.getlist("x-forwarded-for")
-            for hop in line.split(",") if hop.strip()]
+    hops = [
+        hop.strip()
+        for line in request.headers.getlist("x-forwarded-for")
+        for hop in line.split(",")
+        if hop.strip()
+    ]
     for hop in reversed(hops):
         if not _within(hop, proxies):
             return hop
@@ -84,14 +88,14 @@ def failed_authentication(request: Request, reason: str) -> float | None:
     if wait is None:
         log.warning("auth_failed", client=client, reason=reason)
     else:
-        log.warning("auth_rate_limited", client=client, reason=reason,
-                    retry_after_s=round(wait, 1))
+        log.warning("auth_rate_limited", client=client, reason=reason, retry_after_s=round(wait, 1))
     return wait
 
 
 def too_many(wait: float) -> HTTPException:
     return HTTPException(
-        429, "too many failed authentications from this address; retry later",
+        429,
+        "too many failed authentications from this address; retry later",
         headers={"Retry-After": str(math.ceil(wait))},
     )
 
@@ -106,7 +110,9 @@ def unauthorized(request: Request, *, wrong: bool) -> HTTPException:
             return too_many(wait)
         headers["WWW-Authenticate"] += ', error="invalid_token"'
         if SESSION_COOKIE in request.cookies:
-            headers["Set-Cookie"] = f'{SESSION_COOKIE}=""; Max-Age=0; Path=/; HttpOnly; SameSite=Strict'
+            headers["Set-Cookie"] = (
+                f'{SESSION_COOKIE}=""; Max-Age=0; Path=/; HttpOnly; SameSite=Strict'
+            )
     return HTTPException(
         401, "a valid bearer token is required (Authorization: Bearer <token>)", headers=headers
     )

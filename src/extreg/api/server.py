@@ -56,14 +56,27 @@ async def serve_api(
     """
     sock = listen(host, port)
     limits = ConnectionLimits.from_settings(runtime.settings)
-    config = GuardedConfig(create_app(runtime), limits, host=host, port=port, log_config=None,
-                           access_log=False, lifespan="off", server_header=False,
-                           proxy_headers=False)  # X-Forwarded-For: see security.client_address
+    config = GuardedConfig(
+        create_app(runtime),
+        limits,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        proxy_headers=False,
+    )  # X-Forwarded-For: see security.client_address
     server = uvicorn.Server(config)
     url = base_url(sock)
     announce(url, admin_token)
-    log.info("api_listening", url=url, max_connections=limits.max_connections,
-             keep_alive_s=limits.keep_alive_s, request_timeout_s=limits.request_timeout_s)
+    log.info(
+        "api_listening",
+        url=url,
+        max_connections=limits.max_connections,
+        keep_alive_s=limits.keep_alive_s,
+        request_timeout_s=limits.request_timeout_s,
+    )
     with quiet_accept_errors(asyncio.get_running_loop()):
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         stopping = asyncio.create_task(stop.wait())

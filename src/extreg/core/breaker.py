@@ -339,8 +339,9 @@ class CircuitBreakers:
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> CircuitBreakers:
         """Breakers configured by the settings, on `clock` (both its readings)."""
-        return cls(BreakerConfig.from_settings(settings), clock=clock.monotonic,
-                   wall_clock=clock.time)
+        return cls(
+            BreakerConfig.from_settings(settings), clock=clock.monotonic, wall_clock=clock.time
+        )
 
     @property
     def enabled(self) -> bool:

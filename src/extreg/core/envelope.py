@@ -81,7 +81,9 @@ def _provider_fields(
         parameters = request.get("parameters")
         params = _EMPTY_OBJECT if parameters is None else _encode(parameters)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise InvocationError(extension_id, f"parameters are not JSON-encodable: {exc}", 0) from None
+        raise InvocationError(
+            extension_id, f"parameters are not JSON-encodable: {exc}", 0
+        ) from None
     _check(extension_id, "parameters", params, max_metadata_size)
     return [b',"provider_id":', _encode(extension_id),
             b',"prompt":', _encode(prompt_of(request.get("payload"))),

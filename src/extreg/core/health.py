@@ -263,8 +263,11 @@ class HealthMonitor:
         *,
         clock: Clock = SYSTEM_CLOCK,
     ) -> HealthMonitor:
-        return cls(breakers, min_success_rate=settings.health_based_routing_min_success_rate,
-                   clock=clock.time)
+        return cls(
+            breakers,
+            min_success_rate=settings.health_based_routing_min_success_rate,
+            clock=clock.time,
+        )
 
     @classmethod
     def blank(
@@ -272,8 +275,9 @@ class HealthMonitor:
     ) -> HealthMonitor:
         """A monitor for a process that calls nothing (no invoker): every extension reads as
         new, its circuit `closed` when breakers are on in the settings, else `disabled`."""
-        return cls(_always_closed if breaker_enabled else _no_breaker,
-                   min_success_rate=min_success_rate)
+        return cls(
+            _always_closed if breaker_enabled else _no_breaker, min_success_rate=min_success_rate
+        )
 
     def record(self, extension_id: str, ok: bool, latency_ms: float) -> None:
         """Count one finished call: its outcome and its latency in milliseconds."""
@@ -324,8 +328,11 @@ class HealthMonitor:
 
     def is_healthy(self, extension_id: str) -> bool:
         """Circuit not open or half-open and success rate >= `min_success_rate`."""
-        return is_healthy(self._circuit_state(extension_id), self.success_rate(extension_id),
-                          self.min_success_rate)
+        return is_healthy(
+            self._circuit_state(extension_id),
+            self.success_rate(extension_id),
+            self.min_success_rate,
+        )
 
     def get_health_summary(
         self, extensions: Iterable[ExtensionLike] | None = None
@@ -336,8 +343,10 @@ class HealthMonitor:
             items = [(extension_id, True) for extension_id in self._entries]
         else:
             items = [(ext.id, ext.enabled) for ext in extensions]
-        return summarize((self._tally(extension_id, enabled) for extension_id, enabled in items),
-                         self.min_success_rate)
+        return summarize(
+            (self._tally(extension_id, enabled) for extension_id, enabled in items),
+            self.min_success_rate,
+        )
 
     def _tally(self, extension_id: str, enabled: bool) -> Tally:
         entry = self._entries.get(extension_id) or _NO_CALLS

@@ -124,7 +124,9 @@ def parse_extension(
     return ext
 
 
-def record_problems(ext: Extension, *, max_timeout_ms: int, max_retries: int) -> list[tuple[str, str]]:
+def record_problems(
+    ext: Extension, *, max_timeout_ms: int, max_retries: int
+) -> list[tuple[str, str]]:
     """`(field, message)` for every rule a well-typed record breaks beyond its types: the
     configured limits, names that appear twice, and unusable metadata overrides."""
     if _plainly_fine(ext, max_timeout_ms, max_retries):
@@ -147,7 +149,9 @@ def _plainly_fine(ext: Extension, max_timeout_ms: int, max_retries: int) -> bool
         and len({v.version for v in ext.versions}) == len(ext.versions)
     ):
         return False
-    return len({i.instance_id for i in ext.instances}) == len(ext.instances) if ext.instances else True
+    return (
+        len({i.instance_id for i in ext.instances}) == len(ext.instances) if ext.instances else True
+    )
 
 
 def _prefixes(metadata: dict[str, Any]) -> set[str]:
@@ -160,7 +164,9 @@ def limit_problems(metadata: dict[str, Any]) -> list[tuple[str, str]]:
     problems = []
     for key in LIMIT_KEYS:
         value = metadata.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             problems.append((f"metadata.{key}", f"must be a positive integer (got {value!r})"))
     return problems
 
@@ -204,14 +210,19 @@ def _over_limits(
     problems = []
     if isinstance(timeout_ms, int) and timeout_ms > max_timeout_ms:
         problems.append(
-            (prefix + "timeout_ms", f"{timeout_ms} exceeds extension_max_timeout_ms {max_timeout_ms}")
+            (
+                prefix + "timeout_ms",
+                f"{timeout_ms} exceeds extension_max_timeout_ms {max_timeout_ms}",
+            )
         )
     if isinstance(retry, int) and retry > max_retries:
         problems.append((prefix + "retry", f"{retry} exceeds extension_max_retries {max_retries}"))
     return problems
 
 
-def _raw_limit_problems(data: object, max_timeout_ms: int, max_retries: int) -> list[tuple[str, str]]:
+def _raw_limit_problems(
+    data: object, max_timeout_ms: int, max_retries: int
+) -> list[tuple[str, str]]:
     """The limits of the top-level fields, for a record that failed conversion."""
     if not isinstance(data, dict):
         return []

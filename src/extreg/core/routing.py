@@ -109,6 +109,7 @@ def newest_first(versions: Sequence[Version]) -> list[Version]:
     one later in the sequence, so a fixtures file reads "later in the list = newer". A naive
     `created_at` is taken as UTC, so mixed values still compare.
     """
+
     def age(item: tuple[int, Version]) -> tuple[bool, datetime, int]:
         index, v = item
         moment = v.created_at
@@ -187,7 +188,9 @@ class Route:
     def _version_target(self, v: Version, limits: Limits) -> Target:
         return self._target(v.subject, v.timeout_ms, v.retry, v.version, limits)
 
-    def pick(self, lookup: Callable[[str], Any], draw: Callable[[], float] = random.random) -> Target:
+    def pick(
+        self, lookup: Callable[[str], Any], draw: Callable[[], float] = random.random
+    ) -> Target:
         """The target of one call: a matching version, else a weighted instance, else the row."""
         if self.versions:
             target = select_version(self.versions, lookup)

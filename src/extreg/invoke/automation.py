@@ -138,8 +138,9 @@ class AutoManager:
                 try:
                     await self._apply(extension_id, state)
                 except ExtregError as exc:
-                    log.warning("auto_manage_failed", extension_id=extension_id, state=state,
-                                error=str(exc))
+                    log.warning(
+                        "auto_manage_failed", extension_id=extension_id, state=state, error=str(exc)
+                    )
                     failed[extension_id] = state
             for extension_id, state in failed.items():
                 self._latest.setdefault(extension_id, state)  # unless superseded meanwhile
@@ -156,8 +157,11 @@ class AutoManager:
         try:
             db = self._registry.database
         except Conflict:
-            log.warning("auto_manage_skipped", extension_id=extension_id,
-                        reason="the registry serves read-only fixtures")
+            log.warning(
+                "auto_manage_skipped",
+                extension_id=extension_id,
+                reason="the registry serves read-only fixtures",
+            )
             return
         if state == OPEN:
             if (await db.set_enabled(extension_id, False, AUTO_ACTOR))[0] == "updated":

@@ -150,16 +150,20 @@ class HealthFlusher:
                 while self._batches:
                     batch = self._batches[0]
                     if not await db.update_health(batch):
-                        log.info("health_batch_already_applied", node_id=self.node_id,
-                                 seq=batch.seq)
+                        log.info(
+                            "health_batch_already_applied", node_id=self.node_id, seq=batch.seq
+                        )
                     self._batches.popleft()
                 if refresh:
                     await self._refresh(db)
             except Exception as exc:  # the loop must outlive any failure
                 if not self._failing:
                     if isinstance(exc, ExtregError):
-                        log.warning("health_flush_failed", error=str(exc),
-                                    unwritten_calls=self.unwritten_calls)
+                        log.warning(
+                            "health_flush_failed",
+                            error=str(exc),
+                            unwritten_calls=self.unwritten_calls,
+                        )
                     else:
                         log.exception("health_flush_failed", unwritten_calls=self.unwritten_calls)
                 self._failing = True
@@ -191,8 +195,11 @@ class HealthFlusher:
             if done:
                 return
             if loop.time() >= deadline:
-                log.error("health_lost_at_shutdown", node_id=self.node_id,
-                          unwritten_calls=self.unwritten_calls)
+                log.error(
+                    "health_lost_at_shutdown",
+                    node_id=self.node_id,
+                    unwritten_calls=self.unwritten_calls,
+                )
                 return
             await asyncio.sleep(min(RETRY_PAUSE_S, max(deadline - loop.time(), 0)))
 

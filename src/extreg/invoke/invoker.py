@@ -206,9 +206,15 @@ class Invoker:
         trace_id = ctx.get("trace_id") or request.get("trace_id")
         tenant_id = ctx.get("tenant_id") or request.get("tenant_id")
         target = _pick(route, ctx, trace_id, tenant_id) if route.dynamic else route.default
-        data = encode_envelope(extension_id, request, trace_id, tenant_id,
-                               route.max_payload_size, route.max_metadata_size,
-                               provider=ext.type == "provider")
+        data = encode_envelope(
+            extension_id,
+            request,
+            trace_id,
+            tenant_id,
+            route.max_payload_size,
+            route.max_metadata_size,
+            provider=ext.type == "provider",
+        )
         if ctx.get("dry_run"):
             return {}
         observer = self.observer
@@ -226,7 +232,9 @@ class Invoker:
         started = perf_counter()
         try:
             try:
-                body = await self._request(extension_id, target.subject, data, target.timeout_s, hdrs)
+                body = await self._request(
+                    extension_id, target.subject, data, target.timeout_s, hdrs
+                )
                 attempts = 1
             except ExtensionTimeout as exc:
                 body, attempts = await self._retry(extension_id, target, data, hdrs, exc)
@@ -245,8 +253,14 @@ class Invoker:
             self.health.record(extension_id, False, seconds * 1000.0)
             if observer is not None:
                 observer(extension_id, outcome_of(exc), seconds)
-            log.debug("invoke_failed", extension_id=extension_id, trace_id=trace_id,
-                      tenant_id=tenant_id, reason=exc.reason, attempts=exc.attempts)
+            log.debug(
+                "invoke_failed",
+                extension_id=extension_id,
+                trace_id=trace_id,
+                tenant_id=tenant_id,
+                reason=exc.reason,
+                attempts=exc.attempts,
+            )
             raise
         seconds = perf_counter() - started
         self.breaker.record_success(extension_id)
@@ -325,8 +339,9 @@ class Invoker:
         try:
             self.breaker.configure(extension_id, metadata)
         except InvalidRecord as exc:
-            log.error("circuit_overrides_rejected", extension_id=extension_id,
-                      problems=exc.problems)
+            log.error(
+                "circuit_overrides_rejected", extension_id=extension_id, problems=exc.problems
+            )
             return
         if overrides:
             self._configured.add(extension_id)

@@ -45,8 +45,14 @@ DEMO_SETTINGS = {
 }
 
 REQUESTS: dict[str, dict[str, Any]] = {
-    "normalize_text": {"payload": {"message_id": "m-1", "message_type": "chat",
-                                   "payload": "  Hello   WORLD  ", "metadata": {}}},
+    "normalize_text": {
+        "payload": {
+            "message_id": "m-1",
+            "message_type": "chat",
+            "payload": "  Hello   WORLD  ",
+            "metadata": {},
+        }
+    },
     "pii_guard": {"payload": {"message_id": "m-2", "payload": "my card is 4111 1111 1111 1111"}},
     "mask_pii": {"payload": {"message_id": "m-3", "payload": "mail me at a@example.com"}},
     "test_provider": {"payload": {"message_id": "m-4", "payload": "Summarize the ticket"}},
@@ -90,8 +96,11 @@ async def register_samples(settings: Settings) -> None:
     """Make sure every sample extension (flaky and echo too) has a record."""
     async with PostgresSource(settings) as db:
         parsed = [
-            parse_extension(sample.record(), max_timeout_ms=settings.extension_max_timeout_ms,
-                            max_retries=settings.extension_max_retries)
+            parse_extension(
+                sample.record(),
+                max_timeout_ms=settings.extension_max_timeout_ms,
+                max_retries=settings.extension_max_retries,
+            )
             for sample in SAMPLE_EXTENSIONS
         ]
         existing = await db.ids()
@@ -104,8 +113,18 @@ async def register_samples(settings: Settings) -> None:
 async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> None:
     """Call the sample extensions a few times a second, and cycle the flaky one."""
     cycle = asyncio.create_task(_cycle_flaky(samples, stop))
-    ids = itertools.cycle(["normalize_text", "pii_guard", "mask_pii", "flaky", "test_provider",
-                           "flaky", "echo", "flaky"])
+    ids = itertools.cycle(
+        [
+            "normalize_text",
+            "pii_guard",
+            "mask_pii",
+            "flaky",
+            "test_provider",
+            "flaky",
+            "echo",
+            "flaky",
+        ]
+    )
     in_flight: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
     try:
         while not stop.is_set():
@@ -119,8 +138,7 @@ async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> N
 
 
 async def _call(invoker: Any, ext_id: str) -> None:
-    context = {"trace_id": f"demo-{random.getrandbits(32):08x}",
-               "tenant_id": "demo"}
+    context = {"trace_id": f"demo-{random.getrandbits(32):08x}", "tenant_id": "demo"}
     try:
         await invoker.invoke(ext_id, REQUESTS[ext_id], context)
     except ExtensionError as exc:

@@ -116,6 +116,7 @@ def write_bundled_fixtures() -> None:
     `python -c "from extreg.local.samples.extensions import write_bundled_fixtures as w; w()"`)."""
     BUNDLED_FIXTURES_FILE.write_text(bundled_fixtures_text(), encoding="utf-8")
 
+
 # ---- patterns ---------------------------------------------------------------------------
 
 # 4x4 digits with optional single spaces or dashes between groups; not part of a longer number.

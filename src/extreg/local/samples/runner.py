@@ -264,7 +264,9 @@ async def serve_forever(
         await stop.wait()
 
 
-def main(nats_url: str | SecretStr = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None) -> None:
+def main(
+    nats_url: str | SecretStr = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None
+) -> None:
     """Blocking entry point of `extreg sample-extensions`: serve until interrupted."""
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(nats_url, names=names))
