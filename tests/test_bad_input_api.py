@@ -883,8 +883,8 @@ async def test_oversize_bodies_are_refused_unread(probe: Probe) -> None:
             role=role,
             headers={"Content-Length": str(TEN_MB)},
             expect=(413,),
-            raw=stream,
-        )  # type: ignore[arg-type]
+            raw=stream,  # type: ignore[arg-type]
+        )
         assert stream.read < limit, (method, path, stream.read)
         await probe.send(
             "oversize and deep bodies",
@@ -908,8 +908,8 @@ async def test_oversize_bodies_are_refused_unread(probe: Probe) -> None:
             path,
             role=role,
             expect=(413,),
-            raw=stream,
-        )  # type: ignore[arg-type]
+            raw=stream,  # type: ignore[arg-type]
+        )
         assert stream.read <= limit + 64 * 1024, (method, path, stream.read)
     probe.assert_every_case_refused()
 
