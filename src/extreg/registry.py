@@ -9,6 +9,8 @@ database read and a swap. With the database, three things keep the cache fresh:
 - the periodic sync, every `sync_interval_seconds`: compares every record's row versions with
   the previous sync's and re-reads those that differ, and drops ids that are gone; the safety
   net for anything a notification missed.
+- reconnection: when the database goes away the cache keeps serving (status says stale) and
+  the connection is retried with backoff; on return, one full reload catches up.
 
 The database's commit order decides what is current, never a timestamp: `updated_at` is a
 transaction's *start* time, so a transaction that starts first and commits last stamps the
@@ -16,8 +18,6 @@ newest row with the oldest time. Every read runs under `_write_lock` and is inst
 order it was made, and a read made later sees every commit an earlier one saw, so the cache
 only ever moves forward in commit order. A read record replaces the cached one whenever they
 differ.
-- reconnection: when the database goes away the cache keeps serving (status says stale) and
-  the connection is retried with backoff; on return, one full reload catches up.
 """
 
 from __future__ import annotations
@@ -515,8 +515,8 @@ class Registry:
         with backoff rather than wait for the next change (one error line per outage, not
         per attempt). The first change after a quiet spell is written at once; a stream of
         changes is written at most every SNAPSHOT_FILE_INTERVAL_S, each write holding all of
-        them, because encoding 10,000 records holds the GIL for tens of milliseconds and
-        would otherwise delay every lookup and notification the whole time."""
+        them, because encoding every record holds the GIL and would otherwise delay every
+        lookup and notification the whole time."""
         backoff = BACKOFF_MIN_S
         failing = False
         while True:

@@ -34,7 +34,7 @@ from .snapshot_file import Origin
 log = structlog.get_logger("extreg.postgres")
 
 CHANNEL = "extreg_changes"
-WRITE_LOCK_CLASS = 0x65787401  # advisory lock class of `write_extension` (one per id)
+WRITE_LOCK_CLASS = 0x65787401  # advisory lock class of `write` (256 buckets of ids: _LOCK_IDS)
 CONNECT_TIMEOUT_S = 3
 # A server built with JIT would compile the load query anew on every load; ours run short
 # queries, so JIT is off on our connections (bench/bench_registry.py prints JIT-on rows on a
@@ -43,7 +43,7 @@ NO_JIT = "-c jit=off"
 LOAD_PARTS = 2  # a power of two: the full load in parts on as many connections at once
 
 # Versions and instances are aggregated once per table and joined, rather than by a
-# subquery per row: half the time at 10,000 extensions. `{key}` is the id column of each
+# subquery per row. `{key}` is the id column of each
 # table, and `{where}` selects the extensions: a hash partition for a full load, or a list of
 # ids (two query texts, so the planner can use the primary key for the latter).
 _RECORDS = """
@@ -264,8 +264,8 @@ class PostgresSource:
         """The one write path: read, change and write records in one transaction.
 
         Every writer (API, CLI, automation, import) comes here, so every write of an id is
-        serialized by the same per-id locks: an advisory lock (which also covers ids that
-        do not exist yet) and the row lock (which plain-SQL writers take too). `change(current)`
+        serialized by the same locks: an advisory lock on the id's bucket (which also covers ids
+        that do not exist yet) and the row lock (which plain-SQL writers take too). `change(current)`
         runs after both are held, on the record as committed at that moment, so a check it
         makes (an `If-Match`, existence, "disabled by whom") still holds at the write. It
         returns the record to store, or None to delete; it may raise to abort everything.

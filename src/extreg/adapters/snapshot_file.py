@@ -5,9 +5,11 @@ from, sha256 of the body), then the body, a JSON list of records. A file is serv
 database it came from: a boot against another database while that one is down must not serve
 somebody else's records. The check is made while the database is down, so it compares what the
 settings name (`Origin.location`: hosts, ports and database name, never the password); the
-server's system identifier is recorded beside it for operators. The file is written to a temporary name in the same folder, fsynced and
-renamed over the old one, so a crash mid-write leaves the previous file intact; the checksum
-catches a file torn or edited by anything else.
+server's system identifier is recorded beside it for operators.
+
+The file is written to a temporary name in the same folder, fsynced and renamed over the old
+one, so a crash mid-write leaves the previous file intact; the checksum catches a file torn or
+edited by anything else.
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ async def disable_extension(
 
 
 def writable(registry: Registry) -> PostgresSource:
-    """The database to write to; `Conflict` (409) when the registry serves fixtures."""
+    """The database to write to; `Conflict` (409) when the registry serves fixtures,
+    `SourceUnavailable` (503) while it serves the snapshot file."""
     return registry.database
 
 
@@ -266,8 +267,8 @@ def _no_nul(extension_id: str) -> None:
 
 
 def _existing(current: Extension | None, extension_id: str, if_match: str | None) -> Extension:
-    """The record a PUT, PATCH or DELETE changes: 404 when missing, 412 when `If-Match` is
-    stale."""
+    """The record a PUT, PATCH, DELETE, enable or disable changes: 404 when missing, 412 when
+    `If-Match` is stale."""
     if current is None:
         raise ExtensionNotFound(extension_id)
     check_if_match(if_match, current)
