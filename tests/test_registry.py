@@ -497,3 +497,33 @@ async def test_failed_snapshot_write_is_retried_without_a_new_change(
     assert ["a"] == [
         r.id for r in read_snapshot_file(settings.snapshot_path, location_of(db_url))[0]
     ]
+
+
+def test_scrub_masks_the_password_raw_and_url_encoded() -> None:
+    from extreg.adapters.postgres import scrub
+
+    error = RuntimeError("connect to postgresql://u:p%40ss@h/db as u with p@ss failed")
+    assert "connect to postgresql://u:********@h/db as u with ******** failed" == scrub(
+        error, "p@ss"
+    )
+
+
+async def test_a_failed_boot_closes_its_connections(
+    tmp_path: Path, pg_server: PostgresProcess
+) -> None:
+    """source=database on a database without extreg tables and no snapshot file: the boot fails
+    with a clear error, and every connection it opened is closed."""
+    url = pg_server.create_database("no_tables")
+    settings = make_settings(tmp_path, source="database", database_url=url)
+    with pytest.raises(SourceUnavailable, match="extreg migrate"):
+        async with Registry.open(settings):
+            pass
+
+    def connections() -> int:
+        with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'no_tables'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    await wait_for(lambda: connections() == 0, 20)

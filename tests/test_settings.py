@@ -661,3 +661,20 @@ def test_bad_password_type_error_does_not_show_it(tmp_path: Path) -> None:
 def test_redact_url(url: str, expected: str) -> None:
     """redact_url masks a userinfo password and a password= parameter, and nothing else."""
     assert expected == redact_url(url)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["metrics_token = 12345678", 'db_pasword = "12345678"', 'nats_urls = "12345678"'],
+    ids=["secret-setting", "misspelt-password", "unknown-key"],
+)
+def test_a_rejected_secret_or_unknown_key_is_not_echoed(tmp_path: Path, line: str) -> None:
+    """A bad value of a secret setting, or any value of an unknown (perhaps misspelt) key, is
+    named by its key and file, never quoted."""
+    config = tmp_path / "extreg.toml"
+    config.write_text(f"[extension_registry]\n{line}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(config_file=config, environ={})
+    message = str(info.value)
+    assert "12345678" not in message, message
+    assert line.split(" ")[0] in message and str(config) in message, message

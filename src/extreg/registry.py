@@ -207,8 +207,8 @@ class Registry:
     ) -> AsyncIterator[Registry]:
         """Load on boot, keep fresh in the background, stop everything on exit."""
         registry = cls(settings, clock=clock)
-        await registry.start()
-        try:
+        try:  # a failed or cancelled start closes what it opened (the pool, say)
+            await registry.start()
             yield registry
         finally:
             await registry.close()
@@ -243,14 +243,15 @@ class Registry:
         self._db = PostgresSource(self.settings)
         loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         follower = asyncio.create_task(self._follow_database(loaded))
+        self._tasks.append(follower)  # so that close() stops it, even if this start is cancelled
         try:
             await loaded
         except SourceUnavailable as exc:
+            self._tasks.remove(follower)
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
             await self._boot_without_database(str(exc))
             return
-        self._tasks.append(follower)
         self._spawn(self._keep_snapshot_file())
 
     async def _boot_without_database(self, reason: str) -> None:

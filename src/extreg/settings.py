@@ -418,6 +418,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return table
 
 
+def _may_be_secret(key: str, error_type: str) -> bool:
+    """Whether a rejected value must not be echoed: a secret setting's, or an unknown key's
+    (a misspelt `db_pasword` holds a password all the same)."""
+    field = Settings.model_fields.get(key)
+    return (
+        error_type == "extra_forbidden"
+        or field is None
+        or "SecretStr" in str(field.annotation)
+        or any(word in key for word in ("password", "url", "token", "secret"))
+    )
+
+
 def _describe(exc: ValidationError, origin: dict[str, str]) -> str:
     lines = []
     for error in exc.errors():
@@ -427,8 +439,7 @@ def _describe(exc: ValidationError, origin: dict[str, str]) -> str:
             message = "unknown setting"
         else:
             message = error["msg"].removeprefix("Value error, ")
-        secret = "password" in key or "url" in key or not error["loc"]
-        shown = "" if secret else f" (got {error.get('input')!r})"
+        shown = "" if _may_be_secret(key, error["type"]) else f" (got {error.get('input')!r})"
         place = f" from {where}" if where else ""
         if where == "environment":
             key = ENV_PREFIX + key.upper()

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, Self
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import msgspec
 import psycopg
@@ -439,9 +439,14 @@ def translate_for(conninfo: str) -> contextlib.AbstractContextManager[None]:
 
 
 def scrub(exc: BaseException, secret: str) -> str:
-    """The first line of an error's message, with `secret` (a password) masked."""
+    """The first line of an error's message, with `secret` (a password) masked, raw and as it
+    appears inside a URL (percent-encoded)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.replace(secret, "********") if secret else text
+    for form in sorted(
+        {secret, quote(secret, safe=""), unquote(secret)} - {""}, key=len, reverse=True
+    ):
+        text = text.replace(form, "********")
+    return text
 
 
 def _decode(text: str | bytes, limits: Limits) -> tuple[list[Extension], dict[str, str]]:
