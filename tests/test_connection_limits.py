@@ -304,10 +304,13 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(tmp_path: Pat
     with serving(tmp_path, http_keep_alive_seconds="1") as served:
         fresh, used = served.connect(), served.connect()
         used.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        wait_for(lambda: closed_by_server(fresh), "a silent connection stayed open")
-        wait_for(lambda: closed_by_server(used), "an idle connection stayed open")
+        silent, answered = bytearray(), bytearray()
+        wait_for(lambda: closed_by_server(fresh, silent), "a silent connection stayed open")
+        wait_for(lambda: closed_by_server(used, answered), "an idle connection stayed open")
         fresh.close()
         used.close()
+        assert b"" == bytes(silent)  # closed for idleness, not answered
+        assert answered.startswith(b"HTTP/1.1 200")  # answered first, then closed when idle
 
 
 def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(tmp_path: Path) -> None:
