@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,14 @@ class CaseCounter:
                 print(f"\n{self.summary()}")
 
         return _print_case_count
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Ctrl-C a server started by a test, killing it if it does not stop within `timeout`
+    (for `finally` blocks: it never raises, so the test's own failure stays the one shown)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

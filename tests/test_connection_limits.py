@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from helpers import stop_process
 
 from testsupport.pgprocess import free_port
 
@@ -99,12 +100,7 @@ def serving(tmp: Path, argv: list[str] | None = None, **settings: str) -> Iterat
         wait_for(lambda: answers(served.url), f"serve did not start: {err}", proc)
         yield served
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def answers(url: str) -> bool:

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import stop_process
 from markdown_it import MarkdownIt
 
 from extreg.local.natsserver import free_port
@@ -175,12 +175,7 @@ def serving_demo(folder: Path, top: Path) -> Iterator[Workspace]:
         wait_for_demo(proc, out, err, f"http://127.0.0.1:{port}")
         yield Workspace(folder, env)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def wait_for_demo(proc: subprocess.Popen[str], out: Path, err: Path, url: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from helpers import record
+from helpers import record, stop_process
 
 from extreg.adapters.fixtures import load_fixtures
 from extreg.adapters.migrate import migrate
@@ -169,12 +169,7 @@ def test_no_password_or_token_in_any_log_line_or_answer(
         outputs["sample-extensions"] = _sample_extensions_output(env, tmp_path)
         outputs["extreg invoke"] = _failed_invoke_output(env, nats_password)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     outputs["serve stderr"] = err.read_text()
     outputs["serve stdout"] = out.read_text()
     outputs["API answers"] = "\n\n".join(answers)
