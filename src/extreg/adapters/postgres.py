@@ -190,7 +190,8 @@ class PostgresSource:
 
     async def load_extensions(self, ids: Sequence[str]) -> list[Extension]:
         records, invalid = await self._load(_RECORDS_BY_IDS, {"ids": list(ids)})
-        self.invalid = {i: p for i, p in self.invalid.items() if i not in ids} | invalid
+        asked = set(ids)
+        self.invalid = {i: p for i, p in self.invalid.items() if i not in asked} | invalid
         return records
 
     async def log_audit(
