@@ -383,7 +383,7 @@ CASE_PARAMS = [pytest.param(c, id=c.name) for c in CASES]
 
 
 def load(folder: Path) -> list[Any]:
-    return load_fixtures(folder, max_timeout_ms=60_000, max_retries=10)
+    return load_fixtures(folder, max_timeout_ms=60_000, max_retries=10).extensions
 
 
 def with_baseline(folder: Path) -> Path:

@@ -24,7 +24,7 @@ def test_bundled_fixtures_file_is_generated_from_the_samples() -> None:
 def test_default_fixtures_dir_serves_the_sample_records() -> None:
     """The default fixtures folder loads as the four reference samples' records."""
     assert BUNDLED_FIXTURES == BUNDLED_FIXTURES_FILE.parent
-    loaded = load_fixtures(BUNDLED_FIXTURES, max_timeout_ms=60_000, max_retries=10)
+    loaded = load_fixtures(BUNDLED_FIXTURES, max_timeout_ms=60_000, max_retries=10).extensions
     expected = [
         parse_extension(SAMPLES_BY_ID[i].record(), max_timeout_ms=60_000, max_retries=10)
         for i in BUNDLED_IDS

@@ -316,8 +316,8 @@ def test_export_then_import_round_trip(
     exported = tmp_path / "exported"
     result = run(tmp_path, "export", str(exported), db=db_url)
     assert 0 == result.returncode, outcome(result)
-    originals = load_fixtures(source, max_timeout_ms=60_000, max_retries=10)
-    reread = load_fixtures(exported, max_timeout_ms=60_000, max_retries=10)
+    originals = load_fixtures(source, max_timeout_ms=60_000, max_retries=10).extensions
+    reread = load_fixtures(exported, max_timeout_ms=60_000, max_retries=10).extensions
     assert sorted(originals, key=lambda e: e.id) == sorted(reread, key=lambda e: e.id)
 
     other = fresh_database(pg_server, migrated=True)

@@ -36,7 +36,7 @@ SUBJECT_RULE = (
 
 
 def load(folder: Path) -> list[Extension]:
-    return load_fixtures(folder, max_timeout_ms=60_000, max_retries=10)
+    return load_fixtures(folder, max_timeout_ms=60_000, max_retries=10).extensions
 
 
 def problems_of(folder: Path) -> list[str]:
@@ -463,7 +463,8 @@ async def test_read_fixtures_is_bounded_in_time(tmp_path: Path) -> None:
     FixtureError naming the folder, instead of waiting on a read that does not return."""
     two_records(tmp_path)
     assert ["a", "b"] == [
-        e.id for e in await read_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10)
+        e.id
+        for e in (await read_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10)).extensions
     ]
     with pytest.raises(FixtureError) as caught:
         await read_fixtures(tmp_path, max_timeout_ms=60_000, max_retries=10, timeout_s=0)

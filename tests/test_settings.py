@@ -129,7 +129,7 @@ def test_default_fixtures_dir_is_the_bundled_samples() -> None:
         ("normalize_text", "pre", "beamline.ext.pre.normalize_text.v1", 100, 0),
         ("pii_guard", "validator", "beamline.ext.validate.pii_guard.v1", 200, 0),
         ("test_provider", "provider", "beamline.provider.test_provider.v1", 5000, 1),
-    ] == sorted((e.id, e.type, e.subject, e.timeout_ms, e.retry) for e in records)
+    ] == sorted((e.id, e.type, e.subject, e.timeout_ms, e.retry) for e in records.extensions)
 
 
 # -- db_enabled ------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ from rich.table import Table
 from rich.text import Text
 
 from . import logs
-from .adapters.fixtures import load_fixtures
+from .adapters.fixtures import FixtureSet, load_fixtures
 from .adapters.migrate import migrate as run_migrations
 from .adapters.postgres import PostgresSource
 from .client import ApiClient
 from .core.model import DATABASE_KEPT, Extension, to_plain
+from .core.policy import PolicyLimits
 from .errors import (
     ConfigError,
     Conflict,
@@ -188,7 +189,7 @@ def import_fixtures(
 ) -> None:
     """Upsert every record of a fixtures folder into the database, audited, all or nothing."""
     s = settings(ctx)
-    records = _fixtures(folder, s)
+    records = _fixtures(folder, s).extensions
     report = on_database(s, lambda db: db.import_extensions(records, actor(), dry_run=dry_run))
     counts = {
         k: sorted(i for i, v in report.items() if v == k)
@@ -225,16 +226,19 @@ def export(
 def validate(ctx: typer.Context, folder: Path, json: JsonFlag = False) -> None:
     """Check a fixtures folder; report every problem and exit 2 if there is one."""
     try:
-        records = _fixtures(folder, settings(ctx))
+        found = _fixtures(folder, settings(ctx))
     except FixtureError as exc:
         if json:
             emit_json({"valid": False, "problems": exc.problems})
             raise typer.Exit(2) from None
         raise
     if json:
-        emit_json({"valid": True, "count": len(records)})
+        emit_json({"valid": True, "count": len(found.extensions), "policies": len(found.policies)})
     else:
-        out.print(f"{folder}: {len(records)} extensions, all valid")
+        out.print(
+            f"{folder}: {len(found.extensions)} extensions and {len(found.policies)} policies,"
+            " all valid"
+        )
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -615,9 +619,12 @@ def _load_all(s: Settings) -> list[Extension]:
     return on_registry(s, _all)
 
 
-def _fixtures(folder: Path, s: Settings) -> list[Extension]:
+def _fixtures(folder: Path, s: Settings) -> FixtureSet:
     return load_fixtures(
-        folder, max_timeout_ms=s.extension_max_timeout_ms, max_retries=s.extension_max_retries
+        folder,
+        max_timeout_ms=s.extension_max_timeout_ms,
+        max_retries=s.extension_max_retries,
+        policy_limits=PolicyLimits.from_settings(s),
     )
 
 

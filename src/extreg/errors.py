@@ -3,7 +3,8 @@
     ExtregError                     base of everything below
     ├── ConfigError                 bad settings (file, environment or flag); exit status 2
     │   └── UnknownToken            no API token has this name
-    ├── InvalidRecord               an extension record breaks a rule; names record and field
+    ├── InvalidRecord               an extension or policy record breaks a rule; names record
+    │                               and field
     ├── StrictJSONError             a document is not strict JSON (also a ValueError); always
     │                               translated to InvalidRecord or FixtureError before users see it
     ├── FixtureError                a fixtures folder cannot be loaded; lists every problem
@@ -18,6 +19,12 @@
     ├── AuthFailed                  (API client) the server refused the token, role or address
     ├── ServerUnreachable           (API client) no answer from the server at the URL given
     ├── ApiError                    (API client) any other answer the client cannot use
+    ├── PolicyError                 a policy run did not give a result; carries the steps so far
+    │   ├── PolicyNotFound
+    │   ├── PolicyDisabled
+    │   ├── ValidatorBlocked        a validator with on_fail=block rejected, timed out or failed
+    │   ├── StepFailed              a required pre or post step failed
+    │   └── NoProvider              every provider failed, or none could be called
     └── ExtensionError              a lookup or a call of one extension failed
         ├── ExtensionNotFound
         ├── ExtensionDisabled
@@ -39,6 +46,8 @@ from the docs.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def printable(text: str, limit: int = 80) -> str:
@@ -68,11 +77,14 @@ class InvalidRecord(ExtregError):
     `problems` holds `(field, message)` pairs so callers can report each field at fault.
     """
 
-    def __init__(self, record: str, problems: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, record: str, problems: list[tuple[str, str]], kind: str = "extension"
+    ) -> None:
         self.record = record
         self.problems = problems
+        self.kind = kind  # "extension" or "policy"
         text = "; ".join(f"{printable(field)}: {message}" for field, message in problems)
-        super().__init__(f"extension {printable(record)!r}: {text}")
+        super().__init__(f"{kind} {printable(record)!r}: {text}")
 
 
 class FixtureError(ExtregError):
@@ -132,6 +144,69 @@ class ServerUnreachable(ExtregError):
 
 class ApiError(ExtregError):
     """Any other answer the API client cannot use (a server error, say)."""
+
+
+class PolicyError(ExtregError):
+    """A policy run stopped without a result.
+
+    `steps` are the steps run so far (`extreg.core.pipeline.Step`, in policy order), the failing
+    one last; `cause` is the extension error behind it, if any, which decides the HTTP status
+    (an open circuit 503, a timeout 504)."""
+
+    reason_default = "policy run failed"
+
+    def __init__(
+        self,
+        policy_id: str,
+        reason: str | None = None,
+        steps: list[Any] | None = None,
+        cause: ExtensionError | None = None,
+    ) -> None:
+        self.policy_id = policy_id
+        self.reason = reason or self.reason_default
+        self.steps = steps or []
+        self.cause = cause
+        super().__init__(f"policy {policy_id}: {self.reason}")
+
+
+class PolicyNotFound(PolicyError):
+    reason_default = "no such policy"
+
+
+class PolicyDisabled(PolicyError):
+    reason_default = "policy is disabled"
+
+
+class ValidatorBlocked(PolicyError):
+    """A validator with `on_fail: block` rejected the message (or timed out, or failed: the
+    original counts those as rejects). `reason` and `details` are the validator's."""
+
+    reason_default = "validator_blocked"
+
+    def __init__(
+        self,
+        policy_id: str,
+        extension_id: str,
+        reason: str | None = None,
+        details: Any = None,
+        steps: list[Any] | None = None,
+        cause: ExtensionError | None = None,
+    ) -> None:
+        self.extension_id = extension_id
+        self.details = details if details is not None else {}
+        super().__init__(policy_id, reason, steps, cause)
+
+
+class StepFailed(PolicyError):
+    """A required pre or post step failed; `cause` says how."""
+
+    reason_default = "a required step failed"
+
+
+class NoProvider(PolicyError):
+    """No provider answered: each was passed over (open circuit, no hook) or failed."""
+
+    reason_default = "no provider answered"
 
 
 class ExtensionError(ExtregError):

@@ -41,12 +41,15 @@ from .adapters.postgres import PostgresSource
 from .adapters.snapshot_file import Origin, read_snapshot_file, write_snapshot_file
 from .core.clock import SYSTEM_CLOCK, Clock, utc_now
 from .core.model import Extension
+from .core.policy import Policy, PolicyLimits
 from .core.snapshot import Snapshot
 from .errors import (
     Conflict,
     ExtensionDisabled,
     ExtensionNotFound,
     FixtureError,
+    PolicyDisabled,
+    PolicyNotFound,
     SnapshotFileError,
     SourceUnavailable,
 )
@@ -77,6 +80,8 @@ class Status:
     last_sync_at: datetime | None
     database: str | None
     invalid_records: dict[str, str]  # database rows left out: {id: the rules they break}
+    policy_count: int
+    unusable_policies: dict[str, list[str]]  # {policy id: what it references that is gone}
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -146,6 +151,23 @@ class Registry:
         """Every cached extension, disabled ones too, by id."""
         return sorted(self._snap.by_id.values(), key=lambda e: e.id)
 
+    def policy(self, policy_id: str) -> Policy | None:
+        """The policy with this id, enabled or not, or None."""
+        return self._snap.policies.get(policy_id)
+
+    def lookup_policy(self, policy_id: str) -> Policy:
+        """The enabled policy with this id; `PolicyNotFound` or `PolicyDisabled`."""
+        policy = self._snap.policies.get(policy_id)
+        if policy is None:
+            raise PolicyNotFound(policy_id)
+        if not policy.enabled:
+            raise PolicyDisabled(policy_id)
+        return policy
+
+    def policies(self) -> list[Policy]:
+        """Every cached policy, disabled ones too, by id."""
+        return sorted(self._snap.policies.values(), key=lambda p: p.policy_id)
+
     @property
     def snapshot(self) -> Snapshot:
         return self._snap
@@ -166,6 +188,8 @@ class Registry:
             last_sync_at=self._last_sync_at,
             database=self.settings.db_display if self.settings.database_configured else None,
             invalid_records=self.invalid_records,
+            policy_count=len(snap.policies),
+            unusable_policies=snap.unusable_policies,
         )
 
     @property
@@ -223,7 +247,7 @@ class Registry:
     async def start(self) -> None:
         mode = self.settings.source
         if mode == "fixtures":
-            self._swap(await self._read_fixtures(), "fixtures")
+            await self._serve_fixtures()
             self._spawn(self._watch_fixtures())
             return
         if not self.settings.database_configured:  # none configured: the embedded one, as
@@ -237,7 +261,7 @@ class Registry:
                 self._fallback_reason = f"no database configured; {exc}"
         if not self.settings.database_configured:
             log.warning("serving_fixtures", reason=self._fallback_reason)
-            self._swap(await self._read_fixtures(), "fixtures")
+            await self._serve_fixtures()
             self._spawn(self._watch_fixtures())
             return
         self._db = PostgresSource(self.settings)
@@ -274,7 +298,7 @@ class Registry:
         else:
             self._fallback_reason = reason
             log.warning("serving_fixtures", reason=reason)
-            self._swap(await self._read_fixtures(), "fixtures")
+            await self._serve_fixtures()
             self._spawn(self._watch_fixtures())
         self._spawn(self._follow_database(None))
         self._spawn(self._keep_snapshot_file())
@@ -298,7 +322,7 @@ class Registry:
         started = time.perf_counter()
         before = self._snap
         if self.settings.source == "fixtures" or self._db is None:
-            self._swap(await self._read_fixtures(), "fixtures")
+            await self._serve_fixtures()
         else:
             try:
                 await self._reload_from_database()
@@ -306,7 +330,7 @@ class Registry:
                 self._mark_stale(str(exc))
                 if self.settings.source == "database" or self._source == "database":
                     raise
-                self._swap(await self._read_fixtures(), "fixtures")
+                await self._serve_fixtures()
         after = self._snap
         return ReloadReport(
             source=self._source,
@@ -322,8 +346,10 @@ class Registry:
 
     # -- swapping -----------------------------------------------------------------------------
 
-    def _swap(self, records: Iterable[Extension], source: Served) -> None:
-        self._install(Snapshot.build(records, self._snap.generation + 1), source)
+    def _swap(
+        self, records: Iterable[Extension], source: Served, policies: Iterable[Policy] = ()
+    ) -> None:
+        self._install(Snapshot.build(records, self._snap.generation + 1, policies), source)
 
     def _install(self, snap: Snapshot, source: Served) -> None:
         snap = dataclasses.replace(snap, loaded_at=utc_now(self._clock))
@@ -334,12 +360,15 @@ class Registry:
         for callback in self._listeners:
             callback(snap)
 
-    async def _read_fixtures(self) -> list[Extension]:
-        return await read_fixtures(
+    async def _serve_fixtures(self) -> None:
+        """Read the fixtures folder and serve it; `FixtureError` (and nothing served) if bad."""
+        found = await read_fixtures(
             self.settings.fixtures_dir,
             max_timeout_ms=self.settings.extension_max_timeout_ms,
             max_retries=self.settings.extension_max_retries,
+            policy_limits=PolicyLimits.from_settings(self.settings),
         )
+        self._swap(found.extensions, "fixtures", found.policies)
 
     # -- fixtures -----------------------------------------------------------------------------
 
@@ -350,7 +379,7 @@ class Registry:
                 return
             try:
                 before = self._snap
-                self._swap(await self._read_fixtures(), "fixtures")
+                await self._serve_fixtures()
             except FixtureError as exc:
                 log.error("fixtures_rejected", problems=exc.problems)
                 continue

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     extension_max_metadata_size: int = Field(65_536, ge=1)
     extension_max_timeout_ms: int = Field(60_000, ge=1)
     extension_max_retries: int = Field(10, ge=0)
+    # Routing policies (the original's depth limits: security against runaway pipelines).
+    extension_max_pipeline_depth: int = Field(10, ge=1)  # pre + validators + post items
+    extension_max_pre_count: int = Field(5, ge=0)
+    extension_max_validators_count: int = Field(5, ge=0)
+    extension_max_post_count: int = Field(5, ge=0)
     nats_url: SecretStr = SecretStr("nats://127.0.0.1:4222")  # may carry a password or token
     # proxies whose X-Forwarded-For the API believes: addresses or networks, comma-separated
     forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = ()

@@ -1,8 +1,10 @@
-"""Fixtures: a folder of JSON/YAML files, each one extension object or a list of them.
+"""Fixtures: a folder of JSON/YAML files, each one extension object or a list of them, and
+routing policies the same way in its `policies/` subfolder.
 
 Strict and all-or-nothing: every problem in every file is collected and reported together,
 and a folder with any problem yields no records at all, so a bad edit never half-replaces the
-cache. Each problem names the file, the record and the field.
+cache. Each problem names the file, the record and the field. Policies are checked against the
+folder's extensions (every id must name one of its stage's type).
 
 Reading never blocks: a file is opened with O_NONBLOCK (so a FIFO or device opens at once
 instead of waiting for a writer) and the *opened descriptor* must be a regular file before a
@@ -19,7 +21,8 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,9 +31,11 @@ import yaml
 
 from ..core import strictjson
 from ..core.model import Extension, parse_extension
+from ..core.policy import Policy, PolicyLimits, parse_policy, reference_problems
 from ..errors import FixtureError, InvalidRecord, StrictJSONError, printable
 
 SUFFIXES = (".json", ".yaml", ".yml")
+POLICIES_FOLDER = "policies"  # beside the extension files
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a fixtures file is hand-written; beyond this it is a mistake
 READ_TIMEOUT_S = 30.0  # a whole folder; only a stuck filesystem (NFS, FUSE) takes this long
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -39,6 +44,14 @@ DANGLING = "a symbolic link to nothing (dangling, or a loop)"
 MAX_DEPTH = 64  # records are shallow; deeper nesting is a mistake or an attack
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class FixtureSet:
+    """What a fixtures folder holds: its extensions and its policies."""
+
+    extensions: list[Extension]
+    policies: list[Policy] = field(default_factory=list)
 
 
 class _StrictYamlLoader(yaml.SafeLoader):
@@ -73,13 +86,23 @@ def fixture_files(folder: Path) -> list[Path]:
 
 
 async def read_fixtures(
-    folder: Path, *, max_timeout_ms: int, max_retries: int, timeout_s: float = READ_TIMEOUT_S
-) -> list[Extension]:
+    folder: Path,
+    *,
+    max_timeout_ms: int,
+    max_retries: int,
+    policy_limits: PolicyLimits = PolicyLimits(),
+    timeout_s: float = READ_TIMEOUT_S,
+) -> FixtureSet:
     """`load_fixtures` for async callers: off the event loop, and `FixtureError` if it takes
     longer than `timeout_s`, so a stuck read can hold up neither the loop nor a shutdown."""
     try:
         return await _in_daemon_thread(
-            lambda: load_fixtures(folder, max_timeout_ms=max_timeout_ms, max_retries=max_retries),
+            lambda: load_fixtures(
+                folder,
+                max_timeout_ms=max_timeout_ms,
+                max_retries=max_retries,
+                policy_limits=policy_limits,
+            ),
             timeout_s,
         )
     except TimeoutError:
@@ -108,45 +131,94 @@ async def _in_daemon_thread(work: Callable[[], T], timeout_s: float) -> T:
     return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
 
 
-def load_fixtures(folder: Path, *, max_timeout_ms: int, max_retries: int) -> list[Extension]:
-    """Every extension in `folder`, or `FixtureError` listing every problem found. Blocking,
-    but never for long: see the module's docstring; async code calls `read_fixtures`."""
+def load_fixtures(
+    folder: Path,
+    *,
+    max_timeout_ms: int,
+    max_retries: int,
+    policy_limits: PolicyLimits = PolicyLimits(),
+) -> FixtureSet:
+    """Every extension and policy in `folder`, or `FixtureError` listing every problem found.
+    Blocking, but never for long: see the module's docstring; async code calls `read_fixtures`."""
     problems: list[str] = []
     records: list[Extension] = []
     first_seen: dict[str, str] = {}
-    for path in fixture_files(folder):
+    for where, item in _items(fixture_files(folder), "extension", problems):
         try:
-            items = _read_items(path)
-        except _FileProblem as exc:
-            problems.append(f"{path.name}: {exc}")
+            ext = parse_extension(item, max_timeout_ms=max_timeout_ms, max_retries=max_retries)
+        except InvalidRecord as exc:
+            problems += _described(where, exc)
             continue
-        for index, item in enumerate(items):
-            where = f"{path.name} record #{index + 1}"
-            try:
-                ext = parse_extension(item, max_timeout_ms=max_timeout_ms, max_retries=max_retries)
-            except InvalidRecord as exc:
-                problems += [
-                    f"{where} ({printable(exc.record)}): field {printable(field)}: {message}"
-                    for field, message in exc.problems
-                ]
-                continue
-            if ext.id in first_seen:
-                problems.append(
-                    f"{where} ({ext.id}): field id: duplicate id, first defined in {first_seen[ext.id]}"
-                )
-                continue
-            first_seen[ext.id] = where
-            records.append(ext)
+        if ext.id in first_seen:
+            problems.append(
+                f"{where} ({ext.id}): field id: duplicate id, first defined in {first_seen[ext.id]}"
+            )
+            continue
+        first_seen[ext.id] = where
+        records.append(ext)
+    policies = _load_policies(folder / POLICIES_FOLDER, records, policy_limits, problems)
     if problems:
         raise FixtureError(problems)
-    return records
+    return FixtureSet(records, policies)
+
+
+def _load_policies(
+    folder: Path, extensions: list[Extension], limits: PolicyLimits, problems: list[str]
+) -> list[Policy]:
+    """The policies of the `policies/` subfolder (none when it does not exist), checked
+    against the folder's extensions; problems are added to `problems`."""
+    if not folder.is_dir():
+        return []
+    types = {e.id: e.type for e in extensions}
+    policies: list[Policy] = []
+    first_seen: dict[str, str] = {}
+    for where, item in _items(fixture_files(folder), "policy", problems, f"{POLICIES_FOLDER}/"):
+        try:
+            policy = parse_policy(item, limits=limits)
+        except InvalidRecord as exc:
+            problems += _described(where, exc)
+            continue
+        broken = reference_problems(policy, types)
+        if broken:
+            problems += _described(where, InvalidRecord(policy.policy_id, broken, kind="policy"))
+            continue
+        if policy.policy_id in first_seen:
+            problems.append(
+                f"{where} ({policy.policy_id}): field policy_id: duplicate policy_id,"
+                f" first defined in {first_seen[policy.policy_id]}"
+            )
+            continue
+        first_seen[policy.policy_id] = where
+        policies.append(policy)
+    return policies
+
+
+def _items(
+    paths: list[Path], noun: str, problems: list[str], prefix: str = ""
+) -> Iterator[tuple[str, Any]]:
+    """(where, item) for every item of every readable file; file problems go to `problems`."""
+    for path in paths:
+        try:
+            items = _read_items(path, noun)
+        except _FileProblem as exc:
+            problems.append(f"{prefix}{path.name}: {exc}")
+            continue
+        for index, item in enumerate(items):
+            yield f"{prefix}{path.name} record #{index + 1}", item
+
+
+def _described(where: str, exc: InvalidRecord) -> list[str]:
+    return [
+        f"{where} ({printable(exc.record)}): field {printable(field)}: {message}"
+        for field, message in exc.problems
+    ]
 
 
 class _FileProblem(Exception):
     pass
 
 
-def _read_items(path: Path) -> list[Any]:
+def _read_items(path: Path, noun: str) -> list[Any]:
     raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8")
@@ -162,7 +234,8 @@ def _read_items(path: Path) -> list[Any]:
         return data
     if isinstance(data, list):
         raise _FileProblem("file holds an empty list")
-    raise _FileProblem(f"expected an extension object or a list of them, got {_kind(data)}")
+    article = "an" if noun[0] in "aeiou" else "a"
+    raise _FileProblem(f"expected {article} {noun} object or a list of them, got {_kind(data)}")
 
 
 def _parse_json(text: str) -> Any:

@@ -115,7 +115,7 @@ def parse_extension(
     try:
         ext = msgspec.convert(data, type=Extension)
     except msgspec.ValidationError as exc:
-        problems = _every_problem(data) or [_explain(str(exc))]
+        problems = _every_problem(data) or [explain(str(exc))]
         problems += _raw_limit_problems(data, max_timeout_ms, max_retries)
         raise InvalidRecord(record, problems) from None
     problems = record_problems(ext, max_timeout_ms=max_timeout_ms, max_retries=max_retries)
@@ -189,7 +189,7 @@ def _every_problem(data: object) -> list[tuple[str, str]]:
             try:
                 msgspec.convert(value, type=_FIELDS[key].type)
             except msgspec.ValidationError as exc:
-                problems.append(_explain(str(exc), key))
+                problems.append(explain(str(exc), key))
     return problems
 
 
@@ -259,7 +259,7 @@ def _record_name(data: object) -> str:
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 
-def _explain(message: str, field: str = "") -> tuple[str, str]:
+def explain(message: str, field: str = "") -> tuple[str, str]:
     """Turn msgspec's 'Expected ... - at `$.x`' into (field path, readable message).
 
     `field` is the field that was converted on its own, if any; msgspec's path is below it.

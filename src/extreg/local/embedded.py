@@ -78,5 +78,5 @@ async def prepare_embedded(settings: Settings) -> None:
             max_timeout_ms=settings.extension_max_timeout_ms,
             max_retries=settings.extension_max_retries,
         )
-        report = await db.import_extensions(records, BOOTSTRAP_ACTOR)
+        report = await db.import_extensions(records.extensions, BOOTSTRAP_ACTOR)
         log.info("sample_fixtures_loaded", created=sorted(report))

@@ -1,0 +1,170 @@
+"""The pipeline's decisions, without I/O: what a step sends, what its reply does to the
+message and context, what a validator's answer means, and when the validators' outcome is
+certain. `extreg.invoke.pipeline` runs them over NATS.
+
+The semantics are the original router's (`router_decider.erl`, EXTENSIONS_API.md §7): a
+pre/post reply's `payload` replaces the message (a string becomes the message's `payload`
+field) and its `metadata` is merged into the context; a validator answers `{"status": "ok"}`
+or `{"status": "reject", "reason", "details"}` (no status means ok, any other status is a
+reject: fail closed), and a timeout or an error counts as a reject; a provider's `output`
+becomes the message's `payload` and `metadata.provider_id` names it.
+
+Validators run concurrently but must decide as a sequential run in policy order would
+(ADR-024): `settle` looks at the answers so far, in policy order, and says whether the
+outcome is already certain, so the runner can cancel the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .policy import Policy, Stage, StepItem, ValidatorItem
+from .routing import rules_match
+
+StepStatus = Literal["ok", "skipped", "failed", "rejected", "warned", "ignored", "would_run"]
+# Context keys that travel as the envelope's own fields, not in its metadata.
+ENVELOPE_KEYS = frozenset({"trace_id", "tenant_id"})
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One item of a run, in policy order; what `steps` of a result or an error lists."""
+
+    stage: Stage
+    id: str
+    status: StepStatus
+    latency_ms: float = 0.0
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "id": self.id,
+            "status": self.status,
+            "latency_ms": round(self.latency_ms, 3),
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A validator's answer: ok, or a reject with the validator's reason and details. An
+    error (timeout, transport, invalid reply) is a reject whose reason says so."""
+
+    ok: bool
+    reason: str | None = None
+    details: Any = None
+
+
+def when_matches(when: Mapping[str, Any], context: Mapping[str, Any]) -> bool:
+    """`when` is matched like a version's `routing_rules`; `{}` always matches."""
+    return not when or rules_match(when, context.get)
+
+
+def request_for(
+    message: Mapping[str, Any],
+    context: Mapping[str, Any],
+    policy_id: str,
+    config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The request of one step: the message as `payload`, the context (but the ids, which
+    the envelope carries itself) and the policy id as `metadata`, and the item's `config`
+    under `metadata.config` when it has one (the original sent none; the samples read it)."""
+    metadata = {k: v for k, v in context.items() if k not in ENVELOPE_KEYS}
+    metadata["policy_id"] = policy_id
+    if config:
+        metadata["config"] = dict(config)
+    return {"payload": dict(message), "metadata": metadata}
+
+
+def apply_reply(
+    message: dict[str, Any], context: dict[str, Any], reply: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A pre/post reply applied: its `payload` replaces the message (a string becomes the
+    message's `payload` field) and its `metadata` is merged into the context."""
+    payload = reply.get("payload")
+    if isinstance(payload, dict):
+        message = dict(payload)
+    elif isinstance(payload, str):
+        message = {**message, "payload": payload}
+    metadata = reply.get("metadata")
+    if isinstance(metadata, dict):
+        context = {**context, **{k: v for k, v in metadata.items() if k not in ENVELOPE_KEYS}}
+    return message, context
+
+
+def provider_message(
+    message: Mapping[str, Any], reply: Mapping[str, Any], provider_id: str
+) -> dict[str, Any]:
+    """The message post sees: the provider's `output` as its payload, the provider named in
+    its metadata."""
+    metadata = message.get("metadata")
+    merged = dict(metadata) if isinstance(metadata, dict) else {}
+    extra = reply.get("metadata")
+    if isinstance(extra, dict):
+        merged.update(extra)
+    merged["provider_id"] = provider_id
+    return {**message, "payload": reply.get("output"), "metadata": merged}
+
+
+def verdict_of(reply: Mapping[str, Any]) -> Verdict:
+    """What a validator's reply means (see the module docstring)."""
+    status = reply.get("status", "ok")
+    if status == "ok":
+        return Verdict(True)
+    reason = reply.get("reason")
+    if status != "reject":
+        reason = f"unknown validator status {str(status)[:40]!r}"
+    return Verdict(False, str(reason) if reason is not None else "rejected", reply.get("details"))
+
+
+def settle(items: Sequence[ValidatorItem], verdicts: Sequence[Verdict | None]) -> int | None:
+    """Is the validators' outcome certain? `verdicts[i]` is item i's answer, None while it
+    is pending (or skipped: give it `Verdict(True)`). Returns the index of the validator that
+    blocks, `len(items)` when none will, or None while it depends on a pending answer.
+
+    A sequential run stops at the first blocking reject, so a pending validator *after* a
+    blocking reject cannot change the outcome, while one before it can.
+    """
+    for index, (item, verdict) in enumerate(zip(items, verdicts, strict=True)):
+        if verdict is None:
+            return None
+        if not verdict.ok and item.on_fail == "block":
+            return index
+    return len(items)
+
+
+def failed_status(item: ValidatorItem) -> StepStatus:
+    """The step status of a validator that rejected (or failed), by its `on_fail`."""
+    return _ON_FAIL_STATUS[item.on_fail]
+
+
+_ON_FAIL_STATUS: dict[str, StepStatus] = {
+    "block": "rejected",
+    "warn": "warned",
+    "ignore": "ignored",
+}
+
+
+def plan(policy: Policy, context: Mapping[str, Any]) -> list[Step]:
+    """The steps a run would take for this context, sending nothing (the dry run): each
+    item `would_run` or is `skipped` by its `when`; every provider is listed, in order, and
+    post only when there are providers (a policy without them ends after its validators)."""
+    items: list[tuple[Stage, StepItem | ValidatorItem]] = [("pre", i) for i in policy.pre]
+    items += [("validator", i) for i in policy.validators]
+    steps = [_planned(stage, item, context) for stage, item in items]
+    if policy.providers:
+        steps += [Step("provider", name, "would_run") for name in policy.providers]
+        steps += [_planned("post", item, context) for item in policy.post]
+    return steps
+
+
+def _planned(stage: Stage, item: StepItem | ValidatorItem, context: Mapping[str, Any]) -> Step:
+    if when_matches(item.when, context):
+        return Step(stage, item.id, "would_run")
+    return Step(stage, item.id, "skipped", reason=SKIPPED_REASON)
+
+
+SKIPPED_REASON = "when did not match the context"
