@@ -4,10 +4,11 @@ Answers are translated at this edge into extreg's error tree, so the CLI maps th
 codes exactly as it maps local errors. Every error answer names its class in `error`; the
 client rebuilds that class of `extreg.errors` by name (an `ExtensionError` with its
 `extension_id`, `reason` and `attempts`, an `InvalidRecord` with its fields, a `FixtureError`
-with its problems), so a remote failure raises what the same command raises locally. Answers
-without a name go by status: 401/403/429 `AuthFailed`, 404 `ExtensionNotFound`, 409/412
-`Conflict`, 422 `InvalidRecord`, anything else (or a name the client does not know) `ApiError`;
-no answer at all is `ServerUnreachable`.
+with its problems, a `PolicyError` with its `policy_id`, `reason` and `steps`), so a remote
+failure raises what the same command raises locally. Answers without a name go by status:
+401/403/429 `AuthFailed`, 404 `ExtensionNotFound` (`PolicyNotFound` on a policy route),
+409/412 `Conflict`, 422 `InvalidRecord`, anything else (or a name the client does not know)
+`ApiError`; no answer at all is `ServerUnreachable`.
 The token goes only into the Authorization header; no message ever contains it.
 """
 
@@ -27,7 +28,10 @@ from .errors import (
     ExtregError,
     FixtureError,
     InvalidRecord,
+    PolicyError,
+    PolicyNotFound,
     ServerUnreachable,
+    ValidatorBlocked,
 )
 from .settings import redact_url
 
@@ -108,9 +112,67 @@ class ApiClient:
         )
         return answer
 
+    # -- routing policies (the routes of SPEC.md, "Routing policies and the pipeline") ------
+
+    def list_policies(self) -> list[dict[str, Any]]:
+        answer = self._call("GET", "/admin/policies")
+        # A list, or a list wrapped in {"policies": [...]}: the CLI needs only the items.
+        found: list[dict[str, Any]] = answer["policies"] if isinstance(answer, dict) else answer
+        return found
+
+    def get_policy(self, policy_id: str) -> dict[str, Any]:
+        policy: dict[str, Any] = self._call(
+            "GET", f"/admin/policies/{_segment(policy_id)}", policy_id=policy_id
+        )
+        return policy
+
+    def put_policy(self, policy: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Create or replace one policy; ("created" | "updated", the policy as stored). The
+        status says which: 201 for a new one."""
+        policy_id = str(policy.get("policy_id"))
+        answer = self._request(
+            "PUT", f"/admin/policies/{_segment(policy_id)}", policy_id=policy_id, json=policy
+        )
+        stored: dict[str, Any] = answer.json()
+        return ("created" if answer.status_code == 201 else "updated"), stored
+
+    def delete_policy(self, policy_id: str) -> None:
+        self._request("DELETE", f"/admin/policies/{_segment(policy_id)}", policy_id=policy_id)
+
+    def run_policy(
+        self, policy_id: str, message: Any, context: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """One run of the pipeline on the server; a failed run raises its `PolicyError`."""
+        result: dict[str, Any] = self._call(
+            "POST",
+            f"/admin/policies/{_segment(policy_id)}/run",
+            policy_id=policy_id,
+            json={"message": message, "context": context or {}},
+        )
+        return result
+
     def _call(
-        self, method: str, path: str, *, extension_id: str | None = None, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        extension_id: str | None = None,
+        policy_id: str | None = None,
+        **kwargs: Any,
     ) -> Any:
+        return self._request(
+            method, path, extension_id=extension_id, policy_id=policy_id, **kwargs
+        ).json()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        extension_id: str | None = None,
+        policy_id: str | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         try:
             answer = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -118,10 +180,12 @@ class ApiClient:
                 f"cannot reach the extreg server at {redact_url(self.url)}: {exc}"
             ) from None
         if answer.is_success:
-            return answer.json()
-        raise self._error(answer, extension_id)
+            return answer
+        raise self._error(answer, extension_id, policy_id)
 
-    def _error(self, answer: httpx.Response, extension_id: str | None) -> ExtregError:
+    def _error(
+        self, answer: httpx.Response, extension_id: str | None, policy_id: str | None = None
+    ) -> ExtregError:
         status = answer.status_code
         body = _json_or_none(answer)
         body = body if isinstance(body, dict) else {}
@@ -141,12 +205,16 @@ class ApiClient:
             return AuthFailed(f"too many failed authentications (429): retry in {wait} s")
         named = class_named(body.get("error"))
         if named is not None:
-            return rebuild(named, body, text, extension_id)
+            return rebuild(named, body, text, extension_id, policy_id)
         if status == 404:
+            if policy_id is not None:
+                return PolicyNotFound(policy_id)
             return ExtensionNotFound(extension_id or "?", None)
         if status in (409, 412):
             return Conflict(text)
         if status == 422:
+            if policy_id is not None:
+                return InvalidRecord(policy_id, _problems(detail), kind="policy")
             return InvalidRecord(extension_id or "request", _problems(detail))
         return ApiError(f"the server answered {status}: {text}")
 
@@ -159,9 +227,15 @@ def class_named(name: object) -> type[ExtregError] | None:
 
 
 def rebuild(
-    cls: type[ExtregError], body: dict[str, Any], text: str, extension_id: str | None
+    cls: type[ExtregError],
+    body: dict[str, Any],
+    text: str,
+    extension_id: str | None,
+    policy_id: str | None = None,
 ) -> ExtregError:
     """`cls` built from an error answer's body, with the arguments its constructor takes."""
+    if issubclass(cls, PolicyError):
+        return _policy_error(cls, body, policy_id)
     if issubclass(cls, ExtensionError):
         reason = body.get("reason")
         attempts = body.get("attempts")
@@ -173,13 +247,29 @@ def rebuild(
     if issubclass(cls, InvalidRecord):
         record = body.get("record")
         return cls(
-            record if isinstance(record, str) else extension_id or "request",
+            record if isinstance(record, str) else policy_id or extension_id or "request",
             _problems(body.get("detail")),
+            "policy" if policy_id is not None else "extension",
         )
     if issubclass(cls, FixtureError):
         problems = body.get("problems")
         return cls([str(p) for p in problems] if isinstance(problems, list) else [text])
     return cls(text)
+
+
+def _policy_error(
+    cls: type[PolicyError], body: dict[str, Any], policy_id: str | None
+) -> PolicyError:
+    """A `PolicyError` from its answer: the policy, the reason and the steps so far (as the
+    dicts the server sent); a validator's block also names the validator and its details."""
+    pid = str(body.get("policy_id") or policy_id or "?")
+    reason = body.get("reason")
+    reason = reason if isinstance(reason, str) else None
+    steps = body.get("steps")
+    steps = steps if isinstance(steps, list) else []
+    if issubclass(cls, ValidatorBlocked):
+        return cls(pid, str(body.get("extension_id") or "?"), reason, body.get("details"), steps)
+    return cls(pid, reason, steps)
 
 
 def _segment(extension_id: str) -> str:
