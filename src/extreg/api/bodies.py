@@ -23,6 +23,7 @@ from fastapi import HTTPException, Request
 from ..adapters.fixtures import MAX_DEPTH
 from ..core import strictjson
 from ..core.model import DATABASE_KEPT, Extension, parse_extension
+from ..core.policy import POLICY_KEPT, Policy, PolicyLimits, parse_policy
 from ..errors import InvalidRecord, StrictJSONError, printable
 from ..settings import Settings
 
@@ -80,6 +81,33 @@ def record(data: dict[str, Any], settings: Settings, label: str) -> Extension:
     )
 
 
+def policy_record(data: dict[str, Any], settings: Settings, label: str) -> Policy:
+    """Validate a whole policy with the policy rules and the configured depth limits (422
+    naming the field and the item, `pre[0].mode`, on failure). Its ids are checked against
+    the extensions by the write itself, inside its transaction."""
+    return parse_policy(data, limits=PolicyLimits.from_settings(settings), label=label)
+
+
+# Keys the server adds to the policies it answers with (a write's `warnings`, the list's
+# `unusable` and `recent_runs`): dropped from a body like the database-kept stamps, so what
+# one request answered can be sent back as is.
+POLICY_SERVED = ("warnings", "unusable", "recent_runs")
+
+
+def policy_body(data: dict[str, Any]) -> dict[str, Any]:
+    """A policy body without the keys the server keeps or adds (`POLICY_KEPT`,
+    `POLICY_SERVED`)."""
+    return {k: v for k, v in data.items() if k not in POLICY_KEPT and k not in POLICY_SERVED}
+
+
+def same_policy_id(data: dict[str, Any], policy_id: str) -> dict[str, Any]:
+    """The body with the path's policy id; 422 when the body names another one."""
+    if "policy_id" in data and data["policy_id"] != policy_id:
+        problem = ("policy_id", "must equal the id in the URL (ids cannot change)")
+        raise InvalidRecord(policy_id, [problem], kind="policy")
+    return {**data, "policy_id": policy_id}
+
+
 def same_id(data: dict[str, Any], extension_id: str) -> dict[str, Any]:
     """The body with the path's id; 422 when the body names another one."""
     if "id" in data and data["id"] != extension_id:
@@ -116,35 +144,94 @@ _REF = "#/components/schemas/{name}"
 
 
 def schema_components() -> dict[str, Any]:
-    """Components for `Extension` (as served) and its write variants, from the msgspec structs."""
-    _, generated = msgspec.json.schema_components([Extension], ref_template=_REF)
+    """Components for `Extension` and `Policy` (as served) and their write variants, from the
+    msgspec structs."""
+    _, generated = msgspec.json.schema_components([Extension, Policy], ref_template=_REF)
     components: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(generated))  # plain JSON
-    served = components["Extension"]
+    return {
+        **components,
+        **_write_variants(
+            components["Extension"],
+            "Extension",
+            DATABASE_KEPT,
+            required=["type", "subject"],
+            new="A new extension record.",
+            whole="The whole record; `id`, when given, must equal the URL's.",
+        ),
+        **_write_variants(
+            components["Policy"],
+            "Policy",
+            POLICY_KEPT,
+            required=[],
+            new="A new routing policy; its extension ids must name extensions of their stage's"
+            " type.",
+            whole="The whole policy; `policy_id`, when given, must equal the URL's.",
+        ),
+        "PolicyWritten": _served(
+            components["Policy"],
+            "PolicyWritten",
+            "The policy as stored, and the complexity warnings it earned (allowed, but longer "
+            "than recommended).",
+            warnings={"type": "array", "items": {"type": "string"}},
+        ),
+        "PolicyListed": _served(
+            components["Policy"],
+            "PolicyListed",
+            "A cached policy, with what stops it from running as written (`unusable`: "
+            "extensions it names that are gone or disabled) and this server's recent runs.",
+            unusable={"type": "array", "items": {"type": "string"}},
+            recent_runs={"type": "object"},
+        ),
+        "PolicyRun": {
+            "title": "PolicyRun",
+            "description": "A run's input: the message and the context (trace_id, tenant_id, "
+            "and the keys `when` conditions match).",
+            "type": "object",
+            "properties": {"message": {"type": "object"}, "context": {"type": "object"}},
+            "additionalProperties": False,
+        },
+    }
+
+
+def _write_variants(
+    served: dict[str, Any],
+    name: str,
+    kept: tuple[str, ...],
+    *,
+    required: list[str],
+    new: str,
+    whole: str,
+) -> dict[str, Any]:
+    """`{name}Create`, `{name}Replace` and `{name}Patch`: the served record without the
+    database-kept stamps; the replace and patch bodies without defaults or required id."""
     writable = copy.deepcopy(served)
-    for key in DATABASE_KEPT:
+    for key in kept:
         writable["properties"].pop(key, None)
-    create = {**writable, "title": "ExtensionCreate", "description": "A new extension record."}
+    create = {**writable, "title": f"{name}Create", "description": new}
     replace = {
         **copy.deepcopy(writable),
-        "title": "ExtensionReplace",
-        "description": "The whole record; `id`, when given, must equal the URL's.",
-        "required": ["type", "subject"],
+        "title": f"{name}Replace",
+        "description": whole,
+        "required": required,
     }
     patch = {
         **copy.deepcopy(writable),
-        "title": "ExtensionPatch",
+        "title": f"{name}Patch",
         "description": "The fields to change; the rest stay as they are.",
         "required": [],
     }
     for variant in (replace, patch):
         for spec in variant["properties"].values():
             spec.pop("default", None)
-    return {
-        **components,
-        "ExtensionCreate": create,
-        "ExtensionReplace": replace,
-        "ExtensionPatch": patch,
-    }
+    return {f"{name}Create": create, f"{name}Replace": replace, f"{name}Patch": patch}
+
+
+def _served(
+    record: dict[str, Any], title: str, description: str, **extra: dict[str, Any]
+) -> dict[str, Any]:
+    served = copy.deepcopy(record)
+    served["properties"].update(extra)
+    return {**served, "title": title, "description": description}
 
 
 def request_body(name: str) -> dict[str, Any]:

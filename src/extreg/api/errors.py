@@ -2,9 +2,11 @@
 
 Every answer carries `detail` (FastAPI's convention) and `error` (the class name, which
 `extreg.client` turns back into the same exception, with `extension_id`, `reason` and
-`attempts` for an `ExtensionError`, `record` for an `InvalidRecord` and `problems` for a
-`FixtureError`). A record that breaks a rule answers 422 in FastAPI's own validation shape,
-with `loc` naming the field, so clients handle a schema error and a rule error alike.
+`attempts` for an `ExtensionError`, `record` for an `InvalidRecord`, `problems` for a
+`FixtureError`, and `policy_id`, `reason`, `steps` and `cause` for a `PolicyError`, whose
+status `policy_status` decides). A record that breaks a rule answers 422 in FastAPI's own
+validation shape, with `loc` naming the field, so clients handle a schema error and a rule
+error alike.
 FastAPI's and Starlette's own errors (a malformed body, a parameter FastAPI validates, an
 unknown route, a method not allowed) get the same two keys, `error` chosen by status in
 `HTTP_ERRORS`; so do the HTTP server's own answers (`connections`: 400, 408, 503).
@@ -37,10 +39,17 @@ from ..errors import (
     InvocationError,
     MaxRetriesExceeded,
     NatsUnavailable,
+    NoProvider,
     PayloadTooLarge,
+    PolicyDisabled,
+    PolicyError,
+    PolicyNotFound,
     SnapshotFileError,
     SourceUnavailable,
     StaleETag,
+    StepFailed,
+    TransportUnavailable,
+    ValidatorBlocked,
 )
 
 # Most specific first: the first class in an error's MRO found here decides its status.
@@ -62,8 +71,23 @@ STATUS: dict[type[ExtregError], int] = {
     InvalidResponse: 502,
     InvocationError: 502,
     ExtensionError: 502,
+    PolicyNotFound: 404,
+    PolicyDisabled: 409,
+    ValidatorBlocked: 403,
+    StepFailed: 502,
+    NoProvider: 502,
     ExtregError: 500,
 }
+
+# A failed step's cause that makes a policy run's 502 a 503 (the extension cannot be called
+# now: its circuit is open, it is disabled or gone, our NATS is down) or a 504 (it timed out).
+UNAVAILABLE: tuple[type[ExtensionError], ...] = (
+    CircuitOpen,
+    ExtensionDisabled,
+    ExtensionNotFound,
+    TransportUnavailable,
+)
+TIMED_OUT: tuple[type[ExtensionError], ...] = (ExtensionTimeout, MaxRetriesExceeded)
 
 # Answers with no ExtregError behind them (FastAPI's, Starlette's, the HTTP server's own) name
 # the class of the tree that a client raises for their status; any other status is ApiError.
@@ -82,10 +106,24 @@ _INDEX = re.compile(r"\[(\d+)\]")
 
 
 def status_of(exc: ExtregError) -> int:
+    if isinstance(exc, PolicyError):
+        return policy_status(exc)
     for cls in type(exc).__mro__:
         if cls in STATUS:
             return STATUS[cls]
     return 500
+
+
+def policy_status(exc: PolicyError) -> int:
+    """403 for a validator's block whatever made it fail (SPEC.md: the validator decided);
+    for a failed step or no provider, 503 or 504 by its cause (see `UNAVAILABLE`), else 502."""
+    status = next(STATUS[c] for c in type(exc).__mro__ if c in STATUS)
+    if isinstance(exc, StepFailed | NoProvider):
+        if isinstance(exc.cause, UNAVAILABLE):
+            return 503
+        if isinstance(exc.cause, TIMED_OUT):
+            return 504
+    return status
 
 
 def http_error_name(status: int) -> str:
@@ -102,12 +140,36 @@ def body_of(exc: ExtregError) -> dict[str, Any]:
             ],
             "error": "InvalidRecord",
             "record": exc.record,
+            "kind": exc.kind,
         }
     body: dict[str, Any] = {"detail": str(exc), "error": type(exc).__name__}
     if isinstance(exc, ExtensionError):
         body.update(extension_id=exc.extension_id, reason=exc.reason, attempts=exc.attempts)
     if isinstance(exc, FixtureError):
         body["problems"] = exc.problems
+    if isinstance(exc, PolicyError):
+        body.update(policy_body(exc))
+    return body
+
+
+def policy_body(exc: PolicyError) -> dict[str, Any]:
+    """What a failed run adds: the policy, the reason, the steps so far, and the extension
+    error behind it (`cause`); a validator's block also its `extension_id` and `details`."""
+    body: dict[str, Any] = {
+        "policy_id": exc.policy_id,
+        "reason": exc.reason,
+        "steps": [s.as_dict() if hasattr(s, "as_dict") else s for s in exc.steps],
+        "cause": None,
+    }
+    if exc.cause is not None:
+        body["cause"] = {
+            "error": type(exc.cause).__name__,
+            "extension_id": exc.cause.extension_id,
+            "reason": exc.cause.reason,
+            "attempts": exc.cause.attempts,
+        }
+    if isinstance(exc, ValidatorBlocked):
+        body.update(extension_id=exc.extension_id, details=exc.details)
     return body
 
 

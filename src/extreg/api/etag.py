@@ -1,5 +1,5 @@
-"""Entity tags of extension records, and `If-Match` checking, so that two operators editing
-the same record cannot silently overwrite each other.
+"""Entity tags of extension and policy records, and `If-Match` checking, so that two
+operators editing the same record cannot silently overwrite each other.
 
 The tag is a hash of the whole record as served, `updated_at` included, so any change (made
 through the API, the CLI or plain SQL) gives a new tag. A missing `If-Match` is allowed (the
@@ -14,21 +14,28 @@ import hashlib
 import msgspec
 
 from ..core.model import Extension, to_plain
+from ..core.policy import Policy, policy_to_plain
 from ..errors import StaleETag
 
 
-def etag_of(ext: Extension) -> str:
-    digest = hashlib.sha256(msgspec.json.encode(to_plain(ext))).hexdigest()
+def etag_of(record: Extension | Policy) -> str:
+    plain = policy_to_plain(record) if isinstance(record, Policy) else to_plain(record)
+    digest = hashlib.sha256(msgspec.json.encode(plain)).hexdigest()
     return f'"{digest[:32]}"'
 
 
-def check_if_match(if_match: str | None, current: Extension) -> None:
+def check_if_match(if_match: str | None, current: Extension | Policy) -> None:
     """Raise `StaleETag` unless `if_match` is absent, `*`, or lists the current tag."""
     if if_match is None or if_match.strip() == "*":
         return
     offered = {tag.strip() for tag in if_match.split(",")}
     if etag_of(current) not in offered:  # weak tags (W/"...") never match: RFC 9110 13.1.1
+        what = (
+            f"policy {current.policy_id!r}"
+            if isinstance(current, Policy)
+            else f"extension {current.id!r}"
+        )
         raise StaleETag(
-            f"extension {current.id!r} changed since you read it (If-Match {if_match} is stale):"
+            f"{what} changed since you read it (If-Match {if_match} is stale):"
             " read it again and retry"
         )
