@@ -100,3 +100,24 @@ def test_audit_trail_of_plain_sql_changes(db_url: str) -> None:
         ("update", "alice", "5000", "250"),
         ("delete", "alice", "250", None),
     ] == rows
+
+
+def test_seed_database_audits_policies(pg_server: PostgresProcess) -> None:
+    """On a database laid out by the seed, whose audit log knows five actions only, the
+    policy table's writes are audited (policy_create, policy_disable, policy_delete) and
+    announced as `policy:<id>`."""
+    url = pg_server.create_database("mig_seed_policies")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SEED_SQL.read_bytes())
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("LISTEN extreg_changes")
+        conn.execute("INSERT INTO routing_policies (policy_id, body) VALUES ('p1', '{}')")
+        conn.execute("UPDATE routing_policies SET enabled = false WHERE policy_id = 'p1'")
+        conn.execute("DELETE FROM routing_policies WHERE policy_id = 'p1'")
+        actions = conn.execute(
+            "SELECT action FROM extension_audit_log WHERE extension_id = 'p1' ORDER BY changed_at"
+        ).fetchall()
+        payloads = {n.payload for n in conn.notifies(timeout=1, stop_after=3)}
+    assert [("policy_create",), ("policy_disable",), ("policy_delete",)] == actions
+    assert {"policy:p1"} == payloads
