@@ -1,19 +1,22 @@
-"""PostgreSQL adapter: the only module that talks SQL about extensions.
+"""PostgreSQL adapter: the only module that talks SQL about extensions and routing policies.
 
 Reads ask PostgreSQL to render every record, with its versions and instances, as one JSON
 document, which msgspec decodes and validates straight into structs; that keeps a full load of
 10,000 extensions to one round trip and no per-row Python work. Writes set the session's
 `extreg.actor` so the audit trigger records who made them. Every psycopg error is translated
 here into `SourceUnavailable` or `Conflict`, with any password scrubbed from the message.
+Policies go through the same write path (`_write`) with the table particulars of
+`postgres_policies`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Any, Generic, Literal, Self, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import msgspec
@@ -25,9 +28,11 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..core.model import WRITABLE_FIELDS, Extension, record_problems, to_plain
+from ..core.policy import Policy, PolicyLimits
 from ..errors import Conflict, SourceUnavailable
 from ..settings import Settings, redact_url
 from . import postgres_health as health_sql
+from . import postgres_policies as policy_sql
 from .postgres_health import HealthBatch, HealthRow
 from .snapshot_file import Origin
 
@@ -35,6 +40,7 @@ log = structlog.get_logger("extreg.postgres")
 
 CHANNEL = "extreg_changes"
 WRITE_LOCK_CLASS = 0x65787401  # advisory lock class of `write` (256 buckets of ids: _LOCK_IDS)
+POLICY_LOCK_CLASS = policy_sql.LOCK_CLASS  # the same for `write_policies`
 CONNECT_TIMEOUT_S = 3
 # A server built with JIT would compile the load query anew on every load; ours run short
 # queries, so JIT is off on our connections (bench/bench_registry.py prints JIT-on rows on a
@@ -85,13 +91,17 @@ _RECORDS_BY_IDS = _records_where("{key} = ANY(%(ids)s)")
 # its row, its versions and its instances. Any committed write gives a new token, whatever the
 # order in which transactions started or committed, so the sync never has to trust a timestamp.
 # (A frozen row's xmin reads differently once; that only costs one needless re-read.)
-_ROW_VERSIONS = """
+# Policies are keyed `policy:<id>`, which no extension id can be (':' is not allowed in one).
+_ROW_VERSIONS = (
+    """
 SELECT e.id, concat_ws('|', e.xmin::text, v.t, i.t) FROM extensions e
 LEFT JOIN (SELECT id, string_agg(version || '=' || xmin::text, ',' ORDER BY version) AS t
            FROM extension_versions GROUP BY id) v ON v.id = e.id
 LEFT JOIN (SELECT extension_id, string_agg(instance_id || '=' || xmin::text, ',' ORDER BY instance_id) AS t
            FROM extension_instances GROUP BY extension_id) i ON i.extension_id = e.id
-"""
+UNION ALL """
+    + policy_sql.ROW_VERSIONS
+)
 # Writers lock ids in one global order (by lock key), so two writers never deadlock. Keys are
 # 256 buckets of ids, not one per id: a bulk import of 100,000 records would otherwise
 # exhaust PostgreSQL's lock table; two writers of ids in the same bucket merely take turns.
@@ -107,6 +117,22 @@ Limits = tuple[int, int]  # extension_max_timeout_ms, extension_max_retries
 Change = Callable[["Extension | None"], "Extension | None"]
 Outcome = Literal["created", "updated", "unchanged", "deleted", "absent"]
 Written = tuple[Outcome, "Extension | None"]  # what a write did, and the stored record after
+PolicyChange = Callable[["Policy | None"], "Policy | None"]
+PolicyWritten = tuple[Outcome, "Policy | None"]
+
+R = TypeVar("R", Extension, Policy)
+Conn = psycopg.AsyncConnection[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Table(Generic[R]):
+    """What the one write path needs to know of a kind of record."""
+
+    lock_class: int  # of the advisory lock on the ids' buckets
+    lock_rows: str  # locks the rows of %(ids)s, in id order
+    read: Callable[[Conn, Sequence[str]], Awaitable[list[R]]]  # records by id, on `conn`
+    key: Callable[[R], str]  # a record's id
+    apply: Callable[[Conn, str, R | None, R | None], Awaitable[Outcome]]  # store one change
 
 
 class PostgresSource:
@@ -118,9 +144,22 @@ class PostgresSource:
         self.display = settings.db_display
         self.location = location_of(self._conninfo)
         self._limits: Limits = (settings.extension_max_timeout_ms, settings.extension_max_retries)
-        # Rows left out of what this source served because they break a rule: {id: problem}.
-        # A full load replaces it; a load by ids updates those ids.
-        self.invalid: dict[str, str] = {}
+        self._policy_limits = PolicyLimits.from_settings(settings)
+        # Rows left out of what this source served because they break a rule: {id: problem},
+        # extensions and policies apart. A full load replaces its part; a load by ids updates
+        # those ids.
+        self._invalid_extensions: dict[str, str] = {}
+        self._invalid_policies: dict[str, str] = {}  # keyed `policy:<id>`
+        self._extensions: _Table[Extension] = _Table(
+            WRITE_LOCK_CLASS, _LOCK_ROWS, self._read, lambda e: e.id, _apply
+        )
+        self._policies: _Table[Policy] = _Table(
+            POLICY_LOCK_CLASS,
+            policy_sql.LOCK_ROWS,
+            self._read_policies,
+            lambda p: p.policy_id,
+            self._apply_policy,
+        )
         self._pool = psycopg_pool.AsyncConnectionPool(
             self._conninfo,
             min_size=min(LOAD_PARTS, settings.db_pool_size),
@@ -144,6 +183,12 @@ class PostgresSource:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    @property
+    def invalid(self) -> dict[str, str]:
+        """Rows left out of what this source served because they break a rule: {id: problem}
+        for extensions, {`policy:<id>`: problem} for policies."""
+        return self._invalid_extensions | self._invalid_policies
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -181,7 +226,7 @@ class PostgresSource:
                 for part in range(LOAD_PARTS)
             )
         )
-        self.invalid = {i: p for _, invalid in parts for i, p in invalid.items()}
+        self._invalid_extensions = {i: p for _, invalid in parts for i, p in invalid.items()}
         return [ext for records, _ in parts for ext in records]
 
     async def load_extension(self, extension_id: str) -> Extension | None:
@@ -191,8 +236,34 @@ class PostgresSource:
     async def load_extensions(self, ids: Sequence[str]) -> list[Extension]:
         records, invalid = await self._load(_RECORDS_BY_IDS, {"ids": list(ids)})
         asked = set(ids)
-        self.invalid = {i: p for i, p in self.invalid.items() if i not in asked} | invalid
+        self._invalid_extensions = {
+            i: p for i, p in self._invalid_extensions.items() if i not in asked
+        } | invalid
         return records
+
+    async def load_all_policies(self) -> list[Policy]:
+        """Every routing policy, enabled or not; rows that break a rule are left out and
+        reported in `invalid`."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                policies, invalid = await policy_sql.read(conn, None, self._policy_limits)
+        self._invalid_policies = invalid
+        return policies
+
+    async def load_policies(self, ids: Sequence[str]) -> list[Policy]:
+        """The policies with these ids that exist (and are valid)."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                policies, invalid = await policy_sql.read(conn, ids, self._policy_limits)
+        asked = {policy_sql.key(i) for i in ids}
+        self._invalid_policies = {
+            i: p for i, p in self._invalid_policies.items() if i not in asked
+        } | invalid
+        return policies
+
+    async def load_policy(self, policy_id: str) -> Policy | None:
+        found = await self.load_policies([policy_id])
+        return found[0] if found else None
 
     async def log_audit(
         self, extension_id: str, action: str, old: Any, new: Any, actor: str
@@ -229,7 +300,8 @@ class PostgresSource:
 
     async def row_versions(self) -> dict[str, str]:
         """{id: token that changes with every committed write of the record}: what a sync
-        compares to find what changed, without trusting timestamps."""
+        compares to find what changed, without trusting timestamps. Policies are keyed
+        `policy:<id>`."""
         with self._translate():
             async with self._pool.connection() as conn:
                 rows = await (await conn.execute(_ROW_VERSIONS)).fetchall()
@@ -273,19 +345,41 @@ class PostgresSource:
         Unchanged records are not written (no audit noise, no notification). `dry_run` rolls
         back. Returns {id: (created | updated | unchanged | deleted | absent, record after)}.
         """
+        return await self._write(self._extensions, changes, actor, dry_run)
+
+    async def write_policies(
+        self, changes: Mapping[str, PolicyChange], actor: str, *, dry_run: bool = False
+    ) -> dict[str, PolicyWritten]:
+        """`write` for routing policies, by policy id: the same transaction, locks (another
+        lock class), `change(current)` under them, and outcomes. A policy `change` returns is
+        checked there as every way in checks one (`parse_policy`), and every extension id it
+        adds must name an extension of its stage's type as committed: else `InvalidRecord`
+        (kind "policy", naming field and item) and nothing is written."""
+        return await self._write(self._policies, changes, actor, dry_run)
+
+    async def _write(
+        self,
+        table: _Table[R],
+        changes: Mapping[str, Callable[[R | None], R | None]],
+        actor: str,
+        dry_run: bool,
+    ) -> dict[str, tuple[Outcome, R | None]]:
+        """The one write path's transaction, for any kind of record (see `write`)."""
         ids = sorted(changes)
         with self._translate():
             async with self._pool.connection() as conn, conn.transaction(force_rollback=dry_run):
                 await _act_as(conn, actor)
-                await conn.execute(_LOCK_IDS, {"ids": ids, "lock_class": WRITE_LOCK_CLASS})
-                await conn.execute(_LOCK_ROWS, {"ids": ids})
-                current = {e.id: e for e in await self._read(conn, ids)}
+                await conn.execute(_LOCK_IDS, {"ids": ids, "lock_class": table.lock_class})
+                await conn.execute(table.lock_rows, {"ids": ids})
+                current = {table.key(r): r for r in await table.read(conn, ids)}
                 outcomes = {
-                    i: await _apply(conn, i, current.get(i), changes[i](current.get(i)))
+                    i: await table.apply(conn, i, current.get(i), changes[i](current.get(i)))
                     for i in ids
                 }
                 written = [i for i, o in outcomes.items() if o in ("created", "updated")]
-                after = {e.id: e for e in await self._read(conn, written)} if written else {}
+                after = (
+                    {table.key(r): r for r in await table.read(conn, written)} if written else {}
+                )
         return {
             i: (o, current.get(i) if o == "unchanged" else after.get(i))
             for i, o in outcomes.items()
@@ -303,6 +397,15 @@ class PostgresSource:
         Returns {id: "created" | "updated" | "unchanged"}; importing the same folder twice
         writes nothing the second time."""
         report = await self.write({e.id: _store(e) for e in records}, actor, dry_run=dry_run)
+        return {i: outcome for i, (outcome, _) in report.items()}
+
+    async def import_policies(
+        self, policies: Sequence[Policy], actor: str, *, dry_run: bool = False
+    ) -> dict[str, str]:
+        """Upsert policies, all or nothing; {policy id: created | updated | unchanged}."""
+        report = await self.write_policies(
+            {p.policy_id: _store_policy(p) for p in policies}, actor, dry_run=dry_run
+        )
         return {i: outcome for i, (outcome, _) in report.items()}
 
     async def upsert_extension(self, ext: Extension, actor: str) -> str:
@@ -396,6 +499,15 @@ class PostgresSource:
         row = await (await conn.execute(_RECORDS_BY_IDS, {"ids": list(ids)})).fetchone()
         return _decode(row[0] if row else "[]", self._limits)[0]
 
+    async def _read_policies(self, conn: Conn, ids: Sequence[str]) -> list[Policy]:
+        """Policies by id on a connection of a write's transaction."""
+        return (await policy_sql.read(conn, ids, self._policy_limits))[0]
+
+    async def _apply_policy(
+        self, conn: Conn, policy_id: str, old: Policy | None, new: Policy | None
+    ) -> Outcome:
+        return await policy_sql.apply(conn, policy_id, old, new, self._policy_limits)
+
     def _translate(self) -> contextlib.AbstractContextManager[None]:
         return translate(self.display, self._secret)
 
@@ -484,6 +596,11 @@ def _decode(text: str | bytes, limits: Limits) -> tuple[list[Extension], dict[st
 def _store(ext: Extension) -> Change:
     """A change that stores `ext` whatever is there."""
     return lambda _current: ext
+
+
+def _store_policy(policy: Policy) -> PolicyChange:
+    """A change that stores `policy` whatever is there."""
+    return lambda _current: policy
 
 
 async def _apply(
