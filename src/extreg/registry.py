@@ -1,11 +1,13 @@
-"""The registry: a lock-free cache of extensions kept fresh from PostgreSQL or fixtures.
+"""The registry: a lock-free cache of extensions and routing policies kept fresh from
+PostgreSQL or fixtures.
 
 Reads (`lookup`, `get`, `lookup_by_type`, `all`) dereference the current `Snapshot` and never
 lock or wait. Everything that changes the cache runs in the background on the event loop and
 ends by swapping in a new snapshot, under `_write_lock` so two writers cannot interleave a
 database read and a swap. With the database, three things keep the cache fresh:
 
-- LISTEN/NOTIFY: triggers send the changed extension id; only those ids are re-read.
+- LISTEN/NOTIFY: triggers send the changed extension id (a policy's as `policy:<id>`); only
+  those ids are re-read.
 - the periodic sync, every `sync_interval_seconds`: compares every record's row versions with
   the previous sync's and re-reads those that differ, and drops ids that are gone; the safety
   net for anything a notification missed.
@@ -38,7 +40,8 @@ import watchfiles
 
 from .adapters.fixtures import read_fixtures
 from .adapters.postgres import PostgresSource
-from .adapters.snapshot_file import Origin, read_snapshot_file, write_snapshot_file
+from .adapters.postgres_policies import PREFIX as POLICY_PREFIX
+from .adapters.snapshot_file import Origin, read_snapshot, write_snapshot_file
 from .core.clock import SYSTEM_CLOCK, Clock, utc_now
 from .core.model import Extension
 from .core.policy import Policy, PolicyLimits
@@ -237,12 +240,14 @@ class Registry:
         finally:
             await registry.close()
 
-    async def refresh(self, ids: Iterable[str]) -> None:
-        """Re-read `ids` now. When it returns, the cache holds what the database had committed
-        when it was called, or newer: a writer calls it after its commit so that a read right
-        after the write sees it (the notification would bring it too, a moment later)."""
+    async def refresh(self, ids: Iterable[str], *, policy_ids: Iterable[str] = ()) -> None:
+        """Re-read extensions `ids` and policies `policy_ids` now. When it returns, the cache
+        holds what the database had committed when it was called, or newer: a writer calls it
+        after its commit so that a read right after the write sees it (the notification would
+        bring it too, a moment later)."""
         if self._source == "database":
-            await self._refresh(set(ids), "write")
+            keys = set(ids) | {POLICY_PREFIX + p for p in policy_ids}
+            await self._refresh(keys, "write")
 
     async def start(self) -> None:
         mode = self.settings.source
@@ -285,16 +290,22 @@ class Registry:
             path = self.settings.snapshot_path
             assert self._db is not None
             try:
-                records, written_at = read_snapshot_file(path, self._db.location)
+                found = read_snapshot(path, self._db.location)
             except SnapshotFileError as exc:
                 raise SourceUnavailable(
                     f"{reason}; and no usable last-known-good snapshot: {exc}"
                 ) from None
             self._fallback_reason = (
-                f"{reason}; serving snapshot file written {written_at.isoformat()}"
+                f"{reason}; serving snapshot file written {found.written_at.isoformat()}"
             )
-            log.warning("serving_snapshot_file", path=str(path), reason=reason, count=len(records))
-            self._swap(records, "snapshot_file")
+            log.warning(
+                "serving_snapshot_file",
+                path=str(path),
+                reason=reason,
+                count=len(found.extensions),
+                policies=len(found.policies),
+            )
+            self._swap(found.extensions, "snapshot_file", found.policies)
         else:
             self._fallback_reason = reason
             log.warning("serving_fixtures", reason=reason)
@@ -353,7 +364,9 @@ class Registry:
 
     def _install(self, snap: Snapshot, source: Served) -> None:
         snap = dataclasses.replace(snap, loaded_at=utc_now(self._clock))
+        before = self._snap
         self._snap = snap  # the one assignment readers can observe
+        _log_unusable(before, snap)
         self._source = source
         if source == "database":
             self._snapshot_file_due.set()
@@ -430,8 +443,9 @@ class Registry:
                     self._origin = await self._db.origin()
                 versions = await self._db.row_versions()  # before the load: see `sync`
                 records = await self._db.load_all_extensions()
+                policies = await self._db.load_all_policies()
             before = self._snap
-            self._swap(records, "database")
+            self._swap(records, "database", policies)
             self._row_versions = versions
         self._mark_fresh()
         if self._fallback_reason:
@@ -440,7 +454,8 @@ class Registry:
         _log_diff(before, self._snap, "database", None)
 
     async def _apply_notifications(self, payloads: AsyncIterator[str]) -> None:
-        """Coalesce queued notifications and re-read only the ids they name."""
+        """Coalesce queued notifications and re-read only the ids they name (`policy:<id>`
+        names a policy)."""
         queue: asyncio.Queue[str] = asyncio.Queue()
 
         async def pump() -> None:
@@ -472,9 +487,10 @@ class Registry:
         assert self._db is not None
         started = time.perf_counter()
         with self._reporting_sync():
-            versions = await self._db.row_versions()
+            versions = await self._db.row_versions()  # policies keyed `policy:<id>`
             changed = {i for i, v in versions.items() if self._row_versions.get(i) != v}
-            gone = self._snap.by_id.keys() - versions.keys()
+            cached = self._snap.by_id.keys() | {POLICY_PREFIX + p for p in self._snap.policies}
+            gone = cached - versions.keys()
             await self._refresh(changed | gone, "sync")
         self._row_versions = versions
         self._last_sync_at = utc_now(self._clock)
@@ -487,18 +503,34 @@ class Registry:
         )
 
     async def _refresh(self, ids: set[str], why: str) -> None:
-        """Re-read `ids` and patch them into a new snapshot; ids not found are deleted."""
+        """Re-read `ids` (extension ids, and policies as `policy:<id>`) and patch them into a
+        new snapshot; ids not found are deleted."""
         if not ids:
             return
         assert self._db is not None
+        policy_ids = {i[len(POLICY_PREFIX) :] for i in ids if i.startswith(POLICY_PREFIX)}
+        ids = {i for i in ids if not i.startswith(POLICY_PREFIX)}
         async with self._write_lock:
-            found = {e.id: e for e in await self._db.load_extensions(sorted(ids))}
+            found = {e.id: e for e in await self._db.load_extensions(sorted(ids))} if ids else {}
+            found_policies = (
+                {p.policy_id: p for p in await self._db.load_policies(sorted(policy_ids))}
+                if policy_ids
+                else {}
+            )
             before = self._snap
             upserts = [e for e in found.values() if e != before.by_id.get(e.id)]
             deleted = [i for i in ids if i not in found and i in before.by_id]
-            if not upserts and not deleted:
+            policy_upserts = [
+                p for p in found_policies.values() if p != before.policies.get(p.policy_id)
+            ]
+            policies_deleted = [
+                i for i in policy_ids if i not in found_policies and i in before.policies
+            ]
+            if not (upserts or deleted or policy_upserts or policies_deleted):
                 return
-            self._install(before.patched(upserts, deleted), "database")
+            self._install(
+                before.patched(upserts, deleted, policy_upserts, policies_deleted), "database"
+            )
         for ext in upserts:
             log.info(
                 "extension_changed",
@@ -509,6 +541,16 @@ class Registry:
             )
         for ext_id in deleted:
             log.info("extension_deleted", extension_id=ext_id, via=why)
+        for policy in policy_upserts:
+            log.info(
+                "policy_changed",
+                policy_id=policy.policy_id,
+                enabled=policy.enabled,
+                via=why,
+                created=policy.policy_id not in before.policies,
+            )
+        for policy_id in policies_deleted:
+            log.info("policy_deleted", policy_id=policy_id, via=why)
 
     @contextlib.contextmanager
     def _reporting_sync(self) -> Iterator[None]:
@@ -582,7 +624,12 @@ class Registry:
         with self._file_lock:
             if snap.generation <= self._file_generation:
                 return
-            write_snapshot_file(self.settings.snapshot_path, list(snap.by_id.values()), origin)
+            write_snapshot_file(
+                self.settings.snapshot_path,
+                list(snap.by_id.values()),
+                origin,
+                list(snap.policies.values()),
+            )
             self._file_generation = snap.generation
 
     def _spawn(self, coro: Any) -> None:
@@ -602,6 +649,18 @@ async def _first_failure(*coros: Any) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _log_unusable(before: Snapshot, after: Snapshot) -> None:
+    """Warn once when a policy becomes unusable (an extension it names is gone, disabled or
+    retyped), and say when it is usable again."""
+    for policy_id in sorted(after.unusable_policies.keys() - before.unusable_policies.keys()):
+        log.warning(
+            "policy_unusable", policy_id=policy_id, problems=after.unusable_policies[policy_id]
+        )
+    for policy_id in sorted(before.unusable_policies.keys() - after.unusable_policies.keys()):
+        if policy_id in after.policies:
+            log.info("policy_usable", policy_id=policy_id)
+
+
 def _log_diff(before: Snapshot, after: Snapshot, source: str, paths: list[str] | None) -> None:
     added = sorted(after.by_id.keys() - before.by_id.keys())
     removed = sorted(before.by_id.keys() - after.by_id.keys())
@@ -612,6 +671,7 @@ def _log_diff(before: Snapshot, after: Snapshot, source: str, paths: list[str] |
         "reloaded",
         source=source,
         count=len(after),
+        policies=len(after.policies),
         generation=after.generation,
         added=_some(added),
         removed=_some(removed),
