@@ -4,7 +4,8 @@ pgserver shares one server between every process that asks for the same folder a
 when the last one exits, so `extreg serve` in one terminal, `extreg list` in another and a
 script's `Registry.open(Settings())` in a third use the same database without any set-up.
 Whichever of them comes first starts it, migrates it and, while it holds no extension, loads
-the bundled samples: the embedded default looks the same from every entry point.
+the bundled samples (extensions and routing policies): the embedded default looks the same
+from every entry point.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import structlog
 from ..adapters.fixtures import read_fixtures
 from ..adapters.migrate import migrate
 from ..adapters.postgres import PostgresSource
+from ..core.policy import PolicyLimits
 from ..errors import SourceUnavailable
 from ..settings import Settings
 
@@ -69,7 +71,9 @@ def start_embedded_postgres(pgdata: Path) -> str:
 
 
 async def prepare_embedded(settings: Settings) -> None:
-    """When the (already migrated) embedded database is empty, load the bundled samples."""
+    """When the (already migrated) embedded database is empty, load the bundled samples:
+    extensions first, then the policies that name them (a policy write checks its ids against
+    the extensions committed)."""
     async with PostgresSource(settings) as db:
         if await db.ids():
             return
@@ -77,6 +81,8 @@ async def prepare_embedded(settings: Settings) -> None:
             settings.fixtures_dir,
             max_timeout_ms=settings.extension_max_timeout_ms,
             max_retries=settings.extension_max_retries,
+            policy_limits=PolicyLimits.from_settings(settings),
         )
         report = await db.import_extensions(records.extensions, BOOTSTRAP_ACTOR)
-        log.info("sample_fixtures_loaded", created=sorted(report))
+        policies = await db.import_policies(records.policies, BOOTSTRAP_ACTOR)
+        log.info("sample_fixtures_loaded", created=sorted(report), policies=sorted(policies))
