@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse
 
 from ..auth import SESSION_TTL_S, SessionBook
 from ..runtime import Runtime
-from . import dashboard, errors, health, operate, probes, records
+from . import dashboard, errors, health, operate, policies, probes, records
 from .bodies import schema_components
 from .bodylimit import BodyLimit, max_body_bytes
 from .browser import SecurityHeaders
+from .policy_runs import RecentRuns
 from .ratelimit import FailedAuthLimiter
 from .requestlog import RequestLog
 from .security import Viewer, trusted_proxies
@@ -51,6 +52,10 @@ def create_app(
     app.state.auth_limiter = FailedAuthLimiter(failed_auth_limit, failed_auth_window_s)
     app.state.trusted_proxies = trusted_proxies(runtime.settings)
     app.state.sessions = SessionBook(runtime.tokens, session_ttl_s)
+    app.state.policy_runs = RecentRuns()  # the dashboard's recent outcomes of each policy
+    pipeline = getattr(runtime.invoker, "pipeline", None)
+    if pipeline is not None:
+        app.state.policy_runs.follow(pipeline)
     errors.install(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes(runtime.settings))  # 413, before routes
     app.add_middleware(RequestLog)  # outside BodyLimit, so it logs the 413s too
@@ -60,6 +65,7 @@ def create_app(
     app.include_router(operate.router)
     app.include_router(health.router)  # before records: /admin/extensions/health is no id
     app.include_router(records.router)
+    app.include_router(policies.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.get("/openapi.json", include_in_schema=False)

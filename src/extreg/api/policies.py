@@ -1,0 +1,368 @@
+"""Routing policies: list, read, create, replace, patch, delete, run, and dry-run.
+
+As for extension records (`records`): reads come from the registry's cache; writes go to the
+database through its one write path for policies (`PostgresSource.write_policies`) with the
+token's name as the actor, so the audit trigger records who made them (`policy_create`,
+`policy_update`, `policy_delete`) and the change notification updates every registry. The
+`change` given to the write runs under the write's locks on the policy as committed, so an
+`If-Match` is checked there, and the write checks every extension id against the extensions
+as committed (422 naming the field and item). A write then re-reads its policy into this
+registry's cache, so that a GET right after it reads what was written.
+
+A run goes through this process's invoker (`Invoker.run_policy`), so breakers, health and
+retries apply to each step as to a direct call; its errors map to statuses in `errors`
+(`policy_status`). A dry run plans the steps for the context (`core.pipeline.plan`) and
+sends nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..auth import Principal
+from ..core.pipeline import plan
+from ..core.policy import Policy, complexity_warnings, policy_to_plain
+from ..errors import (
+    Conflict,
+    InvalidRecord,
+    NatsUnavailable,
+    PolicyError,
+    PolicyNotFound,
+    SourceUnavailable,
+    StaleETag,
+)
+from ..registry import Registry
+from .bodies import (
+    json_object,
+    json_response,
+    policy_body,
+    policy_record,
+    request_body,
+    same_policy_id,
+    strict_body,
+)
+from .etag import check_if_match, etag_of
+from .operate import NO_INVOKER
+from .policy_runs import RecentRuns
+from .records import writable
+from .security import Admin, Operator, Viewer
+from .state import runtime_of
+
+log = structlog.get_logger("extreg.api")
+
+
+async def bind_policy_id(request: Request) -> None:
+    """Router dependency: put the path's `policy_id` on every log event of the request."""
+    policy_id = request.path_params.get("policy_id")
+    if policy_id is not None:
+        structlog.contextvars.bind_contextvars(policy_id=policy_id)
+
+
+IfMatch = Annotated[
+    str | None, Header(alias="If-Match", description="The ETag you read; a stale one gets 412.")
+]
+StrictBody = Annotated[None, Depends(strict_body)]  # after the token check: a parameter
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such policy."}}
+STALE: dict[int | str, dict[str, Any]] = {412: {"description": "If-Match is stale."}}
+INVALID: dict[int | str, dict[str, Any]] = {
+    422: {
+        "description": "The policy breaks a rule (a field, a depth limit, an id naming no "
+        "extension of its stage's type); `detail[].loc` names the field and the item. "
+        "Nothing is written."
+    }
+}
+RUN_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"description": "ValidatorBlocked: a blocking validator rejected (or failed); its "
+          "`reason` and `details` are top-level."},
+    404: {"description": "PolicyNotFound."},
+    409: {"description": "PolicyDisabled."},
+    502: {"description": "StepFailed (a required pre or post failed) or NoProvider."},
+    503: {"description": "The failing step's extension could not be called (circuit open, "
+          "disabled, gone, NATS down), or this server runs without an invoker."},
+    504: {"description": "The failing step timed out."},
+}  # fmt: skip
+
+router = APIRouter(
+    prefix="/admin/policies", tags=["policies"], dependencies=[Depends(bind_policy_id)]
+)
+
+
+class RunBody(BaseModel):
+    """A run's (or a dry run's) input."""
+
+    model_config = ConfigDict(extra="forbid")
+    message: dict[str, Any] = Field(
+        default_factory=dict, description="The message the first step gets."
+    )
+    context: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`trace_id`, `tenant_id` (else the policy's), and the keys `when` matches.",
+    )
+
+
+@router.get("", responses={200: json_response("PolicyListed", "Every cached policy.", array=True)})
+async def list_policies(
+    request: Request, _: Viewer, enabled: bool | None = None, tenant_id: str | None = None
+) -> JSONResponse:
+    """Every policy in the cache, disabled ones too, by id; each with `unusable` (what stops
+    it from running as written: extensions it names that are gone or disabled) and
+    `recent_runs` (the outcomes of this server's last runs of it)."""
+    registry = runtime_of(request).registry
+    unusable = registry.snapshot.unusable_policies
+    runs = recent_runs(request)
+    return JSONResponse(
+        [
+            {
+                **policy_to_plain(p),
+                "unusable": unusable.get(p.policy_id, []),
+                "recent_runs": runs.summary(p.policy_id),
+            }
+            for p in registry.policies()
+            if (enabled is None or p.enabled == enabled)
+            and (tenant_id is None or p.tenant_id == tenant_id)
+        ]
+    )
+
+
+@router.get("/{policy_id}", responses={200: json_response("Policy", "The policy."), **NOT_FOUND})
+async def get_policy(policy_id: str, request: Request, _: Viewer) -> JSONResponse:
+    """One policy as stored, with its `ETag` for a later conditional PUT, PATCH or DELETE."""
+    policy = runtime_of(request).registry.policy(policy_id)
+    if policy is None:
+        raise PolicyNotFound(policy_id)
+    return JSONResponse(policy_to_plain(policy), headers={"ETag": etag_of(policy)})
+
+
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=request_body("PolicyCreate"),
+    responses={
+        201: json_response("PolicyWritten", "Created."),
+        409: {"description": "The id exists, or the registry serves fixtures."},
+        **INVALID,
+    },
+)
+async def create_policy(request: Request, principal: Admin) -> JSONResponse:
+    """Create a policy; 409 when the id exists. The answer carries `warnings`."""
+    runtime = runtime_of(request)
+    writable(runtime.registry)  # 409 in fixtures mode before even reading the body
+    data = policy_body(await json_object(request, "<new policy>"))
+    policy = policy_record(data, runtime.settings, "<new policy>")
+
+    def change(current: Policy | None) -> Policy:
+        if current is not None:
+            raise Conflict(f"policy {policy.policy_id!r} already exists")
+        return policy
+
+    _, after = await _write(runtime.registry, policy.policy_id, change, principal)
+    response = _written(after, 201)
+    response.headers["Location"] = f"/admin/policies/{policy.policy_id}"
+    return response
+
+
+@router.put(
+    "/{policy_id}",
+    openapi_extra=request_body("PolicyReplace"),
+    responses={
+        200: json_response("PolicyWritten", "Replaced."),
+        201: json_response("PolicyWritten", "Created (there was no policy of this id)."),
+        **STALE,
+        **INVALID,
+    },
+)
+async def replace_policy(
+    policy_id: str, request: Request, principal: Admin, if_match: IfMatch = None
+) -> JSONResponse:
+    """Replace a whole policy (fields not given take their defaults), or create it when there
+    is none (201), so that applying a policy file is one idempotent request (`extreg policy
+    apply`); with `If-Match`, only replace (412 when there is none, or it changed)."""
+    runtime = runtime_of(request)
+    writable(runtime.registry)
+    data = same_policy_id(policy_body(await json_object(request, policy_id)), policy_id)
+    policy = policy_record(data, runtime.settings, policy_id)
+
+    def change(current: Policy | None) -> Policy:
+        if current is None and if_match is not None:
+            raise StaleETag(
+                f"policy {policy_id!r} does not exist (If-Match {if_match} names none):"
+                " create it without If-Match"
+            )
+        if current is not None:
+            check_if_match(if_match, current)
+        return policy
+
+    outcome, after = await _write(runtime.registry, policy_id, change, principal)
+    return _written(after, 201 if outcome == "created" else 200)
+
+
+@router.patch(
+    "/{policy_id}",
+    openapi_extra=request_body("PolicyPatch"),
+    responses={
+        200: json_response("PolicyWritten", "Changed."),
+        **NOT_FOUND,
+        **STALE,
+        **INVALID,
+    },
+)
+async def patch_policy(
+    policy_id: str, request: Request, principal: Admin, if_match: IfMatch = None
+) -> JSONResponse:
+    """Change the given top-level fields (a stage list such as `pre` is replaced whole)."""
+    runtime = runtime_of(request)
+    writable(runtime.registry)
+    patch = same_policy_id(policy_body(await json_object(request, policy_id)), policy_id)
+
+    def change(current: Policy | None) -> Policy:
+        merged = {
+            **policy_to_plain(_existing(current, policy_id, if_match), writable_only=True),
+            **patch,
+        }
+        return policy_record(merged, runtime.settings, policy_id)
+
+    return _written((await _write(runtime.registry, policy_id, change, principal))[1])
+
+
+@router.delete(
+    "/{policy_id}",
+    status_code=204,
+    response_class=Response,
+    responses={204: {"description": "Deleted."}, **NOT_FOUND, **STALE},
+)
+async def delete_policy(
+    policy_id: str, request: Request, principal: Admin, if_match: IfMatch = None
+) -> Response:
+    """Delete a policy; its audit trail stays."""
+    registry = runtime_of(request).registry
+    writable(registry)
+
+    def change(current: Policy | None) -> None:
+        _existing(current, policy_id, if_match)
+
+    await _write(registry, policy_id, change, principal)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{policy_id}/run",
+    responses={
+        200: {"description": "The result: `message`, `context`, `provider_id`, `steps`."},
+        **RUN_ERRORS,
+    },
+)
+async def run_policy(
+    policy_id: str, body: RunBody, request: Request, _: Operator, __: StrictBody
+) -> JSONResponse:
+    """Run the policy on `message`, as the router would; every error answer carries `error`,
+    `detail`, `reason` and the `steps` so far."""
+    runtime = runtime_of(request)
+    invoker = runtime.invoker
+    context = _context(body.context)
+    if invoker is None or not hasattr(invoker, "run_policy"):
+        runtime.registry.lookup_policy(policy_id)  # 404 or 409 before "no invoker"
+        raise NatsUnavailable(NO_INVOKER.format(what="policy runs are"))
+    started = time.perf_counter()
+    try:
+        result = await invoker.run_policy(policy_id, body.message, context)
+    except PolicyError as exc:
+        log.info(
+            "policy_run_by_request",
+            outcome=type(exc).__name__,
+            duration_ms=_ms_since(started),
+        )
+        raise
+    log.info("policy_run_by_request", outcome="ok", duration_ms=_ms_since(started))
+    return JSONResponse(result.as_dict())
+
+
+@router.post(
+    "/{policy_id}/dry-run",
+    responses={
+        200: {"description": '`{"steps": [...]}`: each step `would_run` or `skipped`.'},
+        404: {"description": "PolicyNotFound."},
+        409: {"description": "PolicyDisabled: a run would do nothing."},
+    },
+)
+async def dry_run_policy(
+    policy_id: str, body: RunBody, request: Request, _: Viewer, __: StrictBody
+) -> JSONResponse:
+    """The steps a run would take for this context, by the policy's `when` conditions;
+    sends nothing to any extension."""
+    policy = runtime_of(request).registry.lookup_policy(policy_id)
+    context = _context(body.context)
+    if context.get("tenant_id") is None and policy.tenant_id is not None:
+        context["tenant_id"] = policy.tenant_id  # as a run fills it
+    return JSONResponse({"steps": [step.as_dict() for step in plan(policy, context)]})
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def recent_runs(request: Request) -> RecentRuns:
+    runs: RecentRuns = request.app.state.policy_runs
+    return runs
+
+
+def _context(context: dict[str, Any]) -> dict[str, Any]:
+    """The run's context; 422 when `trace_id` or `tenant_id` is given but no string (the
+    envelope carries them as strings)."""
+    problems = [
+        (f"context.{key}", "must be a string of at most 255 characters")
+        for key in ("trace_id", "tenant_id")
+        if context.get(key) is not None
+        and not (isinstance(context[key], str) and len(context[key]) <= 255)
+    ]
+    if problems:
+        raise InvalidRecord("request", problems, kind="policy")
+    return dict(context)
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _written(policy: Policy | None, status: int = 200) -> JSONResponse:
+    """A write's answer: the policy as stored, its `warnings`, and its ETag."""
+    assert policy is not None  # callers pass stored policies
+    return JSONResponse(
+        {**policy_to_plain(policy), "warnings": complexity_warnings(policy)},
+        status_code=status,
+        headers={"ETag": etag_of(policy)},
+    )
+
+
+async def _write(
+    registry: Registry,
+    policy_id: str,
+    change: Callable[[Policy | None], Policy | None],
+    principal: Principal,
+) -> tuple[str, Policy | None]:
+    """Write one policy through the one write path; (outcome, the policy after)."""
+    db = writable(registry)
+    if "\x00" in policy_id:  # PostgreSQL cannot store one, so no policy has it
+        raise PolicyNotFound(policy_id)
+    started = time.perf_counter()
+    outcome, after = (await db.write_policies({policy_id: change}, principal.name))[policy_id]
+    log.info("policy_written", action=outcome, duration_ms=_ms_since(started))
+    try:
+        await registry.refresh([], policy_ids=[policy_id])
+    except SourceUnavailable as exc:  # written; the notification or the sync brings it
+        log.warning("cache_not_refreshed", error=str(exc))
+    return outcome, after
+
+
+def _existing(current: Policy | None, policy_id: str, if_match: str | None) -> Policy:
+    """The policy a PUT, PATCH or DELETE changes: 404 when missing, 412 when `If-Match` is
+    stale."""
+    if current is None:
+        raise PolicyNotFound(policy_id)
+    check_if_match(if_match, current)
+    return current
