@@ -145,15 +145,17 @@ async def test_create_update_disable_delete_are_audited_and_the_delete_row_survi
         (policy("bad", pre=[{"id": "guard"}]), "pre[0].id", "guard"),
         (policy("bad", providers=["norm"]), "providers[0]", "norm"),
         (policy("bad", pre=[{"id": "norm"}, {"id": "norm"}]), "pre", "2 items"),
+        (policy("other"), "policy_id", "'other'"),
     ],
-    ids=["unknown-id", "wrong-type", "wrong-provider-type", "too-deep"],
+    ids=["unknown-id", "wrong-type", "wrong-provider-type", "too-deep", "another-id"],
 )
 async def test_a_bad_policy_is_refused_and_nothing_is_written(
     tmp_path: Path, db_url: str, bad: Policy, field: str, item: str
 ) -> None:
-    """A policy naming an unknown id, an extension of another stage's type, or more items than
-    the limits allow is refused with InvalidRecord (kind policy) naming the field and the item,
-    and nothing of the write is stored or audited: not even the good policy beside it."""
+    """A policy naming an unknown id, an extension of another stage's type, more items than
+    the limits allow, or another policy id than the one written is refused with InvalidRecord
+    (kind policy) naming the field and the item, and nothing of the write is stored or
+    audited: not even the good policy beside it."""
     settings = settings_for(tmp_path, db_url, extension_max_pre_count=1)
     async with PostgresSource(settings) as db:
         await seeded(db)

@@ -117,8 +117,12 @@ async def apply(
     if new is None:
         cur = await conn.execute("DELETE FROM routing_policies WHERE policy_id = %s", (policy_id,))
         return "deleted" if cur.rowcount else "absent"
-    if new.policy_id != policy_id:
-        raise ValueError(f"a change of {policy_id!r} returned a policy of {new.policy_id!r}")
+    if new.policy_id != policy_id:  # a writer's slip, answered like any bad field
+        raise InvalidRecord(
+            policy_id,
+            [("policy_id", f"a write of {policy_id!r} names {new.policy_id!r}")],
+            "policy",
+        )
     wanted = policy_to_plain(new, writable_only=True)
     if old is not None and wanted == policy_to_plain(old, writable_only=True):
         return "unchanged"
