@@ -193,6 +193,31 @@ def _load_policies(
     return policies
 
 
+def load_policy_file(path: Path, *, policy_limits: PolicyLimits) -> list[Policy]:
+    """The policies of one file (one object or a list), read and checked as strictly as a
+    folder's `policies/` files, or `FixtureError` listing every problem with the file, the item
+    and the field (`extreg policy apply`). References are the caller's to check."""
+    problems: list[str] = []
+    policies: dict[str, Policy] = {}
+    try:
+        items = _read_items(path, "policy")
+    except _FileProblem as exc:
+        raise FixtureError([f"{path}: {exc}"]) from None
+    for index, item in enumerate(items):
+        where = f"{path} record #{index + 1}"
+        try:
+            policy = parse_policy(item, limits=policy_limits)
+        except InvalidRecord as exc:
+            problems += _described(where, exc)
+            continue
+        if policy.policy_id in policies:
+            problems.append(f"{where} ({policy.policy_id}): field policy_id: duplicate policy_id")
+        policies[policy.policy_id] = policy
+    if problems:
+        raise FixtureError(problems)
+    return list(policies.values())
+
+
 def _items(
     paths: list[Path], noun: str, problems: list[str], prefix: str = ""
 ) -> Iterator[tuple[str, Any]]:
