@@ -191,6 +191,9 @@ class ApiClient:
         body = body if isinstance(body, dict) else {}
         detail = body.get("detail")
         text = detail if isinstance(detail, str) else answer.reason_phrase
+        named = class_named(body.get("error"))
+        if named is not None and issubclass(named, PolicyError):  # a run's 403 is a block
+            return rebuild(named, body, text, extension_id, policy_id)
         if status == 401:
             hint = (
                 "check --token or EXTREG_TOKEN"
@@ -203,7 +206,6 @@ class ApiClient:
         if status == 429:
             wait = answer.headers.get("retry-after", "?")
             return AuthFailed(f"too many failed authentications (429): retry in {wait} s")
-        named = class_named(body.get("error"))
         if named is not None:
             return rebuild(named, body, text, extension_id, policy_id)
         if status == 404:
