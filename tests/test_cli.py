@@ -118,6 +118,8 @@ GUARD = {
     "enabled": False,
 }
 IDS = ["normalize_text", "pii_guard", "routed"]
+# What import-fixtures --json reports of a folder without a policies/ subfolder.
+NO_POLICIES: dict[str, Any] = {"policies": {"created": [], "updated": [], "unchanged": []}}
 
 
 def fixtures_folder(folder: Path, routed: dict[str, Any] = ROUTED) -> Path:
@@ -175,9 +177,13 @@ def test_import_fixtures_counts_audit_and_idempotence(db_url: str, tmp_path: Pat
     folder = fixtures_folder(tmp_path / "fx")
     first = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
     assert 0 == first.returncode, outcome(first)
-    assert {"dry_run": False, "created": IDS, "updated": [], "unchanged": []} == json.loads(
-        first.stdout
-    )
+    assert {
+        "dry_run": False,
+        "created": IDS,
+        "updated": [],
+        "unchanged": [],
+        **NO_POLICIES,
+    } == json.loads(first.stdout)
     assert [(i, "create", ACTOR) for i in IDS] == audit_rows(db_url)
     assert ACTOR.startswith("cli:")
     assert (2, 2) == (
@@ -188,9 +194,13 @@ def test_import_fixtures_counts_audit_and_idempotence(db_url: str, tmp_path: Pat
 
     second = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
     assert 0 == second.returncode, outcome(second)
-    assert {"dry_run": False, "created": [], "updated": [], "unchanged": IDS} == json.loads(
-        second.stdout
-    )
+    assert {
+        "dry_run": False,
+        "created": [],
+        "updated": [],
+        "unchanged": IDS,
+        **NO_POLICIES,
+    } == json.loads(second.stdout)
     assert [(i, "create", ACTOR) for i in IDS] == audit_rows(db_url)
     assert stamps == query(db_url, "SELECT id, updated_at FROM extensions ORDER BY id")
 
@@ -204,6 +214,7 @@ def test_import_fixtures_counts_audit_and_idempotence(db_url: str, tmp_path: Pat
         "created": [],
         "updated": ["normalize_text"],
         "unchanged": ["pii_guard", "routed"],
+        **NO_POLICIES,
     } == json.loads(third.stdout)
     assert sorted(
         [*((i, "create", ACTOR) for i in IDS), ("normalize_text", "update", ACTOR)]
@@ -226,9 +237,13 @@ def test_reimport_with_children_in_any_order_is_unchanged(db_url: str, tmp_path:
     assert 0 == first.returncode, outcome(first)
     stamps = query(db_url, "SELECT id, updated_at FROM extensions ORDER BY id")
     second = run(tmp_path, "import-fixtures", str(folder), "--json", db=db_url)
-    assert {"dry_run": False, "created": [], "updated": [], "unchanged": IDS} == json.loads(
-        second.stdout
-    ), outcome(second)
+    assert {
+        "dry_run": False,
+        "created": [],
+        "updated": [],
+        "unchanged": IDS,
+        **NO_POLICIES,
+    } == json.loads(second.stdout), outcome(second)
     assert stamps == query(db_url, "SELECT id, updated_at FROM extensions ORDER BY id")
 
 
@@ -251,6 +266,7 @@ def test_import_changing_only_a_version_is_audited(db_url: str, tmp_path: Path) 
         "created": [],
         "updated": ["routed"],
         "unchanged": ["normalize_text", "pii_guard"],
+        **NO_POLICIES,
     } == json.loads(result.stdout), outcome(result)
     assert [("beamline.routed.v3b",)] == query(
         db_url, "SELECT subject FROM extension_versions WHERE id = 'routed' AND version = 'v3'"
@@ -265,9 +281,13 @@ def test_import_fixtures_dry_run_writes_nothing(db_url: str, tmp_path: Path) -> 
     folder = fixtures_folder(tmp_path / "fx")
     as_json = run(tmp_path, "import-fixtures", str(folder), "--dry-run", "--json", db=db_url)
     assert 0 == as_json.returncode, outcome(as_json)
-    assert {"dry_run": True, "created": IDS, "updated": [], "unchanged": []} == json.loads(
-        as_json.stdout
-    )
+    assert {
+        "dry_run": True,
+        "created": IDS,
+        "updated": [],
+        "unchanged": [],
+        **NO_POLICIES,
+    } == json.loads(as_json.stdout)
     as_text = run(tmp_path, "import-fixtures", str(folder), "--dry-run", db=db_url)
     assert 0 == as_text.returncode, outcome(as_text)
     assert [
@@ -309,7 +329,8 @@ def test_export_then_import_round_trip(
     db_url: str, pg_server: PostgresProcess, tmp_path: Path
 ) -> None:
     """Records exported to a folder and imported into another fresh database list identically
-    (database timestamps aside); `export -` prints the same records as one JSON list."""
+    (database timestamps aside); `export -` prints the same records as the `extensions` list
+    of one JSON object (beside `policies`, none here)."""
     source = fixtures_folder(tmp_path / "fx")
     assert 0 == run(tmp_path, "import-fixtures", str(source), db=db_url).returncode
 
@@ -322,9 +343,13 @@ def test_export_then_import_round_trip(
 
     other = fresh_database(pg_server, migrated=True)
     result = run(tmp_path, "import-fixtures", str(exported), "--json", db=other)
-    assert {"dry_run": False, "created": IDS, "updated": [], "unchanged": []} == json.loads(
-        result.stdout
-    ), outcome(result)
+    assert {
+        "dry_run": False,
+        "created": IDS,
+        "updated": [],
+        "unchanged": [],
+        **NO_POLICIES,
+    } == json.loads(result.stdout), outcome(result)
 
     listed = [run(tmp_path, "list", "--json", db=url) for url in (db_url, other)]
     assert [0, 0] == [r.returncode for r in listed], [outcome(r) for r in listed]
@@ -335,24 +360,29 @@ def test_export_then_import_round_trip(
     to_stdout = run(tmp_path, "export", "-", db=other)
     assert 0 == to_stdout.returncode, outcome(to_stdout)
     printed = json.loads(to_stdout.stdout)
+    assert [] == printed["policies"]
     assert [
         json.loads(json.dumps(to_plain(e, writable_only=True)))
         for e in sorted(originals, key=lambda e: e.id)
-    ] == printed
+    ] == printed["extensions"]
 
 
 # -- validate ------------------------------------------------------------------------------
 
 
 def test_validate_good_folder(tmp_path: Path) -> None:
-    """A valid folder: exit 0, with a count in text and in JSON."""
+    """A valid folder: exit 0, with counts (extensions, policies) in text and in JSON."""
     folder = fixtures_folder(tmp_path / "fx")
     text = run(tmp_path, "validate", str(folder))
-    assert (0, f"{folder}: 3 extensions, all valid") == (text.returncode, flat(text.stdout)), (
-        outcome(text)
-    )
+    assert (0, f"{folder}: 3 extensions and 0 policies, all valid") == (
+        text.returncode,
+        flat(text.stdout),
+    ), outcome(text)
     as_json = run(tmp_path, "validate", str(folder), "--json")
-    assert (0, {"valid": True, "count": 3}) == (as_json.returncode, json.loads(as_json.stdout))
+    assert (0, {"valid": True, "count": 3, "policies": 0}) == (
+        as_json.returncode,
+        json.loads(as_json.stdout),
+    )
 
 
 def bad_folder(folder: Path) -> tuple[Path, list[str]]:

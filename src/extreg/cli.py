@@ -24,12 +24,12 @@ from rich.table import Table
 from rich.text import Text
 
 from . import logs
-from .adapters.fixtures import FixtureSet, load_fixtures
+from .adapters.fixtures import POLICIES_FOLDER, FixtureSet, load_fixtures
 from .adapters.migrate import migrate as run_migrations
 from .adapters.postgres import PostgresSource
 from .client import ApiClient
 from .core.model import DATABASE_KEPT, Extension, to_plain
-from .core.policy import PolicyLimits
+from .core.policy import Policy, PolicyLimits, policy_to_plain
 from .errors import (
     ConfigError,
     Conflict,
@@ -37,6 +37,7 @@ from .errors import (
     ExtregError,
     FixtureError,
     InvalidRecord,
+    PolicyNotFound,
     SnapshotFileError,
 )
 from .local.embedded import with_database
@@ -187,20 +188,34 @@ def import_fixtures(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, write nothing.")] = False,
     json: JsonFlag = False,
 ) -> None:
-    """Upsert every record of a fixtures folder into the database, audited, all or nothing."""
+    """Upsert every record of a fixtures folder into the database, audited, then its policies.
+
+    The whole folder is checked first (policies against its extensions), so a folder with any
+    problem writes nothing; the extensions are written in one transaction, then the policies
+    in another (their references then hold)."""
     s = settings(ctx)
-    records = _fixtures(folder, s).extensions
-    report = on_database(s, lambda db: db.import_extensions(records, actor(), dry_run=dry_run))
-    counts = {
-        k: sorted(i for i, v in report.items() if v == k)
-        for k in ("created", "updated", "unchanged")
-    }
+    found = _fixtures(folder, s)
+
+    async def write(db: PostgresSource) -> tuple[dict[str, str], dict[str, str]]:
+        report = await db.import_extensions(found.extensions, actor(), dry_run=dry_run)
+        if not found.policies:
+            return report, {}
+        if dry_run:  # the extensions were rolled back: the policies' references would fail
+            return report, await _policy_outcomes(db, found.policies)
+        return report, await db.import_policies(found.policies, actor())
+
+    extensions, policies = on_database(s, write)
+    counts, policy_counts = _by_outcome(extensions), _by_outcome(policies)
     if json:
-        emit_json({"dry_run": dry_run, **counts})
+        emit_json({"dry_run": dry_run, **counts, "policies": policy_counts})
         return
     prefix = "would be " if dry_run else ""
-    for kind, ids in counts.items():
-        out.print(f"{prefix}{kind}: {len(ids)}" + (f"  ({', '.join(ids)})" if ids else ""))
+    shown = [("", counts), ("policies ", policy_counts)] if found.policies else [("", counts)]
+    for noun, by_kind in shown:
+        for kind, ids in by_kind.items():
+            out.print(
+                f"{noun}{prefix}{kind}: {len(ids)}" + (f"  ({', '.join(ids)})" if ids else "")
+            )
 
 
 @app.command()
@@ -208,18 +223,25 @@ def export(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="A folder, or - for standard output.")],
 ) -> None:
-    """Write every record as fixtures (one JSON file per extension) or as one list to stdout."""
-    records = [to_plain(e, writable_only=True) for e in _load_all(settings(ctx))]
+    """Write every record as fixtures: DIR/<id>.json per extension and DIR/policies/<id>.json
+    per policy, which `import-fixtures DIR` reads back; or, with -, one JSON object
+    {"extensions": [...], "policies": [...]} to standard output."""
+    found = on_registry(settings(ctx), _everything)
+    records = [to_plain(e, writable_only=True) for e in found.extensions]
+    policies = [policy_to_plain(p, writable_only=True) for p in found.policies]
     if target == "-":
-        sys.stdout.write(jsonlib.dumps(records, indent=2, ensure_ascii=False) + "\n")
+        document = {"extensions": records, "policies": policies}
+        sys.stdout.write(jsonlib.dumps(document, indent=2, ensure_ascii=False) + "\n")
         return
     folder = Path(target)
     folder.mkdir(parents=True, exist_ok=True)
     for record in records:
-        (folder / f"{record['id']}.json").write_text(
-            jsonlib.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-    err.print(f"exported {len(records)} extensions to {folder}")
+        _write_json(folder / f"{record['id']}.json", record)
+    if policies:
+        (folder / POLICIES_FOLDER).mkdir(exist_ok=True)
+    for policy in policies:
+        _write_json(folder / POLICIES_FOLDER / f"{policy['policy_id']}.json", policy)
+    err.print(f"exported {len(records)} extensions and {len(policies)} policies to {folder}")
 
 
 @app.command()
@@ -619,6 +641,36 @@ def _load_all(s: Settings) -> list[Extension]:
     return on_registry(s, _all)
 
 
+async def _everything(reg: Registry) -> FixtureSet:
+    return FixtureSet(reg.all(), reg.policies())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(jsonlib.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _by_outcome(report: dict[str, str]) -> dict[str, list[str]]:
+    return {
+        k: sorted(i for i, v in report.items() if v == k)
+        for k in ("created", "updated", "unchanged")
+    }
+
+
+async def _policy_outcomes(db: PostgresSource, policies: list[Policy]) -> dict[str, str]:
+    """What importing `policies` would do, read, not written: a dry run's report."""
+    stored = {p.policy_id: p for p in await db.load_policies([p.policy_id for p in policies])}
+    report = {}
+    for policy in policies:
+        before = stored.get(policy.policy_id)
+        same = before is not None and policy_to_plain(
+            before, writable_only=True
+        ) == policy_to_plain(policy, writable_only=True)
+        report[policy.policy_id] = (
+            "created" if before is None else "unchanged" if same else "updated"
+        )
+    return report
+
+
 def _fixtures(folder: Path, s: Settings) -> FixtureSet:
     return load_fixtures(
         folder,
@@ -628,12 +680,18 @@ def _fixtures(folder: Path, s: Settings) -> FixtureSet:
     )
 
 
+# Sub-apps that use the helpers above, so imported below them.
+from .policy_cli import policy_app  # noqa: E402
+
+app.add_typer(policy_app, name="policy")
+
 BAD_INPUT = (
     ConfigError,
     FixtureError,
     InvalidRecord,
     SnapshotFileError,
     ExtensionNotFound,
+    PolicyNotFound,
     Conflict,
 )
 

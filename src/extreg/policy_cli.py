@@ -1,0 +1,315 @@
+"""`extreg policy list|show|apply|delete|run`: routing policies from the command line.
+
+Every command works on plain data of one shape, the admin API's (a policy as
+`policy_to_plain` gives it, plus `unusable`: what stops it from running as written), whether
+it came from a registry of our own or from a server through `--url`; so the output of
+`--json` is the same either way. Writes go through the database's one write path
+(`PostgresSource.write_policies`) or the server's routes, never around them.
+
+Registered on the `extreg` app by `extreg.cli` (below its helpers, which this module uses).
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from .adapters.fixtures import load_policy_file
+from .cli import (
+    JsonFlag,
+    TokenOption,
+    UrlOption,
+    _database_settings,
+    actor,
+    emit_json,
+    err,
+    on_database,
+    on_registry,
+    out,
+    settings,
+)
+from .client import ApiClient
+from .core import strictjson
+from .core.policy import (
+    WRITABLE_POLICY_FIELDS,
+    Policy,
+    PolicyLimits,
+    complexity_warnings,
+    policy_to_plain,
+)
+from .errors import ConfigError, PolicyError, PolicyNotFound, ValidatorBlocked
+from .local.embedded import with_database
+from .registry import Registry
+
+policy_app: typer.Typer = typer.Typer(
+    help="Routing policies: list, show, apply, delete, run.", no_args_is_help=True
+)
+
+STAGES = ("pre", "validators", "providers", "post")
+OUTCOMES = ("created", "updated", "unchanged")
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+@policy_app.command("list")
+def list_(
+    ctx: typer.Context, url: UrlOption = None, token: TokenOption = None, json: JsonFlag = False
+) -> None:
+    """Every policy, disabled ones too, and what stops any from running as written."""
+    if url:
+        with ApiClient(url, token) as api:
+            policies = api.list_policies()
+    else:
+        policies = on_registry(settings(ctx), _listed)
+    if json:
+        emit_json(policies)
+        return
+    table = Table("policy_id", "tenant", "enabled", "stages", "unusable")
+    for p in policies:
+        table.add_row(
+            p["policy_id"],
+            p.get("tenant_id") or "",
+            "yes" if p.get("enabled", True) else Text("no", style="red"),
+            stages_summary(p),
+            Text("; ".join(p.get("unusable") or []), style="red"),
+        )
+    out.print(table)
+
+
+@policy_app.command()
+def show(
+    ctx: typer.Context,
+    policy_id: str,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
+) -> None:
+    """One policy, whole."""
+    if url:
+        with ApiClient(url, token) as api:
+            data = api.get_policy(policy_id)
+    else:
+        found = [p for p in on_registry(settings(ctx), _listed) if p["policy_id"] == policy_id]
+        if not found:
+            raise PolicyNotFound(policy_id)
+        data = found[0]
+    if json:
+        emit_json(data)
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in data.items():
+        structured = isinstance(value, dict | list | tuple)
+        shown = jsonlib.dumps(value, default=str) if structured else str(value)
+        table.add_row(key, "" if value is None else shown)
+    out.print(table)
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+@policy_app.command()
+def apply(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="A JSON or YAML file: one policy or a list.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, write nothing.")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
+) -> None:
+    """Create or replace the file's policies (audited), all or nothing.
+
+    The file is checked whole first (fields, types, depth limits; every problem named with
+    its item and field), then every extension id against the database, in the write itself.
+    """
+    s = settings(ctx)
+    policies = load_policy_file(file, policy_limits=PolicyLimits.from_settings(s))
+    if url:
+        if dry_run:
+            raise ConfigError("--dry-run works on the database only, not through --url")
+        report = _apply_through(url, token, policies)
+    else:
+        report = on_database(
+            _database_settings(ctx),
+            lambda db: db.import_policies(policies, actor(), dry_run=dry_run),
+        )
+    warnings = {p.policy_id: complexity_warnings(p) for p in policies}
+    warnings = {k: v for k, v in warnings.items() if v}
+    counts = {k: sorted(i for i, v in report.items() if v == k) for k in OUTCOMES}
+    if json:
+        emit_json({"dry_run": dry_run, **counts, "warnings": warnings})
+        return
+    prefix = "would be " if dry_run else ""
+    for policy_id in sorted(report):
+        out.print(f"{policy_id}: {prefix}{report[policy_id]}")
+    for policy_id, found in sorted(warnings.items()):
+        for warning in found:
+            err.print(Text("warning: ", style="yellow"), f"{policy_id}: {warning}", sep="")
+
+
+@policy_app.command()
+def delete(
+    ctx: typer.Context, policy_id: str, url: UrlOption = None, token: TokenOption = None
+) -> None:
+    """Delete a policy (audited; its audit rows stay)."""
+    if url:
+        with ApiClient(url, token) as api:
+            api.delete_policy(policy_id)
+    else:
+        written = on_database(
+            _database_settings(ctx),
+            lambda db: db.write_policies({policy_id: lambda _: None}, actor()),
+        )
+        if written[policy_id][0] == "absent":
+            raise PolicyNotFound(policy_id)
+    out.print(f"{policy_id} deleted")
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+@policy_app.command()
+def run(
+    ctx: typer.Context,
+    policy_id: str,
+    message: Annotated[
+        str, typer.Option("--message", help='The message, as JSON: {"payload": ...}.')
+    ],
+    context: Annotated[
+        str, typer.Option("--context", help="The context, as JSON (trace_id, tenant_id...).")
+    ] = "{}",
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
+) -> None:
+    """Run the policy's pipeline once on a message and print the result and every step.
+
+    Without --url the run is made from here, on the nats_url setting. A run that gives no
+    result (a validator blocked it, a required step failed, no provider answered) prints
+    its reason and the steps so far, and exits 1.
+    """
+    data = _json_object(message, "--message")
+    ctx_data = {"trace_id": uuid.uuid4().hex, **_json_object(context, "--context")}
+    try:
+        if url:
+            with ApiClient(url, token) as api:
+                result = api.run_policy(policy_id, data, ctx_data)
+        else:
+            result = _run_directly(ctx, policy_id, data, ctx_data)
+    except PolicyNotFound:
+        raise  # bad input, said by `main`; there are no steps to show
+    except PolicyError as exc:
+        _report_failure(exc, json)
+        raise  # `main` names the error and exits 1
+    if json:
+        emit_json(result)
+        return
+    out.print("message:")
+    out.print_json(data=result["message"])
+    out.print(f"provider_id: {result.get('provider_id')}")
+    out.print(steps_table(result["steps"]))
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def stages_summary(policy: dict[str, Any]) -> str:
+    """`pre: a, b · validators: c · providers: d · post: e`, empty stages left out."""
+    parts = []
+    for stage in STAGES:
+        items = policy.get(stage) or []
+        ids = [i if isinstance(i, str) else str(i.get("id")) for i in items]
+        if ids:
+            parts.append(f"{stage}: {', '.join(ids)}")
+    return " · ".join(parts)
+
+
+def steps_table(steps: list[Any]) -> Table:
+    table = Table("stage", "id", "status", "latency ms", "reason")
+    for step in steps:
+        s = step.as_dict() if hasattr(step, "as_dict") else step
+        table.add_row(s["stage"], s["id"], s["status"], str(s["latency_ms"]), s["reason"] or "")
+    return table
+
+
+async def _listed(reg: Registry) -> list[dict[str, Any]]:
+    unusable = reg.status.unusable_policies
+    return [
+        {**policy_to_plain(p), "unusable": unusable.get(p.policy_id, [])} for p in reg.policies()
+    ]
+
+
+def _apply_through(url: str, token: str | None, policies: list[Policy]) -> dict[str, str]:
+    """Each policy PUT to the server, in order, unless the server already holds it as it is
+    (the server answers a replace alike whether or not it changed anything). Not one
+    transaction: the file was checked whole here first, so only a reference the server
+    refuses can stop it part way, and the error names that policy."""
+    report = {}
+    with ApiClient(url, token) as api:
+        for policy in policies:
+            wanted = policy_to_plain(policy, writable_only=True)
+            try:
+                held = _writable(api.get_policy(policy.policy_id))
+            except PolicyNotFound:
+                held = None
+            if held == _writable(wanted):
+                report[policy.policy_id] = "unchanged"
+                continue
+            report[policy.policy_id], _ = api.put_policy(wanted)
+    return report
+
+
+def _writable(data: dict[str, Any]) -> dict[str, Any]:
+    """A policy's writable fields as JSON would carry them (lists, not tuples)."""
+    plain: dict[str, Any] = jsonlib.loads(jsonlib.dumps(data, default=str))
+    return {k: plain.get(k) for k in WRITABLE_POLICY_FIELDS}
+
+
+def _run_directly(
+    ctx: typer.Context, policy_id: str, message: dict[str, Any], context: dict[str, Any]
+) -> dict[str, Any]:
+    """One run through a registry and invoker of our own (health is saved as for `invoke`)."""
+    from .invoke import Invoker
+
+    s = with_database(settings(ctx))
+
+    async def call(reg: Registry) -> dict[str, Any]:
+        reg.lookup_policy(policy_id)  # an unknown or disabled policy needs no NATS to say so
+        async with Invoker.open(reg, s) as inv:
+            result = await inv.run_policy(policy_id, message, context)
+            found: dict[str, Any] = result.as_dict()
+            return found
+
+    return on_registry(s, call)
+
+
+def _report_failure(exc: PolicyError, json: bool) -> None:
+    """What a failed run prints before `main` names the error: as JSON, the API's error body;
+    else the error's class, who stopped the run and why, and the steps so far."""
+    if json:
+        from .api.errors import body_of
+
+        emit_json(body_of(exc))
+        return
+    who = f" by {exc.extension_id}" if isinstance(exc, ValidatorBlocked) else ""
+    err.print(f"{type(exc).__name__}{who}: {exc.reason}")
+    if exc.steps:
+        err.print(steps_table(exc.steps))
+    sys.stderr.flush()
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        data = strictjson.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return data
