@@ -6,7 +6,9 @@ server then opens a session (`auth.SessionBook`: in this process's memory, 12 ho
 `POST /session/logout`, the dashboard's "Sign out", or revoking the token) and sets a cookie
 holding only the session's random id, HttpOnly and SameSite=Strict. The dashboard's HTML
 carries the session's CSRF token, which its script sends as `X-CSRF-Token` with every
-request; changes need it, and the server's own origin (`browser`). The page is one static
+request; changes need it, and the server's own origin (`browser`). Its views (extensions;
+policies, with their stages coloured by health and a dry-run form) are tabs of one page,
+chosen by the URL's fragment (`#policies`), so a view can be bookmarked. The page is one static
 HTML file with one inline script and one inline style, admitted by hash in its CSP: no build
 step, and no other script can run in it.
 """
