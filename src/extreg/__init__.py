@@ -14,7 +14,13 @@ from .errors import (
     InvalidResponse,
     InvocationError,
     MaxRetriesExceeded,
+    NoProvider,
     PayloadTooLarge,
+    PolicyDisabled,
+    PolicyError,
+    PolicyNotFound,
+    StepFailed,
+    ValidatorBlocked,
 )
 from .registry import Registry
 from .settings import Settings
@@ -46,8 +52,14 @@ __all__ = [
     "InvocationError",
     "Invoker",
     "MaxRetriesExceeded",
+    "NoProvider",
     "PayloadTooLarge",
+    "PolicyDisabled",
+    "PolicyError",
+    "PolicyNotFound",
     "Registry",
     "Settings",
+    "StepFailed",
+    "ValidatorBlocked",
     "Version",
 ]

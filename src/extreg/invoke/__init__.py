@@ -2,7 +2,8 @@
 
 `Invoker` is the entry point (see `extreg.invoke.invoker`); the rest are its parts, each with
 one job: `routing` (where a call goes), `envelope` (what is sent), `transport` (NATS),
-`health_store` (health to the database), `automation` (auto enable/disable, health gate).
+`health_store` (health to the database), `automation` (auto enable/disable, health gate),
+`pipeline` (routing policy runs: `Invoker.run_policy`).
 """
 
 from ..adapters.nats import NatsTransport
@@ -11,9 +12,11 @@ from ..errors import HealthRefused, NatsUnavailable, TransportUnavailable
 from .automation import AUTO_ACTOR, HealthGate
 from .health_store import HealthFlusher, adopt_totals
 from .invoker import Invoker
+from .pipeline import OUTCOMES, PipelineRunner, PolicyObserver, PolicyResult, ProviderHook
 
 __all__ = [
     "AUTO_ACTOR",
+    "OUTCOMES",
     "HealthFlusher",
     "HealthGate",
     "HealthRefused",
@@ -21,6 +24,10 @@ __all__ = [
     "Limits",
     "NatsTransport",
     "NatsUnavailable",
+    "PipelineRunner",
+    "PolicyObserver",
+    "PolicyResult",
+    "ProviderHook",
     "Route",
     "Target",
     "TransportUnavailable",

@@ -58,6 +58,7 @@ from ..registry import Registry
 from ..settings import Settings
 from .automation import AutoManager, HealthGate
 from .health_store import HealthFlusher
+from .pipeline import PipelineRunner, PolicyResult, ProviderHook
 
 log = structlog.get_logger("extreg.invoke")
 
@@ -91,7 +92,8 @@ class Invoker:
     """Calls extensions (see the module docstring). Create with `Invoker.open(...)`.
 
     `breaker` and `health` are this process's; `health` shows cluster-wide totals once the
-    flusher has read them back from the database. Set `observer` to be told of every outcome.
+    flusher has read them back from the database. Set `observer` to be told of every outcome,
+    `pipeline.observer` of every policy run.
     Latencies are measured with `perf_counter` whatever the clock: they are durations that
     happened, not decisions a test needs to steer.
     """
@@ -111,6 +113,7 @@ class Invoker:
         self.breaker = CircuitBreakers.from_settings(settings, clock=clock)
         self.health = HealthMonitor.from_settings(settings, self.breaker, clock=clock)
         self.observer: Observer | None = None
+        self.pipeline = PipelineRunner(self)
         self._transport = transport or NatsTransport(settings.nats_url)
         self._request = self._transport.request
         self._limits = Limits.from_settings(settings)
@@ -187,6 +190,17 @@ class Invoker:
         return self._transport.connected
 
     # -- the hot path -------------------------------------------------------------------------
+
+    async def run_policy(
+        self,
+        policy_id: str,
+        message: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+        provider: ProviderHook | None = None,
+    ) -> PolicyResult:
+        """Run a routing policy on `message`, each step through `invoke` (see
+        `extreg.invoke.pipeline`); a `PolicyResult` or a `PolicyError`."""
+        return await self.pipeline.run(policy_id, message, context, provider)
 
     async def invoke(
         self,
