@@ -1,8 +1,8 @@
 """Prometheus metrics of the registry, the health monitor, the breakers and invocations.
 
 Everything lives in a `Metrics` object with its own `CollectorRegistry` (never the global
-one, so two registries in one process, or two tests, do not mix their numbers). Three kinds
-of sources feed it:
+one, so two registries in one process, or two tests, do not mix their numbers). These
+sources feed it:
 
 - the registry pushes: `watch_registry` subscribes to `Registry.on_change` (size, enabled
   count) and `Registry.on_sync` (sync duration, sync errors);
@@ -10,6 +10,15 @@ of sources feed it:
   seconds)` the invoker's `observer` (called after every call), and subscribes
   `circuit_transition` to its breakers' `on_state_change` (failures = times a circuit
   opened, recoveries = times it closed again);
+- the invoker's pipeline runner pushes: `watch_invoker` also makes
+  `observe_policy_run(policy_id, outcome, seconds, steps)` the observer of the invoker's `pipeline`, called once at the end
+  of every policy run: `extreg_policy_runs_total{policy_id, outcome}` and
+  `extreg_policy_run_duration_seconds{policy_id}`, and per listed step the original router's
+  `router_extension_execution_total{extension_id, extension_type, status, policy_id}` and
+  `router_extension_execution_latency_ms{extension_id, extension_type, policy_id}` (a skipped
+  step is counted, not timed: it ran nothing). Labels stay bounded: every value comes from a
+  stored policy (its id, its item ids, its stages), and a run of an unknown policy id is
+  labelled `UNKNOWN_POLICY`, never the id asked for;
 - health and circuit gauges are *pulled* at scrape time from `invoker.health` (whose circuit
   states are its breaker's) by `_HealthGauges`, so the hot path does no metric work for
   them. The circuit gauge reads -1 when breakers are off (`circuit_breaker_enabled` false),
@@ -21,15 +30,15 @@ No global state: each `Runtime` owns its `Metrics`, the one its /metrics serves.
 The per-extension families (latency histograms, health and circuit gauges) are nearly all of
 the exposition, so they are kept and written here (`_Latency`, `_HealthGauges`) rather than
 by prometheus_client's generic renderer, several times slower per line; the rest (registry
-size, syncs, breaker counters) are prometheus_client metrics. Even so a scrape grows with
+size, syncs, breaker counters, policy runs and steps) are prometheus_client metrics. Even so a scrape grows with
 the registry (docs/performance.md has the figures), so /metrics serves `scrape()`: the
 exposition rendered at most once per `cache_s` (longer when a render is slow:
 `Exposition`), in a worker thread, with every scraper in between given the same bytes. A
 thread alone is not enough (rendering holds the GIL, so the event loop still runs slowly
 while it lasts) and a cache alone still renders on the loop; together the loop is slowed
 for one render per interval whatever the number of scrapers. And series do not outlive
-their extensions: on every registry change the series of ids no longer in the registry are
-removed from every labelled family (`registry_changed`).
+their extensions or policies: on every registry change the series of ids no longer in the
+registry are removed from every labelled family (`registry_changed`).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import bisect
 import contextlib
 import math
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -47,6 +56,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from .core.health import HealthMonitor
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from .core.pipeline import Step
     from .core.snapshot import Snapshot
     from .registry import Registry
 
@@ -69,6 +81,10 @@ LATENCY_BUCKETS_S = (
     30.0,
     60.0,
 )  # fmt: skip - extension timeouts reach 60 s
+LATENCY_BUCKETS_MS = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
+UNKNOWN_POLICY = (
+    "_unknown"  # the policy_id label of runs of ids no policy has (no id starts with _)
+)
 CACHE_S = 2.0  # a rendered exposition is served this long (Prometheus scrapes every 15 s or so)
 
 
@@ -92,6 +108,11 @@ class Metrics:
             "Database rows left out of the cache because they break a record rule.",
             registry=r,
         )
+        self.unusable_policies = Gauge(
+            "extension_registry_unusable_policies",
+            "Cached policies that reference an extension that is deleted, disabled or retyped.",
+            registry=r,
+        )
         self.sync_duration = Histogram(
             "extension_registry_sync_duration_seconds",
             "Duration of database syncs and full reloads.",
@@ -113,6 +134,36 @@ class Metrics:
             ["extension_id"],
             registry=r,
         )
+        self.step_executions = Counter(
+            "router_extension_execution_total",
+            "Steps of policy runs, by extension, stage, step status and policy.",
+            ["extension_id", "extension_type", "status", "policy_id"],
+            registry=r,
+        )
+        self.step_latency = Histogram(
+            "router_extension_execution_latency_ms",
+            "Duration of the steps of policy runs in milliseconds (skipped steps are not timed).",
+            ["extension_id", "extension_type", "policy_id"],
+            buckets=LATENCY_BUCKETS_MS,
+            registry=r,
+        )
+        self.policy_runs = Counter(
+            "extreg_policy_runs_total",
+            "Policy runs by outcome: ok, blocked, step_failed, no_provider, not_found, disabled.",
+            ["policy_id", "outcome"],
+            registry=r,
+        )
+        self.policy_duration = Histogram(
+            "extreg_policy_run_duration_seconds",
+            "Duration of policy runs, whatever their outcome.",
+            ["policy_id"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        # Label children made once per label set (`labels()` checks and hashes its values on
+        # every call); their keys are also what `registry_changed` removes.
+        self._run_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._step_children: dict[tuple[str, str, str, str], tuple[Any, Any | None]] = {}
         # The per-extension families are kept and rendered here, not by prometheus_client:
         # they are nearly all of the exposition, and its generic rendering took seconds per
         # scrape at 10,000 extensions (`scripts/bench bench_metrics` renders both). See `_Latency`.
@@ -133,6 +184,7 @@ class Metrics:
         self.registry_changed(registry.snapshot)
         registry.on_change(self.registry_changed)
         self.invalid_records.set_function(lambda: len(registry.invalid_records))
+        self.unusable_policies.set_function(lambda: len(registry.snapshot.unusable_policies))
         registry.on_sync(self.sync_finished)
 
     def registry_changed(self, snapshot: Snapshot) -> None:
@@ -146,6 +198,28 @@ class Metrics:
             for counter in (self.breaker_failures, self.breaker_recoveries):
                 with contextlib.suppress(KeyError):  # one of the two may never have counted
                     counter.remove(extension_id)
+        self._forget_policy_series(snapshot)
+
+    def _forget_policy_series(self, snapshot: Snapshot) -> None:
+        """Remove the run series of deleted policies and the step series of deleted policies
+        or extensions (`name:model` hook providers are no extension: kept with their policy)."""
+        policies = snapshot.policies
+        for run in [
+            k for k in self._run_children if k[0] not in policies and k[0] != UNKNOWN_POLICY
+        ]:
+            del self._run_children[run]
+            _remove(self.policy_runs, *run)
+            _remove(self.policy_duration, run[0])
+        present = snapshot.by_id
+        for key in [
+            k
+            for k in self._step_children
+            if k[3] not in policies or (k[0] not in present and ":" not in k[0])
+        ]:
+            extension_id, stage, _, policy_id = key
+            del self._step_children[key]
+            _remove(self.step_executions, *key)
+            _remove(self.step_latency, extension_id, stage, policy_id)
 
     def sync_finished(self, duration_s: float, error: str | None) -> None:
         self.sync_duration.observe(duration_s)
@@ -160,6 +234,9 @@ class Metrics:
         self._health.invoker = invoker
         if getattr(invoker, "observer", False) is None:
             invoker.observer = self.observe_invocation
+        pipeline = getattr(invoker, "pipeline", None)
+        if pipeline is not None and getattr(pipeline, "observer", False) is None:
+            pipeline.observer = self.observe_policy_run
         breaker = getattr(invoker, "breaker", None)
         if breaker is not None and hasattr(breaker, "on_state_change"):
             breaker.on_state_change(self.circuit_transition)
@@ -167,6 +244,34 @@ class Metrics:
     def observe_invocation(self, extension_id: str, outcome: str, seconds: float) -> None:
         """Record one finished invocation (outcome: ok, error, timeout, rejected, ...)."""
         self.invocation_latency.observe(extension_id, outcome, seconds)
+
+    def observe_policy_run(
+        self, policy_id: str, outcome: str, seconds: float, steps: Sequence[Step]
+    ) -> None:
+        """Record one finished policy run and its steps (see the module docstring)."""
+        label = UNKNOWN_POLICY if outcome == "not_found" else policy_id
+        run = self._run_children.get((label, outcome))
+        if run is None:
+            run = self._run_children[(label, outcome)] = (
+                self.policy_runs.labels(label, outcome),
+                self.policy_duration.labels(label),
+            )
+        run[0].inc()
+        run[1].observe(seconds)
+        children = self._step_children
+        for step in steps:
+            key = (step.id, step.stage, step.status, policy_id)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = (
+                    self.step_executions.labels(*key),
+                    None
+                    if step.status == "skipped"
+                    else self.step_latency.labels(step.id, step.stage, policy_id),
+                )
+            child[0].inc()
+            if child[1] is not None:
+                child[1].observe(step.latency_ms)
 
     def circuit_transition(self, extension_id: str, old: str, new: str) -> None:
         """A breaker state change, as `CircuitBreakers.on_state_change` reports it."""
@@ -339,6 +444,12 @@ class _Series:
         self.labels = f'extension_id="{_escape(extension_id)}",outcome="{_escape(outcome)}"'
         self.counts = [0] * buckets
         self.total = 0.0
+
+
+def _remove(metric: MetricWrapperBase, *labels: str) -> None:
+    """Drop one labelled series (gone already when another key shared it)."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
 
 
 def _number(value: float) -> str:
