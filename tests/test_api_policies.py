@@ -25,7 +25,27 @@ from nats.aio.msg import Msg
 
 import extreg
 from extreg.api import create_app
+from extreg.api.errors import status_of
+from extreg.api.policy_runs import RecentRuns
 from extreg.auth import generate_token, hash_token
+from extreg.errors import (
+    CircuitOpen,
+    ExtensionDisabled,
+    ExtensionError,
+    ExtensionNotFound,
+    ExtensionTimeout,
+    HealthRefused,
+    InvalidResponse,
+    InvocationError,
+    MaxRetriesExceeded,
+    NoProvider,
+    PolicyDisabled,
+    PolicyError,
+    PolicyNotFound,
+    StepFailed,
+    TransportUnavailable,
+    ValidatorBlocked,
+)
 from extreg.invoke import Invoker
 from extreg.metrics import Metrics
 from extreg.registry import Registry
@@ -794,3 +814,49 @@ def test_openapi_lists_the_policy_routes_with_summaries(tmp_path: Path) -> None:
             assert ["policies"] == operation["tags"]
     for name in ("Policy", "PolicyCreate", "PolicyReplace", "PolicyPatch", "PolicyWritten"):
         assert name in document["components"]["schemas"]
+
+
+# -- the pieces, without I/O -------------------------------------------------------------------
+
+CAUSES: list[tuple[type[PolicyError], ExtensionError | None, int]] = [
+    (StepFailed, CircuitOpen("x"), 503),
+    (StepFailed, HealthRefused("x"), 503),
+    (StepFailed, ExtensionDisabled("x"), 503),
+    (StepFailed, ExtensionNotFound("x"), 503),
+    (StepFailed, TransportUnavailable("x"), 503),
+    (StepFailed, ExtensionTimeout("x"), 504),
+    (NoProvider, MaxRetriesExceeded("x"), 504),
+    (StepFailed, InvalidResponse("x"), 502),
+    (NoProvider, InvocationError("x", "no responders on s"), 502),
+    (NoProvider, None, 502),
+    (PolicyNotFound, None, 404),
+    (PolicyDisabled, None, 409),
+]
+
+
+@pytest.mark.parametrize(("cls", "cause", "status"), CAUSES)
+def test_the_status_of_a_failed_run_follows_its_cause(
+    cls: type[PolicyError], cause: ExtensionError | None, status: int
+) -> None:
+    """A failed step or no provider is 503 when the extension could not be called, 504 when
+    it timed out, else 502; a validator's block is 403 whatever its cause."""
+    assert status == status_of(cls("p", None, [], cause))
+    assert 403 == status_of(ValidatorBlocked("p", "v", "r", {}, [], cause))
+
+
+def test_recent_runs_stay_bounded() -> None:
+    """The ring keeps the last `per_policy` outcomes of at most `policies` policies (the least
+    recently run dropped first), and no ring for a run of an unknown id."""
+    runs = RecentRuns(per_policy=3, policies=2)
+    for outcome in ("ok", "blocked", "ok", "ok"):
+        runs.record("a", outcome)
+    assert (3, {"ok": 2, "blocked": 1}) == (
+        runs.summary("a")["total"],
+        runs.summary("a")["outcomes"],
+    )
+    runs.record("ghost", "not_found")
+    assert 0 == runs.summary("ghost")["total"]
+    runs.record("b", "ok")
+    runs.record("c", "ok")
+    assert 0 == runs.summary("a")["total"]  # the least recently run, dropped
+    assert (1, 1) == (runs.summary("b")["total"], runs.summary("c")["total"])
