@@ -17,7 +17,9 @@ from extreg.core.pipeline import (
     plan,
     provider_message,
     request_for,
+    request_with,
     settle,
+    step_metadata,
     verdict_of,
     when_matches,
 )
@@ -50,10 +52,19 @@ def test_request_carries_the_message_the_context_but_its_ids_and_the_policy() ->
     } == request
 
 
-def test_request_without_config_has_no_config_key_and_copies_the_message() -> None:
+def test_request_without_config_has_no_config_key_and_copies_nothing() -> None:
+    """A request is only encoded: the message goes in as it is, and `request_with` shares
+    one `step_metadata` between the steps of a context."""
     request = request_for(MESSAGE, {}, "p", {})
     assert {"policy_id": "p"} == request["metadata"]
-    assert request["payload"] == MESSAGE and request["payload"] is not MESSAGE
+    assert request["payload"] is MESSAGE
+    metadata = step_metadata({"trace_id": "t", "lang": "en"}, "p")
+    assert {"lang": "en", "policy_id": "p"} == metadata
+    assert metadata is request_with(MESSAGE, metadata, {})["metadata"]
+    assert {"lang": "en", "policy_id": "p", "config": {"x": 1}} == (
+        request_with(MESSAGE, metadata, {"x": 1})["metadata"]
+    )
+    assert {"lang": "en", "policy_id": "p"} == metadata
 
 
 # -- apply_reply ------------------------------------------------------------------------------
@@ -84,6 +95,16 @@ def test_apply_reply_leaves_the_inputs_unchanged() -> None:
     message, context = dict(MESSAGE), {"lang": "en"}
     apply_reply(message, context, {"payload": "bye", "metadata": {"x": "1"}})
     assert (MESSAGE, {"lang": "en"}) == (message, context)
+
+
+def test_apply_reply_returns_what_it_did_not_change_as_is() -> None:
+    """An empty or missing metadata makes no new context (the runner then reuses the
+    context's request metadata)."""
+    message, context = dict(MESSAGE), {"lang": "en"}
+    for reply in ({}, {"metadata": {}}, {"payload": None}):
+        got_message, got_context = apply_reply(message, context, reply)
+        assert (message, context) == (got_message, got_context)
+        assert got_message is message and got_context is context
 
 
 # -- provider_message ---------------------------------------------------------------------------

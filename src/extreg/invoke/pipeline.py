@@ -43,8 +43,8 @@ from ..core.pipeline import (
     apply_reply,
     failed_status,
     provider_message,
-    request_for,
     settle,
+    step_metadata,
     verdict_of,
 )
 from ..core.policy import Policy, Stage, StepItem, ValidatorItem
@@ -164,7 +164,7 @@ class _Run:
     """One run's state: the policy, the steps so far, the hook. Made per run so the stage
     methods share it without passing it around."""
 
-    __slots__ = ("invoke", "policy", "policy_id", "provider", "steps")
+    __slots__ = ("invoke", "meta", "meta_of", "policy", "policy_id", "provider", "steps")
 
     def __init__(
         self,
@@ -178,6 +178,18 @@ class _Run:
         self.policy_id = policy.policy_id
         self.steps = steps
         self.provider = provider
+        self.meta_of: dict[str, Any] | None = None  # the context `meta` was made from
+        self.meta: dict[str, Any] = {}
+
+    def request(
+        self, message: dict[str, Any], ctx: dict[str, Any], config: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """`request_for`, with the context's part made once per context (a context is never
+        changed in place: a reply's metadata makes a new one)."""
+        if ctx is not self.meta_of:
+            self.meta, self.meta_of = step_metadata(ctx, self.policy_id), ctx
+        meta = self.meta
+        return {"payload": message, "metadata": {**meta, "config": config} if config else meta}
 
     async def run(self, message: dict[str, Any], ctx: dict[str, Any]) -> PolicyResult:
         policy = self.policy
@@ -208,9 +220,7 @@ class _Run:
                 continue
             started = perf_counter()
             try:
-                reply = await invoke(
-                    item.id, request_for(message, ctx, policy_id, item.config), ctx
-                )
+                reply = await invoke(item.id, self.request(message, ctx, item.config), ctx)
             except ExtensionError as exc:
                 steps.append(
                     Step(stage, item.id, "failed", (perf_counter() - started) * 1000.0, exc.reason)
@@ -252,9 +262,7 @@ class _Run:
     ) -> _Answer:
         started = perf_counter()
         try:
-            reply = await self.invoke(
-                item.id, request_for(message, ctx, self.policy_id, item.config), ctx
-            )
+            reply = await self.invoke(item.id, self.request(message, ctx, item.config), ctx)
         except ExtensionError as exc:  # a timeout or an error counts as a reject
             return _Answer(Verdict(False, exc.reason), (perf_counter() - started) * 1000.0, exc)
         return _Answer(verdict_of(reply), (perf_counter() - started) * 1000.0, None)
@@ -339,9 +347,7 @@ class _Run:
                 if ":" in name:
                     reply = await self.hook(name, message, ctx)
                 else:
-                    reply = await invoke(
-                        name, request_for(message, ctx, self.policy_id, _NO_CONFIG), ctx
-                    )
+                    reply = await invoke(name, self.request(message, ctx, _NO_CONFIG), ctx)
             except ExtensionError as exc:  # open circuit, disabled, timeout, error: next one
                 last_error = exc
                 steps.append(
@@ -378,7 +384,7 @@ class _Run:
         return reply
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Answer:
     """A validator's answer: its verdict, how long it took, the error behind a reject."""
 
