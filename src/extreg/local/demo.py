@@ -1,8 +1,9 @@
 """`extreg serve --demo`: an embedded NATS server, the sample extensions and gentle traffic.
 
 So that a newcomer's first `scripts/run` shows a registry at work: real calls through the
-invoker, health numbers moving, and the `flaky` extension's circuit opening and recovering
-on a fixed cycle. Everything here is started and stopped by `demo_services`; nothing
+invoker, health numbers moving, the `flaky` extension's circuit opening and recovering on a
+fixed cycle, and the bundled `support_en` policy run end to end, mostly passing and now and
+then blocked by `pii_guard`, so policy runs show both outcomes. Everything here is started and stopped by `demo_services`; nothing
 outlives Ctrl-C. NATS listens on a free port (a fixed one would clash with a NATS already on
 the machine or a second demo); its URL is printed, shown in `status`, and published in
 `data_dir/demo-nats.json` while the demo runs, where `Settings()` finds it.
@@ -21,11 +22,13 @@ from typing import Any
 
 import structlog
 
+from ..adapters.fixtures import read_fixtures
 from ..adapters.postgres import PostgresSource
 from ..core.model import parse_extension
-from ..errors import ExtensionError
+from ..core.policy import PolicyLimits
+from ..errors import ExtensionError, PolicyError
 from ..published import published
-from ..settings import DEMO_NATS_FILE, Settings
+from ..settings import BUNDLED_FIXTURES, DEMO_NATS_FILE, Settings
 from .natsserver import NatsServer
 from .samples import SAMPLE_EXTENSIONS, SampleRunner, run_samples
 from .samples.flaky import FlakySettings
@@ -34,6 +37,9 @@ log = structlog.get_logger("extreg.local.demo")
 
 DEMO_ACTOR = "extreg:demo"
 CALLS_PER_SECOND = 4
+# The bundled policy: normalize_text -> pii_guard -> test_provider -> mask_pii.
+POLICY_ID = "support_en"
+POLICY_RUNS_PER_SECOND = 2
 # The flaky extension's cycle: (seconds, failure share). A failing phase opens its circuit
 # (five timeouts in a row); the healthy phase after it lets the half-open trials close it.
 FLAKY_CYCLE = ((45.0, 0.02), (25.0, 0.9))
@@ -59,6 +65,15 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "flaky": {"payload": {"message_id": "m-5", "payload": "are you there?"}},
     "echo": {"payload": {"message_id": "m-6", "payload": "ping"}},
 }
+# The messages the policy runs on, in turn: clean ones pass (the e-mail address is masked by
+# post), the one with a card number is blocked by pii_guard (a fifth of the runs).
+POLICY_MESSAGES: tuple[dict[str, Any], ...] = (
+    {"message_id": "p-1", "message_type": "chat", "payload": "  Hello, I can NOT log in  "},
+    {"message_id": "p-2", "message_type": "chat", "payload": "Where is my order?"},
+    {"message_id": "p-3", "message_type": "chat", "payload": "Mail me at a@example.com"},
+    {"message_id": "p-4", "message_type": "chat", "payload": "my card is 4111 1111 1111 1111"},
+    {"message_id": "p-5", "message_type": "chat", "payload": "Thanks, it works now"},
+)
 
 
 @dataclass
@@ -93,7 +108,8 @@ def demo_nats_file(settings: Settings) -> Path:
 
 
 async def register_samples(settings: Settings) -> None:
-    """Make sure every sample extension (flaky and echo too) has a record."""
+    """Make sure every sample extension (flaky and echo too) and the bundled policy
+    (`support_en`) have a record; one already there is left as it is."""
     async with PostgresSource(settings) as db:
         parsed = [
             parse_extension(
@@ -108,11 +124,23 @@ async def register_samples(settings: Settings) -> None:
         if missing:
             await db.import_extensions(missing, DEMO_ACTOR)
             log.info("demo_extensions_registered", ids=[e.id for e in missing])
+        bundled = await read_fixtures(
+            BUNDLED_FIXTURES,
+            max_timeout_ms=settings.extension_max_timeout_ms,
+            max_retries=settings.extension_max_retries,
+            policy_limits=PolicyLimits.from_settings(settings),
+        )
+        policies = [p for p in bundled.policies if await db.load_policy(p.policy_id) is None]
+        if policies:
+            await db.import_policies(policies, DEMO_ACTOR)
+            log.info("demo_policies_registered", ids=[p.policy_id for p in policies])
 
 
 async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> None:
-    """Call the sample extensions a few times a second, and cycle the flaky one."""
+    """Call the sample extensions a few times a second, run the bundled policy, and cycle
+    the flaky one."""
     cycle = asyncio.create_task(_cycle_flaky(samples, stop))
+    policy_runs = asyncio.create_task(_run_policies(invoker, stop))
     ids = itertools.cycle(
         [
             "normalize_text",
@@ -135,6 +163,7 @@ async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> N
                 await asyncio.wait_for(stop.wait(), 1 / CALLS_PER_SECOND)
     finally:
         cycle.cancel()
+        policy_runs.cancel()
 
 
 async def _call(invoker: Any, ext_id: str) -> None:
@@ -143,6 +172,35 @@ async def _call(invoker: Any, ext_id: str) -> None:
         await invoker.invoke(ext_id, REQUESTS[ext_id], context)
     except ExtensionError as exc:
         log.debug("demo_call_failed", extension_id=ext_id, reason=exc.reason)
+
+
+async def _run_policies(invoker: Any, stop: asyncio.Event) -> None:
+    """Run `support_en` a few times a second on `POLICY_MESSAGES`, in turn, each run as a
+    task of its own (a slow run does not hold up the next)."""
+    in_flight: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
+    messages = itertools.cycle(POLICY_MESSAGES)
+    try:
+        while not stop.is_set():
+            task = asyncio.create_task(_run_policy(invoker, next(messages)))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1 / POLICY_RUNS_PER_SECOND)
+    finally:
+        for task in list(in_flight):  # before the invoker they use closes
+            task.cancel()
+
+
+async def _run_policy(invoker: Any, message: dict[str, Any]) -> None:
+    context = {
+        "trace_id": f"demo-{random.getrandbits(32):08x}",
+        "tenant_id": "demo",
+        "channel": "web",
+    }
+    try:
+        await invoker.run_policy(POLICY_ID, message, context)
+    except PolicyError as exc:
+        log.debug("demo_policy_run_failed", policy_id=POLICY_ID, reason=exc.reason)
 
 
 async def _cycle_flaky(samples: SampleRunner, stop: asyncio.Event) -> None:
