@@ -18,7 +18,7 @@ from extreg.local.demo import POLICY_ID, demo_services, register_samples, traffi
 from extreg.metrics import Metrics
 from extreg.settings import BUNDLED_FIXTURES
 
-DEADLINE_S = 60.0  # generous: the policy runs twice a second, a fifth of them blocked
+DEADLINE_S = 60.0  # generous: two runs a second, one in eight blocked
 
 
 def runs(metrics: Metrics, outcome: str) -> float:

@@ -65,14 +65,18 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "flaky": {"payload": {"message_id": "m-5", "payload": "are you there?"}},
     "echo": {"payload": {"message_id": "m-6", "payload": "ping"}},
 }
-# The messages the policy runs on, in turn: clean ones pass (the e-mail address is masked by
-# post), the one with a card number is blocked by pii_guard (a fifth of the runs).
+# The messages the policy runs on, in turn: clean ones pass (an e-mail address or a phone
+# number is masked by post), the one with a card number is blocked by pii_guard: one run in
+# eight, so a blocked run (one warning line) every four seconds.
 POLICY_MESSAGES: tuple[dict[str, Any], ...] = (
     {"message_id": "p-1", "message_type": "chat", "payload": "  Hello, I can NOT log in  "},
     {"message_id": "p-2", "message_type": "chat", "payload": "Where is my order?"},
     {"message_id": "p-3", "message_type": "chat", "payload": "Mail me at a@example.com"},
-    {"message_id": "p-4", "message_type": "chat", "payload": "my card is 4111 1111 1111 1111"},
-    {"message_id": "p-5", "message_type": "chat", "payload": "Thanks, it works now"},
+    {"message_id": "p-4", "message_type": "chat", "payload": "Thanks, it works now"},
+    {"message_id": "p-5", "message_type": "chat", "payload": "my card is 4111 1111 1111 1111"},
+    {"message_id": "p-6", "message_type": "chat", "payload": "Call me on +1 555 123 4567"},
+    {"message_id": "p-7", "message_type": "chat", "payload": "Can I change my plan?"},
+    {"message_id": "p-8", "message_type": "chat", "payload": "The app  crashes on START"},
 )
 
 
