@@ -415,15 +415,18 @@ def test_run_prints_the_final_message_and_provider(
     """`policy run support_en` on the bundled fixtures runs the pipeline from here: the text
     is normalized, the provider answers, post masks; it prints the final message, the
     provider and every step, in text and as JSON."""
-    message = json.dumps({"payload": "Hello  WORLD"})
+    with_mail = json.dumps({"payload": "Hello  WORLD, mail me at ann@example.com"})
     result = run(
-        tmp_path, "policy", "run", "support_en", "--message", message, "--json", nats_url=nats_url
+        tmp_path, "policy", "run", "support_en", "--message", with_mail, "--json", nats_url=nats_url
     )
     assert 0 == result.returncode, outcome(result)
     answer = json.loads(result.stdout)
     assert "test_provider" == answer["provider_id"]
-    assert "hello world" in answer["message"]["payload"]
-    assert "true" == answer["message"]["metadata"]["pii_masked"]
+    assert "Test response: hello world, mail me at [EMAIL_MASKED]" == answer["message"]["payload"]
+    assert ("true", "true") == (
+        answer["message"]["metadata"]["normalized"],
+        answer["message"]["metadata"]["pii_masked"],
+    )
     assert [
         ("pre", "normalize_text", "ok"),
         ("validator", "pii_guard", "ok"),
@@ -431,11 +434,12 @@ def test_run_prints_the_final_message_and_provider(
         ("post", "mask_pii", "ok"),
     ] == [(s["stage"], s["id"], s["status"]) for s in answer["steps"]]
 
+    message = json.dumps({"payload": "Hello  WORLD"})
     text = run(tmp_path, "policy", "run", "support_en", "--message", message, nats_url=nats_url)
     assert 0 == text.returncode, outcome(text)
+    assert '"payload": "Test response: hello world"' in text.stdout
     assert "provider_id: test_provider" in text.stdout
-    assert "hello world" in text.stdout
-    assert "mask_pii" in text.stdout
+    assert "mask_pii" in text.stdout  # the steps table
 
 
 def test_run_of_a_card_number_is_blocked_and_exits_1(
@@ -466,6 +470,18 @@ def test_run_of_a_card_number_is_blocked_and_exits_1(
     assert [("pre", "ok"), ("validator", "rejected")] == [
         (s["stage"], s["status"]) for s in body["steps"]
     ]
+
+
+def test_run_of_a_disabled_policy_exits_1(db_url: str, tmp_path: Path) -> None:
+    """A disabled policy is refused before anything is sent (NATS is a closed port here):
+    exit 1, saying so."""
+    import_samples(tmp_path, db_url)
+    off = write(tmp_path / "off.json", {**ROUTE, "enabled": False})
+    assert 0 == run(tmp_path, "policy", "apply", str(off), db=db_url).returncode
+    result = run(tmp_path, "policy", "run", "route_b", "--message", "{}", db=db_url)
+    assert 1 == result.returncode, outcome(result)
+    assert "PolicyDisabled: policy is disabled" in result.stderr
+    assert "error: policy route_b: policy is disabled" == last_line(result.stderr)
 
 
 @pytest.mark.parametrize(
