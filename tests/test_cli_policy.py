@@ -495,6 +495,11 @@ def test_run_of_a_disabled_policy_exits_1(db_url: str, tmp_path: Path) -> None:
             2,
             "error: --context must be a JSON object",
         ),
+        (
+            ("support_en", "--message", "{}", "--context", '{"tenant_id": ["acme"]}'),
+            2,
+            "error: --context: tenant_id must be a string of at most 255 characters",
+        ),
         (("support_en",), 2, "Missing option '--message'"),
     ],
 )

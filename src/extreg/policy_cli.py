@@ -196,7 +196,7 @@ def run(
     its reason and the steps so far, and exits 1.
     """
     data = _json_object(message, "--message")
-    ctx_data = {"trace_id": uuid.uuid4().hex, **_json_object(context, "--context")}
+    ctx_data = _run_context(_json_object(context, "--context"))
     try:
         if url:
             with ApiClient(url, token) as api:
@@ -303,6 +303,17 @@ def _report_failure(exc: PolicyError, json: bool) -> None:
     if exc.steps:
         err.print(steps_table(exc.steps))
     sys.stderr.flush()
+
+
+def _run_context(context: dict[str, Any]) -> dict[str, Any]:
+    """The run's context, with a fresh `trace_id` unless one is given; `trace_id` and
+    `tenant_id` travel in the envelope as strings, so anything else is refused here, as the
+    server refuses it."""
+    for key in ("trace_id", "tenant_id"):
+        value = context.get(key)
+        if value is not None and not (isinstance(value, str) and len(value) <= 255):
+            raise ConfigError(f"--context: {key} must be a string of at most 255 characters")
+    return {"trace_id": uuid.uuid4().hex, **context}
 
 
 def _json_object(text: str, option: str) -> dict[str, Any]:
