@@ -22,7 +22,13 @@ import extreg
 from extreg import errors
 from extreg.api.errors import body_of, status_of
 from extreg.client import ApiClient
-from extreg.errors import ExtensionError, ExtregError, FixtureError, InvalidRecord
+from extreg.errors import (
+    ExtensionError,
+    ExtregError,
+    FixtureError,
+    InvalidRecord,
+    ValidatorBlocked,
+)
 from extreg.registry import Registry
 from extreg.settings import Settings
 from testsupport.pgprocess import free_port
@@ -229,6 +235,8 @@ def sample(cls: type[ExtregError]) -> ExtregError:
         return cls("ext-1", [("id", "must not be empty"), ("retry", "must be at least 0")])
     if issubclass(cls, FixtureError):
         return cls(["a.json: file is empty", "b.yaml record #1 (x): field id: duplicate id"])
+    if issubclass(cls, ValidatorBlocked):
+        return cls("support_en", "pii_guard", "pii_detected", {"found": "card"})
     return cls(f"{cls.__name__} happened")
 
 
@@ -248,7 +256,15 @@ def test_the_client_rebuilds_each_class_by_name(cls: type[ExtregError]) -> None:
         client.set_enabled("ext-1", False)
     got = caught.value
     assert (cls, str(sent)) == (type(got), str(got))
-    for attribute in ("extension_id", "reason", "attempts", "record", "problems"):
+    for attribute in (
+        "extension_id",
+        "reason",
+        "attempts",
+        "record",
+        "problems",
+        "policy_id",
+        "details",
+    ):
         assert getattr(sent, attribute, None) == getattr(got, attribute, None)
 
 
