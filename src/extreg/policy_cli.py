@@ -124,10 +124,11 @@ def apply(
     token: TokenOption = None,
     json: JsonFlag = False,
 ) -> None:
-    """Create or replace the file's policies (audited), all or nothing.
+    """Create or replace the file's policies (audited); on the database all or nothing.
 
     The file is checked whole first (fields, types, depth limits; every problem named with
     its item and field), then every extension id against the database, in the write itself.
+    With --url each policy is one request, in the file's order.
     """
     s = settings(ctx)
     policies = load_policy_file(file, policy_limits=PolicyLimits.from_settings(s))
