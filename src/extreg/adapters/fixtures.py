@@ -36,6 +36,7 @@ from ..errors import FixtureError, InvalidRecord, StrictJSONError, printable
 
 SUFFIXES = (".json", ".yaml", ".yml")
 POLICIES_FOLDER = "policies"  # beside the extension files
+DEFAULT_POLICY_LIMITS = PolicyLimits()  # the settings' defaults
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a fixtures file is hand-written; beyond this it is a mistake
 READ_TIMEOUT_S = 30.0  # a whole folder; only a stuck filesystem (NFS, FUSE) takes this long
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -90,7 +91,7 @@ async def read_fixtures(
     *,
     max_timeout_ms: int,
     max_retries: int,
-    policy_limits: PolicyLimits = PolicyLimits(),
+    policy_limits: PolicyLimits = DEFAULT_POLICY_LIMITS,
     timeout_s: float = READ_TIMEOUT_S,
 ) -> FixtureSet:
     """`load_fixtures` for async callers: off the event loop, and `FixtureError` if it takes
@@ -136,7 +137,7 @@ def load_fixtures(
     *,
     max_timeout_ms: int,
     max_retries: int,
-    policy_limits: PolicyLimits = PolicyLimits(),
+    policy_limits: PolicyLimits = DEFAULT_POLICY_LIMITS,
 ) -> FixtureSet:
     """Every extension and policy in `folder`, or `FixtureError` listing every problem found.
     Blocking, but never for long: see the module's docstring; async code calls `read_fixtures`."""
