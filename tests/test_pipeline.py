@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from helpers import record
-from invoke_helpers import fixture_settings, open_invoker, subject, wait_for
+from invoke_helpers import SAMPLE_RECORDS, fixture_settings, open_invoker, subject, wait_for
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from structlog.testing import capture_logs
@@ -44,10 +44,19 @@ SUBJECTS = {"pre": "beamline.ext.pre", "validator": "beamline.ext.validate",
             "post": "beamline.ext.post", "provider": "beamline.provider"}  # fmt: skip
 
 
+REPLY_TIMEOUT_MS = 10_000  # an answering responder is never timed out, however busy the machine
+SILENT_TIMEOUT_MS = 100  # where a timeout is the point
+
+
 def ext(ext_id: str, kind: str, **values: Any) -> dict[str, Any]:
     """A record on a subject no other test uses."""
     on = f"{SUBJECTS[kind]}.{ext_id}.{subject()}"
+    values.setdefault("timeout_ms", REPLY_TIMEOUT_MS)
     return record(ext_id, type=kind, subject=on, **values)
+
+
+def timeout_for(kind: str) -> int:
+    return SILENT_TIMEOUT_MS if kind == "timeout" else REPLY_TIMEOUT_MS
 
 
 def settings_for(
@@ -97,6 +106,10 @@ async def respond(
         task.add_done_callback(tasks.discard)
 
     sub = await nc.subscribe(on, cb=handle)
+    # Twice: nats-py queues SUB for its flusher task but writes flush()'s PING straight to the
+    # socket, so the first PONG can come back before the server has the subscription (about
+    # 1 request in 100 then met "no responders"); the second PING follows the SUB.
+    await nc.flush()
     await nc.flush()
     try:
         yield responder
@@ -169,7 +182,7 @@ async def test_pre_and_post_modes(
     """As the original: an ok reply is applied (`ok`); an error or a timeout fails a
     `required` step (`StepFailed`, cause the extension's error) and passes over an `optional`
     one (`failed`, the message as it was)."""
-    step = ext("step", stage)
+    step = ext("step", stage, timeout_ms=timeout_for(kind))
     policy: dict[str, Any] = {"policy_id": "p", stage: [{"id": "step", "mode": mode}]}
     if stage == "post":
         policy["providers"] = ["hook:m"]
@@ -189,7 +202,7 @@ async def test_pre_and_post_modes(
             steps, error = result.steps, None
     statuses_seen = statuses(steps)
     expected = (stage, "step", "ok" if kind == "ok" else "failed")
-    assert expected == statuses_seen[-1]
+    assert expected == statuses_seen[-1], steps
     if stage == "post":
         assert ("provider", "hook:m", "ok") == statuses_seen[0]
     if error is None and kind == "ok":
@@ -212,7 +225,7 @@ async def test_validator_on_fail(
     """As the original: a reject, a timeout or an error is a failure; `block` stops the run
     (`ValidatorBlocked` with the validator's reason and details, or the error's reason and
     the error as cause), `warn` and `ignore` go on (`warned`, `ignored`)."""
-    guard = ext("guard", "validator")
+    guard = ext("guard", "validator", timeout_ms=timeout_for(kind))
     policy = {"policy_id": "p", "validators": [{"id": "guard", "on_fail": on_fail}]}
     settings = settings_for(tmp_path, nats_url, [guard], policy)
     async with (
@@ -240,7 +253,7 @@ async def test_validator_on_fail(
     status = (
         "ok" if kind == "ok" else {"block": "rejected", "warn": "warned"}.get(on_fail, "ignored")
     )
-    assert [("validator", "guard", status)] == statuses(result.steps)
+    assert [("validator", "guard", status)] == statuses(result.steps), result.steps
     assert MESSAGE == result.message
     assert result.provider_id is None
 
@@ -784,7 +797,8 @@ async def test_the_bundled_policy_over_the_sample_extensions(
     with a card number is blocked by pii_guard (reason pii_detected)."""
     bundled = Path(__file__).parents[1] / "src/extreg/fixtures/policies/support_en.json"
     policy = json.loads(bundled.read_text("utf-8"))
-    settings = settings_for(tmp_path, nats_url, [], policy)
+    records = [{**r, "timeout_ms": REPLY_TIMEOUT_MS} for r in SAMPLE_RECORDS]
+    settings = settings_for(tmp_path, nats_url, records, policy)
     async with open_invoker(settings) as inv:
         result = await inv.run_policy(
             "support_en", {**MESSAGE, "payload": "  Mail JO@EX.COM  please "}, {"trace_id": "t"}

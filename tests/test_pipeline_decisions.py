@@ -101,7 +101,8 @@ def test_apply_reply_returns_what_it_did_not_change_as_is() -> None:
     """An empty or missing metadata makes no new context (the runner then reuses the
     context's request metadata)."""
     message, context = dict(MESSAGE), {"lang": "en"}
-    for reply in ({}, {"metadata": {}}, {"payload": None}):
+    replies: list[dict[str, Any]] = [{}, {"metadata": {}}, {"payload": None}]
+    for reply in replies:
         got_message, got_context = apply_reply(message, context, reply)
         assert (message, context) == (got_message, got_context)
         assert got_message is message and got_context is context

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from invoke_helpers import constant, listen
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
-from test_pipeline import ext, settings_for
+from test_pipeline import answer_with, ext, respond, settings_for
 
 from extreg import PolicyDisabled, PolicyNotFound, Registry, ValidatorBlocked
 from extreg.invoke import Invoker
@@ -52,12 +51,16 @@ async def test_runs_and_steps_are_counted_and_timed(
               "validators": [{"id": "guard"}], "providers": ["hook:m"]}  # fmt: skip
     settings = settings_for(tmp_path, nats_url, [pre, sms, guard], policy)
     verdicts = [b'{"status": "ok"}', b'{"status": "reject", "reason": "no"}']
+
+    async def verdict(request: dict[str, Any]) -> bytes:
+        return verdicts.pop(0)
+
     metrics = Metrics()
     async with (
         Registry.open(settings) as registry,
         Invoker.open(registry, settings) as inv,
-        listen(nats_client, pre["subject"], constant(b"{}")),
-        listen(nats_client, guard["subject"], lambda msg: verdicts.pop(0)),
+        respond(nats_client, pre["subject"], answer_with({})),
+        respond(nats_client, guard["subject"], verdict),
     ):
         metrics.watch_registry(registry)
         metrics.watch_invoker(inv)
@@ -138,7 +141,7 @@ async def test_a_deleted_policys_series_go(
     async with (
         Registry.open(settings) as registry,
         Invoker.open(registry, settings) as inv,
-        listen(nats_client, pre["subject"], constant(b"{}")),
+        respond(nats_client, pre["subject"], answer_with({})),
     ):
         metrics.watch_registry(registry)
         metrics.watch_invoker(inv)
