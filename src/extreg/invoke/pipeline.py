@@ -299,7 +299,7 @@ class _Run:
         self, items: Sequence[ValidatorItem], answers: list[_Answer | None], ctx: dict[str, Any]
     ) -> None:
         steps = self.steps
-        for item, answer in zip(items, answers, strict=False):
+        for item, answer in zip(items, answers, strict=True):
             assert answer is not None  # settled: every answer up to the blocking one is in
             verdict = answer.verdict
             if answer is _SKIPPED:
