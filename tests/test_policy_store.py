@@ -253,6 +253,24 @@ async def test_dry_run_writes_nothing(tmp_path: Path, db_url: str) -> None:
 # -- reading rows: the one validation path -----------------------------------------------------
 
 
+async def test_extensions_and_policies_import_in_one_transaction(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A folder is all or nothing: a policy refused inside the import's transaction takes the
+    extensions of the same import with it; a dry run checks the policies against the
+    extensions it would write."""
+    async with PostgresSource(settings_for(tmp_path, db_url)) as db:
+        exts = [ext("norm"), ext("guard", "validator")]
+        assert ({"norm": "created", "guard": "created"}, {"p": "created"}) == (
+            await db.import_records(exts, [policy()], "test", dry_run=True)
+        )
+        with pytest.raises(InvalidRecord) as caught:
+            await db.import_records(exts, [policy(validators=[{"id": "nosuch"}])], "test")
+        assert caught.value.problems == [("validators[0].id", "no extension 'nosuch'")]
+        assert await db.ids() == set()
+        assert sql(db_url, "SELECT count(*) FROM extension_audit_log") == [(0,)]
+
+
 async def test_a_row_broken_by_plain_sql_is_left_out_and_named(tmp_path: Path, db_url: str) -> None:
     """A body that does not parse (an item without its id, a field no policy has) is left out
     of what is read and reported under `policy:<id>` with the field at fault; the write path

@@ -29,7 +29,7 @@ from .adapters.migrate import migrate as run_migrations
 from .adapters.postgres import PostgresSource
 from .client import ApiClient
 from .core.model import DATABASE_KEPT, Extension, to_plain
-from .core.policy import Policy, PolicyLimits, policy_to_plain
+from .core.policy import PolicyLimits, policy_to_plain
 from .errors import (
     ConfigError,
     Conflict,
@@ -191,20 +191,14 @@ def import_fixtures(
     """Upsert every record of a fixtures folder into the database, audited, then its policies.
 
     The whole folder is checked first (policies against its extensions), so a folder with any
-    problem writes nothing; the extensions are written in one transaction, then the policies
-    in another (their references then hold)."""
+    problem writes nothing; extensions and policies are then written in one transaction."""
     s = settings(ctx)
     found = _fixtures(folder, s)
 
-    async def write(db: PostgresSource) -> tuple[dict[str, str], dict[str, str]]:
-        report = await db.import_extensions(found.extensions, actor(), dry_run=dry_run)
-        if not found.policies:
-            return report, {}
-        if dry_run:  # the extensions were rolled back: the policies' references would fail
-            return report, await _policy_outcomes(db, found.policies)
-        return report, await db.import_policies(found.policies, actor())
-
-    extensions, policies = on_database(s, write)
+    extensions, policies = on_database(
+        s,
+        lambda db: db.import_records(found.extensions, found.policies, actor(), dry_run=dry_run),
+    )
     counts, policy_counts = _by_outcome(extensions), _by_outcome(policies)
     if json:
         emit_json({"dry_run": dry_run, **counts, "policies": policy_counts})
@@ -654,21 +648,6 @@ def _by_outcome(report: dict[str, str]) -> dict[str, list[str]]:
         k: sorted(i for i, v in report.items() if v == k)
         for k in ("created", "updated", "unchanged")
     }
-
-
-async def _policy_outcomes(db: PostgresSource, policies: list[Policy]) -> dict[str, str]:
-    """What importing `policies` would do, read, not written: a dry run's report."""
-    stored = {p.policy_id: p for p in await db.load_policies([p.policy_id for p in policies])}
-    report = {}
-    for policy in policies:
-        before = stored.get(policy.policy_id)
-        same = before is not None and policy_to_plain(
-            before, writable_only=True
-        ) == policy_to_plain(policy, writable_only=True)
-        report[policy.policy_id] = (
-            "created" if before is None else "unchanged" if same else "updated"
-        )
-    return report
 
 
 def _fixtures(folder: Path, s: Settings) -> FixtureSet:

@@ -5,8 +5,8 @@ document, which msgspec decodes and validates straight into structs; that keeps 
 10,000 extensions to one round trip and no per-row Python work. Writes set the session's
 `extreg.actor` so the audit trigger records who made them. Every psycopg error is translated
 here into `SourceUnavailable` or `Conflict`, with any password scrubbed from the message.
-Policies go through the same write path (`_write`) with the table particulars of
-`postgres_policies`.
+Policies go through the same write path (`_writing` + `_write_in`) with the table
+particulars of `postgres_policies`.
 """
 
 from __future__ import annotations
@@ -345,7 +345,8 @@ class PostgresSource:
         Unchanged records are not written (no audit noise, no notification). `dry_run` rolls
         back. Returns {id: (created | updated | unchanged | deleted | absent, record after)}.
         """
-        return await self._write(self._extensions, changes, actor, dry_run)
+        async with self._writing(actor, dry_run) as conn:
+            return await _write_in(conn, self._extensions, changes)
 
     async def write_policies(
         self, changes: Mapping[str, PolicyChange], actor: str, *, dry_run: bool = False
@@ -355,35 +356,16 @@ class PostgresSource:
         checked there as every way in checks one (`parse_policy`), and every extension id it
         adds must name an extension of its stage's type as committed: else `InvalidRecord`
         (kind "policy", naming field and item) and nothing is written."""
-        return await self._write(self._policies, changes, actor, dry_run)
+        async with self._writing(actor, dry_run) as conn:
+            return await _write_in(conn, self._policies, changes)
 
-    async def _write(
-        self,
-        table: _Table[R],
-        changes: Mapping[str, Callable[[R | None], R | None]],
-        actor: str,
-        dry_run: bool,
-    ) -> dict[str, tuple[Outcome, R | None]]:
-        """The one write path's transaction, for any kind of record (see `write`)."""
-        ids = sorted(changes)
+    @contextlib.asynccontextmanager
+    async def _writing(self, actor: str, dry_run: bool) -> AsyncIterator[Conn]:
+        """The one write path's transaction, acting as `actor`; `dry_run` rolls it back."""
         with self._translate():
             async with self._pool.connection() as conn, conn.transaction(force_rollback=dry_run):
                 await _act_as(conn, actor)
-                await conn.execute(_LOCK_IDS, {"ids": ids, "lock_class": table.lock_class})
-                await conn.execute(table.lock_rows, {"ids": ids})
-                current = {table.key(r): r for r in await table.read(conn, ids)}
-                outcomes = {
-                    i: await table.apply(conn, i, current.get(i), changes[i](current.get(i)))
-                    for i in ids
-                }
-                written = [i for i, o in outcomes.items() if o in ("created", "updated")]
-                after = (
-                    {table.key(r): r for r in await table.read(conn, written)} if written else {}
-                )
-        return {
-            i: (o, current.get(i) if o == "unchanged" else after.get(i))
-            for i, o in outcomes.items()
-        }
+                yield conn
 
     async def write_extension(self, extension_id: str, change: Change, actor: str) -> Written:
         """`write` for one id."""
@@ -396,17 +378,32 @@ class PostgresSource:
 
         Returns {id: "created" | "updated" | "unchanged"}; importing the same folder twice
         writes nothing the second time."""
-        report = await self.write({e.id: _store(e) for e in records}, actor, dry_run=dry_run)
-        return {i: outcome for i, (outcome, _) in report.items()}
+        return (await self.import_records(records, (), actor, dry_run=dry_run))[0]
 
     async def import_policies(
         self, policies: Sequence[Policy], actor: str, *, dry_run: bool = False
     ) -> dict[str, str]:
         """Upsert policies, all or nothing; {policy id: created | updated | unchanged}."""
-        report = await self.write_policies(
-            {p.policy_id: _store_policy(p) for p in policies}, actor, dry_run=dry_run
-        )
-        return {i: outcome for i, (outcome, _) in report.items()}
+        return (await self.import_records((), policies, actor, dry_run=dry_run))[1]
+
+    async def import_records(
+        self,
+        extensions: Sequence[Extension],
+        policies: Sequence[Policy],
+        actor: str,
+        *,
+        dry_run: bool = False,
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Upsert extensions, then policies, in ONE transaction (a fixtures folder is all or
+        nothing): the policies' references are checked against the extensions as this
+        transaction leaves them, so a dry run reports what a real import would do.
+        Extension locks are taken before policy locks, the order every writer keeps."""
+        async with self._writing(actor, dry_run) as conn:
+            done = await _write_in(conn, self._extensions, {e.id: _store(e) for e in extensions})
+            done_policies = await _write_in(
+                conn, self._policies, {p.policy_id: _store_policy(p) for p in policies}
+            )
+        return _outcomes(done), _outcomes(done_policies)
 
     async def upsert_extension(self, ext: Extension, actor: str) -> str:
         """Create or update one record; returns "created", "updated" or "unchanged"."""
@@ -519,6 +516,31 @@ class PostgresSource:
         with self._translate():
             async with self._pool.connection() as conn:
                 await conn.execute("SELECT pg_notify(%s, '*')", (CHANNEL,))
+
+
+async def _write_in(
+    conn: Conn, table: _Table[R], changes: Mapping[str, Callable[[R | None], R | None]]
+) -> dict[str, tuple[Outcome, R | None]]:
+    """Lock, read, change and write records of one table inside a write transaction (see
+    `PostgresSource.write`)."""
+    if not changes:
+        return {}
+    ids = sorted(changes)
+    await conn.execute(_LOCK_IDS, {"ids": ids, "lock_class": table.lock_class})
+    await conn.execute(table.lock_rows, {"ids": ids})
+    current = {table.key(r): r for r in await table.read(conn, ids)}
+    outcomes = {
+        i: await table.apply(conn, i, current.get(i), changes[i](current.get(i))) for i in ids
+    }
+    written = [i for i, o in outcomes.items() if o in ("created", "updated")]
+    after = {table.key(r): r for r in await table.read(conn, written)} if written else {}
+    return {
+        i: (o, current.get(i) if o == "unchanged" else after.get(i)) for i, o in outcomes.items()
+    }
+
+
+def _outcomes(report: Mapping[str, tuple[Outcome, object]]) -> dict[str, str]:
+    return {i: outcome for i, (outcome, _) in report.items()}
 
 
 @contextlib.contextmanager

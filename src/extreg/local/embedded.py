@@ -71,9 +71,8 @@ def start_embedded_postgres(pgdata: Path) -> str:
 
 
 async def prepare_embedded(settings: Settings) -> None:
-    """When the (already migrated) embedded database is empty, load the bundled samples:
-    extensions first, then the policies that name them (a policy write checks its ids against
-    the extensions committed)."""
+    """When the (already migrated) embedded database is empty, load the bundled samples, their
+    extensions and the policies that name them, in one transaction."""
     async with PostgresSource(settings) as db:
         if await db.ids():
             return
@@ -83,6 +82,7 @@ async def prepare_embedded(settings: Settings) -> None:
             max_retries=settings.extension_max_retries,
             policy_limits=PolicyLimits.from_settings(settings),
         )
-        report = await db.import_extensions(records.extensions, BOOTSTRAP_ACTOR)
-        policies = await db.import_policies(records.policies, BOOTSTRAP_ACTOR)
+        report, policies = await db.import_records(
+            records.extensions, records.policies, BOOTSTRAP_ACTOR
+        )
         log.info("sample_fixtures_loaded", created=sorted(report), policies=sorted(policies))
