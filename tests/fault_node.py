@@ -28,6 +28,7 @@ import psycopg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from extreg.adapters.nats import subscriptions_active
 from extreg.auth import generate_token, hash_token
 from testsupport.pgprocess import free_port
 
@@ -178,7 +179,7 @@ async def responder(
         task.add_done_callback(state.tasks.discard)
 
     sub = await nc.subscribe(subject, cb=on_request)
-    await nc.flush()
+    await subscriptions_active(nc)
     try:
         yield state
     finally:

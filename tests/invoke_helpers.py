@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from extreg import Registry, Settings
+from extreg.adapters.nats import subscriptions_active
 from extreg.invoke import Invoker
 from extreg.local.samples import SAMPLE_EXTENSIONS
 
@@ -76,7 +77,7 @@ async def listen(
             await nc.publish(msg.reply, reply)
 
     sub = await nc.subscribe(on, cb=handle)
-    await nc.flush()
+    await subscriptions_active(nc)
     try:
         yield listener
     finally:

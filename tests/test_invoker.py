@@ -37,6 +37,7 @@ from extreg import (
     MaxRetriesExceeded,
     PayloadTooLarge,
 )
+from extreg.adapters.nats import subscriptions_active
 from extreg.adapters.postgres import PostgresSource
 from extreg.core.model import Extension, parse_extension
 from extreg.invoke import TransportUnavailable
@@ -404,7 +405,7 @@ async def _answering(nc: Client, on: str, name: bytes) -> Any:
         await nc.publish(msg.reply, b'{"name": "' + name + b'"}')
 
     sub = await nc.subscribe(on, cb=handle)
-    await nc.flush()
+    await subscriptions_active(nc)
     return sub
 
 

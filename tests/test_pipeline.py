@@ -32,6 +32,7 @@ from extreg import (
     StepFailed,
     ValidatorBlocked,
 )
+from extreg.adapters.nats import subscriptions_active
 from extreg.core.pipeline import SKIPPED_REASON, Step
 from extreg.invoke import Invoker, PolicyResult
 from extreg.invoke.pipeline import NO_HOOK_REASON
@@ -106,11 +107,7 @@ async def respond(
         task.add_done_callback(tasks.discard)
 
     sub = await nc.subscribe(on, cb=handle)
-    # Twice: nats-py queues SUB for its flusher task but writes flush()'s PING straight to the
-    # socket, so the first PONG can come back before the server has the subscription (about
-    # 1 request in 100 then met "no responders"); the second PING follows the SUB.
-    await nc.flush()
-    await nc.flush()
+    await subscriptions_active(nc)
     try:
         yield responder
     finally:

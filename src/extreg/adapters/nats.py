@@ -197,3 +197,16 @@ def _expire(future: asyncio.Future[Msg | None]) -> None:
 
 def _name(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+async def subscriptions_active(nc: Client) -> None:
+    """Return once the server has every subscription `nc` made so far.
+
+    One `flush()` is not enough with nats-py 2.x: `subscribe` queues its SUB for the flusher
+    task, while `flush` writes its PING straight to the socket, so the PONG can come back
+    before the SUB has even been sent (about 1 request in 100 then met "no responders" in our
+    tests). The first flush kicks the flusher, which sends the SUB; the second PING follows
+    it on the socket, so its PONG proves the server has the subscription.
+    """
+    await nc.flush()
+    await nc.flush()

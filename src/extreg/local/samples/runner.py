@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import SecretStr
 
+from ...adapters.nats import subscriptions_active
 from ...errors import ConfigError, SampleRunnerError
 from ...settings import redact_nats_url
 from .extensions import FLAKY_CONTROL_SUBJECT, HANDLERS, SAMPLE_EXTENSIONS, SAMPLES_BY_ID, Handler
@@ -109,7 +110,7 @@ class SampleRunner:
             if "flaky" in self.names:
                 # No queue group: every flaky instance takes the new settings.
                 self._subs.append(await nc.subscribe(FLAKY_CONTROL_SUBJECT, cb=self._on_control))
-            await nc.flush()
+            await subscriptions_active(nc)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             await self.stop()
             raise SampleRunnerError(f"cannot subscribe the sample extensions: {exc}") from exc
