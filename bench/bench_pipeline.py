@@ -63,7 +63,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from extreg import Registry, Settings, logs
-from extreg.adapters.nats import NatsTransport
+from extreg.adapters.nats import NatsTransport, subscriptions_active
 from extreg.invoke import Invoker
 from extreg.local.natsserver import NatsServer
 
@@ -146,7 +146,7 @@ async def serve(url: str) -> None:
     handlers = {"echo": echo, "ok": ok, "provider": provider, "slow": slow}
     for _, subject, kind in EXTENSIONS.values():
         await nc.subscribe(subject, cb=handlers[kind])
-    await nc.flush()
+    await subscriptions_active(nc)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()

@@ -564,7 +564,7 @@ async def test_warned_and_ignored_rejects_go_on_and_a_warn_is_logged(
             "tenant_id": None,
         }
     ] == warned
-    assert not [e for e in logs if e["event"] == "policy_run_failed"]
+    assert not [e for e in logs if e["event"].startswith("policy_run")]
 
 
 async def test_a_cancelled_run_cancels_its_validators(
@@ -742,7 +742,7 @@ async def test_no_responders_on_a_provider_is_a_failure_of_that_provider(
 # -- logs, the result, the samples ------------------------------------------------------------
 
 
-async def test_a_blocked_run_logs_one_warning_with_its_step(
+async def test_a_blocked_run_logs_one_info_line_with_its_step(
     tmp_path: Path, nats_url: str, nats_client: Client
 ) -> None:
     guard = ext("guard", "validator")
@@ -756,8 +756,8 @@ async def test_a_blocked_run_logs_one_warning_with_its_step(
             await inv.run_policy("p", MESSAGE, {"trace_id": "t-2", "tenant_id": "acme"})
     assert [
         {
-            "event": "policy_run_failed",
-            "log_level": "warning",
+            "event": "policy_run_blocked",
+            "log_level": "info",
             "policy_id": "p",
             "outcome": "blocked",
             "stage": "validator",
@@ -766,7 +766,24 @@ async def test_a_blocked_run_logs_one_warning_with_its_step(
             "trace_id": "t-2",
             "tenant_id": "acme",
         }
-    ] == [e for e in logs if e["log_level"] == "warning"]
+    ] == [e for e in logs if e["event"].startswith("policy_run")]
+
+
+async def test_a_failed_run_logs_one_warning_with_its_step(tmp_path: Path, nats_url: str) -> None:
+    gone = ext("gone", "pre")  # nothing answers its subject
+    policy = {"policy_id": "p", "pre": [{"id": "gone"}]}
+    async with open_invoker(settings_for(tmp_path, nats_url, [gone], policy)) as inv:
+        with capture_logs() as logs, pytest.raises(StepFailed):
+            await inv.run_policy("p", MESSAGE, {"trace_id": "t-3"})
+    [line] = [e for e in logs if e["event"].startswith("policy_run")]
+    assert ("policy_run_failed", "warning", "step_failed", "pre", "gone") == (
+        line["event"],
+        line["log_level"],
+        line["outcome"],
+        line["stage"],
+        line["step"],
+    )
+    assert "no responders" in line["reason"]
 
 
 async def test_result_as_dict(tmp_path: Path, nats_url: str) -> None:

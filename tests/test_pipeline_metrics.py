@@ -64,7 +64,7 @@ async def test_runs_and_steps_are_counted_and_timed(
     ):
         metrics.watch_registry(registry)
         metrics.watch_invoker(inv)
-        assert metrics.observe_policy_run == inv.pipeline.observer
+        assert [metrics.observe_policy_run] == inv.pipeline.observers
         result = await inv.run_policy("p", MESSAGE, provider=hook)
         with pytest.raises(ValidatorBlocked):
             await inv.run_policy("p", MESSAGE, provider=hook)
@@ -183,12 +183,13 @@ async def test_unusable_policies_gauge(tmp_path: Path, nats_url: str) -> None:
         assert 0.0 == value(metrics, "extension_registry_unusable_policies")
 
 
-def test_an_observer_already_set_is_kept() -> None:
-    """As for `observer`: metrics take the pipeline's observer only when it has none."""
+def test_observers_of_policy_runs_are_kept_and_metrics_join_once() -> None:
+    """The pipeline tells every observer (metrics, the dashboard's recent runs); watching the
+    same invoker twice does not count a run twice."""
 
     class Pipeline:
         def __init__(self) -> None:
-            self.observer: Any = print
+            self.observers: list[Any] = [print]
 
     class FakeInvoker:
         observer = None
@@ -197,5 +198,7 @@ def test_an_observer_already_set_is_kept() -> None:
             self.pipeline = Pipeline()
 
     invoker = FakeInvoker()
-    Metrics().watch_invoker(invoker)
-    assert print is invoker.pipeline.observer
+    metrics = Metrics()
+    metrics.watch_invoker(invoker)
+    metrics.watch_invoker(invoker)
+    assert [print, metrics.observe_policy_run] == invoker.pipeline.observers

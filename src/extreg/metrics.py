@@ -235,8 +235,8 @@ class Metrics:
         if getattr(invoker, "observer", False) is None:
             invoker.observer = self.observe_invocation
         pipeline = getattr(invoker, "pipeline", None)
-        if pipeline is not None and getattr(pipeline, "observer", False) is None:
-            pipeline.observer = self.observe_policy_run
+        if pipeline is not None and self.observe_policy_run not in pipeline.observers:
+            pipeline.observers.append(self.observe_policy_run)
         breaker = getattr(invoker, "breaker", None)
         if breaker is not None and hasattr(breaker, "on_state_change"):
             breaker.on_state_change(self.circuit_transition)

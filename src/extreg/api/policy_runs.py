@@ -1,8 +1,7 @@
 """The recent outcomes of each policy's runs through this server, for the dashboard.
 
-Fed by the invoker's pipeline runner, whose one `observer` slot (set by the metrics) this
-chains onto (`follow`), so every run this process makes counts: through the API, the CLI on
-this server, or the demo's traffic. A small ring per policy (the last `per_policy` runs) and at most `policies` rings, the least
+Fed by the invoker's pipeline runner, as one of its `observers` (`follow`), so every run this
+process makes counts: through the API, the CLI on this server, or the demo's traffic. A small ring per policy (the last `per_policy` runs) and at most `policies` rings, the least
 recently run dropped first, so memory stays bounded whatever ids are run. It lives in this
 process only: it shows what this server saw lately, not a cluster-wide history (the metrics
 `extreg_policy_runs_total` are for that).
@@ -32,16 +31,12 @@ class RecentRuns:
         self._rings: OrderedDict[str, deque[tuple[str, float]]] = OrderedDict()
 
     def follow(self, pipeline: Any) -> None:
-        """Be told of every run of `pipeline` (an `Invoker.pipeline`), after whoever
-        observed it before (the metrics)."""
-        previous = pipeline.observer
+        """Be told of every run of `pipeline` (an `Invoker.pipeline`)."""
 
         def observe(policy_id: str, outcome: str, seconds: float, steps: Sequence[Any]) -> None:
-            if previous is not None:
-                previous(policy_id, outcome, seconds, steps)
             self.record(policy_id, outcome)
 
-        pipeline.observer = observe
+        pipeline.observers.append(observe)
 
     def record(self, policy_id: str, outcome: str) -> None:
         if outcome in NOT_RUNS:

@@ -92,8 +92,8 @@ class Invoker:
     """Calls extensions (see the module docstring). Create with `Invoker.open(...)`.
 
     `breaker` and `health` are this process's; `health` shows cluster-wide totals once the
-    flusher has read them back from the database. Set `observer` to be told of every outcome,
-    `pipeline.observer` of every policy run.
+    flusher has read them back from the database. Set `observer` to be told of every outcome;
+    add to `pipeline.observers` to be told of every policy run.
     Latencies are measured with `perf_counter` whatever the clock: they are durations that
     happened, not decisions a test needs to steer.
     """

@@ -20,9 +20,9 @@ policies and the pipeline"):
 - `providers`: tried in order until one answers; a `name:model` entry goes to the caller's
   `provider` hook. A policy without providers ends after its validators.
 
-A run reports to `observer` (metrics set it: `Metrics.watch_invoker`) once, at its end, with
+A run reports to each of `observers` (the metrics, the dashboard's recent runs) once, at its end, with
 its outcome (`OUTCOMES`), its duration and its steps, so the per-step path does no metric
-work. A blocked or failed run logs one warning.
+work. A blocked run logs one info line, a failed one one warning.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ ProviderHook = Callable[[str, dict[str, Any], dict[str, Any]], Awaitable[Mapping
 """`await provider(name, message, context)` serves a `name:model` provider entry; it answers
 a provider-like reply (`{"output": ..., "metadata": {...}}`)."""
 PolicyObserver = Callable[[str, str, float, Sequence[Step]], None]
-"""`observer(policy_id, outcome, seconds, steps)` after every run (metrics)."""
+"""`observer(policy_id, outcome, seconds, steps)` after every run (metrics, recent runs)."""
 
 OUTCOMES = ("ok", "blocked", "step_failed", "no_provider", "not_found", "disabled")
 """A run's outcome, as `PolicyObserver` gets it: `ok` (a result), `blocked`
@@ -109,7 +109,7 @@ class PipelineRunner:
 
     def __init__(self, invoker: Invoker) -> None:
         self._invoker = invoker
-        self.observer: PolicyObserver | None = None
+        self.observers: list[PolicyObserver] = []
 
     async def run(
         self,
@@ -120,16 +120,14 @@ class PipelineRunner:
     ) -> PolicyResult:
         """Run the policy on `message`; a `PolicyResult` or a `PolicyError`."""
         started = perf_counter()
-        observer = self.observer
+        observers = self.observers
         try:
             policy = self._invoker.registry.lookup_policy(policy_id)
         except PolicyNotFound:
-            if observer is not None:
-                observer(policy_id, "not_found", perf_counter() - started, _NO_STEPS)
+            _tell(observers, policy_id, "not_found", started, _NO_STEPS)
             raise
         except PolicyDisabled:
-            if observer is not None:
-                observer(policy_id, "disabled", perf_counter() - started, _NO_STEPS)
+            _tell(observers, policy_id, "disabled", started, _NO_STEPS)
             raise
         ctx = dict(context) if context else {}
         if ctx.get("tenant_id") is None and policy.tenant_id is not None:
@@ -141,11 +139,12 @@ class PipelineRunner:
             result = await _Run(self._invoker, policy, steps, provider).run(dict(message), ctx)
         except PolicyError as exc:
             outcome = _outcome_of(exc)
-            if observer is not None:
-                observer(policy_id, outcome, perf_counter() - started, steps)
+            _tell(observers, policy_id, outcome, started, steps)
             last = steps[-1] if steps else None
-            log.warning(
-                "policy_run_failed",
+            # A block is the policy doing its job (info); a failed run is trouble (warning).
+            blocked = isinstance(exc, ValidatorBlocked)
+            (log.info if blocked else log.warning)(
+                "policy_run_blocked" if blocked else "policy_run_failed",
                 policy_id=policy_id,
                 outcome=outcome,
                 stage=last.stage if last else None,
@@ -155,8 +154,7 @@ class PipelineRunner:
                 tenant_id=ctx.get("tenant_id"),
             )
             raise
-        if observer is not None:
-            observer(policy_id, "ok", perf_counter() - started, steps)
+        _tell(observers, policy_id, "ok", started, steps)
         return result
 
 
@@ -394,6 +392,19 @@ class _Answer:
 
 
 _SKIPPED = _Answer(Verdict(True), 0.0, None)
+
+
+def _tell(
+    observers: list[PolicyObserver],
+    policy_id: str,
+    outcome: str,
+    started: float,
+    steps: Sequence[Step],
+) -> None:
+    if observers:
+        seconds = perf_counter() - started
+        for observe in observers:
+            observe(policy_id, outcome, seconds, steps)
 
 
 def _outcome_of(exc: PolicyError) -> str:
