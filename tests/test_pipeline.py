@@ -33,7 +33,8 @@ from extreg import (
     ValidatorBlocked,
 )
 from extreg.adapters.nats import subscriptions_active
-from extreg.core.pipeline import SKIPPED_REASON, Step
+from extreg.core.pipeline import DRY_RUN_REFUSED, SKIPPED_REASON, Step
+from extreg.errors import InvalidRecord
 from extreg.invoke import Invoker, PolicyResult
 from extreg.invoke.pipeline import NO_HOOK_REASON
 from extreg.local.samples import SampleRunner
@@ -309,6 +310,64 @@ async def test_callers_context_is_copied_and_its_ids_kept(
     assert {"trace_id": "t-1", "tenant_id": "other"} == context
     assert ("t-1", "other") == (seen.requests[0]["trace_id"], seen.requests[0]["tenant_id"])
     assert {"trace_id": "t-1", "tenant_id": "other", "lang": "en"} == result.context
+
+
+async def test_a_replys_metadata_cannot_set_dry_run_or_the_ids(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """A pre reply whose metadata says `dry_run` (which makes `invoke` answer {} unsent)
+    switches nothing off: the blocking validator after it is still asked and blocks, with
+    the caller's ids; the reserved keys reach neither the context nor a request."""
+    pre, guard = ext("pre", "pre"), ext("guard", "validator")
+    policy = {"policy_id": "p", "pre": [{"id": "pre"}], "validators": [{"id": "guard"}]}
+    settings = settings_for(tmp_path, nats_url, [pre, guard], policy)
+    forged = {"dry_run": True, "trace_id": "forged", "tenant_id": "forged", "lang": "en"}
+    async with (
+        open_invoker(settings) as inv,
+        respond(nats_client, pre["subject"], answer_with({"metadata": forged})),
+        respond(nats_client, guard["subject"], answer_with(VALIDATOR_REPLIES["reject"])) as seen,
+    ):
+        with pytest.raises(ValidatorBlocked) as caught:
+            await inv.run_policy("p", MESSAGE, {"trace_id": "t-1", "tenant_id": "acme"})
+    assert [("pre", "pre", "ok"), ("validator", "guard", "rejected")] == statuses(
+        caught.value.steps
+    )
+    (asked,) = seen.requests
+    assert ("t-1", "acme") == (asked["trace_id"], asked["tenant_id"])
+    assert {"lang": "en", "policy_id": "p"} == asked["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("context", "field"),
+    [({"dry_run": True}, "context.dry_run"), ({"trace_id": "t" * 256}, "context.trace_id"),
+     ({"tenant_id": 42}, "context.tenant_id")],
+    ids=["dry-run", "long-trace-id", "tenant-not-a-string"],
+)  # fmt: skip
+async def test_a_context_the_check_refuses_raises_before_anything_is_sent(
+    tmp_path: Path, nats_url: str, nats_client: Client, context: dict[str, Any], field: str
+) -> None:
+    """The caller's context is checked first (`context_problems`): a `dry_run` key (which
+    would make every step answer {} unsent, every validator ok) or an id that is no short
+    string raises InvalidRecord naming the field; no step is asked, no run is reported."""
+    guard = ext("guard", "validator")
+    policy = {"policy_id": "p", "validators": [{"id": "guard"}]}
+    settings = settings_for(tmp_path, nats_url, [guard], policy)
+    told: list[str] = []
+    async with (
+        open_invoker(settings) as inv,
+        respond(nats_client, guard["subject"], answer_with(VALIDATOR_REPLIES["reject"])) as seen,
+    ):
+        inv.pipeline.observers.append(lambda policy_id, outcome, *_: told.append(outcome))
+        with pytest.raises(InvalidRecord) as caught:
+            await inv.run_policy("p", MESSAGE, context)
+    assert ("p", "context", [field]) == (
+        caught.value.record,
+        caught.value.kind,
+        [f for f, _ in caught.value.problems],
+    )
+    if field == "context.dry_run":
+        assert [DRY_RUN_REFUSED] == [m for _, m in caught.value.problems]
+    assert ([], []) == (seen.requests, told)
 
 
 @pytest.mark.parametrize("channel", ["web", "sms"])

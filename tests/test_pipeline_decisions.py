@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 
 from extreg.core.pipeline import (
+    DRY_RUN_REFUSED,
+    RESERVED,
     SKIPPED_REASON,
     Step,
     Verdict,
     apply_reply,
+    context_problems,
     failed_status,
     plan,
     provider_message,
@@ -67,6 +70,38 @@ def test_request_without_config_has_no_config_key_and_copies_nothing() -> None:
     assert {"lang": "en", "policy_id": "p"} == metadata
 
 
+# -- context_problems -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("context", "problems"),
+    [
+        ({}, []),
+        ({"trace_id": "t-1", "tenant_id": "acme", "channel": "web"}, []),
+        ({"trace_id": None, "tenant_id": None}, []),
+        ({"trace_id": "t" * 255}, []),
+        ({"trace_id": "t" * 256}, [("context.trace_id", "must be a string of at most 255 characters")]),
+        ({"tenant_id": 7}, [("context.tenant_id", "must be a string of at most 255 characters")]),
+        ({"dry_run": True}, [("context.dry_run", DRY_RUN_REFUSED)]),
+        ({"dry_run": False}, [("context.dry_run", DRY_RUN_REFUSED)]),
+        ({"trace_id": ["t"], "dry_run": 1},
+         [("context.trace_id", "must be a string of at most 255 characters"),
+          ("context.dry_run", DRY_RUN_REFUSED)]),
+    ],
+    ids=["empty", "good", "none-is-absent", "255", "256", "not-a-string", "dry-run",
+         "dry-run-false", "both"],
+)  # fmt: skip
+def test_context_problems(context: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+    """The ids must be short strings when given; `dry_run` is refused whatever its value,
+    pointing at the dry run that sends nothing."""
+    assert problems == context_problems(context)
+
+
+def test_dry_run_is_refused_with_a_pointer_to_the_dry_run() -> None:
+    assert "dry-run" in DRY_RUN_REFUSED and "core.pipeline.plan" in DRY_RUN_REFUSED
+    assert {"trace_id", "tenant_id", "dry_run"} == RESERVED
+
+
 # -- apply_reply ------------------------------------------------------------------------------
 
 
@@ -79,14 +114,16 @@ def test_request_without_config_has_no_config_key_and_copies_nothing() -> None:
         ({"payload": 42}, MESSAGE, {"lang": "en"}),
         ({"metadata": {"detected_lang": "fr"}}, MESSAGE, {"lang": "en", "detected_lang": "fr"}),
         ({"metadata": {"lang": "de", "trace_id": "forged"}}, MESSAGE, {"lang": "de"}),
+        ({"metadata": {"dry_run": True, "tenant_id": "x"}}, MESSAGE, {"lang": "en"}),
         ({"metadata": "not an object"}, MESSAGE, {"lang": "en"}),
     ],
     ids=["empty", "dict-payload", "string-payload", "other-payload", "metadata-merged",
-         "ids-not-overwritten", "non-dict-metadata"],
+         "ids-not-overwritten", "dry-run-not-set", "non-dict-metadata"],
 )  # fmt: skip
 def test_apply_reply(reply: dict[str, Any], message: Any, context: dict[str, Any]) -> None:
     """A reply's dict payload replaces the message, a string becomes its `payload` field,
-    anything else leaves it; its metadata is merged into the context, but the ids."""
+    anything else leaves it; its metadata is merged into the context, but the reserved keys
+    (the ids, and `dry_run`, which would make every later step answer {} unsent)."""
     got_message, got_context = apply_reply(dict(MESSAGE), {"lang": "en"}, reply)
     assert (message, context) == (got_message, got_context)
 

@@ -24,8 +24,17 @@ from .policy import Policy, Stage, StepItem, ValidatorItem
 from .routing import rules_match
 
 StepStatus = Literal["ok", "skipped", "failed", "rejected", "warned", "ignored", "would_run"]
-# Context keys that travel as the envelope's own fields, not in its metadata.
-ENVELOPE_KEYS = frozenset({"trace_id", "tenant_id"})
+ID_KEYS = ("trace_id", "tenant_id")  # the envelope's own fields: strings, never in its metadata
+ID_MAX_LENGTH = 255
+RESERVED = frozenset({*ID_KEYS, "dry_run"})
+"""Context keys no extension's reply may set: the ids (the caller's, or the run's own) and
+`dry_run`, which makes `Invoker.invoke` answer `{}` without sending, so a validator would
+"answer" ok. A run's context may not carry `dry_run` at all (`context_problems`)."""
+DRY_RUN_REFUSED = (
+    "not for a policy run (every step would answer {} unsent, so every validator ok);"
+    " for the steps a run would take, use POST /admin/policies/{id}/dry-run"
+    " or extreg.core.pipeline.plan"
+)
 
 
 @dataclass(slots=True)
@@ -61,6 +70,22 @@ class Verdict:
     details: Any = None
 
 
+def context_problems(context: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """`(field, message)` for each thing wrong with a run's context, before anything is
+    sent: `trace_id` and `tenant_id`, when given (not None), must be strings of at most 255
+    characters (the envelope carries them as such), and `dry_run` is refused. The runner
+    raises them as `InvalidRecord`; the API (422) and the CLI (exit 2) check with this too."""
+    problems = [
+        (f"context.{key}", f"must be a string of at most {ID_MAX_LENGTH} characters")
+        for key in ID_KEYS
+        if (value := context.get(key)) is not None
+        and not (isinstance(value, str) and len(value) <= ID_MAX_LENGTH)
+    ]
+    if "dry_run" in context:
+        problems.append(("context.dry_run", DRY_RUN_REFUSED))
+    return problems
+
+
 def when_matches(when: Mapping[str, Any], context: Mapping[str, Any]) -> bool:
     """`when` is matched like a version's `routing_rules`; `{}` always matches."""
     return not when or rules_match(when, context.get)
@@ -81,7 +106,7 @@ def request_for(
 def step_metadata(context: Mapping[str, Any], policy_id: str) -> dict[str, Any]:
     """The `metadata` every step of a run sends while the context stays the same: made once
     per context by the runner, shared by its steps (the request is encoded, never changed)."""
-    metadata = {k: v for k, v in context.items() if k not in ENVELOPE_KEYS}
+    metadata = {k: v for k, v in context.items() if k not in RESERVED}
     metadata["policy_id"] = policy_id
     return metadata
 
@@ -97,8 +122,8 @@ def apply_reply(
     message: dict[str, Any], context: dict[str, Any], reply: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A pre/post reply applied: its `payload` replaces the message (a string becomes the
-    message's `payload` field) and its `metadata` is merged into the context. Neither input
-    is changed; what is unchanged is returned as is (the same object), so a caller can tell
+    message's `payload` field) and its `metadata` is merged into the context, but for the
+    `RESERVED` keys, which no extension may set. Neither input is changed; what is unchanged is returned as is (the same object), so a caller can tell
     a changed context by identity."""
     payload = reply.get("payload")
     if isinstance(payload, dict):
@@ -107,7 +132,7 @@ def apply_reply(
         message = {**message, "payload": payload}
     metadata = reply.get("metadata")
     if metadata and isinstance(metadata, dict):  # an empty one changes nothing: no new context
-        context = {**context, **{k: v for k, v in metadata.items() if k not in ENVELOPE_KEYS}}
+        context = {**context, **{k: v for k, v in metadata.items() if k not in RESERVED}}
     return message, context
 
 

@@ -41,6 +41,7 @@ from ..core.pipeline import (
     Step,
     Verdict,
     apply_reply,
+    context_problems,
     failed_status,
     provider_message,
     settle,
@@ -51,6 +52,7 @@ from ..core.policy import Policy, Stage, StepItem, ValidatorItem
 from ..core.routing import rules_match
 from ..errors import (
     ExtensionError,
+    InvalidRecord,
     InvalidResponse,
     InvocationError,
     NoProvider,
@@ -118,7 +120,11 @@ class PipelineRunner:
         context: Mapping[str, Any] | None = None,
         provider: ProviderHook | None = None,
     ) -> PolicyResult:
-        """Run the policy on `message`; a `PolicyResult` or a `PolicyError`."""
+        """Run the policy on `message`; a `PolicyResult` or a `PolicyError`. A context that
+        `context_problems` refuses (a `dry_run` key, an id that is no short string) raises
+        `InvalidRecord` (kind "context") before anything is sent."""
+        if context and (problems := context_problems(context)):
+            raise InvalidRecord(policy_id, problems, kind="context")
         started = perf_counter()
         observers = self.observers
         try:
