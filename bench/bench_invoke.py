@@ -33,11 +33,10 @@ import asyncio
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
+from benchlib import Call, measure, pct, print_rows
 from nats.aio.client import Client
 
 from extreg import Registry, Settings, logs
@@ -69,30 +68,6 @@ ENVELOPE = encode_envelope(
 HEADERS = {"trace_id": CONTEXT["trace_id"], "tenant_id": CONTEXT["tenant_id"]}
 TIMEOUT_S = 1.0
 BELOW = {"transport": "nc.request", "invoker": "transport"}  # each client's layer below
-
-Call = Callable[[], Awaitable[object]]
-
-
-async def measure(call: Call, calls: int, in_flight: int) -> tuple[float, list[float]]:
-    """(calls per second, each call's latency in µs) for `calls` calls, `in_flight` at a time."""
-    latencies: list[float] = []
-    per_worker = calls // in_flight
-
-    async def worker() -> None:
-        clock = time.perf_counter
-        for _ in range(per_worker):
-            started = clock()
-            await call()
-            latencies.append((clock() - started) * 1e6)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    return per_worker * in_flight / (time.perf_counter() - started), latencies
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def start_echo(url: str) -> subprocess.Popen[bytes]:
@@ -231,9 +206,7 @@ def print_table(rows: list[tuple[str, ...]], calls: int, rounds: int) -> None:
         "÷ layer below",
         f"÷ nc.request (invoker target >= {TARGET_RATIO})",
     )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print_rows(header, rows)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from benchlib import pct
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -58,11 +59,6 @@ def typical(i: int) -> dict[str, Any]:
         "config": {"mode": "strict"},
         "metadata": {"owner": "team-nlp"},
     }
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class _Invoker:

@@ -52,13 +52,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats
+from benchlib import Call, measure, pct, print_rows
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -112,7 +111,6 @@ MESSAGE = {
 }
 CONTEXT = {"trace_id": "0b6a2c1e-bench", "tenant_id": "tenant-123"}
 
-Call = Callable[[], Awaitable[object]]
 Sent = tuple[str, bytes, dict[str, str] | None]  # subject, envelope bytes, headers
 
 
@@ -213,28 +211,6 @@ async def watch_one_run(
 # -- measuring --------------------------------------------------------------------------------
 
 
-async def measure(call: Call, runs: int, in_flight: int) -> tuple[float, list[float]]:
-    """(runs per second, each run's latency in µs) for `runs` runs, `in_flight` at a time."""
-    latencies: list[float] = []
-    per_worker = runs // in_flight
-
-    async def worker() -> None:
-        clock = time.perf_counter
-        for _ in range(per_worker):
-            started = clock()
-            await call()
-            latencies.append((clock() - started) * 1e6)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    return per_worker * in_flight / (time.perf_counter() - started), latencies
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def compare(
     clients: dict[str, Call], sizes: list[tuple[str, int, int]], rounds: int
 ) -> dict[str, dict[str, tuple[float, list[float]]]]:
@@ -249,6 +225,16 @@ async def compare(
             name: sorted(r, key=lambda x: x[0])[len(r) // 2] for name, r in results.items()
         }
     return medians
+
+
+TABLE_HEADER = (  # the columns of table()'s rows, parts 1 and 2 alike
+    "mode",
+    "client",
+    "runs/s",
+    "p50 µs",
+    "p99 µs",
+    f"time ÷ base (target <= {TARGET_RATIO})",
+)
 
 
 def table(
@@ -277,12 +263,6 @@ def table(
                 )
             )
     return rows
-
-
-def print_rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
 def per_step(medians: dict[str, dict[str, tuple[float, list[float]]]]) -> list[tuple[str, ...]]:
@@ -450,15 +430,7 @@ def report(
         f"   Invoker.invoke calls. {runs // 4} sequential / {runs} with {IN_FLIGHT} in flight"
         " per round.\n"
     )
-    header: tuple[str, ...] = (
-        "mode",
-        "client",
-        "runs/s",
-        "p50 µs",
-        "p99 µs",
-        f"time ÷ base (target <= {TARGET_RATIO})",
-    )
-    print_rows(header, table(pipe, dict.fromkeys(pipe, "nc.request x4"), "run_policy"))
+    print_rows(TABLE_HEADER, table(pipe, dict.fromkeys(pipe, "nc.request x4"), "run_policy"))
     print(f"\n2. {SLOW}: three validators that each answer after {SLOW_S * 1000:g} ms;")
     print("   nc.request x1 = one of them alone; x3 together = the three at once; x3 = the three")
     print("   one after the other (the original's sequential stage). Base: x1 sequentially (the")
@@ -469,19 +441,11 @@ def report(
         f"   {slow_runs} sequential / {slow_runs * IN_FLIGHT // 4} with {IN_FLIGHT} in flight"
         " per round.\n"
     )
-    header = (
-        "mode",
-        "client",
-        "runs/s",
-        "p50 µs",
-        "p99 µs",
-        f"time ÷ base (target <= {TARGET_RATIO})",
-    )
     bases = {
         label: "nc.request x1" if label == "sequential" else "nc.request x3 together"
         for label in slow
     }
-    print_rows(header, table(slow, bases, "run_policy"))
+    print_rows(TABLE_HEADER, table(slow, bases, "run_policy"))
     print(
         f"\n3. Per-step overhead over a raw request, µs (part 1, time per run / {len(PIPE_IDS)}):"
     )

@@ -32,11 +32,12 @@ import threading
 import time
 import timeit
 import tracemalloc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import psycopg
+from benchlib import pct
 
 from extreg import logs
 from extreg.adapters.migrate import migrate
@@ -65,11 +66,6 @@ def typical(i: int) -> dict[str, Any]:
 
 def records(n: int) -> list[Extension]:
     return msgspec.convert([typical(i) for i in range(n)], type=list[Extension])
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def registry_with(recs: list[Extension]) -> Registry:
