@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
 }
 # The messages the policy runs on, in turn: clean ones pass (an e-mail address or a phone
 # number is masked by post), the one with a card number is blocked by pii_guard: one run in
-# eight, so a blocked run (one warning line) every four seconds.
+# eight, so a blocked run (one info line, policy_run_blocked) every four seconds.
 POLICY_MESSAGES: tuple[dict[str, Any], ...] = (
     {"message_id": "p-1", "message_type": "chat", "payload": "  Hello, I can NOT log in  "},
     {"message_id": "p-2", "message_type": "chat", "payload": "Where is my order?"},
@@ -157,17 +157,28 @@ async def traffic(invoker: Any, samples: SampleRunner, stop: asyncio.Event) -> N
             "flaky",
         ]
     )
-    in_flight: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
     try:
-        while not stop.is_set():
-            task = asyncio.create_task(_call(invoker, next(ids)))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1 / CALLS_PER_SECOND)
+        await _every(1 / CALLS_PER_SECOND, stop, lambda: _call(invoker, next(ids)), set())
     finally:
         cycle.cancel()
         policy_runs.cancel()
+
+
+async def _every(
+    interval: float,
+    stop: asyncio.Event,
+    start: Callable[[], Coroutine[Any, Any, None]],
+    in_flight: set[asyncio.Task[None]],
+) -> None:
+    """Start `start()` as a task of its own every `interval` seconds until `stop` is set, so
+    a slow call does not hold up the next. The tasks are kept in `in_flight` until done (the
+    loop only keeps weak references), where a caller that must cancel them finds them."""
+    while not stop.is_set():
+        task = asyncio.create_task(start())
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 async def _call(invoker: Any, ext_id: str) -> None:
@@ -181,15 +192,15 @@ async def _call(invoker: Any, ext_id: str) -> None:
 async def _run_policies(invoker: Any, stop: asyncio.Event) -> None:
     """Run `support_en` a few times a second on `POLICY_MESSAGES`, in turn, each run as a
     task of its own (a slow run does not hold up the next)."""
-    in_flight: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
+    in_flight: set[asyncio.Task[None]] = set()
     messages = itertools.cycle(POLICY_MESSAGES)
     try:
-        while not stop.is_set():
-            task = asyncio.create_task(_run_policy(invoker, next(messages)))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1 / POLICY_RUNS_PER_SECOND)
+        await _every(
+            1 / POLICY_RUNS_PER_SECOND,
+            stop,
+            lambda: _run_policy(invoker, next(messages)),
+            in_flight,
+        )
     finally:
         for task in list(in_flight):  # before the invoker they use closes
             task.cancel()
