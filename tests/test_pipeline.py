@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import record
+from helpers import make_settings, record
 from invoke_helpers import SAMPLE_RECORDS, fixture_settings, open_invoker, subject, wait_for
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from extreg import (
     CircuitOpen,
+    ExtensionNotFound,
     ExtensionTimeout,
     InvalidResponse,
     NoProvider,
@@ -33,7 +34,10 @@ from extreg import (
     ValidatorBlocked,
 )
 from extreg.adapters.nats import subscriptions_active
+from extreg.adapters.postgres import PostgresSource
+from extreg.core.model import parse_extension
 from extreg.core.pipeline import DRY_RUN_REFUSED, SKIPPED_REASON, Step
+from extreg.core.policy import PolicyLimits, parse_policy
 from extreg.errors import InvalidRecord
 from extreg.invoke import Invoker, PolicyResult
 from extreg.invoke.pipeline import NO_HOOK_REASON
@@ -456,6 +460,73 @@ async def test_a_disabled_or_unknown_extension_fails_its_step(
         result.steps
     )
     assert [("pre", "off", "failed")] == statuses(caught.value.steps)
+
+
+# What the retyped extension would answer if it were called: a reply its new type makes, which
+# the old stage would take for a success (a pre's reply has no `status`: a validator's ok).
+RETYPED_REPLIES = {"pre": {"payload": "from the pre"}, "post": {"output": "from the post"},
+                   "validator": {"payload": "from the validator"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stage", "now"), [("validator", "pre"), ("pre", "validator"), ("provider", "post")]
+)
+async def test_a_step_whose_extension_was_retyped_is_unavailable(
+    tmp_path: Path, db_url: str, nats_url: str, nats_client: Client, stage: str, now: str
+) -> None:
+    """The policy's `step` is deleted and recreated as an extension of another type (the
+    policy stays stored, reported unusable): its step is not called, but fails as a missing
+    extension does (ExtensionNotFound, saying what it is now): a blocking validator blocks, a
+    required pre fails the run, a provider is passed over for the next."""
+    field = {"validator": "validators", "pre": "pre", "provider": "providers"}[stage]
+    item: Any = "step" if stage == "provider" else {"id": "step"}
+    body: dict[str, Any] = {"policy_id": "p", field: [item]}
+    if stage == "provider":
+        body[field].append("good")
+    before, after, good = ext("step", stage), ext("step", now), ext("good", "provider")
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, nats_url=nats_url,
+        sync_interval_seconds=3600,
+    )  # fmt: skip
+
+    def parsed(data: dict[str, Any]) -> Any:
+        return parse_extension(data, max_timeout_ms=60_000, max_retries=10)
+
+    async with PostgresSource(settings) as db:
+        await db.import_extensions([parsed(before), parsed(good)], "test")
+        await db.import_policies([parse_policy(body, limits=PolicyLimits())], "test")
+        async with (
+            open_invoker(settings) as inv,
+            respond(nats_client, after["subject"], answer_with(RETYPED_REPLIES[now])) as seen,
+            respond(nats_client, good["subject"], answer_with({"output": "good answer"})),
+        ):
+            assert await db.delete_extension("step", "test")
+            await db.import_extensions([parsed(after)], "test")
+            await inv.registry.refresh(["step"])
+            assert now == inv.registry.snapshot.by_id["step"].type
+            assert ["p"] == list(inv.registry.snapshot.unusable_policies)
+            run = inv.run_policy("p", MESSAGE)
+            reason = f"is now a {now} extension, not a {stage}"
+            if stage == "provider":
+                result = await run
+                assert [("provider", "step", "failed"), ("provider", "good", "ok")] == (
+                    statuses(result.steps)
+                )
+                assert ("good", reason) == (result.provider_id, result.steps[0].reason)
+            else:
+                error = ValidatorBlocked if stage == "validator" else StepFailed
+                with pytest.raises(error) as caught:
+                    await run
+                assert [(stage, "step", "rejected" if stage == "validator" else "failed")] == (
+                    statuses(caught.value.steps)
+                )
+                assert isinstance(caught.value.cause, ExtensionNotFound)
+                assert ("step", reason) == (
+                    caught.value.cause.extension_id,
+                    caught.value.cause.reason,
+                )
+                assert reason == caught.value.steps[0].reason
+        assert [] == seen.requests
 
 
 @pytest.mark.parametrize(("enabled", "error"), [(None, PolicyNotFound), (False, PolicyDisabled)])

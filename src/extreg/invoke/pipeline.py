@@ -36,6 +36,7 @@ from uuid import uuid4
 
 import structlog
 
+from ..core.model import Extension
 from ..core.pipeline import (
     SKIPPED_REASON,
     Step,
@@ -48,10 +49,11 @@ from ..core.pipeline import (
     step_metadata,
     verdict_of,
 )
-from ..core.policy import Policy, Stage, StepItem, ValidatorItem
+from ..core.policy import STAGE_TYPES, Policy, Stage, StepItem, ValidatorItem
 from ..core.routing import rules_match
 from ..errors import (
     ExtensionError,
+    ExtensionNotFound,
     InvalidRecord,
     InvalidResponse,
     InvocationError,
@@ -82,6 +84,7 @@ or one ended by an exception outside `PolicyError`, is not reported."""
 NO_HOOK_REASON = "no provider hook was given for this name:model provider"
 _NO_STEPS: tuple[Step, ...] = ()
 _NO_CONFIG: Mapping[str, Any] = {}
+_VALIDATOR, _PROVIDER = STAGE_TYPES["validators"], STAGE_TYPES["providers"]
 
 
 @dataclass(slots=True)
@@ -168,7 +171,7 @@ class _Run:
     """One run's state: the policy, the steps so far, the hook. Made per run so the stage
     methods share it without passing it around."""
 
-    __slots__ = ("invoke", "meta", "meta_of", "policy", "policy_id", "provider", "steps")
+    __slots__ = ("get", "invoke", "meta", "meta_of", "policy", "policy_id", "provider", "steps")
 
     def __init__(
         self,
@@ -178,6 +181,7 @@ class _Run:
         provider: ProviderHook | None,
     ) -> None:
         self.invoke = invoker.invoke  # read per run, so a replaced `invoke` is honoured
+        self.get = invoker.registry.get
         self.policy = policy
         self.policy_id = policy.policy_id
         self.steps = steps
@@ -217,13 +221,16 @@ class _Run:
         message: dict[str, Any],
         ctx: dict[str, Any],
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        steps, invoke, policy_id = self.steps, self.invoke, self.policy_id
+        steps, invoke, policy_id, get = self.steps, self.invoke, self.policy_id, self.get
+        wanted = STAGE_TYPES[stage]
         for item in items:
             if item.when and not rules_match(item.when, ctx.get):
                 steps.append(Step(stage, item.id, "skipped", 0.0, SKIPPED_REASON))
                 continue
             started = perf_counter()
             try:
+                if (ext := get(item.id)) is not None and ext.type != wanted:
+                    raise retyped(ext, wanted)
                 reply = await invoke(item.id, self.request(message, ctx, item.config), ctx)
             except ExtensionError as exc:
                 steps.append(
@@ -266,6 +273,8 @@ class _Run:
     ) -> _Answer:
         started = perf_counter()
         try:
+            if (ext := self.get(item.id)) is not None and ext.type != _VALIDATOR:
+                raise retyped(ext, _VALIDATOR)
             reply = await self.invoke(item.id, self.request(message, ctx, item.config), ctx)
         except ExtensionError as exc:  # a timeout or an error counts as a reject
             return _Answer(Verdict(False, exc.reason), (perf_counter() - started) * 1000.0, exc)
@@ -340,7 +349,7 @@ class _Run:
         self, message: dict[str, Any], ctx: dict[str, Any]
     ) -> tuple[dict[str, Any], str]:
         """The first provider that answers, in order; `NoProvider` when none does."""
-        steps, invoke = self.steps, self.invoke
+        steps, invoke, get = self.steps, self.invoke, self.get
         last_error: ExtensionError | None = None
         for name in self.policy.providers:
             if ":" in name and self.provider is None:
@@ -351,6 +360,8 @@ class _Run:
                 if ":" in name:
                     reply = await self.hook(name, message, ctx)
                 else:
+                    if (ext := get(name)) is not None and ext.type != _PROVIDER:
+                        raise retyped(ext, _PROVIDER)
                     reply = await invoke(name, self.request(message, ctx, _NO_CONFIG), ctx)
             except ExtensionError as exc:  # open circuit, disabled, timeout, error: next one
                 last_error = exc
@@ -398,6 +409,13 @@ class _Answer:
 
 
 _SKIPPED = _Answer(Verdict(True), 0.0, None)
+
+
+def retyped(ext: Extension, wanted: str) -> ExtensionNotFound:
+    """A step whose id now names an extension of another type (deleted and recreated since
+    the policy was written) is unavailable, as a missing one is: calling it would misread
+    its reply (a `pre` answers no `status`, which a validator's reading takes for ok)."""
+    return ExtensionNotFound(ext.id, f"is now a {ext.type} extension, not a {wanted}")
 
 
 def _tell(
