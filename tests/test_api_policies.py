@@ -213,6 +213,35 @@ async def test_crud_with_etags_audit_and_refresh(tmp_path: Path, db_url: str) ->
         assert 0 == counts(db_url)[0]
 
 
+async def test_audit_trails_of_an_extension_and_a_same_named_policy_stay_apart(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A policy named like an extension (`norm`): `GET /admin/audit?extension_id=norm` lists
+    only the extension's rows, `?policy_id=norm` only the policy's `policy_*` rows, the
+    unfiltered list both (each row's action says which kind); both filters at once is 422."""
+    async with policy_api(tmp_path, db_url) as api:
+        await create(api, {"policy_id": "norm", "pre": [{"id": "norm"}]})
+        await api.client.post("/admin/extensions/norm/disable", headers=api.auth("operator"))
+        await api.client.patch(
+            "/admin/policies/norm", json={"enabled": False}, headers=api.auth("admin")
+        )
+
+        async def actions(**params: str) -> list[str]:
+            answer = await api.client.get("/admin/audit", params=params, headers=api.auth("viewer"))
+            assert 200 == answer.status_code, answer.text
+            return [r["action"] for r in answer.json() if r["extension_id"] == "norm"]
+
+        assert ["disable", "create"] == await actions(extension_id="norm")
+        assert ["policy_disable", "policy_create"] == await actions(policy_id="norm")
+        assert ["policy_disable", "disable", "policy_create", "create"] == await actions()
+        both = await api.client.get(
+            "/admin/audit",
+            params={"extension_id": "norm", "policy_id": "norm"},
+            headers=api.auth("viewer"),
+        )
+        assert (422, "ConfigError") == (both.status_code, both.json()["error"])
+
+
 async def test_put_creates_or_replaces_and_the_answer_round_trips(
     tmp_path: Path, db_url: str
 ) -> None:

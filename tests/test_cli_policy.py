@@ -193,6 +193,29 @@ def test_apply_list_show_delete_round_trip_is_audited(db_url: str, tmp_path: Pat
     ] == policy_audit(db_url, "route_b")
 
 
+def test_audit_of_an_extension_leaves_out_a_same_named_policy(db_url: str, tmp_path: Path) -> None:
+    """`extreg audit pii_guard` lists the extension's rows only, though a policy is named
+    `pii_guard` too; `audit --policy pii_guard` lists that policy's rows only; `audit` alone
+    both; an id and --policy together exit 2."""
+    import_samples(tmp_path, db_url)
+    file = write(tmp_path / "p.json", {**ROUTE, "policy_id": "pii_guard"})
+    assert 0 == run(tmp_path, "policy", "apply", str(file), db=db_url).returncode
+
+    def actions(*args: str) -> list[str]:
+        result = run(tmp_path, "audit", *args, "--json", db=db_url)
+        assert 0 == result.returncode, outcome(result)
+        return [r["action"] for r in json.loads(result.stdout) if r["extension_id"] == "pii_guard"]
+
+    assert ["create"] == actions("pii_guard")
+    assert ["policy_create"] == actions("--policy", "pii_guard")
+    assert ["policy_create", "create"] == actions()
+    both = run(tmp_path, "audit", "pii_guard", "--policy", "pii_guard", db=db_url)
+    assert (2, "error: give an extension id or --policy, not both") == (
+        both.returncode,
+        last_line(both.stderr),
+    ), outcome(both)
+
+
 def test_apply_dry_run_writes_nothing(db_url: str, tmp_path: Path) -> None:
     """`apply --dry-run` says what it would do and writes nothing."""
     import_samples(tmp_path, db_url)
@@ -580,3 +603,17 @@ def test_policy_commands_through_the_server(
     assert (2, "error: policy route_b: no such policy") == (gone.returncode, last_line(gone.stderr))
     admin = ROLE_TOKENS["admin"]
     assert [("policy_create", admin), ("policy_delete", admin)] == policy_audit(db_url, "route_b")
+    trail = run(
+        tmp_path,
+        "audit",
+        "--policy",
+        "route_b",
+        "--json",
+        "--url",
+        url,
+        "--token",
+        tokens["viewer"],
+    )
+    assert ["policy_delete", "policy_create"] == [r["action"] for r in json.loads(trail.stdout)], (
+        outcome(trail)
+    )

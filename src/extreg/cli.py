@@ -392,21 +392,30 @@ def health(
 def audit(
     ctx: typer.Context,
     extension_id: OneOrAll = None,
+    policy: Annotated[
+        str | None,
+        typer.Option("--policy", show_default=False, help="One policy's rows instead."),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
     url: UrlOption = None,
     token: TokenOption = None,
     json: JsonFlag = False,
 ) -> None:
-    """The audit log, newest first: who changed what, and when."""
+    """The audit log, newest first: who changed what, and when.
+
+    An extension's trail holds its own rows only, a policy's (--policy) its policy_* rows,
+    even where the two share an id; without either, every row of both kinds."""
+    if extension_id is not None and policy is not None:
+        raise ConfigError("give an extension id or --policy, not both")
     if url:
         with ApiClient(url, token) as api:
-            rows = api.audit(extension_id, limit)
+            rows = api.audit(extension_id, limit, policy_id=policy)
     else:
-        rows = _audit_from_database(ctx, extension_id, limit)
+        rows = _audit_from_database(ctx, extension_id, policy, limit)
     if json:
         emit_json(rows)
         return
-    table = Table("changed_at", "extension", "action", "changed_by", "fields")
+    table = Table("changed_at", "id", "action", "changed_by", "fields")
     for row in rows:
         table.add_row(
             str(row["changed_at"]),
@@ -592,9 +601,12 @@ def _health_from_database(ctx: typer.Context, extension_id: str | None) -> dict[
 
 
 def _audit_from_database(
-    ctx: typer.Context, extension_id: str | None, limit: int
+    ctx: typer.Context, extension_id: str | None, policy_id: str | None, limit: int
 ) -> list[dict[str, Any]]:
-    rows = on_database(_database_settings(ctx), lambda db: db.audit_trail(extension_id, limit))
+    rows = on_database(
+        _database_settings(ctx),
+        lambda db: db.audit_trail(extension_id, limit, policy_id=policy_id),
+    )
     return [
         {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()} for row in rows
     ]

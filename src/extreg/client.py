@@ -82,10 +82,14 @@ class ApiClient:
         report: dict[str, Any] = self._call("GET", path, extension_id=extension_id)
         return report
 
-    def audit(self, extension_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def audit(
+        self, extension_id: str | None = None, limit: int = 100, *, policy_id: str | None = None
+    ) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
         if extension_id is not None:
             params["extension_id"] = extension_id
+        if policy_id is not None:
+            params["policy_id"] = policy_id
         rows: list[dict[str, Any]] = self._call("GET", "/admin/audit", params=params)
         return rows
 

@@ -460,16 +460,27 @@ class PostgresSource:
             async with self._pool.connection() as conn:
                 return await health_sql.read_rows(conn, since, ids)
 
-    async def audit_trail(self, extension_id: str | None, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first: the audit rows of one extension, or of all."""
-        where = "WHERE extension_id = %(id)s" if extension_id else ""
+    async def audit_trail(
+        self, extension_id: str | None = None, limit: int = 100, *, policy_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first: the audit rows of one extension, of one policy, or of all (both kinds).
+
+        A policy's rows share the table, its id in `extension_id` and its actions `policy_*`
+        (migration 006), and an extension and a policy may share an id: so each filter also
+        goes by the action, and the trail of one never shows the other's rows."""
+        where = []
+        if extension_id:
+            where.append("extension_id = %(ext)s AND NOT starts_with(action, 'policy_')")
+        if policy_id:
+            where.append("extension_id = %(policy)s AND starts_with(action, 'policy_')")
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
         with self._translate():
             async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
                     "SELECT id::text, extension_id, action, old_values, new_values, changed_by,"
-                    f" changed_at FROM extension_audit_log {where}"
+                    f" changed_at FROM extension_audit_log {condition}"
                     " ORDER BY changed_at DESC, id LIMIT %(limit)s",
-                    {"id": extension_id, "limit": limit},
+                    {"ext": extension_id, "policy": policy_id, "limit": limit},
                 )
                 return await cur.fetchall()
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import Conflict, ExtensionNotFound, NatsUnavailable
+from ..errors import ConfigError, Conflict, ExtensionNotFound, NatsUnavailable
 from ..registry import Registry
 from .bodies import strict_body
 from .requestlog import bind_extension_id
@@ -76,15 +76,20 @@ async def audit(
     request: Request,
     _: Viewer,
     extension_id: str | None = None,
+    policy_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
-    """Audit rows, newest first, of one extension or of all."""
+    """Audit rows, newest first: of one extension (`extension_id`: its own actions only, not
+    a same-named policy's), of one policy (`policy_id`: its `policy_*` rows), or of all (each
+    row's `action` says which kind)."""
     db = _database_or_none(runtime_of(request).registry)
     if db is None:
         raise Conflict("the registry is serving fixtures, which have no audit log")
-    if extension_id is not None and "\x00" in extension_id:
+    if extension_id and policy_id:
+        raise ConfigError("extension_id and policy_id: give one of them, not both")
+    if "\x00" in (extension_id or "") + (policy_id or ""):
         return JSONResponse([])  # no row can hold a NUL (PostgreSQL cannot store one)
-    rows = await db.audit_trail(extension_id, limit)
+    rows = await db.audit_trail(extension_id, limit, policy_id=policy_id)
     return JSONResponse([{k: _plain(v) for k, v in row.items()} for row in rows])
 
 
