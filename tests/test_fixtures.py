@@ -22,8 +22,9 @@ import pytest
 from helpers import record
 from structlog.testing import capture_logs
 
-from extreg.adapters.fixtures import load_fixtures, read_fixtures
+from extreg.adapters.fixtures import load_fixtures, load_policy_file, read_fixtures
 from extreg.core.model import Extension, parse_extension
+from extreg.core.policy import PolicyLimits
 from extreg.errors import FixtureError
 from extreg.registry import Registry
 from extreg.settings import Settings
@@ -254,6 +255,26 @@ def test_duplicate_id_within_one_list(tmp_path: Path) -> None:
     assert [
         "list.json record #3 (x): field id: duplicate id, first defined in list.json record #1"
     ] == problems_of(tmp_path)
+
+
+def test_one_policy_file_is_checked_like_a_policies_folder_but_for_references(
+    tmp_path: Path,
+) -> None:
+    """`load_policy_file` (policy apply) describes each item's problems by the file's path
+    and the item, refuses a policy_id met again naming where it was first, and leaves the
+    references to the caller: a file of policies naming no extension it holds loads."""
+    route = {"policy_id": "route_a", "validators": [{"id": "elsewhere"}], "providers": ["llm"]}
+    good = write(tmp_path, "good.json", as_json([route, {**route, "policy_id": "route_b"}]))
+    loaded = load_policy_file(good, policy_limits=PolicyLimits())
+    assert ["route_a", "route_b"] == [p.policy_id for p in loaded]
+    bad = write(tmp_path, "bad.yaml", as_json([route, {**route, "pre": [{}]}, route]))
+    with pytest.raises(FixtureError) as info:
+        load_policy_file(bad, policy_limits=PolicyLimits())
+    assert [
+        f"{bad} record #2 (route_a): field pre[0].id: required field is missing",
+        f"{bad} record #3 (route_a): field policy_id: duplicate policy_id,"
+        f" first defined in {bad} record #1",
+    ] == info.value.problems
 
 
 @pytest.mark.parametrize(

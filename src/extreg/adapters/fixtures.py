@@ -21,7 +21,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -170,16 +170,48 @@ def _load_policies(
     against the folder's extensions; problems are added to `problems`."""
     if not folder.is_dir():
         return []
-    types = {e.id: e.type for e in extensions}
+    items = _items(fixture_files(folder), "policy", problems, f"{POLICIES_FOLDER}/")
+    return _parse_policies(items, limits, problems, {e.id: e.type for e in extensions})
+
+
+def load_policy_file(path: Path, *, policy_limits: PolicyLimits) -> list[Policy]:
+    """The policies of one file (one object or a list), read and checked as strictly as a
+    folder's `policies/` files, or `FixtureError` listing every problem with the file, the item
+    and the field (`extreg policy apply`). References are the caller's to check."""
+    try:
+        items = _read_items(path, "policy")
+    except _FileProblem as exc:
+        raise FixtureError([f"{path}: {exc}"]) from None
+    problems: list[str] = []
+    policies = _parse_policies(
+        ((f"{path} record #{index + 1}", item) for index, item in enumerate(items)),
+        policy_limits,
+        problems,
+    )
+    if problems:
+        raise FixtureError(problems)
+    return policies
+
+
+def _parse_policies(
+    items: Iterable[tuple[str, Any]],
+    limits: PolicyLimits,
+    problems: list[str],
+    types: Mapping[str, str] | None = None,
+) -> list[Policy]:
+    """The policies of (where, item) pairs, each problem added to `problems` under its item's
+    `where`, so a folder and a single file word them alike; with `types` (extension id ->
+    type) their references are checked too. A policy_id met again is refused, naming where it
+    was first."""
     policies: list[Policy] = []
     first_seen: dict[str, str] = {}
-    for where, item in _items(fixture_files(folder), "policy", problems, f"{POLICIES_FOLDER}/"):
+    for where, item in items:
         try:
             policy = parse_policy(item, limits=limits)
         except InvalidRecord as exc:
             problems += _described(where, exc)
             continue
-        broken = reference_problems(policy, types)
+        broken = [] if types is None else reference_problems(policy, types)
         if broken:
             problems += _described(where, InvalidRecord(policy.policy_id, broken, kind="policy"))
             continue
@@ -192,31 +224,6 @@ def _load_policies(
         first_seen[policy.policy_id] = where
         policies.append(policy)
     return policies
-
-
-def load_policy_file(path: Path, *, policy_limits: PolicyLimits) -> list[Policy]:
-    """The policies of one file (one object or a list), read and checked as strictly as a
-    folder's `policies/` files, or `FixtureError` listing every problem with the file, the item
-    and the field (`extreg policy apply`). References are the caller's to check."""
-    problems: list[str] = []
-    policies: dict[str, Policy] = {}
-    try:
-        items = _read_items(path, "policy")
-    except _FileProblem as exc:
-        raise FixtureError([f"{path}: {exc}"]) from None
-    for index, item in enumerate(items):
-        where = f"{path} record #{index + 1}"
-        try:
-            policy = parse_policy(item, limits=policy_limits)
-        except InvalidRecord as exc:
-            problems += _described(where, exc)
-            continue
-        if policy.policy_id in policies:
-            problems.append(f"{where} ({policy.policy_id}): field policy_id: duplicate policy_id")
-        policies[policy.policy_id] = policy
-    if problems:
-        raise FixtureError(problems)
-    return list(policies.values())
 
 
 def _items(
