@@ -242,6 +242,33 @@ async def test_audit_trails_of_an_extension_and_a_same_named_policy_stay_apart(
         assert (422, "ConfigError") == (both.status_code, both.json()["error"])
 
 
+async def test_a_policy_row_broken_by_plain_sql_can_be_deleted(tmp_path: Path, db_url: str) -> None:
+    """A row whose body plain SQL broke is left out of the cache and named in
+    `invalid_records`; DELETE removes it all the same (204, audited), unless it carries an
+    If-Match, which no unreadable row can match (412, the row stays); a second DELETE is 404."""
+    async with policy_api(tmp_path, db_url) as api:
+        await create(api, FLOW)
+        sql(db_url, """UPDATE routing_policies SET body = '{"pre": [{"mode": "optional"}]}'""")
+        registry = api.runtime.registry
+        await registry.refresh([], policy_ids=["flow"])
+        assert (None, ["policy:flow"]) == (
+            registry.policy("flow"),
+            sorted(registry.status.invalid_records),
+        )
+        conditional = await api.client.delete(
+            "/admin/policies/flow", headers={**api.auth("admin"), "If-Match": '"x"'}
+        )
+        assert (412, "StaleETag") == (conditional.status_code, conditional.json()["error"])
+        assert 1 == counts(db_url)[0]
+        deleted = await api.client.delete("/admin/policies/flow", headers=api.auth("admin"))
+        assert 204 == deleted.status_code, deleted.text
+        assert 0 == counts(db_url)[0]
+        assert "policy_delete" == policy_audit(db_url, "flow")[-1][0]
+        assert [] == sorted(registry.status.invalid_records)
+        again = await api.client.delete("/admin/policies/flow", headers=api.auth("admin"))
+        assert (404, "PolicyNotFound") == (again.status_code, again.json()["error"])
+
+
 async def test_put_creates_or_replaces_and_the_answer_round_trips(
     tmp_path: Path, db_url: str
 ) -> None:
