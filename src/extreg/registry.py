@@ -41,6 +41,7 @@ import watchfiles
 from .adapters.fixtures import read_fixtures
 from .adapters.postgres import PostgresSource
 from .adapters.postgres_policies import PREFIX as POLICY_PREFIX
+from .adapters.postgres_policies import key as policy_key
 from .adapters.snapshot_file import Origin, read_snapshot, write_snapshot_file
 from .core.clock import SYSTEM_CLOCK, Clock, utc_now
 from .core.model import Extension
@@ -246,7 +247,7 @@ class Registry:
         after its commit so that a read right after the write sees it (the notification would
         bring it too, a moment later)."""
         if self._source == "database":
-            keys = set(ids) | {POLICY_PREFIX + p for p in policy_ids}
+            keys = set(ids) | {policy_key(p) for p in policy_ids}
             await self._refresh(keys, "write")
 
     async def start(self) -> None:
@@ -489,7 +490,7 @@ class Registry:
         with self._reporting_sync():
             versions = await self._db.row_versions()  # policies keyed `policy:<id>`
             changed = {i for i, v in versions.items() if self._row_versions.get(i) != v}
-            cached = self._snap.by_id.keys() | {POLICY_PREFIX + p for p in self._snap.policies}
+            cached = self._snap.by_id.keys() | {policy_key(p) for p in self._snap.policies}
             gone = cached - versions.keys()
             await self._refresh(changed | gone, "sync")
         self._row_versions = versions
