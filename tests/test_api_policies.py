@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -887,6 +888,7 @@ CAUSES: list[tuple[type[PolicyError], ExtensionError | None, int]] = [
     (NoProvider, None, 502),
     (PolicyNotFound, None, 404),
     (PolicyDisabled, None, 409),
+    (PolicyError, None, 502),  # a bare one: a run gave no result, as for its subclasses
 ]
 
 
@@ -898,6 +900,22 @@ def test_the_status_of_a_failed_run_follows_its_cause(
     it timed out, else 502; a validator's block is 403 whatever its cause."""
     assert status == status_of(cls("p", None, [], cause))
     assert 403 == status_of(ValidatorBlocked("p", "v", "r", {}, [], cause))
+
+
+def test_the_statuses_of_policy_errors_are_the_documented_ones() -> None:
+    """Each PolicyError class answers the status the errors table of docs/usage.md gives it
+    first (the base class 502, not the 500 of an unmapped error)."""
+    table = (Path(__file__).parents[1] / "docs" / "usage.md").read_text("utf-8")
+    documented = {
+        m[1]: int(m[2]) for m in re.finditer(r"^\| `(\w+)` \|.*\| (\d{3})\b[^|]*\|$", table, re.M)
+    }
+    samples: list[PolicyError] = [
+        cls("p") for cls in (PolicyError, PolicyNotFound, PolicyDisabled, StepFailed, NoProvider)
+    ]
+    samples.append(ValidatorBlocked("p", "v"))
+    assert {type(e).__name__: documented[type(e).__name__] for e in samples} == {
+        type(e).__name__: status_of(e) for e in samples
+    }
 
 
 def test_recent_runs_stay_bounded() -> None:

@@ -76,6 +76,7 @@ STATUS: dict[type[ExtregError], int] = {
     ValidatorBlocked: 403,
     StepFailed: 502,
     NoProvider: 502,
+    PolicyError: 502,  # a run gave no result; its subclasses above say how
     ExtregError: 500,
 }
 
