@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from api_helpers import sql
 from helpers import make_settings, record
+from invoke_helpers import wait_for
 from structlog.testing import capture_logs
 
 from extreg import Registry
@@ -32,21 +33,6 @@ from extreg.settings import Settings
 from testsupport.pgprocess import PostgresProcess
 
 DEADLINE_S = 30.0  # generous: a busy 2-core machine
-
-
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {DEADLINE_S} s: {what}")
-        await asyncio.sleep(0.01)
-
-
-def sql(url: str, statement: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(statement, params)
-        return cur.fetchall() if cur.description else []
 
 
 def ext(ext_id: str, ext_type: str = "pre") -> Extension:
@@ -320,20 +306,20 @@ async def test_plain_sql_policy_changes_reach_the_registry_by_notification(
         async with Registry.open(settings) as reg:
             assert ["p"] == [p.policy_id for p in reg.policies()]
             sql(db_url, """UPDATE routing_policies SET body = '{"providers": ["llm"]}'""")
-            await wait_for(lambda: reg.lookup_policy("p").providers == ("llm",), "the update")
+            await wait_for(lambda: reg.lookup_policy("p").providers == ("llm",), DEADLINE_S)
             assert () == reg.lookup_policy("p").pre
             sql(db_url, "INSERT INTO routing_policies (policy_id, body) VALUES ('q', '{}')")
-            await wait_for(lambda: reg.policy("q") is not None, "the insert")
+            await wait_for(lambda: reg.policy("q") is not None, DEADLINE_S)
             sql(db_url, """UPDATE routing_policies SET body = '{"pre": 1}' WHERE policy_id = 'q'""")
-            await wait_for(lambda: reg.policy("q") is None, "the broken row left the cache")
+            await wait_for(lambda: reg.policy("q") is None, DEADLINE_S)
             assert ["policy:q"] == sorted(reg.status.invalid_records)
             sql(db_url, "DELETE FROM routing_policies WHERE policy_id = 'p'")
-            await wait_for(lambda: reg.policy("p") is None, "the delete")
+            await wait_for(lambda: reg.policy("p") is None, DEADLINE_S)
             sql(db_url, "UPDATE routing_policies SET body = '{}' WHERE policy_id = 'q'")
-            await wait_for(lambda: reg.policy("q") is not None, "the fixed row")
+            await wait_for(lambda: reg.policy("q") is not None, DEADLINE_S)
             generation = reg.status.generation
             sql(db_url, "TRUNCATE routing_policies")
-            await wait_for(lambda: reg.status.generation > generation, "the full reload")
+            await wait_for(lambda: reg.status.generation > generation, DEADLINE_S)
             assert ([], 4) == (reg.policies(), reg.status.count)
     changed = [(e["policy_id"], e["via"]) for e in events if e["event"] == "policy_changed"]
     assert ("p", "notification") in changed and ("q", "notification") in changed
@@ -369,14 +355,14 @@ async def test_a_deleted_extension_makes_the_policy_unusable(tmp_path: Path, db_
             async with Registry.open(settings) as reg:
                 assert {} == reg.status.unusable_policies
                 await db.delete_extension("guard", "test")
-                await wait_for(lambda: "p" in reg.status.unusable_policies, "p unusable")
+                await wait_for(lambda: "p" in reg.status.unusable_policies, DEADLINE_S)
                 assert ["validators[0].id: extension 'guard' does not exist"] == (
                     reg.status.unusable_policies["p"]
                 )
                 await db.set_enabled("norm", False, "test")
-                await wait_for(lambda: "norm" not in reg.snapshot.enabled, "norm disabled")
+                await wait_for(lambda: "norm" not in reg.snapshot.enabled, DEADLINE_S)
                 await db.import_extensions([ext("guard", "validator"), ext("norm")], "test")
-                await wait_for(lambda: not reg.status.unusable_policies, "p usable again")
+                await wait_for(lambda: not reg.status.unusable_policies, DEADLINE_S)
     warnings = [e for e in events if e["event"] == "policy_unusable"]
     assert 1 == len(warnings)
     assert ("p", "warning") == (warnings[0]["policy_id"], warnings[0]["log_level"])
