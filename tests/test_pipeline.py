@@ -817,6 +817,64 @@ async def test_a_hook_entry_without_hook_or_with_a_failing_one_is_passed_over(
     assert "list" in reasons[2]
 
 
+async def test_a_hook_that_does_not_answer_times_out_like_an_extension(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """A hook call is bounded by `extension_max_timeout_ms`: a hook that never answers is a
+    failed entry with an ExtensionTimeout (the API's 504, not a 502) and the next entry is
+    tried; a hook's own TimeoutError reads the same way."""
+    policy = {"policy_id": "p", "providers": ["stuck:m", "own:m", "good:m"]}
+    only_stuck = {"policy_id": "stuck", "providers": ["stuck:m"]}
+    records = [ext("x", "pre", timeout_ms=50)]
+    settings = settings_for(tmp_path, nats_url, records, policy, only_stuck,
+                            extension_max_timeout_ms=50)  # fmt: skip
+
+    async def hook(name: str, message: dict[str, Any], context: dict[str, Any]) -> Any:
+        if name == "stuck:m":
+            await asyncio.Event().wait()
+        if name == "own:m":
+            raise TimeoutError
+        return {"output": "answer"}
+
+    async with open_invoker(settings) as inv:
+        result = await inv.run_policy("p", MESSAGE, provider=hook)
+        with pytest.raises(NoProvider) as caught:
+            await inv.run_policy("stuck", MESSAGE, provider=hook)
+    assert [("provider", "stuck:m", "failed"), ("provider", "own:m", "failed"),
+            ("provider", "good:m", "ok")] == statuses(result.steps)  # fmt: skip
+    assert "within 50 ms" in (result.steps[0].reason or "")
+    assert result.steps[0].latency_ms >= 50.0  # a lower bound: it waited for the bound
+    assert isinstance(caught.value.cause, ExtensionTimeout)
+    assert ("stuck:m", 1) == (caught.value.cause.extension_id, caught.value.cause.attempts)
+
+
+async def test_a_hook_changing_its_arguments_in_place_changes_nothing_of_the_run(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """The hook gets copies: what it writes into the message or the context reaches neither
+    post's request nor the result (the run's request metadata is cached per context)."""
+    pre, post = ext("pre", "pre"), ext("post", "post")
+    policy = {"policy_id": "p", "pre": [{"id": "pre"}], "providers": ["hook:m"],
+              "post": [{"id": "post"}]}  # fmt: skip
+    settings = settings_for(tmp_path, nats_url, [pre, post], policy)
+
+    async def meddling(name: str, message: dict[str, Any], context: dict[str, Any]) -> Any:
+        message["leaked"] = True
+        context["leaked"] = True
+        return {"output": "answer"}
+
+    async with (
+        open_invoker(settings) as inv,
+        respond(nats_client, pre["subject"], answer_with({})),
+        respond(nats_client, post["subject"], answer_with({})) as seen_post,
+    ):
+        result = await inv.run_policy("p", MESSAGE, {"trace_id": "t-1"}, provider=meddling)
+    (asked,) = seen_post.requests
+    assert "leaked" not in asked["payload"] and "leaked" not in asked["metadata"]
+    assert {"trace_id": "t-1"} == result.context
+    assert "leaked" not in result.message
+
+
 async def test_no_provider_carries_the_steps_and_the_last_error(
     tmp_path: Path, nats_url: str, nats_client: Client
 ) -> None:

@@ -54,6 +54,7 @@ from ..core.routing import rules_match
 from ..errors import (
     ExtensionError,
     ExtensionNotFound,
+    ExtensionTimeout,
     InvalidRecord,
     InvalidResponse,
     InvocationError,
@@ -171,7 +172,17 @@ class _Run:
     """One run's state: the policy, the steps so far, the hook. Made per run so the stage
     methods share it without passing it around."""
 
-    __slots__ = ("get", "invoke", "meta", "meta_of", "policy", "policy_id", "provider", "steps")
+    __slots__ = (
+        "get",
+        "hook_timeout_ms",
+        "invoke",
+        "meta",
+        "meta_of",
+        "policy",
+        "policy_id",
+        "provider",
+        "steps",
+    )
 
     def __init__(
         self,
@@ -186,6 +197,7 @@ class _Run:
         self.policy_id = policy.policy_id
         self.steps = steps
         self.provider = provider
+        self.hook_timeout_ms = invoker.settings.extension_max_timeout_ms
         self.meta_of: dict[str, Any] | None = None  # the context `meta` was made from
         self.meta: dict[str, Any] = {}
 
@@ -381,15 +393,25 @@ class _Run:
     async def hook(
         self, name: str, message: dict[str, Any], ctx: dict[str, Any]
     ) -> Mapping[str, Any]:
-        """The caller's hook for a `name:model` entry. Its failures are this provider's: an
-        `ExtensionError` as raised (a timeout stays one), anything else an `InvocationError`
-        naming the exception's class only (its text may hold a key or a URL)."""
+        """The caller's hook for a `name:model` entry, bounded by `extension_max_timeout_ms`
+        (no breaker, health or limits: it is no extension). It gets copies of the message and
+        the context, so changing them in place changes nothing of the run (whose request
+        metadata is cached per context object). Its failures are this provider's: an
+        `ExtensionError` as raised, a `TimeoutError` (the bound's, or its own) an
+        `ExtensionTimeout`, anything else an `InvocationError` naming the exception's class
+        only (its text may hold a key or a URL)."""
         hook = self.provider
         assert hook is not None  # `provide` passes over hook entries without one
+        limit_ms = self.hook_timeout_ms
         try:
-            reply = await hook(name, message, ctx)
+            async with asyncio.timeout(limit_ms / 1000):
+                reply = await hook(name, dict(message), dict(ctx))
         except ExtensionError:
             raise
+        except TimeoutError as exc:
+            raise ExtensionTimeout(
+                name, f"provider hook did not answer within {limit_ms} ms", 1
+            ) from exc
         except Exception as exc:
             raise InvocationError(name, f"provider hook raised {type(exc).__name__}", 1) from exc
         if not isinstance(reply, Mapping):
