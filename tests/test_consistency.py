@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from api_helpers import database_api
 from helpers import make_settings, record
+from lock_helpers import until_one_waits
 
 from extreg.adapters.postgres import WRITE_LOCK_CLASS, PostgresSource
 from extreg.api import create_app
@@ -274,15 +275,7 @@ async def test_every_writer_takes_the_per_id_lock(tmp_path: Path, db_url: str, w
             )
             task = asyncio.create_task(WRITERS[writer](db))
 
-            async def waiting() -> bool:
-                cur = await holder.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
-                )
-                row = await cur.fetchone()
-                return row is not None and row[0] == 1
-
-            await until(waiting, f"{writer} waits for the lock")
+            await until_one_waits(holder, f"{writer} waits for the lock", DEADLINE_S)
             assert not task.done()
             await holder.execute("COMMIT")
             await asyncio.wait_for(task, DEADLINE_S)

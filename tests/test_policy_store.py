@@ -19,6 +19,7 @@ import pytest
 from api_helpers import sql
 from helpers import make_settings, record
 from invoke_helpers import wait_for
+from lock_helpers import until_one_waits
 from structlog.testing import capture_logs
 
 from extreg import Registry
@@ -205,19 +206,7 @@ async def test_a_policy_write_waits_for_its_lock(tmp_path: Path, db_url: str) ->
             )
             task = asyncio.create_task(db.import_policies([policy()], "test"))
 
-            async def waiting() -> bool:
-                cur = await holder.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
-                )
-                row = await cur.fetchone()
-                return row is not None and row[0] == 1
-
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + DEADLINE_S
-            while not await waiting():
-                assert loop.time() < deadline, "the write never waited for the lock"
-                await asyncio.sleep(0.01)
+            await until_one_waits(holder, "the write waits for the lock", DEADLINE_S)
             assert not task.done()
             assert "created" == await db.upsert_extension(ext("p"), "test")  # its own lock
             await holder.execute("COMMIT")
