@@ -807,6 +807,35 @@ async def test_a_bad_run_body_is_422(tmp_path: Path, db_url: str, nats_url: str)
                 assert "InvalidRecord" == answer.json()["error"]
 
 
+async def test_a_run_context_is_checked_as_the_runner_checks_it(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A context the runner refuses (`dry_run`, a tenant_id that is no short string) is 422
+    naming the field, on the run route before it needs an invoker (none here) and on the dry
+    run, which predicts the run; the answer names the policy and the context."""
+    async with policy_api(tmp_path, db_url) as api:
+        await create(api, FLOW)
+        contexts: list[tuple[dict[str, Any], list[Any]]] = [
+            ({"dry_run": True}, ["body", "context", "dry_run"]),
+            ({"tenant_id": "t" * 256}, ["body", "context", "tenant_id"]),
+        ]
+        for context, loc in contexts:
+            for route in ("run", "dry-run"):
+                answer = await api.client.post(
+                    f"/admin/policies/flow/{route}",
+                    json={"context": context},
+                    headers=api.auth("operator"),
+                )
+                assert 422 == answer.status_code, (route, context, answer.text)
+                body = answer.json()
+                assert ("InvalidRecord", "flow", "context") == (
+                    body["error"],
+                    body["record"],
+                    body["kind"],
+                )
+                assert [loc] == [d["loc"] for d in body["detail"]]
+
+
 # -- freshness ---------------------------------------------------------------------------------
 
 

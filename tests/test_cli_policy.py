@@ -521,7 +521,12 @@ def test_run_of_a_disabled_policy_exits_1(db_url: str, tmp_path: Path) -> None:
         (
             ("support_en", "--message", "{}", "--context", '{"tenant_id": ["acme"]}'),
             2,
-            "error: --context: tenant_id must be a string of at most 255 characters",
+            "error: --context: tenant_id: must be a string of at most 255 characters",
+        ),
+        (
+            ("support_en", "--message", "{}", "--context", '{"dry_run": true}'),
+            2,
+            "error: --context: dry_run: not for a policy run",
         ),
         (("support_en",), 2, "Missing option '--message'"),
     ],

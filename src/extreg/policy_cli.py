@@ -37,6 +37,7 @@ from .cli import (
 )
 from .client import ApiClient
 from .core import strictjson
+from .core.pipeline import context_problems
 from .core.policy import (
     WRITABLE_POLICY_FIELDS,
     Policy,
@@ -307,13 +308,11 @@ def _report_failure(exc: PolicyError, json: bool) -> None:
 
 
 def _run_context(context: dict[str, Any]) -> dict[str, Any]:
-    """The run's context, with a fresh `trace_id` unless one is given; `trace_id` and
-    `tenant_id` travel in the envelope as strings, so anything else is refused here, as the
-    server refuses it."""
-    for key in ("trace_id", "tenant_id"):
-        value = context.get(key)
-        if value is not None and not (isinstance(value, str) and len(value) <= 255):
-            raise ConfigError(f"--context: {key} must be a string of at most 255 characters")
+    """The run's context, with a fresh `trace_id` unless one is given; refused here as the
+    runner and the server refuse it (`context_problems`), before anything is sent."""
+    if problems := context_problems(context):
+        text = "; ".join(f"{field.removeprefix('context.')}: {why}" for field, why in problems)
+        raise ConfigError(f"--context: {text}")
     return {"trace_id": uuid.uuid4().hex, **context}
 
 

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..auth import Principal
-from ..core.pipeline import plan
+from ..core.pipeline import context_problems, plan
 from ..core.policy import Policy, complexity_warnings, policy_to_plain
 from ..errors import (
     Conflict,
@@ -276,7 +276,7 @@ async def run_policy(
     `detail`, `reason` and the `steps` so far."""
     runtime = runtime_of(request)
     invoker = runtime.invoker
-    context = _context(body.context)
+    context = _context(policy_id, body.context)
     if invoker is None or not hasattr(invoker, "run_policy"):
         runtime.registry.lookup_policy(policy_id)  # 404 or 409 before "no invoker"
         raise NatsUnavailable(NO_INVOKER.format(what="policy runs are"))
@@ -308,7 +308,7 @@ async def dry_run_policy(
     """The steps a run would take for this context, by the policy's `when` conditions;
     sends nothing to any extension."""
     policy = runtime_of(request).registry.lookup_policy(policy_id)
-    context = _context(body.context)
+    context = _context(policy_id, body.context)
     if context.get("tenant_id") is None and policy.tenant_id is not None:
         context["tenant_id"] = policy.tenant_id  # as a run fills it
     return JSONResponse({"steps": [step.as_dict() for step in plan(policy, context)]})
@@ -322,17 +322,12 @@ def recent_runs(request: Request) -> RecentRuns:
     return runs
 
 
-def _context(context: dict[str, Any]) -> dict[str, Any]:
-    """The run's context; 422 when `trace_id` or `tenant_id` is given but no string (the
-    envelope carries them as strings)."""
-    problems = [
-        (f"context.{key}", "must be a string of at most 255 characters")
-        for key in ("trace_id", "tenant_id")
-        if context.get(key) is not None
-        and not (isinstance(context[key], str) and len(context[key]) <= 255)
-    ]
-    if problems:
-        raise InvalidRecord("request", problems, kind="policy")
+def _context(policy_id: str, context: dict[str, Any]) -> dict[str, Any]:
+    """The run's context, checked as the runner checks it (`context_problems`), so that a
+    run answers 422 naming the field before it needs an invoker, and a dry run refuses what
+    a run would."""
+    if problems := context_problems(context):
+        raise InvalidRecord(policy_id, problems, kind="context")  # as the runner raises it
     return dict(context)
 
 
