@@ -54,12 +54,15 @@ def settings_for(tmp_path: Path, url: str, **values: Any) -> Settings:
     return make_settings(tmp_path, source="database", database_url=url, **values)
 
 
-async def seeded(db: PostgresSource) -> None:
-    """The extensions the test policies name: a pre, a validator, a provider and a post."""
+async def seeded(db: PostgresSource, *policies: Policy) -> None:
+    """The extensions the test policies name (a pre, a validator, a provider and a post), then
+    `policies`, all imported by `test`."""
     await db.import_extensions(
         [ext("norm"), ext("guard", "validator"), ext("llm", "provider"), ext("mask", "post")],
         "test",
     )
+    if policies:
+        await db.import_policies(list(policies), "test")
 
 
 def audit(url: str, policy_id: str = "p") -> list[tuple[Any, ...]]:
@@ -145,8 +148,7 @@ async def test_a_bad_policy_is_refused_and_nothing_is_written(
     audited: not even the good policy beside it."""
     settings = settings_for(tmp_path, db_url, extension_max_pre_count=1)
     async with PostgresSource(settings) as db:
-        await seeded(db)
-        await db.import_policies([policy("kept")], "test")
+        await seeded(db, policy("kept"))
         rows, trail = stored_rows(db_url), sql(db_url, "SELECT * FROM extension_audit_log")
         with pytest.raises(InvalidRecord) as refused:
             await db.write_policies(
@@ -165,8 +167,7 @@ async def test_a_kept_reference_to_a_gone_extension_does_not_block_a_write(
     """Once an extension a policy names is deleted, the policy can still be disabled or edited
     (the reference was checked when it was added); a new bad reference is still refused."""
     async with PostgresSource(settings_for(tmp_path, db_url)) as db:
-        await seeded(db)
-        await db.import_policies([policy()], "test")
+        await seeded(db, policy())
         await db.delete_extension("guard", "test")
         disabled = policy(enabled=False)
         assert {"p": "updated"} == await db.import_policies([disabled], "test")
@@ -178,8 +179,7 @@ async def test_concurrent_writes_of_one_policy_serialize(tmp_path: Path, db_url:
     """Eight writers increment a counter held in the policy at once: each change runs on the
     policy as the previous writer committed it, so none is lost."""
     async with PostgresSource(settings_for(tmp_path, db_url)) as db:
-        await seeded(db)
-        await db.import_policies([policy(tenant_id="0")], "test")
+        await seeded(db, policy(tenant_id="0"))
         seen: list[int] = []
 
         def increment(cur: Policy | None) -> Policy | None:
@@ -251,8 +251,7 @@ async def test_a_row_broken_by_plain_sql_is_left_out_and_named(tmp_path: Path, d
     of what is read and reported under `policy:<id>` with the field at fault; the write path
     can still replace or delete the row."""
     async with PostgresSource(settings_for(tmp_path, db_url)) as db:
-        await seeded(db)
-        await db.import_policies([policy("p"), policy("q")], "test")
+        await seeded(db, policy("p"), policy("q"))
         sql(db_url, """UPDATE routing_policies SET body = '{"pre": [{"mode": "optional"}]}'""")
         sql(db_url, """UPDATE routing_policies SET body = '{"extra": 1}' WHERE policy_id = 'q'""")
         assert [] == await db.load_all_policies()
@@ -269,8 +268,7 @@ async def test_row_versions_include_policies(tmp_path: Path, db_url: str) -> Non
     """What the sync compares holds each policy under `policy:<id>`, and its token changes
     with every committed write of the row."""
     async with PostgresSource(settings_for(tmp_path, db_url)) as db:
-        await seeded(db)
-        await db.import_policies([policy()], "test")
+        await seeded(db, policy())
         before = await db.row_versions()
         sql(db_url, "UPDATE routing_policies SET tenant_id = 'acme'")
         after = await db.row_versions()
@@ -289,8 +287,7 @@ async def test_plain_sql_policy_changes_reach_the_registry_by_notification(
     plain SQL reach a running registry through notifications (the sync is an hour away)."""
     settings = settings_for(tmp_path, db_url)
     async with PostgresSource(settings) as db:
-        await seeded(db)
-        await db.import_policies([policy()], "test")
+        await seeded(db, policy())
     with capture_logs() as events:
         async with Registry.open(settings) as reg:
             assert ["p"] == [p.policy_id for p in reg.policies()]
@@ -320,8 +317,7 @@ async def test_the_sync_alone_brings_policy_changes(tmp_path: Path, db_url: str)
     one deleted with plain SQL."""
     settings = settings_for(tmp_path, db_url)
     async with PostgresSource(settings) as db:
-        await seeded(db)
-        await db.import_policies([policy("keep"), policy("gone")], "test")
+        await seeded(db, policy("keep"), policy("gone"))
     for table in ("extensions", "extension_versions", "extension_instances", "routing_policies"):
         sql(db_url, f"DROP TRIGGER extreg_notify ON {table}")
     async with Registry.open(settings) as reg:
@@ -338,8 +334,7 @@ async def test_a_deleted_extension_makes_the_policy_unusable(tmp_path: Path, db_
     the reason, and one warning names it; when it returns, the policy is usable again."""
     settings = settings_for(tmp_path, db_url)
     async with PostgresSource(settings) as db:
-        await seeded(db)
-        await db.import_policies([policy()], "test")
+        await seeded(db, policy())
         with capture_logs() as events:
             async with Registry.open(settings) as reg:
                 assert {} == reg.status.unusable_policies
@@ -413,8 +408,7 @@ async def test_a_boot_from_the_snapshot_file_serves_its_policies(
     migrate(url)
     settings = settings_for(tmp_path, url)
     async with PostgresSource(settings) as db:
-        await seeded(db)
-        await db.import_policies([policy(), policy("q", enabled=False)], "test")
+        await seeded(db, policy(), policy("q", enabled=False))
     async with Registry.open(settings) as reg:
         served = reg.policies()
     own_pg.stop()
