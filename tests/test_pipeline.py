@@ -663,6 +663,41 @@ async def test_validators_decide_as_a_sequential_run_would(
         assert 2 == len(seen_first.requests)
 
 
+async def test_extension_supplied_reasons_are_bounded_everywhere_they_go(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """A validator's reject reason and an extension error's reason are text of others: the
+    step, the error and its log line get at most 200 characters of it, control characters
+    escaped (a `warn` validator's log line too)."""
+    guard, warn = ext("guard", "validator"), ext("warn_guard", "validator")
+    huge = "r" * 5_000 + "\n\x1b[2J"
+    shown = "r" * 200 + "... (5005 characters)"
+    blocking = {"policy_id": "p", "validators": [{"id": "warn_guard", "on_fail": "warn"},
+                                                 {"id": "guard"}]}  # fmt: skip
+    hooked = {"policy_id": "h", "providers": ["hook:m"]}
+    settings = settings_for(tmp_path, nats_url, [guard, warn], blocking, hooked)
+    reject = answer_with({"status": "reject", "reason": huge})
+
+    async def failing(name: str, message: dict[str, Any], context: dict[str, Any]) -> Any:
+        raise InvalidResponse(name, huge, 1)
+
+    async with (
+        open_invoker(settings) as inv,
+        respond(nats_client, guard["subject"], reject),
+        respond(nats_client, warn["subject"], reject),
+    ):
+        with capture_logs() as logs, pytest.raises(ValidatorBlocked) as blocked:
+            await inv.run_policy("p", MESSAGE)
+        with pytest.raises(NoProvider) as no_provider:
+            await inv.run_policy("h", MESSAGE, provider=failing)
+    assert shown == blocked.value.reason
+    assert [shown, shown] == [s.reason for s in blocked.value.steps]
+    lines = [e for e in logs if e["event"] in ("validator_warned", "policy_run_blocked")]
+    assert [shown, shown] == [e["reason"] for e in lines]
+    assert shown == no_provider.value.steps[-1].reason
+    assert no_provider.value.reason.endswith(shown)
+
+
 async def test_warned_and_ignored_rejects_go_on_and_a_warn_is_logged(
     tmp_path: Path, nats_url: str, nats_client: Client
 ) -> None:

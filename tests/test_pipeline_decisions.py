@@ -15,6 +15,7 @@ from extreg.core.pipeline import (
     Step,
     Verdict,
     apply_reply,
+    bounded,
     context_problems,
     failed_status,
     plan,
@@ -182,6 +183,16 @@ def test_provider_message_without_metadata_anywhere() -> None:
 def test_verdict_of(reply: dict[str, Any], verdict: Verdict) -> None:
     """No status is ok; `reject` carries reason and details; any other status fails closed."""
     assert verdict == verdict_of(reply)
+
+
+def test_a_validators_reason_is_bounded_and_made_printable() -> None:
+    """The reason is the extension's text: it reaches logs, steps and answers at most 200
+    characters long (saying how long it was), control characters escaped."""
+    verdict = verdict_of({"status": "reject", "reason": "x" * 10_000 + "\n\x1b[31m"})
+    assert verdict.reason == "x" * 200 + "... (10006 characters)"
+    assert "\\n\\x1b" == verdict_of({"status": "reject", "reason": "\n\x1b"}).reason
+    assert "pii_detected" == bounded("pii_detected")
+    assert 200 + len("... (201 characters)") == len(bounded("é" * 201))
 
 
 # -- settle -----------------------------------------------------------------------------------

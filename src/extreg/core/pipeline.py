@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..errors import printable
 from .policy import Policy, Stage, StepItem, ValidatorItem
 from .routing import rules_match
 
@@ -151,14 +152,26 @@ def provider_message(
 
 
 def verdict_of(reply: Mapping[str, Any]) -> Verdict:
-    """What a validator's reply means (see the module docstring)."""
+    """What a validator's reply means (see the module docstring). Its reason is the
+    extension's text, bound for logs, steps and answers (`bounded`)."""
     status = reply.get("status", "ok")
     if status == "ok":
         return Verdict(True)
-    reason = reply.get("reason")
     if status != "reject":
-        reason = f"unknown validator status {str(status)[:40]!r}"
-    return Verdict(False, str(reason) if reason is not None else "rejected", reply.get("details"))
+        return Verdict(
+            False, f"unknown validator status {str(status)[:40]!r}", reply.get("details")
+        )
+    reason = reply.get("reason")
+    return Verdict(False, "rejected" if reason is None else bounded(reason), reply.get("details"))
+
+
+REASON_MAX_LENGTH = 200
+
+
+def bounded(reason: object) -> str:
+    """A reason an extension (or a provider hook) supplied, made safe to log, list in a step
+    and answer: control characters escaped, at most `REASON_MAX_LENGTH` characters shown."""
+    return printable(str(reason), REASON_MAX_LENGTH)
 
 
 def settle(items: Sequence[ValidatorItem], verdicts: Sequence[Verdict | None]) -> int | None:

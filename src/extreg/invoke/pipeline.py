@@ -42,6 +42,7 @@ from ..core.pipeline import (
     Step,
     Verdict,
     apply_reply,
+    bounded,
     context_problems,
     failed_status,
     provider_message,
@@ -245,13 +246,14 @@ class _Run:
                     raise retyped(ext, wanted)
                 reply = await invoke(item.id, self.request(message, ctx, item.config), ctx)
             except ExtensionError as exc:
+                reason = bounded(exc.reason)
                 steps.append(
-                    Step(stage, item.id, "failed", (perf_counter() - started) * 1000.0, exc.reason)
+                    Step(stage, item.id, "failed", (perf_counter() - started) * 1000.0, reason)
                 )
                 if item.mode == "required":
                     raise StepFailed(
                         policy_id,
-                        f"required {stage} step {item.id} failed: {exc.reason}",
+                        f"required {stage} step {item.id} failed: {reason}",
                         steps,
                         exc,
                     ) from exc
@@ -289,7 +291,9 @@ class _Run:
                 raise retyped(ext, _VALIDATOR)
             reply = await self.invoke(item.id, self.request(message, ctx, item.config), ctx)
         except ExtensionError as exc:  # a timeout or an error counts as a reject
-            return _Answer(Verdict(False, exc.reason), (perf_counter() - started) * 1000.0, exc)
+            return _Answer(
+                Verdict(False, bounded(exc.reason)), (perf_counter() - started) * 1000.0, exc
+            )
         return _Answer(verdict_of(reply), (perf_counter() - started) * 1000.0, None)
 
     async def ask_together(
@@ -379,7 +383,11 @@ class _Run:
                 last_error = exc
                 steps.append(
                     Step(
-                        "provider", name, "failed", (perf_counter() - started) * 1000.0, exc.reason
+                        "provider",
+                        name,
+                        "failed",
+                        (perf_counter() - started) * 1000.0,
+                        bounded(exc.reason),
                     )
                 )
                 continue
@@ -387,7 +395,7 @@ class _Run:
             return provider_message(message, reply, name), name
         reason = "no provider answered"
         if last_error is not None:
-            reason += f"; last: {last_error.extension_id}: {last_error.reason}"
+            reason += f"; last: {last_error.extension_id}: {bounded(last_error.reason)}"
         raise NoProvider(self.policy_id, reason, steps, last_error)
 
     async def hook(
