@@ -1009,6 +1009,42 @@ async def test_a_failed_run_logs_one_warning_with_its_step(tmp_path: Path, nats_
     assert "no responders" in line["reason"]
 
 
+async def test_an_observer_that_raises_changes_no_run(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """An observer that raises is logged (its exception's class, not its text) and passed
+    over: a good run still answers its result, a blocked one still raises ValidatorBlocked,
+    and the observers after it still hear of both."""
+    guard = ext("guard", "validator")
+    policy = {"policy_id": "p", "validators": [{"id": "guard"}]}
+    settings = settings_for(tmp_path, nats_url, [guard], policy)
+    verdicts = [b'{"status": "ok"}', json.dumps(VALIDATOR_REPLIES["reject"]).encode()]
+    told: list[str] = []
+
+    def broken(policy_id: str, outcome: str, seconds: float, steps: Any) -> None:
+        raise RuntimeError("secret-in-text")
+
+    async def verdict(request: dict[str, Any]) -> bytes:
+        return verdicts.pop(0)
+
+    async with (
+        open_invoker(settings) as inv,
+        respond(nats_client, guard["subject"], verdict),
+    ):
+        inv.pipeline.observers[:] = [broken, lambda _, outcome, *__: told.append(outcome)]
+        with capture_logs() as logs:
+            result = await inv.run_policy("p", MESSAGE)
+            with pytest.raises(ValidatorBlocked):
+                await inv.run_policy("p", MESSAGE)
+    assert [("validator", "guard", "ok")] == statuses(result.steps)
+    assert ["ok", "blocked"] == told
+    failed = [e for e in logs if e["event"] == "policy_observer_failed"]
+    assert [("ok", "RuntimeError"), ("blocked", "RuntimeError")] == [
+        (e["outcome"], e["error"]) for e in failed
+    ]
+    assert "secret" not in repr(failed)
+
+
 async def test_result_as_dict(tmp_path: Path, nats_url: str) -> None:
     policy = {"policy_id": "p", "providers": ["hook:m"]}
     settings = settings_for(tmp_path, nats_url, [ext("x", "pre")], policy)

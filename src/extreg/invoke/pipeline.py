@@ -455,10 +455,20 @@ def _tell(
     started: float,
     steps: Sequence[Step],
 ) -> None:
+    """Tell each observer of the run. One that raises is logged and passed over: watching a
+    run must never change its outcome, nor keep the others from hearing of it."""
     if observers:
         seconds = perf_counter() - started
         for observe in observers:
-            observe(policy_id, outcome, seconds, steps)
+            try:
+                observe(policy_id, outcome, seconds, steps)
+            except Exception as exc:
+                log.error(
+                    "policy_observer_failed",
+                    policy_id=policy_id,
+                    outcome=outcome,
+                    error=type(exc).__name__,
+                )
 
 
 def _outcome_of(exc: PolicyError) -> str:
