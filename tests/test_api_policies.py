@@ -655,6 +655,30 @@ async def test_a_run_answers_the_result(
         assert (1, {"ok": 1}, "ok") == (runs["total"], runs["outcomes"], runs["last_outcome"])
 
 
+async def test_apps_over_one_invoker_share_one_recent_runs_observer(
+    tmp_path: Path, db_url: str, nats_url: str
+) -> None:
+    """Every `create_app` over the same runtime reuses the one recent-runs observer of its
+    invoker's pipeline (the observer list does not grow with the apps), so a run made
+    through one app shows in the others' `recent_runs`."""
+    async with policy_api(tmp_path, db_url, nats_url=nats_url) as api:
+        await create(api, {**FLOW, "enabled": False})
+        assert api.runtime.invoker is not None
+        observers = api.runtime.invoker.pipeline.observers
+        before = len(observers)
+        other = create_app(api.runtime)
+        create_app(api.runtime)
+        assert before == len(observers)
+        transport = httpx.ASGITransport(app=other)
+        async with httpx.AsyncClient(transport=transport, base_url="http://other") as client:
+            off = await client.post(
+                "/admin/policies/flow/run", json={}, headers=api.auth("operator")
+            )
+        assert 409 == off.status_code, off.text
+        listed = await api.client.get("/admin/policies", headers=api.auth("viewer"))
+        assert {"disabled": 1} == listed.json()[0]["recent_runs"]["outcomes"]
+
+
 async def test_a_blocking_validator_answers_403_with_its_reason(
     tmp_path: Path, db_url: str, nats_url: str, nats_client: Client
 ) -> None:

@@ -52,10 +52,9 @@ def create_app(
     app.state.auth_limiter = FailedAuthLimiter(failed_auth_limit, failed_auth_window_s)
     app.state.trusted_proxies = trusted_proxies(runtime.settings)
     app.state.sessions = SessionBook(runtime.tokens, session_ttl_s)
-    app.state.policy_runs = RecentRuns()  # the dashboard's recent outcomes of each policy
     pipeline = getattr(runtime.invoker, "pipeline", None)
-    if pipeline is not None:
-        app.state.policy_runs.follow(pipeline)
+    # The dashboard's recent outcomes of each policy: one per pipeline, shared by its apps.
+    app.state.policy_runs = RecentRuns() if pipeline is None else RecentRuns.following(pipeline)
     errors.install(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes(runtime.settings))  # 413, before routes
     app.add_middleware(RequestLog)  # outside BodyLimit, so it logs the 413s too

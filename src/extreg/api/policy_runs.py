@@ -1,7 +1,9 @@
 """The recent outcomes of each policy's runs through this server, for the dashboard.
 
-Fed by the invoker's pipeline runner, as one of its `observers` (`follow`), so every run this
-process makes counts: through the API, the CLI on this server, or the demo's traffic. A small ring per policy (the last `per_policy` runs) and at most `policies` rings, the least
+Fed by the invoker's pipeline runner, as one of its `observers` (`following`), so every run
+this process's invoker makes counts: through the API (`extreg policy run --url` among them) or
+the demo's traffic; a CLI run without --url has an invoker of its own and is not seen here. A
+small ring per policy (the last `per_policy` runs) and at most `policies` rings, the least
 recently run dropped first, so memory stays bounded whatever ids are run. It lives in this
 process only: it shows what this server saw lately, not a cluster-wide history (the metrics
 `extreg_policy_runs_total` are for that).
@@ -30,13 +32,21 @@ class RecentRuns:
         self.policies = policies
         self._rings: OrderedDict[str, deque[tuple[str, float]]] = OrderedDict()
 
-    def follow(self, pipeline: Any) -> None:
-        """Be told of every run of `pipeline` (an `Invoker.pipeline`)."""
+    @classmethod
+    def following(cls, pipeline: Any) -> RecentRuns:
+        """The rings told of every run of `pipeline` (an `Invoker.pipeline`): the ones among
+        its `observers` already, else new ones added there. One per pipeline, however many
+        apps are made over it (each `create_app`), so the list never grows with them."""
+        for observer in pipeline.observers:
+            if isinstance(observer, cls):
+                return observer
+        runs = cls()
+        pipeline.observers.append(runs)
+        return runs
 
-        def observe(policy_id: str, outcome: str, seconds: float, steps: Sequence[Any]) -> None:
-            self.record(policy_id, outcome)
-
-        pipeline.observers.append(observe)
+    def __call__(self, policy_id: str, outcome: str, seconds: float, steps: Sequence[Any]) -> None:
+        """A `PolicyObserver`: one run's end."""
+        self.record(policy_id, outcome)
 
     def record(self, policy_id: str, outcome: str) -> None:
         if outcome in NOT_RUNS:
