@@ -15,6 +15,7 @@ from helpers import record
 from extreg.adapters.fixtures import load_fixtures
 from extreg.core.model import parse_extension
 from extreg.core.policy import (
+    POST_WITHOUT_PROVIDERS,
     PolicyLimits,
     complexity_warnings,
     parse_policy,
@@ -118,6 +119,15 @@ def test_complexity_warnings_follow_the_originals_recommendations() -> None:
         "5 pre, validator and post items: more than the recommended 4 adds latency to every message",
         "pre: 3 items, more than the recommended 2",
     ]
+
+
+def test_post_without_providers_is_warned_about_as_it_never_runs() -> None:
+    """A run of a policy without providers ends after its validators: its post items are
+    allowed (a provider may be added later) but said to do nothing."""
+    idle = parse_policy(policy(providers=[]), limits=LIMITS)
+    assert [POST_WITHOUT_PROVIDERS] == complexity_warnings(idle)
+    assert POST_WITHOUT_PROVIDERS.startswith("post: never runs")
+    assert [] == complexity_warnings(parse_policy(policy(providers=[], post=[]), limits=LIMITS))
 
 
 def _extensions() -> list[Any]:

@@ -152,7 +152,9 @@ def pipeline_depth(policy: Policy) -> int:
 
 
 def complexity_warnings(policy: Policy) -> list[str]:
-    """The original's complexity warnings: allowed, but longer than recommended."""
+    """The original's complexity warnings (allowed, but longer than recommended), and what
+    is allowed but does nothing: `post` items in a policy without providers, which ends
+    after its validators."""
     warnings = []
     depth = pipeline_depth(policy)
     if depth > RECOMMENDED["depth"]:
@@ -166,7 +168,14 @@ def complexity_warnings(policy: Policy) -> list[str]:
             warnings.append(
                 f"{stage}: {count} items, more than the recommended {RECOMMENDED[stage]}"
             )
+    if policy.post and not policy.providers:
+        warnings.append(POST_WITHOUT_PROVIDERS)
     return warnings
+
+
+POST_WITHOUT_PROVIDERS = (
+    "post: never runs, the policy has no providers (a run ends after its validators)"
+)
 
 
 def references(policy: Policy) -> list[tuple[str, str, str]]:
