@@ -20,10 +20,9 @@ from extreg.core.pipeline import (
     failed_status,
     plan,
     provider_message,
-    request_for,
-    request_with,
     settle,
     step_metadata,
+    step_request,
     verdict_of,
     when_matches,
 )
@@ -38,35 +37,29 @@ def validators(*on_fail: str) -> tuple[ValidatorItem, ...]:
     return tuple(ValidatorItem(f"v{i}", on_fail=f) for i, f in enumerate(on_fail))  # type: ignore[arg-type]
 
 
-# -- request_for ------------------------------------------------------------------------------
+# -- step_metadata and step_request ----------------------------------------------------------
 
 
 def test_request_carries_the_message_the_context_but_its_ids_and_the_policy() -> None:
     """The message is the payload; the context minus trace and tenant ids (the envelope's own
     fields) is the metadata, with the policy id and the item's config."""
-    request = request_for(
-        MESSAGE,
-        {"trace_id": "t", "tenant_id": "acme", "lang": "en"},
-        "support_en",
-        {"lowercase": True},
-    )
+    metadata = step_metadata({"trace_id": "t", "tenant_id": "acme", "lang": "en"}, "support_en")
     assert {
         "payload": MESSAGE,
         "metadata": {"lang": "en", "policy_id": "support_en", "config": {"lowercase": True}},
-    } == request
+    } == step_request(MESSAGE, metadata, {"lowercase": True})
 
 
 def test_request_without_config_has_no_config_key_and_copies_nothing() -> None:
-    """A request is only encoded: the message goes in as it is, and `request_with` shares
-    one `step_metadata` between the steps of a context."""
-    request = request_for(MESSAGE, {}, "p", {})
-    assert {"policy_id": "p"} == request["metadata"]
-    assert request["payload"] is MESSAGE
+    """A request is only encoded: the message goes in as it is, and the steps of one context
+    share its `step_metadata`; a config makes a new metadata, leaving the shared one be."""
     metadata = step_metadata({"trace_id": "t", "lang": "en"}, "p")
     assert {"lang": "en", "policy_id": "p"} == metadata
-    assert metadata is request_with(MESSAGE, metadata, {})["metadata"]
+    request = step_request(MESSAGE, metadata, {})
+    assert request["payload"] is MESSAGE and request["metadata"] is metadata
+    assert {"policy_id": "p"} == step_request(MESSAGE, step_metadata({}, "p"), {})["metadata"]
     assert {"lang": "en", "policy_id": "p", "config": {"x": 1}} == (
-        request_with(MESSAGE, metadata, {"x": 1})["metadata"]
+        step_request(MESSAGE, metadata, {"x": 1})["metadata"]
     )
     assert {"lang": "en", "policy_id": "p"} == metadata
 

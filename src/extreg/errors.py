@@ -150,8 +150,10 @@ class PolicyError(ExtregError):
     """A policy run stopped without a result.
 
     `steps` are the steps run so far (`extreg.core.pipeline.Step`, in policy order), the failing
-    one last; `cause` is the extension error behind it, if any, which decides the HTTP status
-    (an open circuit 503, a timeout 504)."""
+    one last; `cause` is the extension error behind it, if any. For `StepFailed` and
+    `NoProvider` the cause decides the HTTP status (an open circuit or an unavailable
+    extension 503, a timeout 504, else 502); a `ValidatorBlocked` is 403 whatever its cause
+    (the validator decided)."""
 
     reason_default = "policy run failed"
 

@@ -92,30 +92,22 @@ def when_matches(when: Mapping[str, Any], context: Mapping[str, Any]) -> bool:
     return not when or rules_match(when, context.get)
 
 
-def request_for(
-    message: Mapping[str, Any],
-    context: Mapping[str, Any],
-    policy_id: str,
-    config: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The request of one step: the message as `payload`, the context (but the ids, which
-    the envelope carries itself) and the policy id as `metadata`, and the item's `config`
-    under `metadata.config` when it has one (the original sent none; the samples read it)."""
-    return request_with(message, step_metadata(context, policy_id), config)
-
-
 def step_metadata(context: Mapping[str, Any], policy_id: str) -> dict[str, Any]:
-    """The `metadata` every step of a run sends while the context stays the same: made once
-    per context by the runner, shared by its steps (the request is encoded, never changed)."""
+    """The `metadata` every step of a run sends while the context stays the same: the
+    context but the `RESERVED` keys (the ids travel as the envelope's own fields) and the
+    policy id. Made once per context by the runner and shared by its steps."""
     metadata = {k: v for k, v in context.items() if k not in RESERVED}
     metadata["policy_id"] = policy_id
     return metadata
 
 
-def request_with(
+def step_request(
     message: Mapping[str, Any], metadata: Mapping[str, Any], config: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """`request_for` from a `step_metadata`. Nothing is copied: a request is only encoded."""
+    """The request of one step: the message as `payload`, a `step_metadata` as `metadata`,
+    with the item's `config` under `metadata.config` when it has one (the original sent
+    none; the samples read it). The message and a config-less metadata go in as they are (a
+    request is only encoded, never changed); a config makes a new metadata dict."""
     return {"payload": message, "metadata": {**metadata, "config": config} if config else metadata}
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 
 from ..errors import InvalidRecord
-from .model import Actor, Extension, Id, explain
+from .model import DATABASE_KEPT, Actor, Extension, Id, explain
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -77,7 +77,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     updated_by: Actor | None = None
 
 
-POLICY_KEPT = ("created_at", "updated_at", "created_by", "updated_by")
+POLICY_KEPT = DATABASE_KEPT  # the stamps the database keeps, as for extensions
 POLICY_FIELDS = {f.name: f for f in msgspec.structs.fields(Policy)}
 WRITABLE_POLICY_FIELDS = tuple(n for n in POLICY_FIELDS if n not in POLICY_KEPT)
 BODY_FIELDS = ("pre", "validators", "providers", "post")  # the `body` column of the table
@@ -205,13 +205,6 @@ def reference_problems(policy: Policy, types: Mapping[str, str]) -> list[tuple[s
         elif found != wanted:
             problems.append((field, f"extension {ext_id!r} is a {found} extension, not a {wanted}"))
     return problems
-
-
-def check_references(policy: Policy, types: Mapping[str, str]) -> None:
-    """`reference_problems` as an `InvalidRecord`, for writers."""
-    problems = reference_problems(policy, types)
-    if problems:
-        raise InvalidRecord(policy.policy_id, problems, kind="policy")
 
 
 def availability(policy: Policy, extensions: Mapping[str, Extension]) -> list[str]:

@@ -48,10 +48,11 @@ from ..core.pipeline import (
     provider_message,
     settle,
     step_metadata,
+    step_request,
     verdict_of,
+    when_matches,
 )
 from ..core.policy import STAGE_TYPES, Policy, Stage, StepItem, ValidatorItem
-from ..core.routing import rules_match
 from ..errors import (
     ExtensionError,
     ExtensionNotFound,
@@ -205,12 +206,11 @@ class _Run:
     def request(
         self, message: dict[str, Any], ctx: dict[str, Any], config: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """`request_for`, with the context's part made once per context (a context is never
-        changed in place: a reply's metadata makes a new one)."""
+        """`step_request`, its `step_metadata` made once per context (a context is never
+        changed in place: a reply's metadata makes a new one, the hook gets a copy)."""
         if ctx is not self.meta_of:
             self.meta, self.meta_of = step_metadata(ctx, self.policy_id), ctx
-        meta = self.meta
-        return {"payload": message, "metadata": {**meta, "config": config} if config else meta}
+        return step_request(message, self.meta, config)
 
     async def run(self, message: dict[str, Any], ctx: dict[str, Any]) -> PolicyResult:
         policy = self.policy
@@ -237,7 +237,7 @@ class _Run:
         steps, invoke, policy_id, get = self.steps, self.invoke, self.policy_id, self.get
         wanted = STAGE_TYPES[stage]
         for item in items:
-            if item.when and not rules_match(item.when, ctx.get):
+            if not when_matches(item.when, ctx):
                 steps.append(Step(stage, item.id, "skipped", 0.0, SKIPPED_REASON))
                 continue
             started = perf_counter()
@@ -271,7 +271,7 @@ class _Run:
         answers: list[_Answer | None] = [None] * len(items)
         active = []
         for index, item in enumerate(items):
-            if item.when and not rules_match(item.when, ctx.get):
+            if not when_matches(item.when, ctx):
                 answers[index] = _SKIPPED
             else:
                 active.append(index)
