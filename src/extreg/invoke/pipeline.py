@@ -3,10 +3,11 @@
     result = await inv.run_policy("support_en", message, {"trace_id": "t-1"}, provider=hook)
     result.message, result.context, result.provider_id, result.steps
 
-The decisions are `extreg.core.pipeline`'s (pure); this module only sequences the calls. Every
-extension step goes through `Invoker.invoke`, so breakers, health, health-based routing,
-limits and retries apply to a step exactly as to a direct call. Order (SPEC.md, "Routing
-policies and the pipeline"):
+The decisions are `extreg.core.pipeline`'s (pure); this module only sequences the calls. The
+context is checked first (`context_problems`). Every extension step goes through
+`Invoker.invoke`, so breakers, health, health-based routing, limits and retries apply to a
+step exactly as to a direct call, once its extension is found still of the stage's type (one
+`Registry.get`; `retyped`). Order (SPEC.md, "Routing policies and the pipeline"):
 
 - `pre`, then (after the provider) `post`: sequential awaits, each step on the message the
   previous one left. An error is a `failed` step; a `required` item then stops the run with
@@ -18,7 +19,8 @@ policies and the pipeline"):
   reply inbox, so a late reply is dropped unread. Only the steps a sequential run would list
   are listed (up to the blocking one).
 - `providers`: tried in order until one answers; a `name:model` entry goes to the caller's
-  `provider` hook. A policy without providers ends after its validators.
+  `provider` hook (copies of message and context, bounded by `extension_max_timeout_ms`, no
+  breaker or health). A policy without providers ends after its validators.
 
 A run reports to each of `observers` (the metrics, the dashboard's recent runs) once, at its end, with
 its outcome (`OUTCOMES`), its duration and its steps, so the per-step path does no metric
