@@ -4,18 +4,25 @@ operators editing the same record cannot silently overwrite each other.
 The tag is a hash of the whole record as served, `updated_at` included, so any change (made
 through the API, the CLI or plain SQL) gives a new tag. A missing `If-Match` is allowed (the
 write is unconditional); a present one must match the record as stored at the moment of the
-write, which the caller checks inside the write's transaction.
+write, which the caller checks inside the write's transaction (the `change` a write runs).
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated, TypeVar
 
 import msgspec
+from fastapi import Header
 
 from ..core.model import Extension, to_plain
 from ..core.policy import Policy, policy_to_plain
-from ..errors import StaleETag
+from ..errors import ExtregError, StaleETag
+
+IfMatch = Annotated[
+    str | None, Header(alias="If-Match", description="The ETag you read; a stale one gets 412.")
+]
+Record = TypeVar("Record", Extension, Policy)
 
 
 def etag_of(record: Extension | Policy) -> str:
@@ -30,12 +37,31 @@ def check_if_match(if_match: str | None, current: Extension | Policy) -> None:
         return
     offered = {tag.strip() for tag in if_match.split(",")}
     if etag_of(current) not in offered:  # weak tags (W/"...") never match: RFC 9110 13.1.1
-        what = (
-            f"policy {current.policy_id!r}"
-            if isinstance(current, Policy)
-            else f"extension {current.id!r}"
-        )
         raise StaleETag(
-            f"{what} changed since you read it (If-Match {if_match} is stale):"
+            f"{_named(current)} changed since you read it (If-Match {if_match} is stale):"
             " read it again and retry"
         )
+
+
+def existing(current: Record | None, if_match: str | None, not_found: ExtregError) -> Record:
+    """The record a change acts on (a PUT, PATCH, DELETE, enable or disable): `not_found`
+    raised when there is none, `StaleETag` when `if_match` is stale."""
+    if current is None:
+        raise not_found
+    check_if_match(if_match, current)
+    return current
+
+
+def unmatched(what: str, if_match: str, instead: str) -> StaleETag:
+    """The error of an `If-Match` where no readable version is, which nothing it names can
+    match: `instead` says what to do (`create it`, `delete it`) without one."""
+    return StaleETag(
+        f"{what} has no readable version (If-Match {if_match} names none): {instead}"
+        " without If-Match"
+    )
+
+
+def _named(record: Extension | Policy) -> str:
+    if isinstance(record, Policy):
+        return f"policy {record.policy_id!r}"
+    return f"extension {record.id!r}"

@@ -7,7 +7,8 @@ token's name as the actor, so the audit trigger records who made them (`policy_c
 `change` given to the write runs under the write's locks on the policy as committed, so an
 `If-Match` is checked there, and the write checks every extension id against the extensions
 as committed (422 naming the field and item). A write then re-reads its policy into this
-registry's cache, so that a GET right after it reads what was written.
+registry's cache, so that a GET right after it reads what was written (`writes.write_one`,
+the sequence of an extension's write too).
 
 A run goes through this process's invoker (`Invoker.run_policy`), so breakers, health and
 retries apply to each step as to a direct call; its errors map to statuses in `errors`
@@ -18,15 +19,13 @@ sends nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..auth import Principal
 from ..core.pipeline import context_problems, plan
 from ..core.policy import Policy, complexity_warnings, policy_to_plain
 from ..errors import (
@@ -35,10 +34,7 @@ from ..errors import (
     NatsUnavailable,
     PolicyError,
     PolicyNotFound,
-    SourceUnavailable,
-    StaleETag,
 )
-from ..registry import Registry
 from .bodies import (
     json_object,
     json_response,
@@ -48,12 +44,12 @@ from .bodies import (
     same_policy_id,
     strict_body,
 )
-from .etag import check_if_match, etag_of
+from .etag import IfMatch, check_if_match, etag_of, existing, unmatched
 from .operate import NO_INVOKER
 from .policy_runs import RecentRuns
-from .records import writable
 from .security import Admin, Operator, Viewer
 from .state import runtime_of
+from .writes import ms_since, writable, write_one
 
 log = structlog.get_logger("extreg.api")
 
@@ -65,9 +61,6 @@ async def bind_policy_id(request: Request) -> None:
         structlog.contextvars.bind_contextvars(policy_id=policy_id)
 
 
-IfMatch = Annotated[
-    str | None, Header(alias="If-Match", description="The ETag you read; a stale one gets 412.")
-]
 StrictBody = Annotated[None, Depends(strict_body)]  # after the token check: a parameter
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such policy."}}
 STALE: dict[int | str, dict[str, Any]] = {412: {"description": "If-Match is stale."}}
@@ -162,7 +155,7 @@ async def create_policy(request: Request, principal: Admin) -> JSONResponse:
             raise Conflict(f"policy {policy.policy_id!r} already exists")
         return policy
 
-    _, after = await _write(runtime.registry, policy.policy_id, change, principal)
+    _, after = await write_one(runtime.registry, "policy", policy.policy_id, change, principal.name)
     response = _written(after, 201)
     response.headers["Location"] = f"/admin/policies/{policy.policy_id}"
     return response
@@ -191,15 +184,12 @@ async def replace_policy(
 
     def change(current: Policy | None) -> Policy:
         if current is None and if_match is not None:
-            raise StaleETag(
-                f"policy {policy_id!r} does not exist (If-Match {if_match} names none):"
-                " create it without If-Match"
-            )
+            raise unmatched(f"policy {policy_id!r}", if_match, "create it")
         if current is not None:
             check_if_match(if_match, current)
         return policy
 
-    outcome, after = await _write(runtime.registry, policy_id, change, principal)
+    outcome, after = await write_one(runtime.registry, "policy", policy_id, change, principal.name)
     return _written(after, 201 if outcome == "created" else 200)
 
 
@@ -223,12 +213,16 @@ async def patch_policy(
 
     def change(current: Policy | None) -> Policy:
         merged = {
-            **policy_to_plain(_existing(current, policy_id, if_match), writable_only=True),
+            **policy_to_plain(
+                existing(current, if_match, PolicyNotFound(policy_id)), writable_only=True
+            ),
             **patch,
         }
         return policy_record(merged, runtime.settings, policy_id)
 
-    return _written((await _write(runtime.registry, policy_id, change, principal))[1])
+    return _written(
+        (await write_one(runtime.registry, "policy", policy_id, change, principal.name))[1]
+    )
 
 
 @router.delete(
@@ -250,13 +244,10 @@ async def delete_policy(
         if if_match is None:
             return  # a broken row reads as None, yet the delete removes it
         if current is None:
-            raise StaleETag(
-                f"policy {policy_id!r} has no readable version (If-Match {if_match} names"
-                " none): delete it without If-Match"
-            )
+            raise unmatched(f"policy {policy_id!r}", if_match, "delete it")
         check_if_match(if_match, current)
 
-    outcome, _ = await _write(registry, policy_id, change, principal)
+    outcome, _ = await write_one(registry, "policy", policy_id, change, principal.name)
     if outcome == "absent":
         raise PolicyNotFound(policy_id)
     return Response(status_code=204)
@@ -287,10 +278,10 @@ async def run_policy(
         log.info(
             "policy_run_by_request",
             outcome=type(exc).__name__,
-            duration_ms=_ms_since(started),
+            duration_ms=ms_since(started),
         )
         raise
-    log.info("policy_run_by_request", outcome="ok", duration_ms=_ms_since(started))
+    log.info("policy_run_by_request", outcome="ok", duration_ms=ms_since(started))
     return JSONResponse(result.as_dict())
 
 
@@ -331,10 +322,6 @@ def _context(policy_id: str, context: dict[str, Any]) -> dict[str, Any]:
     return dict(context)
 
 
-def _ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)
-
-
 def _written(policy: Policy | None, status: int = 200) -> JSONResponse:
     """A write's answer: the policy as stored, its `warnings`, and its ETag."""
     assert policy is not None  # callers pass stored policies
@@ -343,32 +330,3 @@ def _written(policy: Policy | None, status: int = 200) -> JSONResponse:
         status_code=status,
         headers={"ETag": etag_of(policy)},
     )
-
-
-async def _write(
-    registry: Registry,
-    policy_id: str,
-    change: Callable[[Policy | None], Policy | None],
-    principal: Principal,
-) -> tuple[str, Policy | None]:
-    """Write one policy through the one write path; (outcome, the policy after)."""
-    db = writable(registry)
-    if "\x00" in policy_id:  # PostgreSQL cannot store one, so no policy has it
-        raise PolicyNotFound(policy_id)
-    started = time.perf_counter()
-    outcome, after = (await db.write_policies({policy_id: change}, principal.name))[policy_id]
-    log.info("policy_written", action=outcome, duration_ms=_ms_since(started))
-    try:
-        await registry.refresh([], policy_ids=[policy_id])
-    except SourceUnavailable as exc:  # written; the notification or the sync brings it
-        log.warning("cache_not_refreshed", error=str(exc))
-    return outcome, after
-
-
-def _existing(current: Policy | None, policy_id: str, if_match: str | None) -> Policy:
-    """The policy a PUT, PATCH or DELETE changes: 404 when missing, 412 when `If-Match` is
-    stale."""
-    if current is None:
-        raise PolicyNotFound(policy_id)
-    check_if_match(if_match, current)
-    return current

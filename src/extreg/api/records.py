@@ -5,36 +5,30 @@ actor, so the audit trigger records who made them and the change notification up
 registry's cache, this one's included; the cache is never patched by hand. A write then
 re-reads its record into this registry's cache (`Registry.refresh`), so that a GET right
 after a write reads what was written. Every write, enable and disable included, goes through
-`PostgresSource.write`, which checks `If-Match` inside the transaction, under the per-id lock.
+`PostgresSource.write` (`writes.write_one`, the same sequence as a policy's), which checks
+`If-Match` inside the transaction, under the per-id lock.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
-import structlog
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..adapters.postgres import PostgresSource
 from ..auth import Principal
 from ..core.model import Extension, ExtensionType, to_plain
-from ..errors import Conflict, ExtensionNotFound, SourceUnavailable
+from ..errors import Conflict, ExtensionNotFound
 from ..registry import Registry
 from .bodies import json_object, json_response, record, request_body, same_id
-from .etag import check_if_match, etag_of
+from .etag import IfMatch, etag_of, existing
 from .requestlog import bind_extension_id
 from .security import Admin, Operator, Viewer
 from .state import runtime_of
+from .writes import writable, write_one
 
-log = structlog.get_logger("extreg.api")
-
-IfMatch = Annotated[
-    str | None, Header(alias="If-Match", description="The ETag you read; a stale one gets 412.")
-]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such extension."}}
 
 router = APIRouter(
@@ -118,7 +112,7 @@ async def replace_extension(
     ext = record(data, runtime.settings, extension_id)
 
     def change(current: Extension | None) -> Extension:
-        _existing(current, extension_id, if_match)
+        existing(current, if_match, ExtensionNotFound(extension_id))
         return ext
 
     return _record_response(await _write(runtime.registry, extension_id, change, principal))
@@ -146,7 +140,9 @@ async def patch_extension(
 
     def change(current: Extension | None) -> Extension:
         merged = {
-            **to_plain(_existing(current, extension_id, if_match), writable_only=True),
+            **to_plain(
+                existing(current, if_match, ExtensionNotFound(extension_id)), writable_only=True
+            ),
             **patch,
         }
         return record(merged, runtime.settings, extension_id)
@@ -170,7 +166,7 @@ async def delete_extension(
     registry = runtime_of(request).registry
 
     def change(current: Extension | None) -> None:
-        _existing(current, extension_id, if_match)
+        existing(current, if_match, ExtensionNotFound(extension_id))
 
     await _write(registry, extension_id, change, principal)
     return Response(status_code=204)
@@ -209,12 +205,6 @@ async def disable_extension(
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def writable(registry: Registry) -> PostgresSource:
-    """The database to write to; `Conflict` (409) when the registry serves fixtures,
-    `SourceUnavailable` (503) while it serves the snapshot file."""
-    return registry.database
-
-
 def _record_response(ext: Extension | None, status: int = 200) -> JSONResponse:
     assert ext is not None  # callers pass stored records
     return JSONResponse(to_plain(ext), status_code=status, headers={"ETag": etag_of(ext)})
@@ -226,21 +216,8 @@ async def _write(
     change: Callable[[Extension | None], Extension | None],
     principal: Principal,
 ) -> Extension | None:
-    db = registry.database
-    _no_nul(extension_id)
-    started = time.perf_counter()
-    outcome, after = await db.write_extension(extension_id, change, principal.name)
-    log.info(
-        "extension_written",
-        extension_id=extension_id,
-        action=outcome,
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
-    )
-    try:
-        await registry.refresh([extension_id])
-    except SourceUnavailable as exc:  # written; the notification or the sync brings it
-        log.warning("cache_not_refreshed", extension_id=extension_id, error=str(exc))
-    return after
+    """The record after the write (`writes.write_one`)."""
+    return (await write_one(registry, "extension", extension_id, change, principal.name))[1]
 
 
 async def _set_enabled(
@@ -254,22 +231,8 @@ async def _set_enabled(
     writable(registry)
 
     def change(current: Extension | None) -> Extension:
-        return msgspec.structs.replace(_existing(current, extension_id, if_match), enabled=enabled)
+        return msgspec.structs.replace(
+            existing(current, if_match, ExtensionNotFound(extension_id)), enabled=enabled
+        )
 
     return _record_response(await _write(registry, extension_id, change, principal))
-
-
-def _no_nul(extension_id: str) -> None:
-    """404 for an id holding NUL: PostgreSQL cannot store one, so no record has it (and the
-    driver would refuse the statement)."""
-    if "\x00" in extension_id:
-        raise ExtensionNotFound(extension_id)
-
-
-def _existing(current: Extension | None, extension_id: str, if_match: str | None) -> Extension:
-    """The record a PUT, PATCH, DELETE, enable or disable changes: 404 when missing, 412 when
-    `If-Match` is stale."""
-    if current is None:
-        raise ExtensionNotFound(extension_id)
-    check_if_match(if_match, current)
-    return current
