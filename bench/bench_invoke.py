@@ -36,16 +36,14 @@ import tempfile
 from pathlib import Path
 
 import nats
-from benchlib import Call, measure, pct, print_rows
+from benchlib import Call, Medians, cells, compare, measure, print_rows, started_invoker
 from nats.aio.client import Client
 
-from extreg import Registry, Settings, logs
+from extreg import Settings, logs
 from extreg.adapters.migrate import migrate
-from extreg.adapters.nats import NatsTransport
 from extreg.adapters.postgres import PostgresSource
 from extreg.core.envelope import encode_envelope
 from extreg.core.model import parse_extension
-from extreg.invoke import Invoker
 from extreg.local.natsserver import NatsServer
 from extreg.local.samples import SAMPLES_BY_ID
 from testsupport.pgcount import StatementCounter
@@ -103,45 +101,39 @@ async def run(calls: int, rounds: int) -> None:
             )  # fmt: skip
             await prepare_database(url, settings)
             counter = StatementCounter(pg.root / "log", url)
-            transport = NatsTransport(nats_server.url)
-            async with Registry.open(settings) as registry:
-                inv = Invoker(registry, settings, transport=transport)
-                await inv.start()
-                try:
-                    nc = transport._nc  # the transport's own connection, for nc.request
-                    assert nc is not None
-                    await wait_for_echo(nc)
+            async with started_invoker(settings) as (inv, transport, nc):
+                await wait_for_echo(nc)
 
-                    async def raw() -> object:
-                        return await nc.request(
-                            SUBJECT, ENVELOPE, timeout=TIMEOUT_S, headers=HEADERS
-                        )
+                async def raw() -> object:
+                    return await nc.request(SUBJECT, ENVELOPE, timeout=TIMEOUT_S, headers=HEADERS)
 
-                    async def ours() -> object:
-                        return await transport.request(EXT, SUBJECT, ENVELOPE, TIMEOUT_S, HEADERS)
+                async def ours() -> object:
+                    return await transport.request(EXT, SUBJECT, ENVELOPE, TIMEOUT_S, HEADERS)
 
-                    async def invoke() -> object:
-                        return await inv.invoke(EXT, REQUEST, CONTEXT)
+                async def invoke() -> object:
+                    return await inv.invoke(EXT, REQUEST, CONTEXT)
 
-                    clients: dict[str, Call] = {
-                        "nc.request": raw,
-                        "transport": ours,
-                        "invoker": invoke,
-                    }
-                    for call in clients.values():  # warm up every path
-                        await measure(call, 2000, 8)
-                    results = await compare(clients, calls, rounds)
-                    start = counter.mark()
-                    invoked = 0
-                    for _ in range(2):
-                        _, done = await measure(invoke, calls, IN_FLIGHT)
-                        invoked += len(done)
-                    hot_statements = counter.count_since(start)
-                    start = counter.mark()
-                    await inv.flush_health()
-                    flush_statements = counter.count_since(start)
-                finally:
-                    await inv.close()
+                clients: dict[str, Call] = {
+                    "nc.request": raw,
+                    "transport": ours,
+                    "invoker": invoke,
+                }
+                for call in clients.values():  # warm up every path
+                    await measure(call, 2000, 8)
+                sizes = [
+                    ("sequential", 1, calls // 4),
+                    (f"{IN_FLIGHT} in flight", IN_FLIGHT, calls),
+                ]
+                results = table(await compare(clients, sizes, rounds))
+                start = counter.mark()
+                invoked = 0
+                for _ in range(2):
+                    _, done = await measure(invoke, calls, IN_FLIGHT)
+                    invoked += len(done)
+                hot_statements = counter.count_since(start)
+                start = counter.mark()
+                await inv.flush_health()
+                flush_statements = counter.count_since(start)
         finally:
             echo.terminate()
             echo.wait()
@@ -153,36 +145,18 @@ async def run(calls: int, rounds: int) -> None:
     print(f"database statements of one health flush (any number of calls): {flush_statements}")
 
 
-async def compare(clients: dict[str, Call], calls: int, rounds: int) -> list[tuple[str, ...]]:
+def table(medians: Medians) -> list[tuple[str, ...]]:
     """Rows of (mode, client, calls/s, p50, p99, ratio to the layer below, ratio to nc.request)."""
     rows: list[tuple[str, ...]] = []
-    for label, in_flight, n in (
-        ("sequential", 1, calls // 4),
-        (f"{IN_FLIGHT} in flight", IN_FLIGHT, calls),
-    ):
-        runs: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in clients}
-        for _ in range(rounds):  # alternate, so drift affects every client alike
-            for name, call in clients.items():
-                runs[name].append(await measure(call, n, in_flight))
+    for label, by_client in medians.items():
         rates: dict[str, float] = {}
-        for name, results in runs.items():
-            rate, latencies = sorted(results, key=lambda r: r[0])[len(results) // 2]
+        for name, (rate, latencies) in by_client.items():
             rates[name] = rate
             below = f"{rate / rates[BELOW[name]]:.3f}" if name in BELOW else ""
             overall = "" if name == "nc.request" else f"{rate / rates['nc.request']:.3f}"
             if name == "invoker":
                 overall += " ok" if rate / rates["nc.request"] >= TARGET_RATIO else " BELOW TARGET"
-            rows.append(
-                (
-                    label,
-                    name,
-                    f"{rate:,.0f}",
-                    f"{pct(latencies, 0.5):,.0f}",
-                    f"{pct(latencies, 0.99):,.0f}",
-                    below,
-                    overall,
-                )
-            )
+            rows.append((label, name, *cells(rate, latencies), below, overall))
     return rows
 
 

@@ -57,12 +57,12 @@ from typing import Any
 
 import msgspec
 import nats
-from benchlib import Call, measure, pct, print_rows
+from benchlib import Call, Medians, cells, compare, measure, pct, print_rows, started_invoker
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from extreg import Registry, Settings, logs
-from extreg.adapters.nats import NatsTransport, subscriptions_active
+from extreg import Settings, logs
+from extreg.adapters.nats import subscriptions_active
 from extreg.invoke import Invoker
 from extreg.local.natsserver import NatsServer
 
@@ -211,22 +211,6 @@ async def watch_one_run(
 # -- measuring --------------------------------------------------------------------------------
 
 
-async def compare(
-    clients: dict[str, Call], sizes: list[tuple[str, int, int]], rounds: int
-) -> dict[str, dict[str, tuple[float, list[float]]]]:
-    """{mode: {client: (runs/s, latencies)}}, the median round by throughput of each."""
-    medians: dict[str, dict[str, tuple[float, list[float]]]] = {}
-    for label, in_flight, runs in sizes:
-        results: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in clients}
-        for _ in range(rounds):  # alternate, so drift affects every client alike
-            for name, call in clients.items():
-                results[name].append(await measure(call, runs, in_flight))
-        medians[label] = {
-            name: sorted(r, key=lambda x: x[0])[len(r) // 2] for name, r in results.items()
-        }
-    return medians
-
-
 TABLE_HEADER = (  # the columns of table()'s rows, parts 1 and 2 alike
     "mode",
     "client",
@@ -238,7 +222,7 @@ TABLE_HEADER = (  # the columns of table()'s rows, parts 1 and 2 alike
 
 
 def table(
-    medians: dict[str, dict[str, tuple[float, list[float]]]],
+    medians: Medians,
     bases: dict[str, str],
     target: str,
 ) -> list[tuple[str, ...]]:
@@ -252,20 +236,11 @@ def table(
             ratio = "base" if name == base else f"{base_rate / rate:.3f}"
             if name == target:
                 ratio += " ok" if base_rate / rate <= TARGET_RATIO else " OVER TARGET"
-            rows.append(
-                (
-                    label,
-                    name,
-                    f"{rate:,.0f}",
-                    f"{pct(latencies, 0.5):,.0f}",
-                    f"{pct(latencies, 0.99):,.0f}",
-                    ratio,
-                )
-            )
+            rows.append((label, name, *cells(rate, latencies), ratio))
     return rows
 
 
-def per_step(medians: dict[str, dict[str, tuple[float, list[float]]]]) -> list[tuple[str, ...]]:
+def per_step(medians: Medians) -> list[tuple[str, ...]]:
     """Rows of (mode, µs per step over raw, of which the invoker's, of which the pipeline's):
     sequentially from the median rounds' p50 latencies (a burst of load on a shared machine
     moves a mean more than a median), in flight from their throughputs."""
@@ -300,35 +275,27 @@ async def run(runs: int, slow_runs: int, rounds: int) -> None:
                 data_dir=Path(tmp) / "data", circuit_breaker_enabled=True,
                 sync_interval_seconds=3600,
             )  # fmt: skip
-            transport = NatsTransport(nats_server.url)
-            async with Registry.open(settings) as registry:
-                inv = Invoker(registry, settings, transport=transport)
-                await inv.start()
-                try:
-                    nc = transport._nc  # the transport's own connection, for nc.request
-                    assert nc is not None
-                    await wait_for_responders(nc)
-                    pipe_sent = await watch_one_run(nc, inv, PIPE, PIPE_IDS)
-                    slow_sent = await watch_one_run(nc, inv, SLOW, SLOW_IDS)
-                    pipe, slow = clients(nc, inv, pipe_sent, slow_sent)
-                    for call in [*pipe.values(), *slow.values()]:  # warm up every path
-                        await measure(call, 200, 8)
-                    pipe_medians = await compare(
-                        pipe,
-                        [("sequential", 1, runs // 4), (f"{IN_FLIGHT} in flight", IN_FLIGHT, runs)],
-                        rounds,
-                    )
-                    slow_medians = await compare(
-                        slow,
-                        [
-                            ("sequential", 1, slow_runs),
-                            (f"{IN_FLIGHT} in flight", IN_FLIGHT, slow_runs * IN_FLIGHT // 4),
-                        ],
-                        rounds,
-                    )
-                    alone = await pipeline_alone(inv, pipe_sent, runs, rounds)
-                finally:
-                    await inv.close()
+            async with started_invoker(settings) as (inv, _, nc):
+                await wait_for_responders(nc)
+                pipe_sent = await watch_one_run(nc, inv, PIPE, PIPE_IDS)
+                slow_sent = await watch_one_run(nc, inv, SLOW, SLOW_IDS)
+                pipe, slow = clients(nc, inv, pipe_sent, slow_sent)
+                for call in [*pipe.values(), *slow.values()]:  # warm up every path
+                    await measure(call, 200, 8)
+                pipe_medians = await compare(
+                    pipe,
+                    [("sequential", 1, runs // 4), (f"{IN_FLIGHT} in flight", IN_FLIGHT, runs)],
+                    rounds,
+                )
+                slow_medians = await compare(
+                    slow,
+                    [
+                        ("sequential", 1, slow_runs),
+                        (f"{IN_FLIGHT} in flight", IN_FLIGHT, slow_runs * IN_FLIGHT // 4),
+                    ],
+                    rounds,
+                )
+                alone = await pipeline_alone(inv, pipe_sent, runs, rounds)
         finally:
             responders.terminate()
             responders.wait()
@@ -414,8 +381,8 @@ async def pipeline_alone(inv: Invoker, sent: list[Sent], runs: int, rounds: int)
 
 
 def report(
-    pipe: dict[str, dict[str, tuple[float, list[float]]]],
-    slow: dict[str, dict[str, tuple[float, list[float]]]],
+    pipe: Medians,
+    slow: Medians,
     alone: float,
     runs: int,
     slow_runs: int,

@@ -7,13 +7,41 @@ this folder first on sys.path, and so do the processes a benchmark starts from i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+from nats.aio.client import Client
+
+from extreg import Registry, Settings
+from extreg.adapters.nats import NatsTransport
+from extreg.invoke import Invoker
 
 Call = Callable[[], Awaitable[object]]
+Measured = tuple[float, list[float]]  # what measure() gives: calls per second, latencies in µs
+Medians = dict[str, dict[str, Measured]]  # {mode: {client: its median round}}
 
 
-async def measure(call: Call, calls: int, in_flight: int) -> tuple[float, list[float]]:
+@contextlib.asynccontextmanager
+async def started_invoker(
+    settings: Settings,
+) -> AsyncIterator[tuple[Invoker, NatsTransport, Client]]:
+    """A started `Invoker` on a `NatsTransport` of its own, that transport, and the transport's
+    nats-py connection: the raw side of a comparison sends on the very connection the invoker
+    uses, so that the two differ only by what extreg adds."""
+    transport = NatsTransport(settings.nats_url)
+    async with Registry.open(settings) as registry:
+        inv = Invoker(registry, settings, transport=transport)
+        await inv.start()
+        try:
+            nc = transport._nc
+            assert nc is not None
+            yield inv, transport, nc
+        finally:
+            await inv.close()
+
+
+async def measure(call: Call, calls: int, in_flight: int) -> Measured:
     """(calls per second, each call's latency in µs) for `calls` calls, `in_flight` at a time."""
     latencies: list[float] = []
     per_worker = calls // in_flight
@@ -28,6 +56,28 @@ async def measure(call: Call, calls: int, in_flight: int) -> tuple[float, list[f
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(in_flight)))
     return per_worker * in_flight / (time.perf_counter() - started), latencies
+
+
+async def compare(
+    clients: dict[str, Call], sizes: list[tuple[str, int, int]], rounds: int
+) -> Medians:
+    """For each (mode, in flight, calls) of `sizes`, `rounds` rounds of every client in turn,
+    so that drift affects every client alike; each client's median round by throughput."""
+    medians: Medians = {}
+    for label, in_flight, calls in sizes:
+        results: dict[str, list[Measured]] = {name: [] for name in clients}
+        for _ in range(rounds):
+            for name, call in clients.items():
+                results[name].append(await measure(call, calls, in_flight))
+        medians[label] = {
+            name: sorted(r, key=lambda x: x[0])[len(r) // 2] for name, r in results.items()
+        }
+    return medians
+
+
+def cells(rate: float, latencies: list[float]) -> tuple[str, str, str]:
+    """A table row's throughput, p50 and p99 latency cells, formatted alike in every bench."""
+    return f"{rate:,.0f}", f"{pct(latencies, 0.5):,.0f}", f"{pct(latencies, 0.99):,.0f}"
 
 
 def pct(values: Sequence[float], q: float) -> float:
