@@ -58,6 +58,9 @@ app = typer.Typer(
 out = Console(markup=False, highlight=False)
 err = Console(stderr=True, markup=False, highlight=False)
 ERROR = Text("error: ", style="red")
+# What an upsert of a record reports (import-fixtures, policy apply); not a policy run's
+# outcomes, which are `extreg.invoke.pipeline.OUTCOMES`.
+WRITE_OUTCOMES = ("created", "updated", "unchanged")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 UrlOption = Annotated[
@@ -199,7 +202,7 @@ def import_fixtures(
         s,
         lambda db: db.import_records(found.extensions, found.policies, actor(), dry_run=dry_run),
     )
-    counts, policy_counts = _by_outcome(extensions), _by_outcome(policies)
+    counts, policy_counts = by_outcome(extensions), by_outcome(policies)
     if json:
         emit_json({"dry_run": dry_run, **counts, "policies": policy_counts})
         return
@@ -655,11 +658,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(jsonlib.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _by_outcome(report: dict[str, str]) -> dict[str, list[str]]:
-    return {
-        k: sorted(i for i, v in report.items() if v == k)
-        for k in ("created", "updated", "unchanged")
-    }
+def by_outcome(report: dict[str, str]) -> dict[str, list[str]]:
+    """An import's or an apply's {id: outcome} as {outcome: sorted ids}, every outcome of
+    `WRITE_OUTCOMES` present, so the JSON of a report has the same keys whatever happened."""
+    return {k: sorted(i for i, v in report.items() if v == k) for k in WRITE_OUTCOMES}
 
 
 def _fixtures(folder: Path, s: Settings) -> FixtureSet:

@@ -28,6 +28,7 @@ from .cli import (
     UrlOption,
     _database_settings,
     actor,
+    by_outcome,
     emit_json,
     err,
     on_database,
@@ -39,6 +40,7 @@ from .client import ApiClient
 from .core import strictjson
 from .core.pipeline import context_problems
 from .core.policy import (
+    BODY_FIELDS,
     WRITABLE_POLICY_FIELDS,
     Policy,
     PolicyLimits,
@@ -52,9 +54,6 @@ from .registry import Registry
 policy_app: typer.Typer = typer.Typer(
     help="Routing policies: list, show, apply, delete, run.", no_args_is_help=True
 )
-
-STAGES = ("pre", "validators", "providers", "post")
-OUTCOMES = ("created", "updated", "unchanged")
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -144,7 +143,7 @@ def apply(
         )
     warnings = {p.policy_id: complexity_warnings(p) for p in policies}
     warnings = {k: v for k, v in warnings.items() if v}
-    counts = {k: sorted(i for i, v in report.items() if v == k) for k in OUTCOMES}
+    counts = by_outcome(report)
     if json:
         emit_json({"dry_run": dry_run, **counts, "warnings": warnings})
         return
@@ -225,7 +224,7 @@ def run(
 def stages_summary(policy: dict[str, Any]) -> str:
     """`pre: a, b · validators: c · providers: d · post: e`, empty stages left out."""
     parts = []
-    for stage in STAGES:
+    for stage in BODY_FIELDS:  # the four stage lists, in run order
         items = policy.get(stage) or []
         ids = [i if isinstance(i, str) else str(i.get("id")) for i in items]
         if ids:
