@@ -1,9 +1,9 @@
 """Helpers shared by the admin API tests: tokens, a registry + runtime + app on a real
 database, and a live uvicorn server in a background thread (for schemathesis and the CLI).
 
-`EchoInvoker` stands in for the NATS invoker (being written elsewhere): it uses the real
-`CircuitBreakers` and `HealthMonitor` and answers every call by echoing the request, so the
-API's circuit, health and invoke routes can be exercised without NATS.
+`EchoInvoker` stands in for the NATS invoker: it uses the real `CircuitBreakers`,
+`HealthMonitor` and `PipelineRunner` and answers every call by echoing the request, so the
+API's circuit, health, invoke and policy-run routes can be exercised without NATS.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import httpx
 import psycopg
@@ -26,6 +26,7 @@ from extreg.api import create_app
 from extreg.core.breaker import BreakerConfig, CircuitBreakers
 from extreg.core.health import HealthMonitor
 from extreg.core.model import parse_extension
+from extreg.invoke import Invoker, PipelineRunner, PolicyResult
 from extreg.metrics import Metrics
 from extreg.registry import Registry
 from extreg.runtime import Runtime
@@ -37,13 +38,26 @@ ROLE_TOKENS = {"viewer": "vera-viewer", "operator": "otto-operator", "admin": "a
 
 
 class EchoInvoker:
-    """Real breakers and health; `invoke` echoes payload and metadata (see module docstring)."""
+    """Real breakers and health; `invoke` echoes payload and metadata (see module docstring);
+    `run_policy` runs the registry's policies through the real runner over that echo, once
+    `attach` has given it the registry (the helpers below do, as they open one)."""
 
     def __init__(self) -> None:
         self.breaker = CircuitBreakers(BreakerConfig(enabled=True))
         self.health = HealthMonitor(self.breaker)
         self.calls: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         self.observer: Any = None  # told (extension_id, outcome, seconds), like the Invoker's
+        self.pipeline = PipelineRunner(cast(Invoker, self))  # it reads registry and settings
+        self.registry: Registry
+        self.settings: Settings
+
+    def attach(self, registry: Registry, settings: Settings) -> None:
+        self.registry, self.settings = registry, settings
+
+    async def run_policy(
+        self, policy_id: str, message: dict[str, Any], context: dict[str, Any] | None = None
+    ) -> PolicyResult:
+        return await self.pipeline.run(policy_id, message, context)
 
     async def invoke(
         self, extension_id: str, request: dict[str, Any], context: dict[str, Any]
@@ -92,14 +106,21 @@ async def database_api(
     settings = make_settings(tmp_path, source="database", database_url=db_url)
     await seed(db_url, settings, record("alpha"), record("beta", type="post", enabled=False))
     tokens = await make_tokens(db_url)
-    async with (
-        Registry.open(settings) as registry,
-        Runtime.open(settings, registry, invoker, metrics=Metrics()) as runtime,
-    ):
-        app = create_app(runtime, **app_options)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://extreg.test") as client:
-            yield Api(client, runtime, tokens, db_url)
+    async with Registry.open(settings) as registry:
+        attach(invoker, registry, settings)
+        async with Runtime.open(settings, registry, invoker, metrics=Metrics()) as runtime:
+            app = create_app(runtime, **app_options)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://extreg.test"
+            ) as client:
+                yield Api(client, runtime, tokens, db_url)
+
+
+def attach(invoker: Any | None, registry: Registry, settings: Settings) -> None:
+    """Give an `EchoInvoker` the registry it runs policies of (a real Invoker has its own)."""
+    if isinstance(invoker, EchoInvoker):
+        invoker.attach(registry, settings)
 
 
 def sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -148,6 +169,7 @@ class LiveServer:
             await self._serve_with(registry, self.invoker)
 
     async def _serve_with(self, registry: Registry, invoker: Any | None) -> None:
+        attach(invoker, registry, self.settings)
         async with Runtime.open(self.settings, registry, invoker, metrics=Metrics()) as runtime:
             config = uvicorn.Config(
                 create_app(runtime, **self.app_options),

@@ -18,7 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import ROLE_TOKENS, Api, live_server, make_tokens, seed, sql
+from api_helpers import (
+    ROLE_TOKENS,
+    Api,
+    EchoInvoker,
+    database_api,
+    live_server,
+    make_tokens,
+    seed,
+    sql,
+)
 from helpers import make_settings, record
 from invoke_helpers import Listener, listen
 from nats.aio.client import Client
@@ -677,6 +686,25 @@ async def test_apps_over_one_invoker_share_one_recent_runs_observer(
         assert 409 == off.status_code, off.text
         listed = await api.client.get("/admin/policies", headers=api.auth("viewer"))
         assert {"disabled": 1} == listed.json()[0]["recent_runs"]["outcomes"]
+
+
+async def test_a_run_goes_to_whatever_invoker_the_runtime_has(tmp_path: Path, db_url: str) -> None:
+    """The run route asks the runtime's invoker for `run_policy`, whichever it is: here the
+    echoing test double, whose real runner calls `alpha` (pre) and answers its echo."""
+    invoker = EchoInvoker()
+    async with database_api(tmp_path, db_url, invoker=invoker) as api:
+        await create(api, {"policy_id": "echo", "pre": [{"id": "alpha"}]})
+        answer = await api.client.post(
+            "/admin/policies/echo/run",
+            json={"message": {"payload": "hi"}},
+            headers=api.auth("operator"),
+        )
+    assert 200 == answer.status_code, answer.text
+    assert ("hi", [("pre", "alpha", "ok")]) == (
+        answer.json()["message"]["payload"],
+        [(s["stage"], s["id"], s["status"]) for s in answer.json()["steps"]],
+    )
+    assert ["alpha"] == [ext_id for ext_id, _, _ in invoker.calls]
 
 
 async def test_a_blocking_validator_answers_403_with_its_reason(

@@ -268,7 +268,7 @@ async def run_policy(
     runtime = runtime_of(request)
     invoker = runtime.invoker
     context = _context(policy_id, body.context)
-    if invoker is None or not hasattr(invoker, "run_policy"):
+    if invoker is None:
         runtime.registry.lookup_policy(policy_id)  # 404 or 409 before "no invoker"
         raise NatsUnavailable(NO_INVOKER.format(what="policy runs are"))
     started = time.perf_counter()
