@@ -119,9 +119,7 @@ class ApiClient:
     # -- routing policies (the routes of SPEC.md, "Routing policies and the pipeline") ------
 
     def list_policies(self) -> list[dict[str, Any]]:
-        answer = self._call("GET", "/admin/policies")
-        # A list, or a list wrapped in {"policies": [...]}: the CLI needs only the items.
-        found: list[dict[str, Any]] = answer["policies"] if isinstance(answer, dict) else answer
+        found: list[dict[str, Any]] = self._call("GET", "/admin/policies")
         return found
 
     def get_policy(self, policy_id: str) -> dict[str, Any]:
