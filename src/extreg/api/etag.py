@@ -10,19 +10,20 @@ write, which the caller checks inside the write's transaction (the `change` a wr
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, NoReturn, TypeVar
 
 import msgspec
 from fastapi import Header
 
 from ..core.model import Extension, to_plain
 from ..core.policy import Policy, policy_to_plain
-from ..errors import ExtregError, StaleETag
+from ..errors import ExtensionNotFound, PolicyNotFound, StaleETag
 
 IfMatch = Annotated[
     str | None, Header(alias="If-Match", description="The ETag you read; a stale one gets 412.")
 ]
 Record = TypeVar("Record", Extension, Policy)
+Kind = Literal["extension", "policy"]
 
 
 def etag_of(record: Extension | Policy) -> str:
@@ -43,13 +44,21 @@ def check_if_match(if_match: str | None, current: Extension | Policy) -> None:
         )
 
 
-def existing(current: Record | None, if_match: str | None, not_found: ExtregError) -> Record:
-    """The record a change acts on (a PUT, PATCH, DELETE, enable or disable): `not_found`
-    raised when there is none, `StaleETag` when `if_match` is stale."""
+def existing(current: Record | None, if_match: str | None, kind: Kind, record_id: str) -> Record:
+    """The record a change acts on (a PUT, PATCH, DELETE, enable or disable): not found
+    (`not_found`) when there is none, `StaleETag` when `if_match` is stale."""
     if current is None:
-        raise not_found
+        not_found(kind, record_id)
     check_if_match(if_match, current)
     return current
+
+
+def not_found(kind: Kind, record_id: str) -> NoReturn:
+    """Raise `ExtensionNotFound` or `PolicyNotFound`, by `kind` (each raise names its class,
+    as tests/test_error_tree.py reads them)."""
+    if kind == "policy":
+        raise PolicyNotFound(record_id)
+    raise ExtensionNotFound(record_id)
 
 
 def unmatched(what: str, if_match: str, instead: str) -> StaleETag:

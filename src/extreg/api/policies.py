@@ -213,9 +213,7 @@ async def patch_policy(
 
     def change(current: Policy | None) -> Policy:
         merged = {
-            **policy_to_plain(
-                existing(current, if_match, PolicyNotFound(policy_id)), writable_only=True
-            ),
+            **policy_to_plain(existing(current, if_match, "policy", policy_id), writable_only=True),
             **patch,
         }
         return policy_record(merged, runtime.settings, policy_id)

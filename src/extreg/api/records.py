@@ -112,7 +112,7 @@ async def replace_extension(
     ext = record(data, runtime.settings, extension_id)
 
     def change(current: Extension | None) -> Extension:
-        existing(current, if_match, ExtensionNotFound(extension_id))
+        existing(current, if_match, "extension", extension_id)
         return ext
 
     return _record_response(await _write(runtime.registry, extension_id, change, principal))
@@ -140,9 +140,7 @@ async def patch_extension(
 
     def change(current: Extension | None) -> Extension:
         merged = {
-            **to_plain(
-                existing(current, if_match, ExtensionNotFound(extension_id)), writable_only=True
-            ),
+            **to_plain(existing(current, if_match, "extension", extension_id), writable_only=True),
             **patch,
         }
         return record(merged, runtime.settings, extension_id)
@@ -166,7 +164,7 @@ async def delete_extension(
     registry = runtime_of(request).registry
 
     def change(current: Extension | None) -> None:
-        existing(current, if_match, ExtensionNotFound(extension_id))
+        existing(current, if_match, "extension", extension_id)
 
     await _write(registry, extension_id, change, principal)
     return Response(status_code=204)
@@ -232,7 +230,7 @@ async def _set_enabled(
 
     def change(current: Extension | None) -> Extension:
         return msgspec.structs.replace(
-            existing(current, if_match, ExtensionNotFound(extension_id)), enabled=enabled
+            existing(current, if_match, "extension", extension_id), enabled=enabled
         )
 
     return _record_response(await _write(registry, extension_id, change, principal))

@@ -15,13 +15,11 @@ import structlog
 from ..adapters.postgres import PostgresSource
 from ..core.model import Extension
 from ..core.policy import Policy
-from ..errors import ExtensionNotFound, PolicyNotFound, SourceUnavailable
+from ..errors import SourceUnavailable
 from ..registry import Registry
+from .etag import Kind, not_found
 
 log = structlog.get_logger("extreg.api")
-
-Kind = Literal["extension", "policy"]
-NOT_FOUND = {"extension": ExtensionNotFound, "policy": PolicyNotFound}
 
 
 def writable(registry: Registry) -> PostgresSource:
@@ -59,7 +57,7 @@ async def write_one(
     (`action`) and `duration_ms`."""
     db = writable(registry)
     if "\x00" in record_id:
-        raise NOT_FOUND[kind](record_id)
+        not_found(kind, record_id)
     started = time.perf_counter()
     written: tuple[str, Any]
     if kind == "policy":
