@@ -599,6 +599,14 @@ def test_policy_commands_through_the_server(
     blocked = through("operator", "run", "route_b", "--message", json.dumps({"payload": CARD}))
     assert 1 == blocked.returncode, outcome(blocked)
     assert "ValidatorBlocked by pii_guard: pii_detected" in flat(blocked.stderr)
+    assert "rejected" in blocked.stderr  # the steps table, of the steps the client rebuilt
+    as_json = through(
+        "operator", "run", "route_b", "--message", json.dumps({"payload": CARD}), "--json"
+    )
+    assert 1 == as_json.returncode, outcome(as_json)
+    assert [("pre", "normalize_text", "ok"), ("validator", "pii_guard", "rejected")] == [
+        (s["stage"], s["id"], s["status"]) for s in json.loads(as_json.stdout)["steps"]
+    ]
 
     refused = through("viewer", "delete", "route_b")
     assert (1, True) == (refused.returncode, "403" in refused.stderr), outcome(refused)

@@ -14,11 +14,13 @@ The token goes only into the Authorization header; no message ever contains it.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import httpx
 
 from . import errors
+from .core.pipeline import Step, StepStatus
+from .core.policy import Stage
 from .errors import (
     ApiError,
     AuthFailed,
@@ -264,16 +266,30 @@ def rebuild(
 def _policy_error(
     cls: type[PolicyError], body: dict[str, Any], policy_id: str | None
 ) -> PolicyError:
-    """A `PolicyError` from its answer: the policy, the reason and the steps so far (as the
-    dicts the server sent); a validator's block also names the validator and its details."""
+    """A `PolicyError` from its answer: the policy, the reason and the steps so far (made
+    `Step`s again, as a local run's error holds them); a validator's block also names the
+    validator and its details."""
     pid = str(body.get("policy_id") or policy_id or "?")
     reason = body.get("reason")
     reason = reason if isinstance(reason, str) else None
-    steps = body.get("steps")
-    steps = steps if isinstance(steps, list) else []
+    sent = body.get("steps")
+    steps = [_step(s) for s in sent if isinstance(s, dict)] if isinstance(sent, list) else []
     if issubclass(cls, ValidatorBlocked):
         return cls(pid, str(body.get("extension_id") or "?"), reason, body.get("details"), steps)
     return cls(pid, reason, steps)
+
+
+def _step(sent: dict[str, Any]) -> Step:
+    """One step of an error answer as the `Step` it was (`Step.as_dict` made the dict)."""
+    latency = sent.get("latency_ms")
+    reason = sent.get("reason")
+    return Step(
+        stage=cast(Stage, str(sent.get("stage"))),  # the server's own names
+        id=str(sent.get("id")),
+        status=cast(StepStatus, str(sent.get("status"))),
+        latency_ms=float(latency) if isinstance(latency, int | float) else 0.0,
+        reason=reason if isinstance(reason, str) else None,
+    )
 
 
 def _segment(extension_id: str) -> str:

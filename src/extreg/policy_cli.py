@@ -232,10 +232,10 @@ def stages_summary(policy: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def steps_table(steps: list[Any]) -> Table:
+def steps_table(steps: list[dict[str, Any]]) -> Table:
+    """Steps as a result carries them (`Step.as_dict`), in policy order."""
     table = Table("stage", "id", "status", "latency ms", "reason")
-    for step in steps:
-        s = step.as_dict() if hasattr(step, "as_dict") else step
+    for s in steps:
         table.add_row(s["stage"], s["id"], s["status"], str(s["latency_ms"]), s["reason"] or "")
     return table
 
@@ -302,7 +302,7 @@ def _report_failure(exc: PolicyError, json: bool) -> None:
     who = f" by {exc.extension_id}" if isinstance(exc, ValidatorBlocked) else ""
     err.print(f"{type(exc).__name__}{who}: {exc.reason}")
     if exc.steps:
-        err.print(steps_table(exc.steps))
+        err.print(steps_table([step.as_dict() for step in exc.steps]))
     sys.stderr.flush()
 
 

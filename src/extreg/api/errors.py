@@ -159,7 +159,7 @@ def policy_body(exc: PolicyError) -> dict[str, Any]:
     body: dict[str, Any] = {
         "policy_id": exc.policy_id,
         "reason": exc.reason,
-        "steps": [s.as_dict() if hasattr(s, "as_dict") else s for s in exc.steps],
+        "steps": [s.as_dict() for s in exc.steps],
         "cause": None,
     }
     if exc.cause is not None:
