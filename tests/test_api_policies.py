@@ -329,7 +329,8 @@ async def test_list_shows_every_policy_with_what_makes_it_unusable(
 ) -> None:
     """GET /admin/policies lists every policy, disabled ones too, each with `unusable` (empty
     while it can run as written) and `recent_runs`; disabling an extension it names makes it
-    unusable at once, and /admin/status says so too; `?enabled=` filters."""
+    unusable at once, and /admin/status and the policy read by id say so too; `?enabled=`
+    filters."""
     async with policy_api(tmp_path, db_url) as api:
         await create(api, FLOW)
         await create(api, {"policy_id": "off", "enabled": False, "pre": [{"id": "norm"}]})
@@ -353,6 +354,8 @@ async def test_list_shows_every_policy_with_what_makes_it_unusable(
         assert ["validators[0].id: extension 'guard' is disabled"] == flow["unusable"]
         status = await api.client.get("/admin/status", headers=api.auth("viewer"))
         assert {"flow": flow["unusable"]} == status.json()["unusable_policies"]
+        one = await api.client.get("/admin/policies/flow", headers=api.auth("viewer"))
+        assert flow == one.json()  # read by id, as listed
 
 
 async def test_roles(tmp_path: Path, db_url: str) -> None:

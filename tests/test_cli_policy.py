@@ -590,7 +590,14 @@ def test_policy_commands_through_the_server(
     listed = through("viewer", "list", "--json")
     assert ["route_b"] == [p["policy_id"] for p in json.loads(listed.stdout)], outcome(listed)
     shown = through("viewer", "show", "route_b", "--json")
-    assert "acme" == json.loads(shown.stdout)["tenant_id"], outcome(shown)
+    assert ("acme", []) == (
+        json.loads(shown.stdout)["tenant_id"],
+        json.loads(shown.stdout)["unusable"],
+    ), outcome(shown)
+    local = run(tmp_path, "policy", "show", "route_b", "--json", db=db_url)
+    assert json.loads(local.stdout) == {
+        k: v for k, v in json.loads(shown.stdout).items() if k != "recent_runs"
+    }, outcome(local)  # the same data either way, but the server's recent runs
 
     ran = through("operator", "run", "route_b", "--message", '{"payload": "Hi  THERE"}', "--json")
     assert 0 == ran.returncode, outcome(ran)

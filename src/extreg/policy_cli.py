@@ -3,8 +3,9 @@
 Every command works on plain data of one shape, the admin API's (a policy as
 `policy_to_plain` gives it, plus `unusable`: what stops it from running as written), whether
 it came from a registry of our own or from a server through `--url`; so the output of
-`--json` is the same either way (a server's list adds its `recent_runs`). Writes go through the database's one write path
-(`PostgresSource.write_policies`) or the server's routes, never around them.
+`--json` is the same either way (a server's `list` and `show` add its `recent_runs`). Writes
+go through the database's one write path (`PostgresSource.write_policies`) or the server's
+routes, never around them.
 
 Registered on the `extreg` app by `extreg.cli` (below its helpers, which this module uses).
 """

@@ -177,8 +177,9 @@ def schema_components() -> dict[str, Any]:
         "PolicyListed": _served(
             components["Policy"],
             "PolicyListed",
-            "A cached policy, with what stops it from running as written (`unusable`: "
-            "extensions it names that are gone or disabled) and this server's recent runs.",
+            "A cached policy (listed, or read by id), with what stops it from running as "
+            "written (`unusable`: extensions it names that are gone or disabled) and this "
+            "server's recent runs.",
             unusable={"type": "array", "items": {"type": "string"}},
             recent_runs={"type": "object"},
         ),

@@ -108,15 +108,9 @@ async def list_policies(
     it from running as written: extensions it names that are gone or disabled) and
     `recent_runs` (the outcomes of this server's last runs of it)."""
     registry = runtime_of(request).registry
-    unusable = registry.snapshot.unusable_policies
-    runs = recent_runs(request)
     return JSONResponse(
         [
-            {
-                **policy_to_plain(p),
-                "unusable": unusable.get(p.policy_id, []),
-                "recent_runs": runs.summary(p.policy_id),
-            }
+            _listed(request, p)
             for p in registry.policies()
             if (enabled is None or p.enabled == enabled)
             and (tenant_id is None or p.tenant_id == tenant_id)
@@ -124,13 +118,17 @@ async def list_policies(
     )
 
 
-@router.get("/{policy_id}", responses={200: json_response("Policy", "The policy."), **NOT_FOUND})
+@router.get(
+    "/{policy_id}",
+    responses={200: json_response("PolicyListed", "The policy, as listed."), **NOT_FOUND},
+)
 async def get_policy(policy_id: str, request: Request, _: Viewer) -> JSONResponse:
-    """One policy as stored, with its `ETag` for a later conditional PUT, PATCH or DELETE."""
+    """One policy as the list shows it (with `unusable` and `recent_runs`), and its `ETag`
+    for a later conditional PUT, PATCH or DELETE; what it answers can be sent back as is."""
     policy = runtime_of(request).registry.policy(policy_id)
     if policy is None:
         raise PolicyNotFound(policy_id)
-    return JSONResponse(policy_to_plain(policy), headers={"ETag": etag_of(policy)})
+    return JSONResponse(_listed(request, policy), headers={"ETag": etag_of(policy)})
 
 
 @router.post(
@@ -309,6 +307,16 @@ async def dry_run_policy(
 def recent_runs(request: Request) -> RecentRuns:
     runs: RecentRuns = request.app.state.policy_runs
     return runs
+
+
+def _listed(request: Request, policy: Policy) -> dict[str, Any]:
+    """A policy as the reads serve it: the record, what makes it unusable, its recent runs."""
+    unusable = runtime_of(request).registry.snapshot.unusable_policies
+    return {
+        **policy_to_plain(policy),
+        "unusable": unusable.get(policy.policy_id, []),
+        "recent_runs": recent_runs(request).summary(policy.policy_id),
+    }
 
 
 def _context(policy_id: str, context: dict[str, Any]) -> dict[str, Any]:
