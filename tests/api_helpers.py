@@ -1,5 +1,7 @@
 """Helpers shared by the admin API tests: tokens, a registry + runtime + app on a real
-database, and a live uvicorn server in a background thread (for schemathesis and the CLI).
+database, and a live uvicorn server in a background thread (for schemathesis, the CLI and
+the dashboard; `InvokingServer` with a real Invoker on NATS, `samples_server` over the sample
+extensions).
 
 `EchoInvoker` stands in for the NATS invoker: it uses the real `CircuitBreakers`,
 `HealthMonitor` and `PipelineRunner` and answers every call by echoing the request, so the
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,10 +26,12 @@ from helpers import make_settings, record
 
 from extreg.adapters.postgres import PostgresSource
 from extreg.api import create_app
+from extreg.auth import generate_token, hash_token
 from extreg.core.breaker import BreakerConfig, CircuitBreakers
 from extreg.core.health import HealthMonitor
 from extreg.core.model import parse_extension
 from extreg.invoke import Invoker, PipelineRunner, PolicyResult
+from extreg.local.samples import SAMPLE_EXTENSIONS
 from extreg.metrics import Metrics
 from extreg.registry import Registry
 from extreg.runtime import Runtime
@@ -193,3 +198,55 @@ class LiveServer:
 def live_server(settings: Settings, **options: Any) -> Iterator[LiveServer]:
     with LiveServer(settings, **options) as server:
         yield server
+
+
+class InvokingServer(LiveServer):
+    """A live server whose runtime carries a real Invoker, opened in the server's own loop,
+    so invocations and policy runs go out on NATS."""
+
+    async def _serve(self) -> None:
+        async with (
+            Registry.open(self.settings) as registry,
+            Invoker.open(registry, self.settings) as invoker,
+        ):
+            await self._serve_with(registry, invoker)
+
+
+async def samples_server(
+    tmp_path: Path, db_url: str, nats_url: str, **values: Any
+) -> tuple[InvokingServer, dict[str, str]]:
+    """An `InvokingServer` (not started: use it as a context manager) on NATS at `nats_url`
+    over a database holding the sample extensions, with a token per role. `values` are
+    settings over these: circuit breakers on."""
+    settings = make_settings(
+        tmp_path,
+        source="database",
+        database_url=db_url,
+        nats_url=nats_url,
+        **{"circuit_breaker_enabled": True, **values},
+    )
+    await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
+    return InvokingServer(settings), await make_tokens(db_url)
+
+
+def admin_token_file(tmp_path: Path) -> tuple[Path, str]:
+    """A tokens file (`api_tokens_file`, what a registry on fixtures authenticates with)
+    holding one admin token, `root`; (the file, the token)."""
+    token = generate_token()
+    file = tmp_path / "tokens.json"
+    file.write_text(
+        json.dumps({"tokens": {"root": {"role": "admin", "sha256": hash_token(token)}}}),
+        encoding="utf-8",
+    )
+    return file, token
+
+
+def policy_audit(db_url: str, policy_id: str) -> list[tuple[str, str]]:
+    """(action, changed_by) of a policy's audit rows (its `policy_*` actions), oldest first."""
+    rows = sql(
+        db_url,
+        "SELECT action, changed_by FROM extension_audit_log"
+        " WHERE extension_id = %s AND starts_with(action, 'policy_') ORDER BY changed_at, id",
+        (policy_id,),
+    )
+    return [(r[0], r[1]) for r in rows]

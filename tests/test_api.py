@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from api_helpers import ROLE_TOKENS, EchoInvoker, database_api, sql
+from api_helpers import ROLE_TOKENS, EchoInvoker, admin_token_file, database_api, sql
 from helpers import make_settings, record
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -376,12 +376,7 @@ async def test_writes_on_fixtures_are_409_and_tokens_come_from_the_tokens_file(
     folder = tmp_path / "fx"
     folder.mkdir()
     (folder / "ext.json").write_text(json.dumps([record("fx_a")]), encoding="utf-8")
-    token = generate_token()
-    tokens_file = tmp_path / "tokens.json"
-    tokens_file.write_text(
-        json.dumps({"tokens": {"root": {"role": "admin", "sha256": hash_token(token)}}}),
-        encoding="utf-8",
-    )
+    tokens_file, token = admin_token_file(tmp_path)
     settings = make_settings(
         tmp_path, source="fixtures", fixtures_dir=folder, api_tokens_file=tokens_file
     )

@@ -22,9 +22,11 @@ from api_helpers import (
     ROLE_TOKENS,
     Api,
     EchoInvoker,
+    admin_token_file,
     database_api,
     live_server,
     make_tokens,
+    policy_audit,
     seed,
     sql,
 )
@@ -37,7 +39,6 @@ import extreg
 from extreg.api import create_app
 from extreg.api.errors import status_of
 from extreg.api.policy_runs import RecentRuns
-from extreg.auth import generate_token, hash_token
 from extreg.errors import (
     CircuitOpen,
     ExtensionDisabled,
@@ -128,16 +129,6 @@ def counts(db_url: str) -> tuple[int, int]:
         sql(db_url, "SELECT count(*) FROM routing_policies")[0][0],
         sql(db_url, "SELECT count(*) FROM extension_audit_log")[0][0],
     )
-
-
-def policy_audit(db_url: str, policy_id: str) -> list[tuple[str, str]]:
-    """(action, changed_by) of a policy's audit rows, oldest first."""
-    rows = sql(
-        db_url,
-        "SELECT action, changed_by FROM extension_audit_log WHERE extension_id = %s ORDER BY changed_at",
-        (policy_id,),
-    )
-    return [(r[0], r[1]) for r in rows]
 
 
 async def create(api: Api, body: dict[str, Any]) -> httpx.Response:
@@ -400,12 +391,7 @@ async def test_fixtures_mode_serves_the_bundled_policy_and_refuses_writes(
     """On the bundled fixtures the API serves support_en (normalize_text -> pii_guard ->
     test_provider -> mask_pii) and its ETag; every write answers 409 saying the fixtures are
     read-only."""
-    token = generate_token()
-    tokens_file = tmp_path / "tokens.json"
-    tokens_file.write_text(
-        json.dumps({"tokens": {"root": {"role": "admin", "sha256": hash_token(token)}}}),
-        encoding="utf-8",
-    )
+    tokens_file, token = admin_token_file(tmp_path)
     settings = make_settings(
         tmp_path, source="fixtures", fixtures_dir=BUNDLED, api_tokens_file=tokens_file
     )

@@ -4,53 +4,25 @@ subprocess so that `extreg.cli.main` maps errors to exit codes exactly as users 
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from cli_helpers import ACTOR, flat, last_line, outcome, run
 
 from extreg.adapters.fixtures import load_fixtures
 from extreg.adapters.migrate import migrate, migration_files
 from extreg.core.model import to_plain
 from testsupport.pgprocess import PostgresProcess, free_port
 
-EXTREG = Path(sys.executable).parent / "extreg"
-ACTOR = f"cli:{getpass.getuser()}"
 SECRET = "s3cret"
 DB_KEPT = ("created_at", "updated_at")
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def run(tmp_path: Path, *args: str, db: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `extreg [--database-url DB] ARGS` with data under tmp_path and a clean environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXTENSION_REGISTRY_")}
-    env["EXTENSION_REGISTRY_DATA_DIR"] = str(tmp_path / "data")
-    env["COLUMNS"] = "400"  # keep rich from wrapping messages at 80 columns
-    cmd = [str(EXTREG), *(["--database-url", db] if db else []), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
-
-
-def flat(text: str) -> str:
-    """Text with every run of whitespace made one space (terminal wrapping undone)."""
-    return " ".join(text.split())
-
-
-def last_line(text: str) -> str:
-    """The last non-empty line (log events may come first on stderr)."""
-    return text.strip().splitlines()[-1] if text.strip() else ""
-
-
-def outcome(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 def query(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,44 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 from api_helpers import ROLE_TOKENS, make_tokens, sql
+from cli_helpers import EXTREG, environment, extreg, flat
 
 from extreg.adapters.migrate import migrate
 from extreg.auth import hash_token
 from testsupport.pgprocess import PostgresProcess, free_port
-
-EXTREG = Path(sys.executable).parent / "extreg"
-
-
-def environment(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
-    }
-    # NATS on a closed port: these servers run without an invoker, and must never reach the
-    # machine's own NATS on the default 127.0.0.1:4222.
-    env.update(
-        {
-            "EXTENSION_REGISTRY_DATA_DIR": str(tmp / "data"),
-            "COLUMNS": "400",
-            "EXTENSION_REGISTRY_NATS_URL": f"nats://127.0.0.1:{free_port()}",
-            **extra,
-        }
-    )
-    return env
-
-
-def extreg(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(EXTREG), *args],
-        capture_output=True,
-        text=True,
-        env=environment(tmp, **env),
-        timeout=60,
-        check=False,
-    )
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @dataclass

@@ -5,50 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import nats
 import psycopg
+from cli_helpers import EXTREG, environment, run_in_thread
 from helpers import make_settings
 
 from extreg.adapters.postgres import PostgresSource
 from extreg.core.model import parse_extension
 from extreg.local.natsserver import NatsServer
 from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
-from testsupport.pgprocess import free_port
-
-EXTREG = Path(sys.executable).parent / "extreg"
-
-
-async def run(
-    tmp_path: Path, nats_url: str, *args: str, db: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`extreg ARGS` with a clean environment: bundled fixtures unless `db` is given. Run in a
-    thread, so the session's sample extensions (on this event loop) keep answering."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXTENSION_REGISTRY_")}
-    env.update(
-        {
-            "EXTENSION_REGISTRY_DATA_DIR": str(tmp_path / "data"),
-            "COLUMNS": "400",
-            "EXTENSION_REGISTRY_NATS_URL": nats_url,
-        }
-    )
-    source = ["--database-url", db] if db else ["--source", "fixtures"]
-    return await asyncio.to_thread(
-        subprocess.run,
-        [str(EXTREG), *source, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_invoke_prints_the_reply(
@@ -56,9 +27,8 @@ async def test_invoke_prints_the_reply(
 ) -> None:
     """`extreg invoke ID --payload JSON --tenant T --json` prints the extension's reply as JSON."""
     payload = json.dumps({"payload": "  Hello   There ", "metadata": {}})
-    result = await run(
+    result = await run_in_thread(
         tmp_path,
-        nats_url,
         "invoke",
         "normalize_text",
         "--payload",
@@ -66,6 +36,7 @@ async def test_invoke_prints_the_reply(
         "--tenant",
         "acme",
         "--json",
+        nats_url=nats_url,
     )
     assert 0 == result.returncode, result.stderr
     assert {
@@ -76,7 +47,9 @@ async def test_invoke_prints_the_reply(
 
 async def test_invoke_bad_payload_is_bad_input(tmp_path: Path, nats_url: str) -> None:
     """A --payload that is not JSON exits 2, naming the option."""
-    result = await run(tmp_path, nats_url, "invoke", "normalize_text", "--payload", "{nope")
+    result = await run_in_thread(
+        tmp_path, "invoke", "normalize_text", "--payload", "{nope", nats_url=nats_url
+    )
     assert 2 == result.returncode
     assert "--payload is not valid JSON" in result.stderr
 
@@ -85,10 +58,10 @@ async def test_invoke_errors_exit_1_with_the_reason(
     tmp_path: Path, nats_url: str, sample_extensions: SampleRunner
 ) -> None:
     """An unknown extension, or NATS out of reach, exits 1 with the reason."""
-    unknown = await run(tmp_path, nats_url, "invoke", "nope", "--payload", "{}")
+    unknown = await run_in_thread(tmp_path, "invoke", "nope", "--payload", "{}", nats_url=nats_url)
     assert 1 == unknown.returncode
     assert "nope: no such extension (attempts: 0)" in " ".join(unknown.stderr.split())
-    down = await run(tmp_path, f"nats://127.0.0.1:{free_port()}", "invoke", "normalize_text")
+    down = await run_in_thread(tmp_path, "invoke", "normalize_text")  # NATS on a closed port
     assert 1 == down.returncode
     assert "cannot connect to NATS" in down.stderr
 
@@ -104,15 +77,15 @@ async def test_invoke_records_health_in_the_database(
     ]
     async with PostgresSource(settings) as db:
         await db.import_extensions(records, "test")
-    result = await run(
+    result = await run_in_thread(
         tmp_path,
-        nats_url,
         "invoke",
         "pii_guard",
         "--payload",
         '"4111 1111 1111 1111"',
         "--json",
         db=db_url,
+        nats_url=nats_url,
     )
     assert 0 == result.returncode, result.stderr
     assert "reject" == json.loads(result.stdout)["status"]
@@ -129,13 +102,12 @@ async def test_sample_extensions_command(
 ) -> None:
     """`extreg sample-extensions --nats-url URL` serves the samples until interrupted."""
     server = nats_server_factory()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXTENSION_REGISTRY_")}
     proc = await asyncio.create_subprocess_exec(
         str(EXTREG),
         "sample-extensions",
         "--nats-url",
         server.url,
-        env=env,
+        env=environment(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -6,31 +6,25 @@ extensions; `--url` against a real server on the same database and NATS."""
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
-import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import ROLE_TOKENS, LiveServer, make_tokens, sql
+from api_helpers import ROLE_TOKENS, InvokingServer, make_tokens, policy_audit, sql
+from cli_helpers import ACTOR, flat, last_line, outcome, run
 from helpers import make_settings
 
 from extreg.adapters.fixtures import load_fixtures
 from extreg.adapters.migrate import migrate
-from extreg.invoke import Invoker
 from extreg.local.samples import SampleRunner
-from extreg.registry import Registry
 from extreg.settings import Settings
-from testsupport.pgprocess import PostgresProcess, free_port
+from testsupport.pgprocess import PostgresProcess
 
-EXTREG = Path(sys.executable).parent / "extreg"
-ACTOR = f"cli:{getpass.getuser()}"
 BUNDLED = Path(__file__).parents[1] / "src" / "extreg" / "fixtures"
 LIMITS: dict[str, Any] = {"max_timeout_ms": 60_000, "max_retries": 10}
 CARD = "my card is 4111 1111 1111 1111"
@@ -47,46 +41,6 @@ ROUTE: dict[str, Any] = {
 # -- helpers -------------------------------------------------------------------------------
 
 
-def run(
-    tmp_path: Path, *args: str, db: str | None = None, nats_url: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`extreg ARGS` with a clean environment: on `db` if given, else the bundled fixtures;
-    NATS at `nats_url`, else a closed port (so nothing reaches a NATS the machine runs)."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
-    }
-    env.update(
-        {
-            "EXTENSION_REGISTRY_DATA_DIR": str(tmp_path / "data"),
-            "EXTENSION_REGISTRY_NATS_URL": nats_url or f"nats://127.0.0.1:{free_port()}",
-            "COLUMNS": "400",  # keep rich from wrapping messages at 80 columns
-        }
-    )
-    source = ["--database-url", db] if db else ["--source", "fixtures"]
-    return subprocess.run(
-        [str(EXTREG), *source, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-def outcome(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
-def flat(text: str) -> str:
-    """Text with every run of whitespace made one space (terminal wrapping undone)."""
-    return " ".join(text.split())
-
-
-def last_line(text: str) -> str:
-    """The last non-empty line (log events may come first on stderr)."""
-    return text.strip().splitlines()[-1] if text.strip() else ""
-
-
 def samples_only(folder: Path) -> Path:
     """A fixtures folder with the four sample extensions and no policies."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,18 +51,6 @@ def samples_only(folder: Path) -> Path:
 def import_samples(tmp_path: Path, db_url: str) -> None:
     result = run(tmp_path, "import-fixtures", str(samples_only(tmp_path / "samples")), db=db_url)
     assert 0 == result.returncode, outcome(result)
-
-
-def policy_audit(db_url: str, policy_id: str) -> list[tuple[str, str]]:
-    return [
-        (r[0], r[1])
-        for r in sql(
-            db_url,
-            "SELECT action, changed_by FROM extension_audit_log WHERE extension_id = %s"
-            " ORDER BY changed_at",
-            (policy_id,),
-        )
-    ]
 
 
 def stored_policies(db_url: str) -> list[str]:
@@ -542,17 +484,6 @@ def test_run_bad_input_exits_2(
 
 
 # -- through a server (--url) ------------------------------------------------------------
-
-
-class InvokingServer(LiveServer):
-    """The live API with an invoker of its own loop, so policy runs go out on NATS."""
-
-    async def _serve(self) -> None:
-        async with (
-            Registry.open(self.settings) as registry,
-            Invoker.open(registry, self.settings) as invoker,
-        ):
-            await self._serve_with(registry, invoker)
 
 
 @pytest.fixture

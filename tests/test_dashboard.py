@@ -18,27 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import LiveServer, make_tokens, seed, sql
-from helpers import make_settings
+from api_helpers import LiveServer, samples_server, sql
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from extreg.invoke import Invoker
 from extreg.local.samples import SAMPLE_EXTENSIONS
-from extreg.registry import Registry
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"
-
-
-class InvokingServer(LiveServer):
-    """A live server whose runtime carries a real Invoker, opened in the server's own loop."""
-
-    async def _serve(self) -> None:
-        async with (
-            Registry.open(self.settings) as registry,
-            Invoker.open(registry, self.settings) as invoker,
-        ):
-            await self._serve_with(registry, invoker)
 
 
 @pytest.fixture
@@ -46,17 +32,10 @@ async def server(
     tmp_path: Path, db_url: str, nats_url: str, sample_extensions: Any
 ) -> AsyncIterator[tuple[LiveServer, dict[str, str]]]:
     """A live server on a database holding the sample extensions, with tokens for each role."""
-    settings = make_settings(
-        tmp_path,
-        source="database",
-        database_url=db_url,
-        nats_url=nats_url,
-        circuit_breaker_enabled=True,
-        health_flush_interval_seconds=0.5,
+    live, tokens = await samples_server(
+        tmp_path, db_url, nats_url, health_flush_interval_seconds=0.5
     )
-    await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
-    tokens = await make_tokens(db_url)
-    with InvokingServer(settings) as live:
+    with live:
         yield live, tokens
 
 
@@ -200,10 +179,8 @@ async def test_breaker_off_shows_no_protection(
     """With circuit breakers off (the default settings) no row claims a `closed` circuit: each
     shows a distinct "breaker off" badge whose tooltip says how to enable breakers, the page
     says calls are not protected, and an operator gets no circuit-reset button."""
-    settings = make_settings(tmp_path, source="database", database_url=db_url, nats_url=nats_url)
-    await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
-    tokens = await make_tokens(db_url)
-    with InvokingServer(settings) as live:
+    live, tokens = await samples_server(tmp_path, db_url, nats_url, circuit_breaker_enabled=False)
+    with live:
         page = await signed_in(browser, live.url, tokens["operator"])
         for sample in SAMPLE_EXTENSIONS:
             badge = row(page, sample.id).locator(".circuit .badge")

@@ -12,13 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import LiveServer, make_tokens, seed
-from helpers import make_settings
+from api_helpers import LiveServer, samples_server
 from playwright.async_api import Browser, Page, expect
-from test_dashboard import InvokingServer, browser, signed_in
+from test_dashboard import browser, signed_in
 
 import extreg
-from extreg.local.samples import SAMPLE_EXTENSIONS
 
 __all__ = ["browser"]  # the Chromium fixture, shared with test_dashboard
 
@@ -40,16 +38,8 @@ async def server(
 ) -> AsyncIterator[tuple[LiveServer, dict[str, str]]]:
     """A live server on a database holding the sample extensions and support_en, with
     tokens for each role."""
-    settings = make_settings(
-        tmp_path,
-        source="database",
-        database_url=db_url,
-        nats_url=nats_url,
-        circuit_breaker_enabled=True,
-    )
-    await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
-    tokens = await make_tokens(db_url)
-    with InvokingServer(settings) as live:
+    live, tokens = await samples_server(tmp_path, db_url, nats_url)
+    with live:
         async with httpx.AsyncClient(base_url=live.url) as client:
             created = await client.post(
                 "/admin/policies",
