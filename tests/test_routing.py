@@ -218,3 +218,19 @@ def test_versions_without_created_at_later_in_list_is_newer() -> None:
     assert "v3" == Route(ext(versions=tied), Limits()).pick(ctx(tenant_id="t1")).version
     naive = version("v4", {"tenant_id": ["t1"]}, created_at="2026-03-01T00:00:00")
     assert "v4" == Route(ext(versions=[naive, dated]), Limits()).pick(ctx(tenant_id="t1")).version
+
+
+def test_extreg_never_draws_from_the_shared_random_generator() -> None:
+    """Jitter and instance choice use extreg's own generator, so an application that seeds
+    `random` for reproducible runs gets the same sequence with extreg as without it."""
+    from extreg.core.chance import jitter
+    from extreg.invoke.invoker import backoff_s
+
+    route = Route(ext(instances=[instance("a", 50), instance("b", 50)]), Limits())
+    random.seed(1234)
+    state = random.getstate()
+    for attempt in range(1, 50):
+        backoff_s(attempt)
+        jitter(1.0)
+        route.pick(ctx())
+    assert random.getstate() == state

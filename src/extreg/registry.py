@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -43,6 +42,7 @@ from .adapters.postgres import PostgresSource
 from .adapters.postgres_policies import PREFIX as POLICY_PREFIX
 from .adapters.postgres_policies import key as policy_key
 from .adapters.snapshot_file import Origin, read_snapshot, write_snapshot_file
+from .core.chance import jitter
 from .core.clock import SYSTEM_CLOCK, Clock, utc_now
 from .core.model import Extension
 from .core.policy import Policy, PolicyLimits
@@ -433,7 +433,7 @@ class Registry:
                 if since >= self.settings.sync_interval_seconds:
                     self._report_sync(0.0, reason)
                 self._mark_stale(reason)
-            await asyncio.sleep(backoff * (0.5 + random.random()))
+            await asyncio.sleep(jitter(backoff))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _reload_from_database(self) -> None:

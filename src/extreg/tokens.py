@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +39,7 @@ from .auth import (
     hash_token,
     load_tokens_file,
 )
+from .core.chance import jitter
 from .errors import ConfigError, Conflict, SourceUnavailable, UnknownToken
 from .settings import Settings
 
@@ -269,7 +269,7 @@ class TokenFollower:
                         await self._reload_database()
             except (SourceUnavailable, ConfigError) as exc:
                 log.warning("tokens_refresh_failed", error=str(exc), retry_in_s=round(backoff, 2))
-            await asyncio.sleep(backoff * (0.5 + random.random()))  # jitter, not secrecy
+            await asyncio.sleep(jitter(backoff))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _reload_database(self) -> None:

@@ -31,7 +31,6 @@ Rules (the wire contract's, see `shared/reference/contract.md`):
 
 from __future__ import annotations
 
-import random
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from datetime import UTC, datetime
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
+from . import chance
 from .model import Extension, Instance, Version
 
 if TYPE_CHECKING:
@@ -188,9 +188,7 @@ class Route:
     def _version_target(self, v: Version, limits: Limits) -> Target:
         return self._target(v.subject, v.timeout_ms, v.retry, v.version, limits)
 
-    def pick(
-        self, lookup: Callable[[str], Any], draw: Callable[[], float] = random.random
-    ) -> Target:
+    def pick(self, lookup: Callable[[str], Any], draw: Callable[[], float] = chance.draw) -> Target:
         """The target of one call: a matching version, else a weighted instance, else the row."""
         if self.versions:
             target = select_version(self.versions, lookup)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -54,6 +53,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, State
+from ..core.chance import jitter
 from ..core.health import HealthDelta
 from ..errors import Conflict, ExtregError, HealthRefused
 
@@ -146,7 +146,7 @@ class AutoManager:
                 self._latest.setdefault(extension_id, state)  # unless superseded meanwhile
             if self._latest:
                 if failed:
-                    await asyncio.sleep(backoff * (0.5 + random.random()))  # jitter, not a secret
+                    await asyncio.sleep(jitter(backoff))
                     backoff = min(backoff * 2, RETRY_MAX_S)
                 self._wake.set()
             else:

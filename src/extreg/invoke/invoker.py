@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from time import perf_counter
 from typing import Any
@@ -37,6 +36,7 @@ import structlog
 
 from ..adapters.nats import NatsTransport
 from ..core.breaker import CircuitBreakers
+from ..core.chance import jitter
 from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.envelope import encode_envelope, headers
 from ..core.health import HealthMonitor
@@ -76,7 +76,7 @@ _NOT_FAULTS = (TransportUnavailable, PayloadTooLarge)  # not the extension's doi
 def backoff_s(attempt: int) -> float:
     """The pause after failed attempt number `attempt` (1-based)."""
     base: float = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** (attempt - 1))
-    return base * (0.5 + random.random())  # jitter, not a secret
+    return jitter(base)
 
 
 def outcome_of(exc: ExtensionError) -> str:

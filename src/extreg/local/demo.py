@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import random
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +182,7 @@ async def _every(
 
 
 async def _call(invoker: Any, ext_id: str) -> None:
-    context = {"trace_id": f"demo-{random.getrandbits(32):08x}", "tenant_id": "demo"}
+    context = {"trace_id": f"demo-{uuid.uuid4().hex[:8]}", "tenant_id": "demo"}
     try:
         await invoker.invoke(ext_id, REQUESTS[ext_id], context)
     except ExtensionError as exc:
@@ -208,7 +208,7 @@ async def _run_policies(invoker: Any, stop: asyncio.Event) -> None:
 
 async def _run_policy(invoker: Any, message: dict[str, Any]) -> None:
     context = {
-        "trace_id": f"demo-{random.getrandbits(32):08x}",
+        "trace_id": f"demo-{uuid.uuid4().hex[:8]}",
         "tenant_id": "demo",
         "channel": "web",
     }
