@@ -22,6 +22,8 @@ from ..errors import ExtensionNotFound, PolicyNotFound, StaleETag
 IfMatch = Annotated[
     str | None, Header(alias="If-Match", description="The ETag you read; a stale one gets 412.")
 ]
+# The OpenAPI answer of a stale `If-Match`, for every conditional route.
+STALE: dict[int | str, dict[str, object]] = {412: {"description": "If-Match is stale."}}
 Record = TypeVar("Record", Extension, Policy)
 Kind = Literal["extension", "policy"]
 

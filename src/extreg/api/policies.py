@@ -44,7 +44,7 @@ from .bodies import (
     same_policy_id,
     strict_body,
 )
-from .etag import IfMatch, check_if_match, etag_of, existing, unmatched
+from .etag import STALE, IfMatch, check_if_match, etag_of, existing, unmatched
 from .operate import NO_INVOKER
 from .policy_runs import RecentRuns
 from .security import Admin, Operator, Viewer
@@ -63,7 +63,6 @@ async def bind_policy_id(request: Request) -> None:
 
 StrictBody = Annotated[None, Depends(strict_body)]  # after the token check: a parameter
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such policy."}}
-STALE: dict[int | str, dict[str, Any]] = {412: {"description": "If-Match is stale."}}
 INVALID: dict[int | str, dict[str, Any]] = {
     422: {
         "description": "The policy breaks a rule (a field, a depth limit, an id naming no "

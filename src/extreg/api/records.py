@@ -23,7 +23,7 @@ from ..core.model import Extension, ExtensionType, to_plain
 from ..errors import Conflict, ExtensionNotFound
 from ..registry import Registry
 from .bodies import json_object, json_response, record, request_body, same_id
-from .etag import IfMatch, etag_of, existing
+from .etag import STALE, IfMatch, etag_of, existing
 from .requestlog import bind_extension_id
 from .security import Admin, Operator, Viewer
 from .state import runtime_of
@@ -96,7 +96,7 @@ async def create_extension(request: Request, principal: Admin) -> JSONResponse:
     responses={
         200: json_response("Extension", "Replaced."),
         **NOT_FOUND,
-        412: {"description": "If-Match is stale."},
+        **STALE,
     },
 )
 async def replace_extension(
@@ -124,7 +124,7 @@ async def replace_extension(
     responses={
         200: json_response("Extension", "Changed."),
         **NOT_FOUND,
-        412: {"description": "If-Match is stale."},
+        **STALE,
     },
 )
 async def patch_extension(
@@ -175,7 +175,7 @@ async def delete_extension(
     responses={
         200: json_response("Extension", "Enabled."),
         **NOT_FOUND,
-        412: {"description": "If-Match is stale."},
+        **STALE,
     },
 )
 async def enable_extension(
@@ -190,7 +190,7 @@ async def enable_extension(
     responses={
         200: json_response("Extension", "Disabled."),
         **NOT_FOUND,
-        412: {"description": "If-Match is stale."},
+        **STALE,
     },
 )
 async def disable_extension(
