@@ -41,9 +41,10 @@ _PREFIX_LENGTH = len("circuit_breaker")  # every override key starts with one of
 _OVERRIDE_PREFIXES = frozenset(k[:_PREFIX_LENGTH] for k in ("circuit_breaker", *LIMIT_KEYS))
 
 # What a failed pattern means, in words, for error messages.
+ID_RULE = "must be 1-255 characters of a-z A-Z 0-9 _ - . and start with a letter or digit"
 _RULES = {
-    "id": "must be 1-255 characters of a-z A-Z 0-9 _ - . and start with a letter or digit",
-    "instance_id": "must be 1-255 characters of a-z A-Z 0-9 _ - . and start with a letter or digit",
+    "id": ID_RULE,
+    "instance_id": ID_RULE,
     "subject": "must be a NATS subject: dot-separated non-empty tokens, at most 512 characters, "
     "no whitespace and no wildcards (* or >)",
 }
@@ -111,7 +112,7 @@ def parse_extension(
     label: str | None = None,
 ) -> Extension:
     """Validate one record from plain data; raise `InvalidRecord` naming the record and field."""
-    record = label or _record_name(data)
+    record = label or record_name(data)
     try:
         ext = msgspec.convert(data, type=Extension)
     except msgspec.ValidationError as exc:
@@ -248,12 +249,13 @@ def _limit_problems(ext: Extension, max_timeout_ms: int, max_retries: int) -> li
     return problems
 
 
-def _record_name(data: object) -> str:
+def record_name(data: object, key: str = "id", noun: str = "record") -> str:
+    """What to call a record in an error: its id, or a placeholder when it has none."""
     if isinstance(data, dict):
-        value = data.get("id")
+        value = data.get(key)
         if isinstance(value, str) and value:
             return value
-    return "<record without id>"
+    return f"<{noun} without {key}>"
 
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 
 from ..errors import InvalidRecord
-from .model import DATABASE_KEPT, Actor, Extension, Id, explain
+from .model import DATABASE_KEPT, ID_RULE, Actor, Extension, Id, explain, record_name
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -112,7 +112,7 @@ class PolicyLimits:
 def parse_policy(data: object, *, limits: PolicyLimits, label: str | None = None) -> Policy:
     """Validate one policy from plain data; `InvalidRecord` (kind "policy") listing every
     problem with its field path. The references are checked apart (`reference_problems`)."""
-    record = label or _policy_name(data)
+    record = label or record_name(data, "policy_id", "policy")
     try:
         policy = msgspec.convert(data, type=Policy)
     except msgspec.ValidationError as exc:
@@ -274,7 +274,6 @@ def _struct_problems(
 
 
 _CHOICES = {"mode": ("required", "optional"), "on_fail": ("block", "warn", "ignore")}
-_ID_RULE = "must be 1-255 characters of a-z A-Z 0-9 _ - . and start with a letter or digit"
 
 
 def _readable(problem: tuple[str, str]) -> tuple[str, str]:
@@ -290,13 +289,5 @@ def _readable(problem: tuple[str, str]) -> tuple[str, str]:
             " (letters, digits, _ - . and no spaces)"
         )
     if field.endswith("id") or field == "policy_id":
-        return field, _ID_RULE
+        return field, ID_RULE
     return problem
-
-
-def _policy_name(data: object) -> str:
-    if isinstance(data, dict):
-        value = data.get("policy_id")
-        if isinstance(value, str) and value:
-            return value
-    return "<policy without policy_id>"
