@@ -8,13 +8,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from ddsketch import DDSketch
 from helpers import make_settings
 from invoke_helpers import SAMPLE_RECORDS, FakeClock, fixture_settings, open_invoker, wait_for
 
 from extreg import CircuitOpen, ExtensionDisabled, InvalidResponse, Settings
 from extreg.adapters.postgres import PostgresSource
-from extreg.core.health import HealthDelta
+from extreg.core.health import HealthMonitor
 from extreg.core.model import parse_extension
 from extreg.invoke import AUTO_ACTOR, HealthGate, HealthRefused
 from extreg.local.samples import Flaky, SampleRunner
@@ -143,24 +142,34 @@ async def test_auto_disable_without_database_leaves_calls_to_the_breaker(
 # -- health-based routing --------------------------------------------------------------------
 
 
-def delta(ext_id: str, ok: int, bad: int) -> HealthDelta:
-    return HealthDelta(ext_id, ok, bad, 0.0, DDSketch())
+def record(monitor: HealthMonitor, ext_id: str, ok: int, bad: int) -> None:
+    for _ in range(ok):
+        monitor.record(ext_id, True, 1.0)
+    for _ in range(bad):
+        monitor.record(ext_id, False, 1.0)
 
 
 def test_gate_refuses_low_success_rate_after_min_calls() -> None:
-    """Over the window, an extension with at least min_calls calls and a success rate under the
-    minimum is refused; fewer calls, or a good rate, are not; old intervals age out."""
-    gate = HealthGate(min_success_rate=0.8, min_calls=10, window_flushes=2)
-    gate.observe([delta("bad", 2, 8), delta("few", 0, 9), delta("good", 9, 1)])
+    """Over the recent window, an extension with at least min_calls calls and a success rate
+    under the minimum is refused; fewer calls, or a good rate, are not; old calls age out."""
+    clock = FakeClock(wall=1_780_000_000.0)
+    monitor = HealthMonitor(clock=clock.time, window_s=60)
+    gate = HealthGate(monitor, min_success_rate=0.8, min_calls=10)
+    record(monitor, "bad", 2, 8)
+    record(monitor, "few", 0, 9)
+    record(monitor, "good", 9, 1)
+    gate.observe()
     assert ["bad"] == sorted(gate.refused)
     with pytest.raises(HealthRefused) as caught:
         gate.check("bad")
     assert isinstance(caught.value, CircuitOpen)
-    assert "success rate 0.20 over the last 10 calls" in caught.value.reason
-    gate.observe([delta("few", 0, 1)])  # few: 10 calls in the window now
+    assert "success rate 0.20 over the last 10 calls (60 s)" in caught.value.reason
+    clock.advance(30)
+    record(monitor, "few", 0, 1)  # few: 10 calls in the window now
+    gate.observe()
     assert ["bad", "few"] == sorted(gate.refused)
-    gate.observe([])
-    gate.observe([])
+    clock.advance(31)  # the first calls are out of the window; few keeps 1
+    gate.observe()
     assert [] == sorted(gate.refused)
 
 
@@ -171,17 +180,19 @@ async def test_health_based_routing_refuses_and_recovers(
     flaky_extension: Flaky,
 ) -> None:
     """With health-based routing on, an extension failing 5 of 5 calls is refused with
-    HealthRefused (nothing sent) after the next flush; once the bad calls leave the window (two
-    flushes wide) it is called again. The flushes are the test's, not the timer's."""
+    HealthRefused (nothing sent) after the next flush; once the bad calls leave the recent
+    window (`health_window_seconds`, on the invoker's clock) it is called again. The flushes
+    are the test's, not the timer's."""
     settings = fixture_settings(
         tmp_path,
         nats_url,
         health_based_routing_enabled=True,
         circuit_breaker_min_calls=5,
-        circuit_breaker_window_seconds=7200,
+        health_window_seconds=60,
         health_flush_interval_seconds=3600,
     )
-    async with open_invoker(settings) as inv:
+    clock = FakeClock()
+    async with open_invoker(settings, clock=clock) as inv:
         flaky_extension.control({"failure_rate": 1.0, "failure_mode": "invalid"})
         for _ in range(5):
             with pytest.raises(InvalidResponse):
@@ -191,10 +202,12 @@ async def test_health_based_routing_refuses_and_recovers(
         sent = sample_extensions.calls["flaky"]
         with pytest.raises(HealthRefused):
             await inv.invoke("flaky", REQUEST)
-        await inv.flush_health()  # the bad calls are still in the window's older flush
+        clock.advance(50)
+        await inv.flush_health()  # the bad calls are still in the window
         with pytest.raises(HealthRefused):
             await inv.invoke("flaky", REQUEST)
         assert sent == sample_extensions.calls["flaky"]
+        clock.advance(20)
         await inv.flush_health()  # now they are out
         assert {"payload": {"payload": "hi"}} == await inv.invoke("flaky", REQUEST)
     assert sent + 1 == sample_extensions.calls["flaky"]

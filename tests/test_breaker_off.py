@@ -20,7 +20,8 @@ from helpers import make_settings, record
 from prometheus_client.parser import text_string_to_metric_families
 
 from extreg.api import create_app
-from extreg.health_view import report_from_rows
+from extreg.adapters.postgres import PostgresSource
+from extreg.health_view import database_report
 from extreg.invoke import Invoker
 from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
 from extreg.metrics import Metrics
@@ -103,8 +104,10 @@ async def test_breaker_off_reads_disabled_through_invoker_api_and_metrics(
         still = inv.breaker.state("normalize_text")
     assert ("disabled", "disabled", "disabled") == python
     assert {"disabled"} == {e["health"]["circuit_breaker_state"] for e in report["extensions"]}
-    assert (len(SAMPLE_EXTENSIONS), 1) == (
-        report["summary"]["healthy"],
+    summary = report["summary"]
+    assert (1, summary["enabled"] - 1, 1) == (  # the one called; the others have no calls
+        summary["healthy"],
+        summary["unknown"],
         one["health"]["success_count"],
     )
     assert "disabled" == one["health"]["circuit_breaker_state"]
@@ -174,26 +177,29 @@ def test_cli_health_on_the_database_reads_disabled(tmp_path: Path, db_url: str) 
     assert (0, True) == (table.returncode, "disabled" in table.stdout)
 
 
-def test_report_from_rows_follows_the_setting() -> None:
+async def test_database_report_follows_the_setting(db_url: str, tmp_path: Path) -> None:
     """Database rows say `closed` by default (the seed's column default) even when no breaker
-    ever ran; with the breaker off the report says `disabled` and the summary judges health by
-    success rate alone."""
-    rows = [
-        {
-            "id": "a",
-            "type": "pre",
-            "success_count": 9,
-            "failure_count": 1,
-            "circuit_breaker_state": "open",
-        }
-    ]
-    off = report_from_rows(rows, 0.8, breaker_enabled=False)
-    on = report_from_rows(rows, 0.8, breaker_enabled=True)
-    assert ("disabled", 1) == (
-        off["extensions"][0]["health"]["circuit_breaker_state"],
-        off["summary"]["healthy"],
+    ever ran; with the breaker off the report from the database says `disabled` (status by
+    recent calls alone: none, so `unknown`), with it on the row's `open` makes it unhealthy."""
+    sql(db_url, "INSERT INTO extensions (id, type, subject) VALUES ('a', 'pre', 's.a')")
+    sql(
+        db_url,
+        "INSERT INTO extension_health (extension_id, success_count, failure_count,"
+        " circuit_breaker_state) VALUES ('a', 9, 1, 'open')",
     )
-    assert ("open", 0) == (
+    reports = []
+    for enabled in (False, True):
+        settings = make_settings(tmp_path, database_url=db_url, circuit_breaker_enabled=enabled)
+        async with PostgresSource(settings) as db:
+            reports.append(await database_report(db, settings))
+    off, on = reports
+    assert ("disabled", "unknown", 1) == (
+        off["extensions"][0]["health"]["circuit_breaker_state"],
+        off["extensions"][0]["health"]["status"],
+        off["summary"]["unknown"],
+    )
+    assert ("open", "unhealthy", 1) == (
         on["extensions"][0]["health"]["circuit_breaker_state"],
-        on["summary"]["healthy"],
+        on["extensions"][0]["health"]["status"],
+        on["summary"]["unhealthy"],
     )

@@ -78,14 +78,19 @@ def test_counts_rate_and_average_are_exact() -> None:
 
 
 def test_health_has_exactly_the_contract_keys() -> None:
-    """get_health answers the contract's health shape plus last_latency_ms."""
+    """get_health answers the contract's health shape plus last_latency_ms, status and recent
+    (with its own keys)."""
     monitor = HealthMonitor()
     monitor.record(EXT, True, 5)
-    assert CONTRACT_KEYS | {"last_latency_ms"} == set(monitor.get_health(EXT))
+    health = monitor.get_health(EXT)
+    assert CONTRACT_KEYS | {"last_latency_ms", "status", "recent"} == set(health)
+    assert {"calls", "success_rate", "p50_latency_ms", "p95_latency_ms", "p99_latency_ms"} == set(
+        health["recent"]
+    )
 
 
 def test_an_extension_without_calls_reads_as_new() -> None:
-    """No calls: counts 0, success rate 1.0, latencies 0, no last times."""
+    """No calls: counts 0, success rate 1.0, latencies 0, no last times, status unknown."""
     expected = {
         "success_count": 0,
         "failure_count": 0,
@@ -98,6 +103,14 @@ def test_an_extension_without_calls_reads_as_new() -> None:
         "last_success": None,
         "last_failure": None,
         "last_latency_ms": None,
+        "status": "unknown",
+        "recent": {
+            "calls": 0,
+            "success_rate": 1.0,
+            "p50_latency_ms": 0.0,
+            "p95_latency_ms": 0.0,
+            "p99_latency_ms": 0.0,
+        },
     }
     on = CircuitBreakers(BreakerConfig(enabled=True))
     assert expected == HealthMonitor(on).get_health("never_called")
@@ -106,7 +119,7 @@ def test_an_extension_without_calls_reads_as_new() -> None:
 @pytest.mark.parametrize("kind", ["no-breaker", "breaker-off", "blank-off"])
 def test_breaker_off_reads_disabled_and_healthy(kind: str) -> None:
     """With the breaker off (the default), or none attached, the circuit reads `disabled`, not
-    `closed`; an extension is judged healthy on its success rate alone."""
+    `closed`; an extension is judged on its recent success rate alone."""
     factories: dict[str, Callable[[], HealthMonitor]] = {
         "no-breaker": HealthMonitor,
         "breaker-off": lambda: HealthMonitor(CircuitBreakers(BreakerConfig())),
@@ -116,10 +129,8 @@ def test_breaker_off_reads_disabled_and_healthy(kind: str) -> None:
     monitor.record(EXT, True, 5)
     assert "disabled" == monitor.get_health(EXT)["circuit_breaker_state"]
     assert "disabled" == monitor.get_health("never_called")["circuit_breaker_state"]
-    assert (True, 2) == (
-        monitor.is_healthy(EXT),
-        monitor.get_health_summary([Ext(EXT), Ext("never_called")])["healthy"],
-    )
+    summary = monitor.get_health_summary([Ext(EXT), Ext("never_called")])
+    assert ("healthy", 1, 1) == (monitor.status(EXT), summary["healthy"], summary["unknown"])
 
 
 def test_blank_monitor_follows_the_setting() -> None:
@@ -189,27 +200,43 @@ def test_get_all_health_covers_every_recorded_extension() -> None:
 
 
 def test_summary_numbers() -> None:
-    """Summary: totals, enabled, healthy by circuit and success rate, and plain averages."""
+    """Summary: totals, enabled, statuses among enabled extensions (by circuit and recent
+    success rate), and plain averages of the enabled extensions' recent figures."""
     breakers = CircuitBreakers(BreakerConfig(enabled=True, failure_threshold=1))
-    monitor = HealthMonitor(breakers, min_success_rate=0.8)
-    for _ in range(9):
+    monitor = HealthMonitor(breakers)
+    for _ in range(19):
         monitor.record("good", True, 10)
-    monitor.record("good", False, 20)  # 0.9, 11 ms
+    monitor.record("good", False, 30)  # 0.95, 11 ms: healthy
+    for _ in range(9):
+        monitor.record("meh", True, 20)
+    monitor.record("meh", False, 20)  # 0.9, 20 ms: degraded
     for ok in (True, False):
-        monitor.record("flaky", ok, 30)  # 0.5, 30 ms
-    monitor.record("broken", True, 50)  # 1.0, 50 ms, but its circuit is open
+        monitor.record("flaky", ok, 30)  # 0.5, 30 ms: unhealthy
+    monitor.record("broken", True, 50)  # 1.0, 50 ms, but its circuit is open: unhealthy
     breakers.force_open("broken")
-    extensions = [Ext("good"), Ext("flaky"), Ext("broken"), Ext("idle", enabled=False)]
+    monitor.record("parked", False, 1000)  # disabled: counted in total only
+    extensions = [
+        Ext("good"),
+        Ext("meh"),
+        Ext("flaky"),
+        Ext("broken"),
+        Ext("idle"),
+        Ext("parked", enabled=False),
+    ]
     expected = {
-        "total": 4,
-        "enabled": 3,
-        "healthy": 2,  # good, and idle (no calls, closed)
+        "total": 6,
+        "enabled": 5,
+        "healthy": 1,
+        "degraded": 1,
         "unhealthy": 2,
-        "avg_success_rate": 0.8,  # (0.9 + 0.5 + 1.0) / 3; idle has no calls
-        "avg_latency_ms": 30.33,  # (11 + 30 + 50) / 3
+        "unknown": 1,  # idle: no recent call
+        "avg_success_rate": 0.8375,  # (0.95 + 0.9 + 0.5 + 1.0) / 4; idle has no calls
+        "avg_latency_ms": 27.75,  # (11 + 20 + 30 + 50) / 4
     }
     assert expected == monitor.get_health_summary(extensions)
-    assert (True, False) == (monitor.is_healthy("good"), monitor.is_healthy("flaky"))
+    assert ["healthy", "degraded", "unhealthy", "unhealthy", "unknown", "unhealthy"] == [
+        monitor.status(ext.id) for ext in extensions
+    ]
 
 
 def test_summary_without_extensions_or_calls() -> None:
@@ -218,7 +245,9 @@ def test_summary_without_extensions_or_calls() -> None:
         "total": 0,
         "enabled": 0,
         "healthy": 0,
+        "degraded": 0,
         "unhealthy": 0,
+        "unknown": 0,
         "avg_success_rate": 1.0,
         "avg_latency_ms": 0.0,
     }

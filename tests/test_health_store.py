@@ -91,7 +91,7 @@ async def test_batch_is_applied_once(tmp_path: Path, seeded_db: str, nats_url: s
         assert [(1,)] == query(
             seeded_db, "SELECT last_seq FROM extreg_health_nodes WHERE node_id = 'node-a'"
         )
-        _, rows = await db.read_health(None, ["flaky"])
+        _, rows = await db.read_health(None, ["flaky"], recent_since=0.0)
     assert 1 == len(rows)
     totals = rows[0].totals
     assert (3, 1, 100.0, 4.0) == (
@@ -154,7 +154,7 @@ async def test_shown_totals_keep_unwritten_calls(
         await calls(inv, 4, 0, flaky_extension)
         await inv.flush_health()
         await calls(inv, 3, 1, flaky_extension)
-        _, rows = await inv.registry.database.read_health(None, ["flaky"])
+        _, rows = await inv.registry.database.read_health(None, ["flaky"], recent_since=0.0)
         adopt_totals(inv.health, rows[0].totals)
         shown = inv.health.get_health("flaky")
         await inv.flush_health()

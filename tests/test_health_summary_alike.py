@@ -28,7 +28,7 @@ CALLS: list[tuple[str, bool, list[tuple[bool, float]]]] = [
     ("idle", True, []),
     ("parked", False, []),
 ]
-COUNTS = ("success_count", "failure_count", "success_rate", "avg_latency_ms")
+COUNTS = ("success_count", "failure_count", "success_rate", "avg_latency_ms", "status", "recent")
 
 
 def cli_health(tmp_path: Path, db_url: str) -> dict[str, Any]:
@@ -52,7 +52,7 @@ async def test_cli_from_rows_and_api_from_monitor_give_identical_numbers(
 ) -> None:
     """The same calls, counted by a monitor (the API's source) and written to the database as
     a node's health batch (the CLI's source), give the same summary dict and the same counts,
-    rates and mean latencies per extension."""
+    rates, mean latencies, statuses and recent numbers per extension."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         for ext_id, enabled, _ in CALLS:
             conn.execute(
@@ -76,8 +76,10 @@ async def test_cli_from_rows_and_api_from_monitor_give_identical_numbers(
     assert {
         "total": 4,
         "enabled": 3,
-        "healthy": 3,
+        "healthy": 1,
+        "degraded": 0,
         "unhealthy": 1,
+        "unknown": 1,  # idle; parked is disabled, so it is counted in total only
         "avg_success_rate": 0.6667,
         "avg_latency_ms": 0.0,
     } == cli["summary"]

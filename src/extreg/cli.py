@@ -592,15 +592,10 @@ def _invoke_directly(
 
 
 def _health_from_database(ctx: typer.Context, extension_id: str | None) -> dict[str, Any]:
-    from .health_view import report_from_rows
+    from .health_view import database_report
 
     s = _database_settings(ctx)
-    rows = on_database(s, lambda db: db.health_rows(extension_id))
-    if extension_id is not None and not rows:
-        raise ExtensionNotFound(extension_id)
-    return report_from_rows(
-        rows, s.health_based_routing_min_success_rate, breaker_enabled=s.circuit_breaker_enabled
-    )
+    return on_database(s, lambda db: database_report(db, s, extension_id))
 
 
 def _audit_from_database(

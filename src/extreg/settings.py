@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     health_based_routing_enabled: bool = False
     health_based_routing_min_success_rate: float = Field(0.8, ge=0, le=1, allow_inf_nan=False)
     health_flush_interval_seconds: float = Field(2, gt=0, allow_inf_nan=False)
+    # The recent window of status, charts and health-based routing: at least one interval
+    # (core.intervals.INTERVAL_S), at most the 6 hours of intervals the database keeps.
+    health_window_seconds: float = Field(300, ge=10, le=21_600, allow_inf_nan=False)
 
     extension_max_payload_size: int = Field(1_048_576, ge=1)
     extension_max_metadata_size: int = Field(65_536, ge=1)

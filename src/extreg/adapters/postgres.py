@@ -27,6 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from ..core.intervals import Buckets
 from ..core.model import WRITABLE_FIELDS, Extension, record_problems, to_plain
 from ..core.policy import Policy, PolicyLimits
 from ..errors import Conflict, SourceUnavailable
@@ -430,20 +431,6 @@ class PostgresSource:
     async def delete_extension(self, extension_id: str, actor: str) -> bool:
         return (await self.write_extension(extension_id, lambda _: None, actor))[0] == "deleted"
 
-    async def health_rows(self, extension_id: str | None = None) -> list[dict[str, Any]]:
-        """Every extension (or one) with its `extension_health` row, for `extreg health`."""
-        with self._translate():
-            async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-                await cur.execute(
-                    "SELECT e.id, e.type, e.enabled, h.success_count, h.failure_count,"
-                    " h.avg_latency_ms, h.p50_latency_ms, h.p95_latency_ms, h.p99_latency_ms,"
-                    " h.circuit_breaker_state, h.last_success, h.last_failure, h.latency_total_ms"
-                    " FROM extensions e LEFT JOIN extension_health h ON h.extension_id = e.id"
-                    " WHERE %(id)s::text IS NULL OR e.id = %(id)s ORDER BY e.id",
-                    {"id": extension_id},
-                )
-                return await cur.fetchall()
-
     async def update_health(self, batch: HealthBatch) -> bool:
         """The seed's name: add one node's health batch; False if it was applied before.
 
@@ -453,12 +440,37 @@ class PostgresSource:
                 return await health_sql.write_batch(conn, batch)
 
     async def read_health(
-        self, since: datetime | None = None, ids: list[str] | None = None
+        self,
+        since: datetime | None = None,
+        ids: list[str] | None = None,
+        *,
+        recent_since: float,
     ) -> tuple[datetime, list[HealthRow]]:
-        """(database time, cluster-wide health rows updated after `since`, of `ids` or all)."""
+        """(database time, cluster-wide health rows updated after `since`, of `ids` or all),
+        with their intervals from `recent_since` (epoch seconds) on."""
         with self._translate():
             async with self._pool.connection() as conn:
-                return await health_sql.read_rows(conn, since, ids)
+                return await health_sql.read_rows(conn, since, ids, recent_since)
+
+    async def health_intervals(self, since: float, ids: list[str] | None) -> dict[str, Buckets]:
+        """Every node's calls per interval from `since` (epoch seconds) on, of `ids` or all."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                return await health_sql.read_intervals(conn, since, ids)
+
+    async def health_events(
+        self, since: float, extension_id: str | None
+    ) -> list[tuple[float, str, str, str | None, str | None]]:
+        """Circuit transitions, enables and disables from `since` on (see `read_events`)."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                return await health_sql.read_events(conn, since, extension_id)
+
+    async def prune_health(self, before: float) -> None:
+        """Forget intervals and circuit transitions older than `before` (epoch seconds)."""
+        with self._translate():
+            async with self._pool.connection() as conn:
+                await health_sql.prune(conn, before)
 
     async def audit_trail(
         self, extension_id: str | None = None, limit: int = 100, *, policy_id: str | None = None

@@ -10,7 +10,11 @@ numbered by the node (`node_id`, `seq` = 1, 2, 3, ...). One transaction per batc
 3. lock the rows (`SELECT ... FOR UPDATE`, in id order so two nodes cannot deadlock) and merge
    each stored latency sketch with the batch's in Python, then compute p50/p95/p99 from it;
 4. add counts and latency sums (`x = x + delta`), keep the latest times, store the merged
-   sketch and the percentiles, and record this node's circuit state.
+   sketch and the percentiles, and record this node's circuit state;
+5. add the same calls to their intervals in `extension_health_intervals` (counts added in
+   SQL, sketches merged in Python: the lock of step 3 on the extension's health row keeps two
+   nodes from merging into one interval at once), and append the circuit transitions to
+   `extreg_circuit_events`.
 
 Counts from several nodes thus sum exactly, and the percentiles are those of every call of
 every node (within the sketch's 1% relative accuracy). A node applies its batches strictly in
@@ -24,6 +28,7 @@ dropped: `extension_health` rows must reference an extension.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -34,7 +39,14 @@ from ddsketch import DDSketch
 from psycopg.types.json import Jsonb
 
 from ..core.breaker import CircuitSnapshot
-from ..core.health import RELATIVE_ACCURACY, HealthDelta, sketch_from_dict, sketch_to_dict
+from ..core.health import (
+    RELATIVE_ACCURACY,
+    HealthDelta,
+    Transition,
+    sketch_from_dict,
+    sketch_to_dict,
+)
+from ..core.intervals import Bucket, Buckets
 
 log = structlog.get_logger("extreg.health_sql")
 
@@ -93,6 +105,54 @@ FROM jsonb_to_recordset(%s::jsonb) AS d(
     half_open_admitted integer)
 WHERE h.extension_id = d.extension_id
 """
+_STORED_INTERVALS = """
+SELECT i.extension_id, extract(epoch FROM i.interval_start)::bigint, i.latency_sketch
+FROM extension_health_intervals i
+JOIN jsonb_to_recordset(%s::jsonb) AS d(extension_id text, start bigint)
+  ON i.extension_id = d.extension_id AND i.interval_start = to_timestamp(d.start)
+ORDER BY 1, 2
+FOR UPDATE OF i
+"""
+_ADD_INTERVALS = """
+INSERT INTO extension_health_intervals AS i
+    (extension_id, interval_start, success_count, failure_count, latency_total_ms, latency_sketch)
+SELECT d.extension_id, to_timestamp(d.start), d.successes, d.failures, d.latency_ms, d.sketch
+FROM jsonb_to_recordset(%s::jsonb) AS d(
+    extension_id text, start bigint, successes bigint, failures bigint, latency_ms float8,
+    sketch jsonb)
+ON CONFLICT (extension_id, interval_start) DO UPDATE SET
+    success_count = i.success_count + excluded.success_count,
+    failure_count = i.failure_count + excluded.failure_count,
+    latency_total_ms = i.latency_total_ms + excluded.latency_total_ms,
+    latency_sketch = excluded.latency_sketch
+"""
+_ADD_TRANSITIONS = """
+INSERT INTO extreg_circuit_events (extension_id, at, state, node_id)
+SELECT d.extension_id, to_timestamp(d.at), d.state, %s
+FROM jsonb_to_recordset(%s::jsonb) AS d(extension_id text, at float8, state text)
+"""
+_READ_INTERVALS = """
+SELECT extension_id, extract(epoch FROM interval_start)::bigint, success_count, failure_count,
+       latency_total_ms, latency_sketch
+FROM extension_health_intervals
+WHERE interval_start >= to_timestamp(%(since)s)
+  AND (%(ids)s::text[] IS NULL OR extension_id = ANY(%(ids)s))
+"""
+_READ_EVENTS = """
+SELECT extract(epoch FROM at)::float8, extension_id, 'circuit', state, NULL
+FROM extreg_circuit_events
+WHERE at >= to_timestamp(%(since)s) AND (%(id)s::text IS NULL OR extension_id = %(id)s)
+UNION ALL
+SELECT extract(epoch FROM changed_at)::float8, extension_id, action, NULL, changed_by
+FROM extension_audit_log
+WHERE action IN ('enable', 'disable') AND changed_at >= to_timestamp(%(since)s)
+  AND (%(id)s::text IS NULL OR extension_id = %(id)s)
+ORDER BY 1
+"""
+_PRUNE = (
+    "DELETE FROM extension_health_intervals WHERE interval_start < to_timestamp(%s)",
+    "DELETE FROM extreg_circuit_events WHERE at < to_timestamp(%s)",
+)
 _READ = """
 SELECT extension_id, coalesce(success_count, 0), coalesce(failure_count, 0), latency_total_ms,
        latency_sketch, last_success, last_failure, last_latency_ms,
@@ -116,23 +176,30 @@ class HealthBatch:
     seq: int
     deltas: dict[str, HealthDelta] = field(default_factory=dict)
     circuits: dict[str, CircuitSnapshot] = field(default_factory=dict)
+    transitions: list[Transition] = field(default_factory=list)
     sealed: bool = False
 
-    def absorb(self, deltas: list[HealthDelta], circuits: dict[str, CircuitSnapshot]) -> None:
-        """Add newer deltas and states to this (unsealed) batch."""
+    def absorb(
+        self,
+        deltas: list[HealthDelta],
+        circuits: dict[str, CircuitSnapshot],
+        transitions: Iterable[Transition] = (),
+    ) -> None:
+        """Add newer deltas, states and transitions to this (unsealed) batch."""
         if self.sealed:
             raise ValueError("a sealed batch may already be committed; it cannot grow")
         for delta in deltas:
             mine = self.deltas.get(delta.extension_id)
             self.deltas[delta.extension_id] = delta if mine is None else mine.merge(delta)
         self.circuits.update(circuits)
+        self.transitions.extend(transitions)
 
     @property
     def calls(self) -> int:
         return sum(d.calls for d in self.deltas.values())
 
     def __bool__(self) -> bool:
-        return bool(self.deltas or self.circuits)
+        return bool(self.deltas or self.circuits or self.transitions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,39 +222,112 @@ async def write_batch(conn: psycopg.AsyncConnection[Any], batch: HealthBatch) ->
         await conn.execute(_ENSURE_ROWS, (ids,))
         cur = await conn.execute(_LOCK, (ids,))
         stored = {row[0]: row[1] for row in await cur.fetchall()}
-        additions = [_addition(d, stored[i]) for i, d in batch.deltas.items() if i in stored]
-        if additions:
-            await conn.execute(_ADD, (Jsonb(additions),))
+        deltas = [d for i, d in batch.deltas.items() if i in stored]
+        if deltas:
+            await conn.execute(
+                _ADD, (Jsonb([_addition(d, stored[d.extension_id]) for d in deltas]),)
+            )
+            await _add_intervals(conn, deltas)
         circuits = [_circuit(c) for i, c in batch.circuits.items() if i in stored]
         if circuits:
             await conn.execute(_CIRCUITS, (Jsonb(circuits),))
+        if batch.transitions:
+            transitions = [t._asdict() for t in batch.transitions]
+            await conn.execute(_ADD_TRANSITIONS, (batch.node_id, Jsonb(transitions)))
         batch.sealed = True  # the commit follows; its outcome may be lost from here on
     return True
 
 
+async def _add_intervals(conn: psycopg.AsyncConnection[Any], deltas: list[HealthDelta]) -> None:
+    """Step 5 of the module docstring: add each delta's calls to their intervals."""
+    keys = [{"extension_id": d.extension_id, "start": t} for d in deltas for t in d.intervals]
+    if not keys:
+        return
+    cur = await conn.execute(_STORED_INTERVALS, (Jsonb(keys),))
+    stored = {(r[0], int(r[1])): r[2] for r in await cur.fetchall()}
+    rows = []
+    for delta in deltas:
+        for start, bucket in delta.intervals.items():
+            sketch = _merged_sketch(
+                stored.get((delta.extension_id, start)), bucket.sketch, delta.extension_id
+            )
+            rows.append(
+                {
+                    "extension_id": delta.extension_id,
+                    "start": start,
+                    "successes": bucket.successes,
+                    "failures": bucket.failures,
+                    "latency_ms": bucket.latency_sum_ms,
+                    "sketch": sketch_to_dict(sketch),
+                }
+            )
+    await conn.execute(_ADD_INTERVALS, (Jsonb(rows),))
+
+
 async def read_rows(
-    conn: psycopg.AsyncConnection[Any], since: datetime | None, ids: list[str] | None
+    conn: psycopg.AsyncConnection[Any],
+    since: datetime | None,
+    ids: list[str] | None,
+    recent_since: float,
 ) -> tuple[datetime, list[HealthRow]]:
-    """(database time now, rows updated after `since` — all when None — of `ids` or all)."""
+    """(database time now, rows updated after `since` — all when None — of `ids` or all),
+    each carrying its intervals that start at or after `recent_since` (epoch seconds)."""
     row = await (await conn.execute("SELECT now()")).fetchone()
     assert row is not None  # SELECT now() always returns a row
     cur = await conn.execute(_READ, {"since": since, "ids": ids})
-    return row[0], [_row(r) for r in await cur.fetchall()]
+    rows = await cur.fetchall()
+    found = await read_intervals(conn, recent_since, [r[0] for r in rows]) if rows else {}
+    return row[0], [_row(r, found.get(r[0], {})) for r in rows]
 
 
-def _merged_sketch(stored: Any, delta: HealthDelta) -> DDSketch:
-    sketch = DDSketch(RELATIVE_ACCURACY)
-    if stored:
+async def read_intervals(
+    conn: psycopg.AsyncConnection[Any], since: float, ids: list[str] | None
+) -> dict[str, Buckets]:
+    """The stored intervals of `ids` (all when None) that start at or after `since`."""
+    cur = await conn.execute(_READ_INTERVALS, {"since": since, "ids": ids})
+    found: dict[str, Buckets] = {}
+    for extension_id, start, successes, failures, total_ms, sketch_data in await cur.fetchall():
+        sketch = _stored_sketch(sketch_data, extension_id)
+        bucket = Bucket(int(successes), int(failures), float(total_ms), sketch)
+        found.setdefault(extension_id, {})[int(start)] = bucket
+    return found
+
+
+async def read_events(
+    conn: psycopg.AsyncConnection[Any], since: float, extension_id: str | None
+) -> list[tuple[float, str, str, str | None, str | None]]:
+    """`(at, extension_id, kind, state, by)` since `since` (epoch seconds), oldest first:
+    circuit transitions (kind `circuit`, with the state) and enables and disables from the
+    audit log (with the actor)."""
+    cur = await conn.execute(_READ_EVENTS, {"since": since, "id": extension_id})
+    return [(float(r[0]), r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
+
+
+async def prune(conn: psycopg.AsyncConnection[Any], before: float) -> None:
+    """Delete intervals and circuit transitions older than `before` (epoch seconds)."""
+    async with conn.transaction():
+        for statement in _PRUNE:
+            await conn.execute(statement, (before,))
+
+
+def _stored_sketch(data: Any, extension_id: str) -> DDSketch:
+    """A stored sketch, or an empty one (logged) when it cannot be read."""
+    if data:
         try:
-            sketch = sketch_from_dict(stored)
+            return sketch_from_dict(data)
         except ValueError as exc:
-            log.error("stored_sketch_unreadable", extension_id=delta.extension_id, error=str(exc))
-    sketch.merge(delta.sketch)
-    return sketch
+            log.error("stored_sketch_unreadable", extension_id=extension_id, error=str(exc))
+    return DDSketch(RELATIVE_ACCURACY)
+
+
+def _merged_sketch(stored: Any, sketch: DDSketch, extension_id: str) -> DDSketch:
+    merged = _stored_sketch(stored, extension_id)
+    merged.merge(sketch)
+    return merged
 
 
 def _addition(delta: HealthDelta, stored_sketch: Any) -> dict[str, Any]:
-    sketch = _merged_sketch(stored_sketch, delta)
+    sketch = _merged_sketch(stored_sketch, delta.sketch, delta.extension_id)
     last_call = delta.last_call
     return {
         "extension_id": delta.extension_id,
@@ -219,23 +359,18 @@ def _circuit(snapshot: CircuitSnapshot) -> dict[str, Any]:
     }
 
 
-def _row(r: tuple[Any, ...]) -> HealthRow:
+def _row(r: tuple[Any, ...], intervals: Buckets) -> HealthRow:
     extension_id, successes, failures, total_ms, sketch_data, last_ok, last_bad, last_ms = r[:8]
-    sketch = DDSketch(RELATIVE_ACCURACY)
-    if sketch_data:
-        try:
-            sketch = sketch_from_dict(sketch_data)
-        except ValueError as exc:
-            log.error("stored_sketch_unreadable", extension_id=extension_id, error=str(exc))
     totals = HealthDelta(
         extension_id=extension_id,
         success_count=int(successes),
         failure_count=int(failures),
         latency_sum_ms=float(total_ms or 0.0),
-        sketch=sketch,
+        sketch=_stored_sketch(sketch_data, extension_id),
         last_latency_ms=None if last_ms is None else float(last_ms),
         last_success=last_ok,
         last_failure=last_bad,
+        intervals=intervals,
     )
     return HealthRow(totals=totals, circuit_breaker_state=r[8], updated_at=r[9])
 

@@ -1,14 +1,18 @@
 """Health of every extension (`GET /admin/extensions/health`) and of one, in the contract's
 shape: from this process's invoker when it runs, else every extension reads as new (its
-circuit `closed`, or `disabled` when breakers are off in the settings)."""
+circuit `closed`, or `disabled` when breakers are off in the settings). And the charts' series
+(`.../health/series`), from the database when health is persisted there (see
+`extreg.health_view`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import ExtensionNotFound
-from ..health_view import extension_health, health_report
+from ..health_view import extension_health, health_report, health_series
 from .requestlog import bind_extension_id
 from .security import Viewer
 from .state import runtime_of
@@ -45,3 +49,27 @@ async def one_health(extension_id: str, request: Request, _: Viewer) -> JSONResp
             breaker_enabled=runtime.settings.circuit_breaker_enabled,
         )
     )
+
+
+Minutes = Annotated[int, Query(ge=1, le=360, description="How far back: 1 to 360 minutes.")]
+
+
+@router.get("/health/series")
+async def all_series(request: Request, _: Viewer, minutes: Minutes = 15) -> JSONResponse:
+    """Every extension's calls per interval, summed: what the dashboard charts first."""
+    runtime = runtime_of(request)
+    monitor = getattr(runtime.invoker, "health", None)
+    return JSONResponse(await health_series(None, minutes, monitor, runtime.registry))
+
+
+@router.get("/{extension_id}/health/series", responses={404: {"description": "No such extension."}})
+async def one_series(
+    extension_id: str, request: Request, _: Viewer, minutes: Minutes = 15
+) -> JSONResponse:
+    """One extension's calls, failures and p50/p95/p99 per interval, oldest first, with its
+    circuit transitions, enables and disables."""
+    runtime = runtime_of(request)
+    if runtime.registry.get(extension_id) is None:
+        raise ExtensionNotFound(extension_id)
+    monitor = getattr(runtime.invoker, "health", None)
+    return JSONResponse(await health_series(extension_id, minutes, monitor, runtime.registry))

@@ -1,26 +1,32 @@
-"""Health measurements per extension: counts, success rate, latency and its percentiles.
+"""Health measurements per extension: counts, success rate, latency and its percentiles,
+all-time and over the recent window.
 
-`HealthMonitor.record` is on the invocation hot path: a dict lookup, a few integer and float
-updates, one clock read and one `DDSketch.add` (a mergeable quantile sketch with 1% relative
-accuracy, so percentiles from several nodes or several flushes can be combined exactly).
+`HealthMonitor.record` is on the invocation hot path: a dict lookup, one clock read, a few
+integer and float updates and one `DDSketch.add` (a mergeable quantile sketch with 1% relative
+accuracy, so percentiles from several nodes or several flushes can be combined exactly). The
+call is counted in the bucket of the interval it finished in (`core.intervals`); the all-time
+totals are those buckets summed as they are drained.
 
 Rules, stated once:
 
-- An extension with no recorded call has a success rate of **1.0**: nothing has failed, so
-  health-based routing and the summary do not treat a new extension as failing. Its latencies
-  read 0 and its last times `None`.
+- All-time numbers (`success_count`, `success_rate`, ...) cover every call; `recent` covers
+  the calls of the last `window_s` seconds (the setting `health_window_seconds`), and
+  `status` judges by `recent`: all-time totals hide an outage behind a good week.
+- `status` is `unhealthy` while the circuit is `open` or `half_open`; else `unknown` with no
+  recent call, `healthy` at a recent success rate >= 0.95, `degraded` >= 0.80, `unhealthy`
+  below (the original's thresholds).
+- With no call a success rate is **1.0** (nothing failed) and latencies read 0; last times
+  `None`.
 - Latencies of failed calls count too (a timeout is a slow call); negative ones count as 0.
-- Healthy means: circuit neither `open` nor `half_open` (so `closed`, or `disabled` when
-  breakers are off) and success rate >= `min_success_rate` (the setting
-  `health_based_routing_min_success_rate`, 0.8 by default).
-- Without a breaker attached, every circuit reads `disabled`: no breaker, no protection.
+- Without a breaker attached every circuit reads `disabled`: no breaker, no protection.
 
 Persistence (the database writer, elsewhere) works with deltas: `take_delta`/`drain_deltas`
-hand over what was recorded since the last drain as a `HealthDelta` and start a new one;
-when writing fails, `restore(delta)` puts it back so the next drain carries it again. Every
-call is thus in exactly one of: written, restored, pending, or in the writer's hands. The
-totals shown by `get_health` cover everything recorded by this process (drained or not) plus
-whatever was added with `merge` (another node's numbers, or totals read back from the database).
+hand over what was recorded since the last drain as a `HealthDelta` (with its calls per
+interval) and start a new one; when writing fails, `restore(delta)` puts it back so the next
+drain carries it again. Every call is thus in exactly one of: written, restored, pending, or
+in the writer's hands. The numbers shown cover everything recorded by this process (drained
+or not) plus whatever was added with `merge` (another node's numbers, or totals read back
+from the database).
 
 Pure and I/O-free; no locks (one asyncio thread).
 """
@@ -29,8 +35,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
@@ -39,30 +46,45 @@ from ddsketch.store import DenseStore
 
 from .breaker import CLOSED, DISABLED, HALF_OPEN, OPEN, CircuitBreakers
 from .clock import SYSTEM_CLOCK, Clock
+from .intervals import (
+    INTERVAL_S,
+    QUANTILES,
+    RELATIVE_ACCURACY,
+    SERIES_KEEP_S,
+    Bucket,
+    Buckets,
+    merge_into,
+    prune,
+    window_total,
+)
 from .times import iso_epoch
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 __all__ = [
-    "DEFAULT_MIN_SUCCESS_RATE",
+    "DEFAULT_WINDOW_S",
+    "HEALTHY_RATE",
     "REFUSING_STATES",
     "RELATIVE_ACCURACY",
+    "STATUSES",
     "ExtensionLike",
     "HealthDelta",
     "HealthMonitor",
     "Tally",
+    "Transition",
     "call_numbers",
-    "is_healthy",
     "sketch_from_dict",
     "sketch_to_dict",
+    "status_of",
     "summarize",
 ]
 
-RELATIVE_ACCURACY = 0.01
-DEFAULT_MIN_SUCCESS_RATE = 0.8
-REFUSING_STATES = frozenset({OPEN, HALF_OPEN})  # the circuit states that count as unhealthy
-QUANTILES = (("p50_latency_ms", 0.50), ("p95_latency_ms", 0.95), ("p99_latency_ms", 0.99))
+DEFAULT_WINDOW_S = 300.0
+HEALTHY_RATE, DEGRADED_RATE = 0.95, 0.80  # the original's thresholds for `status`
+STATUSES = ("healthy", "degraded", "unhealthy", "unknown")
+REFUSING_STATES = frozenset({OPEN, HALF_OPEN})  # the circuit states that read as unhealthy
+TRANSITIONS_KEPT = 10_000  # circuit transitions remembered for charts (the newest)
 
 
 class ExtensionLike(Protocol):
@@ -75,11 +97,21 @@ class ExtensionLike(Protocol):
     def enabled(self) -> bool: ...
 
 
+class Transition(NamedTuple):
+    """A circuit that changed state: when (epoch seconds), which, and its new state."""
+
+    at: float
+    extension_id: str
+    state: str
+
+
 @dataclass(frozen=True, slots=True)
 class HealthDelta:
-    """The calls of one extension recorded between two drains (treat `sketch` as read-only).
+    """Calls of one extension: between two drains, from another node, or a database row.
 
-    `last_*` are the latest times and latency within the delta, `None` when it has none.
+    `intervals` holds the same calls by interval (`core.intervals`), or for a database row its
+    recent intervals only. `last_*` are the latest times and latency, `None` when it has none.
+    Treat `sketch` and the buckets as read-only.
     """
 
     extension_id: str
@@ -90,6 +122,7 @@ class HealthDelta:
     last_latency_ms: float | None = None
     last_success: datetime | None = None
     last_failure: datetime | None = None
+    intervals: Mapping[int, Bucket] = field(default_factory=dict)
 
     @property
     def calls(self) -> int:
@@ -110,6 +143,9 @@ class HealthDelta:
         sketch = DDSketch(RELATIVE_ACCURACY)
         sketch.merge(self.sketch)
         sketch.merge(other.sketch)
+        intervals: Buckets = {}
+        merge_into(intervals, self.intervals)
+        merge_into(intervals, other.intervals)
         mine, theirs = self.last_call, other.last_call
         latest = self if theirs is None or (mine is not None and mine > theirs) else other
         return HealthDelta(
@@ -121,6 +157,7 @@ class HealthDelta:
             last_latency_ms=latest.last_latency_ms,
             last_success=_latest(self.last_success, other.last_success),
             last_failure=_latest(self.last_failure, other.last_failure),
+            intervals=intervals,
         )
 
 
@@ -129,14 +166,12 @@ def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
 
 
 class Tally(NamedTuple):
-    """What the summary needs of one extension: whether it is enabled, its circuit state and
-    its all-time counts (from a live monitor or from a database row alike)."""
+    """What the summary needs of one extension: whether it is enabled, its status and its
+    recent calls."""
 
     enabled: bool
-    circuit_state: str
-    successes: int
-    failures: int
-    latency_sum_ms: float
+    status: str
+    recent: Bucket
 
 
 def call_numbers(successes: int, failures: int, latency_sum_ms: float) -> dict[str, Any]:
@@ -151,40 +186,49 @@ def call_numbers(successes: int, failures: int, latency_sum_ms: float) -> dict[s
     }
 
 
-def is_healthy(circuit_state: str, success_rate: float, min_success_rate: float) -> bool:
-    """Healthy: circuit neither open nor half-open, success rate >= `min_success_rate`."""
-    return circuit_state not in REFUSING_STATES and success_rate >= min_success_rate
+def status_of(circuit_state: str, recent: Bucket) -> str:
+    """healthy / degraded / unhealthy / unknown (see the module docstring)."""
+    if circuit_state in REFUSING_STATES:
+        return "unhealthy"
+    if not recent.calls:
+        return "unknown"
+    rate = recent.successes / recent.calls
+    return (
+        "healthy" if rate >= HEALTHY_RATE else "degraded" if rate >= DEGRADED_RATE else "unhealthy"
+    )
 
 
-def summarize(tallies: Iterable[Tally], min_success_rate: float) -> dict[str, Any]:
+def summarize(tallies: Iterable[Tally]) -> dict[str, Any]:
     """The summary bar over `tallies`, the one computation every caller uses.
 
-    `healthy + unhealthy == total`, disabled extensions included. `avg_success_rate` and
-    `avg_latency_ms` are plain means of the unrounded per-extension figures over the
-    extensions that have calls (1.0 and 0.0 when none has), rounded once at the end.
+    `total` counts every extension; the statuses count enabled ones only (a disabled extension
+    is neither healthy nor failing: it gets no calls), so they add up to `enabled`.
+    `avg_success_rate` and `avg_latency_ms` are plain means of the unrounded recent figures
+    of the enabled extensions with recent calls (1.0 and 0.0 when none has one).
     """
     items = list(tallies)
-    healthy = 0
+    counts = dict.fromkeys(STATUSES, 0)
     rates: list[float] = []
     latencies: list[float] = []
     for tally in items:
-        calls = tally.successes + tally.failures
-        healthy += is_healthy(tally.circuit_state, _rate(tally.successes, calls), min_success_rate)
-        if calls:
-            rates.append(tally.successes / calls)
-            latencies.append(tally.latency_sum_ms / calls)
+        if not tally.enabled:
+            continue
+        counts[tally.status] += 1
+        if tally.recent.calls:
+            rates.append(tally.recent.successes / tally.recent.calls)
+            latencies.append(tally.recent.latency_sum_ms / tally.recent.calls)
     return {
         "total": len(items),
         "enabled": sum(1 for tally in items if tally.enabled),
-        "healthy": healthy,
-        "unhealthy": len(items) - healthy,
+        **counts,
         "avg_success_rate": round(math.fsum(rates) / len(rates), 4) if rates else 1.0,
         "avg_latency_ms": round(math.fsum(latencies) / len(latencies), 2) if latencies else 0.0,
     }
 
 
 class _Entry:
-    """One extension's numbers: pending (since the last drain) and base (drained or merged)."""
+    """One extension's numbers: pending (since the last drain, by interval) and base (drained
+    or merged: all-time totals, and recent intervals)."""
 
     __slots__ = (
         "base_failures",
@@ -192,66 +236,81 @@ class _Entry:
         "base_sketch",
         "base_successes",
         "carried",
-        "failures",
         "last_failure",
         "last_latency",
         "last_success",
-        "latency_sum",
-        "sketch",
-        "successes",
+        "pending",
+        "recent",
     )
 
     def __init__(self) -> None:
-        self.successes = self.failures = 0
-        self.latency_sum = 0.0
-        self.sketch = DDSketch(RELATIVE_ACCURACY)
+        self.pending: Buckets = {}
         self.base_successes = self.base_failures = 0
         self.base_latency_sum = 0.0
         self.base_sketch = DDSketch(RELATIVE_ACCURACY)
+        self.recent: Buckets = {}
         self.carried: HealthDelta | None = None  # restored deltas: in base, not yet written
         self.last_success: float | None = None  # epoch seconds
         self.last_failure: float | None = None
         self.last_latency: float | None = None
 
     def totals(self) -> tuple[int, int, float]:
-        return (
-            self.base_successes + self.successes,
-            self.base_failures + self.failures,
-            self.base_latency_sum + self.latency_sum,
+        successes, failures, latency = (
+            self.base_successes,
+            self.base_failures,
+            self.base_latency_sum,
         )
+        for bucket in self.pending.values():
+            successes += bucket.successes
+            failures += bucket.failures
+            latency += bucket.latency_sum_ms
+        return successes, failures, latency
 
     def all_latencies(self) -> DDSketch:
-        if not self.successes and not self.failures:
+        if not self.pending:
             return self.base_sketch
-        if not self.base_sketch.count:
-            return self.sketch
         sketch = DDSketch(RELATIVE_ACCURACY)
         sketch.merge(self.base_sketch)
-        sketch.merge(self.sketch)
+        for bucket in self.pending.values():
+            sketch.merge(bucket.sketch)
         return sketch
 
 
 class HealthMonitor:
     """Per-extension health, fed by `record` after every invocation.
 
-    `circuit_state` gives each extension's breaker state: a `CircuitBreakers`, or any
-    callable from extension id to state; without one every circuit reads `disabled`.
-    `clock` returns epoch seconds (for the last success/failure times).
+    `circuit_state` gives each extension's breaker state: a `CircuitBreakers` (whose
+    transitions are then remembered, for charts), or any callable from extension id to
+    state; without one every circuit reads `disabled`. `clock` returns epoch seconds.
+    `window_s` is the recent window; intervals are kept `keep_s` (at least `window_s`).
     """
 
-    __slots__ = ("_circuit_state", "_clock", "_entries", "min_success_rate")
+    __slots__ = (
+        "_circuit_state",
+        "_clock",
+        "_entries",
+        "_unfiled",
+        "keep_s",
+        "transitions",
+        "window_s",
+    )
 
     def __init__(
         self,
         circuit_state: CircuitBreakers | Callable[[str], str] | None = None,
         *,
-        min_success_rate: float = DEFAULT_MIN_SUCCESS_RATE,
         clock: Callable[[], float] = time.time,
+        window_s: float = DEFAULT_WINDOW_S,
+        keep_s: float = SERIES_KEEP_S,
     ) -> None:
+        self.transitions: deque[Transition] = deque(maxlen=TRANSITIONS_KEPT)
+        self._unfiled: list[Transition] = []
         if isinstance(circuit_state, CircuitBreakers):
+            circuit_state.on_state_change(self._circuit_changed)
             circuit_state = circuit_state.state
         self._circuit_state: Callable[[str], str] = circuit_state or _no_breaker
-        self.min_success_rate = min_success_rate
+        self.window_s = window_s
+        self.keep_s = max(keep_s, window_s)
         self._entries: dict[str, _Entry] = {}
         self._clock = clock
 
@@ -262,22 +321,17 @@ class HealthMonitor:
         breakers: CircuitBreakers | None = None,
         *,
         clock: Clock = SYSTEM_CLOCK,
+        keep_s: float = SERIES_KEEP_S,
     ) -> HealthMonitor:
         return cls(
-            breakers,
-            min_success_rate=settings.health_based_routing_min_success_rate,
-            clock=clock.time,
+            breakers, clock=clock.time, window_s=settings.health_window_seconds, keep_s=keep_s
         )
 
     @classmethod
-    def blank(
-        cls, breaker_enabled: bool, *, min_success_rate: float = DEFAULT_MIN_SUCCESS_RATE
-    ) -> HealthMonitor:
+    def blank(cls, breaker_enabled: bool, *, window_s: float = DEFAULT_WINDOW_S) -> HealthMonitor:
         """A monitor for a process that calls nothing (no invoker): every extension reads as
         new, its circuit `closed` when breakers are on in the settings, else `disabled`."""
-        return cls(
-            _always_closed if breaker_enabled else _no_breaker, min_success_rate=min_success_rate
-        )
+        return cls(_always_closed if breaker_enabled else _no_breaker, window_s=window_s)
 
     def record(self, extension_id: str, ok: bool, latency_ms: float) -> None:
         """Count one finished call: its outcome and its latency in milliseconds."""
@@ -285,22 +339,38 @@ class HealthMonitor:
             entry = self._entries[extension_id]
         except KeyError:
             entry = self._entries[extension_id] = _Entry()
+        now = self._clock()
+        start = int(now // INTERVAL_S) * INTERVAL_S
+        try:
+            bucket = entry.pending[start]
+        except KeyError:
+            bucket = entry.pending[start] = Bucket()
         if ok:
-            entry.successes += 1
-            entry.last_success = self._clock()
+            bucket.successes += 1
+            entry.last_success = now
         else:
-            entry.failures += 1
-            entry.last_failure = self._clock()
+            bucket.failures += 1
+            entry.last_failure = now
         if latency_ms < 0:
             latency_ms = 0.0
-        entry.latency_sum += latency_ms
+        bucket.latency_sum_ms += latency_ms
+        bucket.sketch.add(latency_ms)
         entry.last_latency = latency_ms
-        entry.sketch.add(latency_ms)
+
+    def now(self) -> float:
+        """This monitor's clock: epoch seconds."""
+        return self._clock()
+
+    def _circuit_changed(self, extension_id: str, old: str, new: str) -> None:
+        transition = Transition(self._clock(), extension_id, new)
+        self.transitions.append(transition)
+        self._unfiled.append(transition)
 
     # -- reading -----------------------------------------------------------------------------
 
     def get_health(self, extension_id: str) -> dict[str, Any]:
-        """The contract's health shape plus `last_latency_ms`; an unseen extension reads as new."""
+        """The contract's health shape plus `last_latency_ms`, `status` and `recent`; an
+        unseen extension reads as new."""
         state = self._circuit_state(extension_id)
         entry = self._entries.get(extension_id) or _NO_CALLS
         sketch = entry.all_latencies()
@@ -312,45 +382,57 @@ class HealthMonitor:
         health["last_failure"] = iso_epoch(entry.last_failure)
         last = entry.last_latency
         health["last_latency_ms"] = None if last is None else round(last, 2)
+        recent = self._recent(entry)
+        health["status"] = status_of(state, recent)
+        health["recent"] = {
+            "calls": recent.calls,
+            "success_rate": _rate(recent.successes, recent.calls),
+            **{key: round(recent.quantile(q), 2) for key, q in QUANTILES},
+        }
         return health
 
     def get_all_health(self) -> dict[str, dict[str, Any]]:
         """`get_health` of every extension with recorded (or merged) calls."""
         return {extension_id: self.get_health(extension_id) for extension_id in self._entries}
 
-    def success_rate(self, extension_id: str) -> float:
-        """The success rate (1.0 with no calls), without computing percentiles."""
-        entry = self._entries.get(extension_id)
-        if entry is None:
-            return 1.0
-        successes, failures, _ = entry.totals()
-        return _rate(successes, successes + failures)
+    def extension_ids(self) -> list[str]:
+        """Every extension with recorded (or merged) calls."""
+        return list(self._entries)
 
-    def is_healthy(self, extension_id: str) -> bool:
-        """Circuit not open or half-open and success rate >= `min_success_rate`."""
-        return is_healthy(
-            self._circuit_state(extension_id),
-            self.success_rate(extension_id),
-            self.min_success_rate,
-        )
+    def recent(self, extension_id: str) -> Bucket:
+        """The calls of the last `window_s` seconds, summed (a new bucket, the caller's)."""
+        return self._recent(self._entries.get(extension_id) or _NO_CALLS)
+
+    def _recent(self, entry: _Entry) -> Bucket:
+        since = self._clock() - self.window_s
+        return window_total((entry.recent, entry.pending), since)
+
+    def intervals(self, extension_id: str) -> Buckets:
+        """Every interval kept for one extension, drained or not (a copy, the caller's)."""
+        entry = self._entries.get(extension_id) or _NO_CALLS
+        buckets: Buckets = {}
+        merge_into(buckets, entry.recent)
+        merge_into(buckets, entry.pending)
+        return buckets
+
+    def status(self, extension_id: str) -> str:
+        """healthy / degraded / unhealthy / unknown, judged by the recent window."""
+        return status_of(self._circuit_state(extension_id), self.recent(extension_id))
 
     def get_health_summary(
         self, extensions: Iterable[ExtensionLike] | None = None
     ) -> dict[str, Any]:
         """`summarize` over `extensions` (default: every extension seen here, counted as
-        enabled), with this monitor's circuit states and counts."""
+        enabled), with this monitor's circuit states and recent calls."""
         if extensions is None:
             items = [(extension_id, True) for extension_id in self._entries]
         else:
             items = [(ext.id, ext.enabled) for ext in extensions]
-        return summarize(
-            (self._tally(extension_id, enabled) for extension_id, enabled in items),
-            self.min_success_rate,
-        )
+        return summarize(self._tally(extension_id, enabled) for extension_id, enabled in items)
 
     def _tally(self, extension_id: str, enabled: bool) -> Tally:
-        entry = self._entries.get(extension_id) or _NO_CALLS
-        return Tally(enabled, self._circuit_state(extension_id), *entry.totals())
+        recent = self.recent(extension_id)
+        return Tally(enabled, status_of(self._circuit_state(extension_id), recent), recent)
 
     # -- persistence and other nodes ---------------------------------------------------------
 
@@ -360,24 +442,24 @@ class HealthMonitor:
         if entry is None:
             return None
         pending = None
-        if entry.successes or entry.failures:
+        if entry.pending:
+            buckets, entry.pending = entry.pending, {}
+            total = Bucket()
+            for bucket in buckets.values():
+                total.absorb(bucket)
             pending = HealthDelta(
                 extension_id=extension_id,
-                success_count=entry.successes,
-                failure_count=entry.failures,
-                latency_sum_ms=entry.latency_sum,
-                sketch=entry.sketch,
+                success_count=total.successes,
+                failure_count=total.failures,
+                latency_sum_ms=total.latency_sum_ms,
+                sketch=total.sketch,
                 last_latency_ms=entry.last_latency,
-                last_success=_datetime(entry.last_success) if entry.successes else None,
-                last_failure=_datetime(entry.last_failure) if entry.failures else None,
+                last_success=_datetime(entry.last_success) if total.successes else None,
+                last_failure=_datetime(entry.last_failure) if total.failures else None,
+                intervals=buckets,
             )
-            entry.base_successes += entry.successes
-            entry.base_failures += entry.failures
-            entry.base_latency_sum += entry.latency_sum
-            entry.base_sketch.merge(entry.sketch)
-            entry.successes = entry.failures = 0
-            entry.latency_sum = 0.0
-            entry.sketch = DDSketch(RELATIVE_ACCURACY)
+            self._add_to_base(entry, pending)
+        prune(entry.recent, self._clock() - self.keep_s)
         carried, entry.carried = entry.carried, None
         if carried is None:
             return pending
@@ -388,26 +470,24 @@ class HealthMonitor:
         deltas = (self.take_delta(extension_id) for extension_id in list(self._entries))
         return [delta for delta in deltas if delta is not None]
 
+    def drain_transitions(self) -> list[Transition]:
+        """The circuit transitions since the last call, oldest first, for the writer."""
+        transitions, self._unfiled = self._unfiled, []
+        return transitions
+
     def restore(self, delta: HealthDelta) -> None:
         """Put back a delta from `take_delta` that could not be written; the next drain has it.
 
-        The totals shown do not change: the delta was counted when it was recorded.
+        The numbers shown do not change: the delta was counted when it was recorded.
         """
-        entry = self._entries.get(delta.extension_id)
-        if entry is None:
-            entry = self._entries[delta.extension_id] = _Entry()
+        entry = self._entry(delta.extension_id)
         entry.carried = delta if entry.carried is None else entry.carried.merge(delta)
 
     def merge(self, delta: HealthDelta) -> None:
         """Add calls recorded elsewhere (another node, or totals read from the database) to the
-        totals shown here. They are not handed over again by `drain_deltas`."""
-        entry = self._entries.get(delta.extension_id)
-        if entry is None:
-            entry = self._entries[delta.extension_id] = _Entry()
-        entry.base_successes += delta.success_count
-        entry.base_failures += delta.failure_count
-        entry.base_latency_sum += delta.latency_sum_ms
-        entry.base_sketch.merge(delta.sketch)
+        numbers shown here. They are not handed over again by `drain_deltas`."""
+        entry = self._entry(delta.extension_id)
+        self._add_to_base(entry, delta)
         for attr, moment in (
             ("last_success", delta.last_success),
             ("last_failure", delta.last_failure),
@@ -422,6 +502,20 @@ class HealthMonitor:
     def remove(self, extension_id: str) -> None:
         """Forget an extension (it was deleted), undrained numbers included."""
         self._entries.pop(extension_id, None)
+
+    def _entry(self, extension_id: str) -> _Entry:
+        entry = self._entries.get(extension_id)
+        if entry is None:
+            entry = self._entries[extension_id] = _Entry()
+        return entry
+
+    @staticmethod
+    def _add_to_base(entry: _Entry, delta: HealthDelta) -> None:
+        entry.base_successes += delta.success_count
+        entry.base_failures += delta.failure_count
+        entry.base_latency_sum += delta.latency_sum_ms
+        entry.base_sketch.merge(delta.sketch)
+        merge_into(entry.recent, delta.intervals)
 
 
 _NO_CALLS = _Entry()  # read-only stand-in for an extension with no calls

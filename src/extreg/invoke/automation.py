@@ -32,29 +32,25 @@ one; and after the node that opened the circuit restarts, its breaker starts clo
 operator brings the extension back. Both are deliberate: a restarted node has no evidence that
 the extension recovered.
 
-**Health-based routing.** Every health flush hands the calls recorded since the previous one
-to `HealthGate.observe`. Over the last `circuit_breaker_window_seconds` of flushes, an
-extension with at least `circuit_breaker_min_calls` calls on this node and a success rate below
-`health_based_routing_min_success_rate` is refused with `HealthRefused` (a `CircuitOpen`).
-Refused calls are not recorded, so once the bad calls age out of the window the extension gets
-calls again; if it still fails it is refused again after `min_calls` more. The rate is this
-node's: the window must react to what this node sees now, not to lifetime totals (which a
-refused extension could never improve).
+**Health-based routing.** After every health flush (which reads back every node's calls),
+`HealthGate.observe` looks at each extension's recent calls, those of the last
+`health_window_seconds` summed across nodes (`HealthMonitor.recent`), as status and the
+dashboard do. An extension with at least `circuit_breaker_min_calls` recent calls and a success
+rate below `health_based_routing_min_success_rate` is refused with `HealthRefused` (a
+`CircuitOpen`). Refused calls are not recorded, so once the bad calls age out of the window the
+extension gets calls again; if it still fails it is refused again after `min_calls` more.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections import deque
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import structlog
 
 from ..core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, State
 from ..core.chance import jitter
-from ..core.health import HealthDelta
+from ..core.health import HealthMonitor
 from ..errors import Conflict, ExtregError, HealthRefused
 
 if TYPE_CHECKING:
@@ -173,24 +169,22 @@ class AutoManager:
 class HealthGate:
     """Refuses extensions whose success rate over the recent window is too low."""
 
-    __slots__ = ("_window", "min_calls", "min_success_rate", "refused")
+    __slots__ = ("_monitor", "min_calls", "min_success_rate", "refused")
 
-    def __init__(self, *, min_success_rate: float, min_calls: int, window_flushes: int) -> None:
+    def __init__(self, monitor: HealthMonitor, *, min_success_rate: float, min_calls: int) -> None:
+        self._monitor = monitor
         self.min_success_rate = min_success_rate
         self.min_calls = min_calls
-        self._window: deque[dict[str, tuple[int, int]]] = deque(maxlen=max(1, window_flushes))
         self.refused: dict[str, str] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HealthGate | None:
+    def from_settings(cls, monitor: HealthMonitor, settings: Settings) -> HealthGate | None:
         if not settings.health_based_routing_enabled:
             return None
         return cls(
+            monitor,
             min_success_rate=settings.health_based_routing_min_success_rate,
             min_calls=settings.circuit_breaker_min_calls,
-            window_flushes=math.ceil(
-                settings.circuit_breaker_window_seconds / settings.health_flush_interval_seconds
-            ),
         )
 
     def check(self, extension_id: str) -> None:
@@ -199,22 +193,18 @@ class HealthGate:
         if reason is not None:
             raise HealthRefused(extension_id, reason, 0)
 
-    def observe(self, deltas: Iterable[HealthDelta]) -> None:
-        """Take one flush interval's calls and recompute which extensions are refused."""
-        self._window.append({d.extension_id: (d.success_count, d.failure_count) for d in deltas})
-        totals: dict[str, list[int]] = {}
-        for interval in self._window:
-            for extension_id, (ok, bad) in interval.items():
-                pair = totals.setdefault(extension_id, [0, 0])
-                pair[0] += ok
-                pair[1] += bad
+    def observe(self) -> None:
+        """Recompute which extensions are refused from their recent calls."""
         refused = {}
-        for extension_id, (ok, bad) in totals.items():
-            calls = ok + bad
-            if calls >= self.min_calls and ok / calls < self.min_success_rate:
+        window = self._monitor.window_s
+        for extension_id in self._monitor.extension_ids():
+            recent = self._monitor.recent(extension_id)
+            calls = recent.calls
+            if calls >= self.min_calls and recent.successes / calls < self.min_success_rate:
                 refused[extension_id] = (
-                    f"success rate {ok / calls:.2f} over the last {calls} calls is below "
-                    f"health_based_routing_min_success_rate {self.min_success_rate}"
+                    f"success rate {recent.successes / calls:.2f} over the last {calls} calls"
+                    f" ({window:g} s) is below health_based_routing_min_success_rate"
+                    f" {self.min_success_rate}"
                 )
         for extension_id in refused.keys() - self.refused.keys():
             log.warning("health_refused", extension_id=extension_id, reason=refused[extension_id])

@@ -3,17 +3,19 @@
 Invocations only call `HealthMonitor.record` (memory). Every `health_flush_interval_seconds`,
 and once more at shutdown, `HealthFlusher.flush`:
 
-1. drains the monitor (`drain_deltas`: the calls recorded since the previous drain) and hands
-   the deltas to its observers (health-based routing);
+1. drains the monitor (`drain_deltas`: the calls recorded since the previous drain, each by
+   interval; `drain_transitions`: the circuits that moved);
 2. files them, with the circuit states that changed, into a numbered batch
    (`node_id`, `seq`). `node_id` is unique per process start; `seq` counts 1, 2, 3, ...;
 3. writes the waiting batches, oldest first, through `PostgresSource.update_health`. Each batch
    is one transaction that adds its counts to `extension_health` *and* moves this node's
    `last_seq` in `extreg_health_nodes` forward; a batch whose `seq` is already recorded is
    skipped (see `extreg.adapters.postgres_health`);
-4. reads back the rows changed since its last read and makes them the monitor's totals, so
-   `get_health` shows cluster-wide numbers: every node's written calls plus this node's
-   unwritten ones.
+4. reads back the rows changed since its last read, with their recent intervals, and makes
+   them the monitor's numbers, so `get_health` shows cluster-wide numbers: every node's
+   written calls plus this node's unwritten ones;
+5. tells its observers (health-based routing), which judge by those numbers; and every
+   `PRUNE_EVERY_S` deletes the intervals and transitions older than `SERIES_KEEP_S`.
 
 Why this is exactly once. A batch is removed from the queue only after its transaction
 committed or was found already applied, so no call is lost while the database is away: the
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import uuid
@@ -50,20 +53,28 @@ import structlog
 
 from ..adapters.postgres_health import HealthBatch
 from ..core.breaker import CircuitBreakers, CircuitSnapshot
-from ..core.health import HealthDelta, HealthMonitor
+from ..core.health import HealthDelta, HealthMonitor, Transition
+from ..core.intervals import SERIES_KEEP_S
 from ..errors import ExtregError
 
 if TYPE_CHECKING:
     from ..adapters.postgres import PostgresSource
     from ..registry import Registry
+    from ..settings import Settings
 
 log = structlog.get_logger("extreg.invoke.health")
 
-Observer = Callable[[list[HealthDelta]], None]
+Observer = Callable[[], None]
 CLOSE_TIMEOUT_S = 5.0
 READ_OVERLAP = timedelta(seconds=30)  # rows are stamped with their transaction's start time,
 # so a write that started before the previous read but committed after it is re-read.
 RETRY_PAUSE_S = 0.2
+PRUNE_EVERY_S = 300.0
+
+
+def persists_health(settings: Settings) -> bool:
+    """True when health goes to a database (not with fixtures, which have none)."""
+    return settings.database_configured and settings.source != "fixtures"
 
 
 def new_node_id() -> str:
@@ -104,14 +115,14 @@ class HealthFlusher:
         self.interval_s = interval_s
         self.node_id = node_id or new_node_id()
         self.observers = list(observers)
-        settings = registry.settings
-        self.persistent = settings.database_configured and settings.source != "fixtures"
+        self.persistent = persists_health(registry.settings)
         self._batches: deque[HealthBatch] = deque()
         self._seq = 0
         self._since: datetime | None = None
         self._dirty_circuits: set[str] = set()
         self._lock = asyncio.Lock()
         self._failing = False
+        self._pruned_at = -math.inf
         breakers.on_state_change(self._circuit_changed)
 
     @property
@@ -140,38 +151,45 @@ class HealthFlusher:
                 log.exception("health_flush_crashed", node_id=self.node_id)
 
     async def flush(self, *, refresh: bool = True) -> bool:
-        """One round: drain, batch, write, read back. True when nothing is left unwritten."""
+        """One round: drain, batch, write, read back, tell the observers. True when nothing
+        is left unwritten."""
         async with self._lock:
-            self._file(self.monitor.drain_deltas())
-            if not self.persistent:
-                return True
             try:
-                db = self.registry.database
-                while self._batches:
-                    batch = self._batches[0]
-                    if not await db.update_health(batch):
-                        log.info(
-                            "health_batch_already_applied", node_id=self.node_id, seq=batch.seq
-                        )
-                    self._batches.popleft()
-                if refresh:
-                    await self._refresh(db)
-            except Exception as exc:  # the loop must outlive any failure
-                if not self._failing:
-                    if isinstance(exc, ExtregError):
-                        log.warning(
-                            "health_flush_failed",
-                            error=str(exc),
-                            unwritten_calls=self.unwritten_calls,
-                        )
-                    else:
-                        log.exception("health_flush_failed", unwritten_calls=self.unwritten_calls)
-                self._failing = True
-                return False
-            if self._failing:
-                log.info("health_flush_recovered", node_id=self.node_id)
-                self._failing = False
+                return await self._flush(refresh)
+            finally:
+                for observe in self.observers:
+                    observe()
+
+    async def _flush(self, refresh: bool) -> bool:
+        self._file(self.monitor.drain_deltas(), self.monitor.drain_transitions())
+        if not self.persistent:
             return True
+        try:
+            db = self.registry.database
+            while self._batches:
+                batch = self._batches[0]
+                if not await db.update_health(batch):
+                    log.info("health_batch_already_applied", node_id=self.node_id, seq=batch.seq)
+                self._batches.popleft()
+            if refresh:
+                await self._refresh(db)
+            await self._prune(db)
+        except Exception as exc:  # the loop must outlive any failure
+            if not self._failing:
+                if isinstance(exc, ExtregError):
+                    log.warning(
+                        "health_flush_failed",
+                        error=str(exc),
+                        unwritten_calls=self.unwritten_calls,
+                    )
+                else:
+                    log.exception("health_flush_failed", unwritten_calls=self.unwritten_calls)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("health_flush_recovered", node_id=self.node_id)
+            self._failing = False
+        return True
 
     async def refresh(self) -> None:
         """Read the cluster-wide totals now (best effort: a failure is logged)."""
@@ -205,23 +223,21 @@ class HealthFlusher:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _file(self, deltas: list[HealthDelta]) -> None:
-        """Show the deltas to the observers, then queue them with the changed circuit states."""
-        for observe in self.observers:
-            observe(deltas)
+    def _file(self, deltas: list[HealthDelta], transitions: list[Transition]) -> None:
+        """Queue the deltas with the changed circuit states and the transitions."""
         if not self.persistent:
             return
         ids = self._dirty_circuits.union(d.extension_id for d in deltas)
         self._dirty_circuits.clear()
         circuits = self._circuits(ids)
-        if not deltas and not circuits:
+        if not deltas and not circuits and not transitions:
             return
         batch = self._batches[-1] if self._batches else None
         if batch is None or batch.sealed:
             self._seq += 1
             batch = HealthBatch(self.node_id, self._seq)
             self._batches.append(batch)
-        batch.absorb(deltas, circuits)
+        batch.absorb(deltas, circuits, transitions)
 
     def _circuits(self, ids: set[str]) -> dict[str, CircuitSnapshot]:
         if not self.breakers.enabled:
@@ -230,7 +246,14 @@ class HealthFlusher:
 
     async def _refresh(self, db: PostgresSource) -> None:
         since = None if self._since is None else self._since - READ_OVERLAP
-        now, rows = await db.read_health(since)
+        recent_since = self.monitor.now() - self.monitor.keep_s
+        now, rows = await db.read_health(since, recent_since=recent_since)
         for row in rows:
             adopt_totals(self.monitor, row.totals)
         self._since = now
+
+    async def _prune(self, db: PostgresSource) -> None:
+        now = self.monitor.now()
+        if now - self._pruned_at >= PRUNE_EVERY_S:
+            await db.prune_health(now - SERIES_KEEP_S)
+            self._pruned_at = now

@@ -40,6 +40,7 @@ from ..core.chance import jitter
 from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.envelope import encode_envelope, headers
 from ..core.health import HealthMonitor
+from ..core.intervals import SERIES_KEEP_S
 from ..core.model import Extension
 from ..core.routing import Limits, Route, Target
 from ..core.snapshot import Snapshot
@@ -57,7 +58,7 @@ from ..errors import (
 from ..registry import Registry
 from ..settings import Settings
 from .automation import AutoManager, HealthGate
-from .health_store import HealthFlusher
+from .health_store import HealthFlusher, persists_health
 from .pipeline import PipelineRunner, PolicyResult, ProviderHook
 
 log = structlog.get_logger("extreg.invoke")
@@ -111,7 +112,11 @@ class Invoker:
         self.settings = settings
         self.clock = clock
         self.breaker = CircuitBreakers.from_settings(settings, clock=clock)
-        self.health = HealthMonitor.from_settings(settings, self.breaker, clock=clock)
+        # With a database the charts read it, so memory keeps only the recent window.
+        keep_s = settings.health_window_seconds if persists_health(settings) else SERIES_KEEP_S
+        self.health = HealthMonitor.from_settings(
+            settings, self.breaker, clock=clock, keep_s=keep_s
+        )
         self.observer: Observer | None = None
         self.pipeline = PipelineRunner(self)
         self._transport = transport or NatsTransport(settings.nats_url)
@@ -119,7 +124,7 @@ class Invoker:
         self._limits = Limits.from_settings(settings)
         self._routes: dict[str, Route] = {}
         self._decode = msgspec.json.Decoder().decode
-        self._gate = HealthGate.from_settings(settings)
+        self._gate = HealthGate.from_settings(self.health, settings)
         self.auto = AutoManager.from_settings(registry, self.breaker, settings)
         self.flusher = HealthFlusher(
             self.health,
