@@ -500,12 +500,15 @@ async def test_health_without_an_invoker_reads_every_extension_as_new(
         "circuit_breaker_state": "disabled",
         "last_success": None,
         "last_failure": None,
+        "status": "unknown",
     }.items() <= alpha["health"].items()
     assert {
         "total": 2,
         "enabled": 1,
-        "healthy": 2,
+        "healthy": 0,
+        "degraded": 0,
         "unhealthy": 0,
+        "unknown": 1,  # alpha; beta is disabled
         "avg_success_rate": 1.0,
         "avg_latency_ms": 0.0,
     } == report["summary"]
