@@ -53,6 +53,7 @@ from .intervals import (
     SERIES_KEEP_S,
     Bucket,
     Buckets,
+    interval_start,
     merge_into,
     prune,
     window_total,
@@ -239,12 +240,18 @@ class _Entry:
         "last_failure",
         "last_latency",
         "last_success",
+        "open_bucket",
+        "open_from",
+        "open_until",
         "pending",
         "recent",
     )
 
     def __init__(self) -> None:
         self.pending: Buckets = {}
+        # The pending bucket calls go to now, and its interval: one comparison per call.
+        self.open_bucket = Bucket()
+        self.open_from, self.open_until = math.inf, -math.inf
         self.base_successes = self.base_failures = 0
         self.base_latency_sum = 0.0
         self.base_sketch = DDSketch(RELATIVE_ACCURACY)
@@ -253,6 +260,21 @@ class _Entry:
         self.last_success: float | None = None  # epoch seconds
         self.last_failure: float | None = None
         self.last_latency: float | None = None
+
+    def open(self, now: float) -> Bucket:
+        """The pending bucket of `now`'s interval, made the open one."""
+        start = interval_start(now)
+        bucket = self.pending.get(start)
+        if bucket is None:
+            bucket = self.pending[start] = Bucket()
+        self.open_bucket, self.open_from, self.open_until = bucket, start, start + INTERVAL_S
+        return bucket
+
+    def close(self) -> Buckets:
+        """Hand over the pending buckets and start afresh."""
+        buckets, self.pending = self.pending, {}
+        self.open_from, self.open_until = math.inf, -math.inf
+        return buckets
 
     def totals(self) -> tuple[int, int, float]:
         successes, failures, latency = (
@@ -340,11 +362,8 @@ class HealthMonitor:
         except KeyError:
             entry = self._entries[extension_id] = _Entry()
         now = self._clock()
-        start = int(now // INTERVAL_S) * INTERVAL_S
-        try:
-            bucket = entry.pending[start]
-        except KeyError:
-            bucket = entry.pending[start] = Bucket()
+        inside = entry.open_from <= now < entry.open_until
+        bucket = entry.open_bucket if inside else entry.open(now)
         if ok:
             bucket.successes += 1
             entry.last_success = now
@@ -443,7 +462,7 @@ class HealthMonitor:
             return None
         pending = None
         if entry.pending:
-            buckets, entry.pending = entry.pending, {}
+            buckets = entry.close()
             total = Bucket()
             for bucket in buckets.values():
                 total.absorb(bucket)
