@@ -17,7 +17,8 @@ which it never gives.
 `SecurityHeaders` adds `X-Frame-Options: DENY`, `X-Content-Type-Options: nosniff` and a
 default `Content-Security-Policy` (nothing may load, nobody may frame) to every answer; the
 HTML pages replace that policy with `page_policy`, which admits their own inline script and
-style by hash (`inline_hashes`), never 'unsafe-inline'.
+style by hash (`inline_hashes`), never 'unsafe-inline', and the dashboard also the script and
+style files of its own origin ('self': the vendored chart library, `assets`).
 """
 
 from __future__ import annotations
@@ -87,12 +88,14 @@ def inline_hashes(html: str, tag: str) -> str:
     )
 
 
-def page_policy(html: str, *, scripts: bool) -> str:
+def page_policy(html: str, *, scripts: bool, assets: bool = False) -> str:
     """The CSP of one of our HTML pages: its own inline style (and script), fetches to this
-    origin, forms to this origin, no frames, nothing else."""
-    script = f"script-src {inline_hashes(html, 'script')}; " if scripts else ""
+    origin, forms to this origin, no frames, nothing else; with `assets`, also the script and
+    style files this origin serves (the vendored chart library under `/static/`)."""
+    own = "'self' " if assets else ""
+    script = f"script-src {own}{inline_hashes(html, 'script')}; " if scripts else ""
     return (
-        f"default-src 'none'; {script}style-src {inline_hashes(html, 'style')}; "
+        f"default-src 'none'; {script}style-src {own}{inline_hashes(html, 'style')}; "
         "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'"
     )

@@ -9,8 +9,9 @@ carries the session's CSRF token, which its script sends as `X-CSRF-Token` with 
 request; changes need it, and the server's own origin (`browser`). Its views (extensions;
 policies, with their stages coloured by health and a dry-run form) are tabs of one page,
 chosen by the URL's fragment (`#policies`), so a view can be bookmarked. The page is one static
-HTML file with one inline script and one inline style, admitted by hash in its CSP: no build
-step, and no other script can run in it.
+HTML file with one inline script and one inline style, admitted by hash in its CSP, plus the
+vendored chart library (uPlot) that `assets` serves from this origin: no build step, and no
+other script can run in it. Its charts read `GET /admin/extensions[/{id}]/health/series`.
 """
 
 from __future__ import annotations
@@ -24,19 +25,23 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from ..auth import SessionBook
+from . import assets
 from .browser import check_csrf, check_same_origin, page_policy
 from .security import SESSION_COOKIE, Viewer, failed_authentication
 
 router = APIRouter()
+router.include_router(assets.router)  # the page's files and the favicon, no session needed
 
 DASHBOARD = (files("extreg.api") / "static" / "dashboard.html").read_text(encoding="utf-8")
 CSRF_MARK = "__EXTREG_CSRF_TOKEN__"  # in dashboard.html's <meta name="csrf-token">
-DASHBOARD_POLICY = page_policy(DASHBOARD, scripts=True)
+DASHBOARD_POLICY = page_policy(DASHBOARD, scripts=True, assets=True)
 SIGN_IN = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>extreg — sign in</title>
-<style>body{font:15px system-ui,sans-serif;display:grid;place-items:center;min-height:90vh;
-background:#f6f7f9;color:#1d2330}form{background:#fff;border:1px solid #dde1e8;border-radius:8px;
-padding:1.2rem;width:min(26rem,92vw)}input{width:100%;padding:.5rem;margin:.5rem 0;font:inherit}
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
+<style>*{box-sizing:border-box}body{font:15px system-ui,sans-serif;display:grid;
+place-items:center;min-height:90vh;background:#f6f7f9;color:#1d2330}
+form{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:1.2rem;
+width:min(26rem,92vw)}input{width:100%;padding:.5rem;margin:.5rem 0;font:inherit}
 button{font:inherit;padding:.4rem .9rem}.error{color:#b42318}h1{font-size:1.2rem}
 .hint{font-size:.8rem;color:#5d6677}</style></head><body>
 <form method="post" action="/session"><h1>extreg dashboard</h1>
