@@ -137,7 +137,9 @@ async def test_series_exact_across_two_nodes_and_a_restart(
 
 
 async def test_series_api_shape_events_and_bad_input(tmp_path: Path, db_url: str) -> None:
-    """GET .../health/series: points from the database for one extension and for all, a
+    """A server without an invoker answers health from what the nodes wrote to the database
+    (recent calls, status; a disabled extension leaves the summary's statuses).
+    GET .../health/series: points from the database for one extension and for all, a
     disable and its actor among the events; an unknown extension 404, a range outside
     1..360 minutes 422 naming `minutes`."""
     async with database_api(tmp_path, db_url) as api:
@@ -147,6 +149,7 @@ async def test_series_api_shape_events_and_bad_input(tmp_path: Path, db_url: str
         batch = HealthBatch("node-x", 1)
         batch.absorb(monitor.drain_deltas(), {})
         assert await api.runtime.registry.database.update_health(batch)
+        before = await api.client.get("/admin/extensions/health", headers=api.auth("viewer"))
         disabled = await api.client.post(
             "/admin/extensions/alpha/disable", headers=api.auth("operator")
         )
@@ -157,12 +160,23 @@ async def test_series_api_shape_events_and_bad_input(tmp_path: Path, db_url: str
         missing = await api.client.get(
             "/admin/extensions/nosuch/health/series", headers=api.auth("viewer")
         )
+        after = await api.client.get("/admin/extensions/health", headers=api.auth("viewer"))
         bad = [
             await api.client.get(
                 f"/admin/extensions/health/series?minutes={m}", headers=api.auth("viewer")
             )
             for m in ("0", "361", "soon")
         ]
+    alpha = before.json()["extensions"][0]["health"]
+    assert (3, 0.6667, "unhealthy") == (
+        alpha["recent"]["calls"],
+        alpha["recent"]["success_rate"],
+        alpha["status"],
+    )
+    counts = ("enabled", "healthy", "degraded", "unhealthy", "unknown")
+    assert [(1, 0, 0, 1, 0), (0, 0, 0, 0, 0)] == [
+        tuple(answer.json()["summary"][k] for k in counts) for answer in (before, after)
+    ]
     assert (200, 200, 200) == (disabled.status_code, one.status_code, every.status_code)
     body = one.json()
     assert ("alpha", 5, INTERVAL_S, 30) == (

@@ -1,6 +1,7 @@
 """Health of every extension (`GET /admin/extensions/health`) and of one, in the contract's
-shape: from this process's invoker when it runs, else every extension reads as new (its
-circuit `closed`, or `disabled` when breakers are off in the settings). And the charts' series
+shape: from this process's invoker when it runs; else from the numbers every node wrote to
+the database; else (fixtures, or the database away) every extension reads as new (its circuit
+`closed`, or `disabled` when breakers are off in the settings). And the charts' series
 (`.../health/series`), from the database when health is persisted there (see
 `extreg.health_view`)."""
 
@@ -11,8 +12,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from ..errors import ExtensionNotFound
-from ..health_view import extension_health, health_report, health_series
+from ..core.health import HealthMonitor
+from ..errors import Conflict, ExtensionNotFound, SourceUnavailable
+from ..health_view import database_monitor, extension_health, health_report, health_series
+from ..runtime import Runtime
 from .requestlog import bind_extension_id
 from .security import Viewer
 from .state import runtime_of
@@ -22,15 +25,25 @@ router = APIRouter(
 )
 
 
+async def _monitor(runtime: Runtime, ids: list[str] | None = None) -> HealthMonitor | None:
+    """The invoker's monitor, or one holding the database's numbers of `ids`, or None."""
+    live: HealthMonitor | None = getattr(runtime.invoker, "health", None)
+    if live is not None:
+        return live
+    try:
+        return await database_monitor(runtime.registry.database, runtime.settings, ids)
+    except (Conflict, SourceUnavailable):
+        return None
+
+
 @router.get("/health")
 async def all_health(request: Request, _: Viewer) -> JSONResponse:
     """Every extension's health, and the summary bar."""
     runtime = runtime_of(request)
-    monitor = getattr(runtime.invoker, "health", None)
     return JSONResponse(
         health_report(
             runtime.registry.all(),
-            monitor,
+            await _monitor(runtime),
             breaker_enabled=runtime.settings.circuit_breaker_enabled,
         )
     )
@@ -45,7 +58,7 @@ async def one_health(extension_id: str, request: Request, _: Viewer) -> JSONResp
     return JSONResponse(
         extension_health(
             ext,
-            getattr(runtime.invoker, "health", None),
+            await _monitor(runtime, [extension_id]),
             breaker_enabled=runtime.settings.circuit_breaker_enabled,
         )
     )
