@@ -184,7 +184,7 @@ def test_invoke_without_an_invoker_exits_1(server: Server, tmp_path: Path) -> No
         "invoke",
         "alpha",
         "--payload",
-        '{"text": "hi"}',
+        '{"payload": {"text": "hi"}}',
         "--tenant",
         "acme",
         *server.opts("operator"),

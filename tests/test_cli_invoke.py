@@ -13,7 +13,8 @@ from pathlib import Path
 
 import nats
 import psycopg
-from cli_helpers import EXTREG, environment, run_in_thread
+import pytest
+from cli_helpers import EXTREG, environment, flat, last_line, run_in_thread
 from helpers import make_settings
 
 from extreg.adapters.postgres import PostgresSource
@@ -25,8 +26,9 @@ from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
 async def test_invoke_prints_the_reply(
     tmp_path: Path, nats_url: str, sample_extensions: SampleRunner
 ) -> None:
-    """`extreg invoke ID --payload JSON --tenant T --json` prints the extension's reply as JSON."""
-    payload = json.dumps({"payload": "  Hello   There ", "metadata": {}})
+    """`extreg invoke ID --payload BODY --tenant T --json` sends the body's payload and
+    metadata, as the API's invoke route does, and prints the extension's reply as JSON."""
+    payload = json.dumps({"payload": {"payload": "  Hello   There ", "metadata": {}}})
     result = await run_in_thread(
         tmp_path,
         "invoke",
@@ -45,25 +47,57 @@ async def test_invoke_prints_the_reply(
     } == json.loads(result.stdout)
 
 
-async def test_invoke_bad_payload_is_bad_input(tmp_path: Path, nats_url: str) -> None:
-    """A --payload that is not JSON exits 2, naming the option."""
-    result = await run_in_thread(
-        tmp_path, "invoke", "normalize_text", "--payload", "{nope", nats_url=nats_url
-    )
-    assert 2 == result.returncode
-    assert "--payload is not valid JSON" in result.stderr
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("{nope", "--payload is not valid JSON"),
+        ('{"payload": NaN}', "--payload is not valid JSON"),
+        ('{"payload": 1, "payload": 2}', "key payload appears twice in one object"),
+        ('"just text"', "--payload must be a JSON object"),
+        ('{"text": "hi"}', "--payload: text: Extra inputs are not permitted"),
+        ('{"metadata": []}', "--payload: metadata: Input should be a valid dictionary"),
+    ],
+    ids=["not-json", "nan", "twice", "not-object", "unknown-field", "wrong-type"],
+)
+async def test_invoke_refuses_what_the_api_refuses(
+    tmp_path: Path, nats_url: str, body: str, message: str
+) -> None:
+    """A --payload the API's invoke route would refuse (not strict JSON, not an object, an
+    unknown or mistyped field) exits 2 naming the problem, before anything is sent; with
+    --json the same as a `ConfigError` answer on stdout."""
+    args = ("invoke", "normalize_text", "--payload", body)
+    text = await run_in_thread(tmp_path, *args, nats_url=nats_url)
+    assert (2, "", True) == (text.returncode, text.stdout, message in flat(text.stderr)), text
+    as_json = await run_in_thread(tmp_path, *args, "--json", nats_url=nats_url)
+    answer = json.loads(as_json.stdout)
+    assert (2, "ConfigError", True) == (
+        as_json.returncode,
+        answer["error"],
+        message in answer["detail"],
+    ), as_json
 
 
 async def test_invoke_errors_exit_1_with_the_reason(
     tmp_path: Path, nats_url: str, sample_extensions: SampleRunner
 ) -> None:
-    """An unknown extension, or NATS out of reach, exits 1 with the reason."""
+    """An unknown extension is bad input (exit 2, as through --url); NATS out of reach
+    exits 1; both say why, as JSON on stdout with --json."""
     unknown = await run_in_thread(tmp_path, "invoke", "nope", "--payload", "{}", nats_url=nats_url)
-    assert 1 == unknown.returncode
-    assert "nope: no such extension (attempts: 0)" in " ".join(unknown.stderr.split())
+    assert (2, "error: nope: no such extension") == (
+        unknown.returncode,
+        last_line(unknown.stderr),
+    ), unknown
+    as_json = await run_in_thread(tmp_path, "invoke", "nope", "--json", nats_url=nats_url)
+    assert (2, "ExtensionNotFound", "nope") == (
+        as_json.returncode,
+        json.loads(as_json.stdout)["error"],
+        json.loads(as_json.stdout)["extension_id"],
+    )
     down = await run_in_thread(tmp_path, "invoke", "normalize_text")  # NATS on a closed port
     assert 1 == down.returncode
     assert "cannot connect to NATS" in down.stderr
+    down_json = await run_in_thread(tmp_path, "invoke", "normalize_text", "--json")
+    assert (1, "NatsUnavailable") == (down_json.returncode, json.loads(down_json.stdout)["error"])
 
 
 async def test_invoke_records_health_in_the_database(
@@ -82,7 +116,7 @@ async def test_invoke_records_health_in_the_database(
         "invoke",
         "pii_guard",
         "--payload",
-        '"4111 1111 1111 1111"',
+        '{"payload": "4111 1111 1111 1111"}',
         "--json",
         db=db_url,
         nats_url=nats_url,

@@ -338,7 +338,7 @@ def test_export_then_import_round_trips_policies(
     exported = tmp_path / "exported"
     result = run(tmp_path, "export", str(exported), db=db_url)
     assert 0 == result.returncode, outcome(result)
-    assert "exported 4 extensions and 2 policies" in result.stderr
+    assert "exported 4 extensions and 2 policies" in result.stdout  # what it did: stdout
     assert ["route_b.json", "support_en.json"] == sorted(
         p.name for p in (exported / "policies").iterdir()
     )

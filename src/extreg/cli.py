@@ -1,7 +1,14 @@
 """The `extreg` command: thin wrappers over the registry, the database adapter and the server.
 
+What a command reports goes to stdout: with --json one JSON document (every command that prints
+anything takes it; not `serve` and `sample-extensions`, which run until Ctrl-C), else text.
+Tables are rich tables in a terminal and tab-separated lines otherwise (`Rows`), so a pipe
+gets every cell whole. stderr holds errors and warnings only: log lines below warning need
+`-v` (`serve` logs at info).
+
 Exit status: 0 success, 1 failure (the database is down, say), 2 bad usage or bad input. The
-error tree maps to those codes in `main`, once; commands just raise.
+error tree maps to those codes once, in `report_error`, which every command's `invoke` calls
+(`_Extreg`): with --json the error goes to stdout as the API's error answer, else to stderr.
 """
 
 from __future__ import annotations
@@ -12,63 +19,249 @@ import getpass
 import json as jsonlib
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from . import logs
 from .adapters.fixtures import POLICIES_FOLDER, FixtureSet, load_fixtures
 from .adapters.migrate import migrate as run_migrations
 from .adapters.postgres import PostgresSource
 from .client import ApiClient
+from .core import strictjson
 from .core.model import DATABASE_KEPT, Extension, to_plain
 from .core.policy import PolicyLimits, policy_to_plain
 from .errors import (
     ConfigError,
     Conflict,
+    ExtensionError,
     ExtensionNotFound,
     ExtregError,
     FixtureError,
     InvalidRecord,
     PolicyNotFound,
     SnapshotFileError,
+    StrictJSONError,
 )
 from .local.embedded import with_database
 from .registry import Registry
 from .settings import Settings
 from .tokens import TokenStore
 
+if TYPE_CHECKING:
+    from .api.operate import Invocation
+
 T = TypeVar("T")
+
+# What exits 2 (bad input); every other error of the tree exits 1.
+BAD_INPUT = (
+    ConfigError,
+    FixtureError,
+    InvalidRecord,
+    SnapshotFileError,
+    ExtensionNotFound,
+    PolicyNotFound,
+    Conflict,
+)
+# Log levels by the count of -v; `serve` never logs below info.
+VERBOSITY = ("warning", "info", "debug")
+
+# No markup, emoji codes or wrapping: records and errors carry user text, which must print as
+# it is ("[...]" and ":x:" included), and a long line stays one line for a script.
+out = Console(markup=False, highlight=False, emoji=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, emoji=False, soft_wrap=True)
+ERROR = Text("error: ", style="red")
+# What an upsert of a record reports (import-fixtures, policy apply, enable, disable); not a
+# policy run's outcomes, which are `extreg.invoke.pipeline.OUTCOMES`.
+WRITE_OUTCOMES = ("created", "updated", "unchanged")
+
+
+# -- command classes: help that names values, errors reported in one place ------------------
+
+
+class _Argument(TyperArgument):
+    """An argument whose help shows its metavar (ID, DIR) alone: typer would add the Python
+    type beside it (`ID <str>`), which tells a user nothing."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+class _Option(TyperOption):
+    """An option whose help shows its metavar (URL, N), and nothing beside a flag, where
+    typer would print `<bool>` as if it took a value."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else super().display_type_rich(ctx)
+
+
+def _plain_help(param: Any) -> None:
+    """`param` shown as `_Argument` or `_Option` show it (typer builds its parameters itself,
+    so their class is changed once the command holds them)."""
+    param.__class__ = _Argument if isinstance(param, TyperArgument) else _Option
+
+
+if TYPE_CHECKING:
+    _Base = TyperCommand
+else:
+    _Base = object
+
+
+class _Extreg(_Base):
+    """What every `extreg` command and group shares (`Command`, `Group`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain_help(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_help(option)
+        return option
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Bad usage with --json on the line is answered as JSON too (a `ConfigError`), so a
+        script never has to parse click's usage text; without it click says it as usual."""
+        as_json = "--json" in args  # before click parses them: it empties the list
+        try:
+            rest: list[str] = super().parse_args(ctx, args)
+        except typer.TyperException as exc:
+            if not as_json:
+                raise
+            code = report_error(ConfigError(exc.format_message()), as_json=True)
+            raise typer.Exit(code) from None
+        return rest
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ExtregError as exc:
+            raise typer.Exit(report_error(exc, as_json=bool(ctx.params.get("json")))) from None
+
+
+class Command(_Extreg, TyperCommand):
+    """An `extreg` command (`app.command(cls=Command)`)."""
+
+
+class Group(_Extreg, TyperGroup):
+    """The `extreg` app and its sub-apps (`typer.Typer(cls=Group)`)."""
+
+
+def report_error(exc: ExtregError, *, as_json: bool) -> int:
+    """Say what went wrong and give the exit status: 2 for bad input (`BAD_INPUT`), else 1.
+
+    With --json the API's error answer for it (`api.errors.body_of`: `error`, `detail` and the
+    class's own fields) on stdout, so a script reads one JSON document either way; else one
+    `error:` line on stderr (an extension error with its attempts)."""
+    if as_json:
+        from .api.errors import body_of
+
+        emit_json(body_of(exc))
+    else:
+        attempts = exc.attempts if isinstance(exc, ExtensionError) else 0
+        err.print(ERROR, str(exc), f" (attempts: {attempts})" if attempts else "", sep="")
+    return 2 if isinstance(exc, BAD_INPUT) else 1
+
+
+# -- what commands print -------------------------------------------------------------------
+
+Cell = str | Text
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A table as a command prints it (`render`): a rich table in a terminal; else
+    tab-separated lines, the header first when it has one, for `cut -f` and `awk -F'\\t'`."""
+
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Cell]]
+    header: bool = True
+
+
+Shown = str | Rows
+
+
+def emit(json: bool, data: Any, *text: Shown) -> None:
+    """What a command prints on success: `data` as JSON with --json, else `text`."""
+    if json:
+        emit_json(data)
+        return
+    for part in text:
+        render(out, part)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
+
+
+def render(console: Console, part: Shown) -> None:
+    """One line of text, or a table (see `Rows`), on `console`."""
+    if isinstance(part, str):
+        console.print(part)
+    elif console.is_terminal:
+        table = Table(*part.columns, show_header=part.header)
+        for row in part.rows:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        lines = [part.columns] if part.header else []
+        for line in [*lines, *part.rows]:
+            console.file.write("\t".join(_cell(c) for c in line) + "\n")
+        console.file.flush()
+
+
+def _cell(cell: Cell) -> str:
+    """A cell as one tab-free line of plain text."""
+    return " ".join(str(cell).replace("\t", " ").splitlines())
+
+
+def json_object(text: str, option: str) -> dict[str, Any]:
+    """An option's JSON object, decoded as strictly as the API decodes a body (no NaN, no
+    key given twice: `core.strictjson`)."""
+    try:
+        data = strictjson.loads(text)
+    except StrictJSONError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return data
+
+
+# -- the app and its shared parameters -------------------------------------------------------
 
 app = typer.Typer(
     name="extreg",
     help="Extension registry of a message router.",
+    cls=Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# No markup: records and errors carry user text, and "[...]" in it must print as it is.
-out = Console(markup=False, highlight=False)
-err = Console(stderr=True, markup=False, highlight=False)
-ERROR = Text("error: ", style="red")
-# What an upsert of a record reports (import-fixtures, policy apply); not a policy run's
-# outcomes, which are `extreg.invoke.pipeline.OUTCOMES`.
-WRITE_OUTCOMES = ("created", "updated", "unchanged")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+JsonFlag = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON document on stdout; an error too, as the API answers it."
+    ),
+]
 UrlOption = Annotated[
     str | None,
     typer.Option(
         "--url",
         envvar="EXTREG_URL",
+        metavar="URL",
         show_default=False,
+        show_envvar=True,
         help="Act through the extreg server at this URL (else directly on the database).",
     ),
 ]
@@ -77,11 +270,18 @@ TokenOption = Annotated[
     typer.Option(
         "--token",
         envvar="EXTREG_TOKEN",
+        metavar="TOKEN",
         show_default=False,
         show_envvar=True,
-        help="API token for --url.",
+        help="API token for --url (never printed).",
     ),
 ]
+ExtensionId = Annotated[str, typer.Argument(metavar="ID", help="The extension's id.")]
+OneOrAll = Annotated[
+    str | None,
+    typer.Argument(metavar="ID", show_default=False, help="One extension; all if omitted."),
+]
+FixturesDir = Annotated[Path, typer.Argument(metavar="DIR", help="A fixtures folder.")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,20 +299,59 @@ class Options:
 @app.callback()
 def _global(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            show_default=False,
+            help="TOML settings file (keys in its extension_registry table).",
+        ),
+    ] = None,
     database_url: Annotated[
-        str | None, typer.Option("--database-url", help="PostgreSQL URL.", show_default=False)
+        str | None,
+        typer.Option("--database-url", metavar="URL", show_default=False, help="PostgreSQL URL."),
     ] = None,
     source: Annotated[
-        str | None, typer.Option("--source", help="database, fixtures or auto.")
+        str | None,
+        typer.Option(
+            "--source",
+            metavar="MODE",
+            show_default=False,
+            help="Where records come from: database, fixtures or auto.",
+        ),
     ] = None,
-    fixtures_dir: Annotated[Path | None, typer.Option("--fixtures-dir")] = None,
-    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    fixtures_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--fixtures-dir",
+            metavar="DIR",
+            show_default=False,
+            help="The fixtures folder (source fixtures, and the fallback of auto).",
+        ),
+    ] = None,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "-v",
+            "--verbose",
+            count=True,
+            show_default=False,
+            help="Log to stderr: -v info, -vv debug (else warnings and errors only; serve"
+            " logs info).",
+        ),
+    ] = 0,
 ) -> None:
-    logs.configure(log_level)
+    logs.configure(log_level(verbose, serving=ctx.invoked_subcommand == "serve"))
     ctx.obj = Options(
         config, {"database_url": database_url, "source": source, "fixtures_dir": fixtures_dir}
     )
+
+
+def log_level(verbose: int, *, serving: bool) -> str:
+    """The level of this invocation: a command that exits logs warnings only unless -v, so
+    a script's stderr holds what went wrong; a server logs what it loads and changes."""
+    return VERBOSITY[min(max(verbose, 1 if serving else 0), len(VERBOSITY) - 1)]
 
 
 def settings(ctx: typer.Context) -> Settings:
@@ -151,15 +390,15 @@ def on_registry(s: Settings, use: Callable[[Registry], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
-def emit_json(data: Any) -> None:
-    sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
-
-
-@app.command()
+@app.command(cls=Command)
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8080,
+    host: Annotated[
+        str, typer.Option("--host", metavar="HOST", help="Address to bind.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", metavar="N", help="Port to bind.", min=1, max=65535)
+    ] = 8080,
     demo: Annotated[
         bool,
         typer.Option(
@@ -177,17 +416,18 @@ def serve(
 # -- database ------------------------------------------------------------------------------
 
 
-@app.command()
-def migrate(ctx: typer.Context) -> None:
+@app.command(cls=Command)
+def migrate(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Apply missing schema migrations (safe to run twice, and from two processes)."""
     applied = run_migrations(with_database(settings(ctx)).conninfo)
-    out.print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+    text = f"applied: {', '.join(applied)}" if applied else "database is up to date"
+    emit(json, {"applied": applied}, text)
 
 
-@app.command("import-fixtures")
+@app.command("import-fixtures", cls=Command)
 def import_fixtures(
     ctx: typer.Context,
-    folder: Path,
+    folder: FixturesDir,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, write nothing.")] = False,
     json: JsonFlag = False,
 ) -> None:
@@ -203,26 +443,27 @@ def import_fixtures(
         lambda db: db.import_records(found.extensions, found.policies, actor(), dry_run=dry_run),
     )
     counts, policy_counts = by_outcome(extensions), by_outcome(policies)
-    if json:
-        emit_json({"dry_run": dry_run, **counts, "policies": policy_counts})
-        return
     prefix = "would be " if dry_run else ""
     shown = [("", counts), ("policies ", policy_counts)] if found.policies else [("", counts)]
-    for noun, by_kind in shown:
-        for kind, ids in by_kind.items():
-            out.print(
-                f"{noun}{prefix}{kind}: {len(ids)}" + (f"  ({', '.join(ids)})" if ids else "")
-            )
+    lines = [
+        f"{noun}{prefix}{kind}: {len(ids)}" + (f"  ({', '.join(ids)})" if ids else "")
+        for noun, by_kind in shown
+        for kind, ids in by_kind.items()
+    ]
+    emit(json, {"dry_run": dry_run, **counts, "policies": policy_counts}, *lines)
 
 
-@app.command()
+@app.command(cls=Command)
 def export(
     ctx: typer.Context,
-    target: Annotated[str, typer.Argument(help="A folder, or - for standard output.")],
+    target: Annotated[
+        str, typer.Argument(metavar="DIR|-", help="A folder, or - for standard output.")
+    ],
+    json: JsonFlag = False,
 ) -> None:
     """Write every record as fixtures: DIR/<id>.json per extension and DIR/policies/<id>.json
     per policy, which `import-fixtures DIR` reads back; or, with -, one JSON object
-    {"extensions": [...], "policies": [...]} to standard output."""
+    {"extensions": [...], "policies": [...]} to standard output (with or without --json)."""
     found = on_registry(settings(ctx), _everything)
     records = [to_plain(e, writable_only=True) for e in found.extensions]
     policies = [policy_to_plain(p, writable_only=True) for p in found.policies]
@@ -238,11 +479,18 @@ def export(
         (folder / POLICIES_FOLDER).mkdir(exist_ok=True)
     for policy in policies:
         _write_json(folder / POLICIES_FOLDER / f"{policy['policy_id']}.json", policy)
-    err.print(f"exported {len(records)} extensions and {len(policies)} policies to {folder}")
+    report = {
+        "folder": str(folder),
+        "extensions": [r["id"] for r in records],
+        "policies": [p["policy_id"] for p in policies],
+    }
+    emit(
+        json, report, f"exported {len(records)} extensions and {len(policies)} policies to {folder}"
+    )
 
 
-@app.command()
-def validate(ctx: typer.Context, folder: Path, json: JsonFlag = False) -> None:
+@app.command(cls=Command)
+def validate(ctx: typer.Context, folder: FixturesDir, json: JsonFlag = False) -> None:
     """Check a fixtures folder; report every problem and exit 2 if there is one."""
     try:
         found = _fixtures(folder, settings(ctx))
@@ -251,28 +499,23 @@ def validate(ctx: typer.Context, folder: Path, json: JsonFlag = False) -> None:
             emit_json({"valid": False, "problems": exc.problems})
             raise typer.Exit(2) from None
         raise
-    if json:
-        emit_json({"valid": True, "count": len(found.extensions), "policies": len(found.policies)})
-    else:
-        out.print(
-            f"{folder}: {len(found.extensions)} extensions and {len(found.policies)} policies,"
-            " all valid"
-        )
+    emit(
+        json,
+        {"valid": True, "count": len(found.extensions), "policies": len(found.policies)},
+        f"{folder}: {len(found.extensions)} extensions and {len(found.policies)} policies,"
+        " all valid",
+    )
 
 
 # -- reading -------------------------------------------------------------------------------
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 def list_(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Every extension, disabled ones too."""
     records = _load_all(settings(ctx))
-    if json:
-        emit_json([to_plain(e) for e in records])
-        return
-    table = Table("id", "type", "version", "subject", "timeout", "retry", "enabled")
-    for e in records:
-        table.add_row(
+    rows = [
+        (
             e.id,
             e.type,
             e.version,
@@ -281,27 +524,23 @@ def list_(ctx: typer.Context, json: JsonFlag = False) -> None:
             str(e.retry),
             "yes" if e.enabled else Text("no", style="red"),
         )
-    out.print(table)
+        for e in records
+    ]
+    columns = ("id", "type", "version", "subject", "timeout", "retry", "enabled")
+    emit(json, [to_plain(e) for e in records], Rows(columns, rows))
 
 
-@app.command()
-def show(ctx: typer.Context, extension_id: str, json: JsonFlag = False) -> None:
+@app.command(cls=Command)
+def show(ctx: typer.Context, extension_id: ExtensionId, json: JsonFlag = False) -> None:
     """One extension, with its versions and instances."""
     found = [e for e in _load_all(settings(ctx)) if e.id == extension_id]
     if not found:
         raise ExtensionNotFound(extension_id)
     data = to_plain(found[0])
-    if json:
-        emit_json(data)
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in data.items():
-        shown = jsonlib.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
-        table.add_row(key, shown)
-    out.print(table)
+    emit(json, data, fields_table(data))
 
 
-@app.command()
+@app.command(cls=Command)
 def status(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Which source serves, how many records, and how fresh they are."""
     s = settings(ctx)
@@ -310,52 +549,63 @@ def status(ctx: typer.Context, json: JsonFlag = False) -> None:
         return {**reg.status.as_dict(), "nats_url": s.nats_display}
 
     data = on_registry(s, read)
-    if json:
-        emit_json(data)
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in data.items():
-        table.add_row(key, "" if value is None else str(value))
-    out.print(table)
+    emit(json, data, fields_table(data))
 
 
 # -- writing -------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 def enable(
-    ctx: typer.Context, extension_id: str, url: UrlOption = None, token: TokenOption = None
+    ctx: typer.Context,
+    extension_id: ExtensionId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
 ) -> None:
-    """Enable an extension (audited); every running registry picks it up by notification."""
-    _set_enabled(ctx, extension_id, True, url, token)
+    """Enable an extension (audited); every running registry picks it up by notification.
+
+    Enabling an enabled one changes nothing and says so ("already enabled", outcome
+    "unchanged")."""
+    _set_enabled(ctx, extension_id, True, url, token, json)
 
 
-@app.command()
+@app.command(cls=Command)
 def disable(
-    ctx: typer.Context, extension_id: str, url: UrlOption = None, token: TokenOption = None
+    ctx: typer.Context,
+    extension_id: ExtensionId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
 ) -> None:
-    """Disable an extension (audited); every running registry picks it up by notification."""
-    _set_enabled(ctx, extension_id, False, url, token)
+    """Disable an extension (audited); every running registry picks it up by notification.
+
+    Disabling a disabled one changes nothing and says so ("already disabled", outcome
+    "unchanged")."""
+    _set_enabled(ctx, extension_id, False, url, token, json)
 
 
-@app.command()
-def reload(ctx: typer.Context, url: UrlOption = None, token: TokenOption = None) -> None:
-    """Ask every running registry on this database for a full reload."""
+@app.command(cls=Command)
+def reload(
+    ctx: typer.Context, url: UrlOption = None, token: TokenOption = None, json: JsonFlag = False
+) -> None:
+    """Ask every running registry on this database for a full reload.
+
+    With --url the server reloads first and reports what it loaded (its JSON: count, source...);
+    without, the request is made on the database ({"requested": true})."""
     if url:
         with ApiClient(url, token) as api:
             report = api.reload()
-        out.print(f"reloaded: {report['count']} extensions from {report['source']}")
+        emit(json, report, f"reloaded: {report['count']} extensions from {report['source']}")
         return
     on_database(_database_settings(ctx), lambda db: db.request_reload())
-    out.print("reload requested")
+    emit(json, {"requested": True}, "reload requested")
 
 
 # -- operating: health, audit, invoke (directly, or through a server with --url) -------------
 
-OneOrAll = Annotated[str | None, typer.Argument(help="One extension; all if omitted.")]
 
-
-@app.command()
+@app.command(cls=Command)
 def health(
     ctx: typer.Context,
     extension_id: OneOrAll = None,
@@ -363,43 +613,38 @@ def health(
     token: TokenOption = None,
     json: JsonFlag = False,
 ) -> None:
-    """Health of every extension (or one): calls, success rate, latency, circuit state."""
+    """Health of every extension (or one): calls, success rate, latency, circuit state.
+
+    --json prints the API's health answer as it comes (all: {"extensions", "summary"}; one:
+    that extension's item)."""
     if url:
         with ApiClient(url, token) as api:
             answer = api.health(extension_id)
         report: dict[str, Any] = answer if extension_id is None else {"extensions": [answer]}
     else:
         report = _health_from_database(ctx, extension_id)
-    if json:
-        emit_json(report if extension_id is None else report["extensions"][0])
-        return
-    table = Table("id", "type", "circuit", "success", "calls", "avg ms", "p95 ms", "last failure")
-    for item in report["extensions"]:
-        h = item["health"]
-        table.add_row(
-            item["id"],
-            item["type"],
-            h["circuit_breaker_state"],
-            f"{h['success_rate']:.0%}",
-            str(h["success_count"] + h["failure_count"]),
-            str(h["avg_latency_ms"]),
-            str(h["p95_latency_ms"]),
-            h["last_failure"] or "",
-        )
-    out.print(table)
-    if "summary" in report:
-        out.print(" ".join(f"{k}={v}" for k, v in report["summary"].items()))
+    summary = report.get("summary")
+    emit(
+        json,
+        report if extension_id is None else report["extensions"][0],
+        health_table(report["extensions"]),
+        *([" ".join(f"{k}={v}" for k, v in summary.items())] if summary else []),
+    )
 
 
-@app.command()
+@app.command(cls=Command)
 def audit(
     ctx: typer.Context,
     extension_id: OneOrAll = None,
     policy: Annotated[
         str | None,
-        typer.Option("--policy", show_default=False, help="One policy's rows instead."),
+        typer.Option(
+            "--policy", metavar="ID", show_default=False, help="One policy's rows instead."
+        ),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", metavar="N", min=1, max=1000, help="At most N rows.")
+    ] = 50,
     url: UrlOption = None,
     token: TokenOption = None,
     json: JsonFlag = False,
@@ -415,57 +660,79 @@ def audit(
             rows = api.audit(extension_id, limit, policy_id=policy)
     else:
         rows = _audit_from_database(ctx, extension_id, policy, limit)
-    if json:
-        emit_json(rows)
-        return
-    table = Table("changed_at", "id", "action", "changed_by", "fields")
-    for row in rows:
-        table.add_row(
+    table = [
+        (
             str(row["changed_at"]),
             row["extension_id"],
             row["action"],
             row["changed_by"] or "",
             ", ".join(_changed_fields(row)),
         )
-    out.print(table)
+        for row in rows
+    ]
+    emit(json, rows, Rows(("changed_at", "id", "action", "changed_by", "fields"), table))
 
 
-@app.command()
+@app.command(cls=Command)
 def invoke(
     ctx: typer.Context,
-    extension_id: str,
-    payload: Annotated[str, typer.Option("--payload", help="The request payload, as JSON.")] = "{}",
-    tenant: Annotated[str | None, typer.Option("--tenant", help="Tenant id.")] = None,
+    extension_id: ExtensionId,
+    payload: Annotated[
+        str,
+        typer.Option(
+            "--payload",
+            metavar="JSON",
+            help="The request body, exactly as POST /admin/extensions/{id}/invoke takes it:"
+            ' {"payload": ..., "metadata": {...}} (tenant_id and trace_id too), strict JSON'
+            " (no NaN, no key twice) checked by the API's own model; an unknown or wrong"
+            " field is refused, naming it.",
+        ),
+    ] = "{}",
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            "--tenant",
+            metavar="TENANT",
+            show_default=False,
+            help="The call's tenant_id (instead of the body's).",
+        ),
+    ] = None,
     url: UrlOption = None,
     token: TokenOption = None,
     json: JsonFlag = False,
 ) -> None:
     """Call an extension once, as the router would, and print its JSON reply.
 
-    Without --url the call is made from here, on the nats_url setting; its health is saved.
+    The extension receives the body's payload and metadata, as from the API and the
+    dashboard. Without --url the call is made from here, on the nats_url setting; its health
+    is saved. A failed call exits 1 with the reason and the attempts made.
     """
-    try:
-        data = jsonlib.loads(payload)
-    except ValueError as exc:
-        raise ConfigError(f"--payload is not valid JSON: {exc}") from None
+    body = invocation(payload, tenant)
     if url:
         with ApiClient(url, token) as api:
-            reply = api.invoke(extension_id, data, tenant_id=tenant)["reply"]
+            answer = api.invoke(
+                extension_id,
+                body.payload,
+                metadata=body.metadata,
+                tenant_id=body.tenant_id,
+                trace_id=body.trace_id,
+            )
+        reply = answer["reply"]
     else:
-        reply = _invoke_directly(ctx, extension_id, data, tenant)
-    if json:
-        emit_json(reply)
-    else:
-        out.print_json(data=reply)
+        reply = _invoke_directly(ctx, extension_id, body)
+    emit(json, reply, jsonlib.dumps(reply, indent=2, ensure_ascii=False))
 
 
-@app.command("sample-extensions")
+@app.command("sample-extensions", cls=Command)
 def sample_extensions(
     ctx: typer.Context,
     nats_url: Annotated[
         str | None,
         typer.Option(
-            "--nats-url", show_default=False, help="NATS server (default: the nats_url setting)."
+            "--nats-url",
+            metavar="URL",
+            show_default=False,
+            help="NATS server (default: the nats_url setting).",
         ),
     ] = None,
 ) -> None:
@@ -481,20 +748,25 @@ def sample_extensions(
 # -- API tokens ----------------------------------------------------------------------------
 
 token_app = typer.Typer(
-    help="API tokens: create, list, revoke (only hashes are stored).", no_args_is_help=True
+    help="API tokens: create, list, revoke (only hashes are stored).",
+    cls=Group,
+    no_args_is_help=True,
 )
 app.add_typer(token_app, name="token")
+TokenName = Annotated[str, typer.Argument(metavar="NAME", help="The token's name.")]
 
 
-@token_app.command("create")
+@token_app.command("create", cls=Command)
 def token_create(
     ctx: typer.Context,
-    name: str,
-    role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")],
+    name: TokenName,
+    role: Annotated[str, typer.Option("--role", metavar="ROLE", help="viewer, operator or admin.")],
     file: Annotated[
         Path | None,
         typer.Option(
             "--file",
+            metavar="FILE",
+            show_default=False,
             help="Add it to this JSON tokens file (api_tokens_file) instead of the database.",
         ),
     ] = None,
@@ -512,83 +784,139 @@ def token_create(
     else:
         secret = asyncio.run(_token_store(ctx).create(name, checked, actor()))
         where = "the database"
-    if json:
-        emit_json({"name": name, "role": checked, "token": secret})
-        return
-    out.print(
+    emit(
+        json,
+        {"name": name, "role": checked, "token": secret},
         f"token {name!r} ({checked}) stored as a hash in {where}; it is shown only now:",
-        highlight=False,
+        secret,
     )
-    sys.stdout.write(secret + "\n")
 
 
-@token_app.command("list")
+@token_app.command("list", cls=Command)
 def token_list(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Every token's name, role and dates (never the token or its hash)."""
     rows = asyncio.run(_token_store(ctx).list_tokens())
-    if json:
-        emit_json(rows)
-        return
-    table = Table("name", "role", "created_at", "created_by", "revoked_at")
-    for row in rows:
-        table.add_row(
+    table = [
+        (
             row["name"],
             row["role"],
             str(row["created_at"]),
             row["created_by"] or "",
             str(row["revoked_at"] or ""),
         )
-    out.print(table)
+        for row in rows
+    ]
+    columns = ("name", "role", "created_at", "created_by", "revoked_at")
+    emit(json, rows, Rows(columns, table))
 
 
-@token_app.command("revoke")
-def token_revoke(ctx: typer.Context, name: str) -> None:
+@token_app.command("revoke", cls=Command)
+def token_revoke(ctx: typer.Context, name: TokenName, json: JsonFlag = False) -> None:
     """Stop a token from working, at once, on every server of this database."""
-    when = asyncio.run(_token_store(ctx).revoke(name))
-    out.print(f"token {name!r} revoked at {when.isoformat()}", highlight=False)
+    when = asyncio.run(_token_store(ctx).revoke(name)).isoformat()
+    emit(json, {"name": name, "revoked_at": when}, f"token {name!r} revoked at {when}")
+
+
+# -- tables --------------------------------------------------------------------------------
+
+
+def fields_table(data: dict[str, Any]) -> Rows:
+    """One record as field/value rows; lists and objects as JSON, null as empty."""
+    rows = [(key, _value(value)) for key, value in data.items()]
+    return Rows(("field", "value"), rows, header=False)
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return ""
+    structured = isinstance(value, dict | list | tuple)
+    return jsonlib.dumps(value, default=str) if structured else str(value)
+
+
+def health_table(items: list[dict[str, Any]]) -> Rows:
+    """Health items as the API gives them; a `status` column when the health has one."""
+    with_status = any("status" in item["health"] for item in items)
+    columns = ("id", "type", *(("status",) if with_status else ()), "circuit", "success")
+    rows = []
+    for item in items:
+        h = item["health"]
+        rows.append(
+            (
+                item["id"],
+                item["type"],
+                *((str(h.get("status", "")),) if with_status else ()),
+                h["circuit_breaker_state"],
+                f"{h['success_rate']:.0%}",
+                str(h["success_count"] + h["failure_count"]),
+                str(h["avg_latency_ms"]),
+                str(h["p95_latency_ms"]),
+                h["last_failure"] or "",
+            )
+        )
+    return Rows((*columns, "calls", "avg ms", "p95 ms", "last failure"), rows)
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 
 def _set_enabled(
-    ctx: typer.Context, extension_id: str, enabled: bool, url: str | None, token: str | None
+    ctx: typer.Context,
+    extension_id: str,
+    enabled: bool,
+    url: str | None,
+    token: str | None,
+    json: bool,
 ) -> None:
+    """Enable or disable, directly or through a server, and say whether anything changed."""
     if url:
         with ApiClient(url, token) as api:
-            api.set_enabled(extension_id, enabled)
-        out.print(f"{extension_id} {'enabled' if enabled else 'disabled'}")
-        return
-    outcome, _ = on_database(
-        _database_settings(ctx), lambda db: db.set_enabled(extension_id, enabled, actor())
-    )
+            outcome, _ = api.set_enabled(extension_id, enabled)
+    else:
+        outcome, _ = on_database(
+            _database_settings(ctx), lambda db: db.set_enabled(extension_id, enabled, actor())
+        )
     if outcome == "absent":
         raise ExtensionNotFound(extension_id)
     state = "enabled" if enabled else "disabled"
-    out.print(
-        f"{extension_id} {state}" if outcome == "updated" else f"{extension_id} was already {state}"
-    )
+    said = f"{extension_id} {state}" if outcome == "updated" else f"{extension_id} already {state}"
+    emit(json, {"id": extension_id, "enabled": enabled, "outcome": outcome}, said)
 
 
-def _invoke_directly(
-    ctx: typer.Context, extension_id: str, payload: Any, tenant: str | None
-) -> dict[str, Any]:
-    """One call through a registry and invoker of our own; an extension error exits 1."""
-    from .errors import ExtensionError
+def invocation(text: str, tenant: str | None) -> Invocation:
+    """The --payload body read as the API reads the body of POST /admin/extensions/{id}/invoke:
+    the same strict JSON (`json_object`), then the same model (`api.operate.Invocation`), so
+    a body works alike from here, through --url and from the dashboard, and a wrong field is
+    refused by name instead of reaching the extension as an empty message."""
+    from pydantic import ValidationError
+
+    from .api.operate import Invocation
+
+    data = json_object(text, "--payload")
+    if tenant is not None:
+        if "tenant_id" in data:
+            raise ConfigError("--tenant and the body's tenant_id: give one of them")
+        data["tenant_id"] = tenant
+    try:
+        return Invocation.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"--payload: {'; '.join(problems)}") from None
+
+
+def _invoke_directly(ctx: typer.Context, extension_id: str, body: Invocation) -> dict[str, Any]:
+    """One call through a registry and invoker of our own, with the context the API's route
+    builds from the same body (a fresh trace id unless the body gives one)."""
     from .invoke import Invoker
 
     s = with_database(settings(ctx))
+    context = {"trace_id": body.trace_id or uuid.uuid4().hex, "tenant_id": body.tenant_id}
+    request = {"payload": body.payload, "metadata": body.metadata}
 
     async def call(reg: Registry) -> dict[str, Any]:
         async with Invoker.open(reg, s) as inv:
-            context = {"trace_id": uuid.uuid4().hex, "tenant_id": tenant}
-            return await inv.invoke(extension_id, {"payload": payload, "metadata": {}}, context)
+            return await inv.invoke(extension_id, request, context)
 
-    try:
-        return on_registry(s, call)
-    except ExtensionError as exc:
-        err.print(ERROR, f"{exc.extension_id}: {exc.reason} (attempts: {exc.attempts})", sep="")
-        raise typer.Exit(1) from None
+    return on_registry(s, call)
 
 
 def _health_from_database(ctx: typer.Context, extension_id: str | None) -> dict[str, Any]:
@@ -673,26 +1001,11 @@ from .policy_cli import policy_app  # noqa: E402
 
 app.add_typer(policy_app, name="policy")
 
-BAD_INPUT = (
-    ConfigError,
-    FixtureError,
-    InvalidRecord,
-    SnapshotFileError,
-    ExtensionNotFound,
-    PolicyNotFound,
-    Conflict,
-)
-
 
 def main() -> None:
-    """Entry point: click handles usage errors (exit 2); our error tree maps to 1 or 2 here."""
+    """Entry point. Usage errors are click's (exit 2); every command reports our errors itself
+    (`_Extreg.invoke`)."""
     try:
         app()
-    except BAD_INPUT as exc:
-        err.print(ERROR, str(exc), sep="")
-        sys.exit(2)
-    except ExtregError as exc:
-        err.print(ERROR, str(exc), sep="")
-        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

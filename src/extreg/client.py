@@ -65,11 +65,22 @@ class ApiClient:
     def __exit__(self, *exc: object) -> None:
         self._http.close()
 
-    def set_enabled(self, extension_id: str, enabled: bool) -> dict[str, Any]:
+    def get_extension(self, extension_id: str) -> dict[str, Any]:
+        record: dict[str, Any] = self._call(
+            "GET", f"/admin/extensions/{_segment(extension_id)}", extension_id=extension_id
+        )
+        return record
+
+    def set_enabled(self, extension_id: str, enabled: bool) -> tuple[str, dict[str, Any]]:
+        """("updated" | "unchanged", the record after). The route answers alike whether or
+        not it changed anything, so the record is read first: the same record after the
+        write (stamps included) is "unchanged". The write is always sent, so the server
+        still checks the token's role."""
+        before = self.get_extension(extension_id)
         action = "enable" if enabled else "disable"
         path = f"/admin/extensions/{_segment(extension_id)}/{action}"
-        record: dict[str, Any] = self._call("POST", path, extension_id=extension_id)
-        return record
+        after: dict[str, Any] = self._call("POST", path, extension_id=extension_id)
+        return ("unchanged" if after == before else "updated"), after
 
     def reload(self) -> dict[str, Any]:
         report: dict[str, Any] = self._call("POST", "/admin/reload")

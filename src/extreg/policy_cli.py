@@ -13,32 +13,34 @@ Registered on the `extreg` app by `extreg.cli` (below its helpers, which this mo
 from __future__ import annotations
 
 import json as jsonlib
-import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from .adapters.fixtures import load_policy_file
 from .cli import (
+    Command,
+    Group,
     JsonFlag,
+    Rows,
     TokenOption,
     UrlOption,
     _database_settings,
     actor,
     by_outcome,
-    emit_json,
+    emit,
     err,
+    fields_table,
+    json_object,
     on_database,
     on_registry,
-    out,
+    render,
     settings,
 )
 from .client import ApiClient
-from .core import strictjson
 from .core.pipeline import context_problems
 from .core.policy import (
     BODY_FIELDS,
@@ -53,14 +55,15 @@ from .local.embedded import with_database
 from .registry import Registry
 
 policy_app: typer.Typer = typer.Typer(
-    help="Routing policies: list, show, apply, delete, run.", no_args_is_help=True
+    help="Routing policies: list, show, apply, delete, run.", cls=Group, no_args_is_help=True
 )
+PolicyId = Annotated[str, typer.Argument(metavar="ID", help="The policy's id.")]
 
 
 # -- reading -------------------------------------------------------------------------------
 
 
-@policy_app.command("list")
+@policy_app.command("list", cls=Command)
 def list_(
     ctx: typer.Context, url: UrlOption = None, token: TokenOption = None, json: JsonFlag = False
 ) -> None:
@@ -70,25 +73,23 @@ def list_(
             policies = api.list_policies()
     else:
         policies = on_registry(settings(ctx), _listed)
-    if json:
-        emit_json(policies)
-        return
-    table = Table("policy_id", "tenant", "enabled", "stages", "unusable")
-    for p in policies:
-        table.add_row(
+    rows = [
+        (
             p["policy_id"],
             p.get("tenant_id") or "",
             "yes" if p.get("enabled", True) else Text("no", style="red"),
             stages_summary(p),
             Text("; ".join(p.get("unusable") or []), style="red"),
         )
-    out.print(table)
+        for p in policies
+    ]
+    emit(json, policies, Rows(("policy_id", "tenant", "enabled", "stages", "unusable"), rows))
 
 
-@policy_app.command()
+@policy_app.command(cls=Command)
 def show(
     ctx: typer.Context,
-    policy_id: str,
+    policy_id: PolicyId,
     url: UrlOption = None,
     token: TokenOption = None,
     json: JsonFlag = False,
@@ -102,24 +103,18 @@ def show(
         if not found:
             raise PolicyNotFound(policy_id)
         data = found[0]
-    if json:
-        emit_json(data)
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in data.items():
-        structured = isinstance(value, dict | list | tuple)
-        shown = jsonlib.dumps(value, default=str) if structured else str(value)
-        table.add_row(key, "" if value is None else shown)
-    out.print(table)
+    emit(json, data, fields_table(data))
 
 
 # -- writing -------------------------------------------------------------------------------
 
 
-@policy_app.command()
+@policy_app.command(cls=Command)
 def apply(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="A JSON or YAML file: one policy or a list.")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A JSON or YAML file: one policy or a list.")
+    ],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, write nothing.")] = False,
     url: UrlOption = None,
     token: TokenOption = None,
@@ -144,21 +139,21 @@ def apply(
         )
     warnings = {p.policy_id: complexity_warnings(p) for p in policies}
     warnings = {k: v for k, v in warnings.items() if v}
-    counts = by_outcome(report)
-    if json:
-        emit_json({"dry_run": dry_run, **counts, "warnings": warnings})
-        return
     prefix = "would be " if dry_run else ""
-    for policy_id in sorted(report):
-        out.print(f"{policy_id}: {prefix}{report[policy_id]}")
+    lines = [f"{policy_id}: {prefix}{report[policy_id]}" for policy_id in sorted(report)]
+    emit(json, {"dry_run": dry_run, **by_outcome(report), "warnings": warnings}, *lines)
     for policy_id, found in sorted(warnings.items()):
         for warning in found:
             err.print(Text("warning: ", style="yellow"), f"{policy_id}: {warning}", sep="")
 
 
-@policy_app.command()
+@policy_app.command(cls=Command)
 def delete(
-    ctx: typer.Context, policy_id: str, url: UrlOption = None, token: TokenOption = None
+    ctx: typer.Context,
+    policy_id: PolicyId,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    json: JsonFlag = False,
 ) -> None:
     """Delete a policy (audited; its audit rows stay)."""
     if url:
@@ -171,21 +166,25 @@ def delete(
         )
         if written[policy_id][0] == "absent":
             raise PolicyNotFound(policy_id)
-    out.print(f"{policy_id} deleted")
+    emit(json, {"policy_id": policy_id, "deleted": True}, f"{policy_id} deleted")
 
 
 # -- running -------------------------------------------------------------------------------
 
 
-@policy_app.command()
+@policy_app.command(cls=Command)
 def run(
     ctx: typer.Context,
-    policy_id: str,
+    policy_id: PolicyId,
     message: Annotated[
-        str, typer.Option("--message", help='The message, as JSON: {"payload": ...}.')
+        str,
+        typer.Option("--message", metavar="JSON", help='The message, as JSON: {"payload": ...}.'),
     ],
     context: Annotated[
-        str, typer.Option("--context", help="The context, as JSON (trace_id, tenant_id...).")
+        str,
+        typer.Option(
+            "--context", metavar="JSON", help="The context, as JSON (trace_id, tenant_id...)."
+        ),
     ] = "{}",
     url: UrlOption = None,
     token: TokenOption = None,
@@ -195,28 +194,28 @@ def run(
 
     Without --url the run is made from here, on the nats_url setting. A run that gives no
     result (a validator blocked it, a required step failed, no provider answered) prints
-    its reason and the steps so far, and exits 1.
+    its reason and the steps so far, and exits 1 (with --json: the API's error answer).
     """
-    data = _json_object(message, "--message")
-    ctx_data = _run_context(_json_object(context, "--context"))
+    data = json_object(message, "--message")
+    ctx_data = _run_context(json_object(context, "--context"))
     try:
         if url:
             with ApiClient(url, token) as api:
                 result = api.run_policy(policy_id, data, ctx_data)
         else:
             result = _run_directly(ctx, policy_id, data, ctx_data)
-    except PolicyNotFound:
-        raise  # bad input, said by `main`; there are no steps to show
     except PolicyError as exc:
-        _report_failure(exc, json)
-        raise  # `main` names the error and exits 1
-    if json:
-        emit_json(result)
-        return
-    out.print("message:")
-    out.print_json(data=result["message"])
-    out.print(f"provider_id: {result.get('provider_id')}")
-    out.print(steps_table(result["steps"]))
+        if not json and not isinstance(exc, PolicyNotFound):  # no steps to show for that
+            _explain_failure(exc)
+        raise  # `cli.report_error` names it (as JSON with --json, steps included)
+    emit(
+        json,
+        result,
+        "message:",
+        jsonlib.dumps(result["message"], indent=2, ensure_ascii=False),
+        f"provider_id: {result.get('provider_id')}",
+        steps_table(result["steps"]),
+    )
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -233,12 +232,12 @@ def stages_summary(policy: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def steps_table(steps: list[dict[str, Any]]) -> Table:
+def steps_table(steps: list[dict[str, Any]]) -> Rows:
     """Steps as a result carries them (`Step.as_dict`), in policy order."""
-    table = Table("stage", "id", "status", "latency ms", "reason")
-    for s in steps:
-        table.add_row(s["stage"], s["id"], s["status"], str(s["latency_ms"]), s["reason"] or "")
-    return table
+    rows = [
+        (s["stage"], s["id"], s["status"], str(s["latency_ms"]), s["reason"] or "") for s in steps
+    ]
+    return Rows(("stage", "id", "status", "latency ms", "reason"), rows)
 
 
 async def _listed(reg: Registry) -> list[dict[str, Any]]:
@@ -292,19 +291,13 @@ def _run_directly(
     return on_registry(s, call)
 
 
-def _report_failure(exc: PolicyError, json: bool) -> None:
-    """What a failed run prints before `main` names the error: as JSON, the API's error body;
-    else the error's class, who stopped the run and why, and the steps so far."""
-    if json:
-        from .api.errors import body_of
-
-        emit_json(body_of(exc))
-        return
+def _explain_failure(exc: PolicyError) -> None:
+    """What a failed run prints on stderr before `cli.report_error` names the error: its
+    class, who stopped the run and why, and the steps so far."""
     who = f" by {exc.extension_id}" if isinstance(exc, ValidatorBlocked) else ""
     err.print(f"{type(exc).__name__}{who}: {exc.reason}")
     if exc.steps:
-        err.print(steps_table([step.as_dict() for step in exc.steps]))
-    sys.stderr.flush()
+        render(err, steps_table([step.as_dict() for step in exc.steps]))
 
 
 def _run_context(context: dict[str, Any]) -> dict[str, Any]:
@@ -314,13 +307,3 @@ def _run_context(context: dict[str, Any]) -> dict[str, Any]:
         text = "; ".join(f"{field.removeprefix('context.')}: {why}" for field, why in problems)
         raise ConfigError(f"--context: {text}")
     return {"trace_id": uuid.uuid4().hex, **context}
-
-
-def _json_object(text: str, option: str) -> dict[str, Any]:
-    try:
-        data = strictjson.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{option} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{option} must be a JSON object")
-    return data
