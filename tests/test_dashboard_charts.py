@@ -14,6 +14,7 @@ Set EXTREG_SCREENSHOT=1 to refresh docs/dashboard.png (1440 px) and docs/dashboa
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -112,13 +113,33 @@ async def test_the_chart_shows_the_flaky_extensions_failure_burst(
     await charted(page, f"d.extension === '' && Number(d.failures) >= {failed}")
 
     if os.environ.get("EXTREG_SCREENSHOT"):
-        await screenshots(page, browser, live.url, tokens["operator"])
+        await screenshots(browser, live.url, tokens["operator"], flaky_extension)
 
 
-async def screenshots(page: Page, browser: Browser, url: str, token: str) -> None:
+async def traffic(url: str, token: str, flaky: Flaky) -> None:
+    """A minute of calls for the screenshots: flaky fails a third of its calls, then all of
+    them (its circuit opens), then none (an operator resets the circuit)."""
+    phases = [({"failure_rate": 0.3}, 30), (FAILING, 10), ({"reset": True}, 20)]
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}
+    ) as client:
+        await client.post("/admin/extensions/flaky/circuit", json={"action": "reset"})
+        for control, seconds in phases:
+            flaky.control(control)
+            if "reset" in control:
+                await client.post("/admin/extensions/flaky/circuit", json={"action": "reset"})
+            for _ in range(seconds * 4):
+                for ext in ("flaky", "normalize_text", "mask_pii"):
+                    await client.post(f"/admin/extensions/{ext}/invoke", json=REQUEST)
+                await asyncio.sleep(0.25)
+
+
+async def screenshots(browser: Browser, url: str, token: str, flaky: Flaky) -> None:
     """docs/dashboard.png at 1440 px with flaky picked, and docs/dashboard-phone.png at 390 px
-    from the charts down."""
+    from the charts down, after a minute of traffic; both over the last 5 minutes."""
+    await traffic(url, token, flaky)
     desktop = await signed_in(browser, url, token, viewport={"width": 1440, "height": 900})
+    await desktop.click('.range button[data-minutes="5"]')
     await pick(desktop, "flaky")
     await charted(desktop, "d.extension === 'flaky' && Number(d.failures) > 0")
     await expect(desktop.locator("#events li").first).to_be_visible(timeout=WAIT_MS)
@@ -126,9 +147,9 @@ async def screenshots(page: Page, browser: Browser, url: str, token: str) -> Non
     phone = await signed_in(
         browser, url, token, viewport={"width": 390, "height": 844}, device_scale_factor=2
     )
+    await phone.click('.range button[data-minutes="5"]')
     await pick(phone, "flaky")
     await charted(phone, "d.extension === 'flaky' && Number(d.failures) > 0")
-    await phone.locator("#charts").scroll_into_view_if_needed()
     await phone.evaluate("document.getElementById('charts').scrollIntoView()")
     await phone.screenshot(path=str(DOCS / "dashboard-phone.png"))
 
