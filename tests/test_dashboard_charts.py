@@ -29,7 +29,10 @@ from extreg.local.samples.flaky import Flaky
 __all__ = ["browser", "server"]  # the fixtures, shared with test_dashboard
 
 DOCS = Path(__file__).parent.parent / "docs"
-FAILING = {"failure_rate": 1.0, "failure_mode": "invalid"}  # an immediate invalid reply
+FAILING: dict[str, Any] = {
+    "failure_rate": 1.0,
+    "failure_mode": "invalid",
+}  # an immediate invalid reply
 REQUEST = {"payload": {"payload": "Hello  World"}, "metadata": {}}
 
 
@@ -119,7 +122,11 @@ async def test_the_chart_shows_the_flaky_extensions_failure_burst(
 async def traffic(url: str, token: str, flaky: Flaky) -> None:
     """A minute of calls for the screenshots: flaky fails a third of its calls, then all of
     them (its circuit opens), then none (an operator resets the circuit)."""
-    phases = [({"failure_rate": 0.3}, 30), (FAILING, 10), ({"reset": True}, 20)]
+    phases: list[tuple[dict[str, Any], int]] = [
+        ({"failure_rate": 0.3}, 30),
+        (FAILING, 10),
+        ({"reset": True}, 20),
+    ]
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {token}"}
     ) as client:
