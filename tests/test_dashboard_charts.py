@@ -220,3 +220,31 @@ async def test_opening_a_circuit_asks_first_and_is_marked_on_the_chart(
         1, timeout=WAIT_MS
     )
     assert "disable" == await events.first.get_attribute("data-kind")  # newest first
+
+
+async def test_a_server_without_series_reads_as_no_data_yet(
+    server: tuple[LiveServer, dict[str, str]], browser: Browser
+) -> None:
+    """Against a server that has no series route (404, as before it had one) the panel says
+    there is no data yet and the rest of the page works; the charts fill once it answers."""
+    live, tokens = server
+    page = await (await browser.new_context()).new_page()
+    missing = {"on": True}
+
+    async def series(route: Any) -> None:
+        if missing["on"]:
+            await route.fulfill(status=404, json={"error": "ApiError", "detail": "Not Found"})
+        else:
+            await route.continue_()
+
+    await page.route("**/health/series?*", series)
+    await page.goto(live.url + "/")
+    await page.fill("#token", tokens["viewer"])
+    await page.click("button[type=submit]")
+    panel = page.locator("#charts")
+    await expect(panel).to_have_attribute("data-state", "no-data", timeout=WAIT_MS)
+    await expect(page.locator("#chart-note")).to_contain_text("No data yet")
+    await expect(page.locator("#error")).to_be_empty()
+    await expect(row(page, "flaky")).to_be_visible()
+    missing["on"] = False
+    await expect(panel).to_have_attribute("data-state", "ok", timeout=WAIT_MS)
