@@ -110,6 +110,21 @@ def test_disable_and_enable_through_the_server(server: Server, tmp_path: Path) -
     assert [("disable", operator), ("enable", operator)] == rows[-2:]
 
 
+def test_disable_twice_through_the_server_says_already(server: Server, tmp_path: Path) -> None:
+    """Through the server too, a second `disable` says the extension already was (JSON
+    outcome "unchanged") and writes no audit row; the first says "updated"."""
+    opts = server.opts("operator")
+    count = "SELECT count(*) FROM extension_audit_log WHERE extension_id = 'alpha'"
+    before = sql(server.db_url, count)[0][0]
+    first = extreg(tmp_path, "disable", "alpha", *opts, "--json")
+    again = extreg(tmp_path, "disable", "alpha", *opts, "--json")
+    text = extreg(tmp_path, "disable", "alpha", *opts)
+    assert ["updated", "unchanged"] == [json.loads(r.stdout)["outcome"] for r in (first, again)]
+    assert (0, "alpha already disabled") == (text.returncode, text.stdout.strip()), text.stderr
+    assert before + 1 == sql(server.db_url, count)[0][0]
+    assert 0 == extreg(tmp_path, "enable", "alpha", *opts).returncode
+
+
 def test_reload_through_the_server(server: Server, tmp_path: Path) -> None:
     """`reload --url` reloads the server and reports what it loaded."""
     result = extreg(tmp_path, "reload", *server.opts("operator"))

@@ -8,7 +8,8 @@ with its problems, a `PolicyError` with its `policy_id`, `reason` and `steps`), 
 failure raises what the same command raises locally. Answers without a name go by status:
 401/403/429 `AuthFailed`, 404 `ExtensionNotFound` (`PolicyNotFound` on a policy route),
 409/412 `Conflict`, 422 `InvalidRecord`, anything else (or a name the client does not know)
-`ApiError`; no answer at all is `ServerUnreachable`.
+`ApiError`; no answer at all is `ServerUnreachable`. A URL that is not http(s) is refused as
+a `ConfigError` (bad input) before anything is sent.
 The token goes only into the Authorization header; no message ever contains it.
 """
 
@@ -24,6 +25,7 @@ from .core.policy import Stage
 from .errors import (
     ApiError,
     AuthFailed,
+    ConfigError,
     Conflict,
     ExtensionError,
     ExtensionNotFound,
@@ -52,6 +54,8 @@ class ApiClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if not url.lower().startswith(("http://", "https://")):
+            raise ConfigError("--url must be an http:// or https:// URL of an extreg server")
         self.url = url.rstrip("/")
         self._has_token = bool(token)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
