@@ -290,7 +290,8 @@ def test_health_and_audit_directly_on_the_database(
     pg_server: PostgresProcess, tmp_path: Path
 ) -> None:
     """Without --url, `health` reads `extension_health` rows and `audit` the audit log, straight
-    from the database, in the same shapes as the API."""
+    from the database, in the same shapes as the API; a row the seed's writers wrote (mean and
+    percentiles, no sum or sketch) shows its mean and percentiles."""
     db_url = pg_server.create_database(f"direct_{uuid.uuid4().hex[:8]}")
     migrate(db_url)
     sql(
@@ -309,21 +310,24 @@ def test_health_and_audit_directly_on_the_database(
     assert 0 == health.returncode, health.stderr
     report = json.loads(health.stdout)
     alpha = report["extensions"][0]["health"]
-    assert (3, 1, 0.75, 12.5, 30.0, "open") == (
+    assert (3, 1, 0.75, 12.5, "open", "unhealthy") == (
         alpha["success_count"],
         alpha["failure_count"],
         alpha["success_rate"],
         alpha["avg_latency_ms"],
-        alpha["p95_latency_ms"],
         alpha["circuit_breaker_state"],
+        alpha["status"],
     )
+    assert 30.0 == pytest.approx(alpha["p95_latency_ms"], rel=0.01)  # the sketch's accuracy
     assert {
         "total": 2,
         "enabled": 2,
-        "healthy": 1,
-        "unhealthy": 1,
-        "avg_success_rate": 0.75,
-        "avg_latency_ms": 12.5,
+        "healthy": 0,
+        "degraded": 0,
+        "unhealthy": 1,  # alpha: its circuit is open
+        "unknown": 1,  # beta: no recent call (the seed's rows have no intervals)
+        "avg_success_rate": 1.0,
+        "avg_latency_ms": 0.0,
     } == report["summary"]
     table = extreg(tmp_path, "--database-url", db_url, "health", **on)
     assert (0, True) == (table.returncode, "alpha" in table.stdout and "open" in table.stdout)

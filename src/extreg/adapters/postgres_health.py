@@ -156,7 +156,8 @@ _PRUNE = (
 _READ = """
 SELECT extension_id, coalesce(success_count, 0), coalesce(failure_count, 0), latency_total_ms,
        latency_sketch, last_success, last_failure, last_latency_ms,
-       coalesce(circuit_breaker_state, 'closed'), updated_at
+       coalesce(circuit_breaker_state, 'closed'), updated_at,
+       avg_latency_ms, p50_latency_ms, p95_latency_ms, p99_latency_ms
 FROM extension_health
 WHERE (%(since)s::timestamptz IS NULL OR updated_at > %(since)s)
   AND (%(ids)s::text[] IS NULL OR extension_id = ANY(%(ids)s))
@@ -361,18 +362,34 @@ def _circuit(snapshot: CircuitSnapshot) -> dict[str, Any]:
 
 def _row(r: tuple[Any, ...], intervals: Buckets) -> HealthRow:
     extension_id, successes, failures, total_ms, sketch_data, last_ok, last_bad, last_ms = r[:8]
+    calls = int(successes) + int(failures)
+    avg, *quantiles = r[10:]
     totals = HealthDelta(
         extension_id=extension_id,
         success_count=int(successes),
         failure_count=int(failures),
-        latency_sum_ms=float(total_ms or 0.0),
-        sketch=_stored_sketch(sketch_data, extension_id),
+        # The seed's own writers keep only the mean: the sum is then the mean times the calls.
+        latency_sum_ms=float(total_ms or 0.0) or float(avg or 0.0) * calls,
+        sketch=_stored_sketch(sketch_data, extension_id)
+        if sketch_data
+        else _stand_in_sketch(quantiles),
         last_latency_ms=None if last_ms is None else float(last_ms),
         last_success=last_ok,
         last_failure=last_bad,
         intervals=intervals,
     )
     return HealthRow(totals=totals, circuit_breaker_state=r[8], updated_at=r[9])
+
+
+def _stand_in_sketch(quantiles: list[Any]) -> DDSketch:
+    """For a row the seed's own writers wrote (p50/p95/p99 columns, no sketch): a sketch whose
+    p50, p95 and p99 are those columns (weights 50, 45 and 5 put each at its rank), so the
+    one health arithmetic shows them (a missing one as 0); empty when the row has none."""
+    sketch = DDSketch(RELATIVE_ACCURACY)
+    if any(q is not None for q in quantiles):
+        for value, weight in zip(quantiles, (50.0, 45.0, 5.0), strict=True):
+            sketch.add(max(float(value or 0.0), 0.0), weight)
+    return sketch
 
 
 def _quantile(sketch: DDSketch, q: float) -> float:
