@@ -167,7 +167,7 @@ def test_demo_nats_url_is_printed_in_status_and_used_by_the_cli(folder: Path, db
             "normalize_text",
             "--json",
             "--payload",
-            '{"payload": "  Hello   WORLD  "}',
+            '{"payload": {"payload": "  Hello   WORLD  "}}',
         )
         assert 0 == call.returncode, call.stderr
         assert "hello world" == json.loads(call.stdout)["payload"]["payload"]
