@@ -19,8 +19,8 @@ from api_helpers import make_tokens, seed, sql
 from helpers import make_settings, record
 from prometheus_client.parser import text_string_to_metric_families
 
-from extreg.api import create_app
 from extreg.adapters.postgres import PostgresSource
+from extreg.api import create_app
 from extreg.health_view import database_report
 from extreg.invoke import Invoker
 from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
