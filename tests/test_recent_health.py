@@ -4,6 +4,8 @@ PostgreSQL, through the functions the API calls and through the API itself."""
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +34,8 @@ def record(monitor: HealthMonitor, ok: int, bad: int, latency_ms: float = 5.0) -
 
 def test_status_follows_the_window_as_it_fills_and_drains() -> None:
     """healthy -> unhealthy -> degraded -> healthy -> unknown as calls enter and leave a
-    60-second window on an injected clock; the all-time numbers never forget."""
+    60-second window on an injected clock (the window holds the whole interval its start falls
+    in); the all-time numbers never forget."""
     clock = FakeClock(wall=T0)
     monitor = HealthMonitor(clock=clock.time, window_s=60)
     seen = []
@@ -44,11 +47,11 @@ def test_status_follows_the_window_as_it_fills_and_drains() -> None:
     clock.advance(30)
     record(monitor, 80, 0)  # t0+40: 80 good -> 100/120 = 0.83
     seen.append(monitor.status(EXT))
-    clock.advance(25)  # t0+65: the first 20 good are out -> 80/100 = 0.80
+    clock.advance(35)  # t0+75: the window reaches back into t0+10's interval: 80/100 = 0.80
     seen.append(monitor.status(EXT))
-    clock.advance(10)  # t0+75: the bad ones are out -> 80/80
+    clock.advance(10)  # t0+85: the bad ones are out -> 80/80
     seen.append(monitor.status(EXT))
-    clock.advance(30)  # t0+105: nothing recent
+    clock.advance(30)  # t0+115: nothing recent
     seen.append(monitor.status(EXT))
     assert ["healthy", "unhealthy", "degraded", "degraded", "healthy", "unknown"] == seen
     health = monitor.get_health(EXT)
@@ -200,3 +203,36 @@ async def test_series_api_shape_events_and_bad_input(tmp_path: Path, db_url: str
     for answer in bad:
         assert 422 == answer.status_code
         assert "minutes" in answer.text
+
+
+def test_gauges_read_from_another_thread_while_calls_open_new_intervals() -> None:
+    """/metrics renders in a worker thread while the event loop records: the counts it reads
+    there (`HealthMonitor.counts`) must not trip over an interval opened or drained meanwhile."""
+    clock = FakeClock(wall=T0)
+    monitor = HealthMonitor(clock=clock.time, window_s=21_600, keep_s=21_600)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                monitor.counts(EXT)
+        except BaseException as exc:  # the failure the test looks for
+            errors.append(exc)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(20_000):
+            clock.advance(INTERVAL_S)  # every call opens a new interval
+            monitor.record(EXT, True, 1.0)
+            if i % 500 == 0:
+                monitor.drain_deltas()
+    finally:
+        done.set()
+        reader.join()
+        sys.setswitchinterval(switch)
+    assert [] == errors
+    assert 20_000 == monitor.counts(EXT)[0]["success_count"]

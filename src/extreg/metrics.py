@@ -361,14 +361,14 @@ class _HealthGauges:
         if self.registry is not None:  # an immutable snapshot: safe to read from a thread
             ids = sorted(self.registry.snapshot.by_id)
         else:
-            ids = sorted(monitor.get_all_health())
+            ids = sorted(monitor.extension_ids())
         rates, latencies, states = [], [], []
         for extension_id in ids:
-            health = monitor.get_health(extension_id)
+            counts, circuit = monitor.counts(extension_id)
             labels = f'{{extension_id="{_escape(extension_id)}"}} '
-            rates.append(labels + _number(float(health["success_rate"])))
-            latencies.append(labels + _number(float(health["avg_latency_ms"])))
-            state = CIRCUIT_STATE_VALUES.get(str(health["circuit_breaker_state"]), 0)
+            rates.append(labels + _number(float(counts["success_rate"])))
+            latencies.append(labels + _number(float(counts["avg_latency_ms"])))
+            state = CIRCUIT_STATE_VALUES.get(circuit, 0)
             states.append(f"{labels}{state}.0")
         for (name, help_text), values in zip(
             self.FAMILIES, (rates, latencies, states), strict=True

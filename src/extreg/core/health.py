@@ -282,7 +282,7 @@ class _Entry:
             self.base_failures,
             self.base_latency_sum,
         )
-        for bucket in self.pending.values():
+        for bucket in tuple(self.pending.values()):  # a copy: /metrics reads from a thread
             successes += bucket.successes
             failures += bucket.failures
             latency += bucket.latency_sum_ms
@@ -293,7 +293,7 @@ class _Entry:
             return self.base_sketch
         sketch = DDSketch(RELATIVE_ACCURACY)
         sketch.merge(self.base_sketch)
-        for bucket in self.pending.values():
+        for bucket in tuple(self.pending.values()):  # likewise
             sketch.merge(bucket.sketch)
         return sketch
 
@@ -414,17 +414,24 @@ class HealthMonitor:
         """`get_health` of every extension with recorded (or merged) calls."""
         return {extension_id: self.get_health(extension_id) for extension_id in self._entries}
 
+    def counts(self, extension_id: str) -> tuple[dict[str, Any], str]:
+        """The all-time counts part of the health shape and the circuit state, without
+        percentiles or the window: what the Prometheus gauges show, read from its thread."""
+        entry = self._entries.get(extension_id) or _NO_CALLS
+        return call_numbers(*entry.totals()), self._circuit_state(extension_id)
+
     def extension_ids(self) -> list[str]:
         """Every extension with recorded (or merged) calls."""
         return list(self._entries)
 
-    def recent(self, extension_id: str) -> Bucket:
-        """The calls of the last `window_s` seconds, summed (a new bucket, the caller's)."""
-        return self._recent(self._entries.get(extension_id) or _NO_CALLS)
+    def recent(self, extension_id: str, *, latencies: bool = True) -> Bucket:
+        """The calls of the last `window_s` seconds, summed (a new bucket, the caller's);
+        without `latencies`, counts only."""
+        return self._recent(self._entries.get(extension_id) or _NO_CALLS, latencies=latencies)
 
-    def _recent(self, entry: _Entry) -> Bucket:
-        since = self._clock() - self.window_s
-        return window_total((entry.recent, entry.pending), since)
+    def _recent(self, entry: _Entry, *, latencies: bool = True) -> Bucket:
+        buckets = (entry.recent, entry.pending)
+        return window_total(buckets, self._clock(), self.window_s, latencies=latencies)
 
     def intervals(self, extension_id: str) -> Buckets:
         """Every interval kept for one extension, drained or not (a copy, the caller's)."""
@@ -436,7 +443,9 @@ class HealthMonitor:
 
     def status(self, extension_id: str) -> str:
         """healthy / degraded / unhealthy / unknown, judged by the recent window."""
-        return status_of(self._circuit_state(extension_id), self.recent(extension_id))
+        return status_of(
+            self._circuit_state(extension_id), self.recent(extension_id, latencies=False)
+        )
 
     def get_health_summary(
         self, extensions: Iterable[ExtensionLike] | None = None
@@ -450,7 +459,7 @@ class HealthMonitor:
         return summarize(self._tally(extension_id, enabled) for extension_id, enabled in items)
 
     def _tally(self, extension_id: str, enabled: bool) -> Tally:
-        recent = self.recent(extension_id)
+        recent = self.recent(extension_id, latencies=False)
         return Tally(enabled, status_of(self._circuit_state(extension_id), recent), recent)
 
     # -- persistence and other nodes ---------------------------------------------------------

@@ -113,13 +113,23 @@ def merge_into(target: Buckets, source: Mapping[int, Bucket]) -> None:
             mine.absorb(bucket)
 
 
-def window_total(buckets: Iterable[Mapping[int, Bucket]], since: float) -> Bucket:
-    """Every call in intervals that start at or after `since`, from each of `buckets` summed."""
+def window_total(
+    buckets: Iterable[Mapping[int, Bucket]], now: float, window_s: float, *, latencies: bool = True
+) -> Bucket:
+    """Every call of the last `window_s` seconds before `now`, from each of `buckets` summed:
+    the intervals that overlap the window, so a window as short as one interval still holds a
+    whole one. Without `latencies` the sketches are left out (the counts cost far less)."""
+    since = interval_start(now - window_s)
     total = Bucket()
     for each in buckets:
-        for start, bucket in each.items():
+        for start, bucket in tuple(each.items()):  # a copy: /metrics reads from a thread
             if start >= since:
-                total.absorb(bucket)
+                if latencies:
+                    total.absorb(bucket)
+                else:
+                    total.successes += bucket.successes
+                    total.failures += bucket.failures
+                    total.latency_sum_ms += bucket.latency_sum_ms
     return total
 
 

@@ -198,7 +198,7 @@ class HealthGate:
         refused = {}
         window = self._monitor.window_s
         for extension_id in self._monitor.extension_ids():
-            recent = self._monitor.recent(extension_id)
+            recent = self._monitor.recent(extension_id, latencies=False)
             calls = recent.calls
             if calls >= self.min_calls and recent.successes / calls < self.min_success_rate:
                 refused[extension_id] = (
