@@ -24,7 +24,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from extreg.local.samples import SAMPLE_EXTENSIONS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-WAIT_MS = 10_000  # generous: a poll is every 2 s
+WAIT_MS = 30_000  # generous: a poll is every 2 s, a chart reload every interval (10 s)
 
 
 @pytest.fixture

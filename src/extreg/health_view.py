@@ -19,6 +19,7 @@ else from the monitor's memory. While the database is away the memory answers, m
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -102,13 +103,9 @@ async def health_series(
     circuit transitions, enables and disables among them (see the module docstring)."""
     now = monitor.now() if monitor is not None else time.time()
     since = interval_start(now - minutes * 60)
-    found, stale = None, False
-    try:
+    found = None
+    with contextlib.suppress(Conflict, SourceUnavailable):  # no database (now), or none at all
         found = await _from_database(registry.database, extension_id, since)
-    except Conflict:  # fixtures: no database, the memory is all there is
-        pass
-    except SourceUnavailable:
-        stale = True
     buckets, events = found or _from_memory(monitor, extension_id, since)
     return {
         "extension_id": extension_id,
@@ -116,7 +113,8 @@ async def health_series(
         "interval_seconds": step_for(minutes),
         "points": [{**p, "t": iso_epoch(p["t"])} for p in series(buckets, now, minutes)],
         "events": events,
-        "stale": stale,
+        # Memory holds only the recent window where health belongs in a database.
+        "stale": found is None and registry.settings.persists_health,
     }
 
 

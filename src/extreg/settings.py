@@ -176,6 +176,11 @@ class Settings(BaseSettings):
         return self.db_enabled
 
     @property
+    def persists_health(self) -> bool:
+        """Health goes to a database: one is configured and not set aside for fixtures."""
+        return self.database_configured and self.source != "fixtures"
+
+    @property
     def conninfo(self) -> str:
         """The PostgreSQL connection string, with the password. Never log this; use `db_display`."""
         if self.database_url is not None:

@@ -598,9 +598,11 @@ def sketch_from_dict(data: dict[str, Any]) -> DDSketch:
     try:
         sketch = DDSketch(float(data["relative_accuracy"]))
         offset = int(data["offset"])
-        for index, count in enumerate(data["bins"]):
-            if count:
-                sketch._store.add(offset + index, float(count))
+        bins = [float(count) for count in data["bins"]]
+        if any(bins):  # the store as DenseStore.copy leaves it: exactly the bins given
+            store = cast(DenseStore, sketch._store)
+            store.bins, store.offset, store.count = bins, offset, math.fsum(bins)
+            store.min_key, store.max_key = offset, offset + len(bins) - 1
         sketch._zero_count = float(data["zero_count"])
         sketch._count = float(data["count"])
         sketch._sum = float(data["sum"])

@@ -60,7 +60,6 @@ from ..errors import ExtregError
 if TYPE_CHECKING:
     from ..adapters.postgres import PostgresSource
     from ..registry import Registry
-    from ..settings import Settings
 
 log = structlog.get_logger("extreg.invoke.health")
 
@@ -70,11 +69,6 @@ READ_OVERLAP = timedelta(seconds=30)  # rows are stamped with their transaction'
 # so a write that started before the previous read but committed after it is re-read.
 RETRY_PAUSE_S = 0.2
 PRUNE_EVERY_S = 300.0
-
-
-def persists_health(settings: Settings) -> bool:
-    """True when health goes to a database (not with fixtures, which have none)."""
-    return settings.database_configured and settings.source != "fixtures"
 
 
 def new_node_id() -> str:
@@ -115,7 +109,7 @@ class HealthFlusher:
         self.interval_s = interval_s
         self.node_id = node_id or new_node_id()
         self.observers = list(observers)
-        self.persistent = persists_health(registry.settings)
+        self.persistent = registry.settings.persists_health
         self._batches: deque[HealthBatch] = deque()
         self._seq = 0
         self._since: datetime | None = None
@@ -173,7 +167,6 @@ class HealthFlusher:
                 self._batches.popleft()
             if refresh:
                 await self._refresh(db)
-            await self._prune(db)
         except Exception as exc:  # the loop must outlive any failure
             if not self._failing:
                 if isinstance(exc, ExtregError):
@@ -189,6 +182,8 @@ class HealthFlusher:
         if self._failing:
             log.info("health_flush_recovered", node_id=self.node_id)
             self._failing = False
+        if refresh:  # not in the final flush, whose few seconds are for the writes
+            await self._prune(db)
         return True
 
     async def refresh(self) -> None:
@@ -253,7 +248,13 @@ class HealthFlusher:
         self._since = now
 
     async def _prune(self, db: PostgresSource) -> None:
+        """Forget old intervals now and then; a failure is logged and changes nothing else
+        (every batch was written: the flush itself succeeded)."""
         now = self.monitor.now()
-        if now - self._pruned_at >= PRUNE_EVERY_S:
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        try:
             await db.prune_health(now - SERIES_KEEP_S)
-            self._pruned_at = now
+        except ExtregError as exc:
+            log.warning("health_prune_failed", error=str(exc))

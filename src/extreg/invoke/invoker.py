@@ -58,7 +58,7 @@ from ..errors import (
 from ..registry import Registry
 from ..settings import Settings
 from .automation import AutoManager, HealthGate
-from .health_store import HealthFlusher, persists_health
+from .health_store import HealthFlusher
 from .pipeline import PipelineRunner, PolicyResult, ProviderHook
 
 log = structlog.get_logger("extreg.invoke")
@@ -113,7 +113,7 @@ class Invoker:
         self.clock = clock
         self.breaker = CircuitBreakers.from_settings(settings, clock=clock)
         # With a database the charts read it, so memory keeps only the recent window.
-        keep_s = settings.health_window_seconds if persists_health(settings) else SERIES_KEEP_S
+        keep_s = settings.health_window_seconds if settings.persists_health else SERIES_KEEP_S
         self.health = HealthMonitor.from_settings(
             settings, self.breaker, clock=clock, keep_s=keep_s
         )
