@@ -70,9 +70,14 @@ def documented() -> dict[Path_, set[str]]:
 @pytest.mark.parametrize(
     ("path", "command"), list(commands()), ids=lambda v: " ".join(v) if isinstance(v, tuple) else ""
 )
-def test_every_parameter_has_help_and_a_value_name(path: Path_, command: Any) -> None:
+def test_every_parameter_has_help_and_a_value_name(
+    path: Path_, command: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each argument and option says what it is; an option that takes a value and every
     argument name it in capitals (a metavar), and the rendered help shows no Python type."""
+    # In this process the CLI's global callback would point the logs at CliRunner's stderr,
+    # which is closed once it returns: every later test's log line would then fail.
+    monkeypatch.setattr("extreg.logs.configure", lambda *args, **kwargs: None)
     problems = []
     for p in command.params:
         if not (p.help or "").strip():

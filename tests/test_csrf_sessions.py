@@ -148,7 +148,8 @@ def inline_hash(html: str, tag: str) -> str:
 async def test_every_page_forbids_framing(tmp_path: Path, db_url: str) -> None:
     """The sign-in form, the dashboard and API answers (errors included) carry
     `X-Frame-Options: DENY` and a CSP with `frame-ancestors 'none'`; the dashboard's CSP
-    admits exactly its own inline script and style (by hash), never 'unsafe-inline'."""
+    admits exactly its own inline script and style (by hash) and its own origin (the vendored
+    chart library), never 'unsafe-inline'."""
     async with database_api(tmp_path, db_url) as api:
         sign_in_page = await api.client.get("/")
         await sign_in(api.client, api.tokens["viewer"])
@@ -162,8 +163,9 @@ async def test_every_page_forbids_framing(tmp_path: Path, db_url: str) -> None:
         assert "DENY" == answer.headers["x-frame-options"], answer.url
         assert ["'none'"] == csp_directives(answer)["frame-ancestors"], answer.url
     page = csp_directives(dashboard)
-    assert [inline_hash(dashboard.text, "script")] == page["script-src"]
-    assert [inline_hash(dashboard.text, "style")] == page["style-src"]
+    # its own inline script by hash, and the vendored chart library from its own origin
+    assert ["'self'", inline_hash(dashboard.text, "script")] == page["script-src"]
+    assert ["'self'", inline_hash(dashboard.text, "style")] == page["style-src"]
     assert [inline_hash(sign_in_page.text, "style")] == csp_directives(sign_in_page)["style-src"]
     assert ["'none'"] == page["default-src"] and " style=" not in dashboard.text
     assert "no-store" == dashboard.headers["cache-control"]

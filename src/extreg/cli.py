@@ -342,10 +342,13 @@ def _global(
         ),
     ] = 0,
 ) -> None:
-    logs.configure(log_level(verbose, serving=ctx.invoked_subcommand == "serve"))
+    logs.configure(log_level(verbose, serving=ctx.invoked_subcommand in SERVERS))
     ctx.obj = Options(
         config, {"database_url": database_url, "source": source, "fixtures_dir": fixtures_dir}
     )
+
+
+SERVERS = ("serve", "sample-extensions")  # the commands that run until Ctrl-C
 
 
 def log_level(verbose: int, *, serving: bool) -> str:
