@@ -262,11 +262,14 @@ class _Entry:
         self.last_latency: float | None = None
 
     def open(self, now: float) -> Bucket:
-        """The pending bucket of `now`'s interval, made the open one."""
+        """The pending bucket of `now`'s interval, made the open one. A new interval gets a
+        new `pending` dict (copy on write, once per interval): `/metrics` sums `pending` from
+        its worker thread, and a dict nobody changes is safe to iterate there."""
         start = interval_start(now)
         bucket = self.pending.get(start)
         if bucket is None:
-            bucket = self.pending[start] = Bucket()
+            bucket = Bucket()
+            self.pending = {**self.pending, start: bucket}
         self.open_bucket, self.open_from, self.open_until = bucket, start, start + INTERVAL_S
         return bucket
 
@@ -282,7 +285,7 @@ class _Entry:
             self.base_failures,
             self.base_latency_sum,
         )
-        for bucket in tuple(self.pending.values()):  # a copy: /metrics reads from a thread
+        for bucket in self.pending.values():
             successes += bucket.successes
             failures += bucket.failures
             latency += bucket.latency_sum_ms
@@ -293,7 +296,7 @@ class _Entry:
             return self.base_sketch
         sketch = DDSketch(RELATIVE_ACCURACY)
         sketch.merge(self.base_sketch)
-        for bucket in tuple(self.pending.values()):  # likewise
+        for bucket in self.pending.values():
             sketch.merge(bucket.sketch)
         return sketch
 
@@ -416,7 +419,8 @@ class HealthMonitor:
 
     def counts(self, extension_id: str) -> tuple[dict[str, Any], str]:
         """The all-time counts part of the health shape and the circuit state, without
-        percentiles or the window: what the Prometheus gauges show, read from its thread."""
+        percentiles or the window: what the Prometheus gauges show, read from their worker
+        thread (safe there: see `_Entry.open`)."""
         entry = self._entries.get(extension_id) or _NO_CALLS
         return call_numbers(*entry.totals()), self._circuit_state(extension_id)
 

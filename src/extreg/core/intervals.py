@@ -122,7 +122,7 @@ def window_total(
     since = interval_start(now - window_s)
     total = Bucket()
     for each in buckets:
-        for start, bucket in tuple(each.items()):  # a copy: /metrics reads from a thread
+        for start, bucket in each.items():
             if start >= since:
                 if latencies:
                     total.absorb(bucket)
