@@ -20,6 +20,7 @@ from structlog.typing import EventDict
 from test_connection_limits import closed_by_server, serving
 
 from extreg.api import create_app
+from extreg.api.errors import loc_of
 from extreg.auth import generate_token, hash_token
 from extreg.client import class_named
 from extreg.metrics import Metrics
@@ -150,3 +151,9 @@ def test_a_client_gone_mid_body_is_logged_as_a_disconnect(
     assert [(p, 499) for p in paths] == [(e["path"], e["status"]) for e in requests]
     assert [] == [e for e in events if e.get("status") == 500 or "exc_info" in e]
     assert [] == [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_field_path_with_a_non_ascii_digit_key_is_a_name_not_an_index() -> None:
+    """An unknown key such as '¹' (a digit to str.isdigit, not to int) stays a name in the
+    422's loc: found by schemathesis as a 500."""
+    assert ["body", "pre", 0, "¹"] == loc_of("pre[0].¹")

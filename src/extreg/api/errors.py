@@ -182,7 +182,8 @@ def loc_of(field: str) -> list[str | int]:
         return loc
     for part in _INDEX.sub(r".\1", field.replace("[...]", "")).split("."):
         if part:
-            loc.append(int(part) if part.isdigit() else part)
+            # ASCII digits only: a key such as '¹' is a digit to str.isdigit, not to int()
+            loc.append(int(part) if part.isascii() and part.isdigit() else part)
     return loc
 
 
