@@ -244,16 +244,13 @@ def test_log_lines_below_warning_need_verbose(db_url: str, tmp_path: Path) -> No
     assert plain.stdout == loud.stdout
 
 
-def test_health_table_has_a_status_column_when_health_has_status(
-    db_url: str, tmp_path: Path
-) -> None:
-    """`health` in a pipe: the header names the columns, `status` among them when the
-    health answer carries one."""
+def test_health_table_leads_with_status_and_the_recent_window(db_url: str, tmp_path: Path) -> None:
+    """`health` in a pipe: the header names the columns, status and the recent window (what
+    status judges by) before the all-time figures; a row per extension."""
     assert 0 == run(tmp_path, "import-fixtures", str(BUNDLED), db=db_url).returncode
     report = as_json(tmp_path, "health", db=db_url)
-    header = run(tmp_path, "health", db=db_url).stdout.splitlines()[0].split("\t")
-    with_status = "status" in report["extensions"][0]["health"]
-    assert ["id", "type", *(["status"] if with_status else []), "circuit"] == header[
-        : 3 + with_status
-    ]
+    lines = run(tmp_path, "health", db=db_url).stdout.splitlines()
+    header = lines[0].split("\t")
+    assert ["id", "type", "status", "circuit", "recent calls", "recent success"] == header[:6]
+    assert len(report["extensions"]) == len([line for line in lines[1:] if "\t" in line])
     assert "error" not in flat(header[-1])

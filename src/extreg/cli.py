@@ -837,26 +837,29 @@ def _value(value: Any) -> str:
 
 
 def health_table(items: list[dict[str, Any]]) -> Rows:
-    """Health items as the API gives them; a `status` column when the health has one."""
-    with_status = any("status" in item["health"] for item in items)
-    columns = ("id", "type", *(("status",) if with_status else ()), "circuit", "success")
+    """Health items as the API gives them: status and the recent window first (what status
+    judges by), then the all-time figures."""
+    columns = ("id", "type", "status", "circuit", "recent calls", "recent success",
+               "recent p95 ms", "calls", "success", "avg ms", "last failure")  # fmt: skip
     rows = []
     for item in items:
-        h = item["health"]
+        h, recent = item["health"], item["health"]["recent"]
         rows.append(
             (
                 item["id"],
                 item["type"],
-                *((str(h.get("status", "")),) if with_status else ()),
+                h["status"],
                 h["circuit_breaker_state"],
-                f"{h['success_rate']:.0%}",
+                str(recent["calls"]),
+                f"{recent['success_rate']:.0%}",
+                str(recent["p95_latency_ms"]),
                 str(h["success_count"] + h["failure_count"]),
+                f"{h['success_rate']:.0%}",
                 str(h["avg_latency_ms"]),
-                str(h["p95_latency_ms"]),
                 h["last_failure"] or "",
             )
         )
-    return Rows((*columns, "calls", "avg ms", "p95 ms", "last failure"), rows)
+    return Rows(columns, rows)
 
 
 # -- helpers -------------------------------------------------------------------------------
