@@ -272,12 +272,15 @@ async def read_rows(
     recent_since: float,
 ) -> tuple[datetime, list[HealthRow]]:
     """(database time now, rows updated after `since` — all when None — of `ids` or all),
-    each carrying its intervals that start at or after `recent_since` (epoch seconds)."""
-    row = await (await conn.execute("SELECT now()")).fetchone()
-    assert row is not None  # SELECT now() always returns a row
-    cur = await conn.execute(_READ, {"since": since, "ids": ids})
-    rows = await cur.fetchall()
-    found = await read_intervals(conn, recent_since, [r[0] for r in rows]) if rows else {}
+    each carrying its intervals that start at or after `recent_since` (epoch seconds); all of
+    it from one snapshot, so totals and intervals agree."""
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        row = await (await conn.execute("SELECT now()")).fetchone()
+        assert row is not None  # SELECT now() always returns a row
+        cur = await conn.execute(_READ, {"since": since, "ids": ids})
+        rows = await cur.fetchall()
+        found = await read_intervals(conn, recent_since, [r[0] for r in rows]) if rows else {}
     return row[0], [_row(r, found.get(r[0], {})) for r in rows]
 
 
