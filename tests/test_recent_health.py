@@ -236,3 +236,15 @@ def test_gauges_read_from_another_thread_while_calls_open_new_intervals() -> Non
         sys.setswitchinterval(switch)
     assert [] == errors
     assert 20_000 == monitor.counts(EXT)[0]["success_count"]
+
+
+def test_a_drain_keeps_the_interval_the_window_starts_in() -> None:
+    """Pruning at a drain and summing the window agree on the window's first interval: a call
+    in the interval the window's start falls in still counts after the drain."""
+    clock = FakeClock(wall=T0)
+    monitor = HealthMonitor(clock=clock.time, window_s=60, keep_s=60)
+    record(monitor, 1, 0)
+    clock.advance(65)  # the window starts at T0 + 5, inside T0's interval
+    before = monitor.recent(EXT).calls
+    monitor.drain_deltas()
+    assert (1, 1) == (before, monitor.recent(EXT).calls)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core.breaker import CLOSED
 from .core.health import HealthMonitor
-from .core.intervals import Buckets, interval_start, merge_into, series, step_for
+from .core.intervals import Buckets, interval_start, merge_into, series, step_for, window_start
 from .core.model import Extension
 from .core.times import iso_epoch
 from .errors import Conflict, ExtensionNotFound, SourceUnavailable
@@ -82,8 +82,8 @@ async def database_monitor(
 ) -> HealthMonitor:
     """A monitor holding the database's cluster-wide numbers of `ids` (all when None), its
     circuit states those of the rows (or `disabled` with breakers off in `settings`)."""
-    now = time.time()
-    _, rows = await db.read_health(None, ids, recent_since=now - settings.health_window_seconds)
+    since = window_start(time.time(), settings.health_window_seconds)
+    _, rows = await db.read_health(None, ids, recent_since=since)
     states = {row.totals.extension_id: row.circuit_breaker_state for row in rows}
     monitor = HealthMonitor(
         (lambda extension_id: states.get(extension_id, CLOSED))

@@ -56,6 +56,7 @@ from .intervals import (
     interval_start,
     merge_into,
     prune,
+    window_start,
     window_total,
 )
 from .times import iso_epoch
@@ -491,7 +492,7 @@ class HealthMonitor:
                 intervals=buckets,
             )
             self._add_to_base(entry, pending)
-        prune(entry.recent, self._clock() - self.keep_s)
+        prune(entry.recent, window_start(self._clock(), self.keep_s))
         carried, entry.carried = entry.carried, None
         if carried is None:
             return pending

@@ -29,6 +29,7 @@ __all__ = [
     "prune",
     "series",
     "step_for",
+    "window_start",
     "window_total",
 ]
 
@@ -103,6 +104,12 @@ def interval_start(epoch: float) -> int:
     return int(epoch // INTERVAL_S) * INTERVAL_S
 
 
+def window_start(now: float, window_s: float) -> int:
+    """The first interval of the last `window_s` seconds: the one the window's start falls
+    in, so the window always holds whole intervals (however short it is)."""
+    return interval_start(now - window_s)
+
+
 def merge_into(target: Buckets, source: Mapping[int, Bucket]) -> None:
     """Add `source`'s buckets to `target`'s, copying, so the two never share a bucket."""
     for start, bucket in source.items():
@@ -116,10 +123,10 @@ def merge_into(target: Buckets, source: Mapping[int, Bucket]) -> None:
 def window_total(
     buckets: Iterable[Mapping[int, Bucket]], now: float, window_s: float, *, latencies: bool = True
 ) -> Bucket:
-    """Every call of the last `window_s` seconds before `now`, from each of `buckets` summed:
-    the intervals that overlap the window, so a window as short as one interval still holds a
-    whole one. Without `latencies` the sketches are left out (the counts cost far less)."""
-    since = interval_start(now - window_s)
+    """Every call of the last `window_s` seconds before `now` (from `window_start`), from
+    each of `buckets` summed. Without `latencies` the sketches are left out (the counts cost
+    far less)."""
+    since = window_start(now, window_s)
     total = Bucket()
     for each in buckets:
         for start, bucket in each.items():

@@ -54,7 +54,7 @@ import structlog
 from ..adapters.postgres_health import HealthBatch
 from ..core.breaker import CircuitBreakers, CircuitSnapshot
 from ..core.health import HealthDelta, HealthMonitor, Transition
-from ..core.intervals import SERIES_KEEP_S
+from ..core.intervals import SERIES_KEEP_S, window_start
 from ..errors import ExtregError
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ class HealthFlusher:
 
     async def _refresh(self, db: PostgresSource) -> None:
         since = None if self._since is None else self._since - READ_OVERLAP
-        recent_since = self.monitor.now() - self.monitor.keep_s
+        recent_since = window_start(self.monitor.now(), self.monitor.keep_s)
         now, rows = await db.read_health(since, recent_since=recent_since)
         for row in rows:
             adopt_totals(self.monitor, row.totals)
