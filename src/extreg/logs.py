@@ -13,9 +13,16 @@ import sys
 
 import structlog
 
+debug_enabled = False
+"""True once `configure` chose the debug level. The invocation path reads it before it builds
+a per-call debug line: a plain flag costs nothing, and a process that never configured
+logging (extreg used as a library) gets no line per call."""
+
 
 def configure(level: str = "info", json: bool | None = None) -> None:
     """Route structlog (and the standard library's warnings) to stderr."""
+    global debug_enabled
+    debug_enabled = logging.getLevelName(level.upper()) <= logging.DEBUG
     use_json = (not sys.stderr.isatty()) if json is None else json
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()

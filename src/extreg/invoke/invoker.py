@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from .. import logs
 from ..adapters.nats import NatsTransport
 from ..core.breaker import CircuitBreakers
 from ..core.chance import jitter
@@ -270,15 +271,13 @@ class Invoker:
             exc.attempts = exc.attempts or 1
             self.breaker.record_failure(extension_id)
             self.health.record(extension_id, False, seconds * 1000.0)
+            outcome = outcome_of(exc)
             if observer is not None:
-                observer(extension_id, outcome_of(exc), seconds)
-            log.debug(
+                observer(extension_id, outcome, seconds)
+            log.warning(
                 "invoke_failed",
-                extension_id=extension_id,
-                trace_id=trace_id,
-                tenant_id=tenant_id,
+                **_call_fields(ext, target, outcome, seconds, exc.attempts, trace_id, tenant_id),
                 reason=exc.reason,
-                attempts=exc.attempts,
             )
             raise
         seconds = perf_counter() - started
@@ -286,6 +285,11 @@ class Invoker:
         self.health.record(extension_id, True, seconds * 1000.0)
         if observer is not None:
             observer(extension_id, "ok", seconds)
+        if logs.debug_enabled:
+            log.debug(
+                "invoke_ok",
+                **_call_fields(ext, target, "ok", seconds, attempts, trace_id, tenant_id),
+            )
         return reply
 
     async def _retry(
@@ -390,6 +394,29 @@ def _pick(route: Route, ctx: Mapping[str, Any], trace_id: Any, tenant_id: Any) -
         return ctx.get(key)
 
     return route.pick(lookup)
+
+
+def _call_fields(
+    ext: Extension,
+    target: Target,
+    outcome: str,
+    seconds: float,
+    attempts: int,
+    trace_id: str | None,
+    tenant_id: str | None,
+) -> dict[str, Any]:
+    """What a call's log line says, failed or not (docs/admin-api.md, "Logs")."""
+    return {
+        "extension_id": ext.id,
+        "extension_type": ext.type,
+        "version": target.version,
+        "subject": target.subject,
+        "outcome": outcome,
+        "latency_ms": round(seconds * 1000.0, 2),
+        "attempts": attempts,
+        "trace_id": trace_id,
+        "tenant_id": tenant_id,
+    }
 
 
 def _invalid_reason(body: bytes) -> str:
