@@ -4,7 +4,9 @@ attempts, trace and tenant ids). Real NATS and sample extensions; lines captured
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -25,7 +27,7 @@ FIELDS = {
 }
 
 
-def calls_logged(lines: list[dict[str, object]]) -> list[dict[str, object]]:
+def calls_logged(lines: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [line for line in lines if line["event"] in ("invoke_ok", "invoke_failed")]
 
 
