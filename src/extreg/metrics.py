@@ -5,7 +5,9 @@ one, so two registries in one process, or two tests, do not mix their numbers). 
 sources feed it:
 
 - the registry pushes: `watch_registry` subscribes to `Registry.on_change` (size, enabled
-  count) and `Registry.on_sync` (sync duration, sync errors);
+  count), `Registry.on_sync` (sync duration, sync errors, time of the last good sync) and
+  `Registry.on_snapshot_file_error` (failed snapshot-file writes); `extension_registry_stale`
+  is read from `Registry.status` at scrape time;
 - the invoker pushes: `watch_invoker` makes `observe_invocation(extension_id, outcome,
   seconds)` the invoker's `observer` (called after every call), and subscribes
   `circuit_transition` to its breakers' `on_state_change` (failures = times a circuit
@@ -122,6 +124,27 @@ class Metrics:
         self.sync_errors = Counter(
             "extension_registry_sync_errors_total", "Database syncs that failed.", registry=r
         )
+        # Freshness, for deploy/ (the dashboard and the stale-registry alerts): the sync
+        # counters say a sync failed, not how old the cache is, nor that a process booted from
+        # the snapshot file (where no sync has run to fail yet). No labels.
+        self.last_sync_success = Gauge(
+            "extension_registry_last_sync_success_timestamp_seconds",
+            "Unix time of the last database sync or full reload that succeeded (0: none yet).",
+            registry=r,
+        )
+        self.stale = Gauge(
+            "extension_registry_stale",
+            "1 while the cache is not kept fresh from the database (it is down or was at boot:"
+            " the last good data or the snapshot file is served), else 0.",
+            registry=r,
+        )
+        # The last-known-good file is what a restart serves while the database is down; a
+        # write that fails is logged once per outage, so a counter lets an alert see it.
+        self.snapshot_file_errors = Counter(
+            "extension_registry_snapshot_file_write_errors_total",
+            "Failed writes of the last-known-good snapshot file.",
+            registry=r,
+        )
         self.breaker_failures = Counter(
             "extension_circuit_breaker_failures_total",
             "Times a circuit opened because its extension failed (or an operator opened it).",
@@ -186,6 +209,8 @@ class Metrics:
         self.invalid_records.set_function(lambda: len(registry.invalid_records))
         self.unusable_policies.set_function(lambda: len(registry.snapshot.unusable_policies))
         registry.on_sync(self.sync_finished)
+        self.stale.set_function(lambda: float(registry.status.stale))
+        registry.on_snapshot_file_error(lambda _error: self.snapshot_file_errors.inc())
 
     def registry_changed(self, snapshot: Snapshot) -> None:
         """New counts, and the series of extensions no longer in the registry removed."""
@@ -225,6 +250,8 @@ class Metrics:
         self.sync_duration.observe(duration_s)
         if error is not None:
             self.sync_errors.inc()
+        else:
+            self.last_sync_success.set(time.time())
 
     # -- push: invoker --------------------------------------------------------------------
 

@@ -130,6 +130,7 @@ class Registry:
         self._snapshot_file_due = asyncio.Event()
         self._listeners: list[Any] = []
         self._sync_listeners: list[Any] = []
+        self._snapshot_file_listeners: list[Any] = []
         self._sync_reported_at = float("-inf")  # monotonic time of the last on_sync report
 
     # -- reads: the router's hot path ---------------------------------------------------------
@@ -225,6 +226,10 @@ class Registry:
         """Call `callback(duration_s, error)` after every database sync or full reload;
         `error` is None on success, else the reason (metrics)."""
         self._sync_listeners.append(callback)
+
+    def on_snapshot_file_error(self, callback: Any) -> None:
+        """Call `callback(error)` after every failed write of the snapshot file (metrics)."""
+        self._snapshot_file_listeners.append(callback)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -616,6 +621,8 @@ class Registry:
         try:
             await asyncio.to_thread(self._write_file, self._snap, self._origin)
         except SnapshotFileError as exc:
+            for callback in self._snapshot_file_listeners:
+                callback(str(exc))
             return str(exc)
         return None
 
