@@ -387,7 +387,9 @@ def _row(r: tuple[Any, ...], intervals: Buckets) -> HealthRow:
 def _stand_in_sketch(quantiles: list[Any]) -> DDSketch:
     """For a row the seed's own writers wrote (p50/p95/p99 columns, no sketch): a sketch whose
     p50, p95 and p99 are those columns (weights 50, 45 and 5 put each at its rank), so the
-    one health arithmetic shows them (a missing one as 0); empty when the row has none."""
+    one health arithmetic shows them (a missing one as 0); empty when the row has none. Only
+    its quantiles mean anything: its count is 100 whatever the row's calls (which come from
+    the count columns)."""
     sketch = DDSketch(RELATIVE_ACCURACY)
     if any(q is not None for q in quantiles):
         for value, weight in zip(quantiles, (50.0, 45.0, 5.0), strict=True):
