@@ -25,9 +25,15 @@ router = APIRouter(
 )
 
 
+def _live(runtime: Runtime) -> HealthMonitor | None:
+    """This process's invoker's monitor, when an invoker runs."""
+    live: HealthMonitor | None = getattr(runtime.invoker, "health", None)
+    return live
+
+
 async def _monitor(runtime: Runtime, ids: list[str] | None = None) -> HealthMonitor | None:
     """The invoker's monitor, or one holding the database's numbers of `ids`, or None."""
-    live: HealthMonitor | None = getattr(runtime.invoker, "health", None)
+    live = _live(runtime)
     if live is not None:
         return live
     try:
@@ -71,8 +77,7 @@ Minutes = Annotated[int, Query(ge=1, le=360, description="How far back: 1 to 360
 async def all_series(request: Request, _: Viewer, minutes: Minutes = 15) -> JSONResponse:
     """Every extension's calls per interval, summed: what the dashboard charts first."""
     runtime = runtime_of(request)
-    monitor = getattr(runtime.invoker, "health", None)
-    return JSONResponse(await health_series(None, minutes, monitor, runtime.registry))
+    return JSONResponse(await health_series(None, minutes, _live(runtime), runtime.registry))
 
 
 @router.get("/{extension_id}/health/series", responses={404: {"description": "No such extension."}})
@@ -84,5 +89,5 @@ async def one_series(
     runtime = runtime_of(request)
     if runtime.registry.get(extension_id) is None:
         raise ExtensionNotFound(extension_id)
-    monitor = getattr(runtime.invoker, "health", None)
-    return JSONResponse(await health_series(extension_id, minutes, monitor, runtime.registry))
+    answer = await health_series(extension_id, minutes, _live(runtime), runtime.registry)
+    return JSONResponse(answer)
