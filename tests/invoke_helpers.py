@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from extreg import Registry, Settings
 from extreg.adapters.nats import subscriptions_active
+from extreg.core.health import HealthMonitor
 from extreg.invoke import Invoker
 from extreg.local.samples import SAMPLE_EXTENSIONS
 
@@ -102,6 +103,14 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self._monotonic += seconds
         self._wall += seconds
+
+
+def record_calls(monitor: HealthMonitor, ext_id: str, ok: int, bad: int) -> None:
+    """`ok` successful and `bad` failed calls of 1 ms, recorded straight into `monitor`."""
+    for _ in range(ok):
+        monitor.record(ext_id, True, 1.0)
+    for _ in range(bad):
+        monitor.record(ext_id, False, 1.0)
 
 
 def constant(reply: bytes) -> Callable[[Msg], bytes]:

@@ -9,7 +9,14 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import make_settings
-from invoke_helpers import SAMPLE_RECORDS, FakeClock, fixture_settings, open_invoker, wait_for
+from invoke_helpers import (
+    SAMPLE_RECORDS,
+    FakeClock,
+    fixture_settings,
+    open_invoker,
+    record_calls,
+    wait_for,
+)
 
 from extreg import CircuitOpen, ExtensionDisabled, InvalidResponse, Settings
 from extreg.adapters.postgres import PostgresSource
@@ -142,22 +149,15 @@ async def test_auto_disable_without_database_leaves_calls_to_the_breaker(
 # -- health-based routing --------------------------------------------------------------------
 
 
-def record(monitor: HealthMonitor, ext_id: str, ok: int, bad: int) -> None:
-    for _ in range(ok):
-        monitor.record(ext_id, True, 1.0)
-    for _ in range(bad):
-        monitor.record(ext_id, False, 1.0)
-
-
 def test_gate_refuses_low_success_rate_after_min_calls() -> None:
     """Over the recent window, an extension with at least min_calls calls and a success rate
     under the minimum is refused; fewer calls, or a good rate, are not; old calls age out."""
     clock = FakeClock(wall=1_780_000_000.0)
     monitor = HealthMonitor(clock=clock.time, window_s=60)
     gate = HealthGate(monitor, min_success_rate=0.8, min_calls=10)
-    record(monitor, "bad", 2, 8)
-    record(monitor, "few", 0, 9)
-    record(monitor, "good", 9, 1)
+    record_calls(monitor, "bad", 2, 8)
+    record_calls(monitor, "few", 0, 9)
+    record_calls(monitor, "good", 9, 1)
     gate.observe()
     assert ["bad"] == sorted(gate.refused)
     with pytest.raises(HealthRefused) as caught:
@@ -165,7 +165,7 @@ def test_gate_refuses_low_success_rate_after_min_calls() -> None:
     assert isinstance(caught.value, CircuitOpen)
     assert "success rate 0.20 over the last 10 calls (60 s)" in caught.value.reason
     clock.advance(30)
-    record(monitor, "few", 0, 1)  # few: 10 calls in the window now
+    record_calls(monitor, "few", 0, 1)  # few: 10 calls in the window now
     gate.observe()
     assert ["bad", "few"] == sorted(gate.refused)
     clock.advance(40)  # t0+70: t0's interval is out of the window; few keeps 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from api_helpers import database_api
-from invoke_helpers import FakeClock, open_invoker
+from invoke_helpers import FakeClock, open_invoker, record_calls
 from test_health_store import calls, db_settings, health_row, seed
 
 from extreg.adapters.postgres import PostgresSource
@@ -25,13 +25,6 @@ EXT = "flaky"
 T0 = 1_780_000_000.0  # a multiple of INTERVAL_S
 
 
-def record(monitor: HealthMonitor, ok: int, bad: int, latency_ms: float = 5.0) -> None:
-    for _ in range(ok):
-        monitor.record(EXT, True, latency_ms)
-    for _ in range(bad):
-        monitor.record(EXT, False, latency_ms)
-
-
 def test_status_follows_the_window_as_it_fills_and_drains() -> None:
     """healthy -> unhealthy -> degraded -> healthy -> unknown as calls enter and leave a
     60-second window on an injected clock (the window holds the whole interval its start falls
@@ -39,13 +32,13 @@ def test_status_follows_the_window_as_it_fills_and_drains() -> None:
     clock = FakeClock(wall=T0)
     monitor = HealthMonitor(clock=clock.time, window_s=60)
     seen = []
-    record(monitor, 20, 0)  # t0: 20 good
+    record_calls(monitor, EXT, 20, 0)  # t0: 20 good
     seen.append(monitor.status(EXT))
     clock.advance(10)
-    record(monitor, 0, 20)  # t0+10: 20 bad -> 0.50
+    record_calls(monitor, EXT, 0, 20)  # t0+10: 20 bad -> 0.50
     seen.append(monitor.status(EXT))
     clock.advance(30)
-    record(monitor, 80, 0)  # t0+40: 80 good -> 100/120 = 0.83
+    record_calls(monitor, EXT, 80, 0)  # t0+40: 80 good -> 100/120 = 0.83
     seen.append(monitor.status(EXT))
     clock.advance(35)  # t0+75: the window reaches back into t0+10's interval: 80/100 = 0.80
     seen.append(monitor.status(EXT))
@@ -67,8 +60,8 @@ def test_recent_window_survives_a_drain_and_a_merge() -> None:
     window covers every call of its intervals, not only the undrained ones."""
     clock = FakeClock(wall=T0)
     node_a, node_b = (HealthMonitor(clock=clock.time, window_s=60) for _ in range(2))
-    record(node_a, 9, 1)
-    record(node_b, 0, 10)
+    record_calls(node_a, EXT, 9, 1)
+    record_calls(node_b, EXT, 0, 10)
     for delta in node_b.drain_deltas():
         node_a.merge(delta)
     node_a.drain_deltas()
@@ -85,9 +78,9 @@ def test_series_has_every_step_oldest_first_and_wider_steps_for_long_ranges() ->
     360 points, each summing whole intervals exactly."""
     clock = FakeClock(wall=T0 + 5)
     monitor = HealthMonitor(clock=clock.time)
-    record(monitor, 3, 1)
+    record_calls(monitor, EXT, 3, 1)
     clock.advance(-INTERVAL_S * 30)
-    record(monitor, 2, 0)
+    record_calls(monitor, EXT, 2, 0)
     clock.advance(INTERVAL_S * 30)
     short = series(monitor.intervals(EXT), clock.time(), 15)
     assert (90, T0, INTERVAL_S) == (len(short), short[-1]["t"], short[1]["t"] - short[0]["t"])
@@ -243,7 +236,7 @@ def test_a_drain_keeps_the_interval_the_window_starts_in() -> None:
     in the interval the window's start falls in still counts after the drain."""
     clock = FakeClock(wall=T0)
     monitor = HealthMonitor(clock=clock.time, window_s=60, keep_s=60)
-    record(monitor, 1, 0)
+    record_calls(monitor, EXT, 1, 0)
     clock.advance(65)  # the window starts at T0 + 5, inside T0's interval
     before = monitor.recent(EXT).calls
     monitor.drain_deltas()
