@@ -51,7 +51,7 @@ class EchoInvoker:
         self.breaker = CircuitBreakers(BreakerConfig(enabled=True))
         self.health = HealthMonitor(self.breaker)
         self.calls: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        self.observer: Any = None  # told (extension_id, outcome, seconds), like the Invoker's
+        self.observer: Any = None  # told what the Invoker's observer is told
         self.pipeline = PipelineRunner(cast(Invoker, self))  # it reads registry and settings
         self.registry: Registry
         self.settings: Settings
@@ -72,7 +72,8 @@ class EchoInvoker:
         self.health.record(extension_id, True, 1.5)
         self.breaker.record_success(extension_id)
         if self.observer is not None:
-            self.observer(extension_id, "ok", 0.0015)
+            ext = self.registry.lookup(extension_id)
+            self.observer(extension_id, ext.type, ext.version, "ok", 0.0015)
         return {"payload": request["payload"], "metadata": request["metadata"]}
 
 

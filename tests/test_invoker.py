@@ -492,17 +492,21 @@ async def test_breaker_overrides_from_metadata(tmp_path: Path, nats_url: str) ->
 async def test_observer_sees_every_outcome(
     tmp_path: Path, nats_url: str, nats_client: Client
 ) -> None:
-    """The observer hook (metrics) is told of each call's outcome and duration."""
+    """The observer hook (metrics) is told of each call's extension, type, version, outcome and
+    duration."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("x", on, timeout_ms=30))
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, str, str, str]] = []
     answers = iter([b"{}", None])
     async with listen(nats_client, on, lambda msg: next(answers)), open_invoker(settings) as inv:
-        inv.observer = lambda ext_id, outcome, seconds: seen.append((ext_id, outcome))
+        inv.observer = lambda ext_id, kind, version, outcome, seconds: seen.append(
+            (ext_id, kind, version, outcome)
+        )
         await inv.invoke("x", {"payload": 1})
         with pytest.raises(ExtensionTimeout):
             await inv.invoke("x", {"payload": 1})
-    assert [("x", "ok"), ("x", "timeout")] == seen
+    version = inv.registry.lookup("x").version
+    assert [("x", "pre", version, "ok"), ("x", "pre", version, "timeout")] == seen
 
 
 # -- NATS outage -----------------------------------------------------------------------------

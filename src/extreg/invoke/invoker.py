@@ -68,8 +68,9 @@ BACKOFF_BASE_S = 0.01  # first pause between attempts; doubles, capped, jittered
 BACKOFF_CAP_S = 0.2
 AUTO_IDLE_WAIT_S = 2.0
 START_REFRESH_TIMEOUT_S = 1.0  # cluster-wide health read at start; later flushes catch up
-Observer = Callable[[str, str, float], None]
-"""`observer(extension_id, outcome, seconds)` after every call (metrics)."""
+Observer = Callable[[str, str, str, str, float], None]
+"""`observer(extension_id, extension_type, version, outcome, seconds)` after every call
+(metrics); `version` is the one the call was routed to (the row's own without a match)."""
 
 _NO_CONTEXT: Mapping[str, Any] = {}
 _NOT_FAULTS = (TransportUnavailable, PayloadTooLarge)  # not the extension's doing
@@ -246,7 +247,7 @@ class Invoker:
             self.breaker.check_circuit(extension_id)
         except CircuitOpen:
             if observer is not None:
-                observer(extension_id, "circuit_open", 0.0)
+                observer(extension_id, ext.type, target.version, "circuit_open", 0.0)
             raise
         hdrs = headers(trace_id, tenant_id)
         started = perf_counter()
@@ -273,7 +274,7 @@ class Invoker:
             self.health.record(extension_id, False, seconds * 1000.0)
             outcome = outcome_of(exc)
             if observer is not None:
-                observer(extension_id, outcome, seconds)
+                observer(extension_id, ext.type, target.version, outcome, seconds)
             log.warning(
                 "invoke_failed",
                 **_call_fields(ext, target, outcome, seconds, exc.attempts, trace_id, tenant_id),
@@ -284,7 +285,7 @@ class Invoker:
         self.breaker.record_success(extension_id)
         self.health.record(extension_id, True, seconds * 1000.0)
         if observer is not None:
-            observer(extension_id, "ok", seconds)
+            observer(extension_id, ext.type, target.version, "ok", seconds)
         if logs.debug_enabled:
             log.debug(
                 "invoke_ok",
