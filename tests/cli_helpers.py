@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from testsupport.pgprocess import free_port
 
@@ -20,11 +24,13 @@ TIMEOUT_S = 60
 
 
 def environment(tmp_path: Path, *, nats_url: str | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment without any `EXTENSION_REGISTRY_*` or `EXTREG_*` setting,
-    data under `tmp_path`, NATS at `nats_url` or else a closed port (so nothing reaches a NATS
-    the machine runs), rich kept from wrapping at 80 columns; then `extra`."""
+    """This process's environment without any `EXTENSION_REGISTRY_*`, `EXTREG_*` or `OTEL_*`
+    setting, data under `tmp_path`, NATS at `nats_url` or else a closed port (so nothing reaches
+    a NATS the machine runs), rich kept from wrapping at 80 columns; then `extra`."""
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_", "OTEL_"))
     }
     env.update(
         {
@@ -80,3 +86,39 @@ def flat(text: str) -> str:
 def last_line(text: str) -> str:
     """The last non-empty line (log events may come first on stderr)."""
     return text.strip().splitlines()[-1] if text.strip() else ""
+
+
+def start_server(tmp: Path, *args: str, **env: str) -> tuple[subprocess.Popen[str], str, Path]:
+    """`extreg [ARGS] serve --port N` in the background, once /healthz answers."""
+    port = free_port()
+    out, errs = tmp / f"serve-{port}.out", tmp / f"serve-{port}.err"
+    with out.open("w") as stdout, errs.open("w") as stderr:
+        proc = subprocess.Popen(
+            [str(EXTREG), *args, "serve", "--port", str(port)],
+            text=True,
+            stdout=stdout,
+            stderr=stderr,
+            env=environment(tmp, **env),
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, out
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve did not start:\n{errs.read_text()}")
+        time.sleep(0.1)
+
+
+def stop_server(proc: subprocess.Popen[str]) -> int:
+    """Ctrl-C, as a person would; the exit status."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise

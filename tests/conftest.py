@@ -20,6 +20,7 @@ from typing import Literal
 import pytest
 import pytest_asyncio
 from nats_fixtures import *  # noqa: F403 - NATS server, client and sample extension fixtures
+from trace_helpers import *  # noqa: F403 - `spans` and `no_sdk`, the tracing fixtures
 
 from extreg.adapters.migrate import migrate
 from testsupport.pgprocess import PostgresProcess

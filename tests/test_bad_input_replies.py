@@ -179,7 +179,9 @@ async def run_cases(inv: Invoker, cases: list[Reply], good: str) -> list[str]:
     """Call every case's extension once; the ways any case went wrong."""
     failures: list[str] = []
     outcomes: list[tuple[str, str]] = []
-    inv.observer = lambda extension_id, outcome, seconds: outcomes.append((extension_id, outcome))
+    inv.observer = lambda extension_id, _type, _version, outcome, _seconds: outcomes.append(
+        (extension_id, outcome)
+    )
     for index, case in enumerate(cases):
         tried(case.name)
         who = ext_id(index)

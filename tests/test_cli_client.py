@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import time
 import uuid
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_helpers import ROLE_TOKENS, make_tokens, sql
-from cli_helpers import EXTREG, environment, extreg, flat
+from cli_helpers import extreg, flat, start_server, stop_server
 
 from extreg.adapters.migrate import migrate
 from extreg.auth import hash_token
@@ -33,42 +32,6 @@ class Server:
 
     def opts(self, role: str) -> list[str]:
         return ["--url", self.url, "--token", self.tokens[role]]
-
-
-def start_server(tmp: Path, *args: str, **env: str) -> tuple[subprocess.Popen[str], str, Path]:
-    """`extreg [ARGS] serve --port N` in the background, once /healthz answers."""
-    port = free_port()
-    out, errs = tmp / f"serve-{port}.out", tmp / f"serve-{port}.err"
-    with out.open("w") as stdout, errs.open("w") as stderr:
-        proc = subprocess.Popen(
-            [str(EXTREG), *args, "serve", "--port", str(port)],
-            text=True,
-            stdout=stdout,
-            stderr=stderr,
-            env=environment(tmp, **env),
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url, out
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"serve did not start:\n{errs.read_text()}")
-        time.sleep(0.1)
-
-
-def stop_server(proc: subprocess.Popen[str]) -> int:
-    """Ctrl-C, as a person would; the exit status."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Logging set-up, the one piece of global state extreg owns.
 
 Structured events through structlog: JSON lines when stderr is not a terminal (production,
-CI), readable colour output in a terminal. `configure` is called once by the CLI; tests use
+CI), readable colour output in a terminal; a line written inside an OpenTelemetry span carries
+its `otel_trace_id` and `otel_span_id`. `configure` is called once by the CLI; tests use
 `structlog.testing.capture_logs()`. Nothing logged here ever carries a secret: database
 locations are logged only through `Settings.db_display`.
 """
@@ -12,6 +13,8 @@ import logging
 import sys
 
 import structlog
+
+from . import tracing
 
 debug_enabled = False
 """True once `configure` chose the debug level. The invocation path reads it before it builds
@@ -33,6 +36,7 @@ def configure(level: str = "info", json: bool | None = None) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            tracing.add_span_ids,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from . import tracing
 from .api.server import serve_api
 from .errors import NatsUnavailable, SourceUnavailable
 from .invoke import Invoker
@@ -28,7 +29,9 @@ INVOKER_RETRY_MIN_S, INVOKER_RETRY_MAX_S = 1.0, 15.0
 
 async def serve(settings: Settings, *, host: str, port: int, demo: bool = False) -> None:
     """Start the embedded database when none is configured (and with `demo`, NATS, the sample
-    extensions and traffic), then serve until stopped. Ctrl-C stops everything started here."""
+    extensions and traffic), then serve until stopped. Ctrl-C stops everything started here.
+    Traces are exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`tracing.export_from_env`)."""
+    stop_tracing = tracing.export_from_env()
     embedded = uses_embedded(settings)
     settings = await resolve_database(settings)
     if embedded:
@@ -41,6 +44,8 @@ async def serve(settings: Settings, *, host: str, port: int, demo: bool = False)
         loop.add_signal_handler(sig, stop.set)
     admin_token = await _first_admin_token(settings) if embedded else None
     async with contextlib.AsyncExitStack() as stack:
+        if stop_tracing is not None:  # last out: flushes the spans of everything below
+            stack.push_async_callback(asyncio.to_thread, stop_tracing)
         services = None
         if demo:  # the demo's parts (NATS server, samples) load only for --demo
             from .local.demo import demo_nats_file, demo_services, register_samples, traffic

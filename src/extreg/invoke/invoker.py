@@ -15,6 +15,8 @@ and the circuit breaker may refuse (`HealthRefused`, `CircuitOpen`); then the re
 `timeout_ms`, and `retry` extra attempts after a timeout only, with a short jittered backoff
 (`ExtensionTimeout` with no retries, `MaxRetriesExceeded` after them); the reply must be a
 JSON object (`InvalidResponse`). Every error carries `extension_id`, `reason` and `attempts`.
+With tracing active, the call is a CLIENT span whose W3C trace context rides in the NATS headers
+too, with an event per attempt (`extreg.tracing`).
 
 The outcome goes to the breaker (`record_success` / `record_failure`) and to the health monitor,
 both in memory. A caller's mistake (too large) and a NATS outage are not the extension's fault
@@ -27,14 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
-from .. import logs
+from .. import logs, tracing
 from ..adapters.nats import NatsTransport
 from ..core.breaker import CircuitBreakers
 from ..core.chance import jitter
@@ -62,12 +64,18 @@ from .automation import AutoManager, HealthGate
 from .health_store import HealthFlusher
 from .pipeline import PipelineRunner, PolicyResult, ProviderHook
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 log = structlog.get_logger("extreg.invoke")
 
 BACKOFF_BASE_S = 0.01  # first pause between attempts; doubles, capped, jittered x0.5..1.5
 BACKOFF_CAP_S = 0.2
 AUTO_IDLE_WAIT_S = 2.0
 START_REFRESH_TIMEOUT_S = 1.0  # cluster-wide health read at start; later flushes catch up
+Send = Callable[[str, str, bytes, float, dict[str, str] | None], Awaitable[bytes]]
+"""`await send(extension_id, subject, data, timeout_s, headers)`: one request, its reply body
+(`NatsTransport.request`)."""
 Observer = Callable[[str, str, str, str, float], None]
 """`observer(extension_id, extension_type, version, outcome, seconds)` after every call
 (metrics); `version` is the one the call was routed to (the row's own without a match)."""
@@ -215,7 +223,21 @@ class Invoker:
         request: Mapping[str, Any],
         context: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Call the extension once (plus retries on timeout); its JSON reply, or an error."""
+        """Call the extension once (plus retries on timeout); its JSON reply, or an error.
+
+        Traced as `extreg.invoke <id>` when `tracing.active()` (see `extreg.tracing`)."""
+        if not tracing.active():
+            return await self._invoke(extension_id, request, context, None)
+        with tracing.invocation(extension_id) as span:
+            return await self._invoke(extension_id, request, context, span)
+
+    async def _invoke(
+        self,
+        extension_id: str,
+        request: Mapping[str, Any],
+        context: Mapping[str, Any] | None,
+        span: Span | None,
+    ) -> dict[str, Any]:
         try:
             ext = self.registry.lookup(extension_id)
         except ExtensionDisabled:
@@ -236,6 +258,8 @@ class Invoker:
             route.max_metadata_size,
             provider=ext.type == "provider",
         )
+        if span is not None:
+            tracing.routed(span, ext.type, target.version, target.subject, tenant_id, len(data))
         if ctx.get("dry_run"):
             return {}
         observer = self.observer
@@ -250,15 +274,17 @@ class Invoker:
                 observer(extension_id, ext.type, target.version, "circuit_open", 0.0)
             raise
         hdrs = headers(trace_id, tenant_id)
+        send: Send = self._request
+        if span is not None:
+            hdrs = tracing.inject(hdrs)
+            send = _traced(send, span)
         started = perf_counter()
         try:
             try:
-                body = await self._request(
-                    extension_id, target.subject, data, target.timeout_s, hdrs
-                )
+                body = await send(extension_id, target.subject, data, target.timeout_s, hdrs)
                 attempts = 1
             except ExtensionTimeout as exc:
-                body, attempts = await self._retry(extension_id, target, data, hdrs, exc)
+                body, attempts = await self._retry(send, extension_id, target, data, hdrs, exc)
             try:
                 reply = self._decode(body)
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -295,6 +321,7 @@ class Invoker:
 
     async def _retry(
         self,
+        send: Send,
         extension_id: str,
         target: Target,
         data: bytes,
@@ -307,7 +334,7 @@ class Invoker:
             await asyncio.sleep(backoff_s(attempt))
             attempt += 1
             try:
-                return await self._request(
+                return await send(
                     extension_id, target.subject, data, target.timeout_s, hdrs
                 ), attempt
             except ExtensionTimeout:
@@ -382,6 +409,26 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _traced(send: Send, span: Span) -> Send:
+    """`send` that adds an `extreg.attempt` event to `span` for every request it makes."""
+    number = 0
+
+    async def attempt(
+        extension_id: str, subject: str, data: bytes, timeout_s: float, hdrs: dict[str, str] | None
+    ) -> bytes:
+        nonlocal number
+        number += 1
+        try:
+            body = await send(extension_id, subject, data, timeout_s, hdrs)
+        except ExtensionError as exc:
+            tracing.attempt(span, number, outcome_of(exc))
+            raise
+        tracing.attempt(span, number, "reply")
+        return body
+
+    return attempt
 
 
 def _pick(route: Route, ctx: Mapping[str, Any], trace_id: Any, tenant_id: Any) -> Target:

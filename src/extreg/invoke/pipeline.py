@@ -22,6 +22,10 @@ step exactly as to a direct call, once its extension is found still of the stage
   `provider` hook (copies of message and context, bounded by `extension_max_timeout_ms`, no
   breaker or health). A policy without providers ends after its validators.
 
+With tracing active (`extreg.tracing`), a run is an `extreg.policy <id>` span, its steps'
+invocations (and provider-hook calls) its children, and a run without a `trace_id` takes the
+span's trace id as its own, so log lines and envelopes name the same trace.
+
 A run reports to each of `observers` (the metrics, the dashboard's recent runs) once, at its end, with
 its outcome (`OUTCOMES`), its duration and its steps, so the per-step path does no metric
 work. A blocked run logs one info line, a failed one one warning.
@@ -30,6 +34,7 @@ work. A blocked run logs one info line, a failed one one warning.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
@@ -38,6 +43,7 @@ from uuid import uuid4
 
 import structlog
 
+from .. import tracing
 from ..core.model import Extension
 from ..core.pipeline import (
     SKIPPED_REASON,
@@ -88,6 +94,7 @@ OUTCOMES = ("ok", "blocked", "step_failed", "no_provider", "not_found", "disable
 or one ended by an exception outside `PolicyError`, is not reported."""
 NO_HOOK_REASON = "no provider hook was given for this name:model provider"
 _NO_STEPS: tuple[Step, ...] = ()
+_UNTRACED = contextlib.nullcontext()
 _NO_CONFIG: Mapping[str, Any] = {}
 _VALIDATOR, _PROVIDER = STAGE_TYPES["validators"], STAGE_TYPES["providers"]
 
@@ -133,6 +140,18 @@ class PipelineRunner:
         `InvalidRecord` (kind "context") before anything is sent."""
         if context and (problems := context_problems(context)):
             raise InvalidRecord(policy_id, problems, kind="context")
+        if not tracing.active():
+            return await self._run(policy_id, message, context, provider)
+        with tracing.span(f"extreg.policy {policy_id}", attributes={"extreg.policy.id": policy_id}):
+            return await self._run(policy_id, message, context, provider)
+
+    async def _run(
+        self,
+        policy_id: str,
+        message: Mapping[str, Any],
+        context: Mapping[str, Any] | None,
+        provider: ProviderHook | None,
+    ) -> PolicyResult:
         started = perf_counter()
         observers = self.observers
         try:
@@ -146,8 +165,8 @@ class PipelineRunner:
         ctx = dict(context) if context else {}
         if ctx.get("tenant_id") is None and policy.tenant_id is not None:
             ctx["tenant_id"] = policy.tenant_id
-        if not ctx.get("trace_id"):
-            ctx["trace_id"] = uuid4().hex  # one id for every step of the run
+        if not ctx.get("trace_id"):  # one id for every step: the run's trace when traced
+            ctx["trace_id"] = tracing.trace_id_hex() or uuid4().hex
         steps: list[Step] = []
         try:
             result = await _Run(self._invoker, policy, steps, provider).run(dict(message), ctx)
@@ -413,9 +432,11 @@ class _Run:
         hook = self.provider
         assert hook is not None  # `provide` passes over hook entries without one
         limit_ms = self.hook_timeout_ms
+        traced = tracing.span(f"extreg.provider_hook {name}") if tracing.active() else _UNTRACED
         try:
-            async with asyncio.timeout(limit_ms / 1000):
-                reply = await hook(name, dict(message), dict(ctx))
+            with traced:
+                async with asyncio.timeout(limit_ms / 1000):
+                    reply = await hook(name, dict(message), dict(ctx))
         except ExtensionError:
             raise
         except TimeoutError as exc:

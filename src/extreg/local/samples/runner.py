@@ -3,7 +3,8 @@
 Why: the registry, the invoker, the demo and the benchmarks all need real extensions at
 the other end of NATS. `SampleRunner` subscribes the chosen samples (all by default) on a
 single nats-py connection, answers each request on the hot path without extra tasks or
-copies, and stops cleanly (drains, then closes). `main()` is the blocking entry point
+copies (each sample but `echo`, kept bare for benchmarks, continues the caller's trace when an
+OpenTelemetry SDK is set up: `tracing.serving`), and stops cleanly (drains, then closes). `main()` is the blocking entry point
 behind `extreg sample-extensions`.
 
     async with SampleRunner(server.url) as runner:     # or: runner = await run_samples(url)
@@ -27,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import SecretStr
 
+from ... import tracing
 from ...adapters.nats import subscriptions_active
 from ...errors import ConfigError, SampleRunnerError
 from ...settings import redact_nats_url
@@ -171,19 +173,20 @@ class SampleRunner:
             if not msg.reply:
                 return
             calls[name] += 1
-            try:
-                request = decode(msg.data)
-            except msgspec.DecodeError as exc:
-                request = exc
-            try:
-                if isinstance(request, dict):
-                    reply = handler(request)
-                else:
-                    reply = _bad_request(_not_an_object(request), is_validator)
-            except Exception as exc:  # a sample bug must answer, not look like a timeout
-                log.exception("sample extension failed", extension_id=name)
-                reply = _bad_request(f"internal error: {type(exc).__name__}", is_validator)
-            await self.connection.publish(msg.reply, encode(reply))
+            with tracing.serving(name, msg.subject, msg.headers):
+                try:
+                    request = decode(msg.data)
+                except msgspec.DecodeError as exc:
+                    request = exc
+                try:
+                    if isinstance(request, dict):
+                        reply = handler(request)
+                    else:
+                        reply = _bad_request(_not_an_object(request), is_validator)
+                except Exception as exc:  # a sample bug must answer, not look like a timeout
+                    log.exception("sample extension failed", extension_id=name)
+                    reply = _bad_request(f"internal error: {type(exc).__name__}", is_validator)
+                await self.connection.publish(msg.reply, encode(reply))
 
         return on_message
 
@@ -214,6 +217,10 @@ class SampleRunner:
 
     async def _flaky_answer(self, msg: Msg, fail: bool) -> None:
         """Send the flaky reply: the payload unchanged, nothing, or an invalid body."""
+        with tracing.serving("flaky", msg.subject, msg.headers):
+            await self._flaky_reply(msg, fail)
+
+    async def _flaky_reply(self, msg: Msg, fail: bool) -> None:
         reply_to = msg.reply
         if fail:
             if self.flaky.settings.failure_mode == "invalid":

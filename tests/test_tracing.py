@@ -1,0 +1,341 @@
+"""OpenTelemetry tracing (SPEC.md, "Observability"): invocation and policy-run spans caught by
+an in-memory exporter, the W3C trace context in the NATS headers, the sample extensions
+continuing the trace through the real NATS server, log lines inside a span, nothing without an
+SDK, and `extreg serve` exporting over OTLP to a stand-in collector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from api_helpers import make_tokens, seed
+from cli_helpers import start_server, stop_server
+from helpers import make_settings
+from invoke_helpers import constant, fixture_settings, listen, open_invoker, subject
+from nats.aio.client import Client
+from opentelemetry import context, trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from trace_helpers import named
+
+from extreg import (
+    ConfigError,
+    ExtensionNotFound,
+    InvalidResponse,
+    MaxRetriesExceeded,
+    logs,
+    tracing,
+)
+from extreg.adapters.migrate import migrate
+from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
+
+BUNDLED_POLICIES = Path(__file__).parents[1] / "src/extreg/fixtures/policies"
+REQUEST = {"payload": {"payload": "Hello   World"}, "metadata": {}}
+
+
+def rec(ext_id: str, on: str, **values: Any) -> dict[str, Any]:
+    return {"id": ext_id, "type": "pre", "subject": on, "timeout_ms": 200, **values}
+
+
+def traceparent(span: Any) -> str:
+    ctx = span.get_span_context()
+    ids = f"{trace.format_trace_id(ctx.trace_id)}-{trace.format_span_id(ctx.span_id)}"
+    return f"00-{ids}-{ctx.trace_flags:02x}"
+
+
+async def test_an_invocation_is_a_client_span_the_extension_continues(
+    tmp_path: Path, nats_url: str, sample_extensions: SampleRunner, spans: InMemorySpanExporter
+) -> None:
+    """`extreg.invoke <id>`: CLIENT, the messaging attributes for NATS, the extension's id,
+    type and version, one attempt event; the sample's SERVER span is its child, found through
+    the `traceparent` that crossed the real NATS server."""
+    async with open_invoker(fixture_settings(tmp_path, nats_url)) as inv:
+        await inv.invoke("normalize_text", REQUEST, {"tenant_id": "acme"})
+        await asyncio.sleep(0)
+    [call] = named(spans, "extreg.invoke normalize_text")
+    ext = inv.registry.lookup("normalize_text")
+    assert SpanKind.CLIENT == call.kind
+    assert {
+        "messaging.system": "nats",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "request",
+        "messaging.destination.name": ext.subject,
+        "extreg.extension.id": "normalize_text",
+        "extreg.extension.type": "pre",
+        "extreg.extension.version": ext.version,
+        "extreg.tenant_id": "acme",
+    }.items() <= dict(call.attributes or {}).items()
+    assert [("extreg.attempt", {"extreg.attempt": 1, "extreg.outcome": "reply"})] == [
+        (e.name, dict(e.attributes or {})) for e in call.events
+    ]
+    assert StatusCode.UNSET == call.status.status_code
+    served = await wait_for_span(spans, "normalize_text process")
+    assert SpanKind.SERVER == served.kind
+    assert served.parent is not None and call.context is not None
+    assert (call.context.trace_id, call.context.span_id) == (
+        served.parent.trace_id,
+        served.parent.span_id,
+    )
+
+
+async def wait_for_span(exporter: InMemorySpanExporter, name: str) -> Any:
+    """The one span called `name`, once the sample's thread has ended it."""
+    for _ in range(500):
+        found = named(exporter, name)
+        if found:
+            [span] = found
+            return span
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no span {name!r} in {[s.name for s in exporter.get_finished_spans()]}")
+
+
+async def test_the_request_headers_carry_the_span_and_the_ids(
+    tmp_path: Path, nats_url: str, nats_client: Client, spans: InMemorySpanExporter
+) -> None:
+    """The NATS headers hold the invocation span's `traceparent` beside `trace_id` and
+    `tenant_id`, so an extension continues exactly this span."""
+    on = subject()
+    settings = fixture_settings(tmp_path, nats_url, rec("x", on))
+    async with listen(nats_client, on, constant(b"{}")) as heard, open_invoker(settings) as inv:
+        await inv.invoke("x", {"payload": 1}, {"trace_id": "t-1", "tenant_id": "acme"})
+    [call] = named(spans, "extreg.invoke x")
+    [msg] = heard.messages
+    assert {"trace_id": "t-1", "tenant_id": "acme", "traceparent": traceparent(call)}.items() <= (
+        msg.headers or {}
+    ).items()
+
+
+async def test_a_failed_call_is_an_error_span_with_an_event_per_attempt(
+    tmp_path: Path, nats_url: str, nats_client: Client, spans: InMemorySpanExporter
+) -> None:
+    """Three attempts that time out: three `timeout` attempt events, status ERROR with the
+    error's reason, `error.type` and the exception recorded."""
+    on = subject()
+    settings = fixture_settings(tmp_path, nats_url, rec("slow", on, timeout_ms=30, retry=2))
+    async with listen(nats_client, on), open_invoker(settings) as inv:
+        with pytest.raises(MaxRetriesExceeded) as raised:
+            await inv.invoke("slow", {"payload": 1})
+    [call] = named(spans, "extreg.invoke slow")
+    attempts = [dict(e.attributes or {}) for e in call.events if e.name == "extreg.attempt"]
+    assert [{"extreg.attempt": n, "extreg.outcome": "timeout"} for n in (1, 2, 3)] == attempts
+    assert (StatusCode.ERROR, raised.value.reason) == (
+        call.status.status_code,
+        call.status.description,
+    )
+    assert "MaxRetriesExceeded" == (call.attributes or {})["error.type"]
+    assert ["exception"] == [e.name for e in call.events if e.name != "extreg.attempt"]
+
+
+async def test_a_refused_call_is_an_error_span_too(
+    tmp_path: Path, nats_url: str, spans: InMemorySpanExporter
+) -> None:
+    """An unknown extension fails before any request: an error span with no attempt."""
+    async with open_invoker(fixture_settings(tmp_path, nats_url)) as inv:
+        with pytest.raises(ExtensionNotFound):
+            await inv.invoke("nope", {"payload": 1})
+    [call] = named(spans, "extreg.invoke nope")
+    assert StatusCode.ERROR == call.status.status_code
+    assert "ExtensionNotFound" == (call.attributes or {})["error.type"]
+    assert not [e for e in call.events if e.name == "extreg.attempt"]
+
+
+async def test_a_policy_run_is_the_parent_of_its_steps(
+    tmp_path: Path, nats_url: str, sample_extensions: SampleRunner, spans: InMemorySpanExporter
+) -> None:
+    """`support_en`: one `extreg.policy` span whose children are the four steps' invocation
+    spans, all in one trace, whose id is the run's `trace_id` too."""
+    settings = fixture_settings(tmp_path, nats_url)
+    (settings.fixtures_dir / "policies").mkdir()
+    shutil.copy(BUNDLED_POLICIES / "support_en.json", settings.fixtures_dir / "policies")
+    async with open_invoker(settings) as inv:
+        result = await inv.run_policy("support_en", {"payload": "Hello   World"})
+    [run] = named(spans, "extreg.policy support_en")
+    assert run.context is not None
+    steps = [s for s in spans.get_finished_spans() if s.name.startswith("extreg.invoke ")]
+    assert ["normalize_text", "pii_guard", "test_provider", "mask_pii"] == [
+        s.name.removeprefix("extreg.invoke ") for s in steps
+    ]
+    assert all(s.parent is not None and s.parent.span_id == run.context.span_id for s in steps)
+    assert trace.format_trace_id(run.context.trace_id) == result.context["trace_id"]
+
+
+async def test_inside_a_span_log_lines_carry_its_ids(
+    tmp_path: Path,
+    nats_url: str,
+    nats_client: Client,
+    spans: InMemorySpanExporter,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The warning of a failed call, written as JSON, names the invocation span's trace and
+    span ids (`otel_trace_id`, `otel_span_id`) beside the router's own `trace_id`."""
+    on = subject()
+    settings = fixture_settings(tmp_path, nats_url, rec("bad", on))
+    logs.configure("info", json=True)  # to this test's captured stderr
+    try:
+        async with listen(nats_client, on, constant(b"[]")), open_invoker(settings) as inv:
+            with pytest.raises(InvalidResponse):
+                await inv.invoke("bad", {"payload": 1}, {"trace_id": "t-7"})
+    finally:
+        structlog.reset_defaults()
+    [call] = named(spans, "extreg.invoke bad")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    [failed] = [line for line in lines if line["event"] == "invoke_failed"]
+    assert call.context is not None
+    assert {
+        "trace_id": "t-7",
+        "otel_trace_id": trace.format_trace_id(call.context.trace_id),
+        "otel_span_id": trace.format_span_id(call.context.span_id),
+    }.items() <= failed.items()
+
+
+async def test_without_an_sdk_nothing_is_traced_or_sent(
+    tmp_path: Path, nats_url: str, nats_client: Client, no_sdk: None
+) -> None:
+    """No SDK and no parent span: `active()` is False and the headers hold only the ids."""
+    on = subject()
+    settings = fixture_settings(tmp_path, nats_url, rec("x", on))
+    assert not tracing.active()
+    async with listen(nats_client, on, constant(b"{}")) as heard, open_invoker(settings) as inv:
+        await inv.invoke("x", {"payload": 1}, {"tenant_id": "acme"})
+    assert [{"tenant_id": "acme"}] == [m.headers for m in heard.messages]
+
+
+async def test_without_an_sdk_a_callers_trace_is_carried_on(
+    tmp_path: Path, nats_url: str, nats_client: Client, no_sdk: None
+) -> None:
+    """No SDK, but the caller is inside a span (extracted from its own request): the
+    extension gets the caller's trace, so a router's trace does not stop at extreg."""
+    on = subject()
+    settings = fixture_settings(tmp_path, nats_url, rec("x", on))
+    parent = trace.SpanContext(
+        trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736,
+        span_id=0x00F067AA0BA902B7,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(1),
+    )
+    token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+    try:
+        async with listen(nats_client, on, constant(b"{}")) as heard, open_invoker(settings) as inv:
+            await inv.invoke("x", {"payload": 1})
+    finally:
+        context.detach(token)
+    [msg] = heard.messages
+    assert (msg.headers or {})["traceparent"] == (
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    )
+
+
+# -- extreg serve and OTLP -------------------------------------------------------------------
+
+
+class Collector:
+    """A stand-in OpenTelemetry collector: accepts OTLP/HTTP trace exports, keeps the spans."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str]] = []  # (service.name, span name)
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    collector.receive(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def receive(self, body: bytes) -> None:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource in request.resource_spans:
+            attributes = {a.key: a.value.string_value for a in resource.resource.attributes}
+            for scope in resource.scope_spans:
+                self.spans += [(attributes.get("service.name", ""), s.name) for s in scope.spans]
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    found = Collector()
+    thread = threading.Thread(target=found.server.serve_forever, daemon=True)
+    thread.start()
+    yield found
+    found.server.shutdown()
+    found.server.server_close()
+
+
+async def test_serve_exports_spans_when_an_otlp_endpoint_is_set(
+    tmp_path: Path,
+    db_url: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
+    collector: Collector,
+) -> None:
+    """`OTEL_EXPORTER_OTLP_ENDPOINT` set: `extreg serve` exports its invocation spans, as
+    service `extreg`, by the time it has stopped."""
+    settings = make_settings(tmp_path, source="database", database_url=db_url)
+    migrate(db_url)
+    await seed(db_url, settings, *(s.record() for s in SAMPLE_EXTENSIONS))
+    tokens = await make_tokens(db_url)
+    proc, url, _ = start_server(
+        tmp_path,
+        "--database-url",
+        db_url,
+        nats_url=nats_url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            called = await client.post(
+                "/admin/extensions/normalize_text/invoke",
+                json={"payload": {"payload": "Hi"}},
+                headers={"Authorization": f"Bearer {tokens['operator']}"},
+            )
+            assert 200 == called.status_code, called.text
+    finally:
+        assert 0 == stop_server(proc)
+    assert ("extreg", "extreg.invoke normalize_text") in collector.spans
+
+
+def test_another_protocol_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """extreg exports over HTTP/protobuf: gRPC asked for is a `ConfigError` naming the
+    variable, before anything starts."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL='grpc'"):
+        tracing.export_from_env()
+
+
+def test_an_endpoint_without_the_otlp_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exporter not installed (extreg's runtime needs the API only): a `ConfigError`
+    naming the extra to install."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    exporter = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    monkeypatch.setitem(sys.modules, exporter, None)  # an import of it now fails
+    with pytest.raises(ConfigError, match=r"pip install 'extreg\[otlp\]'"):
+        tracing.export_from_env()
+
+
+def test_no_endpoint_no_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an endpoint variable, serve sets up no SDK."""
+    for variable in tracing.ENDPOINT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    assert tracing.export_from_env() is None
