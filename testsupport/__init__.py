@@ -1,2 +1,2 @@
 """Harnesses for tests and benchmarks, outside the installed package: throwaway PostgreSQL
-servers, a multi-node cluster, statement counting."""
+servers, a multi-node cluster, statement counting, the OpenTelemetry provider switch."""

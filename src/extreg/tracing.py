@@ -32,7 +32,14 @@ from urllib.parse import urlsplit
 
 import structlog
 from opentelemetry import propagate, trace
-from opentelemetry.trace import ProxyTracerProvider, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    ProxyTracerProvider,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+)
 
 from .errors import ConfigError
 
@@ -68,7 +75,10 @@ else:  # pragma: no cover - a future API without the global
 
 def active() -> bool:
     """Whether a span made now would be recorded or carry a trace on (see the module doc)."""
-    return provider_set() or trace.get_current_span().get_span_context().is_valid
+    if provider_set():
+        return True
+    current = trace.get_current_span()  # INVALID_SPAN outside any span: skip the id check
+    return current is not INVALID_SPAN and current.get_span_context().is_valid
 
 
 @contextlib.contextmanager

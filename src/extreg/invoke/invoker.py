@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -217,17 +217,25 @@ class Invoker:
         `extreg.invoke.pipeline`); a `PolicyResult` or a `PolicyError`."""
         return await self.pipeline.run(policy_id, message, context, provider)
 
-    async def invoke(
+    def invoke(
         self,
         extension_id: str,
         request: Mapping[str, Any],
         context: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Call the extension once (plus retries on timeout); its JSON reply, or an error.
+    ) -> Coroutine[Any, Any, dict[str, Any]]:
+        """Call the extension once (plus retries on timeout): `await` it for its JSON reply,
+        or an error.
 
-        Traced as `extreg.invoke <id>` when `tracing.active()` (see `extreg.tracing`)."""
+        Traced as `extreg.invoke <id>` when `tracing.active()` (see `extreg.tracing`). A plain
+        function handing back the untraced coroutine itself, so the fast path costs the
+        check and no extra coroutine (about 0.5 µs; bench/bench_tracing.py)."""
         if not tracing.active():
-            return await self._invoke(extension_id, request, context, None)
+            return self._invoke(extension_id, request, context, None)
+        return self._traced(extension_id, request, context)
+
+    async def _traced(
+        self, extension_id: str, request: Mapping[str, Any], context: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
         with tracing.invocation(extension_id) as span:
             return await self._invoke(extension_id, request, context, span)
 

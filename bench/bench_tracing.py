@@ -1,0 +1,204 @@
+"""What tracing costs per invocation: with no SDK, with the SDK and a no-op exporter, and
+nats-py's `nc.request` on the same connection, to the same echo service.
+
+Run: `scripts/bench bench_tracing [--calls N] [--rounds R] [--quick]`
+
+Everything is started here and thrown away: a private NATS server, the `echo` sample in its own
+process, a fixtures folder holding its record. One `Invoker` on its own `NatsTransport`; R
+rounds alternate between the clients, switching the process's tracer provider between rounds
+(`testsupport.otel`):
+
+- nc.request: nats-py's request-reply on the invoker's connection, the same envelope bytes and
+              two id headers (`bench_invoke`'s raw client);
+- no SDK:     `Invoker.invoke` with no tracer provider set (the fast path: `tracing.active()`
+              is False, no span work at all);
+- SDK:        `Invoker.invoke` with the OpenTelemetry SDK, every span sampled and handed to a
+              `BatchSpanProcessor` whose exporter drops it (the SDK's own cost, no I/O), and the
+              `traceparent` header sent.
+
+sequentially and with 64 in flight: median round's throughput, p50/p99, ratio to nc.request.
+
+Then the fast path's own cost, without the network: `Invoker.invoke` against its untraced body
+`Invoker._invoke` on a dry run (`dry_run` stops a call before NATS), alternating, median of R
+rounds of N calls each: the difference per call is what the tracing gate adds when no SDK is
+set (target <= 1 µs), beside `tracing.active()` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+import timeit
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench_invoke import (
+    CONTEXT,
+    ENVELOPE,
+    EXT,
+    HEADERS,
+    IN_FLIGHT,
+    REQUEST,
+    SUBJECT,
+    TIMEOUT_S,
+    start_echo,
+    wait_for_echo,
+)
+from benchlib import Call, Measured, cells, measure, print_rows, started_invoker
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from extreg import Settings, logs, tracing
+from extreg.invoke import Invoker
+from extreg.local.natsserver import NatsServer
+from extreg.local.samples import SAMPLES_BY_ID
+from testsupport.otel import use_provider
+
+GATE_TARGET_NS = 1000.0
+DRY = {**CONTEXT, "dry_run": True}
+
+
+class DropExporter(SpanExporter):
+    """Takes every batch and does nothing with it: the SDK's cost without an exporter's."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+async def run(calls: int, rounds: int, gate_calls: int) -> None:
+    sdk = TracerProvider()
+    sdk.add_span_processor(BatchSpanProcessor(DropExporter()))
+    with NatsServer() as nats_server, tempfile.TemporaryDirectory() as tmp:
+        echo = start_echo(nats_server.url)
+        try:
+            folder = Path(tmp) / "fixtures"
+            folder.mkdir()
+            (folder / "records.json").write_text(json.dumps([SAMPLES_BY_ID[EXT].record()]))
+            settings = Settings.load(
+                environ={}, source="fixtures", fixtures_dir=folder, nats_url=nats_server.url,
+                data_dir=Path(tmp) / "data", health_flush_interval_seconds=3600,
+            )  # fmt: skip
+            async with started_invoker(settings) as (inv, _, nc):
+                await wait_for_echo(nc)
+
+                async def raw() -> object:
+                    return await nc.request(SUBJECT, ENVELOPE, timeout=TIMEOUT_S, headers=HEADERS)
+
+                async def invoke() -> object:
+                    return await inv.invoke(EXT, REQUEST, CONTEXT)
+
+                clients: dict[str, tuple[TracerProvider | None, Call]] = {
+                    "nc.request": (None, raw),
+                    "invoker, no SDK": (None, invoke),
+                    "invoker, SDK + no-op exporter": (sdk, invoke),
+                }
+                sizes = [
+                    ("sequential", 1, calls // 4),
+                    (f"{IN_FLIGHT} in flight", IN_FLIGHT, calls),
+                ]
+                rows = await compare(clients, sizes, rounds)
+                gate = await gate_cost(inv, gate_calls, rounds)
+        finally:
+            use_provider(None)
+            sdk.shutdown()
+            echo.terminate()
+            echo.wait()
+    print_report(rows, gate, calls, rounds, gate_calls)
+
+
+async def compare(
+    clients: dict[str, tuple[TracerProvider | None, Call]],
+    sizes: list[tuple[str, int, int]],
+    rounds: int,
+) -> list[tuple[str, ...]]:
+    """`benchlib.compare`, with each client's tracer provider set before its round."""
+    rows: list[tuple[str, ...]] = []
+    for label, in_flight, calls in sizes:
+        results: dict[str, list[Measured]] = {name: [] for name in clients}
+        for provider, call in clients.values():  # warm up every path
+            use_provider(provider)
+            await measure(call, 1000, in_flight)
+        for _ in range(rounds):
+            for name, (provider, call) in clients.items():
+                use_provider(provider)
+                results[name].append(await measure(call, calls, in_flight))
+        use_provider(None)
+        raw_rate = statistics.median(r[0] for r in results["nc.request"])
+        for name, measured in results.items():
+            rate, latencies = sorted(measured, key=lambda x: x[0])[len(measured) // 2]
+            ratio = "" if name == "nc.request" else f"{rate / raw_rate:.3f}"
+            rows.append((label, name, *cells(rate, latencies), ratio))
+    return rows
+
+
+async def gate_cost(inv: Invoker, calls: int, rounds: int) -> tuple[float, float, float, float]:
+    """(ns per dry-run call through `invoke`, through `_invoke`, their difference, ns of
+    `tracing.active()` alone), medians of `rounds` alternating rounds, no SDK set."""
+    use_provider(None)
+    assert not tracing.active()
+
+    async def traced_gate() -> None:
+        await inv.invoke(EXT, REQUEST, DRY)
+
+    async def untraced() -> None:
+        await inv._invoke(EXT, REQUEST, DRY, None)
+
+    async def per_call_ns(call: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            await call()  # type: ignore[misc]
+        return (time.perf_counter() - started) / calls * 1e9
+
+    gated, bare = [], []
+    await per_call_ns(traced_gate)
+    await per_call_ns(untraced)
+    for _ in range(rounds):
+        gated.append(await per_call_ns(traced_gate))
+        bare.append(await per_call_ns(untraced))
+    diffs = [g - b for g, b in zip(gated, bare, strict=True)]
+    active_ns = min(timeit.repeat(tracing.active, number=calls, repeat=rounds)) / calls * 1e9
+    return statistics.median(gated), statistics.median(bare), statistics.median(diffs), active_ns
+
+
+def print_report(
+    rows: list[tuple[str, ...]],
+    gate: tuple[float, float, float, float],
+    calls: int,
+    rounds: int,
+    gate_calls: int,
+) -> None:
+    print("\nOne connection, echo sample in its own process, same envelope and id headers, 1 s")
+    print("timeout. no SDK = no tracer provider set; SDK = every span sampled, batched, dropped.")
+    print(
+        f"Median of {rounds} alternating rounds ({calls // 4} sequential / {calls} with"
+        f" {IN_FLIGHT} in flight per round); ratio = throughput / nc.request's.\n"
+    )
+    print_rows(("mode", "client", "calls/s", "p50 µs", "p99 µs", "÷ nc.request"), rows)
+    gated, bare, diff, active = gate
+    verdict = "ok" if diff <= GATE_TARGET_NS else "ABOVE TARGET"
+    print(f"\nThe fast path without the network (dry runs, no SDK, {gate_calls} calls per round,")
+    print(f"median of {rounds} alternating rounds):")
+    print(f"  Invoker.invoke (with the tracing gate)  {gated:8,.0f} ns per call")
+    print(f"  Invoker._invoke (no gate)               {bare:8,.0f} ns per call")
+    print(f"  the gate's cost                         {diff:8,.0f} ns per call "
+          f"(target <= {GATE_TARGET_NS:,.0f}: {verdict})")  # fmt: skip
+    print(f"  tracing.active() alone                  {active:8,.0f} ns per call")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=10_000, help="concurrent calls per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="4,000 calls, 3 rounds")
+    args = parser.parse_args()
+    logs.configure("warning")
+    calls, rounds = (4_000, 3) if args.quick else (args.calls, args.rounds)
+    asyncio.run(run(calls, rounds, gate_calls=100_000 if args.quick else 300_000))
+
+
+if __name__ == "__main__":
+    main()
