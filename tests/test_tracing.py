@@ -6,7 +6,6 @@ SDK, and `extreg serve` exporting over OTLP to a stand-in collector."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import sys
 import threading
@@ -171,32 +170,28 @@ async def test_a_policy_run_is_the_parent_of_its_steps(
 
 
 async def test_inside_a_span_log_lines_carry_its_ids(
-    tmp_path: Path,
-    nats_url: str,
-    nats_client: Client,
-    spans: InMemorySpanExporter,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, nats_url: str, nats_client: Client, spans: InMemorySpanExporter
 ) -> None:
-    """The warning of a failed call, written as JSON, names the invocation span's trace and
-    span ids (`otel_trace_id`, `otel_span_id`) beside the router's own `trace_id`."""
+    """The warning of a failed call, through the processors every line goes through, names
+    the invocation span's trace and span ids (`otel_trace_id`, `otel_span_id`) beside the
+    router's own `trace_id`."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("bad", on))
-    logs.configure("info", json=True)  # to this test's captured stderr
-    try:
-        async with listen(nats_client, on, constant(b"[]")), open_invoker(settings) as inv:
+    async with listen(nats_client, on, constant(b"[]")), open_invoker(settings) as inv:
+        with structlog.testing.capture_logs(processors=logs.PROCESSORS) as lines:
             with pytest.raises(InvalidResponse):
                 await inv.invoke("bad", {"payload": 1}, {"trace_id": "t-7"})
-    finally:
-        structlog.reset_defaults()
+            structlog.get_logger("test").warning("outside")
     [call] = named(spans, "extreg.invoke bad")
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     [failed] = [line for line in lines if line["event"] == "invoke_failed"]
+    [outside] = [line for line in lines if line["event"] == "outside"]
     assert call.context is not None
     assert {
         "trace_id": "t-7",
         "otel_trace_id": trace.format_trace_id(call.context.trace_id),
         "otel_span_id": trace.format_span_id(call.context.span_id),
     }.items() <= failed.items()
+    assert "otel_trace_id" not in outside
 
 
 async def test_without_an_sdk_nothing_is_traced_or_sent(

@@ -22,6 +22,16 @@ a per-call debug line: a plain flag costs nothing, and a process that never conf
 logging (extreg used as a library) gets no line per call."""
 
 
+PROCESSORS: list[structlog.typing.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    tracing.add_span_ids,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.processors.format_exc_info,
+]
+"""What every line goes through before it is rendered (tests capture lines through these)."""
+
+
 def configure(level: str = "info", json: bool | None = None) -> None:
     """Route structlog (and the standard library's warnings) to stderr."""
     global debug_enabled
@@ -33,14 +43,7 @@ def configure(level: str = "info", json: bool | None = None) -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            tracing.add_span_ids,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*PROCESSORS, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
