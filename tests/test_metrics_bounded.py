@@ -68,7 +68,8 @@ async def test_series_of_a_deleted_extension_are_removed(tmp_path: Path, db_url:
     } == {name.removesuffix("_created") for name in labelled_families(before)}
     assert {"alpha", "beta"} == series_ids(after)
     assert (
-        'extension_invocation_latency_seconds_count{extension_id="alpha",outcome="ok"} 1.0' in after
+        'extension_invocation_latency_seconds_count{extension_id="alpha",extension_type="pre",'
+        'version="v1",outcome="ok"} 1.0' in after
     )
 
 
@@ -77,14 +78,17 @@ async def test_the_exposition_is_cached_for_its_interval() -> None:
     passes it, the next scrape renders again and shows the change."""
     now = [100.0]
     metrics = Metrics(cache_s=2.0, clock=lambda: now[0])
-    metrics.observe_invocation("alpha", "ok", 0.01)
+    metrics.observe_invocation("alpha", "pre", "v1", "ok", 0.01)
     first = await metrics.scrape()
-    metrics.observe_invocation("alpha", "ok", 0.01)
+    metrics.observe_invocation("alpha", "pre", "v1", "ok", 0.01)
     now[0] += 1.9
     second = await metrics.scrape()
     now[0] += 0.2
     third = await metrics.scrape()
-    count = 'extension_invocation_latency_seconds_count{extension_id="alpha",outcome="ok"}'
+    count = (
+        "extension_invocation_latency_seconds_count"
+        '{extension_id="alpha",extension_type="pre",version="v1",outcome="ok"}'
+    )
     assert first == second
     assert f"{count} 1.0".encode() in second
     assert f"{count} 2.0".encode() in third
