@@ -3,8 +3,9 @@ runbook they point at (docs/operations.md), and the registry metrics added for t
 
 Every metric a dashboard panel or an alert rule names must be exported, with samples, by a
 live server like `extreg serve` (real PostgreSQL, NATS and sample extensions) after some
-traffic; the rules must pass `promtool check rules` (Debian's `prometheus` package, which
-scripts/test installs when it may); every runbook_url must name a section of the runbook.
+traffic, with every label the expression groups by or matches on; the rules must pass
+`promtool check rules` (Debian's `prometheus` package, which scripts/test installs when it
+may); every runbook_url must name a section of the runbook.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ PROMQL_WORDS = {
     "inf",
     "nan",
 }
+# Labels Prometheus adds to every series it scrapes: no exporter has them.
+TARGET_LABELS = {"instance", "job"}
 IDENTIFIER = re.compile(r"(?<![\w$.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(?=\s*(?:[{\[)\s+\-*/%^<>=!,]|$))")
 
 
@@ -82,6 +85,17 @@ def metric_names(expr: str) -> set[str]:
     return {m for m in IDENTIFIER.findall(text) if m.lower() not in PROMQL_WORDS}
 
 
+def label_names(expr: str) -> set[str]:
+    """The label names a PromQL expression groups by (`by`, `without`, `on`, ... lists) or
+    matches on (`{name="..."}`), but the target labels Prometheus adds."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    lists = re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", text)
+    names = {name.strip() for found in lists for name in found.split(",") if name.strip()}
+    for matchers in re.findall(r"\{([^}]*)\}", text):
+        names |= set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))
+    return names - TARGET_LABELS
+
+
 def dashboard_exprs() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text("utf-8"))
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -89,9 +103,9 @@ def dashboard_exprs() -> list[str]:
         query = variable.get("query")
         if isinstance(query, dict):
             query = query.get("query")
-        found = re.fullmatch(r"label_values\((\w+)\s*,\s*\w+\)", query or "")
+        found = re.fullmatch(r"label_values\((\w+)\s*,\s*(\w+)\)", query or "")
         if found:
-            exprs.append(found.group(1))
+            exprs.append(f'{found.group(1)}{{{found.group(2)}!=""}}')
     return exprs
 
 
@@ -108,6 +122,7 @@ def test_metric_names_are_read_out_of_promql() -> None:
         " time() - bar_seconds > 900 unless baz"
     )
     assert {"foo_bucket", "bar_seconds", "baz"} == metric_names(expr)
+    assert {"extension_id", "le", "outcome"} == label_names(expr)
 
 
 def test_the_dashboard_parses_and_every_panel_has_a_title_and_a_target() -> None:
@@ -156,10 +171,12 @@ async def test_every_metric_named_by_a_panel_or_a_rule_is_exported_by_a_live_ser
 ) -> None:
     """After invocations, a forced open and close of a circuit and a policy run, /metrics of
     a live server over the sample extensions has samples of every metric that the dashboard
-    and the alert rules name (a histogram's _bucket, _sum and _count are its own)."""
+    and the alert rules name (a histogram's _bucket, _sum and _count are its own), and each
+    expression's labels are on the samples of the metrics it names (a label no sample has
+    would group everything under one empty value, silently)."""
     live, tokens = await samples_server(tmp_path, db_url, nats_url)
-    named = {n for e in dashboard_exprs() for n in metric_names(e)}
-    named |= {n for r in alert_rules() for n in metric_names(r["expr"])}
+    exprs = dashboard_exprs() + [r["expr"] for r in alert_rules()]
+    named = {n for e in exprs for n in metric_names(e)}
     with live:
         async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
             operator = {"Authorization": f"Bearer {tokens['operator']}"}
@@ -184,13 +201,21 @@ async def test_every_metric_named_by_a_panel_or_a_rule_is_exported_by_a_live_ser
                 assert 200 == forced.status_code, forced.text
             await asyncio.sleep(2.1)  # the exposition is cached for 2 s
             text = (await client.get("/metrics")).text
-    sampled: set[str] = set()
+    labels: dict[str, set[str]] = {}  # sample name (and a histogram's own) -> label names
     for family in text_string_to_metric_families(text):
-        sampled |= {s.name for s in family.samples}
-        if family.type == "histogram" and family.samples:
-            sampled.add(family.name)
-    missing = {n for n in named if n not in sampled}
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+            if family.type == "histogram":
+                labels.setdefault(family.name, set()).update(sample.labels)
+    missing = {n for n in named if n not in labels}
     assert set() == missing
+    unlabelled = {
+        (expr, name)
+        for expr in exprs
+        for name in label_names(expr)
+        if not any(name in labels[metric] for metric in metric_names(expr))
+    }
+    assert set() == unlabelled
     assert {
         "extension_invocation_latency_seconds_bucket",
         "extension_circuit_breaker_recoveries_total",
