@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -92,13 +93,20 @@ class _Registry:
     def on_sync(self, callback: Any) -> None:
         pass
 
+    def on_snapshot_file_error(self, callback: Any) -> None:
+        pass
+
+    @property
+    def status(self) -> Any:
+        return SimpleNamespace(stale=False)  # all `extension_registry_stale` reads
+
 
 def populated(metrics: Metrics, ids: list[str], invoker: _Invoker) -> None:
     """Every extension called once (one in ten failed), as a busy router's metrics hold."""
     for i, ext_id in enumerate(ids):
         ok = i % 10 != 0
         invoker.health.record(ext_id, ok, 2.0 + i % 7)
-        metrics.observe_invocation(ext_id, "ok" if ok else "error", 0.002)
+        metrics.observe_invocation(ext_id, "pre", "v1", "ok" if ok else "error", 0.002)
 
 
 # -- 1. scrape cost ------------------------------------------------------------------------
@@ -150,13 +158,12 @@ def prometheus_client_render(
     latency = Histogram(
         "extension_invocation_latency_seconds",
         "Duration.",
-        ["extension_id", "outcome"],
+        ["extension_id", "extension_type", "version", "outcome"],
         buckets=LATENCY_BUCKETS_S,
         registry=reference,
     )
-    for ext_id, by_outcome in metrics.invocation_latency.series.items():
-        for outcome, series in by_outcome.items():
-            latency.labels(ext_id, outcome).observe(series.total / max(sum(series.counts), 1))
+    for labels, series in metrics.invocation_latency.series.items():
+        latency.labels(*labels).observe(series.total / max(sum(series.counts), 1))
 
     class Gauges(Collector):
         def collect(self) -> Iterator[Metric]:
