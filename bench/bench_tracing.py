@@ -14,7 +14,10 @@ rounds alternate between the clients, switching the process's tracer provider be
               is False, no span work at all);
 - SDK:        `Invoker.invoke` with the OpenTelemetry SDK, every span sampled and handed to a
               `BatchSpanProcessor` whose exporter drops it (the SDK's own cost, no I/O), and the
-              `traceparent` header sent.
+              `traceparent` header sent;
+- sampled out: the same SDK with a sampler that records nothing (`ALWAYS_OFF`, what a low
+              `OTEL_TRACES_SAMPLER_ARG` does to most calls): the SDK's decision, a
+              non-recording span, the `traceparent` still sent.
 
 sequentially and with 64 in flight: median round's throughput, p50/p99, ratio to nc.request.
 
@@ -51,6 +54,7 @@ from bench_invoke import (
 from benchlib import Call, Measured, cells, measure, print_rows, started_invoker
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from extreg import Settings, logs, tracing
 from extreg.invoke import Invoker
@@ -72,6 +76,8 @@ class DropExporter(SpanExporter):
 async def run(calls: int, rounds: int, gate_calls: int) -> None:
     sdk = TracerProvider()
     sdk.add_span_processor(BatchSpanProcessor(DropExporter()))
+    sampled_out = TracerProvider(sampler=ALWAYS_OFF)
+    sampled_out.add_span_processor(BatchSpanProcessor(DropExporter()))
     with NatsServer() as nats_server, tempfile.TemporaryDirectory() as tmp:
         echo = start_echo(nats_server.url)
         try:
@@ -95,6 +101,7 @@ async def run(calls: int, rounds: int, gate_calls: int) -> None:
                     "nc.request": (None, raw),
                     "invoker, no SDK": (None, invoke),
                     "invoker, SDK + no-op exporter": (sdk, invoke),
+                    "invoker, SDK, sampled out": (sampled_out, invoke),
                 }
                 sizes = [
                     ("sequential", 1, calls // 4),
@@ -105,6 +112,7 @@ async def run(calls: int, rounds: int, gate_calls: int) -> None:
         finally:
             use_provider(None)
             sdk.shutdown()
+            sampled_out.shutdown()
             echo.terminate()
             echo.wait()
     print_report(rows, gate, calls, rounds, gate_calls)
@@ -172,7 +180,8 @@ def print_report(
     gate_calls: int,
 ) -> None:
     print("\nOne connection, echo sample in its own process, same envelope and id headers, 1 s")
-    print("timeout. no SDK = no tracer provider set; SDK = every span sampled, batched, dropped.")
+    print("timeout. no SDK = no tracer provider set; SDK = every span sampled, batched, dropped;")
+    print("sampled out = the SDK with the ALWAYS_OFF sampler.")
     print(
         f"Median of {rounds} alternating rounds ({calls // 4} sequential / {calls} with"
         f" {IN_FLIGHT} in flight per round); ratio = throughput / nc.request's.\n"
