@@ -39,6 +39,9 @@ from extreg.settings import Settings
 from extreg.tokens import TokenStore
 from testsupport.pgprocess import free_port
 
+BUNDLED_POLICIES = Path(__file__).parents[1] / "src/extreg/fixtures/policies"
+SUPPORT_EN: dict[str, Any] = json.loads((BUNDLED_POLICIES / "support_en.json").read_text("utf-8"))
+"""The bundled policy over the samples: pre, validator, provider, post."""
 ROLE_TOKENS = {"viewer": "vera-viewer", "operator": "otto-operator", "admin": "ada-admin"}
 
 

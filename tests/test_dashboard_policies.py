@@ -5,24 +5,18 @@ mask_pii)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from api_helpers import LiveServer, samples_server
+from api_helpers import SUPPORT_EN, LiveServer, samples_server
 from playwright.async_api import Browser, Page, expect
 from test_dashboard import browser, signed_in
 
-import extreg
-
 __all__ = ["browser"]  # the Chromium fixture, shared with test_dashboard
 
-SUPPORT_EN = json.loads(
-    (Path(extreg.__file__).parent / "fixtures" / "policies" / "support_en.json").read_text("utf-8")
-)
 STAGES = [
     ("pre", "normalize_text"),
     ("validator", "pii_guard"),

@@ -20,11 +20,10 @@ from typing import Any
 
 import httpx
 import yaml
-from api_helpers import samples_server
+from api_helpers import SUPPORT_EN, samples_server
 from helpers import make_settings, record
 from prometheus_client.parser import text_string_to_metric_families
 
-import extreg
 from extreg.adapters.migrate import migrate
 from extreg.core.model import parse_extension
 from extreg.metrics import Metrics
@@ -35,9 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
 ALERTS = ROOT / "deploy" / "alerts.yml"
 RUNBOOK = ROOT / "docs" / "operations.md"
-SUPPORT_EN = json.loads(
-    (Path(extreg.__file__).parent / "fixtures" / "policies" / "support_en.json").read_text("utf-8")
-)
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Words of PromQL that are not metric names: aggregation operators (`sum by (...) (...)`
 # puts one before a keyword), vector-matching keywords, set operators, modifiers and the

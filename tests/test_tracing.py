@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from api_helpers import make_tokens, seed
+from api_helpers import BUNDLED_POLICIES, SUPPORT_EN, make_tokens, samples_server, seed
 from cli_helpers import start_server, stop_server
 from helpers import make_settings
 from invoke_helpers import constant, fixture_settings, listen, open_invoker, subject
@@ -39,7 +39,6 @@ from extreg import (
 from extreg.adapters.migrate import migrate
 from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
 
-BUNDLED_POLICIES = Path(__file__).parents[1] / "src/extreg/fixtures/policies"
 REQUEST = {"payload": {"payload": "Hello   World"}, "metadata": {}}
 
 
@@ -334,3 +333,44 @@ def test_no_endpoint_no_export(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in tracing.ENDPOINT_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     assert tracing.export_from_env() is None
+
+
+async def test_the_admin_api_continues_a_callers_trace(
+    tmp_path: Path,
+    db_url: str,
+    nats_url: str,
+    sample_extensions: SampleRunner,
+    spans: InMemorySpanExporter,
+) -> None:
+    """An HTTP invoke or policy run that carries a `traceparent` makes its spans children of
+    the caller's span; the invoke answers the trace's id as its `trace_id`."""
+    live, tokens = await samples_server(tmp_path, db_url, nats_url)
+    caller = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {
+        "Authorization": f"Bearer {tokens['operator']}",
+        "traceparent": f"00-{caller[0]}-{caller[1]}-01",
+    }
+    with live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
+            called = await client.post(
+                "/admin/extensions/normalize_text/invoke",
+                json={"payload": {"payload": "Hi"}},
+                headers=headers,
+            )
+            assert 200 == called.status_code, called.text
+            assert caller[0] == called.json()["trace_id"]
+            admin = {"Authorization": f"Bearer {tokens['admin']}"}
+            created = await client.post("/admin/policies", json=SUPPORT_EN, headers=admin)
+            assert 201 == created.status_code, created.text
+            ran = await client.post(
+                "/admin/policies/support_en/run",
+                json={"message": {"payload": "Hello   World"}},
+                headers=headers,
+            )
+            assert 200 == ran.status_code, ran.text
+    [call] = named(spans, "extreg.invoke normalize_text")[:1]
+    [run] = named(spans, "extreg.policy support_en")
+    for span in (call, run):
+        assert span.parent is not None
+        ids = trace.format_trace_id(span.parent.trace_id), trace.format_span_id(span.parent.span_id)
+        assert caller == ids, span.name

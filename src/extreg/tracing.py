@@ -10,7 +10,9 @@ process without one pays next to nothing. What is traced (SPEC.md, "Observabilit
 - every policy run: an INTERNAL span `extreg.policy <policy id>`, whose steps' invocation spans
   (and provider-hook spans) are its children (`span`);
 - across NATS: the W3C `traceparent`/`tracestate` (and `baggage`) go into the request headers
-  (`inject`), and an extension continues the trace from them (`serving`, as the samples do).
+  (`inject`), and an extension continues the trace from them (`serving`, as the samples do);
+- from HTTP: an admin API invoke or policy run continues the trace of a request that carries a
+  `traceparent` (`continued`).
 
 The fast path: `active()` is False when no SDK has set a tracer provider and the caller is in
 no span; the invoker then skips every span call (a no-op span still costs about 4 µs). With a
@@ -31,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import (
     INVALID_SPAN,
@@ -152,6 +155,20 @@ def trace_id_hex() -> str | None:
     """The current span's trace id, as `traceparent` writes it, or None outside a span."""
     context = trace.get_current_span().get_span_context()
     return trace.format_trace_id(context.trace_id) if context.is_valid else None
+
+
+@contextlib.contextmanager
+def continued(headers: Mapping[str, str]) -> Iterator[None]:
+    """The caller's trace current for the block, when its request (an HTTP request to the
+    admin API, say) carries a `traceparent`; nothing otherwise."""
+    if "traceparent" not in headers:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(headers))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 @contextlib.contextmanager

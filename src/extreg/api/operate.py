@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import tracing
 from ..errors import ConfigError, Conflict, ExtensionNotFound, NatsUnavailable
 from ..registry import Registry
 from .bodies import strict_body
@@ -133,13 +134,14 @@ async def invoke(
     runtime = runtime_of(request)
     _known(runtime.registry, extension_id)
     invoker = _invoker(request, "invocation is")
-    trace_id = body.trace_id or uuid.uuid4().hex
-    context = {"trace_id": trace_id, "tenant_id": body.tenant_id}
-    structlog.contextvars.bind_contextvars(extension_id=extension_id, trace_id=trace_id)
-    started = time.perf_counter()
-    reply = await invoker.invoke(
-        extension_id, {"payload": body.payload, "metadata": body.metadata}, context
-    )
+    with tracing.continued(request.headers):
+        trace_id = body.trace_id or tracing.trace_id_hex() or uuid.uuid4().hex
+        context = {"trace_id": trace_id, "tenant_id": body.tenant_id}
+        structlog.contextvars.bind_contextvars(extension_id=extension_id, trace_id=trace_id)
+        started = time.perf_counter()
+        reply = await invoker.invoke(
+            extension_id, {"payload": body.payload, "metadata": body.metadata}, context
+        )
     duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info("invoked_by_request", duration_ms=duration_ms)
     return JSONResponse(

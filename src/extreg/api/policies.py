@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import tracing
 from ..core.pipeline import context_problems, plan
 from ..core.policy import Policy, complexity_warnings, policy_to_plain
 from ..errors import (
@@ -268,7 +269,8 @@ async def run_policy(
         raise NatsUnavailable(NO_INVOKER.format(what="policy runs are"))
     started = time.perf_counter()
     try:
-        result = await invoker.run_policy(policy_id, body.message, context)
+        with tracing.continued(request.headers):
+            result = await invoker.run_policy(policy_id, body.message, context)
     except PolicyError as exc:
         log.info(
             "policy_run_by_request",
