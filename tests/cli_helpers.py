@@ -24,13 +24,11 @@ TIMEOUT_S = 60
 
 
 def environment(tmp_path: Path, *, nats_url: str | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment without any `EXTENSION_REGISTRY_*`, `EXTREG_*` or `OTEL_*`
-    setting, data under `tmp_path`, NATS at `nats_url` or else a closed port (so nothing reaches
-    a NATS the machine runs), rich kept from wrapping at 80 columns; then `extra`."""
+    """This process's environment without any `EXTENSION_REGISTRY_*` or `EXTREG_*` setting,
+    data under `tmp_path`, NATS at `nats_url` or else a closed port (so nothing reaches a NATS
+    the machine runs), rich kept from wrapping at 80 columns; then `extra`."""
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_", "OTEL_"))
+        k: v for k, v in os.environ.items() if not k.startswith(("EXTENSION_REGISTRY_", "EXTREG_"))
     }
     env.update(
         {

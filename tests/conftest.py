@@ -8,12 +8,17 @@ that shares servers between its tests says `loop_scope="module"`), and no task i
 outlive it: `_no_task_outlives_the_test` fails the test naming any such task. Servers shared by
 the session are processes or threads with their own loop (see `nats_fixtures`), never tasks on
 a test's loop.
+
+No `OTEL_*` variable of the machine reaches the tests or the processes they start (a
+developer's collector would otherwise receive the suite's spans, and its settings change what
+the tracing tests see); a test that wants one sets it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 
@@ -24,6 +29,9 @@ from trace_helpers import *  # noqa: F403 - `spans` and `no_sdk`, the tracing fi
 
 from extreg.adapters.migrate import migrate
 from testsupport.pgprocess import PostgresProcess
+
+for _name in [n for n in os.environ if n.startswith("OTEL_")]:
+    del os.environ[_name]
 
 _counter = itertools.count()
 TASK_GRACE_S = 2.0  # for tasks cancelled during teardown to finish: they need a few loop turns

@@ -6,10 +6,15 @@ SDK, and `extreg serve` exporting over OTLP to a stand-in collector."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ import httpx
 import pytest
 import structlog
 from api_helpers import BUNDLED_POLICIES, SUPPORT_EN, make_tokens, samples_server, seed
-from cli_helpers import start_server, stop_server
+from cli_helpers import EXTREG, environment, start_server, stop_server
 from helpers import make_settings
 from invoke_helpers import constant, fixture_settings, listen, open_invoker, subject
 from nats.aio.client import Client
@@ -30,14 +35,21 @@ from trace_helpers import named
 
 from extreg import (
     ConfigError,
+    ExtensionError,
     ExtensionNotFound,
     InvalidResponse,
+    Invoker,
     MaxRetriesExceeded,
+    NoProvider,
+    Settings,
+    ValidatorBlocked,
     logs,
     tracing,
 )
 from extreg.adapters.migrate import migrate
+from extreg.local.natsserver import NatsServer
 from extreg.local.samples import SAMPLE_EXTENSIONS, SampleRunner
+from testsupport.otel import use_provider
 
 REQUEST = {"payload": {"payload": "Hello   World"}, "metadata": {}}
 
@@ -118,7 +130,7 @@ async def test_a_failed_call_is_an_error_span_with_an_event_per_attempt(
     tmp_path: Path, nats_url: str, nats_client: Client, spans: InMemorySpanExporter
 ) -> None:
     """Three attempts that time out: three `timeout` attempt events, status ERROR with the
-    error's reason, `error.type` and the exception recorded."""
+    error's reason, `error.type` and an `exception` event of the class and the reason."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("slow", on, timeout_ms=30, retry=2))
     async with listen(nats_client, on), open_invoker(settings) as inv:
@@ -132,7 +144,12 @@ async def test_a_failed_call_is_an_error_span_with_an_event_per_attempt(
         call.status.description,
     )
     assert "MaxRetriesExceeded" == (call.attributes or {})["error.type"]
-    assert ["exception"] == [e.name for e in call.events if e.name != "extreg.attempt"]
+    [exception] = [e for e in call.events if e.name != "extreg.attempt"]
+    assert ("exception", {"exception.type": "MaxRetriesExceeded"}) == (
+        exception.name,
+        {"exception.type": (exception.attributes or {})["exception.type"]},
+    )
+    assert raised.value.reason == (exception.attributes or {})["exception.message"]
 
 
 async def test_a_refused_call_is_an_error_span_too(
@@ -168,6 +185,74 @@ async def test_a_policy_run_is_the_parent_of_its_steps(
     assert trace.format_trace_id(run.context.trace_id) == result.context["trace_id"]
 
 
+def policy_settings(
+    tmp_path: Path, nats_url: str, records: list[dict[str, Any]], policy: dict[str, Any]
+) -> Settings:
+    settings = fixture_settings(tmp_path, nats_url, *records)
+    (settings.fixtures_dir / "policies").mkdir()
+    (settings.fixtures_dir / "policies" / "p.json").write_text(json.dumps(policy), "utf-8")
+    return settings
+
+
+async def test_a_blocked_run_is_no_error_and_its_cancelled_step_ends_quietly(
+    tmp_path: Path, nats_url: str, nats_client: Client, spans: InMemorySpanExporter
+) -> None:
+    """Two validators asked at once; the first blocks, so the second (never answering) is
+    cancelled. The policy span says `blocked` without ERROR; the cancelled call's span has
+    ended, not failed, with no attempt outcome and no exception."""
+    quick, silent = subject(), subject()
+    settings = policy_settings(
+        tmp_path,
+        nats_url,
+        [rec("a", quick, type="validator"), rec("b", silent, type="validator", timeout_ms=5000)],
+        {"policy_id": "p", "validators": [{"id": "a"}, {"id": "b"}]},
+    )
+    reject = json.dumps({"status": "reject", "reason": "no"}).encode()
+    async with (
+        listen(nats_client, quick, constant(reject)),
+        listen(nats_client, silent) as asked,
+        open_invoker(settings) as inv,
+    ):
+        with pytest.raises(ValidatorBlocked):
+            await inv.run_policy("p", {"payload": "hi"})
+    assert 1 == asked.count
+    [run] = named(spans, "extreg.policy p")
+    assert (StatusCode.UNSET, "blocked") == (
+        run.status.status_code,
+        (run.attributes or {})["extreg.policy.outcome"],
+    )
+    [cancelled] = named(spans, "extreg.invoke b")
+    assert StatusCode.UNSET == cancelled.status.status_code
+    assert [] == [e.name for e in cancelled.events]
+
+
+async def test_a_provider_hook_is_a_child_span_whose_error_keeps_its_secrets(
+    tmp_path: Path, nats_url: str, spans: InMemorySpanExporter
+) -> None:
+    """A `name:model` provider is an `extreg.provider_hook` span under the run; a hook that
+    raises with a key in its message fails the span by class only: the key is in no
+    attribute or event of any span."""
+    settings = policy_settings(tmp_path, nats_url, [], {"policy_id": "p", "providers": ["llm:gpt"]})
+
+    async def hook(name: str, message: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("GET https://llm.example/v1?api_key=SECRET-123 failed")
+
+    async with open_invoker(settings) as inv:
+        with pytest.raises(NoProvider):
+            await inv.run_policy("p", {"payload": "hi"}, provider=hook)
+    [run] = named(spans, "extreg.policy p")
+    [called] = named(spans, "extreg.provider_hook llm:gpt")
+    assert called.parent is not None and run.context is not None
+    assert run.context.span_id == called.parent.span_id
+    assert StatusCode.ERROR == called.status.status_code
+    exported = repr(
+        [(s.attributes, [(e.name, e.attributes) for e in s.events], s.status.description)
+         for s in spans.get_finished_spans()]
+    )  # fmt: skip
+    assert "SECRET" not in exported
+    assert "InvocationError" == (called.attributes or {})["error.type"]
+
+
 async def test_inside_a_span_log_lines_carry_its_ids(
     tmp_path: Path, nats_url: str, nats_client: Client, spans: InMemorySpanExporter
 ) -> None:
@@ -194,12 +279,18 @@ async def test_inside_a_span_log_lines_carry_its_ids(
 
 
 async def test_without_an_sdk_nothing_is_traced_or_sent(
-    tmp_path: Path, nats_url: str, nats_client: Client, no_sdk: None
+    tmp_path: Path,
+    nats_url: str,
+    nats_client: Client,
+    no_sdk: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No SDK and no parent span: `active()` is False and the headers hold only the ids."""
+    """No SDK and no parent span: `active()` is False, no span is even asked for (the tracer
+    fails on use) and the headers hold only the ids."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("x", on))
     assert not tracing.active()
+    monkeypatch.setattr(tracing, "TRACER", None)  # any span call would raise
     async with listen(nats_client, on, constant(b"{}")) as heard, open_invoker(settings) as inv:
         await inv.invoke("x", {"payload": 1}, {"tenant_id": "acme"})
     assert [{"tenant_id": "acme"}] == [m.headers for m in heard.messages]
@@ -237,7 +328,7 @@ class Collector:
     """A stand-in OpenTelemetry collector: accepts OTLP/HTTP trace exports, keeps the spans."""
 
     def __init__(self) -> None:
-        self.spans: list[tuple[str, str]] = []  # (service.name, span name)
+        self.spans: list[tuple[str, str, str, str]] = []  # (service, name, trace, parent)
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -261,7 +352,15 @@ class Collector:
         for resource in request.resource_spans:
             attributes = {a.key: a.value.string_value for a in resource.resource.attributes}
             for scope in resource.scope_spans:
-                self.spans += [(attributes.get("service.name", ""), s.name) for s in scope.spans]
+                self.spans += [
+                    (
+                        attributes.get("service.name", ""),
+                        s.name,
+                        s.trace_id.hex(),
+                        s.parent_span_id.hex(),
+                    )
+                    for s in scope.spans
+                ]
 
 
 @pytest.fixture
@@ -304,7 +403,102 @@ async def test_serve_exports_spans_when_an_otlp_endpoint_is_set(
             assert 200 == called.status_code, called.text
     finally:
         assert 0 == stop_server(proc)
-    assert ("extreg", "extreg.invoke normalize_text") in collector.spans
+    assert ("extreg", "extreg.invoke normalize_text") in [s[:2] for s in collector.spans]
+
+
+async def test_the_sample_extensions_command_exports_its_side_of_the_trace(
+    tmp_path: Path,
+    nats_server_factory: Callable[..., NatsServer],
+    collector: Collector,
+    spans: InMemorySpanExporter,
+) -> None:
+    """`extreg sample-extensions` with an OTLP endpoint: a traced call's extension-side span
+    reaches the collector as service `extreg-samples`, a child of the invocation's span
+    (the trace crossed a real NATS server into another process)."""
+    server = nats_server_factory()  # its own: the session's samples would share the calls
+    proc = await asyncio.create_subprocess_exec(
+        str(EXTREG),
+        "sample-extensions",
+        "--nats-url",
+        server.url,
+        env=environment(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with open_invoker(fixture_settings(tmp_path, server.url)) as inv:
+            for _ in range(200):  # until the samples answer
+                try:
+                    await inv.invoke("normalize_text", REQUEST)
+                    break
+                except ExtensionError:
+                    await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert 0 == await asyncio.wait_for(proc.wait(), 30)  # exits after exporting
+    [call] = [
+        s
+        for s in named(spans, "extreg.invoke normalize_text")
+        if s.status.status_code == StatusCode.UNSET
+    ]
+    assert call.context is not None
+    ids = trace.format_trace_id(call.context.trace_id), trace.format_span_id(call.context.span_id)
+    assert ("extreg-samples", "normalize_text process", *ids) in collector.spans
+
+
+@pytest.mark.parametrize(
+    ("variables", "problem"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:pw@127.0.0.1:4318"}, "holds credentials"),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://c.example/v1/traces?key=pw"},
+            "holds credentials",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4318"}, "must be an http:// or https:// URL"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-team=a,Authorization: Bearer pw",
+            },
+            "OTEL_EXPORTER_OTLP_HEADERS: item 2 is not name=value",
+        ),
+    ],
+)
+def test_export_settings_that_would_log_a_secret_are_refused(
+    variables: dict[str, str], problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint with a user, password or query (the exporter logs its URL on every failed
+    export) and a headers item without '=' (the SDK logs it whole): a `ConfigError` that
+    names the problem and not the secret, and no SDK set up."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(problem)) as raised:
+        tracing.export_from_env()
+    assert "pw" not in str(raised.value)
+    assert not tracing.provider_set()
+
+
+def test_the_service_is_named_by_the_resource_variables_first(
+    monkeypatch: pytest.MonkeyPatch, no_sdk: None
+) -> None:
+    """`service.name` from `OTEL_RESOURCE_ATTRIBUTES` is kept; without one, `extreg`."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    for attributes, expected in (("service.name=router-a", "router-a"), ("team=x", "extreg")):
+        monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", attributes)
+        stop = tracing.export_from_env()
+        assert stop is not None
+        try:
+            provider = trace.get_tracer_provider()
+            assert expected == provider.resource.attributes["service.name"]  # type: ignore[attr-defined]
+        finally:
+            use_provider(None)
+            stop()
+
+
+def test_invoke_is_a_coroutine_function() -> None:
+    """Embedders mock it (`create_autospec` makes an `AsyncMock` of it) and frameworks pick
+    `await` by `inspect.iscoroutinefunction`: it stays `async def`, traced or not."""
+    assert inspect.iscoroutinefunction(Invoker.invoke)
 
 
 def test_another_protocol_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,22 +6,28 @@ process without one pays next to nothing. What is traced (SPEC.md, "Observabilit
 - every invocation: a CLIENT span `extreg.invoke <extension id>` with the OpenTelemetry
   messaging attributes for NATS (`messaging.system`, `messaging.destination.name`, ...),
   `extreg.extension.id`/`.type`/`.version`, one `extreg.attempt` event per request sent, and
-  status ERROR with the exception when the call fails (`invocation`, `routed`, `attempt`);
+  status ERROR when the call fails (`invocation`, `routed`, `attempt`, `failed`);
 - every policy run: an INTERNAL span `extreg.policy <policy id>`, whose steps' invocation spans
-  (and provider-hook spans) are its children (`span`);
+  (and provider-hook spans) are its children (`span`); a blocked run is no error (its outcome
+  is an attribute), a failed one is.
+
+A failure is exported as its class and extreg's own `reason`, never as the exception's text or
+stack trace: a provider hook's or a library's message may hold a key or a URL.
 - across NATS: the W3C `traceparent`/`tracestate` (and `baggage`) go into the request headers
   (`inject`), and an extension continues the trace from them (`serving`, as the samples do);
 - from HTTP: an admin API invoke or policy run continues the trace of a request that carries a
   `traceparent` (`continued`).
 
 The fast path: `active()` is False when no SDK has set a tracer provider and the caller is in
-no span; the invoker then skips every span call (a no-op span still costs about 4 µs). With a
-remote parent and no SDK, spans are the API's non-recording ones, which still carry the
+no span; the invoker then skips every span call (even a no-op span makes objects and touches
+the context; docs/performance.md, "Tracing", has the figures). With a remote parent and no SDK, spans are the API's non-recording ones, which still carry the
 caller's trace on to the extension.
 
 `export_from_env()` is `extreg serve`'s: the SDK with an OTLP (HTTP/protobuf) exporter, only
 when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set. The SDK and
-exporter are the `otlp` extra (`pip install 'extreg[otlp]'`).
+exporter are the `otlp` extra (`pip install 'extreg[otlp]'`). An endpoint holding credentials
+(a user, a password, a query) or a malformed headers variable is refused: the exporter and the
+SDK would log them whole.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ log = structlog.get_logger("extreg.tracing")
 TRACER = trace.get_tracer("extreg")
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+HEADERS_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
 _INSTALL_HINT = "pip install 'extreg[otlp]'"
 _NATS = {
     "messaging.system": "nats",
@@ -58,8 +65,8 @@ _NATS = {
     "messaging.operation.name": "request",
 }
 
-# `trace.get_tracer_provider()` looks in os.environ on every call while no provider is set
-# (about 0.8 µs), too slow for a check made per invocation; the module global it reads is
+# `trace.get_tracer_provider()` looks in os.environ on every call while no provider is set,
+# slower than the whole check (bench/bench_tracing.py prints both); the module global it reads is
 # set once, by `set_tracer_provider`. Read it when this API version has it; otherwise fall
 # back to the public call (correct, only slower).
 trace.get_tracer_provider()  # loads a provider named by OTEL_PYTHON_TRACER_PROVIDER, if any
@@ -86,10 +93,14 @@ def active() -> bool:
 
 @contextlib.contextmanager
 def span(
-    name: str, kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None
+    name: str,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, Any] | None = None,
+    expected: tuple[type[Exception], ...] = (),
 ) -> Iterator[Span]:
-    """A current span around the block; an exception leaving it (a cancellation aside) sets
-    status ERROR with its reason, `error.type` and an exception event."""
+    """A current span around the block. An exception leaving it fails the span (`failed`),
+    unless it is one of `expected` (an outcome, not an error) or a cancellation (not an
+    `Exception`: the span just ends)."""
     with TRACER.start_as_current_span(
         name,
         kind=kind,
@@ -99,6 +110,8 @@ def span(
     ) as current:
         try:
             yield current
+        except expected:
+            raise
         except Exception as exc:
             failed(current, exc)
             raise
@@ -136,12 +149,15 @@ def attempt(current: Span, number: int, outcome: str) -> None:
 
 
 def failed(current: Span, exc: BaseException) -> None:
-    """Mark `current` failed by `exc` (its `reason` when it has one: no message text of
-    a library, which may hold a URL, reaches the description)."""
+    """Mark `current` failed by `exc`: status ERROR, `error.type`, and an `exception` event
+    with the class and extreg's `reason` only (see the module docstring: not
+    `record_exception`, which exports the message and the stack trace)."""
     reason = getattr(exc, "reason", None)
-    current.set_attribute("error.type", type(exc).__name__)
-    current.record_exception(exc)
-    current.set_status(Status(StatusCode.ERROR, reason if isinstance(reason, str) else None))
+    reason = reason if isinstance(reason, str) else None
+    name = type(exc).__name__
+    current.set_attribute("error.type", name)
+    current.add_event("exception", {"exception.type": name, "exception.message": reason or name})
+    current.set_status(Status(StatusCode.ERROR, reason))
 
 
 def inject(headers: dict[str, str] | None) -> dict[str, str]:
@@ -182,7 +198,12 @@ def serving(name: str, subject: str, headers: Mapping[str, str] | None) -> Itera
     attributes = {**_NATS, "messaging.operation.type": "process"}
     attributes["messaging.destination.name"] = subject
     with TRACER.start_as_current_span(
-        f"{name} process", context=parent, kind=SpanKind.SERVER, attributes=attributes
+        f"{name} process",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        record_exception=False,  # a sample answers its own errors; a cancellation is none
+        set_status_on_exception=False,
     ):
         yield
 
@@ -202,32 +223,65 @@ def export_from_env(service_name: str = "extreg") -> Callable[[], None] | None:
     the function that flushes and stops it, or None when tracing is not exported.
 
     Every other `OTEL_*` variable (headers, timeout, resource attributes, sampler,
-    `OTEL_SERVICE_NAME`) is read by the SDK itself. `ConfigError` when the endpoint is set but
-    the `otlp` extra is missing, or another protocol than HTTP/protobuf is asked for.
+    `OTEL_SERVICE_NAME`) is read by the SDK itself; `service_name` is used when they name no
+    service. `ConfigError` when the `otlp` extra is missing, another protocol than
+    HTTP/protobuf is asked for, or a variable would put a secret in the SDK's logs.
     """
-    endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
+    endpoint = _first(ENDPOINT_VARIABLES)
     if endpoint is None or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    protocol = next((os.environ[v] for v in PROTOCOL_VARIABLES if os.environ.get(v)), None)
-    if protocol not in (None, "http/protobuf"):
-        raise ConfigError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: extreg exports traces over "
-            "http/protobuf only (unset it, or set it to http/protobuf)"
-        )
+    _check_export_variables(endpoint[1])
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         raise ConfigError(
-            "OTEL_EXPORTER_OTLP_ENDPOINT is set, but the OpenTelemetry SDK and OTLP exporter "
-            f"are not installed: {_INSTALL_HINT}"
+            f"{endpoint[0]} is set, but the OpenTelemetry SDK and OTLP exporter are not "
+            f"installed: {_INSTALL_HINT}"
         ) from None
-    defaults = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
-    provider = TracerProvider(resource=Resource.create(defaults))
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-    where = urlsplit(endpoint)  # logged without a user, a password or a path
-    log.info("tracing_exported", collector=f"{where.scheme}://{where.netloc.rpartition('@')[2]}")
+    where = urlsplit(endpoint[1])
+    log.info("tracing_exported", collector=f"{where.scheme}://{where.netloc}")
     return provider.shutdown
+
+
+def _first(variables: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, value) of the first of `variables` set to something, or None."""
+    return next(((v, os.environ[v]) for v in variables if os.environ.get(v)), None)
+
+
+def _check_export_variables(endpoint: str) -> None:
+    """Refuse what the exporter cannot use or would log with its secrets (see `export_from_env`);
+    errors name the variable and the problem, never the value."""
+    protocol = _first(PROTOCOL_VARIABLES)
+    if protocol is not None and protocol[1] != "http/protobuf":
+        raise ConfigError(
+            f"{protocol[0]}={protocol[1]!r}: extreg exports traces over http/protobuf only "
+            "(unset it, or set it to http/protobuf)"
+        )
+    where = urlsplit(endpoint)
+    if where.scheme not in ("http", "https") or not where.hostname:
+        raise ConfigError(
+            "the OTLP endpoint must be an http:// or https:// URL with a host, "
+            "e.g. http://127.0.0.1:4318"
+        )
+    if "@" in where.netloc or where.query:
+        raise ConfigError(
+            "the OTLP endpoint holds credentials (a user, a password or a query), which the "
+            "exporter would log on every failed export: put them in "
+            "OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Bearer%20...) instead"
+        )
+    for variable in HEADERS_VARIABLES:
+        for number, item in enumerate(os.environ.get(variable, "").split(","), 1):
+            if item.strip() and "=" not in item:
+                raise ConfigError(
+                    f"{variable}: item {number} is not name=value (the SDK would log it "
+                    "whole, and it may hold a token); separate name and value with '='"
+                )

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -217,25 +217,18 @@ class Invoker:
         `extreg.invoke.pipeline`); a `PolicyResult` or a `PolicyError`."""
         return await self.pipeline.run(policy_id, message, context, provider)
 
-    def invoke(
+    async def invoke(
         self,
         extension_id: str,
         request: Mapping[str, Any],
         context: Mapping[str, Any] | None = None,
-    ) -> Coroutine[Any, Any, dict[str, Any]]:
-        """Call the extension once (plus retries on timeout): `await` it for its JSON reply,
-        or an error.
-
-        Traced as `extreg.invoke <id>` when `tracing.active()` (see `extreg.tracing`). A plain
-        function handing back the untraced coroutine itself, so the fast path costs the
-        check and no extra coroutine (about 0.5 µs; bench/bench_tracing.py)."""
-        if not tracing.active():
-            return self._invoke(extension_id, request, context, None)
-        return self._traced(extension_id, request, context)
-
-    async def _traced(
-        self, extension_id: str, request: Mapping[str, Any], context: Mapping[str, Any] | None
     ) -> dict[str, Any]:
+        """Call the extension once (plus retries on timeout); its JSON reply, or an error.
+
+        Traced as `extreg.invoke <id>` when `tracing.active()` (see `extreg.tracing`); the
+        untraced path costs the check and one coroutine call (docs/performance.md, "Tracing")."""
+        if not tracing.active():
+            return await self._invoke(extension_id, request, context, None)
         with tracing.invocation(extension_id) as span:
             return await self._invoke(extension_id, request, context, span)
 
@@ -285,7 +278,7 @@ class Invoker:
         send: Send = self._request
         if span is not None:
             hdrs = tracing.inject(hdrs)
-            send = _traced(send, span)
+            send = _counting_attempts(send, span)
         started = perf_counter()
         try:
             try:
@@ -419,7 +412,7 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def _traced(send: Send, span: Span) -> Send:
+def _counting_attempts(send: Send, span: Span) -> Send:
     """`send` that adds an `extreg.attempt` event to `span` for every request it makes."""
     number = 0
 

@@ -22,9 +22,10 @@ step exactly as to a direct call, once its extension is found still of the stage
   `provider` hook (copies of message and context, bounded by `extension_max_timeout_ms`, no
   breaker or health). A policy without providers ends after its validators.
 
-With tracing active (`extreg.tracing`), a run is an `extreg.policy <id>` span, its steps'
-invocations (and provider-hook calls) its children, and a run without a `trace_id` takes the
-span's trace id as its own, so log lines and envelopes name the same trace.
+With tracing active (`extreg.tracing`), a run is an `extreg.policy <id>` span with its outcome
+(`extreg.policy.outcome`; a block is no error there), its steps' invocations (and provider-hook
+calls) its children, and a run without a `trace_id` takes the span's trace id as its own, so
+log lines and envelopes name the same trace.
 
 A run reports to each of `observers` (the metrics, the dashboard's recent runs) once, at its end, with
 its outcome (`OUTCOMES`), its duration and its steps, so the per-step path does no metric
@@ -34,7 +35,6 @@ work. A blocked run logs one info line, a failed one one warning.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
@@ -94,7 +94,6 @@ OUTCOMES = ("ok", "blocked", "step_failed", "no_provider", "not_found", "disable
 or one ended by an exception outside `PolicyError`, is not reported."""
 NO_HOOK_REASON = "no provider hook was given for this name:model provider"
 _NO_STEPS: tuple[Step, ...] = ()
-_UNTRACED = contextlib.nullcontext()
 _NO_CONFIG: Mapping[str, Any] = {}
 _VALIDATOR, _PROVIDER = STAGE_TYPES["validators"], STAGE_TYPES["providers"]
 
@@ -142,8 +141,15 @@ class PipelineRunner:
             raise InvalidRecord(policy_id, problems, kind="context")
         if not tracing.active():
             return await self._run(policy_id, message, context, provider)
-        with tracing.span(f"extreg.policy {policy_id}", attributes={"extreg.policy.id": policy_id}):
-            return await self._run(policy_id, message, context, provider)
+        name, attributes = f"extreg.policy {policy_id}", {"extreg.policy.id": policy_id}
+        with tracing.span(name, attributes=attributes, expected=(ValidatorBlocked,)) as span:
+            try:
+                result = await self._run(policy_id, message, context, provider)
+            except PolicyError as exc:
+                span.set_attribute("extreg.policy.outcome", _outcome_of(exc))
+                raise
+            span.set_attribute("extreg.policy.outcome", "ok")
+            return result
 
     async def _run(
         self,
@@ -428,15 +434,21 @@ class _Run:
         metadata is cached per context object). Its failures are this provider's: an
         `ExtensionError` as raised, a `TimeoutError` (the bound's, or its own) an
         `ExtensionTimeout`, anything else an `InvocationError` naming the exception's class
-        only (its text may hold a key or a URL)."""
+        only (its text may hold a key or a URL). Traced as `extreg.provider_hook <name>`."""
+        if not tracing.active():
+            return await self._hook(name, message, ctx)
+        with tracing.span(f"extreg.provider_hook {name}"):
+            return await self._hook(name, message, ctx)
+
+    async def _hook(
+        self, name: str, message: dict[str, Any], ctx: dict[str, Any]
+    ) -> Mapping[str, Any]:
         hook = self.provider
         assert hook is not None  # `provide` passes over hook entries without one
         limit_ms = self.hook_timeout_ms
-        traced = tracing.span(f"extreg.provider_hook {name}") if tracing.active() else _UNTRACED
         try:
-            with traced:
-                async with asyncio.timeout(limit_ms / 1000):
-                    reply = await hook(name, dict(message), dict(ctx))
+            async with asyncio.timeout(limit_ms / 1000):
+                reply = await hook(name, dict(message), dict(ctx))
         except ExtensionError:
             raise
         except TimeoutError as exc:

@@ -203,24 +203,22 @@ class SampleRunner:
         self.calls["flaky"] += 1
         delay_ms = self.flaky.settings.delay_ms
         if delay_ms <= 0:
-            await self._flaky_answer(msg, self.flaky.should_fail())
+            with tracing.serving("flaky", msg.subject, msg.headers):
+                await self._flaky_answer(msg, self.flaky.should_fail())
             return
         task = asyncio.create_task(self._flaky_later(msg, delay_ms / 1000))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _flaky_later(self, msg: Msg, delay: float) -> None:
-        """A delayed flaky call, run as its own task."""
-        await asyncio.sleep(delay)
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await self._flaky_answer(msg, self.flaky.should_fail())
+        """A delayed flaky call, run as its own task (its span covers the delay)."""
+        with tracing.serving("flaky", msg.subject, msg.headers):
+            await asyncio.sleep(delay)
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._flaky_answer(msg, self.flaky.should_fail())
 
     async def _flaky_answer(self, msg: Msg, fail: bool) -> None:
         """Send the flaky reply: the payload unchanged, nothing, or an invalid body."""
-        with tracing.serving("flaky", msg.subject, msg.headers):
-            await self._flaky_reply(msg, fail)
-
-    async def _flaky_reply(self, msg: Msg, fail: bool) -> None:
         reply_to = msg.reply
         if fail:
             if self.flaky.settings.failure_mode == "invalid":
@@ -275,9 +273,15 @@ async def serve_forever(
 def main(
     nats_url: str | SecretStr = DEFAULT_NATS_URL, *, names: Iterable[str] | None = None
 ) -> None:
-    """Blocking entry point of `extreg sample-extensions`: serve until interrupted."""
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(nats_url, names=names))
+    """Blocking entry point of `extreg sample-extensions`: serve until interrupted. With
+    `OTEL_EXPORTER_OTLP_ENDPOINT` set, their spans are exported as `extreg-samples`."""
+    stop_tracing = tracing.export_from_env(service_name="extreg-samples")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_forever(nats_url, names=names))
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()
 
 
 # ---- helpers ----------------------------------------------------------------------------
