@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     circuit_breaker_error_rate_threshold: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
     circuit_breaker_window_seconds: float = Field(60, gt=0, allow_inf_nan=False)
     circuit_breaker_min_calls: int = Field(10, ge=1)
+    # A call slower than this counts as slow (0: off); slow calls open the circuit like
+    # failures once their share of the window reaches the threshold (health: successes).
+    circuit_breaker_slow_call_duration_ms: int = Field(0, ge=0)
+    circuit_breaker_slow_call_rate_threshold: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     auto_disable_on_circuit_open: bool = False
     auto_enable_on_circuit_close: bool = False
     health_based_routing_enabled: bool = False
@@ -100,6 +104,10 @@ class Settings(BaseSettings):
     extension_max_metadata_size: int = Field(65_536, ge=1)
     extension_max_timeout_ms: int = Field(60_000, ge=1)
     extension_max_retries: int = Field(10, ge=0)
+    # Overload protection on one node: calls in flight per extension (0: unlimited; metadata
+    # `max_concurrency` overrides), and a limit that follows measured latency.
+    extension_max_concurrency: int = Field(0, ge=0)
+    adaptive_concurrency_enabled: bool = False
     # Routing policies (the original's depth limits: security against runaway pipelines).
     extension_max_pipeline_depth: int = Field(10, ge=1)  # pre + validators + post items
     extension_max_pre_count: int = Field(5, ge=0)
