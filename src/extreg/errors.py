@@ -30,6 +30,7 @@
         ├── ExtensionDisabled
         ├── CircuitOpen
         │   └── HealthRefused       health-based routing refused: success rate too low
+        ├── Overloaded              the extension's bulkhead is full on this node; not its failure
         ├── ExtensionTimeout
         ├── MaxRetriesExceeded
         ├── InvalidResponse
@@ -239,6 +240,14 @@ class HealthRefused(CircuitOpen):
     """Health-based routing refused the call: the extension's recent success rate is too low."""
 
     reason_default = "recent success rate is below health_based_routing_min_success_rate"
+
+
+class Overloaded(ExtensionError):
+    """As many calls to the extension are in flight on this node as its limit allows
+    (`extension_max_concurrency`, metadata `max_concurrency`, or the adaptive limit): refused
+    at once, never queued, and not counted as the extension's failure."""
+
+    reason_default = "too many calls in flight to this extension"
 
 
 class ExtensionTimeout(ExtensionError):

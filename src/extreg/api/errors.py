@@ -40,6 +40,7 @@ from ..errors import (
     MaxRetriesExceeded,
     NatsUnavailable,
     NoProvider,
+    Overloaded,
     PayloadTooLarge,
     PolicyDisabled,
     PolicyError,
@@ -65,6 +66,7 @@ STATUS: dict[type[ExtregError], int] = {
     NatsUnavailable: 503,
     SnapshotFileError: 503,
     CircuitOpen: 503,
+    Overloaded: 503,
     ExtensionTimeout: 504,
     MaxRetriesExceeded: 504,
     PayloadTooLarge: 413,
@@ -84,6 +86,7 @@ STATUS: dict[type[ExtregError], int] = {
 # now: its circuit is open, it is disabled or gone, our NATS is down) or a 504 (it timed out).
 UNAVAILABLE: tuple[type[ExtensionError], ...] = (
     CircuitOpen,
+    Overloaded,
     ExtensionDisabled,
     ExtensionNotFound,
     TransportUnavailable,
