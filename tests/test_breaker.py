@@ -40,9 +40,11 @@ def fail(breakers: CircuitBreakers, times: int, extension_id: str = EXT) -> None
         breakers.record_failure(extension_id)
 
 
-def succeed(breakers: CircuitBreakers, times: int, extension_id: str = EXT) -> None:
+def succeed(
+    breakers: CircuitBreakers, times: int, extension_id: str = EXT, seconds: float = 0.0
+) -> None:
     for _ in range(times):
-        breakers.record_success(extension_id)
+        breakers.record_success(extension_id, seconds)
 
 
 @pytest.fixture
@@ -426,6 +428,188 @@ def test_forcing_a_disabled_breaker_is_refused(clock: FakeClock, action: str) ->
     assert ("disabled", {}) == (breakers.state(EXT), breakers.states())
 
 
+# -- slow calls -----------------------------------------------------------------------------------
+
+FAST, SLOW = 0.05, 0.2  # seconds, either side of the 100 ms threshold below
+
+
+def test_slow_calls_open_the_circuit_without_any_error(clock: FakeClock) -> None:
+    """closed -> open when slow successes reach the slow-call share of >= min_calls window
+    calls; no call failed, and the callbacks see the same transition as for errors."""
+    breakers = make(clock, min_calls=10, slow_call_duration_ms=100, slow_call_rate_threshold=0.5)
+    seen: list[tuple[str, str, str]] = []
+    breakers.on_state_change(lambda *change: seen.append(change))
+    succeed(breakers, 5, seconds=FAST)
+    succeed(breakers, 4, seconds=SLOW)
+    assert "closed" == breakers.state(EXT)  # 9 calls: below min_calls
+    succeed(breakers, 1, seconds=SLOW)  # 10 calls, 5 slow: 0.5
+    snapshot = breakers.snapshot(EXT)
+    assert ("open", 0) == (snapshot.state, snapshot.window_failures)
+    assert "5 of 10 calls were slower than 100 ms in the window" == snapshot.open_reason
+    assert [(EXT, "closed", "open")] == seen
+    with pytest.raises(CircuitOpen, match="slower than 100 ms"):
+        breakers.check_circuit(EXT)
+
+
+def test_slow_share_below_threshold_keeps_the_circuit_closed(clock: FakeClock) -> None:
+    """A slow share under the threshold never opens the circuit, however many calls."""
+    breakers = make(clock, min_calls=10, slow_call_duration_ms=100, slow_call_rate_threshold=0.5)
+    for _ in range(20):
+        succeed(breakers, 2, seconds=FAST)
+        succeed(breakers, 1, seconds=SLOW)
+    snapshot = breakers.snapshot(EXT)
+    assert ("closed", 60, 20) == (
+        snapshot.state,
+        snapshot.window_calls,
+        snapshot.window_slow_calls,
+    )
+
+
+def test_a_call_as_long_as_the_threshold_is_not_slow(clock: FakeClock) -> None:
+    """Slow means slower than `slow_call_duration_ms` (as resilience4j): 100 ms exactly is not."""
+    breakers = make(clock, min_calls=1, slow_call_duration_ms=100, slow_call_rate_threshold=0.1)
+    succeed(breakers, 5, seconds=0.1)
+    assert ("closed", 0) == (breakers.state(EXT), breakers.snapshot(EXT).window_slow_calls)
+    succeed(breakers, 1, seconds=0.1001)  # 1 slow of 6
+    assert "open" == breakers.state(EXT)
+
+
+def test_slow_calls_older_than_the_window_do_not_count(clock: FakeClock) -> None:
+    """Slow calls that left the window are forgotten, like failures."""
+    breakers = make(
+        clock,
+        min_calls=4,
+        slow_call_duration_ms=100,
+        slow_call_rate_threshold=0.5,
+        window_seconds=10,
+    )
+    succeed(breakers, 3, seconds=SLOW)
+    clock.advance(11)
+    succeed(breakers, 3, seconds=FAST)
+    succeed(breakers, 1, seconds=SLOW)  # the window holds 4 calls, 1 slow; with the old, 4/7
+    snapshot = breakers.snapshot(EXT)
+    assert ("closed", 4, 1) == (snapshot.state, snapshot.window_calls, snapshot.window_slow_calls)
+
+
+def test_slow_and_failed_calls_are_judged_apart(clock: FakeClock) -> None:
+    """Each rule judges its own share of the window: 4 slow and 4 failed calls out of 10 open
+    neither at 0.5 (a failure is never also counted as slow)."""
+    breakers = make(
+        clock,
+        failure_threshold=100,
+        min_calls=10,
+        error_rate_threshold=0.5,
+        slow_call_duration_ms=100,
+        slow_call_rate_threshold=0.5,
+    )
+    for _ in range(4):
+        succeed(breakers, 1, seconds=SLOW)
+        fail(breakers, 1)
+    succeed(breakers, 2, seconds=FAST)
+    snapshot = breakers.snapshot(EXT)
+    assert ("closed", 10, 4, 4) == (
+        snapshot.state,
+        snapshot.window_calls,
+        snapshot.window_failures,
+        snapshot.window_slow_calls,
+    )
+
+
+def test_slow_trial_call_reopens_for_a_full_timeout(clock: FakeClock) -> None:
+    """half_open -> open when a trial call succeeds but slowly (resilience4j counts it against
+    the trial too): a trial is asked whether the extension is well again, and slow is not."""
+    breakers = make(clock, failure_threshold=1, timeout_seconds=5, slow_call_duration_ms=100)
+    fail(breakers, 1)
+    clock.advance(5)
+    breakers.check_circuit(EXT)
+    succeed(breakers, 1, seconds=SLOW)
+    snapshot = breakers.snapshot(EXT)
+    assert ("open", "a trial call was slower than 100 ms while half-open") == (
+        snapshot.state,
+        snapshot.open_reason,
+    )
+    clock.advance(4.9)
+    with pytest.raises(CircuitOpen):
+        breakers.check_circuit(EXT)
+    clock.advance(0.1)
+    breakers.check_circuit(EXT)
+    succeed(breakers, 1, seconds=FAST)
+    assert "closed" == breakers.state(EXT)
+
+
+def test_slow_calls_off_by_default_change_nothing(clock: FakeClock) -> None:
+    """With `slow_call_duration_ms` 0 (the default) no duration is slow: an hour-long success
+    counts like any success, closed and half-open alike."""
+    breakers = make(clock, failure_threshold=1, min_calls=1, timeout_seconds=5)
+    assert (0, 1.0) == (
+        breakers.config.slow_call_duration_ms,
+        breakers.config.slow_call_rate_threshold,
+    )
+    succeed(breakers, 20, seconds=3600.0)
+    snapshot = breakers.snapshot(EXT)
+    assert ("closed", 20, 0) == (snapshot.state, snapshot.window_calls, snapshot.window_slow_calls)
+    fail(breakers, 1)
+    clock.advance(5)
+    breakers.check_circuit(EXT)
+    succeed(breakers, 1, seconds=3600.0)
+    assert "closed" == breakers.state(EXT)
+
+
+def test_slow_call_metadata_overrides_apply_to_one_extension(clock: FakeClock) -> None:
+    """Both slow-call settings are `circuit_breaker_*` metadata overrides, flat or nested, and
+    can turn slow calls on (or off) for one extension."""
+    breakers = make(clock, min_calls=2)
+    config = breakers.configure(
+        EXT,
+        {
+            "circuit_breaker_slow_call_duration_ms": 100,
+            "circuit_breaker": {"slow_call_rate_threshold": 0.5},
+        },
+    )
+    assert (100, 0.5) == (config.slow_call_duration_ms, config.slow_call_rate_threshold)
+    succeed(breakers, 1, seconds=FAST)
+    succeed(breakers, 1, seconds=SLOW)
+    succeed(breakers, 2, "pii_guard", seconds=SLOW)
+    assert {EXT: "open", "pii_guard": "closed"} == breakers.states()
+    on = make(clock, min_calls=1, slow_call_duration_ms=100)
+    off = on.configure(EXT, {"circuit_breaker_slow_call_duration_ms": 0})
+    succeed(on, 1, seconds=SLOW)
+    assert 0 == off.slow_call_duration_ms
+    assert "closed" == on.state(EXT)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("slow_call_duration_ms", -1, "must be at least 0"),
+        ("slow_call_duration_ms", 1.5, "must be an integer"),
+        ("slow_call_duration_ms", "100", "must be an integer"),
+        ("slow_call_duration_ms", True, "must be an integer"),
+        ("slow_call_rate_threshold", 0, "must be greater than 0"),
+        ("slow_call_rate_threshold", 1.5, "must be at most 1"),
+        ("slow_call_rate_threshold", float("nan"), "must be greater than 0"),
+        ("slow_call_rate_threshold", "half", "must be a number"),
+    ],
+)
+def test_bad_slow_call_values_are_refused_naming_the_key(
+    clock: FakeClock, key: str, value: Any, message: str
+) -> None:
+    """A bad slow-call value is refused as metadata (flat or nested, the path named) and as
+    configuration (the key named)."""
+    breakers = make(clock)
+    for metadata, field in (
+        ({f"circuit_breaker_{key}": value}, f"metadata.circuit_breaker_{key}"),
+        ({"circuit_breaker": {key: value}}, f"metadata.circuit_breaker.{key}"),
+    ):
+        with pytest.raises(InvalidRecord) as caught:
+            breakers.configure(EXT, metadata)
+        assert [field] == [f for f, _ in caught.value.problems]
+        assert message in caught.value.problems[0][1]
+        assert caught.value.problems == breaker_override_problems(metadata)
+    with pytest.raises(ValueError, match=f"{key}: {message}"):
+        BreakerConfig(**{key: value})
+
+
 def test_config_comes_from_the_settings_keys() -> None:
     """BreakerConfig.from_settings reads every circuit_breaker_* key."""
     settings = Settings.load(
@@ -437,8 +621,10 @@ def test_config_comes_from_the_settings_keys() -> None:
         circuit_breaker_error_rate_threshold=0.25,
         circuit_breaker_window_seconds=30,
         circuit_breaker_min_calls=4,
+        circuit_breaker_slow_call_duration_ms=250,
+        circuit_breaker_slow_call_rate_threshold=0.8,
     )
-    expected = BreakerConfig(True, 7, 12.0, 2, 0.25, 30.0, 4)
+    expected = BreakerConfig(True, 7, 12.0, 2, 0.25, 30.0, 4, 250, 0.8)
     assert expected == BreakerConfig.from_settings(settings)
     assert True is CircuitBreakers.from_settings(settings).enabled
 
@@ -483,22 +669,30 @@ class ReferenceBreaker:
     def __init__(self, config: BreakerConfig, width: float, buckets: int) -> None:
         self.config, self.width, self.buckets = config, width, buckets
         self.state = "closed"
-        self.calls: list[tuple[float, bool]] = []  # (bucket, failed) while closed
+        self.calls: list[tuple[float, bool, bool]] = []  # (bucket, failed, slow) while closed
         self.opened_at = self.half_open_since = 0.0
         self.admitted = 0
         self.forced = False
 
     def streak(self) -> int:
         count = 0
-        for _, failed in reversed(self.calls):
+        for _, failed, _ in reversed(self.calls):
             if not failed:
                 break
             count += 1
         return count
 
-    def window(self, now: float) -> list[bool]:
+    def window(self, now: float) -> list[tuple[bool, bool]]:
+        """(failed, slow) of every call in the window."""
         current = now // self.width
-        return [failed for bucket, failed in self.calls if bucket > current - self.buckets]
+        return [(f, s) for bucket, f, s in self.calls if bucket > current - self.buckets]
+
+    def share(self, now: float, which: int) -> float | None:
+        """The failed (0) or slow (1) share of the window; None below min_calls."""
+        window = self.window(now)
+        if len(window) < self.config.min_calls:
+            return None
+        return sum(call[which] for call in window) / len(window)
 
     def to(self, state: str, now: float) -> None:
         if state == "open":
@@ -531,18 +725,24 @@ class ReferenceBreaker:
         self.admitted += 1
         return True
 
-    def record(self, now: float, failed: bool) -> None:
+    def record(self, now: float, failed: bool, seconds: float) -> None:
+        config = self.config
+        ms = config.slow_call_duration_ms
+        slow = not failed and ms > 0 and seconds * 1000 > ms
         if self.state == "half_open":
-            self.to("open" if failed else "closed", now)
+            self.to("open" if failed or slow else "closed", now)
         elif self.state == "closed":
-            self.calls.append((now // self.width, failed))
-            window = self.window(now)
-            if failed and (
-                self.streak() >= self.config.failure_threshold
-                or (
-                    len(window) >= self.config.min_calls
-                    and sum(window) / len(window) >= self.config.error_rate_threshold
+            self.calls.append((now // self.width, failed, slow))
+            failed_share = self.share(now, 0)
+            slow_share = self.share(now, 1)
+            if (
+                failed
+                and (
+                    self.streak() >= config.failure_threshold
+                    or (failed_share is not None and failed_share >= config.error_rate_threshold)
                 )
+            ) or (
+                slow and slow_share is not None and slow_share >= config.slow_call_rate_threshold
             ):
                 self.to("open", now)
 
@@ -561,6 +761,8 @@ class BreakerMachine(RuleBasedStateMachine):
         error_rate_threshold=st.sampled_from([0.25, 0.5, 0.75, 1.0]),
         window_seconds=st.sampled_from([1.0, 4.0, 8.0]),
         min_calls=st.integers(1, 8),
+        slow_call_duration_ms=st.sampled_from([0, 100]),
+        slow_call_rate_threshold=st.sampled_from([0.25, 0.5, 1.0]),
     )
     def setup(self, **values: Any) -> None:
         config = BreakerConfig(enabled=True, **values)
@@ -583,13 +785,13 @@ class BreakerMachine(RuleBasedStateMachine):
             admitted = False
         assert expected == admitted
 
-    @rule(failed=st.booleans())
-    def record(self, failed: bool) -> None:
-        self.model.record(self.clock.now, failed)
+    @rule(failed=st.booleans(), seconds=st.sampled_from([0.0, 0.05, 0.1, 0.2]))
+    def record(self, failed: bool, seconds: float) -> None:
+        self.model.record(self.clock.now, failed, seconds)
         if failed:
             self.breakers.record_failure(EXT)
         else:
-            self.breakers.record_success(EXT)
+            self.breakers.record_success(EXT, seconds)
 
     @rule()
     def force_open(self) -> None:
@@ -613,10 +815,13 @@ class BreakerMachine(RuleBasedStateMachine):
         if self.model.state == "closed":
             snapshot = self.breakers.snapshot(EXT)
             window = self.model.window(self.clock.now)
-            assert (self.model.streak(), len(window), sum(window)) == (
+            failed = sum(f for f, _ in window)
+            slow = sum(s for _, s in window)
+            assert (self.model.streak(), len(window), failed, slow) == (
                 snapshot.consecutive_failures,
                 snapshot.window_calls,
                 snapshot.window_failures,
+                snapshot.window_slow_calls,
             )
 
 

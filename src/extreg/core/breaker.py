@@ -3,10 +3,10 @@
 Written here rather than taken from a library because it is the product's core: it runs on
 every invocation, its states are part of the contract (`closed`, `open`, `half_open`), and it
 needs things no library offered together: one state per extension id in one registry, an
-error-rate window next to the consecutive-failure rule, per-extension overrides from metadata,
-half-open admission counted at check time, an injectable clock, and a closed-circuit cost of a
-few hundred nanoseconds (`bench/bench_breaker.py` compares it with pybreaker, aiobreaker,
-circuitbreaker and purgatory).
+error-rate window and a slow-call share next to the consecutive-failure rule, per-extension
+overrides from metadata, half-open admission counted at check time, an injectable clock, and a
+closed-circuit cost of a few hundred nanoseconds (`bench/bench_breaker.py` compares it with
+pybreaker, aiobreaker, circuitbreaker and purgatory).
 
 Rules, per extension:
 
@@ -14,20 +14,30 @@ Rules, per extension:
   failure share of the calls in the last `window_seconds` to `error_rate_threshold` or more
   and the window holds at least `min_calls` calls. The error-rate rule is evaluated when a
   failure is recorded.
+- closed -> open, too, when a slow success brings the slow share of the calls in the same
+  window to `slow_call_rate_threshold` or more and the window holds at least `min_calls` calls
+  (resilience4j's slow-call threshold). A success is slow when its `duration_s` is over
+  `slow_call_duration_ms` (0, the default, turns the rule off). Only successes are judged
+  slow: a failure counts as a failure already, and each rule judges its own share. The rule is
+  evaluated when a slow success is recorded. Slowness is the breaker's business alone: health
+  still counts a slow call as the success it is.
 - open -> half_open once `timeout_seconds` have passed (lazily: on the next `check_circuit`,
   `update_state` or `state`). A circuit opened by `force_open` stays open until
   `force_close` or `reset`.
 - half_open admits at most `half_open_max_requests` trial calls, counted when
   `check_circuit` admits them (so any number of concurrent asyncio calls cannot over-admit).
-  A success closes the circuit, a failure opens it again. If the admitted trials report
-  nothing for `timeout_seconds` (a cancelled call), a new round of trials is admitted.
-- closing or opening clears the failure streak and the error-rate window.
+  A success closes the circuit, a failure opens it again, and so does a slow success: a trial
+  asks whether the extension is well again, and slow is not well (resilience4j counts a slow
+  trial against the circuit too). If the admitted trials report nothing for
+  `timeout_seconds` (a cancelled call), a new round of trials is admitted.
+- closing or opening clears the failure streak and the window (calls, failures, slow calls).
 - `record_*` never applies a time-based transition; a result recorded while open is ignored.
 
 The window is bucketed: at most 60 buckets of `window_seconds / buckets` seconds (1-second
 buckets for windows up to 60 s). The window is the current bucket and the ones before it, so it
 spans between `window_seconds - width` and `window_seconds`; recording a call is a clock read
-and a couple of integer increments, not a list append.
+and a couple of integer increments, not a list append. With slow calls off the threshold is
+infinite, so the duration costs a success one float comparison.
 
 With `circuit_breaker_enabled` false (the default) there are no circuits: every call is
 admitted, nothing is recorded, and every reading (`check_circuit`, `state`, `states`,
@@ -104,6 +114,8 @@ class BreakerConfig:
     error_rate_threshold: float = 0.5
     window_seconds: float = 60.0
     min_calls: int = 10
+    slow_call_duration_ms: int = 0
+    slow_call_rate_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         problems = _value_problems(
@@ -123,27 +135,42 @@ class BreakerConfig:
             error_rate_threshold=settings.circuit_breaker_error_rate_threshold,
             window_seconds=settings.circuit_breaker_window_seconds,
             min_calls=settings.circuit_breaker_min_calls,
+            slow_call_duration_ms=settings.circuit_breaker_slow_call_duration_ms,
+            slow_call_rate_threshold=settings.circuit_breaker_slow_call_rate_threshold,
         )
 
 
-_INT_KEYS: Final = ("failure_threshold", "half_open_max_requests", "min_calls")
-_FLOAT_KEYS: Final = ("timeout_seconds", "error_rate_threshold", "window_seconds")
+_INT_MINIMUMS: Final = {
+    "failure_threshold": 1,
+    "half_open_max_requests": 1,
+    "min_calls": 1,
+    "slow_call_duration_ms": 0,  # 0: slow calls off
+}
+_INT_KEYS: Final = tuple(_INT_MINIMUMS)
+_FLOAT_KEYS: Final = (
+    "timeout_seconds",
+    "error_rate_threshold",
+    "window_seconds",
+    "slow_call_rate_threshold",
+)
+_SHARE_KEYS: Final = ("error_rate_threshold", "slow_call_rate_threshold")  # at most 1
 OVERRIDE_KEYS: Final = (*_INT_KEYS, *_FLOAT_KEYS)
 
 
 def _value_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     problems = []
     for key, value in values.items():
-        if key in _INT_KEYS:
+        if key in _INT_MINIMUMS:
+            lowest = _INT_MINIMUMS[key]
             if isinstance(value, bool) or not isinstance(value, int):
                 problems.append((key, f"must be an integer (got {value!r})"))
-            elif value < 1:
-                problems.append((key, f"must be at least 1 (got {value!r})"))
+            elif value < lowest:
+                problems.append((key, f"must be at least {lowest} (got {value!r})"))
         elif isinstance(value, bool) or not isinstance(value, int | float):
             problems.append((key, f"must be a number (got {value!r})"))
         elif not math.isfinite(value) or value <= 0:
             problems.append((key, f"must be greater than 0 (got {value!r})"))
-        elif key == "error_rate_threshold" and value > 1:
+        elif key in _SHARE_KEYS and value > 1:
             problems.append((key, f"must be at most 1 (got {value!r})"))
     return problems
 
@@ -199,6 +226,7 @@ class CircuitSnapshot:
     consecutive_failures: int
     window_calls: int
     window_failures: int
+    window_slow_calls: int
     half_open_admitted: int
     opened_at: datetime | None
     open_reason: str | None
@@ -213,6 +241,7 @@ class CircuitSnapshot:
             "consecutive_failures": self.consecutive_failures,
             "window_calls": self.window_calls,
             "window_failures": self.window_failures,
+            "window_slow_calls": self.window_slow_calls,
             "half_open_admitted": self.half_open_admitted,
             "opened_at": iso_seconds(self.opened_at),
             "open_reason": self.open_reason,
@@ -231,6 +260,7 @@ class _Circuit:
         "consecutive",
         "cur_calls",
         "cur_failures",
+        "cur_slow",
         "extension_id",
         "forced",
         "half_open_since",
@@ -240,9 +270,12 @@ class _Circuit:
         "opened_wall",
         "ring_calls",
         "ring_failures",
+        "ring_slow",
+        "slow_s",
         "state",
         "sum_calls",
         "sum_failures",
+        "sum_slow",
         "width",
     )
 
@@ -259,17 +292,22 @@ class _Circuit:
         self.width = 0.0
         self.ring_calls: list[int] = []
         self.ring_failures: list[int] = []
+        self.ring_slow: list[int] = []
         self.set_config(config)
 
     def set_config(self, config: BreakerConfig) -> None:
         """Adopt `config`; a new window geometry starts an empty window."""
         self.config = config
+        ms = config.slow_call_duration_ms
+        # infinite when off, so the hot path's one comparison is never true
+        self.slow_s = ms / 1000.0 if ms else math.inf
         buckets = max(1, min(MAX_BUCKETS, math.ceil(config.window_seconds)))
         width = config.window_seconds / buckets
         if width != self.width or buckets != len(self.ring_calls):
             self.width = width
             self.ring_calls = [0] * buckets
             self.ring_failures = [0] * buckets
+            self.ring_slow = [0] * buckets
             consecutive = self.consecutive
             self.clear_counts()
             self.consecutive = consecutive
@@ -280,11 +318,12 @@ class _Circuit:
         self.bucket: float | None = None  # number of the current bucket: time // width
         self.bucket_end = -math.inf  # when the current bucket ends
         self.index = 0
-        self.cur_calls = self.cur_failures = 0
-        self.sum_calls = self.sum_failures = 0  # the ring's buckets, the current one excluded
-        ring_calls, ring_failures = self.ring_calls, self.ring_failures
+        self.cur_calls = self.cur_failures = self.cur_slow = 0
+        # the ring's buckets, the current one excluded
+        self.sum_calls = self.sum_failures = self.sum_slow = 0
+        ring_calls, ring_failures, ring_slow = self.ring_calls, self.ring_failures, self.ring_slow
         for i in range(len(ring_calls)):
-            ring_calls[i] = ring_failures[i] = 0
+            ring_calls[i] = ring_failures[i] = ring_slow[i] = 0
 
     def advance(self, now: float) -> None:
         """Move the window to the bucket of `now`, expiring the buckets that fell out of it."""
@@ -296,18 +335,22 @@ class _Circuit:
         steps = int(bucket - self.bucket)
         if steps <= 0:
             return
-        ring_calls, ring_failures, index = self.ring_calls, self.ring_failures, self.index
+        ring_calls, ring_failures, ring_slow = self.ring_calls, self.ring_failures, self.ring_slow
+        index = self.index
         ring_calls[index] = self.cur_calls
         ring_failures[index] = self.cur_failures
+        ring_slow[index] = self.cur_slow
         self.sum_calls += self.cur_calls
         self.sum_failures += self.cur_failures
-        self.cur_calls = self.cur_failures = 0
+        self.sum_slow += self.cur_slow
+        self.cur_calls = self.cur_failures = self.cur_slow = 0
         size = len(ring_calls)
         for _ in range(min(steps, size)):
             index = index + 1 if index + 1 < size else 0
             self.sum_calls -= ring_calls[index]
             self.sum_failures -= ring_failures[index]
-            ring_calls[index] = ring_failures[index] = 0
+            self.sum_slow -= ring_slow[index]
+            ring_calls[index] = ring_failures[index] = ring_slow[index] = 0
         self.index = index
         self.bucket = bucket
 
@@ -364,8 +407,9 @@ class CircuitBreakers:
             self._admit(circuit)
         return circuit.state
 
-    def record_success(self, extension_id: str) -> None:
-        """Record a successful call; closes a half-open circuit."""
+    def record_success(self, extension_id: str, duration_s: float = 0.0) -> None:
+        """Record a successful call that took `duration_s` seconds (0.0, unmeasured, is never
+        slow); a slow one may open the circuit, any other closes a half-open one."""
         if self._disabled:
             return
         try:
@@ -378,8 +422,17 @@ class CircuitBreakers:
                 circuit.advance(now)
             circuit.cur_calls += 1
             circuit.consecutive = 0
+            if duration_s > circuit.slow_s:
+                self._record_slow(circuit, now)
         elif circuit.state is HALF_OPEN:
-            self._close(circuit)
+            if duration_s > circuit.slow_s:
+                reason = (
+                    f"a trial call was slower than {circuit.config.slow_call_duration_ms} ms "
+                    "while half-open"
+                )
+                self._open(circuit, self._clock(), reason)
+            else:
+                self._close(circuit)
 
     def record_failure(self, extension_id: str) -> None:
         """Record a failed call; may open the circuit (see the module's rules)."""
@@ -455,6 +508,7 @@ class CircuitBreakers:
             consecutive_failures=circuit.consecutive,
             window_calls=circuit.sum_calls + circuit.cur_calls,
             window_failures=circuit.sum_failures + circuit.cur_failures,
+            window_slow_calls=circuit.sum_slow + circuit.cur_slow,
             half_open_admitted=circuit.admitted if state is HALF_OPEN else 0,
             opened_at=None if opened is None else datetime.fromtimestamp(opened, UTC),
             open_reason=circuit.open_reason if state is not CLOSED else None,
@@ -551,6 +605,21 @@ class CircuitBreakers:
             )
             raise CircuitOpen(circuit.extension_id, reason, 0)
         circuit.admitted += 1
+
+    def _record_slow(self, circuit: _Circuit, now: float) -> None:
+        """Count a slow success of a closed circuit (already counted as a call) and apply the
+        slow-call rule; kept apart so the common success stays short."""
+        circuit.cur_slow += 1
+        config = circuit.config
+        calls = circuit.sum_calls + circuit.cur_calls
+        if calls >= config.min_calls:
+            slow = circuit.sum_slow + circuit.cur_slow
+            if slow / calls >= config.slow_call_rate_threshold:
+                reason = (
+                    f"{slow} of {calls} calls were slower than {config.slow_call_duration_ms} ms "
+                    "in the window"
+                )
+                self._open(circuit, now, reason)
 
     def _open(self, circuit: _Circuit, now: float, reason: str) -> None:
         circuit.opened_at = now
