@@ -309,7 +309,7 @@ class Invoker:
             )
             raise
         seconds = perf_counter() - started
-        self.breaker.record_success(extension_id)
+        self.breaker.record_success(extension_id, seconds)
         self.health.record(extension_id, True, seconds * 1000.0)
         if observer is not None:
             observer(extension_id, ext.type, target.version, "ok", seconds)
