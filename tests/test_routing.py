@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -12,7 +11,15 @@ import pytest
 
 from extreg.core.envelope import encode_envelope, headers
 from extreg.core.model import Extension, Instance, Version, limit_problems
-from extreg.core.routing import Limits, Route, Target, choose_weighted, rules_match, select_version
+from extreg.core.routing import (
+    Limits,
+    Route,
+    Rule,
+    Target,
+    choose_weighted,
+    rules_match,
+    select_version,
+)
 from extreg.errors import PayloadTooLarge
 
 
@@ -74,10 +81,10 @@ def test_rules_match(rules: dict[str, Any], context: dict[str, Any], expected: b
 def test_first_matching_version_wins() -> None:
     """Versions are tried in order; the first match wins; no match gives None."""
     a, b, c = (Target(f"s.{n}", 0.1, 0, n) for n in ("a", "b", "c"))
-    versions: list[tuple[Mapping[str, str | Sequence[str]], Target]] = [
-        ({"tenant_id": ["t1"]}, a),
-        ({"tenant_id": ["t1", "t2"]}, b),
-        ({"env": "x"}, c),
+    versions = [
+        (Rule({"tenant_id": ["t1"]}), a),
+        (Rule({"tenant_id": ["t1", "t2"]}), b),
+        (Rule({"env": "x"}), c),
     ]
     assert a == select_version(versions, ctx(tenant_id="t1"))
     assert b == select_version(versions, ctx(tenant_id="t2"))

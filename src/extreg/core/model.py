@@ -5,8 +5,9 @@ dominated by PostgreSQL, not by us) and take about half the memory of an equival
 model. The same rules guard every way in: `parse_extension` for plain data (fixtures, API
 bodies, import) and `record_problems` for records decoded by msgspec straight from
 PostgreSQL, which `parse_extension` runs too, so a rule is written once. That includes the
-per-extension overrides in `metadata` (circuit breaker settings, size limits): a record whose
-overrides cannot be used is refused when it is written or read, not discovered at call time.
+per-extension overrides in `metadata` (circuit breaker settings, size limits) and a version's
+rollout keys (`percent`, `hash_on`): a record whose overrides or rules cannot be used is refused
+when it is written or read, not discovered at call time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ TimeoutMs = Annotated[int, msgspec.Meta(gt=0)]
 Retry = Annotated[int, msgspec.Meta(ge=0)]
 Weight = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Actor = Annotated[str, msgspec.Meta(max_length=255)]
+# A rule value: a string (equality), a list of strings (one of them), or a number, which only
+# `percent` takes (`rules_problems` says so for any other key).
+RuleValue = str | list[str] | int | float
+
+# The rule keys of a percentage rollout (`extreg.core.routing.Rollout`): every other key of a
+# version's `routing_rules` is matched against the context.
+PERCENT = "percent"
+HASH_ON = "hash_on"
+ROLLOUT_KEYS = frozenset((PERCENT, HASH_ON))
 
 LIMIT_KEYS = ("max_payload_size", "max_metadata_size")  # metadata overrides of the size limits
 _PREFIX_LENGTH = len("circuit_breaker")  # every override key starts with one of these:
@@ -59,7 +69,7 @@ class Version(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False)
     retry: Retry = 0
     config: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
-    routing_rules: dict[str, str | list[str]] = {}
+    routing_rules: dict[str, RuleValue] = {}
     enabled: bool = True
     created_at: datetime | None = None
     created_by: Actor | None = None
@@ -129,10 +139,15 @@ def record_problems(
     ext: Extension, *, max_timeout_ms: int, max_retries: int
 ) -> list[tuple[str, str]]:
     """`(field, message)` for every rule a well-typed record breaks beyond its types: the
-    configured limits, names that appear twice, and unusable metadata overrides."""
+    configured limits, names that appear twice, unusable metadata overrides and routing rules."""
     if _plainly_fine(ext, max_timeout_ms, max_retries):
         return []
     problems = _limit_problems(ext, max_timeout_ms, max_retries)
+    problems += [
+        (f"versions[{i}].routing_rules{below}", message)
+        for i, v in enumerate(ext.versions)
+        for below, message in rules_problems(v.routing_rules)
+    ]
     if ext.metadata:
         problems += breaker_override_problems(ext.metadata) + limit_problems(ext.metadata)
     return problems
@@ -140,7 +155,7 @@ def record_problems(
 
 def _plainly_fine(ext: Extension, max_timeout_ms: int, max_retries: int) -> bool:
     """The common case decided without building anything (a full load checks every row):
-    within the limits, no name twice, no override in `metadata`."""
+    within the limits, no name twice, no override in `metadata`, usable routing rules."""
     if ext.timeout_ms > max_timeout_ms or ext.retry > max_retries:
         return False
     if ext.metadata and not _OVERRIDE_PREFIXES.isdisjoint(_prefixes(ext.metadata)):
@@ -148,6 +163,7 @@ def _plainly_fine(ext: Extension, max_timeout_ms: int, max_retries: int) -> bool
     if ext.versions and not (
         all(v.timeout_ms <= max_timeout_ms and v.retry <= max_retries for v in ext.versions)
         and len({v.version for v in ext.versions}) == len(ext.versions)
+        and not any(rules_problems(v.routing_rules) for v in ext.versions)
     ):
         return False
     return (
@@ -170,6 +186,36 @@ def limit_problems(metadata: dict[str, Any]) -> list[tuple[str, str]]:
         ):
             problems.append((f"metadata.{key}", f"must be a positive integer (got {value!r})"))
     return problems
+
+
+def rules_problems(rules: dict[str, Any]) -> list[tuple[str, str]]:
+    """`(where below routing_rules, message)` for what the types of a version's rules let
+    through but routing cannot use: `percent` a number from 0 to 100 (fractions allowed),
+    `hash_on` a non-empty string and only beside `percent` (alone it would silently do
+    nothing), and a number under any other key (a context value is matched as text)."""
+    problems = []
+    for key, value in rules.items():
+        if key == PERCENT:
+            if not _is_number(value) or not 0 <= value <= 100:
+                problems.append((".percent", f"must be a number from 0 to 100 (got {value!r})"))
+        elif key == HASH_ON:
+            if not isinstance(value, str) or not value:
+                problems.append((".hash_on", f"must be a non-empty string (got {value!r})"))
+            elif PERCENT not in rules:
+                problems.append(
+                    (".hash_on", "needs percent: it names the context key percent is drawn on")
+                )
+        elif not isinstance(value, str | list):
+            # The wording msgspec used when no number was allowed at all, with the key named.
+            kind = type(value).__name__
+            only = f"a number only goes under {PERCENT!r}"
+            problems.append(("", f"{key!r}: Expected str | array, got {kind} ({only})"))
+    return problems
+
+
+def _is_number(value: object) -> bool:
+    """An int or a float, never a bool (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Extension)}

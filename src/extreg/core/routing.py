@@ -10,6 +10,14 @@ Rules (the wire contract's, see `shared/reference/contract.md`):
 - `routing_rules` `{}` matches every context; a list value means "the context value is one of
   these"; a string means equality; several keys must all match. A context value that is not a
   string is compared as `str(value)`; a missing key never matches.
+- Percentage rollout (`Rollout`): `"percent": P` (0 to 100, fractions allowed) takes the
+  contexts whose point falls below P, where the point of a context is a stable hash of
+  (extension id, version, key value) in [0, 100) (`rollout_point`); the key is `hash_on`, by
+  default `tenant_id`, else `trace_id` when the context has no tenant. A context without the
+  key (or with it empty) is not taken, so it goes on to the next version or the row. Its
+  other keys must match too. The hash is BLAKE2b, never Python's `hash()` (salted per
+  process), so every node, process and restart takes the same contexts; the version is part
+  of it, so two versions at 10% take different contexts, and raising P only adds contexts.
 - Enabled versions are tried newest first (`created_at` descending, as the original's
   `router_extension_versioning` reads them), whatever order the record lists them in; the
   first match wins; with no match, the extension's own row is used. A version without
@@ -35,11 +43,14 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from fractions import Fraction
+from hashlib import blake2b
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any
+from math import ceil
+from typing import TYPE_CHECKING, Any, cast
 
 from . import chance
-from .model import Extension, Instance, Version
+from .model import HASH_ON, PERCENT, ROLLOUT_KEYS, Extension, Instance, Version
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -92,12 +103,91 @@ def rules_match(rules: Rules, lookup: Callable[[str], Any]) -> bool:
     return True
 
 
+# The hash: BLAKE2b with an 8-byte digest of the UTF-8 bytes of `id NUL version NUL value`,
+# read as a big-endian integer h in [0, 2**64); the point is h * 100 / 2**64. 64 bits leave
+# fractional percents exact to far below one context in a billion. (Ids and version names
+# never hold NUL: the database cannot store it.)
+_DIGEST_SIZE = 8
+_SPAN = 1 << (8 * _DIGEST_SIZE)
+DEFAULT_KEYS = ("tenant_id", "trace_id")  # hashed without hash_on: the first one present
+
+
+def _seeded(extension_id: str, version: str) -> blake2b:
+    """The hash with `id NUL version NUL` already fed, copied once per call: a copy costs
+    under half of a fresh `blake2b(..., digest_size=8)`, which sets up its parameter block."""
+    return blake2b(f"{extension_id}\x00{version}\x00".encode(), digest_size=_DIGEST_SIZE)
+
+
+def rollout_point(extension_id: str, version: str, value: str) -> float:
+    """Where a context whose key is `value` falls for one version, in [0, 100): the version
+    takes it when this is below its `percent`. The same on every node, process and restart."""
+    hashed = _seeded(extension_id, version)
+    hashed.update(value.encode())
+    return int.from_bytes(hashed.digest(), "big") * 100 / _SPAN
+
+
+class Rollout:
+    """The `percent` and `hash_on` of one version's rules, ready for calls: one hash of a
+    short string per call, its digest compared as bytes (which order as the big-endian
+    integers they spell), so no integer is built on the hot path."""
+
+    __slots__ = ("_last", "_seed", "keys", "percent")
+
+    def __init__(
+        self, extension_id: str, version: str, percent: float, hash_on: str | None
+    ) -> None:
+        self.percent = percent
+        self.keys: tuple[str, ...] = (hash_on,) if hash_on else DEFAULT_KEYS
+        self._seed = _seeded(extension_id, version)
+        # Points below `percent` are hashes below `taken` (exact, whatever the fraction); the
+        # last hash taken as bytes, b"" when none is (no 8 bytes are <= b"").
+        taken = ceil(Fraction(percent) * _SPAN / 100)
+        self._last = (taken - 1).to_bytes(_DIGEST_SIZE, "big") if taken else b""
+
+    def takes(self, lookup: Callable[[str], Any]) -> bool:
+        """True when the context has the key and its hash falls below `percent`."""
+        for key in self.keys:
+            value = lookup(key)
+            if value is not None and value != "":
+                hashed = self._seed.copy()
+                hashed.update((value if isinstance(value, str) else str(value)).encode())
+                return hashed.digest() <= self._last
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One version's `routing_rules` ready for calls: the keys matched against the context
+    (as `rules_match` reads them) and the rollout, if the rules have a `percent`."""
+
+    match: Rules
+    rollout: Rollout | None = None
+
+    @classmethod
+    def of(cls, extension_id: str, v: Version) -> Rule:
+        """The rule of version `v` (its rules validated by `model.rules_problems`, so
+        `percent` is a number, `hash_on` a string and every other value a string or list)."""
+        rules = v.routing_rules
+        match = cast(Rules, {k: w for k, w in rules.items() if k not in ROLLOUT_KEYS})
+        percent = rules.get(PERCENT)
+        if percent is None:
+            return cls(match)
+        hash_on = cast(str | None, rules.get(HASH_ON))
+        return cls(match, Rollout(extension_id, v.version, cast(float, percent), hash_on))
+
+    def matches(self, lookup: Callable[[str], Any]) -> bool:
+        """The other keys first (dict lookups), the hash only for a context they let in."""
+        return rules_match(self.match, lookup) and (
+            self.rollout is None or self.rollout.takes(lookup)
+        )
+
+
 def select_version(
-    versions: Sequence[tuple[Rules, Target]], lookup: Callable[[str], Any]
+    versions: Sequence[tuple[Rule, Target]], lookup: Callable[[str], Any]
 ) -> Target | None:
-    """The target of the first version whose rules match, or None."""
-    for rules, target in versions:
-        if rules_match(rules, lookup):
+    """The target of the first version whose rule matches, or None."""
+    for rule, target in versions:
+        if rule.matches(lookup):
             return target
     return None
 
@@ -123,6 +213,31 @@ def newest_first(versions: Sequence[Version]) -> list[Version]:
 
 
 _EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def routing_plan(ext: Extension) -> list[dict[str, Any]]:
+    """What `extreg versions` shows: every version in the order calls try them (a disabled
+    one in its place, marked, as calls skip it), with its rules and its split (`percent`, and
+    the keys hashed in order of preference), then the extension's own row: the fallback."""
+    plan = []
+    for v in newest_first(ext.versions):
+        rollout = Rule.of(ext.id, v).rollout
+        plan.append(
+            {
+                "version": v.version,
+                "enabled": v.enabled,
+                "subject": v.subject,
+                "routing_rules": v.routing_rules,
+                "percent": None if rollout is None else rollout.percent,
+                "hash_on": None if rollout is None else list(rollout.keys),
+                "fallback": False,
+            }
+        )
+    fallback = {"version": ext.version, "enabled": ext.enabled, "subject": ext.subject}
+    plan.append(
+        {**fallback, "routing_rules": None, "percent": None, "hash_on": None, "fallback": True}
+    )
+    return plan
 
 
 def usable_instances(instances: Sequence[Instance]) -> list[Instance]:
@@ -159,8 +274,8 @@ class Route:
     def __init__(self, ext: Extension, limits: Limits) -> None:
         self.ext = ext
         self.default = self._target(ext.subject, ext.timeout_ms, ext.retry, ext.version, limits)
-        self.versions: tuple[tuple[Rules, Target], ...] = tuple(
-            (v.routing_rules, self._version_target(v, limits))
+        self.versions: tuple[tuple[Rule, Target], ...] = tuple(
+            (Rule.of(ext.id, v), self._version_target(v, limits))
             for v in newest_first(ext.versions)
             if v.enabled
         )
