@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 from api_helpers import seed
+from cli_helpers import extreg, outcome
 from helpers import make_settings, record
 from invoke_helpers import constant, listen, open_invoker, subject
 from nats.aio.client import Client
@@ -283,6 +284,69 @@ def test_good_rollout_rules_are_kept_as_given(rules: dict[str, Any]) -> None:
         record("x", versions=[version("v2", rules)]), max_timeout_ms=60_000, max_retries=10
     )
     assert rules == ext.versions[0].routing_rules
+
+
+# -- extreg versions ---------------------------------------------------------------------------
+
+
+def fixtures_folder(tmp_path: Path) -> Path:
+    """A folder with `canaried`: a `{}` default, a disabled v3, a 10% v4 (newest last)."""
+    folder = tmp_path / "fixtures"
+    folder.mkdir()
+    versions = [
+        version("v2", {}),
+        version("v3", {"tenant_id": ["beta"]}, enabled=False),
+        version("v4", {"tenant_id": ["a", "b"], "percent": 10}),
+        version("v5", {"percent": 2.5, "hash_on": "user_id"}),
+    ]
+    data = record("canaried", subject="ext.canaried.v1", versions=versions)
+    (folder / "canaried.json").write_text(json.dumps(data), encoding="utf-8")
+    return folder
+
+
+def versions_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    folder = fixtures_folder(tmp_path)
+    return extreg(tmp_path, "--source", "fixtures", "--fixtures-dir", str(folder), *args)
+
+
+def test_versions_json_lists_the_order_tried_and_the_fallback(tmp_path: Path) -> None:
+    """Newest first, disabled ones in place and marked, each with its rules and its split
+    (percent, and the keys hashed: hash_on, else tenant_id then trace_id); the row last."""
+    result = versions_cli(tmp_path, "versions", "canaried", "--json")
+    assert (0, "") == (result.returncode, result.stderr), outcome(result)
+    shown = json.loads(result.stdout)
+    assert {"id": "canaried", "enabled": True} == {k: shown[k] for k in ("id", "enabled")}
+    assert [
+        ("v5", True, {"percent": 2.5, "hash_on": "user_id"}, 2.5, ["user_id"], False),
+        ("v4", True, {"tenant_id": ["a", "b"], "percent": 10}, 10, ["tenant_id", "trace_id"],
+         False),
+        ("v3", False, {"tenant_id": ["beta"]}, None, None, False),
+        ("v2", True, {}, None, None, False),
+        ("v1", True, None, None, None, True),
+    ] == [
+        (v["version"], v["enabled"], v["routing_rules"], v["percent"], v["hash_on"], v["fallback"])
+        for v in shown["versions"]
+    ]  # fmt: skip
+    assert ["ext.x.v5", "ext.canaried.v1"] == [shown["versions"][i]["subject"] for i in (0, -1)]
+
+
+def test_versions_in_a_pipe_is_tab_separated(tmp_path: Path) -> None:
+    """Without a terminal: a header line, then one whole line per version, the row last."""
+    result = versions_cli(tmp_path, "versions", "canaried")
+    assert 0 == result.returncode, outcome(result)
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert ["version", "enabled", "subject", "routing_rules", "percent", "hash_on"] == lines[0]
+    assert ["v5", "yes", "ext.x.v5", '{"percent": 2.5, "hash_on": "user_id"}', "2.5%",
+            "user_id"] == lines[1]  # fmt: skip
+    assert ["v4", "10%", "tenant_id, else trace_id"] == [lines[2][0], *lines[2][4:]]
+    assert ["v3", "no"] == lines[3][:2]
+    assert ["v1", "yes", "ext.canaried.v1", "fallback: the extension's own row", "", ""] == lines[5]
+
+
+def test_versions_of_an_unknown_extension_exits_2(tmp_path: Path) -> None:
+    """An id the registry does not have: exit 2, the error as the API answers it."""
+    result = versions_cli(tmp_path, "versions", "nosuch", "--json")
+    assert (2, "ExtensionNotFound") == (result.returncode, json.loads(result.stdout)["error"])
 
 
 # -- the canary recipe, through PostgreSQL, the registry and the invoker --------------------

@@ -544,6 +544,38 @@ def show(ctx: typer.Context, extension_id: ExtensionId, json: JsonFlag = False) 
 
 
 @app.command(cls=Command)
+def versions(ctx: typer.Context, extension_id: ExtensionId, json: JsonFlag = False) -> None:
+    """An extension's versions in the order calls try them (newest first; a disabled one is
+    skipped), with their rules and percent split, then its own row: the fallback.
+
+    --json prints {"id", "enabled", "versions": [{"version", "enabled", "subject",
+    "routing_rules", "percent", "hash_on", "fallback"}]}: percent and hash_on (the context
+    keys hashed, the first one present counting) are null without a percent rule."""
+    from .core.routing import routing_plan
+
+    found = [e for e in _load_all(settings(ctx)) if e.id == extension_id]
+    if not found:
+        raise ExtensionNotFound(extension_id)
+    plan = routing_plan(found[0])
+    columns = ("version", "enabled", "subject", "routing_rules", "percent", "hash_on")
+    report = {"id": extension_id, "enabled": found[0].enabled, "versions": plan}
+    emit(json, report, Rows(columns, [_plan_row(item) for item in plan]))
+
+
+def _plan_row(item: dict[str, Any]) -> tuple[Cell, ...]:
+    """One item of `routing_plan` as a row of `extreg versions`."""
+    rules = "fallback: the extension's own row" if item["fallback"] else item["routing_rules"]
+    return (
+        item["version"],
+        "yes" if item["enabled"] else Text("no", style="red"),
+        item["subject"],
+        _value(rules),
+        "" if item["percent"] is None else f"{item['percent']}%",
+        ", else ".join(item["hash_on"] or ()),
+    )
+
+
+@app.command(cls=Command)
 def status(ctx: typer.Context, json: JsonFlag = False) -> None:
     """Which source serves, how many records, and how fresh they are."""
     s = settings(ctx)
