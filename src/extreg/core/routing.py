@@ -17,7 +17,7 @@ Rules (the wire contract's, see `shared/reference/contract.md`):
   key (or with it empty) is not taken, so it goes on to the next version or the row. Its
   other keys must match too. The hash is BLAKE2b, never Python's `hash()` (salted per
   process), so every node, process and restart takes the same contexts; the version is part
-  of it, so two versions at 10% take different contexts, and raising P only adds contexts.
+  of it, so two versions at 10% draw their contexts independently; raising P only adds some.
 - Enabled versions are tried newest first (`created_at` descending, as the original's
   `router_extension_versioning` reads them), whatever order the record lists them in; the
   first match wins; with no match, the extension's own row is used. A version without
