@@ -38,7 +38,7 @@ from dataclasses import dataclass
 INITIAL_LIMIT = 20
 MIN_LIMIT = 1
 MAX_LIMIT = 1000
-TOLERANCE = 1.5  # the latency the limit accepts, as a multiple of the baseline
+TOLERANCE = 1.0  # the latency the limit aims at, as a multiple of the baseline
 SMOOTHING = 0.2  # the share of each window's new limit taken
 WINDOW_S = 0.1
 MIN_SAMPLES = 10
@@ -95,25 +95,32 @@ class AdaptiveLimit:
     _window_start: float | None = None
     _total: float = 0.0
     _count: int = 0
-    _peak: int = 0  # most calls in flight seen in the window
+    _countdown: int = 0  # samples until the clock is read again
+    _peak: int = 0  # most calls in flight seen in the window (every min_samples samples)
 
     def __post_init__(self) -> None:
         self._estimate = float(self.initial)
         self.limit = self.probe_limit
+        self._countdown = self.min_samples
 
     def sample(self, rtt_s: float, in_flight: int) -> None:
         """One finished call's round trip, with the calls in flight when it ended (itself
-        included)."""
+        included). Runs per call, so only the sum is kept per sample; the clock, the count
+        and the peak load are looked at every `min_samples` samples."""
         if self._probing and in_flight > self.probe_limit:
             return  # let in before the probe began: it measured the old load, not the baseline
+        self._total += rtt_s
+        self._countdown -= 1
+        if self._countdown:
+            return
+        self._countdown = self.min_samples
+        self._count += self.min_samples
+        if in_flight > self._peak:
+            self._peak = in_flight
         now = self.clock()
         if self._window_start is None:
             self._window_start = now
-        self._total += rtt_s
-        self._count += 1
-        if in_flight > self._peak:
-            self._peak = in_flight
-        if self._count >= self.min_samples and now - self._window_start >= self.window_s:
+        elif now - self._window_start >= self.window_s:
             self._close_window(self._total / self._count, now)
             self._window_start, self._total, self._count, self._peak = now, 0.0, 0, 0
 
@@ -136,8 +143,8 @@ class AdaptiveLimit:
             baseline = self.baseline = average
         gradient = min(1.0, max(0.5, self.tolerance * baseline / average)) if average > 0 else 1.0
         estimate = self._estimate
-        if gradient >= 1.0 and self._peak * 2 < estimate:
-            return  # app-limited: too few calls to tell whether more would do
         target = estimate * gradient + math.sqrt(estimate)
+        if target > estimate and self._peak * 2 < estimate:
+            return  # app-limited: too few calls to tell whether more would do
         estimate += (target - estimate) * SMOOTHING
         self._estimate = min(float(self.max_limit), max(float(self.min_limit), estimate))

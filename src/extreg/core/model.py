@@ -46,7 +46,8 @@ PERCENT = "percent"
 HASH_ON = "hash_on"
 ROLLOUT_KEYS = frozenset((PERCENT, HASH_ON))
 
-LIMIT_KEYS = ("max_payload_size", "max_metadata_size")  # metadata overrides of the size limits
+# Metadata overrides of the size limits and of the bulkhead (calls in flight on one node).
+LIMIT_KEYS = ("max_payload_size", "max_metadata_size", "max_concurrency")
 _PREFIX_LENGTH = len("circuit_breaker")  # every override key starts with one of these:
 _OVERRIDE_PREFIXES = frozenset(k[:_PREFIX_LENGTH] for k in ("circuit_breaker", *LIMIT_KEYS))
 

@@ -41,6 +41,7 @@ from ..adapters.nats import NatsTransport
 from ..core.breaker import CircuitBreakers
 from ..core.chance import jitter
 from ..core.clock import SYSTEM_CLOCK, Clock
+from ..core.concurrency import MAX_LIMIT, AdaptiveLimit, Bulkhead
 from ..core.envelope import encode_envelope, headers
 from ..core.health import HealthMonitor
 from ..core.intervals import SERIES_KEEP_S
@@ -55,6 +56,7 @@ from ..errors import (
     InvalidRecord,
     InvalidResponse,
     MaxRetriesExceeded,
+    Overloaded,
     PayloadTooLarge,
     TransportUnavailable,
 )
@@ -146,6 +148,7 @@ class Invoker:
         )
         self._snapshot = Snapshot.empty()
         self._configured: set[str] = set()
+        self._bulkheads: dict[str, Bulkhead] = {}  # only extensions with a concurrency limit
         self._flush_task: asyncio.Task[None] | None = None
         self._auto_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -266,58 +269,70 @@ class Invoker:
         observer = self.observer
         if not self._transport.connected:
             raise TransportUnavailable(extension_id)
-        try:
-            if self._gate is not None:
-                self._gate.check(extension_id)
-            self.breaker.check_circuit(extension_id)
-        except CircuitOpen:
+        bulkhead = self._bulkheads.get(extension_id)
+        if bulkhead is not None and not bulkhead.acquire():
             if observer is not None:
-                observer(extension_id, ext.type, target.version, "circuit_open", 0.0)
-            raise
-        hdrs = headers(trace_id, tenant_id)
-        send: Send = self._request
-        if span is not None:
-            hdrs = tracing.inject(hdrs)
-            send = _counting_attempts(send, span)
-        started = perf_counter()
+                observer(extension_id, ext.type, target.version, "overloaded", 0.0)
+            raise Overloaded(extension_id, f"{bulkhead.limit} calls in flight, its limit", 0)
+        rtt: float | None = None  # the bulkhead's sample: answered and failed calls only
         try:
             try:
-                body = await send(extension_id, target.subject, data, target.timeout_s, hdrs)
-                attempts = 1
-            except ExtensionTimeout as exc:
-                body, attempts = await self._retry(send, extension_id, target, data, hdrs, exc)
+                if self._gate is not None:
+                    self._gate.check(extension_id)
+                self.breaker.check_circuit(extension_id)
+            except CircuitOpen:
+                if observer is not None:
+                    observer(extension_id, ext.type, target.version, "circuit_open", 0.0)
+                raise
+            hdrs = headers(trace_id, tenant_id)
+            send: Send = self._request
+            if span is not None:
+                hdrs = tracing.inject(hdrs)
+                send = _counting_attempts(send, span)
+            started = perf_counter()
             try:
-                reply = self._decode(body)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                reply = None  # not JSON, not UTF-8 text, or nested too deeply
-            if type(reply) is not dict:
-                raise InvalidResponse(extension_id, _invalid_reason(body), attempts)
-        except _NOT_FAULTS:
-            raise
-        except ExtensionError as exc:
-            seconds = perf_counter() - started
-            exc.attempts = exc.attempts or 1
-            self.breaker.record_failure(extension_id)
-            self.health.record(extension_id, False, seconds * 1000.0)
-            outcome = outcome_of(exc)
+                try:
+                    body = await send(extension_id, target.subject, data, target.timeout_s, hdrs)
+                    attempts = 1
+                except ExtensionTimeout as exc:
+                    body, attempts = await self._retry(send, extension_id, target, data, hdrs, exc)
+                try:
+                    reply = self._decode(body)
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                    reply = None  # not JSON, not UTF-8 text, or nested too deeply
+                if type(reply) is not dict:
+                    raise InvalidResponse(extension_id, _invalid_reason(body), attempts)
+            except _NOT_FAULTS:
+                raise
+            except ExtensionError as exc:
+                rtt = seconds = perf_counter() - started
+                exc.attempts = exc.attempts or 1
+                self.breaker.record_failure(extension_id)
+                self.health.record(extension_id, False, seconds * 1000.0)
+                outcome = outcome_of(exc)
+                if observer is not None:
+                    observer(extension_id, ext.type, target.version, outcome, seconds)
+                log.warning(
+                    "invoke_failed",
+                    **_call_fields(
+                        ext, target, outcome, seconds, exc.attempts, trace_id, tenant_id
+                    ),
+                    reason=exc.reason,
+                )
+                raise
+            rtt = seconds = perf_counter() - started
+            self.breaker.record_success(extension_id, seconds)
+            self.health.record(extension_id, True, seconds * 1000.0)
             if observer is not None:
-                observer(extension_id, ext.type, target.version, outcome, seconds)
-            log.warning(
-                "invoke_failed",
-                **_call_fields(ext, target, outcome, seconds, exc.attempts, trace_id, tenant_id),
-                reason=exc.reason,
-            )
-            raise
-        seconds = perf_counter() - started
-        self.breaker.record_success(extension_id, seconds)
-        self.health.record(extension_id, True, seconds * 1000.0)
-        if observer is not None:
-            observer(extension_id, ext.type, target.version, "ok", seconds)
-        if logs.debug_enabled:
-            log.debug(
-                "invoke_ok",
-                **_call_fields(ext, target, "ok", seconds, attempts, trace_id, tenant_id),
-            )
+                observer(extension_id, ext.type, target.version, "ok", seconds)
+            if logs.debug_enabled:
+                log.debug(
+                    "invoke_ok",
+                    **_call_fields(ext, target, "ok", seconds, attempts, trace_id, tenant_id),
+                )
+        finally:
+            if bulkhead is not None:
+                bulkhead.release(rtt)
         return reply
 
     async def _retry(
@@ -378,11 +393,35 @@ class Invoker:
             if old is ext or (old is not None and old.metadata == ext.metadata):
                 continue
             self._configure(extension_id, ext.metadata)
+            self._limit(extension_id, ext.metadata)
         for extension_id in before.keys() - snapshot.by_id.keys():
             self.breaker.remove(extension_id)
             self.health.remove(extension_id)
             self._routes.pop(extension_id, None)
             self._configured.discard(extension_id)
+            self._bulkheads.pop(extension_id, None)
+
+    def _limit(self, extension_id: str, metadata: Mapping[str, Any]) -> None:
+        """Give the extension its bulkhead, or none: metadata `max_concurrency` (validated
+        with the record), else `extension_max_concurrency` (0: none), adaptive below that
+        maximum with `adaptive_concurrency_enabled`. A changed limit keeps the calls in
+        flight counted (the same bulkhead, or the same adaptive state, is kept)."""
+        settings = self.settings
+        fixed = metadata.get("max_concurrency") or settings.extension_max_concurrency
+        bulkhead = self._bulkheads.get(extension_id)
+        if settings.adaptive_concurrency_enabled:
+            adaptive = bulkhead.adaptive if bulkhead is not None else None
+            if adaptive is None:
+                adaptive = AdaptiveLimit(self.clock.monotonic)
+                bulkhead = self._bulkheads[extension_id] = Bulkhead(0, adaptive)
+            adaptive.max_limit = fixed or MAX_LIMIT
+        elif fixed:
+            if bulkhead is None:
+                self._bulkheads[extension_id] = Bulkhead(fixed)
+            else:
+                bulkhead.limit = fixed
+        else:
+            self._bulkheads.pop(extension_id, None)
 
     def _configure(self, extension_id: str, metadata: Mapping[str, Any]) -> None:
         overrides = any(str(key).startswith("circuit_breaker") for key in metadata)
