@@ -10,7 +10,8 @@ guarded function is each library's decorator on `noop` (pybreaker `@breaker`, ci
 `@circuit`, aiobreaker `@breaker`, purgatory `@factory(name)`, which looks its breaker up by
 name on every call); extreg has no decorator, so its function is what the invoker does:
 `check_circuit`, then the call in a `try` that records a failure and re-raises, then
-`record_success`. So every side has one wrapper frame and one try around the call. No side gets
+`record_success` with the duration (12.5 ms, as the health row records; slow calls are off by
+default). So every side has one wrapper frame and one try around the call. No side gets
 a lock from the bench; pybreaker takes its own `threading.RLock` inside `call`, so a row
 times an uncontended RLock around the same call alone, to show what that lock costs (extreg
 needs none: one event loop).
@@ -88,7 +89,7 @@ def extreg_guarded(breakers: CircuitBreakers, health: HealthMonitor | None = Non
             if health is not None:
                 health.record(EXT, False, 12.5)
             raise
-        breakers.record_success(EXT)
+        breakers.record_success(EXT, 0.0125)
         if health is not None:
             health.record(EXT, True, 12.5)
 
@@ -152,7 +153,7 @@ def extreg_async(breakers: CircuitBreakers) -> AsyncGuarded:
         except Exception:
             breakers.record_failure(EXT)
             raise
-        breakers.record_success(EXT)
+        breakers.record_success(EXT, 0.0125)
 
     return guarded
 
