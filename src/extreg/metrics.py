@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics import MetricWrapperBase
 
     from .core.model import Extension
+    from .core.outliers import Ejection
     from .core.pipeline import Step
     from .core.snapshot import Snapshot
     from .registry import Registry
@@ -173,6 +174,19 @@ class Metrics:
             ["extension_id"],
             registry=r,
         )
+        # Outlier ejection (core/outliers.py): instance ids come from stored records.
+        self.instance_ejections = Counter(
+            "extension_instance_ejections_total",
+            "Times outlier detection took an instance out of an extension's calls.",
+            ["extension_id", "instance_id"],
+            registry=r,
+        )
+        self.instance_returns = Counter(
+            "extension_instance_returns_total",
+            "Times an ejected instance was taken back in when its ejection ended.",
+            ["extension_id", "instance_id"],
+            registry=r,
+        )
         # The original router's two step families, its names and labels as they were but for
         # its `tenant_id` (see the module docstring): ids from the stored policy's steps,
         # `extension_type` the step's stage (pre, validator, provider, post) and `status` one
@@ -223,6 +237,7 @@ class Metrics:
         )
         self._health = _HealthGauges()
         self._breaker_ids: set[str] = set()
+        self._ejected_ids: set[tuple[str, str]] = set()  # (extension, instance) ever counted
         self.exposition = Exposition(self.render, cache_s, clock)
 
     # -- push: registry -------------------------------------------------------------------
@@ -249,6 +264,11 @@ class Metrics:
             for counter in (self.breaker_failures, self.breaker_recoveries):
                 with contextlib.suppress(KeyError):  # one of the two may never have counted
                     counter.remove(extension_id)
+        for key in [k for k in self._ejected_ids if k[0] not in present]:
+            self._ejected_ids.discard(key)
+            for counter in (self.instance_ejections, self.instance_returns):
+                with contextlib.suppress(KeyError):  # it may not have returned yet
+                    counter.remove(*key)
         self._forget_policy_series(snapshot)
 
     def _forget_policy_series(self, snapshot: Snapshot) -> None:
@@ -290,6 +310,9 @@ class Metrics:
         pipeline = getattr(invoker, "pipeline", None)
         if pipeline is not None and self.observe_policy_run not in pipeline.observers:
             pipeline.observers.append(self.observe_policy_run)
+        observers = getattr(invoker, "ejection_observers", None)
+        if observers is not None and self.instance_ejected not in observers:
+            observers.append(self.instance_ejected)
         breaker = getattr(invoker, "breaker", None)
         if breaker is not None and hasattr(breaker, "on_state_change"):
             breaker.on_state_change(self.circuit_transition)
@@ -327,6 +350,13 @@ class Metrics:
             child[0].inc()
             if child[1] is not None:
                 child[1].observe(step.latency_ms)
+
+    def instance_ejected(self, change: Ejection) -> None:
+        """An ejection or a return, as the invoker's outlier detection reports it."""
+        key = (change.extension_id, change.instance_id)
+        self._ejected_ids.add(key)
+        counter = self.instance_returns if change.returns_at is None else self.instance_ejections
+        counter.labels(*key).inc()
 
     def circuit_transition(self, extension_id: str, old: str, new: str) -> None:
         """A breaker state change, as `CircuitBreakers.on_state_change` reports it."""

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     # `max_concurrency` overrides), and a limit that follows measured latency.
     extension_max_concurrency: int = Field(0, ge=0)
     adaptive_concurrency_enabled: bool = False
+    # Outlier ejection of instances (Envoy's outlier detection; core/outliers.py).
+    outlier_detection_enabled: bool = False
+    outlier_consecutive_failures: int = Field(5, ge=1)
+    outlier_base_ejection_seconds: float = Field(30, gt=0, allow_inf_nan=False)
+    outlier_max_ejection_percent: float = Field(50, ge=0, le=100, allow_inf_nan=False)
     # Routing policies (the original's depth limits: security against runaway pipelines).
     extension_max_pipeline_depth: int = Field(10, ge=1)  # pre + validators + post items
     extension_max_pre_count: int = Field(5, ge=0)

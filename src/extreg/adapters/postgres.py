@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..core.intervals import Buckets
-from ..core.model import WRITABLE_FIELDS, Extension, record_problems, to_plain
+from ..core.model import WRITABLE_FIELDS, Extension, HealthStatus, record_problems, to_plain
 from ..core.policy import Policy, PolicyLimits
 from ..errors import Conflict, SourceUnavailable
 from ..settings import Settings, redact_url
@@ -425,6 +425,26 @@ class PostgresSource:
             if cur is not None and not cur.enabled and cur.updated_by == by:
                 return msgspec.structs.replace(cur, enabled=True)
             return cur
+
+        return (await self.write_extension(extension_id, change, actor))[0] == "updated"
+
+    async def set_instance_health(
+        self, extension_id: str, instance_id: str, status: HealthStatus, actor: str
+    ) -> bool:
+        """Set one instance's `health_status` (outlier ejection: `unhealthy`, then `healthy`)
+        through the write path; operational, so not audited (migration 005). False when the
+        extension or the instance is gone, or it is so already."""
+
+        def change(cur: Extension | None) -> Extension | None:
+            if cur is None:
+                return None
+            instances = [
+                msgspec.structs.replace(i, health_status=status)
+                if i.instance_id == instance_id
+                else i
+                for i in cur.instances
+            ]
+            return msgspec.structs.replace(cur, instances=instances)
 
         return (await self.write_extension(extension_id, change, actor))[0] == "updated"
 

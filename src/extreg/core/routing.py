@@ -85,6 +85,7 @@ class Target:
     timeout_s: float
     retries: int
     version: str
+    instance_id: str | None = None  # the instance called, when one was drawn
 
 
 def rules_match(rules: Rules, lookup: Callable[[str], Any]) -> bool:
@@ -264,6 +265,7 @@ class Route:
         "cumulative",
         "default",
         "dynamic",
+        "eligible",
         "ext",
         "instances",
         "max_metadata_size",
@@ -271,7 +273,11 @@ class Route:
         "versions",
     )
 
-    def __init__(self, ext: Extension, limits: Limits) -> None:
+    def __init__(
+        self, ext: Extension, limits: Limits, ejected: frozenset[str] = frozenset()
+    ) -> None:
+        """`ejected`: instances this node's outlier detection has taken out (see `outliers`);
+        calls skip them as they skip `unhealthy` ones."""
         self.ext = ext
         self.default = self._target(ext.subject, ext.timeout_ms, ext.retry, ext.version, limits)
         self.versions: tuple[tuple[Rule, Target], ...] = tuple(
@@ -279,10 +285,12 @@ class Route:
             for v in newest_first(ext.versions)
             if v.enabled
         )
-        usable = usable_instances(ext.instances)
+        usable = [i for i in usable_instances(ext.instances) if i.instance_id not in ejected]
         self.instances: tuple[Target, ...] = tuple(
-            self._target(i.subject, ext.timeout_ms, ext.retry, ext.version, limits) for i in usable
+            self._instance_target(i, ext, limits) for i in usable
         )
+        # What outlier ejection's cap is a share of: instances that take calls when healthy.
+        self.eligible = sum(1 for i in ext.instances if i.enabled and i.weight > 0)
         self.cumulative: tuple[int, ...] = tuple(accumulate(i.weight for i in usable))
         if len(self.instances) == 1:  # one instance: always it, no draw needed
             self.default = self.instances[0]
@@ -292,12 +300,25 @@ class Route:
         self.max_metadata_size = _limit(ext.metadata, "max_metadata_size", limits.max_metadata_size)
 
     @staticmethod
-    def _target(subject: str, timeout_ms: int, retry: int, version: str, limits: Limits) -> Target:
+    def _target(
+        subject: str,
+        timeout_ms: int,
+        retry: int,
+        version: str,
+        limits: Limits,
+        instance_id: str | None = None,
+    ) -> Target:
         return Target(
             subject=subject,
             timeout_s=min(timeout_ms, limits.max_timeout_ms) / 1000,
             retries=min(retry, limits.max_retries),
             version=version,
+            instance_id=instance_id,
+        )
+
+    def _instance_target(self, i: Instance, ext: Extension, limits: Limits) -> Target:
+        return self._target(
+            i.subject, ext.timeout_ms, ext.retry, ext.version, limits, i.instance_id
         )
 
     def _version_target(self, v: Version, limits: Limits) -> Target:

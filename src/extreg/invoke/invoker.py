@@ -45,7 +45,8 @@ from ..core.concurrency import MAX_LIMIT, AdaptiveLimit, Bulkhead
 from ..core.envelope import encode_envelope, headers
 from ..core.health import HealthMonitor
 from ..core.intervals import SERIES_KEEP_S
-from ..core.model import Extension
+from ..core.model import Extension, HealthStatus
+from ..core.outliers import Ejection, OutlierConfig, OutlierDetector
 from ..core.routing import Limits, Route, Target
 from ..core.snapshot import Snapshot
 from ..errors import (
@@ -53,6 +54,7 @@ from ..errors import (
     ExtensionDisabled,
     ExtensionError,
     ExtensionTimeout,
+    ExtregError,
     InvalidRecord,
     InvalidResponse,
     MaxRetriesExceeded,
@@ -74,6 +76,7 @@ log = structlog.get_logger("extreg.invoke")
 BACKOFF_BASE_S = 0.01  # first pause between attempts; doubles, capped, jittered x0.5..1.5
 BACKOFF_CAP_S = 0.2
 AUTO_IDLE_WAIT_S = 2.0
+OUTLIER_ACTOR = "extreg:outlier"  # who writes an ejected instance's health_status
 START_REFRESH_TIMEOUT_S = 1.0  # cluster-wide health read at start; later flushes catch up
 Send = Callable[[str, str, bytes, float, dict[str, str] | None], Awaitable[bytes]]
 """`await send(extension_id, subject, data, timeout_s, headers)`: one request, its reply body
@@ -138,6 +141,11 @@ class Invoker:
         self._decode = msgspec.json.Decoder().decode
         self._gate = HealthGate.from_settings(self.health, settings)
         self.auto = AutoManager.from_settings(registry, self.breaker, settings)
+        config = OutlierConfig.from_settings(settings)
+        self.outliers = OutlierDetector(config, clock.monotonic) if config is not None else None
+        self.ejection_observers: list[Callable[[Ejection], None]] = []
+        """Told of every ejection and return (metrics); see `_outlier`."""
+        self._marking: set[asyncio.Task[None]] = set()  # health_status writes under way
         self.flusher = HealthFlusher(
             self.health,
             self.breaker,
@@ -197,6 +205,8 @@ class Invoker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.auto.wait_idle(), AUTO_IDLE_WAIT_S)
         await _cancel(self._auto_task)
+        if self._marking:  # health_status writes: let them land
+            await asyncio.wait(set(self._marking), timeout=AUTO_IDLE_WAIT_S)
 
     async def flush_health(self) -> bool:
         """Write health now (normally done every `health_flush_interval_seconds`)."""
@@ -248,7 +258,8 @@ class Invoker:
             ext = self._recovery_trial(extension_id)
         route = self._routes.get(extension_id)
         if route is None or route.ext is not ext:
-            route = self._routes[extension_id] = Route(ext, self._limits)
+            ejected = self.outliers.ejected(extension_id) if self.outliers else frozenset()
+            route = self._routes[extension_id] = Route(ext, self._limits, ejected)
         ctx = _NO_CONTEXT if context is None else context
         trace_id = ctx.get("trace_id") or request.get("trace_id")
         tenant_id = ctx.get("tenant_id") or request.get("tenant_id")
@@ -307,6 +318,8 @@ class Invoker:
             except ExtensionError as exc:
                 rtt = seconds = perf_counter() - started
                 exc.attempts = exc.attempts or 1
+                if target.instance_id is not None and self.outliers is not None:
+                    self._outlier(route, target.instance_id, False)
                 self.breaker.record_failure(extension_id)
                 self.health.record(extension_id, False, seconds * 1000.0)
                 outcome = outcome_of(exc)
@@ -321,6 +334,8 @@ class Invoker:
                 )
                 raise
             rtt = seconds = perf_counter() - started
+            if target.instance_id is not None and self.outliers is not None:
+                self._outlier(route, target.instance_id, True)
             self.breaker.record_success(extension_id, seconds)
             self.health.record(extension_id, True, seconds * 1000.0)
             if observer is not None:
@@ -368,6 +383,51 @@ class Invoker:
             attempt,
         )
 
+    def _outlier(self, route: Route, instance_id: str, ok: bool) -> None:
+        """Feed outlier detection; apply what it decides: an ejected instance, or one whose
+        time is up, changes this node's routes at once, and its `health_status` (unhealthy,
+        healthy) is written through the database's write path so the other nodes follow."""
+        outliers = self.outliers
+        assert outliers is not None
+        changes = outliers.returns()
+        ejection = outliers.record(route.ext.id, instance_id, ok, route.eligible)
+        if ejection is not None:
+            changes.append(ejection)
+        for change in changes:
+            self._routes.pop(change.extension_id, None)
+            back = change.returns_at is None
+            (log.info if back else log.warning)(
+                "instance_returned" if back else "instance_ejected",
+                extension_id=change.extension_id,
+                instance_id=change.instance_id,
+                times_ejected=change.times,
+                ejected_for_s=None
+                if back
+                else self.settings.outlier_base_ejection_seconds * change.times,
+            )
+            for observe in self.ejection_observers:
+                observe(change)
+            task = asyncio.create_task(self._mark(change, "healthy" if back else "unhealthy"))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
+
+    async def _mark(self, change: Ejection, status: HealthStatus) -> None:
+        """Write an instance's `health_status`; a failure is logged (the ejection holds on
+        this node whatever the database says, and the next change writes again)."""
+        try:
+            db = self.registry.database
+            await db.set_instance_health(
+                change.extension_id, change.instance_id, status, OUTLIER_ACTOR
+            )
+        except ExtregError as exc:
+            log.warning(
+                "instance_health_not_written",
+                extension_id=change.extension_id,
+                instance_id=change.instance_id,
+                health_status=status,
+                error=str(exc),
+            )
+
     def _recovery_trial(self, extension_id: str) -> Extension:
         """The record of an auto-disabled extension when this call may be its half-open trial;
         otherwise re-raise `ExtensionDisabled` (see `automation`)."""
@@ -400,6 +460,8 @@ class Invoker:
             self._routes.pop(extension_id, None)
             self._configured.discard(extension_id)
             self._bulkheads.pop(extension_id, None)
+            if self.outliers is not None:
+                self.outliers.forget(extension_id)
 
     def _limit(self, extension_id: str, metadata: Mapping[str, Any]) -> None:
         """Give the extension its bulkhead, or none: metadata `max_concurrency` (validated
