@@ -57,6 +57,7 @@ from .settings import Settings
 from .tokens import TokenStore
 
 if TYPE_CHECKING:
+    from .adapters.nats_services import DiscoveredEndpoint
     from .api.operate import Invocation
 
 T = TypeVar("T")
@@ -756,6 +757,72 @@ def invoke(
     else:
         reply = _invoke_directly(ctx, extension_id, body)
     emit(json, reply, jsonlib.dumps(reply, indent=2, ensure_ascii=False))
+
+
+@app.command(cls=Command)
+def discover(
+    ctx: typer.Context,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            metavar="SECONDS",
+            min=0.05,
+            max=60,
+            help="How long to collect answers: every service instance answers each question,"
+            " so discovery waits this long rather than for a first reply.",
+        ),
+    ] = 1.0,
+    json: JsonFlag = False,
+) -> None:
+    """Ask NATS's service API ($SRV.PING, INFO, STATS) which services answer on nats_url,
+    list their endpoints with their stats, and the registry's records beside them: a record
+    whose subject no discovered endpoint serves is flagged (a plain subscriber outside the
+    service API cannot be seen without sending it a message, so it is not probed).
+
+    --json prints {"services": [{"name", "id", "version", "endpoints": [{"name", "subject",
+    "num_requests", "num_errors", "average_processing_time"}]}], "records": [{"id",
+    "subject", "served", "services"}]}; average_processing_time is in nanoseconds, and the
+    stats are null when a service's STATS answer is missing. A malformed answer is skipped
+    with a warning on stderr."""
+    from .adapters.nats_services import discover as ask
+    from .adapters.nats_services import records_served
+
+    s = settings(ctx)
+    found = asyncio.run(ask(s.nats_url, wait_s=wait))
+    records = records_served(_load_all(s), found.services)
+    for note in found.skipped:
+        err.print(Text("warning: ", style="yellow"), f"skipped {note}", sep="")
+    endpoints: list[tuple[str, ...]] = []
+    for service in found.services:
+        who = (service.name, service.id, service.version)
+        cells = [_endpoint_cells(endpoint) for endpoint in service.endpoints] or [("",) * 5]
+        endpoints += [(*who, *row) for row in cells]
+    served = [
+        (r.id, r.subject, "yes" if r.served else Text("no", style="red"), ", ".join(r.services))
+        for r in records
+    ]
+    columns = ("service", "id", "version", "endpoint", "subject", "requests", "errors", "avg ms")
+    emit(
+        json,
+        {"services": found.services, "records": records},
+        Rows(columns, endpoints) if endpoints else f"no service answered within {wait:g} s",
+        "",
+        Rows(("id", "subject", "served", "services"), served),
+    )
+
+
+def _endpoint_cells(endpoint: DiscoveredEndpoint) -> tuple[str, ...]:
+    """An endpoint's cells in `discover`'s table, its average time in milliseconds; the
+    stats empty when its service's STATS answer did not give them."""
+    requests, errors, average = (
+        endpoint.num_requests,
+        endpoint.num_errors,
+        endpoint.average_processing_time,
+    )
+    if requests is None or errors is None or average is None:
+        return (endpoint.name, endpoint.subject, "", "", "")
+    return (endpoint.name, endpoint.subject, str(requests), str(errors), f"{average / 1e6:.3f}")
 
 
 @app.command("sample-extensions", cls=Command)
