@@ -80,7 +80,7 @@ def test_rules_match(rules: dict[str, Any], context: dict[str, Any], expected: b
 
 def test_first_matching_version_wins() -> None:
     """Versions are tried in order; the first match wins; no match gives None."""
-    a, b, c = (Target(f"s.{n}", 0.1, 0, n) for n in ("a", "b", "c"))
+    a, b, c = (Target(f"s.{n}", 0.1, 0, n, "x") for n in ("a", "b", "c"))
     versions = [
         (Rule({"tenant_id": ["t1"]}), a),
         (Rule({"tenant_id": ["t1", "t2"]}), b),
@@ -101,8 +101,8 @@ def test_route_uses_version_then_row() -> None:
         ]
     )
     route = Route(record, Limits())
-    assert Target("ext.x.v2", 0.3, 2, "v2") == route.pick(ctx(tenant_id="t1"))
-    assert Target("ext.x.v1", 0.1, 0, "v1") == route.pick(ctx(tenant_id="t2"))
+    assert Target("ext.x.v2", 0.3, 2, "v2", "x@v2") == route.pick(ctx(tenant_id="t1"))
+    assert Target("ext.x.v1", 0.1, 0, "v1", "x") == route.pick(ctx(tenant_id="t2"))
 
 
 def test_route_caps_timeout_and_retries() -> None:

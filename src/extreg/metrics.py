@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .core.breaker import split_circuit
 from .core.health import HealthMonitor
 
 if TYPE_CHECKING:
@@ -358,8 +359,10 @@ class Metrics:
         counter = self.instance_returns if change.returns_at is None else self.instance_ejections
         counter.labels(*key).inc()
 
-    def circuit_transition(self, extension_id: str, old: str, new: str) -> None:
-        """A breaker state change, as `CircuitBreakers.on_state_change` reports it."""
+    def circuit_transition(self, key: str, old: str, new: str) -> None:
+        """A breaker state change, as `CircuitBreakers.on_state_change` reports it; a
+        version's circuit counts under its extension (the label set stays bounded)."""
+        extension_id = split_circuit(key)[0]
         self._breaker_ids.add(extension_id)
         if new == "open":
             self.breaker_failures.labels(extension_id).inc()

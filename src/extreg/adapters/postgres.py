@@ -428,6 +428,23 @@ class PostgresSource:
 
         return (await self.write_extension(extension_id, change, actor))[0] == "updated"
 
+    async def set_version_enabled(
+        self, extension_id: str, version: str, enabled: bool, actor: str
+    ) -> bool:
+        """Enable or disable one of the record's `versions` (audited as an update of its
+        versions); False when the extension or the version is gone, or it is so already."""
+
+        def change(cur: Extension | None) -> Extension | None:
+            if cur is None:
+                return None
+            versions = [
+                msgspec.structs.replace(v, enabled=enabled) if v.version == version else v
+                for v in cur.versions
+            ]
+            return msgspec.structs.replace(cur, versions=versions)
+
+        return (await self.write_extension(extension_id, change, actor))[0] == "updated"
+
     async def set_instance_health(
         self, extension_id: str, instance_id: str, status: HealthStatus, actor: str
     ) -> bool:

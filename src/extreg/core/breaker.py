@@ -99,6 +99,21 @@ StateCallback = Callable[[str, State, State], None]
 """Called as `callback(extension_id, old_state, new_state)` on every transition."""
 
 MAX_BUCKETS: Final = 60
+VERSION_SEPARATOR: Final = "@"  # never in an extension id (model.ID_PATTERN)
+
+
+def version_circuit(extension_id: str, version: str) -> str:
+    """The circuit key of a version routed to by its rules: its own circuit, so a failing
+    canary opens alone (the extension's own row keeps the extension's circuit, keyed by id)."""
+    return f"{extension_id}{VERSION_SEPARATOR}{version}"
+
+
+def split_circuit(key: str) -> tuple[str, str | None]:
+    """(extension id, version) of a circuit key; version None for the extension's own."""
+    extension_id, _, version = key.partition(VERSION_SEPARATOR)
+    return extension_id, version or None
+
+
 METADATA_PREFIX: Final = "circuit_breaker_"
 METADATA_TABLE: Final = "circuit_breaker"
 
@@ -585,14 +600,14 @@ class CircuitBreakers:
     def _admit(self, circuit: _Circuit) -> None:
         now = self._clock()
         if circuit.state is OPEN:
+            extension_id, version = split_circuit(circuit.extension_id)
+            whose = "circuit breaker" if version is None else f"version {version}'s circuit breaker"
             if circuit.forced:
-                raise CircuitOpen(circuit.extension_id, "circuit was opened by an operator", 0)
+                raise CircuitOpen(extension_id, "circuit was opened by an operator", 0)
             remaining = circuit.config.timeout_seconds - (now - circuit.opened_at)
             if remaining > 0:
-                reason = (
-                    f"circuit breaker is open ({circuit.open_reason}); retry in {remaining:.1f}s"
-                )
-                raise CircuitOpen(circuit.extension_id, reason, 0)
+                reason = f"{whose} is open ({circuit.open_reason}); retry in {remaining:.1f}s"
+                raise CircuitOpen(extension_id, reason, 0)
             self._half_open(circuit, now)
         config = circuit.config
         if circuit.admitted and now - circuit.half_open_since >= config.timeout_seconds:

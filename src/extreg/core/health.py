@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 from ddsketch import DDSketch
 from ddsketch.store import DenseStore
 
-from .breaker import CLOSED, DISABLED, HALF_OPEN, OPEN, CircuitBreakers
+from .breaker import CLOSED, DISABLED, HALF_OPEN, OPEN, VERSION_SEPARATOR, CircuitBreakers
 from .clock import SYSTEM_CLOCK, Clock
 from .intervals import (
     INTERVAL_S,
@@ -316,6 +316,7 @@ class HealthMonitor:
         "_clock",
         "_entries",
         "_unfiled",
+        "_versions",
         "keep_s",
         "transitions",
         "window_s",
@@ -338,6 +339,9 @@ class HealthMonitor:
         self.window_s = window_s
         self.keep_s = max(keep_s, window_s)
         self._entries: dict[str, _Entry] = {}
+        # Per version, this node's calls: extension id -> version -> [circuit key,
+        # successes, failures, latency sum in ms] (the breakdown of `get_health`).
+        self._versions: dict[str, dict[str, list[Any]]] = {}
         self._clock = clock
 
     @classmethod
@@ -359,12 +363,22 @@ class HealthMonitor:
         new, its circuit `closed` when breakers are on in the settings, else `disabled`."""
         return cls(_always_closed if breaker_enabled else _no_breaker, window_s=window_s)
 
-    def record(self, extension_id: str, ok: bool, latency_ms: float) -> None:
-        """Count one finished call: its outcome and its latency in milliseconds."""
+    def record(
+        self,
+        extension_id: str,
+        ok: bool,
+        latency_ms: float,
+        version: str | None = None,
+        circuit: str | None = None,
+    ) -> None:
+        """Count one finished call: its outcome and its latency in milliseconds; with
+        `version` (and the `circuit` key it was called on), in that version's numbers too."""
         try:
             entry = self._entries[extension_id]
         except KeyError:
             entry = self._entries[extension_id] = _Entry()
+        if version is not None:
+            self._count_version(extension_id, version, circuit or extension_id, ok, latency_ms)
         now = self._clock()
         inside = entry.open_from <= now < entry.open_until
         bucket = entry.open_bucket if inside else entry.open(now)
@@ -384,7 +398,21 @@ class HealthMonitor:
         """This monitor's clock: epoch seconds."""
         return self._clock()
 
+    def _count_version(
+        self, extension_id: str, version: str, circuit: str, ok: bool, latency_ms: float
+    ) -> None:
+        by_version = self._versions.get(extension_id)
+        if by_version is None:
+            by_version = self._versions[extension_id] = {}
+        counts = by_version.get(version)
+        if counts is None:
+            counts = by_version[version] = [circuit, 0, 0, 0.0]
+        counts[1 if ok else 2] += 1
+        counts[3] += max(latency_ms, 0.0)
+
     def _circuit_changed(self, extension_id: str, old: str, new: str) -> None:
+        if VERSION_SEPARATOR in extension_id:
+            return  # a version's circuit: in its `versions` numbers, not in the charts' marks
         transition = Transition(self._clock(), extension_id, new)
         self.transitions.append(transition)
         self._unfiled.append(transition)
@@ -412,6 +440,15 @@ class HealthMonitor:
             "success_rate": _rate(recent.successes, recent.calls),
             **{key: round(recent.quantile(q), 2) for key, q in QUANTILES},
         }
+        by_version = self._versions.get(extension_id)
+        if by_version:
+            health["versions"] = {
+                version: {
+                    **call_numbers(successes, failures, latency_sum),
+                    "circuit_breaker_state": self._circuit_state(circuit),
+                }
+                for version, (circuit, successes, failures, latency_sum) in by_version.items()
+            }
         return health
 
     def get_all_health(self) -> dict[str, dict[str, Any]]:
@@ -535,6 +572,7 @@ class HealthMonitor:
     def remove(self, extension_id: str) -> None:
         """Forget an extension (it was deleted), undrained numbers included."""
         self._entries.pop(extension_id, None)
+        self._versions.pop(extension_id, None)
 
     def _entry(self, extension_id: str) -> _Entry:
         entry = self._entries.get(extension_id)

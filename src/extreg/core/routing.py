@@ -50,6 +50,7 @@ from math import ceil
 from typing import TYPE_CHECKING, Any, cast
 
 from . import chance
+from .breaker import version_circuit
 from .model import HASH_ON, PERCENT, ROLLOUT_KEYS, Extension, Instance, Version
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Target:
     timeout_s: float
     retries: int
     version: str
+    circuit: str  # the breaker's key: the extension id, or `version_circuit` for a version
     instance_id: str | None = None  # the instance called, when one was drawn
 
 
@@ -279,7 +281,9 @@ class Route:
         """`ejected`: instances this node's outlier detection has taken out (see `outliers`);
         calls skip them as they skip `unhealthy` ones."""
         self.ext = ext
-        self.default = self._target(ext.subject, ext.timeout_ms, ext.retry, ext.version, limits)
+        self.default = self._target(
+            ext.subject, ext.timeout_ms, ext.retry, ext.version, ext.id, limits
+        )
         self.versions: tuple[tuple[Rule, Target], ...] = tuple(
             (Rule.of(ext.id, v), self._version_target(v, limits))
             for v in newest_first(ext.versions)
@@ -305,6 +309,7 @@ class Route:
         timeout_ms: int,
         retry: int,
         version: str,
+        circuit: str,
         limits: Limits,
         instance_id: str | None = None,
     ) -> Target:
@@ -313,16 +318,21 @@ class Route:
             timeout_s=min(timeout_ms, limits.max_timeout_ms) / 1000,
             retries=min(retry, limits.max_retries),
             version=version,
+            circuit=circuit,
             instance_id=instance_id,
         )
 
     def _instance_target(self, i: Instance, ext: Extension, limits: Limits) -> Target:
         return self._target(
-            i.subject, ext.timeout_ms, ext.retry, ext.version, limits, i.instance_id
+            i.subject, ext.timeout_ms, ext.retry, ext.version, ext.id, limits, i.instance_id
         )
 
     def _version_target(self, v: Version, limits: Limits) -> Target:
-        return self._target(v.subject, v.timeout_ms, v.retry, v.version, limits)
+        """A version's target, on its own circuit (see `breaker.version_circuit`), unless it
+        shares the row's version name: then it is the row's, and so is the circuit."""
+        ext = self.ext
+        circuit = ext.id if v.version == ext.version else version_circuit(ext.id, v.version)
+        return self._target(v.subject, v.timeout_ms, v.retry, v.version, circuit, limits)
 
     def pick(self, lookup: Callable[[str], Any], draw: Callable[[], float] = chance.draw) -> Target:
         """The target of one call: a matching version, else a weighted instance, else the row."""

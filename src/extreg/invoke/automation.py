@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ..core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, State
+from ..core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers, State, split_circuit
 from ..core.chance import jitter
 from ..core.health import HealthMonitor
 from ..errors import Conflict, ExtregError, HealthRefused
@@ -100,10 +100,15 @@ class AutoManager:
             enable_on_close=settings.auto_enable_on_circuit_close,
         )
 
-    def _on_transition(self, extension_id: str, old: State, new: State) -> None:
-        """Breaker callback (synchronous, on the hot path): only note the newest state."""
-        if (new == OPEN and self.disable_on_open) or (new == CLOSED and self.enable_on_close):
-            self._latest[extension_id] = new
+    def _on_transition(self, key: str, old: State, new: State) -> None:
+        """Breaker callback (synchronous, on the hot path): only note the newest state. A
+        version's circuit (`breaker.version_circuit`) is noted when it opens only: its version
+        is disabled alone (a rollback), and only an operator enables it again."""
+        version = split_circuit(key)[1]
+        if (new == OPEN and self.disable_on_open) or (
+            new == CLOSED and self.enable_on_close and version is None
+        ):
+            self._latest[key] = new
             self._idle.clear()
             self._wake.set()
 
@@ -149,15 +154,26 @@ class AutoManager:
                 backoff = RETRY_MIN_S
                 self._idle.set()
 
-    async def _apply(self, extension_id: str, state: State) -> None:
+    async def _apply(self, key: str, state: State) -> None:
+        extension_id, version = split_circuit(key)
         try:
             db = self._registry.database
         except Conflict:
             log.warning(
                 "auto_manage_skipped",
                 extension_id=extension_id,
+                version=version,
                 reason="the registry serves read-only fixtures",
             )
+            return
+        if version is not None:  # only opened versions are queued
+            if await db.set_version_enabled(extension_id, version, False, AUTO_ACTOR):
+                log.warning(
+                    "version_auto_disabled",
+                    extension_id=extension_id,
+                    version=version,
+                    reason="its circuit opened; its calls go back to the extension's own row",
+                )
             return
         if state == OPEN:
             if (await db.set_enabled(extension_id, False, AUTO_ACTOR))[0] == "updated":

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..adapters.postgres_health import HealthBatch
-from ..core.breaker import CircuitBreakers, CircuitSnapshot
+from ..core.breaker import VERSION_SEPARATOR, CircuitBreakers, CircuitSnapshot
 from ..core.health import HealthDelta, HealthMonitor, Transition
 from ..core.intervals import SERIES_KEEP_S, window_start
 from ..errors import ExtregError
@@ -132,8 +132,9 @@ class HealthFlusher:
         """`(seq, sealed, calls)` of each waiting batch, oldest first (for status and tests)."""
         return [(batch.seq, batch.sealed, batch.calls) for batch in self._batches]
 
-    def _circuit_changed(self, extension_id: str, old: str, new: str) -> None:
-        self._dirty_circuits.add(extension_id)
+    def _circuit_changed(self, key: str, old: str, new: str) -> None:
+        if VERSION_SEPARATOR not in key:  # a version's circuit has no health row of its own
+            self._dirty_circuits.add(key)
 
     async def run(self) -> None:
         """Flush every `interval_s` until cancelled."""

@@ -38,7 +38,7 @@ import structlog
 
 from .. import logs, tracing
 from ..adapters.nats import NatsTransport
-from ..core.breaker import CircuitBreakers
+from ..core.breaker import CircuitBreakers, split_circuit, version_circuit
 from ..core.chance import jitter
 from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.concurrency import MAX_LIMIT, AdaptiveLimit, Bulkhead
@@ -290,7 +290,7 @@ class Invoker:
             try:
                 if self._gate is not None:
                     self._gate.check(extension_id)
-                self.breaker.check_circuit(extension_id)
+                self.breaker.check_circuit(target.circuit)
             except CircuitOpen:
                 if observer is not None:
                     observer(extension_id, ext.type, target.version, "circuit_open", 0.0)
@@ -320,8 +320,10 @@ class Invoker:
                 exc.attempts = exc.attempts or 1
                 if target.instance_id is not None and self.outliers is not None:
                     self._outlier(route, target.instance_id, False)
-                self.breaker.record_failure(extension_id)
-                self.health.record(extension_id, False, seconds * 1000.0)
+                self.breaker.record_failure(target.circuit)
+                self.health.record(
+                    extension_id, False, seconds * 1000.0, target.version, target.circuit
+                )
                 outcome = outcome_of(exc)
                 if observer is not None:
                     observer(extension_id, ext.type, target.version, outcome, seconds)
@@ -336,8 +338,8 @@ class Invoker:
             rtt = seconds = perf_counter() - started
             if target.instance_id is not None and self.outliers is not None:
                 self._outlier(route, target.instance_id, True)
-            self.breaker.record_success(extension_id, seconds)
-            self.health.record(extension_id, True, seconds * 1000.0)
+            self.breaker.record_success(target.circuit, seconds)
+            self.health.record(extension_id, True, seconds * 1000.0, target.version, target.circuit)
             if observer is not None:
                 observer(extension_id, ext.type, target.version, "ok", seconds)
             if logs.debug_enabled:
@@ -452,10 +454,12 @@ class Invoker:
             old = before.get(extension_id)
             if old is ext or (old is not None and old.metadata == ext.metadata):
                 continue
-            self._configure(extension_id, ext.metadata)
+            for key in _circuits(ext):
+                self._configure(key, ext.metadata)
             self._limit(extension_id, ext.metadata)
         for extension_id in before.keys() - snapshot.by_id.keys():
-            self.breaker.remove(extension_id)
+            for key in _circuits(before[extension_id]):
+                self.breaker.remove(key)
             self.health.remove(extension_id)
             self._routes.pop(extension_id, None)
             self._configured.discard(extension_id)
@@ -502,9 +506,18 @@ class Invoker:
             self._configured.discard(extension_id)
 
 
-def _log_transition(extension_id: str, old: str, new: str) -> None:
+def _log_transition(key: str, old: str, new: str) -> None:
+    extension_id, version = split_circuit(key)
     level = log.warning if new == "open" else log.info
-    level("circuit_state_changed", extension_id=extension_id, old=old, new=new)
+    level("circuit_state_changed", extension_id=extension_id, version=version, old=old, new=new)
+
+
+def _circuits(ext: Extension) -> list[str]:
+    """The circuit keys of a record: its own, and one per version named apart from its row."""
+    return [
+        ext.id,
+        *(version_circuit(ext.id, v.version) for v in ext.versions if v.version != ext.version),
+    ]
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -1,0 +1,95 @@
+"""Per-version circuits and the automatic rollback (issue 14, item 2), on a real PostgreSQL and
+NATS: a canary version that fails opens its own circuit, not the extension's; with
+`auto_disable_on_circuit_open` it is disabled alone, audited as `extreg:auto`, and its calls
+go back to the extension's own row, while the old version keeps answering throughout."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from api_helpers import seed, sql
+from helpers import make_settings
+from invoke_helpers import constant, listen, open_invoker, subject, wait_for
+from nats.aio.client import Client
+
+from extreg import CircuitOpen, InvalidResponse
+
+
+async def test_a_failing_canary_is_rolled_back_while_the_row_keeps_answering(
+    tmp_path: Path, db_url: str, nats_url: str, nats_client: Client
+) -> None:
+    stable, canary = subject(), subject()
+    record = {
+        "id": "x",
+        "type": "pre",
+        "subject": stable,
+        "version": "v1",
+        "timeout_ms": 1000,
+        "versions": [
+            {
+                "version": "v2",
+                "subject": canary,
+                "timeout_ms": 1000,
+                "routing_rules": {"tenant_id": ["beta"]},
+            }
+        ],
+    }
+    settings = make_settings(
+        tmp_path,
+        source="database",
+        database_url=db_url,
+        nats_url=nats_url,
+        circuit_breaker_enabled=True,
+        circuit_breaker_failure_threshold=3,
+        auto_disable_on_circuit_open=True,
+    )
+    await seed(db_url, settings, record)
+    beta, others = {"tenant_id": "beta"}, {"tenant_id": "acme"}
+    async with (
+        listen(nats_client, stable, constant(b"{}")) as old,
+        listen(nats_client, canary, constant(b"[]")) as new,
+        open_invoker(settings) as inv,
+    ):
+        for _ in range(3):
+            with pytest.raises(InvalidResponse):
+                await inv.invoke("x", {"payload": 1}, beta)
+            assert {} == await inv.invoke("x", {"payload": 1}, others)  # the row answers
+        assert "open" == inv.breaker.state("x@v2")
+        assert "closed" == inv.breaker.state("x")
+        versions = inv.health.get_health("x")["versions"]
+        assert (0, 3, "open") == (
+            versions["v2"]["success_count"],
+            versions["v2"]["failure_count"],
+            versions["v2"]["circuit_breaker_state"],
+        )
+        assert (3, 0, "closed") == (
+            versions["v1"]["success_count"],
+            versions["v1"]["failure_count"],
+            versions["v1"]["circuit_breaker_state"],
+        )
+        for _ in range(500):  # refused until the rollback reaches this node's cache
+            try:
+                assert {} == await inv.invoke("x", {"payload": 1}, beta)
+                break
+            except CircuitOpen:
+                await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("beta's calls never went back to the row")
+        assert 3 == new.count  # nothing more reached the canary once its circuit opened
+        assert {} == await inv.invoke("x", {"payload": 1}, others)
+        ext = inv.registry.lookup("x")
+        assert (True, [False]) == (ext.enabled, [v.enabled for v in ext.versions])
+        await wait_for(lambda: bool(audit(db_url)), timeout=10)
+        assert [("update", "extreg:auto")] == audit(db_url)
+        assert old.count >= 5
+
+
+def audit(db_url: str) -> list[tuple[str, str]]:
+    rows = sql(
+        db_url,
+        "SELECT action, changed_by FROM extension_audit_log"
+        " WHERE extension_id = 'x' AND changed_by = 'extreg:auto' ORDER BY changed_at",
+    )
+    return [(r[0], r[1]) for r in rows]
