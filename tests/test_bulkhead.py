@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from invoke_helpers import FakeClock, fixture_settings, open_invoker, subject
+from invoke_helpers import FakeClock, constant, fixture_settings, listen, open_invoker, subject
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from extreg import Overloaded
+from extreg import CircuitOpen, Overloaded
 from extreg.adapters.nats import subscriptions_active
 from extreg.core.concurrency import PROBE_LIMIT
 from extreg.core.model import parse_extension
@@ -172,3 +172,54 @@ def test_a_max_concurrency_that_cannot_be_used_is_refused_naming_it(value: Any) 
     assert [("metadata.max_concurrency", f"must be a positive integer (got {value!r})")] == [
         (field, message) for field, message in raised.value.problems
     ]
+
+
+async def test_every_way_out_of_a_call_gives_its_place_back(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """A refusal by the circuit, a failure, and a cancelled call each release the bulkhead
+    (no place leaks: a limit of 1 still lets the next call in)."""
+    on = subject()
+    settings = fixture_settings(
+        tmp_path,
+        nats_url,
+        rec("x", on, metadata={"max_concurrency": 1}),
+        circuit_breaker_enabled=True,
+    )
+    async with held(nats_client, on) as responder, open_invoker(settings) as inv:
+        bulkhead = inv._bulkheads["x"]
+        inv.breaker.force_open("x")
+        with pytest.raises(CircuitOpen):
+            await inv.invoke("x", {"payload": 1})
+        assert 0 == bulkhead.in_flight
+        inv.breaker.reset("x")
+        call = asyncio.create_task(inv.invoke("x", {"payload": 1}))
+        await until(lambda: responder.holding == 1, "the call held")
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        assert 0 == bulkhead.in_flight
+        responder.release.set()
+        assert {} == await inv.invoke("x", {"payload": 1})
+        assert 0 == bulkhead.in_flight
+
+
+async def test_the_adaptive_limit_stays_under_the_fixed_cap(
+    tmp_path: Path, nats_url: str, nats_client: Client
+) -> None:
+    """`max_concurrency` 2 with the adaptive limit: the probe and the limit never pass 2."""
+    on = subject()
+    settings = fixture_settings(
+        tmp_path,
+        nats_url,
+        rec("x", on, metadata={"max_concurrency": 2}),
+        adaptive_concurrency_enabled=True,
+    )
+    clock = FakeClock()
+    async with listen(nats_client, on, constant(b"{}")), open_invoker(settings, clock=clock) as inv:
+        bulkhead = inv._bulkheads["x"]
+        assert 2 == bulkhead.limit
+        for _ in range(3):
+            for _ in range(10):
+                await inv.invoke("x", {"payload": 1})
+            clock.advance(1.0)
+            assert bulkhead.limit <= 2

@@ -69,6 +69,8 @@ async def test_a_failing_canary_is_rolled_back_while_the_row_keeps_answering(
             versions["v1"]["failure_count"],
             versions["v1"]["circuit_breaker_state"],
         )
+        await inv.flush_health()  # the totals read back from the database; versions stay
+        assert versions == inv.health.get_health("x")["versions"]
         for _ in range(500):  # refused until the rollback reaches this node's cache
             try:
                 assert {} == await inv.invoke("x", {"payload": 1}, beta)
@@ -93,3 +95,48 @@ def audit(db_url: str) -> list[tuple[str, str]]:
         " WHERE extension_id = 'x' AND changed_by = 'extreg:auto' ORDER BY changed_at",
     )
     return [(r[0], r[1]) for r in rows]
+
+
+async def test_a_version_added_later_gets_the_extensions_overrides_and_obeys_a_forced_open(
+    tmp_path: Path, db_url: str, nats_url: str, nats_client: Client
+) -> None:
+    """A version added to a record whose metadata sets `circuit_breaker_failure_threshold`
+    2 opens after 2 failures (not the default 5); an operator's forced open of the extension
+    refuses its version's calls too, as the extension's own."""
+    stable, canary = subject(), subject()
+    record = {
+        "id": "x",
+        "type": "pre",
+        "subject": stable,
+        "version": "v1",
+        "timeout_ms": 1000,
+        "metadata": {"circuit_breaker_failure_threshold": 2},
+    }
+    settings = make_settings(
+        tmp_path,
+        source="database",
+        database_url=db_url,
+        nats_url=nats_url,
+        circuit_breaker_enabled=True,
+    )
+    await seed(db_url, settings, record)
+    beta = {"tenant_id": "beta"}
+    async with (
+        listen(nats_client, stable, constant(b"{}")),
+        listen(nats_client, canary, constant(b"[]")),
+        open_invoker(settings) as inv,
+    ):
+        version = {"version": "v2", "subject": canary, "timeout_ms": 1000,
+                   "routing_rules": {"tenant_id": ["beta"]}}  # fmt: skip
+        await seed(db_url, settings, {**record, "versions": [version]})
+        await wait_for(lambda: bool(inv.registry.lookup("x").versions), timeout=30)
+        for _ in range(2):
+            with pytest.raises(InvalidResponse):
+                await inv.invoke("x", {"payload": 1}, beta)
+        assert "open" == inv.breaker.state("x@v2")
+        inv.breaker.reset("x")  # the extension's and its versions'
+        inv.breaker.force_open("x")
+        with pytest.raises(CircuitOpen) as refused:
+            await inv.invoke("x", {"payload": 1}, beta)
+        assert "x" == refused.value.extension_id
+        assert "operator" in refused.value.reason

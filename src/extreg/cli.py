@@ -552,15 +552,14 @@ def versions(ctx: typer.Context, extension_id: ExtensionId, json: JsonFlag = Fal
     --json prints {"id", "enabled", "versions": [{"version", "enabled", "subject",
     "routing_rules", "percent", "hash_on", "fallback"}]}: percent and hash_on (the context
     keys hashed, the first one present counting) are null without a percent rule."""
-    from .core.routing import routing_plan
+    from .core.routing import routing_report
 
     found = [e for e in _load_all(settings(ctx)) if e.id == extension_id]
     if not found:
         raise ExtensionNotFound(extension_id)
-    plan = routing_plan(found[0])
+    report = routing_report(found[0])
     columns = ("version", "enabled", "subject", "routing_rules", "percent", "hash_on")
-    report = {"id": extension_id, "enabled": found[0].enabled, "versions": plan}
-    emit(json, report, Rows(columns, [_plan_row(item) for item in plan]))
+    emit(json, report, Rows(columns, [_plan_row(item) for item in report["versions"]]))
 
 
 def _plan_row(item: dict[str, Any]) -> tuple[Cell, ...]:

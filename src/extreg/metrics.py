@@ -311,9 +311,9 @@ class Metrics:
         pipeline = getattr(invoker, "pipeline", None)
         if pipeline is not None and self.observe_policy_run not in pipeline.observers:
             pipeline.observers.append(self.observe_policy_run)
-        observers = getattr(invoker, "ejection_observers", None)
-        if observers is not None and self.instance_ejected not in observers:
-            observers.append(self.instance_ejected)
+        ejections = getattr(invoker, "ejections", None)
+        if ejections is not None and self.instance_ejected not in ejections.observers:
+            ejections.observers.append(self.instance_ejected)
         breaker = getattr(invoker, "breaker", None)
         if breaker is not None and hasattr(breaker, "on_state_change"):
             breaker.on_state_change(self.circuit_transition)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from ..auth import Principal
 from ..core.model import Extension, ExtensionType, to_plain
+from ..core.routing import routing_report
 from ..errors import Conflict, ExtensionNotFound
 from ..registry import Registry
 from .bodies import json_object, json_response, record, request_body, same_id
@@ -61,6 +62,19 @@ async def get_extension(extension_id: str, request: Request, _: Viewer) -> JSONR
     if ext is None:
         raise ExtensionNotFound(extension_id)
     return _record_response(ext)
+
+
+@router.get(
+    "/{extension_id}/versions",
+    responses={200: {"description": "The versions in the order calls try them."}, **NOT_FOUND},
+)
+async def get_versions(extension_id: str, request: Request, _: Viewer) -> JSONResponse:
+    """The record's versions in the order calls try them, with their rules and percent
+    split, then its own row (the fallback): `extreg versions ID --json`'s answer."""
+    ext = runtime_of(request).registry.get(extension_id)
+    if ext is None:
+        raise ExtensionNotFound(extension_id)
+    return JSONResponse(routing_report(ext))
 
 
 @router.post(

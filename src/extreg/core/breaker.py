@@ -551,14 +551,16 @@ class CircuitBreakers:
         return config
 
     def force_open(self, extension_id: str) -> State:
-        """Open the circuit and keep it open until `force_close` or `reset`.
+        """Open the circuit and keep it open until `force_close` or `reset`; its versions'
+        circuits too (and those made later, see `_add`): an operator's stop stops every call.
 
         Raises `Conflict` when breakers are off: nothing would enforce the state.
         """
         self._require_enabled()
         circuit = self._circuits.get(extension_id) or self._add(extension_id)
-        circuit.forced = True
-        self._open(circuit, self._clock(), "opened by an operator")
+        for each in [circuit, *self._versions_of(extension_id)]:
+            each.forced = True
+            self._open(each, self._clock(), "opened by an operator")
         return circuit.state
 
     def force_close(self, extension_id: str) -> State:
@@ -567,13 +569,15 @@ class CircuitBreakers:
 
     def reset(self, extension_id: str) -> State:
         """Back to a fresh closed circuit: no streak, an empty window; the config is kept.
+        Its versions' circuits too.
 
         Raises `Conflict` when breakers are off.
         """
         self._require_enabled()
         circuit = self._circuits.get(extension_id) or self._add(extension_id)
-        circuit.forced = False
-        self._close(circuit)
+        for each in [circuit, *self._versions_of(extension_id)]:
+            each.forced = False
+            self._close(each)
         return circuit.state
 
     def remove(self, extension_id: str) -> None:
@@ -593,32 +597,39 @@ class CircuitBreakers:
         if self._disabled:
             raise Conflict(ENABLE_HINT)
 
-    def _add(self, extension_id: str) -> _Circuit:
-        circuit = self._circuits[extension_id] = _Circuit(extension_id, self.config)
+    def _add(self, key: str) -> _Circuit:
+        circuit = self._circuits[key] = _Circuit(key, self.config)
+        extension_id, version = split_circuit(key)
+        owner = self._circuits.get(extension_id) if version is not None else None
+        if owner is not None and owner.forced:  # a version first called while its
+            circuit.forced = True  # extension is held open by an operator
+            self._open(circuit, self._clock(), "opened by an operator")
         return circuit
+
+    def _versions_of(self, extension_id: str) -> list[_Circuit]:
+        prefix = extension_id + VERSION_SEPARATOR
+        return [c for key, c in self._circuits.items() if key.startswith(prefix)]
 
     def _admit(self, circuit: _Circuit) -> None:
         now = self._clock()
         if circuit.state is OPEN:
-            extension_id, version = split_circuit(circuit.extension_id)
-            whose = "circuit breaker" if version is None else f"version {version}'s circuit breaker"
             if circuit.forced:
-                raise CircuitOpen(extension_id, "circuit was opened by an operator", 0)
+                raise _refusal(circuit, "was opened by an operator")
             remaining = circuit.config.timeout_seconds - (now - circuit.opened_at)
             if remaining > 0:
-                reason = f"{whose} is open ({circuit.open_reason}); retry in {remaining:.1f}s"
-                raise CircuitOpen(extension_id, reason, 0)
+                raise _refusal(
+                    circuit, f"is open ({circuit.open_reason}); retry in {remaining:.1f}s"
+                )
             self._half_open(circuit, now)
         config = circuit.config
         if circuit.admitted and now - circuit.half_open_since >= config.timeout_seconds:
             circuit.half_open_since = now  # the last trials never reported: a new round
             circuit.admitted = 0
         if circuit.admitted >= config.half_open_max_requests:
-            reason = (
-                f"circuit breaker is half-open and its {config.half_open_max_requests} "
-                "trial call(s) are in flight"
+            raise _refusal(
+                circuit,
+                f"is half-open and its {config.half_open_max_requests} trial call(s) are in flight",
             )
-            raise CircuitOpen(circuit.extension_id, reason, 0)
         circuit.admitted += 1
 
     def _record_slow(self, circuit: _Circuit, now: float) -> None:
@@ -670,3 +681,11 @@ class CircuitBreakers:
                     old_state=old,
                     new_state=new,
                 )
+
+
+def _refusal(circuit: _Circuit, what: str) -> CircuitOpen:
+    """The `CircuitOpen` of a refused call: for the extension (never a circuit key), its
+    reason naming the version whose circuit refused, if it was a version's."""
+    extension_id, version = split_circuit(circuit.extension_id)
+    whose = "circuit breaker" if version is None else f"version {version}'s circuit breaker"
+    return CircuitOpen(extension_id, f"{whose} {what}", 0)

@@ -64,8 +64,9 @@ class Bulkhead:
         return True
 
     def release(self, rtt_s: float | None) -> None:
-        """Count a call out; `rtt_s` is its round trip, None when it did not go out or
-        failed (only answered calls measure the extension's latency)."""
+        """Count a call out; `rtt_s` is its round trip, None when it did not go out or failed
+        fast (only answered and timed-out calls measure the extension's latency: a fast error,
+        "no responders" say, would pull the baseline down)."""
         self.in_flight -= 1
         adaptive = self.adaptive
         if adaptive is not None and rtt_s is not None:
@@ -99,9 +100,15 @@ class AdaptiveLimit:
     _peak: int = 0  # most calls in flight seen in the window (every min_samples samples)
 
     def __post_init__(self) -> None:
-        self._estimate = float(self.initial)
-        self.limit = self.probe_limit
+        self._estimate = float(min(self.initial, self.max_limit))
+        self.limit = min(self.probe_limit, self.max_limit)
         self._countdown = self.min_samples
+
+    def cap(self, max_limit: int) -> None:
+        """A new maximum (the extension's fixed limit changed), in force at once."""
+        self.max_limit = max_limit
+        self._estimate = min(self._estimate, float(max_limit))
+        self.limit = min(self.limit, max_limit)
 
     def sample(self, rtt_s: float, in_flight: int) -> None:
         """One finished call's round trip, with the calls in flight when it ended (itself
@@ -132,7 +139,7 @@ class AdaptiveLimit:
             self._adapt(average)
             if now >= self._next_probe:
                 self._probing = True
-                self.limit = self.probe_limit
+                self.limit = min(self.probe_limit, self.max_limit)
                 return
         self.limit = int(self._estimate)
 

@@ -408,7 +408,7 @@ class HealthMonitor:
         if counts is None:
             counts = by_version[version] = [circuit, 0, 0, 0.0]
         counts[1 if ok else 2] += 1
-        counts[3] += max(latency_ms, 0.0)
+        counts[3] += latency_ms
 
     def _circuit_changed(self, extension_id: str, old: str, new: str) -> None:
         if VERSION_SEPARATOR in extension_id:
@@ -571,8 +571,13 @@ class HealthMonitor:
 
     def remove(self, extension_id: str) -> None:
         """Forget an extension (it was deleted), undrained numbers included."""
-        self._entries.pop(extension_id, None)
+        self.forget_totals(extension_id)
         self._versions.pop(extension_id, None)
+
+    def forget_totals(self, extension_id: str) -> None:
+        """Drop an extension's totals, to be replaced (`health_store.adopt_totals`); its
+        versions breakdown, this node's own, stays."""
+        self._entries.pop(extension_id, None)
 
     def _entry(self, extension_id: str) -> _Entry:
         entry = self._entries.get(extension_id)

@@ -6,7 +6,8 @@ row is ejected: calls skip it for `base_ejection_s x times ejected` (a repeat of
 out longer), and then it returns on its own. Never more than `max_ejection_percent` of an
 extension's usable instances are out at once (rounded down, so an extension with a single
 instance never loses it): when enough are out, a failing one keeps getting its share rather
-than all traffic moving to the few left. A success resets an instance's run of failures.
+than all traffic moving to the few left; instances the record already marks `unhealthy` (another
+node's ejections, an operator's) count as out. A success resets an instance's run of failures.
 """
 
 from __future__ import annotations
@@ -66,10 +67,16 @@ class OutlierDetector:
         return frozenset(i for (e, i) in self._out if e == extension_id)
 
     def record(
-        self, extension_id: str, instance_id: str, ok: bool, instances: int
+        self,
+        extension_id: str,
+        instance_id: str,
+        ok: bool,
+        instances: int,
+        unhealthy: frozenset[str] = frozenset(),
     ) -> Ejection | None:
-        """One call's outcome on an instance of an extension with `instances` usable ones;
-        the ejection it causes, if any."""
+        """One call's outcome on an instance of an extension with `instances` enabled ones,
+        of which `unhealthy` are marked so in its record (by another node's ejection, or an
+        operator): they count as out too; the ejection it causes, if any."""
         key = (extension_id, instance_id)
         if ok:
             if key in self._failures:
@@ -80,7 +87,7 @@ class OutlierDetector:
             self._failures[key] = failures
             return None
         allowed = math.floor(instances * self.config.max_ejection_percent / 100)
-        if sum(1 for e, _ in self._out if e == extension_id) >= allowed:
+        if len(unhealthy.union(self.ejected(extension_id))) >= allowed:
             self._failures[key] = failures  # at the cap: it stays in, still counted
             return None
         self._failures.pop(key, None)

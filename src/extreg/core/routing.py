@@ -218,6 +218,12 @@ def newest_first(versions: Sequence[Version]) -> list[Version]:
 _EPOCH = datetime.fromtimestamp(0, UTC)
 
 
+def routing_report(ext: Extension) -> dict[str, Any]:
+    """`{"id", "enabled", "versions": routing_plan(ext)}`: what `extreg versions --json` prints
+    and `GET /admin/extensions/{id}/versions` answers."""
+    return {"id": ext.id, "enabled": ext.enabled, "versions": routing_plan(ext)}
+
+
 def routing_plan(ext: Extension) -> list[dict[str, Any]]:
     """What `extreg versions` shows: every version in the order calls try them (a disabled
     one in its place, marked, as calls skip it), with its rules and its split (`percent`, and
@@ -272,6 +278,7 @@ class Route:
         "instances",
         "max_metadata_size",
         "max_payload_size",
+        "unhealthy",
         "versions",
     )
 
@@ -293,8 +300,13 @@ class Route:
         self.instances: tuple[Target, ...] = tuple(
             self._instance_target(i, ext, limits) for i in usable
         )
-        # What outlier ejection's cap is a share of: instances that take calls when healthy.
-        self.eligible = sum(1 for i in ext.instances if i.enabled and i.weight > 0)
+        # What outlier ejection's cap is a share of (instances that take calls when healthy),
+        # and those of them the record marks unhealthy: out already.
+        eligible = [i for i in ext.instances if i.enabled and i.weight > 0]
+        self.eligible = len(eligible)
+        self.unhealthy = frozenset(
+            i.instance_id for i in eligible if i.health_status == "unhealthy"
+        )
         self.cumulative: tuple[int, ...] = tuple(accumulate(i.weight for i in usable))
         if len(self.instances) == 1:  # one instance: always it, no draw needed
             self.default = self.instances[0]

@@ -83,7 +83,7 @@ def adopt_totals(monitor: HealthMonitor, totals: HealthDelta) -> None:
     Must run without an await in between its steps (it does: it is synchronous).
     """
     unwritten = monitor.take_delta(totals.extension_id)
-    monitor.remove(totals.extension_id)
+    monitor.forget_totals(totals.extension_id)
     if unwritten is not None:
         monitor.merge(unwritten)  # shown ...
         monitor.restore(unwritten)  # ... and handed over again by the next drain

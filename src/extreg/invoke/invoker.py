@@ -22,7 +22,12 @@ The outcome goes to the breaker (`record_success` / `record_failure`) and to the
 both in memory. A caller's mistake (too large) and a NATS outage are not the extension's fault
 and are recorded nowhere. No database statement is issued on this path: health reaches the
 database through `HealthFlusher` in the background, breaker overrides follow the registry
-through `Registry.on_change`, and automatic enable/disable runs in its own task.
+through `Registry.on_change`, and automatic enable/disable and the instance health of outlier
+ejection (`ejections`) are written by their own tasks.
+
+Overload and versions: a bulkhead per limited extension refuses at once with `Overloaded`
+(`core.concurrency`); a version routed to by its rules has its own circuit (`Target.circuit`),
+so a failing canary opens alone; an instance that keeps failing is ejected (`ejections`).
 """
 
 from __future__ import annotations
@@ -45,8 +50,7 @@ from ..core.concurrency import MAX_LIMIT, AdaptiveLimit, Bulkhead
 from ..core.envelope import encode_envelope, headers
 from ..core.health import HealthMonitor
 from ..core.intervals import SERIES_KEEP_S
-from ..core.model import Extension, HealthStatus
-from ..core.outliers import Ejection, OutlierConfig, OutlierDetector
+from ..core.model import Extension
 from ..core.routing import Limits, Route, Target
 from ..core.snapshot import Snapshot
 from ..errors import (
@@ -54,7 +58,6 @@ from ..errors import (
     ExtensionDisabled,
     ExtensionError,
     ExtensionTimeout,
-    ExtregError,
     InvalidRecord,
     InvalidResponse,
     MaxRetriesExceeded,
@@ -65,6 +68,7 @@ from ..errors import (
 from ..registry import Registry
 from ..settings import Settings
 from .automation import AutoManager, HealthGate
+from .ejections import Ejections
 from .health_store import HealthFlusher
 from .pipeline import PipelineRunner, PolicyResult, ProviderHook
 
@@ -76,7 +80,6 @@ log = structlog.get_logger("extreg.invoke")
 BACKOFF_BASE_S = 0.01  # first pause between attempts; doubles, capped, jittered x0.5..1.5
 BACKOFF_CAP_S = 0.2
 AUTO_IDLE_WAIT_S = 2.0
-OUTLIER_ACTOR = "extreg:outlier"  # who writes an ejected instance's health_status
 START_REFRESH_TIMEOUT_S = 1.0  # cluster-wide health read at start; later flushes catch up
 Send = Callable[[str, str, bytes, float, dict[str, str] | None], Awaitable[bytes]]
 """`await send(extension_id, subject, data, timeout_s, headers)`: one request, its reply body
@@ -141,11 +144,10 @@ class Invoker:
         self._decode = msgspec.json.Decoder().decode
         self._gate = HealthGate.from_settings(self.health, settings)
         self.auto = AutoManager.from_settings(registry, self.breaker, settings)
-        config = OutlierConfig.from_settings(settings)
-        self.outliers = OutlierDetector(config, clock.monotonic) if config is not None else None
-        self.ejection_observers: list[Callable[[Ejection], None]] = []
-        """Told of every ejection and return (metrics); see `_outlier`."""
-        self._marking: set[asyncio.Task[None]] = set()  # health_status writes under way
+        self.ejections = Ejections.from_settings(
+            settings, registry, clock, on_change=lambda ext_id: self._routes.pop(ext_id, None)
+        )
+        self._ejections_task: asyncio.Task[None] | None = None
         self.flusher = HealthFlusher(
             self.health,
             self.breaker,
@@ -194,6 +196,10 @@ class Invoker:
         self._flush_task = asyncio.create_task(self.flusher.run(), name="extreg-health-flush")
         if self.auto is not None:
             self._auto_task = asyncio.create_task(self.auto.run(), name="extreg-auto-manage")
+        if self.ejections is not None:
+            self._ejections_task = asyncio.create_task(
+                self.ejections.run(), name="extreg-ejections"
+            )
 
     async def close(self) -> None:
         """Stop flushing, close NATS, write the last health, let pending auto actions finish."""
@@ -205,8 +211,9 @@ class Invoker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.auto.wait_idle(), AUTO_IDLE_WAIT_S)
         await _cancel(self._auto_task)
-        if self._marking:  # health_status writes: let them land
-            await asyncio.wait(set(self._marking), timeout=AUTO_IDLE_WAIT_S)
+        await _cancel(self._ejections_task)
+        if self.ejections is not None:
+            await self.ejections.close()
 
     async def flush_health(self) -> bool:
         """Write health now (normally done every `health_flush_interval_seconds`)."""
@@ -252,18 +259,22 @@ class Invoker:
         context: Mapping[str, Any] | None,
         span: Span | None,
     ) -> dict[str, Any]:
+        trial = False
         try:
             ext = self.registry.lookup(extension_id)
         except ExtensionDisabled:
-            ext = self._recovery_trial(extension_id)
+            ext, trial = self._recovery_trial(extension_id), True
         route = self._routes.get(extension_id)
         if route is None or route.ext is not ext:
-            ejected = self.outliers.ejected(extension_id) if self.outliers else frozenset()
+            ejected = self.ejections.ejected(extension_id) if self.ejections else frozenset()
             route = self._routes[extension_id] = Route(ext, self._limits, ejected)
         ctx = _NO_CONTEXT if context is None else context
         trace_id = ctx.get("trace_id") or request.get("trace_id")
         tenant_id = ctx.get("tenant_id") or request.get("tenant_id")
-        target = _pick(route, ctx, trace_id, tenant_id) if route.dynamic else route.default
+        if route.dynamic and not trial:  # a recovery trial is the row's, on its own circuit
+            target = _pick(route, ctx, trace_id, tenant_id)
+        else:
+            target = route.default
         data = encode_envelope(
             extension_id,
             request,
@@ -285,7 +296,7 @@ class Invoker:
             if observer is not None:
                 observer(extension_id, ext.type, target.version, "overloaded", 0.0)
             raise Overloaded(extension_id, f"{bulkhead.limit} calls in flight, its limit", 0)
-        rtt: float | None = None  # the bulkhead's sample: answered and failed calls only
+        rtt: float | None = None  # the bulkhead's sample: answered and timed-out calls only
         try:
             try:
                 if self._gate is not None:
@@ -316,13 +327,16 @@ class Invoker:
             except _NOT_FAULTS:
                 raise
             except ExtensionError as exc:
-                rtt = seconds = perf_counter() - started
+                seconds = perf_counter() - started
+                if isinstance(exc, ExtensionTimeout | MaxRetriesExceeded):
+                    rtt = seconds  # slowness is the limit's business; a fast error is not
+
                 exc.attempts = exc.attempts or 1
-                if target.instance_id is not None and self.outliers is not None:
-                    self._outlier(route, target.instance_id, False)
+                if target.instance_id is not None and self.ejections is not None:
+                    self.ejections.record(route, target.instance_id, False)
                 self.breaker.record_failure(target.circuit)
                 self.health.record(
-                    extension_id, False, seconds * 1000.0, target.version, target.circuit
+                    extension_id, False, seconds * 1000.0, *_by_version(route, target)
                 )
                 outcome = outcome_of(exc)
                 if observer is not None:
@@ -336,10 +350,10 @@ class Invoker:
                 )
                 raise
             rtt = seconds = perf_counter() - started
-            if target.instance_id is not None and self.outliers is not None:
-                self._outlier(route, target.instance_id, True)
+            if target.instance_id is not None and self.ejections is not None:
+                self.ejections.record(route, target.instance_id, True)
             self.breaker.record_success(target.circuit, seconds)
-            self.health.record(extension_id, True, seconds * 1000.0, target.version, target.circuit)
+            self.health.record(extension_id, True, seconds * 1000.0, *_by_version(route, target))
             if observer is not None:
                 observer(extension_id, ext.type, target.version, "ok", seconds)
             if logs.debug_enabled:
@@ -385,51 +399,6 @@ class Invoker:
             attempt,
         )
 
-    def _outlier(self, route: Route, instance_id: str, ok: bool) -> None:
-        """Feed outlier detection; apply what it decides: an ejected instance, or one whose
-        time is up, changes this node's routes at once, and its `health_status` (unhealthy,
-        healthy) is written through the database's write path so the other nodes follow."""
-        outliers = self.outliers
-        assert outliers is not None
-        changes = outliers.returns()
-        ejection = outliers.record(route.ext.id, instance_id, ok, route.eligible)
-        if ejection is not None:
-            changes.append(ejection)
-        for change in changes:
-            self._routes.pop(change.extension_id, None)
-            back = change.returns_at is None
-            (log.info if back else log.warning)(
-                "instance_returned" if back else "instance_ejected",
-                extension_id=change.extension_id,
-                instance_id=change.instance_id,
-                times_ejected=change.times,
-                ejected_for_s=None
-                if back
-                else self.settings.outlier_base_ejection_seconds * change.times,
-            )
-            for observe in self.ejection_observers:
-                observe(change)
-            task = asyncio.create_task(self._mark(change, "healthy" if back else "unhealthy"))
-            self._marking.add(task)
-            task.add_done_callback(self._marking.discard)
-
-    async def _mark(self, change: Ejection, status: HealthStatus) -> None:
-        """Write an instance's `health_status`; a failure is logged (the ejection holds on
-        this node whatever the database says, and the next change writes again)."""
-        try:
-            db = self.registry.database
-            await db.set_instance_health(
-                change.extension_id, change.instance_id, status, OUTLIER_ACTOR
-            )
-        except ExtregError as exc:
-            log.warning(
-                "instance_health_not_written",
-                extension_id=change.extension_id,
-                instance_id=change.instance_id,
-                health_status=status,
-                error=str(exc),
-            )
-
     def _recovery_trial(self, extension_id: str) -> Extension:
         """The record of an auto-disabled extension when this call may be its half-open trial;
         otherwise re-raise `ExtensionDisabled` (see `automation`)."""
@@ -442,30 +411,53 @@ class Invoker:
     # -- following the registry ---------------------------------------------------------------
 
     def _follow(self, snapshot: Snapshot) -> None:
-        """Keep breaker overrides in step with the records; forget deleted extensions.
+        """Keep circuits and limits in step with the records; forget deleted extensions.
 
         Unchanged records are the same objects in consecutive snapshots (patching keeps them),
-        so this is one identity check per record; only changed metadata reconfigures.
+        so this is one identity check per record. Changed metadata reconfigures every circuit
+        of the record; a version added gets its circuit configured, a version removed loses
+        its circuit, and a version enabled again (after a rollback, say) starts closed.
         """
         if self._closed:
             return
         before, self._snapshot = self._snapshot.by_id, snapshot
         for extension_id, ext in snapshot.by_id.items():
             old = before.get(extension_id)
-            if old is ext or (old is not None and old.metadata == ext.metadata):
+            if old is ext:
                 continue
-            for key in _circuits(ext):
-                self._configure(key, ext.metadata)
-            self._limit(extension_id, ext.metadata)
+            self._follow_circuits(old, ext)
+            if old is None or old.metadata != ext.metadata:
+                self._limit(extension_id, ext.metadata)
         for extension_id in before.keys() - snapshot.by_id.keys():
             for key in _circuits(before[extension_id]):
                 self.breaker.remove(key)
+                self._configured.discard(key)
             self.health.remove(extension_id)
             self._routes.pop(extension_id, None)
-            self._configured.discard(extension_id)
             self._bulkheads.pop(extension_id, None)
-            if self.outliers is not None:
-                self.outliers.forget(extension_id)
+            if self.ejections is not None:
+                self.ejections.forget(extension_id)
+
+    def _follow_circuits(self, old: Extension | None, ext: Extension) -> None:
+        keys = _circuits(ext)
+        if old is None or old.metadata != ext.metadata:
+            fresh = keys
+        else:
+            had = set(_circuits(old))
+            fresh = [key for key in keys if key not in had]
+        if old is not None:
+            enabled_before = {v.version: v.enabled for v in old.versions}
+            for v in ext.versions:
+                if v.enabled and enabled_before.get(v.version) is False:
+                    key = version_circuit(ext.id, v.version)
+                    self.breaker.remove(key)  # closed anew, configured below
+                    self._configured.discard(key)
+                    fresh = [*fresh, key]
+            for key in set(_circuits(old)) - set(keys):
+                self.breaker.remove(key)
+                self._configured.discard(key)
+        for key in dict.fromkeys(fresh):
+            self._configure(key, ext.metadata)
 
     def _limit(self, extension_id: str, metadata: Mapping[str, Any]) -> None:
         """Give the extension its bulkhead, or none: metadata `max_concurrency` (validated
@@ -476,11 +468,12 @@ class Invoker:
         fixed = metadata.get("max_concurrency") or settings.extension_max_concurrency
         bulkhead = self._bulkheads.get(extension_id)
         if settings.adaptive_concurrency_enabled:
-            adaptive = bulkhead.adaptive if bulkhead is not None else None
-            if adaptive is None:
-                adaptive = AdaptiveLimit(self.clock.monotonic)
-                bulkhead = self._bulkheads[extension_id] = Bulkhead(0, adaptive)
-            adaptive.max_limit = fixed or MAX_LIMIT
+            if bulkhead is None or bulkhead.adaptive is None:
+                bulkhead = Bulkhead(0, AdaptiveLimit(self.clock.monotonic))
+                self._bulkheads[extension_id] = bulkhead
+            assert bulkhead.adaptive is not None
+            bulkhead.adaptive.cap(fixed or MAX_LIMIT)
+            bulkhead.limit = bulkhead.adaptive.limit
         elif fixed:
             if bulkhead is None:
                 self._bulkheads[extension_id] = Bulkhead(fixed)
@@ -510,6 +503,15 @@ def _log_transition(key: str, old: str, new: str) -> None:
     extension_id, version = split_circuit(key)
     level = log.warning if new == "open" else log.info
     level("circuit_state_changed", extension_id=extension_id, version=version, old=old, new=new)
+
+
+_NO_VERSION: tuple[None, None] = (None, None)
+
+
+def _by_version(route: Route, target: Target) -> tuple[str, str] | tuple[None, None]:
+    """The (version, circuit) a call counts under in `versions` of its health, or nothing for
+    an extension without versions (its total is its only version: no work per call)."""
+    return (target.version, target.circuit) if route.ext.versions else _NO_VERSION
 
 
 def _circuits(ext: Extension) -> list[str]:
