@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from api_helpers import seed, sql
 from helpers import make_settings
-from invoke_helpers import constant, listen, open_invoker, subject, wait_for
+from invoke_helpers import FakeClock, constant, listen, open_invoker, subject, wait_for
 from nats.aio.client import Client
 
 from extreg import CircuitOpen, InvalidResponse
@@ -140,3 +140,45 @@ async def test_a_version_added_later_gets_the_extensions_overrides_and_obeys_a_f
             await inv.invoke("x", {"payload": 1}, beta)
         assert "x" == refused.value.extension_id
         assert "operator" in refused.value.reason
+
+
+async def test_a_recovery_trial_goes_to_the_row_whatever_the_versions_rules(
+    tmp_path: Path, db_url: str, nats_url: str, nats_client: Client
+) -> None:
+    """The row fails until the extension is auto-disabled; after the circuit's timeout the
+    one trial call goes to the row, on the extension's circuit, even from a tenant that a
+    version's rules would take (that version answering well proves nothing of the row)."""
+    row, version = subject(), subject()
+    record = {
+        "id": "x",
+        "type": "pre",
+        "subject": row,
+        "version": "v1",
+        "timeout_ms": 1000,
+        "versions": [
+            {"version": "v2", "subject": version, "timeout_ms": 1000,
+             "routing_rules": {"tenant_id": ["beta"]}}
+        ],
+    }  # fmt: skip
+    settings = make_settings(
+        tmp_path, source="database", database_url=db_url, nats_url=nats_url,
+        circuit_breaker_enabled=True, circuit_breaker_failure_threshold=3,
+        circuit_breaker_timeout_seconds=30, auto_disable_on_circuit_open=True,
+        auto_enable_on_circuit_close=True, health_flush_interval_seconds=3600,
+    )  # fmt: skip
+    await seed(db_url, settings, record)
+    clock = FakeClock()
+    async with (
+        listen(nats_client, row, constant(b"[]")) as failing,
+        listen(nats_client, version, constant(b"{}")) as fine,
+        open_invoker(settings, clock=clock) as inv,
+    ):
+        for _ in range(3):
+            with pytest.raises(InvalidResponse):
+                await inv.invoke("x", {"payload": 1})
+        await wait_for(lambda: not inv.registry.get("x").enabled, timeout=30)  # type: ignore[union-attr]
+        clock.advance(30)
+        with pytest.raises(InvalidResponse):  # the trial went to the failing row
+            await inv.invoke("x", {"payload": 1}, {"tenant_id": "beta"})
+        assert (4, 0) == (failing.count, fine.count)
+        assert "open" == inv.breaker.state("x")
