@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
 
 import nats
 import nats.errors
@@ -66,6 +67,29 @@ _UNAVAILABLE = (
 _LOST = Msg(None, subject="", data=b"")  # type: ignore[arg-type]  # resolves waits on disconnect
 
 
+Callback = Callable[..., Awaitable[None]]
+
+
+async def connect(url: str | SecretStr, name: str, **callbacks: Callback) -> Client:
+    """A nats-py connection with extreg's options (quick to fail when NATS is absent at
+    start), or `NatsUnavailable` naming the redacted URL. `callbacks`: nats-py's
+    `error_cb`, `disconnected_cb`, `reconnected_cb`."""
+    secret = url.get_secret_value() if isinstance(url, SecretStr) else url
+    try:
+        return await nats.connect(
+            secret,
+            name=name,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            reconnect_time_wait=RECONNECT_WAIT_S,
+            max_reconnect_attempts=CONNECT_ATTEMPTS,
+            **callbacks,
+        )
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise NatsUnavailable(
+            f"cannot connect to NATS at {redact_nats_url(secret)}: {error_text(exc)}"
+        ) from None
+
+
 class NatsTransport:
     """A nats-py client for request-reply. `await connect()`, then `request(...)`, `close()`.
 
@@ -88,7 +112,7 @@ class NatsTransport:
         """Connect and subscribe the reply inbox, or raise `NatsUnavailable`."""
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats_error", error=_name(exc))
+            log.warning("nats_error", error=error_text(exc))
 
         async def on_disconnected() -> None:
             self._fail_waiting()
@@ -98,22 +122,20 @@ class NatsTransport:
         async def on_reconnected() -> None:
             log.info("nats_reconnected", nats_url=self.display)
 
+        nc = await connect(
+            self._url,
+            self.name,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
         try:
-            nc = await nats.connect(
-                self._url.get_secret_value(),
-                name=self.name,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                reconnect_time_wait=RECONNECT_WAIT_S,
-                max_reconnect_attempts=CONNECT_ATTEMPTS,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-            )
             self._prefix = nc.new_inbox() + "."
             self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
+            await nc.close()
             raise NatsUnavailable(
-                f"cannot connect to NATS at {self.display}: {_name(exc)}"
+                f"cannot connect to NATS at {self.display}: {error_text(exc)}"
             ) from None
         # nats-py has one limit for the first connection and for reconnects: fail fast when
         # NATS is absent at start, but never give up on a connection once made.
@@ -164,10 +186,10 @@ class NatsTransport:
             ) from None
         except _UNAVAILABLE as exc:
             raise TransportUnavailable(
-                extension_id, f"NATS is not connected: {_name(exc)}"
+                extension_id, f"NATS is not connected: {error_text(exc)}"
             ) from None
         except nats.errors.Error as exc:
-            raise InvocationError(extension_id, f"NATS error: {_name(exc)}") from None
+            raise InvocationError(extension_id, f"NATS error: {error_text(exc)}") from None
         finally:
             timer.cancel()
             waiting.pop(inbox, None)
@@ -195,7 +217,8 @@ def _expire(future: asyncio.Future[Msg | None]) -> None:
         future.set_result(None)
 
 
-def _name(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """A nats-py error in words: its message, else its class (some carry no message)."""
     return str(exc) or type(exc).__name__
 
 

@@ -33,13 +33,7 @@ from pydantic import SecretStr
 from ..core.model import Extension
 from ..errors import NatsUnavailable
 from ..settings import redact_nats_url
-from .nats import (
-    CONNECT_ATTEMPTS,
-    CONNECT_TIMEOUT_S,
-    NO_RESPONDERS,
-    RECONNECT_WAIT_S,
-    STATUS_HEADER,
-)
+from .nats import NO_RESPONDERS, STATUS_HEADER, connect, error_text
 
 log = structlog.get_logger("extreg.discover")
 
@@ -142,21 +136,16 @@ async def discover(url: str | SecretStr, *, wait_s: float = DEFAULT_WAIT_S) -> D
     secret = url.get_secret_value() if isinstance(url, SecretStr) else url
     display = redact_nats_url(secret)
     replies: list[tuple[str, Msg]] = []
+    lost = False
 
     async def on_error(exc: Exception) -> None:  # the NatsUnavailable raised below says it
-        log.debug("nats_error", error=_name(exc))
+        log.debug("nats_error", error=error_text(exc))
 
-    try:
-        nc = await nats.connect(
-            secret,
-            name="extreg-discover",
-            connect_timeout=CONNECT_TIMEOUT_S,
-            reconnect_time_wait=RECONNECT_WAIT_S,
-            max_reconnect_attempts=CONNECT_ATTEMPTS,
-            error_cb=on_error,
-        )
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        raise NatsUnavailable(f"cannot connect to NATS at {display}: {_name(exc)}") from None
+    async def on_disconnected() -> None:
+        nonlocal lost
+        lost = True
+
+    nc = await connect(url, "extreg-discover", error_cb=on_error, disconnected_cb=on_disconnected)
     try:
         inbox = nc.new_inbox()
 
@@ -168,8 +157,12 @@ async def discover(url: str | SecretStr, *, wait_s: float = DEFAULT_WAIT_S) -> D
             await nc.publish(f"{PREFIX}.{verb}", b"", reply=f"{inbox}.{verb}")
         await nc.flush()
         await asyncio.sleep(wait_s)
+        if lost:  # replies sent meanwhile may be gone: no partial answer passed off as whole
+            raise NatsUnavailable(f"the connection to NATS at {display} dropped during discovery")
     except (nats.errors.Error, OSError, TimeoutError) as exc:
-        raise NatsUnavailable(f"NATS at {display} failed during discovery: {_name(exc)}") from None
+        raise NatsUnavailable(
+            f"NATS at {display} failed during discovery: {error_text(exc)}"
+        ) from None
     finally:
         await nc.close()
     return merge(replies)
@@ -247,7 +240,3 @@ def subject_matches(pattern: str, subject: str) -> bool:
         if i >= len(have) or token not in ("*", have[i]):
             return False
     return len(want) == len(have)
-
-
-def _name(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
