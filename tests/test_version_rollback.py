@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from api_helpers import seed, sql
@@ -14,38 +15,38 @@ from helpers import make_settings
 from invoke_helpers import FakeClock, constant, listen, open_invoker, subject, wait_for
 from nats.aio.client import Client
 
-from extreg import CircuitOpen, InvalidResponse
+from extreg import CircuitOpen, InvalidResponse, Settings
+
+
+def row(on: str, **values: Any) -> dict[str, Any]:
+    """Extension x, its own row (version v1) on subject `on`."""
+    return {"id": "x", "type": "pre", "subject": on, "version": "v1", "timeout_ms": 1000,
+            **values}  # fmt: skip
+
+
+def with_beta_version(record: dict[str, Any], on: str) -> dict[str, Any]:
+    """`record` with version v2 on subject `on`, taking tenant beta's calls."""
+    v2 = {"version": "v2", "subject": on, "timeout_ms": 1000,
+          "routing_rules": {"tenant_id": ["beta"]}}  # fmt: skip
+    return {**record, "versions": [v2]}
+
+
+def breaker_settings(tmp_path: Path, db_url: str, nats_url: str, **values: Any) -> Settings:
+    return make_settings(
+        tmp_path, source="database", database_url=db_url, nats_url=nats_url,
+        circuit_breaker_enabled=True, **values,
+    )  # fmt: skip
 
 
 async def test_a_failing_canary_is_rolled_back_while_the_row_keeps_answering(
     tmp_path: Path, db_url: str, nats_url: str, nats_client: Client
 ) -> None:
     stable, canary = subject(), subject()
-    record = {
-        "id": "x",
-        "type": "pre",
-        "subject": stable,
-        "version": "v1",
-        "timeout_ms": 1000,
-        "versions": [
-            {
-                "version": "v2",
-                "subject": canary,
-                "timeout_ms": 1000,
-                "routing_rules": {"tenant_id": ["beta"]},
-            }
-        ],
-    }
-    settings = make_settings(
-        tmp_path,
-        source="database",
-        database_url=db_url,
-        nats_url=nats_url,
-        circuit_breaker_enabled=True,
-        circuit_breaker_failure_threshold=3,
-        auto_disable_on_circuit_open=True,
-    )
-    await seed(db_url, settings, record)
+    settings = breaker_settings(
+        tmp_path, db_url, nats_url,
+        circuit_breaker_failure_threshold=3, auto_disable_on_circuit_open=True,
+    )  # fmt: skip
+    await seed(db_url, settings, with_beta_version(row(stable), canary))
     beta, others = {"tenant_id": "beta"}, {"tenant_id": "acme"}
     async with (
         listen(nats_client, stable, constant(b"{}")) as old,
@@ -104,21 +105,8 @@ async def test_a_version_added_later_gets_the_extensions_overrides_and_obeys_a_f
     2 opens after 2 failures (not the default 5); an operator's forced open of the extension
     refuses its version's calls too, as the extension's own."""
     stable, canary = subject(), subject()
-    record = {
-        "id": "x",
-        "type": "pre",
-        "subject": stable,
-        "version": "v1",
-        "timeout_ms": 1000,
-        "metadata": {"circuit_breaker_failure_threshold": 2},
-    }
-    settings = make_settings(
-        tmp_path,
-        source="database",
-        database_url=db_url,
-        nats_url=nats_url,
-        circuit_breaker_enabled=True,
-    )
+    record = row(stable, metadata={"circuit_breaker_failure_threshold": 2})
+    settings = breaker_settings(tmp_path, db_url, nats_url)
     await seed(db_url, settings, record)
     beta = {"tenant_id": "beta"}
     async with (
@@ -126,9 +114,7 @@ async def test_a_version_added_later_gets_the_extensions_overrides_and_obeys_a_f
         listen(nats_client, canary, constant(b"[]")),
         open_invoker(settings) as inv,
     ):
-        version = {"version": "v2", "subject": canary, "timeout_ms": 1000,
-                   "routing_rules": {"tenant_id": ["beta"]}}  # fmt: skip
-        await seed(db_url, settings, {**record, "versions": [version]})
+        await seed(db_url, settings, with_beta_version(record, canary))
         await wait_for(lambda: bool(inv.registry.lookup("x").versions), timeout=30)
         for _ in range(2):
             with pytest.raises(InvalidResponse):
@@ -148,28 +134,17 @@ async def test_a_recovery_trial_goes_to_the_row_whatever_the_versions_rules(
     """The row fails until the extension is auto-disabled; after the circuit's timeout the
     one trial call goes to the row, on the extension's circuit, even from a tenant that a
     version's rules would take (that version answering well proves nothing of the row)."""
-    row, version = subject(), subject()
-    record = {
-        "id": "x",
-        "type": "pre",
-        "subject": row,
-        "version": "v1",
-        "timeout_ms": 1000,
-        "versions": [
-            {"version": "v2", "subject": version, "timeout_ms": 1000,
-             "routing_rules": {"tenant_id": ["beta"]}}
-        ],
-    }  # fmt: skip
-    settings = make_settings(
-        tmp_path, source="database", database_url=db_url, nats_url=nats_url,
-        circuit_breaker_enabled=True, circuit_breaker_failure_threshold=3,
-        circuit_breaker_timeout_seconds=30, auto_disable_on_circuit_open=True,
-        auto_enable_on_circuit_close=True, health_flush_interval_seconds=3600,
+    own, version = subject(), subject()
+    settings = breaker_settings(
+        tmp_path, db_url, nats_url,
+        circuit_breaker_failure_threshold=3, circuit_breaker_timeout_seconds=30,
+        auto_disable_on_circuit_open=True, auto_enable_on_circuit_close=True,
+        health_flush_interval_seconds=3600,
     )  # fmt: skip
-    await seed(db_url, settings, record)
+    await seed(db_url, settings, with_beta_version(row(own), version))
     clock = FakeClock()
     async with (
-        listen(nats_client, row, constant(b"[]")) as failing,
+        listen(nats_client, own, constant(b"[]")) as failing,
         listen(nats_client, version, constant(b"{}")) as fine,
         open_invoker(settings, clock=clock) as inv,
     ):
