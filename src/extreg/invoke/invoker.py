@@ -330,7 +330,6 @@ class Invoker:
                 seconds = perf_counter() - started
                 if isinstance(exc, ExtensionTimeout | MaxRetriesExceeded):
                     rtt = seconds  # slowness is the limit's business; a fast error is not
-
                 exc.attempts = exc.attempts or 1
                 if target.instance_id is not None and self.ejections is not None:
                     self.ejections.record(route, target.instance_id, False)
