@@ -13,9 +13,11 @@ from api_helpers import seed
 from helpers import make_settings
 from invoke_helpers import FakeClock, constant, listen, open_invoker, subject, wait_for
 from nats.aio.client import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from extreg import Registry
 from extreg.core.outliers import OutlierConfig, OutlierDetector
+from extreg.metrics import Metrics
 
 CONFIG = OutlierConfig(consecutive_failures=3, base_ejection_s=30.0, max_ejection_percent=50.0)
 
@@ -95,7 +97,8 @@ async def test_an_ejected_instance_gets_no_calls_and_other_nodes_see_it_unhealth
 ) -> None:
     """Four instances, one answering garbage: after 3 failures in a row it is ejected; the
     next 300 calls all go to the other three; another registry on the database sees it
-    `unhealthy`; after 30 s (the invoker's clock) it is back and `healthy` again."""
+    `unhealthy`; after 30 s (the invoker's clock) it is back and `healthy` again; the
+    ejection and the return are counted in the metrics."""
     subjects = {name: subject() for name in ("i1", "i2", "i3", "bad")}
     record = {
         "id": "x",
@@ -126,6 +129,8 @@ async def test_an_ejected_instance_gets_no_calls_and_other_nodes_see_it_unhealth
     ):
         assert inv.ejections is not None
         inv.ejections.observers.append(ejections.append)
+        metrics = Metrics()
+        metrics.watch_invoker(inv)
         for _ in range(1000):
             if ejections:
                 break
@@ -145,6 +150,16 @@ async def test_an_ejected_instance_gets_no_calls_and_other_nodes_see_it_unhealth
             if bad.count > reached:
                 break
         assert bad.count > reached, "the instance never came back"
+    counted = {
+        s.name: s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+        if s.labels.get("instance_id") == "bad" and s.name.endswith("_total")
+    }
+    assert {
+        "extension_instance_ejections_total": 1.0,
+        "extension_instance_returns_total": 1.0,
+    } == counted
 
 
 def status(registry: Registry, instance_id: str) -> str:
