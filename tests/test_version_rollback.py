@@ -103,7 +103,8 @@ async def test_a_version_added_later_gets_the_extensions_overrides_and_obeys_a_f
 ) -> None:
     """A version added to a record whose metadata sets `circuit_breaker_failure_threshold`
     2 opens after 2 failures (not the default 5); an operator's forced open of the extension
-    refuses its version's calls too, as the extension's own."""
+    refuses its version's calls too, as the extension's own; removed again, the version
+    leaves neither numbers nor a circuit behind."""
     stable, canary = subject(), subject()
     record = row(stable, metadata={"circuit_breaker_failure_threshold": 2})
     settings = breaker_settings(tmp_path, db_url, nats_url)
@@ -126,6 +127,11 @@ async def test_a_version_added_later_gets_the_extensions_overrides_and_obeys_a_f
             await inv.invoke("x", {"payload": 1}, beta)
         assert "x" == refused.value.extension_id
         assert "operator" in refused.value.reason
+        assert "v2" in inv.health.get_health("x")["versions"]
+        await seed(db_url, settings, record)  # the version removed again
+        await wait_for(lambda: not inv.registry.lookup("x").versions, timeout=30)
+        assert "v2" not in inv.health.get_health("x").get("versions", {})
+        assert "x@v2" not in inv.breaker.states()
 
 
 async def test_a_recovery_trial_goes_to_the_row_whatever_the_versions_rules(

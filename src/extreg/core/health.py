@@ -574,6 +574,12 @@ class HealthMonitor:
         self.forget_totals(extension_id)
         self._versions.pop(extension_id, None)
 
+    def forget_version(self, extension_id: str, version: str) -> None:
+        """Drop one version's numbers (it was removed from its record)."""
+        by_version = self._versions.get(extension_id)
+        if by_version is not None:
+            by_version.pop(version, None)
+
     def forget_totals(self, extension_id: str) -> None:
         """Drop an extension's totals, to be replaced (`health_store.adopt_totals`); its
         versions breakdown, this node's own, stays."""

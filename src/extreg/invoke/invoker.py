@@ -455,6 +455,8 @@ class Invoker:
             for key in set(_circuits(old)) - set(keys):
                 self.breaker.remove(key)
                 self._configured.discard(key)
+            for gone in {v.version for v in old.versions} - {v.version for v in ext.versions}:
+                self.health.forget_version(ext.id, gone)
         for key in dict.fromkeys(fresh):
             self._configure(key, ext.metadata)
 
