@@ -429,8 +429,7 @@ class Invoker:
                 self._limit(extension_id, ext.metadata)
         for extension_id in before.keys() - snapshot.by_id.keys():
             for key in _circuits(before[extension_id]):
-                self.breaker.remove(key)
-                self._configured.discard(key)
+                self._drop_circuit(key)
             self.health.remove(extension_id)
             self._routes.pop(extension_id, None)
             self._bulkheads.pop(extension_id, None)
@@ -439,26 +438,30 @@ class Invoker:
 
     def _follow_circuits(self, old: Extension | None, ext: Extension) -> None:
         keys = _circuits(ext)
-        if old is None or old.metadata != ext.metadata:
-            fresh = keys
-        else:
-            had = set(_circuits(old))
-            fresh = [key for key in keys if key not in had]
-        if old is not None:
-            enabled_before = {v.version: v.enabled for v in old.versions}
-            for v in ext.versions:
-                if v.enabled and enabled_before.get(v.version) is False:
-                    key = version_circuit(ext.id, v.version)
-                    self.breaker.remove(key)  # closed anew, configured below
-                    self._configured.discard(key)
-                    fresh = [*fresh, key]
-            for key in set(_circuits(old)) - set(keys):
-                self.breaker.remove(key)
-                self._configured.discard(key)
-            for gone in {v.version for v in old.versions} - {v.version for v in ext.versions}:
-                self.health.forget_version(ext.id, gone)
-        for key in dict.fromkeys(fresh):
-            self._configure(key, ext.metadata)
+        if old is None:
+            self._configure_all(keys, ext.metadata)
+            return
+        had = set(_circuits(old))
+        was_enabled = {v.version: v.enabled for v in old.versions}
+        reopened = [  # enabled again (after a rollback, say): a closed circuit anew
+            version_circuit(ext.id, v.version)
+            for v in ext.versions
+            if v.enabled and was_enabled.get(v.version) is False
+        ]
+        for key in [*(had - set(keys)), *reopened]:
+            self._drop_circuit(key)
+        for gone in was_enabled.keys() - {v.version for v in ext.versions}:
+            self.health.forget_version(ext.id, gone)
+        changed = old.metadata != ext.metadata
+        self._configure_all([k for k in keys if changed or k not in had] + reopened, ext.metadata)
+
+    def _configure_all(self, keys: list[str], metadata: Mapping[str, Any]) -> None:
+        for key in dict.fromkeys(keys):
+            self._configure(key, metadata)
+
+    def _drop_circuit(self, key: str) -> None:
+        self.breaker.remove(key)
+        self._configured.discard(key)
 
     def _limit(self, extension_id: str, metadata: Mapping[str, Any]) -> None:
         """Give the extension its bulkhead, or none: metadata `max_concurrency` (validated
@@ -469,12 +472,12 @@ class Invoker:
         fixed = metadata.get("max_concurrency") or settings.extension_max_concurrency
         bulkhead = self._bulkheads.get(extension_id)
         if settings.adaptive_concurrency_enabled:
-            if bulkhead is None or bulkhead.adaptive is None:
-                bulkhead = Bulkhead(0, AdaptiveLimit(self.clock.monotonic))
-                self._bulkheads[extension_id] = bulkhead
-            assert bulkhead.adaptive is not None
-            bulkhead.adaptive.cap(fixed or MAX_LIMIT)
-            bulkhead.limit = bulkhead.adaptive.limit
+            adaptive = bulkhead.adaptive if bulkhead is not None else None
+            if bulkhead is None or adaptive is None:
+                adaptive = AdaptiveLimit(self.clock.monotonic)
+                bulkhead = self._bulkheads[extension_id] = Bulkhead(0, adaptive)
+            adaptive.cap(fixed or MAX_LIMIT)
+            bulkhead.limit = adaptive.limit
         elif fixed:
             if bulkhead is None:
                 self._bulkheads[extension_id] = Bulkhead(fixed)
