@@ -113,19 +113,25 @@ async def test_never_more_in_flight_than_the_limit_and_refusals_are_no_failures(
 async def test_a_limit_change_keeps_the_calls_in_flight_counted(
     tmp_path: Path, nats_url: str, nats_client: Client
 ) -> None:
-    """Raising the limit while calls are held lets exactly the difference more in."""
+    """Raising the limit (the record changed, the registry reloaded) while calls are held
+    lets exactly the difference more in: of two more calls, one is held, one is refused."""
     on = subject()
     settings = fixture_settings(tmp_path, nats_url, rec("x", on, metadata={"max_concurrency": 2}))
     async with held(nats_client, on) as responder, open_invoker(settings) as inv:
         first = [asyncio.create_task(inv.invoke("x", {"payload": 1})) for _ in range(2)]
         await until(lambda: responder.holding == 2, "2 calls held")
-        ext = inv.registry.lookup("x")
-        inv._limit("x", {**ext.metadata, "max_concurrency": 3})
+        fixture_settings(tmp_path, nats_url, rec("x", on, metadata={"max_concurrency": 3}))
+        await inv.registry.reload()
+        assert 3 == inv._bulkheads["x"].limit
         more = [asyncio.create_task(inv.invoke("x", {"payload": 1})) for _ in range(2)]
         await until(lambda: sum(c.done() for c in more) == 1, "one refused")
+        [refused] = [c.exception() for c in more if c.done()]
+        assert isinstance(refused, Overloaded)
         await until(lambda: responder.holding == 3, "3 calls held")
+        assert (3, 3) == (responder.arrived, responder.most)
+        let_in = [c for c in more if not c.done()]
         responder.release.set()
-        await asyncio.gather(*first, *more, return_exceptions=True)
+        assert [{}] * 3 == await asyncio.gather(*first, *let_in)
 
 
 async def test_the_adaptive_limit_probes_then_follows_its_windows(
