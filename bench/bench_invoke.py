@@ -28,7 +28,6 @@ then one health flush, for scale.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import subprocess
 import sys
@@ -36,10 +35,19 @@ import tempfile
 from pathlib import Path
 
 import nats
-from benchlib import Call, Medians, cells, compare, measure, print_rows, started_invoker
+from benchlib import (
+    Call,
+    Medians,
+    calls_and_rounds,
+    cells,
+    compare,
+    measure,
+    print_rows,
+    started_invoker,
+)
 from nats.aio.client import Client
 
-from extreg import Settings, logs
+from extreg import Settings
 from extreg.adapters.migrate import migrate
 from extreg.adapters.postgres import PostgresSource
 from extreg.core.envelope import encode_envelope
@@ -184,13 +192,8 @@ def print_table(rows: list[tuple[str, ...]], calls: int, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=10_000, help="concurrent calls per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="4,000 calls, 3 rounds")
-    args = parser.parse_args()
-    logs.configure("warning")
-    asyncio.run(run(4_000, 3) if args.quick else run(args.calls, args.rounds))
+    calls, rounds, _ = calls_and_rounds(__doc__.splitlines()[0])
+    asyncio.run(run(calls, rounds))
 
 
 if __name__ == "__main__":

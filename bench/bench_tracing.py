@@ -31,7 +31,6 @@ while no provider is set).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -39,6 +38,7 @@ import tempfile
 import time
 import timeit
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from bench_invoke import (
@@ -53,13 +53,13 @@ from bench_invoke import (
     start_echo,
     wait_for_echo,
 )
-from benchlib import Call, Measured, cells, measure, print_rows, started_invoker
+from benchlib import Call, calls_and_rounds, cells, compare, measure, print_rows, started_invoker
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from extreg import Settings, logs, tracing
+from extreg import Settings, tracing
 from extreg.invoke import Invoker
 from extreg.local.natsserver import NatsServer
 from extreg.local.samples import SAMPLES_BY_ID
@@ -110,7 +110,7 @@ async def run(calls: int, rounds: int, gate_calls: int) -> None:
                     ("sequential", 1, calls // 4),
                     (f"{IN_FLIGHT} in flight", IN_FLIGHT, calls),
                 ]
-                rows = await compare(clients, sizes, rounds)
+                rows = await compare_traced(clients, sizes, rounds)
                 gate = await gate_cost(inv, gate_calls, rounds)
         finally:
             use_provider(None)
@@ -121,26 +121,24 @@ async def run(calls: int, rounds: int, gate_calls: int) -> None:
     print_report(rows, gate, calls, rounds, gate_calls)
 
 
-async def compare(
+async def compare_traced(
     clients: dict[str, tuple[TracerProvider | None, Call]],
     sizes: list[tuple[str, int, int]],
     rounds: int,
 ) -> list[tuple[str, ...]]:
-    """`benchlib.compare`, with each client's tracer provider set before its round."""
+    """`benchlib.compare`, each client's tracer provider set before its rounds (warm-up
+    included); rows with each throughput's ratio to nc.request's."""
+    calls = {name: call for name, (_, call) in clients.items()}
+    setup = {name: partial(use_provider, provider) for name, (provider, _) in clients.items()}
+    for name, call in calls.items():  # warm up every path
+        setup[name]()
+        await measure(call, 1000, IN_FLIGHT)
+    medians = await compare(calls, sizes, rounds, setup)
+    use_provider(None)
     rows: list[tuple[str, ...]] = []
-    for label, in_flight, calls in sizes:
-        results: dict[str, list[Measured]] = {name: [] for name in clients}
-        for provider, call in clients.values():  # warm up every path
-            use_provider(provider)
-            await measure(call, 1000, in_flight)
-        for _ in range(rounds):
-            for name, (provider, call) in clients.items():
-                use_provider(provider)
-                results[name].append(await measure(call, calls, in_flight))
-        use_provider(None)
-        raw_rate = statistics.median(r[0] for r in results["nc.request"])
-        for name, measured in results.items():
-            rate, latencies = sorted(measured, key=lambda x: x[0])[len(measured) // 2]
+    for label, by_client in medians.items():
+        raw_rate = by_client["nc.request"][0]
+        for name, (rate, latencies) in by_client.items():
             ratio = "" if name == "nc.request" else f"{rate / raw_rate:.3f}"
             rows.append((label, name, *cells(rate, latencies), ratio))
     return rows
@@ -212,14 +210,8 @@ def print_report(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=10_000, help="concurrent calls per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="4,000 calls, 3 rounds")
-    args = parser.parse_args()
-    logs.configure("warning")
-    calls, rounds = (4_000, 3) if args.quick else (args.calls, args.rounds)
-    asyncio.run(run(calls, rounds, gate_calls=100_000 if args.quick else 300_000))
+    calls, rounds, quick = calls_and_rounds(__doc__.splitlines()[0])
+    asyncio.run(run(calls, rounds, gate_calls=100_000 if quick else 300_000))
 
 
 if __name__ == "__main__":

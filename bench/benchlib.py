@@ -6,14 +6,15 @@ this folder first on sys.path, and so do the processes a benchmark starts from i
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 from nats.aio.client import Client
 
-from extreg import Registry, Settings
+from extreg import Registry, Settings, logs
 from extreg.adapters.nats import NatsTransport
 from extreg.invoke import Invoker
 
@@ -59,20 +60,38 @@ async def measure(call: Call, calls: int, in_flight: int) -> Measured:
 
 
 async def compare(
-    clients: dict[str, Call], sizes: list[tuple[str, int, int]], rounds: int
+    clients: dict[str, Call],
+    sizes: list[tuple[str, int, int]],
+    rounds: int,
+    setup: Mapping[str, Callable[[], None]] | None = None,
 ) -> Medians:
     """For each (mode, in flight, calls) of `sizes`, `rounds` rounds of every client in turn,
-    so that drift affects every client alike; each client's median round by throughput."""
+    so that drift affects every client alike; each client's median round by throughput.
+    `setup[name]()`, when given, runs before each of that client's rounds (untimed)."""
     medians: Medians = {}
     for label, in_flight, calls in sizes:
         results: dict[str, list[Measured]] = {name: [] for name in clients}
         for _ in range(rounds):
             for name, call in clients.items():
+                if setup is not None:
+                    setup[name]()
                 results[name].append(await measure(call, calls, in_flight))
         medians[label] = {
             name: sorted(r, key=lambda x: x[0])[len(r) // 2] for name, r in results.items()
         }
     return medians
+
+
+def calls_and_rounds(description: str) -> tuple[int, int, bool]:
+    """An invocation bench's command line: `--calls N` (per round, in flight), `--rounds R`,
+    `--quick` (4,000 calls, 3 rounds); (calls, rounds, quick). Logs are quietened too."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--calls", type=int, default=10_000, help="concurrent calls per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="4,000 calls, 3 rounds")
+    args = parser.parse_args()
+    logs.configure("warning")
+    return (4_000, 3, True) if args.quick else (args.calls, args.rounds, False)
 
 
 def cells(rate: float, latencies: list[float]) -> tuple[str, str, str]:
