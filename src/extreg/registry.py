@@ -6,8 +6,9 @@ lock or wait. Everything that changes the cache runs in the background on the ev
 ends by swapping in a new snapshot, under `_write_lock` so two writers cannot interleave a
 database read and a swap. With the database, three things keep the cache fresh:
 
-- LISTEN/NOTIFY: triggers send the changed extension id (a policy's as `policy:<id>`); only
-  those ids are re-read.
+- LISTEN/NOTIFY: at commit, a trigger sends each changed extension's record as committed
+  with the writing transaction's id (migration 008), applied without a read; a record too
+  large for a notification, and a policy (`policy:<id>`), are named by id and re-read.
 - the periodic sync, every `sync_interval_seconds`: compares every record's row versions with
   the previous sync's and re-reads those that differ, and drops ids that are gone; the safety
   net for anything a notification missed.
@@ -19,7 +20,9 @@ transaction's *start* time, so a transaction that starts first and commits last 
 newest row with the oldest time. Every read runs under `_write_lock` and is installed in the
 order it was made, and a read made later sees every commit an earlier one saw, so the cache
 only ever moves forward in commit order. A read record replaces the cached one whenever they
-differ.
+differ. A notification is a record as of its commit: it is applied unless the snapshot of the
+read that the cached record came from had already seen its transaction (`core.visibility`);
+notifications arrive in commit order, so one applied after another is newer.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -38,7 +41,7 @@ import structlog
 import watchfiles
 
 from .adapters.fixtures import read_fixtures
-from .adapters.postgres import PostgresSource
+from .adapters.postgres import Notice, PostgresSource
 from .adapters.postgres_policies import PREFIX as POLICY_PREFIX
 from .adapters.postgres_policies import key as policy_key
 from .adapters.snapshot_file import Origin, read_snapshot, write_snapshot_file
@@ -47,6 +50,7 @@ from .core.clock import SYSTEM_CLOCK, Clock, utc_now
 from .core.model import Extension
 from .core.policy import Policy, PolicyLimits
 from .core.snapshot import Snapshot
+from .core.visibility import TxSnapshot, saw_in_all
 from .errors import (
     Conflict,
     ExtensionDisabled,
@@ -122,6 +126,10 @@ class Registry:
         self._last_sync_at: datetime | None = None
         self._row_versions: dict[str, str] = {}  # as of the last sync or full load
         self._origin: Origin | None = None  # the database the cache holds, once read
+        # The snapshot of the read each cached record came from, and of the last full load's
+        # parts (for ids it did not return): which notifications are older (`_apply_notices`).
+        self._seen: dict[str, TxSnapshot] = {}
+        self._seen_by_all: tuple[TxSnapshot, ...] = ()
         self._file_lock = threading.Lock()  # snapshot-file writers run in threads
         self._file_generation = 0  # the newest generation written to the snapshot file
         self._db: PostgresSource | None = None
@@ -448,11 +456,13 @@ class Registry:
                 if self._origin is None:
                     self._origin = await self._db.origin()
                 versions = await self._db.row_versions()  # before the load: see `sync`
-                records = await self._db.load_all_extensions()
+                parts = await self._db.read_all_extensions()
                 policies = await self._db.load_all_policies()
             before = self._snap
-            self._swap(records, "database", policies)
+            self._swap((e for part in parts for e in part.records), "database", policies)
             self._row_versions = versions
+            self._seen = {e.id: part.snapshot for part in parts for e in part.records}
+            self._seen_by_all = tuple(part.snapshot for part in parts)
         self._mark_fresh()
         if self._fallback_reason:
             log.info("database_back", count=len(self._snap))
@@ -460,8 +470,9 @@ class Registry:
         _log_diff(before, self._snap, "database", None)
 
     async def _apply_notifications(self, payloads: AsyncIterator[str]) -> None:
-        """Coalesce queued notifications and re-read only the ids they name (`policy:<id>`
-        names a policy)."""
+        """Apply queued notifications together: those that carry their record as they are,
+        the rest (`policy:<id>`, a record too large to carry) by re-reading what they name."""
+        assert self._db is not None
         queue: asyncio.Queue[str] = asyncio.Queue()
 
         async def pump() -> None:
@@ -469,16 +480,33 @@ class Registry:
                 queue.put_nowait(payload)
 
         async def apply() -> None:
+            assert self._db is not None
             while True:
-                ids = {await queue.get()}
+                notices = [self._db.notice(await queue.get())]
                 while not queue.empty():
-                    ids.add(queue.get_nowait())
-                if "*" in ids:
+                    notices.append(self._db.notice(queue.get_nowait()))
+                if any(n.key == "*" for n in notices):
                     await self._reload_from_database()
-                else:
-                    await self._refresh(ids, "notification")
+                    continue
+                await self._apply_notices(notices)
+                await self._refresh({n.key for n in notices if n.xid is None}, "notification")
 
         await _first_failure(pump(), apply())
+
+    async def _apply_notices(self, notices: list[Notice]) -> None:
+        """Install the records that notifications carry, in commit order (the order they
+        came in), skipping those whose transaction the last read of the record had seen
+        (`core.visibility`): so the cache never moves back."""
+        async with self._write_lock:
+            records: dict[str, Extension | None] = {}
+            for notice in notices:
+                if notice.xid is None:
+                    continue
+                seen = self._seen.get(notice.key)
+                if seen.saw(notice.xid) if seen else saw_in_all(self._seen_by_all, notice.xid):
+                    continue
+                records[notice.key] = notice.record
+            self._patch(records, {}, "notification")
 
     async def _sync_forever(self) -> None:
         while True:
@@ -517,26 +545,38 @@ class Registry:
         policy_ids = {i[len(POLICY_PREFIX) :] for i in ids if i.startswith(POLICY_PREFIX)}
         ids = {i for i in ids if not i.startswith(POLICY_PREFIX)}
         async with self._write_lock:
-            found = {e.id: e for e in await self._db.load_extensions(sorted(ids))} if ids else {}
-            found_policies = (
-                {p.policy_id: p for p in await self._db.load_policies(sorted(policy_ids))}
-                if policy_ids
-                else {}
-            )
-            before = self._snap
-            upserts = [e for e in found.values() if e != before.by_id.get(e.id)]
-            deleted = [i for i in ids if i not in found and i in before.by_id]
-            policy_upserts = [
-                p for p in found_policies.values() if p != before.policies.get(p.policy_id)
-            ]
-            policies_deleted = [
-                i for i in policy_ids if i not in found_policies and i in before.policies
-            ]
-            if not (upserts or deleted or policy_upserts or policies_deleted):
-                return
-            self._install(
-                before.patched(upserts, deleted, policy_upserts, policies_deleted), "database"
-            )
+            records: dict[str, Extension | None] = dict.fromkeys(ids)
+            if ids:
+                read = await self._db.read_extensions(sorted(ids))
+                records.update((e.id, e) for e in read.records)
+                self._seen.update(dict.fromkeys(ids, read.snapshot))
+            policies: dict[str, Policy | None] = dict.fromkeys(policy_ids)
+            if policy_ids:
+                policies.update(
+                    (p.policy_id, p) for p in await self._db.load_policies(sorted(policy_ids))
+                )
+            self._patch(records, policies, why)
+
+    def _patch(
+        self,
+        records: Mapping[str, Extension | None],
+        policies: Mapping[str, Policy | None],
+        why: str,
+    ) -> None:
+        """Install these records and policies (None: deleted) where they differ from the
+        cache, and log each change. The caller holds `_write_lock`."""
+        before = self._snap
+        upserts = [e for e in records.values() if e is not None and e != before.by_id.get(e.id)]
+        deleted = [i for i, e in records.items() if e is None and i in before.by_id]
+        policy_upserts = [
+            p for p in policies.values() if p is not None and p != before.policies.get(p.policy_id)
+        ]
+        policies_deleted = [i for i, p in policies.items() if p is None and i in before.policies]
+        if not (upserts or deleted or policy_upserts or policies_deleted):
+            return
+        self._install(
+            before.patched(upserts, deleted, policy_upserts, policies_deleted), "database"
+        )
         for ext in upserts:
             log.info(
                 "extension_changed",

@@ -30,6 +30,7 @@ from psycopg.types.json import Jsonb
 from ..core.intervals import Buckets
 from ..core.model import WRITABLE_FIELDS, Extension, HealthStatus, record_problems, to_plain
 from ..core.policy import Policy, PolicyLimits
+from ..core.visibility import TxSnapshot
 from ..errors import Conflict, SourceUnavailable
 from ..settings import Settings, redact_url
 from . import postgres_health as health_sql
@@ -50,7 +51,8 @@ NO_JIT = "-c jit=off"
 LOAD_PARTS = 2  # a power of two: the full load in parts on as many connections at once
 
 # Versions and instances are aggregated once per table and joined, rather than by a
-# subquery per row. `{key}` is the id column of each
+# subquery per row. The read's MVCC snapshot comes with it (`core.visibility`). Migration
+# 008's `extreg_record` renders one record in the same shape, for notifications. `{key}` is the id column of each
 # table, and `{where}` selects the extensions: a hash partition for a full load, or a list of
 # ids (two query texts, so the planner can use the primary key for the latter).
 _RECORDS = """
@@ -68,7 +70,7 @@ i AS (
                'enabled', enabled, 'health_status', coalesce(health_status, 'unknown'))
            ORDER BY instance_id) AS instances
     FROM extension_instances WHERE {i_where} GROUP BY extension_id)
-SELECT coalesce(json_agg(r), '[]')::text FROM (
+SELECT coalesce(json_agg(r), '[]')::text, pg_current_snapshot()::text FROM (
     SELECT e.id, e.type, e.subject, e.timeout_ms, e.retry, e.enabled, e.version,
            coalesce(e.config, '{{}}') AS config, coalesce(e.metadata, '{{}}') AS metadata,
            coalesce(v.versions, '[]') AS versions, coalesce(i.instances, '[]') AS instances,
@@ -122,6 +124,36 @@ PolicyChange = Callable[["Policy | None"], "Policy | None"]
 PolicyWritten = tuple[Outcome, "Policy | None"]
 
 R = TypeVar("R", Extension, Policy)
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Records read in one statement, and that statement's snapshot: which commits they
+    include (`core.visibility`)."""
+
+    records: list[Extension]
+    snapshot: TxSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One change notification. `key` is an extension id, `policy:<id>`, or `*` (reload
+    everything). When it carries the record's state (migration 008), `xid` is the writing
+    transaction and `record` the record it committed: None when deleted or breaking a rule
+    (then left out, as a read leaves it out). Otherwise the record is to be read back."""
+
+    key: str
+    xid: int | None = None
+    record: Extension | None = None
+
+
+class _Payload(msgspec.Struct):
+    id: str
+    xid: str
+    record: msgspec.Raw = msgspec.Raw(b"")  # the record's JSON, left for `_decode`
+    gone: bool = False
+
+
 Conn = psycopg.AsyncConnection[Any]
 
 
@@ -213,9 +245,13 @@ class PostgresSource:
         return True
 
     async def load_all_extensions(self) -> list[Extension]:
-        """Every extension, enabled or not, with versions and instances.
+        """Every extension, enabled or not, with versions and instances."""
+        return [ext for part in await self.read_all_extensions() for ext in part.records]
 
-        Read as LOAD_PARTS hash partitions on separate connections at once, so PostgreSQL
+    async def read_all_extensions(self) -> list[Read]:
+        """Every extension, as LOAD_PARTS reads (each with its snapshot).
+
+        The parts are hash partitions read on separate connections at once, so PostgreSQL
         renders one part while we decode another (two parts against one: docs/performance.md,
         "Full load"). Each id lives in exactly one part; a change made between the parts'
         reads arrives by notification like any other.
@@ -228,19 +264,47 @@ class PostgresSource:
             )
         )
         self._invalid_extensions = {i: p for _, invalid in parts for i, p in invalid.items()}
-        return [ext for records, _ in parts for ext in records]
+        return [read for read, _ in parts]
 
     async def load_extension(self, extension_id: str) -> Extension | None:
         found = await self.load_extensions([extension_id])
         return found[0] if found else None
 
     async def load_extensions(self, ids: Sequence[str]) -> list[Extension]:
-        records, invalid = await self._load(_RECORDS_BY_IDS, {"ids": list(ids)})
+        return (await self.read_extensions(ids)).records
+
+    async def read_extensions(self, ids: Sequence[str]) -> Read:
+        """The extensions with these ids that exist (and are valid), with the read's snapshot."""
+        read, invalid = await self._load(_RECORDS_BY_IDS, {"ids": list(ids)})
+        self._note_invalid(ids, invalid)
+        return read
+
+    def notice(self, payload: str) -> Notice:
+        """Parse a change notification: a bare key (an id, `policy:<id>`, `*`), or migration
+        008's JSON, whose record goes through the same rules as every read (`_decode`)."""
+        if not payload.startswith("{"):
+            return Notice(payload)
+        try:
+            data = msgspec.json.decode(payload, type=_Payload)
+            xid = int(data.xid)
+        except (msgspec.DecodeError, ValueError):
+            log.warning("notification_unreadable", payload=payload[:200])
+            return Notice("*")  # whatever it was meant to say, a full reload covers it
+        if not data.record:
+            if not data.gone:
+                return Notice(data.id)  # too large to carry: read it back
+            self._note_invalid([data.id], {})
+            return Notice(data.id, xid)
+        records, invalid = _decode(b"[" + bytes(data.record) + b"]", self._limits)
+        self._note_invalid([data.id], invalid)
+        return Notice(data.id, xid, records[0] if records else None)
+
+    def _note_invalid(self, ids: Sequence[str], invalid: dict[str, str]) -> None:
+        """Make `invalid` the problems of `ids`, as just read."""
         asked = set(ids)
         self._invalid_extensions = {
             i: p for i, p in self._invalid_extensions.items() if i not in asked
         } | invalid
-        return records
 
     async def load_all_policies(self) -> list[Policy]:
         """Every routing policy, enabled or not; rows that break a rule are left out and
@@ -540,14 +604,14 @@ class PostgresSource:
             self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **kwargs
         )
 
-    async def _load(
-        self, query: str, params: dict[str, Any]
-    ) -> tuple[list[Extension], dict[str, str]]:
+    async def _load(self, query: str, params: dict[str, Any]) -> tuple[Read, dict[str, str]]:
         with self._translate():
             async with self._pool.connection() as conn:
                 cur = await conn.execute(query, params)
                 row = await cur.fetchone()
-        return _decode(row[0] if row else "[]", self._limits)
+        assert row is not None  # an aggregate always answers one row
+        records, invalid = _decode(row[0], self._limits)
+        return Read(records, TxSnapshot.parse(row[1])), invalid
 
     async def _read(
         self, conn: psycopg.AsyncConnection[Any], ids: Sequence[str]
