@@ -9,7 +9,11 @@ depend on the machine and on each other, so `NatsServer` always starts its *own*
 - it listens on 127.0.0.1 and a port nobody else uses (chosen by binding port 0);
 - its files (log, JetStream store) live in a temporary folder removed on `stop()`;
 - `restart()` keeps the port, so connected clients reconnect to the same URL, which is how
-  outages are simulated.
+  outages are simulated; `kill()` ends it abruptly (SIGKILL, a crash) and `start()` brings it
+  back on the same port; `freeze()` makes it hang (SIGSTOP) until `thaw()`;
+- with a `cluster_name` it is a member of a NATS cluster: it listens for routes on its own
+  `cluster_port` and connects to the other members' `routes` (`testsupport.natscluster` runs
+  three such members on loopback).
 
 `extreg serve --demo` uses the same class for its embedded NATS server.
 
@@ -26,6 +30,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -116,7 +121,12 @@ class NatsServer:
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         extra_args: Sequence[str] = (),
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
     ) -> None:
+        if cluster_name is None and (cluster_port is not None or routes):
+            raise NatsServerError("cluster_port and routes need a cluster_name")
         self._host = host
         self._port_given = port is not None
         self._port = port if port is not None else free_port(host)
@@ -126,6 +136,12 @@ class NatsServer:
         self._ready_timeout = ready_timeout
         self._stop_timeout = stop_timeout
         self._extra_args = tuple(extra_args)
+        self._cluster_name = cluster_name
+        self._cluster_port: int | None = None
+        if cluster_name is not None:
+            self._cluster_port = cluster_port if cluster_port is not None else free_port(host)
+        self._cluster_port_given = cluster_port is not None
+        self._routes = tuple(routes)
         self._name = f"extreg-{uuid.uuid4().hex[:12]}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -155,6 +171,29 @@ class NatsServer:
         if self._http_port is None:
             return None
         return f"http://{self._host}:{self._http_port}"
+
+    @property
+    def name(self) -> str:
+        """The server's name (`server_name` in its INFO and monitoring pages), unique per object."""
+        return self._name
+
+    @property
+    def cluster_name(self) -> str | None:
+        """The NATS cluster this server belongs to, or None for a lone server."""
+        return self._cluster_name
+
+    @property
+    def cluster_url(self) -> str | None:
+        """The route URL other cluster members connect to (`nats://host:cluster_port`), or
+        None for a lone server."""
+        if self._cluster_port is None:
+            return None
+        return f"nats://{self._host}:{self._cluster_port}"
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The route URLs of the other members this server connects to."""
+        return self._routes
 
     @property
     def pid(self) -> int | None:
@@ -209,6 +248,8 @@ class NatsServer:
                     self._cleanup_workdir()
                     raise
                 self._port = free_port(self._host)
+                if self._cluster_port is not None and not self._cluster_port_given:
+                    self._cluster_port = free_port(self._host)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def stop(self) -> None:
@@ -228,6 +269,30 @@ class NatsServer:
         except NatsServerError:
             self.stop()
             raise
+
+    def kill(self) -> None:
+        """End the process at once (SIGKILL, as in a crash: no goodbye to clients or routes),
+        keeping the port and the folder (its log stays readable); `start()` brings it back."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        self._terminate()
+
+    def freeze(self) -> None:
+        """Stop the process without ending it (SIGSTOP): its sockets stay open and silent, as
+        with a hung server or a machine gone from the network; `thaw()` lets it go on."""
+        self._signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen process go on (SIGCONT)."""
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(sig)
 
     async def astart(self) -> Self:
         """`start()` without blocking the event loop."""
@@ -285,6 +350,10 @@ class NatsServer:
             cmd += ["--http_port", str(self._http_port)]
         if self._jetstream:
             cmd += ["--jetstream", "--store_dir", str(workdir / "jetstream")]
+        if self._cluster_name is not None:
+            cmd += ["--cluster_name", self._cluster_name, "--cluster", str(self.cluster_url)]
+            if self._routes:
+                cmd += ["--routes", ",".join(self._routes)]
         cmd += self._extra_args
         return cmd
 
@@ -339,6 +408,8 @@ class NatsServer:
             self._finalizer.detach()
             self._finalizer = None
         if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):  # a frozen process would sit on the SIGTERM
+                proc.send_signal(signal.SIGCONT)
             proc.terminate()
             try:
                 proc.wait(timeout=self._stop_timeout)
