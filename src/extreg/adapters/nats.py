@@ -22,6 +22,17 @@ invoker neither trips the extension's circuit nor counts it in health. Calls fai
 the connection is down (checked before sending; calls waiting when it drops are failed at
 once), and nats-py reconnects forever in the background (resubscribing the inbox), so calls
 succeed again as soon as NATS is back.
+
+A NATS cluster: `nats_url` may list several servers, comma-separated; `connect` hands them to
+nats-py as its server list (`servers_and_credentials`). nats-py picks one at random (which
+spreads nodes over the cluster), adds the members the server announces (`connect_urls` in its
+INFO), and when its server dies reconnects to another in the pool at once (the dead one is
+refused in a millisecond on a live host), waiting `RECONNECT_WAIT_S` only before retrying a
+server it tried that recently. A server that hangs instead (or its machine drops off the
+network) is noticed by unanswered PINGs only, after 2 to 3 `PING_INTERVAL_S`. Credentials in
+the URLs are sent as connect options, to every server: nats-py would send a URL's user part to
+that server only, never to the members it discovered, which would answer "Authorization
+Violation" on a reconnect.
 """
 
 from __future__ import annotations
@@ -52,6 +63,11 @@ log = structlog.get_logger("extreg.invoke.nats")
 CONNECT_TIMEOUT_S = 2
 CONNECT_ATTEMPTS = 3  # for the first connection; later losses are retried forever
 RECONNECT_WAIT_S = 0.25
+# A server that hangs, or a machine gone from the network, closes nothing: only unanswered
+# PINGs tell. nats-py's default (one every 120 s, stale after two unanswered) leaves calls
+# timing out on it for 4 to 6 minutes; this leaves it after 10 to 15 s.
+PING_INTERVAL_S = 5
+MAX_OUTSTANDING_PINGS = 2
 STATUS_HEADER = "Status"
 NO_RESPONDERS = "503"
 
@@ -72,22 +88,58 @@ Callback = Callable[..., Awaitable[None]]
 
 async def connect(url: str | SecretStr, name: str, **callbacks: Callback) -> Client:
     """A nats-py connection with extreg's options (quick to fail when NATS is absent at
-    start), or `NatsUnavailable` naming the redacted URL. `callbacks`: nats-py's
-    `error_cb`, `disconnected_cb`, `reconnected_cb`."""
+    start), or `NatsUnavailable` naming the redacted URL. `url` may list several servers,
+    comma-separated (see the module). `callbacks`: nats-py's `error_cb`, `disconnected_cb`,
+    `reconnected_cb`."""
     secret = url.get_secret_value() if isinstance(url, SecretStr) else url
+    servers, credentials = servers_and_credentials(secret)
     try:
         return await nats.connect(
-            secret,
+            servers,
             name=name,
             connect_timeout=CONNECT_TIMEOUT_S,
             reconnect_time_wait=RECONNECT_WAIT_S,
             max_reconnect_attempts=CONNECT_ATTEMPTS,
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+            **credentials,
             **callbacks,
         )
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         raise NatsUnavailable(
             f"cannot connect to NATS at {redact_nats_url(secret)}: {error_text(exc)}"
         ) from None
+
+
+def servers_and_credentials(url: str) -> tuple[list[str], dict[str, str]]:
+    """A `nats_url` as nats-py's server list, and the credentials its URLs carry as nats-py's
+    connect options (`user` and `password`, or `token` for a lone user part).
+
+    Only one set of credentials is lifted out of the URLs (those without any then get it too);
+    URLs carrying different ones are left as they are, for nats-py to send each to its own
+    server. The user part is taken verbatim, as nats-py takes it (no percent-decoding).
+    """
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    split = [_split_userinfo(server) for server in servers]
+    userinfos = {userinfo for userinfo, _ in split if userinfo is not None}
+    if len(userinfos) != 1:
+        return servers, {}
+    user, colon, password = userinfos.pop().partition(":")
+    credentials = {"user": user, "password": password} if colon else {"token": user}
+    return [bare for _, bare in split], credentials
+
+
+def _split_userinfo(url: str) -> tuple[str | None, str]:
+    """`nats://user:pass@host:4222` -> (`user:pass`, `nats://host:4222`); (None, url) when
+    the URL names no user."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return None, url
+    return userinfo, f"{scheme}{sep}{host}{slash}{path}"
 
 
 class NatsTransport:

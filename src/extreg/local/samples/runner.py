@@ -42,8 +42,8 @@ from nats.micro.service import Service
 from pydantic import SecretStr
 
 from ... import tracing
-from ...adapters.nats import subscriptions_active
-from ...errors import ConfigError, SampleRunnerError
+from ...adapters.nats import connect, subscriptions_active
+from ...errors import ConfigError, NatsUnavailable, SampleRunnerError
 from ...settings import redact_nats_url
 from .extensions import FLAKY_CONTROL_SUBJECT, HANDLERS, SAMPLE_EXTENSIONS, SAMPLES_BY_ID, Handler
 from .flaky import INVALID_REPLY, Flaky
@@ -58,8 +58,6 @@ SERVICE_VERSION = "1.0.0"
 PLAIN = frozenset({"echo"})
 """Samples kept plain subscriptions, outside the service: the benchmarks' bare echo."""
 DRAIN_TIMEOUT = 2.0
-CONNECT_ATTEMPTS = 3
-"""Tries of the first connection before giving up (a NATS restart later is waited out)."""
 
 Callback = Callable[[Msg], Awaitable[None]]
 
@@ -374,6 +372,8 @@ def _bad_request(message: str, is_validator: bool) -> dict[str, Any]:
 
 async def _connect(nats_url: SecretStr, stopping: Callable[[], bool]) -> Client:
     """Connect with endless reconnects and quiet, structured logging of connection events.
+    The connection is the adapter's (`adapters.nats.connect`): the same options, and `nats_url`
+    may list the servers of a NATS cluster, comma-separated.
 
     `stopping` tells our own shutdown apart from a lost server, which alone is a warning.
     """
@@ -390,18 +390,15 @@ async def _connect(nats_url: SecretStr, stopping: Callable[[], bool]) -> Client:
         log.info("nats reconnected", nats_url=display)
 
     try:
-        nc = await nats.connect(
-            nats_url.get_secret_value(),
-            name="extreg-sample-extensions",
-            connect_timeout=2,
-            reconnect_time_wait=0.25,
-            max_reconnect_attempts=CONNECT_ATTEMPTS,
+        nc = await connect(
+            nats_url,
+            "extreg-sample-extensions",
             error_cb=on_error,
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
         )
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        raise SampleRunnerError(f"cannot connect to NATS at {display}: {exc}") from None
+    except NatsUnavailable as exc:
+        raise SampleRunnerError(str(exc)) from None
     # nats-py uses one limit for the first connect and for reconnects; we want a quick,
     # clear failure when NATS is absent at start, but never to give up once connected.
     nc.options["max_reconnect_attempts"] = -1
