@@ -49,6 +49,11 @@ ALLOWED_CLASSES = {
         "_FileProblem",
     ): "private signal of one file's problem, always caught in load_fixtures and reported "
     "inside FixtureError with the file's name",
+    (
+        "extreg.adapters.postgres",
+        "LockTaken",
+    ): "signal of `listen(lock=True)`, always caught in Registry._follow_feed: another node"
+    " publishes the change feed",
 }
 
 # Inside the HTTP API, an HTTPException (raised, or returned by a helper and raised) is an
@@ -60,6 +65,9 @@ HTTP_PACKAGE = "extreg.api."
 ALLOWED_RAISES = {
     ("extreg", "AttributeError"): "module __getattr__ protocol (lazy `extreg.Invoker`)",
     ("extreg.client", "self._error"): "returns an ExtregError rebuilt from the answer",
+    ("extreg.adapters.nats_feed", "self.unavailable"): "returns a SourceUnavailable",
+    ("extreg.adapters.nats_feed", "self._link.unavailable"): "returns a SourceUnavailable",
+    ("extreg.adapters.postgres", "LockTaken"): "see ALLOWED_CLASSES",
     (
         "extreg.api.connections",
         "TypeError",

@@ -30,23 +30,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 import watchfiles
 
 from .adapters.fixtures import read_fixtures
-from .adapters.postgres import Notice, PostgresSource
+from .adapters.nats_feed import FeedHealth, FeedLink, Publisher, TokenRelay
+from .adapters.postgres import LockTaken, Notice, PostgresSource
 from .adapters.postgres_policies import PREFIX as POLICY_PREFIX
 from .adapters.postgres_policies import key as policy_key
 from .adapters.snapshot_file import Origin, read_snapshot, write_snapshot_file
 from .core.chance import jitter
 from .core.clock import SYSTEM_CLOCK, Clock, utc_now
+from .core.feed import SILENCE_S, Position
+from .core.feed import Message as FeedMessage
+from .core.feed import Snapshot as FeedSnapshot
 from .core.model import Extension
 from .core.policy import Policy, PolicyLimits
 from .core.snapshot import Snapshot
@@ -56,6 +61,7 @@ from .errors import (
     ExtensionDisabled,
     ExtensionNotFound,
     FixtureError,
+    NatsUnavailable,
     PolicyDisabled,
     PolicyNotFound,
     SnapshotFileError,
@@ -63,12 +69,19 @@ from .errors import (
 )
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .invoke.health_store import HealthStore
+
 log = structlog.get_logger("extreg.registry")
 
 Served = Literal["database", "fixtures", "snapshot_file", "none"]
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
 SNAPSHOT_RETRY_MAX_S = 30.0
+# A node of the change feed that finds no publisher waits up to TAKEOVER_SPREAD_S before it
+# tries to become it, and reads PostgreSQL itself at boot after BOOT_WAIT_S without one.
+TAKEOVER_SPREAD_S = 1.0
+BOOT_WAIT_S = 10.0
 SNAPSHOT_FILE_INTERVAL_S = 1.0  # at most one snapshot-file write per interval (see below)
 
 
@@ -90,6 +103,7 @@ class Status:
     invalid_records: dict[str, str]  # database rows left out: {id: the rules they break}
     policy_count: int
     unusable_policies: dict[str, list[str]]  # {policy id: what it references that is gone}
+    change_feed: str  # listen, or the NATS change feed's publisher or follower (`feed_role`)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -133,6 +147,8 @@ class Registry:
         self._file_lock = threading.Lock()  # snapshot-file writers run in threads
         self._file_generation = 0  # the newest generation written to the snapshot file
         self._db: PostgresSource | None = None
+        self._feed: FeedLink | None = None  # change_feed=nats: the link to the publisher
+        self._publisher: Publisher | None = None  # set while this node is the publisher
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_file_due = asyncio.Event()
@@ -203,6 +219,7 @@ class Registry:
             invalid_records=self.invalid_records,
             policy_count=len(snap.policies),
             unusable_policies=snap.unusable_policies,
+            change_feed=self.feed_role,
         )
 
     @property
@@ -283,9 +300,9 @@ class Registry:
             await self._serve_fixtures()
             self._spawn(self._watch_fixtures())
             return
-        self._db = PostgresSource(self.settings)
+        follow = await self._open_source()
         loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        follower = asyncio.create_task(self._follow_database(loaded))
+        follower = asyncio.create_task(follow(loaded))
         self._tasks.append(follower)  # so that close() stops it, even if this start is cancelled
         try:
             await loaded
@@ -294,8 +311,26 @@ class Registry:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
             await self._boot_without_database(str(exc))
+            self._spawn(follow(None))
             return
         self._spawn(self._keep_snapshot_file())
+
+    async def _open_source(self) -> Any:
+        """The database adapter, and with `change_feed=nats` the feed's NATS link (without
+        NATS at boot, the node follows PostgreSQL itself, logged); returns how to follow."""
+        if self.settings.change_feed == "nats":
+            feed = FeedLink(self.settings)
+            try:
+                await feed.open()
+            except NatsUnavailable as exc:
+                log.warning("change_feed_unavailable", error=str(exc), following="database")
+            else:
+                self._feed = feed
+                self._db = PostgresSource(self.settings, idle=True)
+                await self._db.open()
+                return self._follow_feed
+        self._db = PostgresSource(self.settings)
+        return self._follow_database
 
     async def _boot_without_database(self, reason: str) -> None:
         self._stale = True
@@ -325,7 +360,6 @@ class Registry:
             log.warning("serving_fixtures", reason=reason)
             await self._serve_fixtures()
             self._spawn(self._watch_fixtures())
-        self._spawn(self._follow_database(None))
         self._spawn(self._keep_snapshot_file())
 
     async def close(self) -> None:
@@ -341,6 +375,8 @@ class Registry:
                 log.error("snapshot_file_not_written", error=error)
         if self._db is not None:
             await self._db.close()
+        if self._feed is not None:
+            await self._feed.close()
 
     async def reload(self) -> ReloadReport:
         """Read everything again from the source of this mode; keep serving on failure."""
@@ -415,39 +451,164 @@ class Registry:
     # -- database -----------------------------------------------------------------------------
 
     async def _follow_database(self, loaded: asyncio.Future[None] | None) -> None:
-        """Listen, load, then apply notifications and sync until cancelled; on any failure,
-        back off and start over. LISTEN comes before the load so no change falls between.
+        """Follow PostgreSQL (`_track_database`); on any failure, back off and start over.
         The first attempt reports its outcome through `loaded` instead of retrying."""
-        assert self._db is not None
         backoff = BACKOFF_MIN_S
         while True:
             try:
-                if not self._db.is_open:
-                    await self._db.open()
-                async with self._db.listen() as payloads:
-                    await self._reload_from_database()
-                    if loaded is not None:
-                        loaded.set_result(None)
-                        loaded = None
-                    backoff = BACKOFF_MIN_S
-                    await _first_failure(self._apply_notifications(payloads), self._sync_forever())
+                await self._track_database(loaded)
             except Exception as exc:
-                if loaded is not None:
+                if loaded is not None and not loaded.done():
                     loaded.set_exception(exc)
                     return
-                reason = (
-                    str(exc)
-                    if isinstance(exc, SourceUnavailable)
-                    else f"{type(exc).__name__}: {exc}"
-                )
-                # While the database is away no sync runs, yet each one that falls due has
-                # failed: report those (not every retry), so the sync error count grows.
-                since = self._clock.monotonic() - self._sync_reported_at
-                if since >= self.settings.sync_interval_seconds:
-                    self._report_sync(0.0, reason)
-                self._mark_stale(reason)
+                self._database_failed(exc)
+            else:
+                backoff = BACKOFF_MIN_S
             await asyncio.sleep(jitter(backoff))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _track_database(
+        self, loaded: asyncio.Future[None] | None, *, publish: bool = False
+    ) -> None:
+        """Listen, load, then apply notifications and sync until something fails. LISTEN
+        comes before the load so no change falls between. `publish`: only while holding the
+        change feed's lock (else `LockTaken`), and publish every change on NATS meanwhile."""
+        assert self._db is not None
+        if not self._db.is_open:
+            await self._db.open()
+        async with self._db.listen(lock=publish) as payloads:
+            await self._reload_from_database()
+            if loaded is not None and not loaded.done():
+                loaded.set_result(None)
+            work = [self._apply_notifications(payloads), self._sync_forever()]
+            if not publish:
+                await _first_failure(*work)
+                return
+            assert self._feed is not None
+            self._publisher = Publisher(self._feed)
+            log.info("change_feed_publishing", epoch=self._publisher.epoch)
+            try:
+                async with self._feed.serving(self._feed_snapshot, self._db.update_health):
+                    await _first_failure(*work, self._publisher.heartbeats())
+            finally:
+                self._publisher = None
+                log.info("change_feed_publishing_stopped")
+
+    def _database_failed(self, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, SourceUnavailable) else f"{type(exc).__name__}: {exc}"
+        # While the database is away no sync runs, yet each one that falls due has failed:
+        # report those (not every retry), so the sync error count grows.
+        since = self._clock.monotonic() - self._sync_reported_at
+        if since >= self.settings.sync_interval_seconds:
+            self._report_sync(0.0, reason)
+        self._mark_stale(reason)
+
+    # -- the change feed on NATS (core/feed.py) -----------------------------------------------
+
+    async def _follow_feed(self, loaded: asyncio.Future[None] | None) -> None:
+        """Follow the publisher: take its snapshot, then apply its messages until a gap or
+        silence, and start over. When no publisher answers, try to become it (one at a time:
+        the lock decides; after a random pause, so a fleet does not connect all at once); a
+        node that cannot and has nothing yet after BOOT_WAIT_S reads PostgreSQL itself, and
+        so does a node left without a publisher, once per sync interval."""
+        assert self._feed is not None
+        backoff = BACKOFF_MIN_S
+        started = read_at = self._clock.monotonic()
+        while True:
+            try:
+                async with self._feed.messages() as queue:
+                    snapshot = await self._feed.snapshot()
+                    if snapshot is not None:
+                        await self._take_snapshot(snapshot)
+                        if loaded is not None and not loaded.done():
+                            loaded.set_result(None)
+                        backoff = BACKOFF_MIN_S
+                        await self._apply_feed(queue, Position(snapshot.epoch, snapshot.seq))
+                        continue
+                await asyncio.sleep(random.uniform(0, TAKEOVER_SPREAD_S))
+                with contextlib.suppress(LockTaken):
+                    await self._track_database(loaded, publish=True)
+                now = self._clock.monotonic()
+                first = loaded is not None and not loaded.done() and now - started > BOOT_WAIT_S
+                if first or now - read_at >= self.settings.sync_interval_seconds:
+                    await self._reload_from_database()
+                    read_at = now
+                    if loaded is not None and not loaded.done():
+                        loaded.set_result(None)
+            except Exception as exc:
+                if loaded is not None and not loaded.done():
+                    loaded.set_exception(exc)
+                    return
+                self._database_failed(exc)
+            await asyncio.sleep(jitter(backoff))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _take_snapshot(self, snapshot: FeedSnapshot) -> None:
+        async with self._write_lock:
+            before = self._snap
+            self._origin = Origin(*snapshot.origin)
+            self._swap(snapshot.extensions, "database", snapshot.policies)
+        self._mark_fresh()
+        _log_diff(before, self._snap, "change_feed", None)
+
+    async def _apply_feed(self, queue: asyncio.Queue[FeedMessage | None], at: Position) -> None:
+        """Apply the publisher's messages in order; return on a gap or on silence."""
+        while True:
+            try:
+                message = await asyncio.wait_for(queue.get(), SILENCE_S)
+            except TimeoutError:
+                self._mark_stale(f"no message from the change feed's publisher for {SILENCE_S} s")
+                return
+            verdict = "gap" if message is None else at.judge(message)
+            if verdict == "gap":
+                log.info("change_feed_gap", at=at.seq, got=message and message.seq)
+                return
+            if verdict == "apply" and message is not None:
+                async with self._write_lock:
+                    await self._patch(
+                        {**{e.id: e for e in message.extensions}, **dict.fromkeys(message.deleted)},
+                        {
+                            **{p.policy_id: p for p in message.policies},
+                            **dict.fromkeys(message.policies_deleted),
+                        },
+                        "change_feed",
+                    )
+                at = Position(message.epoch, message.seq)
+            self._mark_fresh()
+
+    def _feed_snapshot(self) -> FeedSnapshot:
+        """The publisher's cache and position, for a node that asks (`FeedLink.serving`)."""
+        assert self._publisher is not None and self._origin is not None
+        snap = self._snap
+        return FeedSnapshot(
+            self._publisher.epoch,
+            self._publisher.seq,
+            list(snap.by_id.values()),
+            list(snap.policies.values()),
+            (self._origin.location, self._origin.name, self._origin.system_identifier),
+        )
+
+    @property
+    def feed_role(self) -> Literal["listen", "publisher", "follower"]:
+        """How this node hears of changes: LISTEN on PostgreSQL, or the NATS change feed as its
+        publisher or as one of its followers."""
+        if self._feed is None:
+            return "listen"
+        return "publisher" if self._publisher is not None else "follower"
+
+    @property
+    def health_store(self) -> HealthStore:
+        """Where this node's health batches go: the database, or on a follower of the change
+        feed, the publisher (over NATS)."""
+        if self.feed_role == "follower":
+            assert self._feed is not None
+            return FeedHealth(self._feed, self.database)
+        return self.database
+
+    @property
+    def token_relay(self) -> TokenRelay | None:
+        """How API token changes reach this node on a fleet of the change feed, else None."""
+        return TokenRelay(self._feed, lambda: self.feed_role) if self._feed else None
 
     async def _reload_from_database(self) -> None:
         assert self._db is not None
@@ -463,6 +624,8 @@ class Registry:
             self._row_versions = versions
             self._seen = {e.id: part.snapshot for part in parts for e in part.records}
             self._seen_by_all = tuple(part.snapshot for part in parts)
+            if self._publisher is not None:
+                await self._publisher.send("reset")
         self._mark_fresh()
         if self._fallback_reason:
             log.info("database_back", count=len(self._snap))
@@ -506,7 +669,7 @@ class Registry:
                 if seen.saw(notice.xid) if seen else saw_in_all(self._seen_by_all, notice.xid):
                     continue
                 records[notice.key] = notice.record
-            self._patch(records, {}, "notification")
+            await self._patch(records, {}, "notification")
 
     async def _sync_forever(self) -> None:
         while True:
@@ -555,16 +718,17 @@ class Registry:
                 policies.update(
                     (p.policy_id, p) for p in await self._db.load_policies(sorted(policy_ids))
                 )
-            self._patch(records, policies, why)
+            await self._patch(records, policies, why)
 
-    def _patch(
+    async def _patch(
         self,
         records: Mapping[str, Extension | None],
         policies: Mapping[str, Policy | None],
         why: str,
     ) -> None:
         """Install these records and policies (None: deleted) where they differ from the
-        cache, and log each change. The caller holds `_write_lock`."""
+        cache, log each change, and as the feed's publisher, publish them. The caller holds
+        `_write_lock`, so changes are published in the order they are installed."""
         before = self._snap
         upserts = [e for e in records.values() if e is not None and e != before.by_id.get(e.id)]
         deleted = [i for i, e in records.items() if e is None and i in before.by_id]
@@ -577,6 +741,14 @@ class Registry:
         self._install(
             before.patched(upserts, deleted, policy_upserts, policies_deleted), "database"
         )
+        if self._publisher is not None:
+            await self._publisher.send(
+                "change",
+                extensions=upserts,
+                deleted=deleted,
+                policies=policy_upserts,
+                policies_deleted=policies_deleted,
+            )
         for ext in upserts:
             log.info(
                 "extension_changed",

@@ -50,7 +50,9 @@ class Runtime:
         store, known = None, None
         if settings.database_configured:
             store, known = TokenStore.from_settings(settings), KnownTokens.from_settings(settings)
-        follower = TokenFollower(runtime.tokens, store, settings.api_tokens_file, known)
+        follower = TokenFollower(
+            runtime.tokens, store, settings.api_tokens_file, known, registry.token_relay
+        )
         await follower.first_load()
         task = asyncio.create_task(follower.run())
         try:

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     fixtures_dir: Path = BUNDLED_FIXTURES
     cache_type: Literal["ets", "memory", "mnesia"] = "ets"
     sync_interval_seconds: float = Field(60, gt=0, allow_inf_nan=False)
+    # How changes reach this node (SPEC.md "Scale"): `listen` on PostgreSQL, or `nats` from the
+    # one publisher of the database, under subjects `<change_feed_subject>.*`.
+    change_feed: Literal["listen", "nats"] = "listen"
+    change_feed_subject: str = Field("extreg.feed", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
     data_dir: Path = DEFAULT_DATA_DIR
     snapshot_file: Path | None = None
     api_tokens_file: Path | None = None  # extra API tokens, for fixtures without a database

@@ -23,7 +23,7 @@ import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -42,6 +42,9 @@ from .auth import (
 from .core.chance import jitter
 from .errors import ConfigError, Conflict, SourceUnavailable, UnknownToken
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .adapters.nats_feed import TokenRelay
 
 log = structlog.get_logger("extreg.tokens")
 
@@ -194,11 +197,14 @@ class TokenFollower:
         store: TokenStore | None,
         tokens_file: Path | None,
         known: KnownTokens | None = None,
+        relay: TokenRelay | None = None,
     ) -> None:
         self.book = book
         self.store = store
         self.tokens_file = tokens_file
         self.known = known
+        self.relay = relay  # on a fleet of the NATS change feed (see `_follow_database`)
+        self._entries: list[TokenEntry] | None = None
         self._file_mtime: float | None = None
 
     async def first_load(self) -> None:
@@ -257,25 +263,38 @@ class TokenFollower:
             self.reload_file()
 
     async def _follow_database(self) -> None:
+        """LISTEN for changes; or on a follower of the NATS change feed, which holds no
+        database connection, wait for the publisher's announcement (`TokenRelay`), and as the
+        publisher, announce every change. Either way re-read every REFRESH_S too."""
         assert self.store is not None  # only started with a store
         backoff = BACKOFF_MIN_S
         while True:
+            relay = self.relay
+            following = relay is not None and relay.following
             try:
-                async with self.store.changes() as changes:
+                source = relay.changes() if relay and following else self.store.changes()
+                async with source as changes:
                     await self._reload_database()
                     backoff = BACKOFF_MIN_S
-                    while True:
+                    while relay is None or relay.following == following:
                         await changes.wait(REFRESH_S)
-                        await self._reload_database()
+                        if await self._reload_database() and relay and not following:
+                            await relay.announce()
+                    continue  # the node's role changed: follow the other way
             except (SourceUnavailable, ConfigError) as exc:
                 log.warning("tokens_refresh_failed", error=str(exc), retry_in_s=round(backoff, 2))
             await asyncio.sleep(jitter(backoff))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _reload_database(self) -> None:
+    async def _reload_database(self) -> bool:
+        """Read the database's tokens into the book; True when they changed."""
         assert self.store is not None
         entries = await self.store.active()
         self.book.replace("database", entries)
         log.debug("tokens_loaded", source="database", count=len(entries))
+        if entries == self._entries:
+            return False
+        self._entries = entries
         if self.known is not None:
             await asyncio.to_thread(self.known.write, entries)
+        return True

@@ -44,6 +44,8 @@ CHANNEL = "extreg_changes"
 WRITE_LOCK_CLASS = 0x65787401  # advisory lock class of `write` (256 buckets of ids: _LOCK_IDS)
 POLICY_LOCK_CLASS = policy_sql.LOCK_CLASS  # the same for `write_policies`
 CONNECT_TIMEOUT_S = 3
+FEED_LOCK = (0x65787402, 0)  # the advisory lock its holder publishes the change feed under
+IDLE_CLOSE_S = 10.0  # an idle pool closes its connections after this (see `idle` below)
 # A server built with JIT would compile the load query anew on every load; ours run short
 # queries, so JIT is off on our connections (bench/bench_registry.py prints JIT-on rows on a
 # server that has JIT).
@@ -168,10 +170,19 @@ class _Table(Generic[R]):
     apply: Callable[[Conn, str, R | None, R | None], Awaitable[Outcome]]  # store one change
 
 
-class PostgresSource:
-    """A connection pool plus the registry's queries. Open with `await source.open()`."""
+class LockTaken(Exception):
+    """`listen(lock=True)`: another session holds the change feed's lock."""
 
-    def __init__(self, settings: Settings) -> None:
+
+class PostgresSource:
+    """A connection pool plus the registry's queries. Open with `await source.open()`.
+
+    `idle=True` is for a node that reads PostgreSQL only now and then (a node of the NATS
+    change feed, which writes when an operator asks): its pool keeps no connection open and
+    closes one IDLE_CLOSE_S after its last use, and `open` connects nothing."""
+
+    def __init__(self, settings: Settings, *, idle: bool = False) -> None:
+        self._idle = idle
         self._conninfo = settings.conninfo
         self._secret = settings.db_password.get_secret_value() or url_password(self._conninfo)
         self.display = settings.db_display
@@ -195,8 +206,9 @@ class PostgresSource:
         )
         self._pool = psycopg_pool.AsyncConnectionPool(
             self._conninfo,
-            min_size=min(LOAD_PARTS, settings.db_pool_size),
+            min_size=0 if idle else min(LOAD_PARTS, settings.db_pool_size),
             max_size=settings.db_pool_size,
+            max_idle=IDLE_CLOSE_S if idle else 600.0,
             open=False,
             timeout=CONNECT_TIMEOUT_S * 2,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S, "options": NO_JIT},
@@ -205,7 +217,11 @@ class PostgresSource:
         )
 
     async def open(self) -> None:
-        """Check the database answers, then open the pool; `SourceUnavailable` if it does not."""
+        """Check the database answers, then open the pool; `SourceUnavailable` if it does not.
+        An idle source opens its pool empty, without a check."""
+        if self._idle:
+            await self._pool.open(wait=False)
+            return
         await self.test_connection(raise_error=True)
         with self._translate():
             await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
@@ -373,14 +389,21 @@ class PostgresSource:
         return {r[0]: r[1] for r in rows}
 
     @contextlib.asynccontextmanager
-    async def listen(self) -> AsyncIterator[AsyncIterator[str]]:
-        """A dedicated connection listening for change notifications; yields their payloads."""
+    async def listen(self, *, lock: bool = False) -> AsyncIterator[AsyncIterator[str]]:
+        """A dedicated connection listening for change notifications; yields their payloads.
+
+        `lock`: also take the change feed's advisory lock on it (`LockTaken` when another
+        session holds it), so the lock is let go when this connection ends, however it ends."""
         with self._translate():
             conn = await self._connect(
                 keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2
             )
         try:
             with self._translate():
+                if lock:
+                    cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", FEED_LOCK)
+                    if not (await cur.fetchone() or (False,))[0]:
+                        raise LockTaken()
                 await conn.execute(f"LISTEN {CHANNEL}")
 
             async def payloads() -> AsyncIterator[str]:

@@ -100,14 +100,14 @@ class Snapshot:
         by_type = dict(self.by_type)
         for ext_type in touched:  # each kept sorted by id: changes go in by bisection
             kept = list(self.by_type.get(ext_type, ()))
-            for ext_id, ext in changed.items():
+            for ext_id, now in changed.items():
                 i = bisect.bisect_left(kept, ext_id, key=_by_id)
                 present = i < len(kept) and kept[i].id == ext_id
-                if ext is not None and ext.type == ext_type and ext.enabled:
+                if now is not None and now.type == ext_type and now.enabled:
                     if present:
-                        kept[i] = ext
+                        kept[i] = now
                     else:
-                        kept.insert(i, ext)
+                        kept.insert(i, now)
                 elif present:
                     del kept[i]
             by_type[ext_type] = tuple(kept)

@@ -7,7 +7,8 @@ and once more at shutdown, `HealthFlusher.flush`:
    interval; `drain_transitions`: the circuits that moved);
 2. files them, with the circuit states that changed, into a numbered batch
    (`node_id`, `seq`). `node_id` is unique per process start; `seq` counts 1, 2, 3, ...;
-3. writes the waiting batches, oldest first, through `PostgresSource.update_health`. Each batch
+3. writes the waiting batches, oldest first, through `registry.health_store` (the database,
+   or on a follower of the NATS change feed, the publisher, which writes them). Each batch
    is one transaction that adds its counts to `extension_health` *and* moves this node's
    `last_seq` in `extreg_health_nodes` forward; a batch whose `seq` is already recorded is
    skipped (see `extreg.adapters.postgres_health`);
@@ -47,7 +48,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -58,7 +59,7 @@ from ..core.intervals import SERIES_KEEP_S, window_start
 from ..errors import ExtregError
 
 if TYPE_CHECKING:
-    from ..adapters.postgres import PostgresSource
+    from ..adapters.postgres_health import HealthRow
     from ..registry import Registry
 
 log = structlog.get_logger("extreg.invoke.health")
@@ -69,6 +70,19 @@ READ_OVERLAP = timedelta(seconds=30)  # rows are stamped with their transaction'
 # so a write that started before the previous read but committed after it is re-read.
 RETRY_PAUSE_S = 0.2
 PRUNE_EVERY_S = 300.0
+
+
+class HealthStore(Protocol):
+    """Where batches are written and totals read: `PostgresSource`, or on a node of the NATS
+    change feed, `FeedHealth` (through the publisher)."""
+
+    async def update_health(self, batch: HealthBatch) -> bool: ...
+
+    async def read_health(
+        self, since: datetime | None = None, ids: list[str] | None = None, *, recent_since: float
+    ) -> tuple[datetime, list[HealthRow]]: ...
+
+    async def prune_health(self, before: float) -> None: ...
 
 
 def new_node_id() -> str:
@@ -160,7 +174,7 @@ class HealthFlusher:
         if not self.persistent:
             return True
         try:
-            db = self.registry.database
+            db = self.registry.health_store
             while self._batches:
                 batch = self._batches[0]
                 if not await db.update_health(batch):
@@ -193,7 +207,7 @@ class HealthFlusher:
             return
         async with self._lock:
             try:
-                await self._refresh(self.registry.database)
+                await self._refresh(self.registry.health_store)
             except ExtregError as exc:
                 log.warning("health_refresh_failed", error=str(exc))
 
@@ -240,7 +254,7 @@ class HealthFlusher:
             return {}
         return {extension_id: self.breakers.snapshot(extension_id) for extension_id in ids}
 
-    async def _refresh(self, db: PostgresSource) -> None:
+    async def _refresh(self, db: HealthStore) -> None:
         since = None if self._since is None else self._since - READ_OVERLAP
         recent_since = window_start(self.monitor.now(), self.monitor.keep_s)
         now, rows = await db.read_health(since, recent_since=recent_since)
@@ -248,7 +262,7 @@ class HealthFlusher:
             adopt_totals(self.monitor, row.totals)
         self._since = now
 
-    async def _prune(self, db: PostgresSource) -> None:
+    async def _prune(self, db: HealthStore) -> None:
         """Forget old intervals now and then; a failure is logged and changes nothing else
         (every batch was written: the flush itself succeeded)."""
         now = self.monitor.now()

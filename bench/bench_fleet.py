@@ -1,0 +1,235 @@
+"""A fleet of registry nodes on one database: how fast a change reaches all of them, and what
+it costs, with the NATS change feed (`change_feed=nats`) against every node LISTENing.
+
+    scripts/bench bench_fleet [--quick]
+
+1. commit -> visible on every node, 100 nodes (20 with --quick): `nats` against `listen`, in
+   the same run, from the same writer, with the database connections each fleet holds.
+2. how the cost grows with `nats`: propagation and the publisher's CPU at 10, 50, 100 and 200
+   nodes (10 and 50 with --quick).
+
+Set-up of every row: a throwaway PostgreSQL (max_connections raised for the LISTEN fleet) and
+NATS server; 1,000 extensions. The followers (or, for `listen`, all nodes) are registries in
+this process, each with its own connections (`testsupport.fleet`); with `nats` the publisher
+is a process of its own, so its CPU time is its own. A writer process UPDATEs one record every
+20 ms and prints each commit's time (CLOCK_MONOTONIC, shared by processes); a change counts as
+visible when the last node has installed it. Note that all followers share this process's one
+core: at 200 nodes the figure includes applying the change 200 times in a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from benchlib import pct, print_rows
+
+from extreg import Settings, logs
+from extreg.adapters.migrate import migrate
+from extreg.adapters.postgres import PostgresSource
+from extreg.core.model import parse_extension
+from extreg.core.snapshot import Snapshot
+from extreg.local.natsserver import NatsServer
+from testsupport.fleet import Fleet
+from testsupport.pgprocess import PostgresProcess
+
+RECORDS = 1_000
+PROBE = "ext_0000"
+GAP_S = 0.02
+SUBJECT = "bench.feed"
+
+PUBLISHER = textwrap.dedent("""
+    import asyncio, sys
+    from extreg import Registry, Settings, logs
+
+    async def main():
+        logs.configure("warning")
+        settings = Settings.load(
+            environ={}, source="database", database_url=sys.argv[1], nats_url=sys.argv[2],
+            change_feed="nats", change_feed_subject=sys.argv[3], data_dir=sys.argv[4],
+            sync_interval_seconds=3600,
+        )
+        async with Registry.open(settings) as reg:
+            while reg.feed_role != "publisher":
+                await asyncio.sleep(0.05)
+            print("publishing", flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
+""")
+
+WRITER = textwrap.dedent("""
+    import sys, time, psycopg
+    url, n, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(n):
+            conn.execute("UPDATE extensions SET timeout_ms = %s WHERE id = %s",
+                         (20000 + i, sys.argv[4]))
+            print(i, time.monotonic(), flush=True)
+            time.sleep(gap)
+""")
+
+
+def settings_for(feed: str, nats_url: str, root: Path) -> Callable[[str, str], Settings]:
+    def make(name: str, database_url: str) -> Settings:
+        return Settings.load(
+            environ={},
+            source="database",
+            database_url=database_url,
+            nats_url=nats_url,
+            change_feed=feed,
+            change_feed_subject=SUBJECT,
+            data_dir=root / name,
+            sync_interval_seconds=3600,
+        )
+
+    return make
+
+
+async def seed(url: str) -> None:
+    records = [
+        parse_extension(
+            {
+                "id": f"ext_{i:04d}",
+                "type": "pre",
+                "subject": f"beamline.ext.pre.ext_{i:04d}.v1",
+                "timeout_ms": 1000,
+                "config": {"mode": "strict", "max_length": 4096},
+            },
+            max_timeout_ms=60_000,
+            max_retries=10,
+        )
+        for i in range(RECORDS)
+    ]
+
+    async with PostgresSource(Settings.load(environ={}, database_url=url)) as db:
+        await db.import_extensions(records, "bench")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # clock ticks (USER_HZ = 100 on Linux)
+
+
+async def propagation(fleet: Fleet, url: str, changes: int) -> list[float]:
+    """Seconds from each commit to the moment the last node of `fleet` installed it."""
+    seen: dict[int, list[float]] = {}
+
+    def watch(snap: Snapshot) -> None:
+        ext = snap.by_id.get(PROBE)
+        if ext is not None and ext.timeout_ms >= 20000:
+            seen.setdefault(ext.timeout_ms - 20000, []).append(time.monotonic())
+
+    for registry in fleet.registries:
+        registry.on_change(watch)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, url, str(changes), str(GAP_S), PROBE, stdout=subprocess.PIPE
+    )
+    committed: dict[int, float] = {}
+    assert proc.stdout is not None
+    async for line in proc.stdout:
+        index, stamp = line.split()
+        committed[int(index)] = float(stamp)
+    await proc.wait()
+    size = len(fleet.nodes)
+    deadline = time.monotonic() + 30
+    while any(len(seen.get(i, ())) < size for i in committed) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return [max(seen[i]) - t for i, t in committed.items() if len(seen.get(i, ())) == size]
+
+
+async def run_fleet(
+    feed: str, size: int, changes: int, pg: PostgresProcess, nats_url: str, root: Path
+) -> tuple[list[float], int, float | None]:
+    """(latencies, database connections held at rest, publisher CPU ms per change) of one
+    fleet of `size` nodes."""
+    url = pg.create_database(f"{feed}{size}")
+    migrate(url)
+    await seed(url)
+    publisher = None
+    if feed == "nats":
+        publisher = subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER, url, nats_url, SUBJECT, str(root / "publisher")],
+            stdout=subprocess.PIPE,
+        )
+        assert publisher.stdout is not None
+        await asyncio.to_thread(publisher.stdout.readline)
+    try:
+        followers = size - 1 if publisher else size
+        async with Fleet(settings_for(feed, nats_url, root / feed), url, size=followers) as fleet:
+            await fleet.wait(lambda r: len(r.all()) == RECORDS)
+            before = cpu_seconds(publisher.pid) if publisher else 0.0
+            latencies = await propagation(fleet, url, changes)
+            cpu = (cpu_seconds(publisher.pid) - before) * 1000 / changes if publisher else None
+            await asyncio.sleep(1)
+            with psycopg.connect(url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()
+            held = int(row[0]) if row else 0
+    finally:
+        if publisher is not None:
+            publisher.terminate()
+            publisher.wait(10)
+    return latencies, held, cpu
+
+
+def row(
+    feed: str, size: int, latencies: list[float], held: int, cpu: float | None, changes: int
+) -> tuple[str, ...]:
+    return (
+        feed,
+        str(size),
+        f"{pct(latencies, 0.5) * 1000:.2f} ms",
+        f"{pct(latencies, 0.99) * 1000:.2f} ms",
+        f"{len(latencies)} of {changes}",
+        str(held),
+        "-" if cpu is None else f"{cpu:.2f} ms",
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    logs.configure("error")
+    changes = 50 if args.quick else 200
+    compared = 20 if args.quick else 100
+    sizes = (10, 50) if args.quick else (10, 50, 100, 200)
+    header = ("feed", "nodes", "p50", "p99", "seen", "db connections", "publisher CPU per change")
+    with PostgresProcess() as pg, NatsServer() as nats_server, tempfile.TemporaryDirectory() as tmp:
+        with psycopg.connect(pg.url(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET max_connections = 400")
+        pg.restart()
+        root = Path(tmp)
+        print(
+            f"# fleet benchmark: {RECORDS} extensions, {changes} changes, one every {GAP_S * 1000:.0f} ms"
+        )
+        print(f"\n## 1. commit -> visible on all {compared} nodes, nats against listen")
+        rows = []
+        for feed in ("nats", "listen"):
+            latencies, held, cpu = await run_fleet(
+                feed, compared, changes, pg, nats_server.url, root
+            )
+            rows.append(row(feed, compared, latencies, held, cpu, changes))
+        print_rows(header, rows)
+        print("\n## 2. how it grows with nats")
+        rows = []
+        for size in sizes:
+            latencies, held, cpu = await run_fleet("nats", size, changes, pg, nats_server.url, root)
+            rows.append(row("nats", size, latencies, held, cpu, changes))
+        print_rows(header, rows)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
