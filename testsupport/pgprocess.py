@@ -9,6 +9,7 @@ it as the unprivileged user that pgserver also uses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 import psycopg
 
@@ -37,11 +39,24 @@ def free_port() -> int:
 
 
 class PostgresProcess:
-    """One PostgreSQL server on 127.0.0.1:`port` with its data in a temporary folder."""
+    """One PostgreSQL server on 127.0.0.1:`port` with its data in a temporary folder.
 
-    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
+    With a `password`, the `postgres` role has it and TCP connections must give it (SCRAM),
+    so tests see a password travel through URLs, error messages and status; `url()` includes
+    it. With `initdb=False` the data folder is left for the caller to fill (a standby's
+    `pg_basebackup`, `testsupport.pgha`)."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        durable: bool = False,
+        password: str | None = None,
+        initdb: bool = True,
+    ) -> None:
         self.port = port or free_port()
         self.durable = durable
+        self.password = password
         self.root = Path(tempfile.mkdtemp(prefix="extreg-pg-"))
         self.data = self.root / "data"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -53,23 +68,29 @@ class PostgresProcess:
             assert entry is not None
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
             self._user = {"user": entry.pw_uid, "group": entry.pw_gid}
-        self._run(
-            [
-                str(POSTGRES_BIN_PATH / "initdb"),
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--locale=C",
-            ]
+        if initdb:
+            self._initdb()
+
+    def _initdb(self) -> None:
+        auth = ["--auth=trust"]
+        if self.password is not None:
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self._user:
+                os.chown(pwfile, self._user["user"], self._user["group"])
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        self.run_program(
+            "initdb",
+            *("-D", str(self.data), "-U", "postgres", *auth),
+            *("-E", "UTF8", "--no-sync", "--locale=C"),
         )
+        if self.password is not None:
+            (self.root / "pwfile").unlink()
 
     def url(self, dbname: str = "postgres", password: str | None = None) -> str:
-        auth = f"postgres:{password}" if password else "postgres"
+        """A URL for the `postgres` role; `password` defaults to the server's own."""
+        password = password or self.password
+        auth = f"postgres:{quote(password, safe='')}" if password else "postgres"
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}"
 
     def start(self, timeout: float = 20) -> None:
@@ -110,11 +131,26 @@ class PostgresProcess:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:  # a crash takes the children too, not the postmaster alone
+                self.signal_all(sig)
+            else:
+                self.proc.send_signal(sig)
             self.proc.wait(timeout)
         self.proc = None
-        if sig == signal.SIGKILL:  # a crashed postmaster leaves children; make sure they go
-            subprocess.run(["pkill", "-9", "-f", f"-D {self.data}"], check=False)
+
+    def signal_all(self, sig: int) -> None:
+        """Send `sig` to the postmaster and to each of its children at once: SIGKILL is a
+        crash of the machine, SIGSTOP a hung one (SIGCONT resumes it). Each child calls
+        setsid(), so signalling the postmaster's process group would not reach them."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for each in [pid, *map(int, children)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, sig)
 
     def restart(self) -> None:
         self.stop()
@@ -136,5 +172,11 @@ class PostgresProcess:
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
 
-    def _run(self, args: list[str]) -> None:
-        subprocess.run(args, check=True, capture_output=True, **self._user)
+    def run_program(self, name: str, *args: str) -> None:
+        """Run one of pgserver's PostgreSQL programs (`initdb`, `pg_basebackup`...) as the
+        user the server runs as."""
+        done = subprocess.run(
+            [str(POSTGRES_BIN_PATH / name), *args], check=False, capture_output=True, **self._user
+        )
+        if done.returncode:
+            raise RuntimeError(f"{name} failed: {done.stderr.decode(errors='replace')}")
