@@ -110,19 +110,31 @@ def timeout_of(registry: Registry, ext_id: str) -> int:
     return registry.lookup(ext_id).timeout_ms
 
 
-@pytest.mark.parametrize("failure", ["stop", "kill"])
+@pytest.mark.parametrize(
+    ("failure", "feed"), [("stop", "listen"), ("kill", "listen"), ("kill", "nats")]
+)
 async def test_lookups_never_fail_and_writes_resume_across_a_failover(
-    tmp_path: Path, pair: PostgresPair, failure: str
+    tmp_path: Path, pair: PostgresPair, nats_url: str, failure: str, feed: str
 ) -> None:
+    """With `change_feed=nats`, the publisher's listener moves to the new primary the same way
+    (or another node takes over), and the follower gets the changes from it."""
     migrate(pair.primary.create_database("extreg"))
     url = pair.multi_host_url("extreg")
-    settings = make_settings(tmp_path / "a", source="database", database_url=url)
+
+    def settings_of(node: str) -> Settings:
+        return make_settings(
+            tmp_path / node,
+            source="database",
+            database_url=url,
+            nats_url=nats_url,
+            change_feed=feed,
+            change_feed_subject=f"extreg.feed.failover.{failure}",
+        )
+
+    settings = settings_of("a")
     async with PostgresSource(settings) as seeder:
         await seeder.import_extensions([ext(i) for i in IDS], "test:seed")
-    async with (
-        Registry.open(settings) as registry,
-        Registry.open(make_settings(tmp_path / "b", source="database", database_url=url)) as other,
-    ):
+    async with Registry.open(settings) as registry, Registry.open(settings_of("b")) as other:
         assert [100] * 4 == [timeout_of(registry, i) for i in IDS]
         load = LookupLoad([registry, other])
         tasks = [asyncio.create_task(load.run())]

@@ -413,17 +413,20 @@ class _DemoNats(PydanticBaseSettingsSource):
 
 
 def _check_url(url: str, schemes: tuple[str, ...]) -> None:
-    """A URL with one of `schemes` and, if it names one, a port in range (never shown whole:
-    it may carry a password)."""
+    """A URL with one of `schemes` and, for each host it names, a port in range if it names
+    one. A PostgreSQL URL may name several hosts (`h1:5432,h2:5432`, libpq's multi-host form,
+    for high availability: SPEC.md "Scale: past one machine"). Never shown whole: it may carry
+    a password."""
     parts = urlsplit(url)
     if parts.scheme not in schemes:
         raise ValueError(f"must start with {schemes[0]}:// (got scheme {parts.scheme!r})")
-    try:
-        port = parts.port  # urlsplit checks the port only when it is read
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ValueError("has a port that is not a number from 1 to 65535")
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        try:
+            port = urlsplit(f"//{host}").port  # urlsplit checks the port only when it is read
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError("has a port that is not a number from 1 to 65535")
     if not parts.hostname and "host=" not in parts.query:
         raise ValueError("names no host")
 

@@ -146,7 +146,8 @@ class FeedLink:
                     return None
                 arrived.clear()
                 try:
-                    await asyncio.wait_for(arrived.wait(), SNAPSHOT_WAIT_S)
+                    async with asyncio.timeout(SNAPSHOT_WAIT_S):
+                        await arrived.wait()
                 except TimeoutError:
                     return None
         finally:
@@ -315,7 +316,8 @@ class Announcements:
     async def wait(self, timeout: float) -> None:
         """Return a moment after the next announcement, or after `timeout` without one."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._told.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._told.wait()
             await asyncio.sleep(random.uniform(0, TOKEN_SPREAD_S))
         self._told.clear()
 

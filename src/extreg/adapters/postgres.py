@@ -44,6 +44,14 @@ CHANNEL = "extreg_changes"
 WRITE_LOCK_CLASS = 0x65787401  # advisory lock class of `write` (256 buckets of ids: _LOCK_IDS)
 POLICY_LOCK_CLASS = policy_sql.LOCK_CLASS  # the same for `write_policies`
 CONNECT_TIMEOUT_S = 3
+# A server that vanishes without closing (a host gone, a partition) is noticed in about 9 s
+# instead of the kernel's two hours, on the listener and on pooled connections alike.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+}
 FEED_LOCK = (0x65787402, 0)  # the advisory lock its holder publishes the change feed under
 IDLE_CLOSE_S = 10.0  # an idle pool closes its connections after this (see `idle` below)
 # A server built with JIT would compile the load query anew on every load; ours run short
@@ -211,8 +219,19 @@ class PostgresSource:
             max_idle=IDLE_CLOSE_S if idle else 600.0,
             open=False,
             timeout=CONNECT_TIMEOUT_S * 2,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S, "options": NO_JIT},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": NO_JIT,
+                **KEEPALIVES,
+            },
             check=psycopg_pool.AsyncConnectionPool.check_connection,
+            # A connection lost with its server is re-made with exponential backoff from 1 s,
+            # doubling until `reconnect_timeout` (300 s by default), so after a longer outage
+            # or a failover the next attempt could be a minute away. Giving up soon instead
+            # frees the slot, and the next caller that needs a connection grows the pool with
+            # an immediate attempt (issue 15: writes resume right after a promotion).
+            reconnect_timeout=CONNECT_TIMEOUT_S,
             name="extreg",
         )
 
@@ -395,9 +414,7 @@ class PostgresSource:
         `lock`: also take the change feed's advisory lock on it (`LockTaken` when another
         session holds it), so the lock is let go when this connection ends, however it ends."""
         with self._translate():
-            conn = await self._connect(
-                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2
-            )
+            conn = await self._connect(**KEEPALIVES)
         try:
             with self._translate():
                 if lock:
@@ -858,15 +875,20 @@ async def _replace_children(conn: psycopg.AsyncConnection[Any], ext: Extension) 
 
 
 def location_of(conninfo: str) -> str:
-    """Where a connection string points, password-free: `hosts:ports/database`, so two
-    spellings of one URL compare equal and a URL of another server or database does not."""
+    """Where a connection string points, password-free: `host:port/database`, or
+    `h1:p1,h2:p2/database` for a multi-host URL (a failover keeps it: it is the URL's, not
+    the server's), so two spellings of one URL compare equal and a URL of another server or
+    database does not."""
     try:
         parts = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError:
         return redact_url(conninfo)
-    host = str(parts.get("host") or parts.get("hostaddr") or "local socket")
-    port = str(parts.get("port") or "5432")
-    return f"{host}:{port}/{parts.get('dbname') or parts.get('user') or ''}"
+    hosts = str(parts.get("host") or parts.get("hostaddr") or "local socket").split(",")
+    ports = str(parts.get("port") or "").split(",")
+    if len(ports) != len(hosts):  # libpq: one port for every host, or one per host
+        ports = ports[:1] * len(hosts)
+    where = ",".join(f"{host}:{port or 5432}" for host, port in zip(hosts, ports, strict=True))
+    return f"{where}/{parts.get('dbname') or parts.get('user') or ''}"
 
 
 def url_password(conninfo: str) -> str:
