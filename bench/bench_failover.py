@@ -26,15 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pydantic import SecretStr
 
 from extreg import logs
 from extreg.adapters.migrate import migrate
 from extreg.adapters.postgres import PostgresSource
 from extreg.core.model import Extension, parse_extension
-from extreg.errors import ConfigError, SourceUnavailable
+from extreg.errors import SourceUnavailable
 from extreg.registry import Registry
 from extreg.settings import Settings
 from testsupport.pgha import PostgresPair
@@ -59,24 +56,13 @@ def ext(ext_id: str, timeout_ms: int = 100) -> Extension:
 
 
 def settings_for(url: str, data_dir: Path) -> Settings:
-    """Settings on `url`. While `Settings` refuses multi-host URLs (the port check of
-    `settings._check_url`, issue 15), the URL is put in without that check (`main` says so)."""
-    values: dict[str, Any] = {"source": "database", "data_dir": data_dir}
-    values["sync_interval_seconds"] = 3600
-    try:
-        return Settings.load(environ={}, database_url=url, **values)
-    except ConfigError:
-        settings = Settings.load(environ={}, db_enabled=True, **values)
-        return settings.model_copy(update={"database_url": SecretStr(url)})
-
-
-def multi_host_refused() -> str | None:
-    """Why `Settings` refuses a multi-host URL, or None when it takes one."""
-    try:
-        Settings.load(environ={}, database_url="postgresql://h1:5432,h2:5433/db")
-    except ConfigError as exc:
-        return str(exc)
-    return None
+    return Settings.load(
+        environ={},
+        database_url=url,
+        source="database",
+        data_dir=data_dir,
+        sync_interval_seconds=3600,
+    )
 
 
 async def one_run(outage: float, data_dir: Path) -> Run:
@@ -137,8 +123,6 @@ async def main() -> None:
         f" median of {args.runs} runs (min-max)"
     )
     header = f"{'outage s':>8} {'promoted':>16} {'first write':>16} {'in cache':>16} {'refused':>8}"
-    if refused := multi_host_refused():
-        print(f"note: Settings refuses multi-host URLs ({refused}); this bench bypasses the check")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for outage in (float(o) for o in args.outages.split(",")):
