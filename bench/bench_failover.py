@@ -3,6 +3,7 @@ take to follow a promoted standby.
 
     scripts/bench bench_failover             # 3 runs per outage (0, 5, 35 s), about 5 minutes
     scripts/bench bench_failover --runs 5
+    scripts/bench bench_failover --quick     # 1 run per outage (0, 5 s)
 
 Each run builds a primary and a streaming standby (`testsupport.pgha`), seeds a few records
 through `PostgresSource` on the URL `postgresql://P,S/db?target_session_attrs=read-write`,
@@ -111,7 +112,10 @@ async def main() -> None:
     parser.add_argument(
         "--outages", default="0,5,35", help="seconds before the promotion, comma-separated"
     )
+    parser.add_argument("--quick", action="store_true", help="1 run per outage, outages 0 and 5 s")
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.outages = 1, "0,5"
     logs.configure("error")
     print(
         f"# extreg failover bench - Python {platform.python_version()},"
