@@ -554,29 +554,38 @@ class Registry:
 
     async def _apply_feed(self, queue: asyncio.Queue[FeedMessage | None], at: Position) -> None:
         """Apply the publisher's messages in order; return on a gap or on silence."""
-        while True:
-            try:
-                async with asyncio.timeout(SILENCE_S):
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(SILENCE_S) as silence:  # one timer, moved per message
+                while True:
                     message = await queue.get()
-            except TimeoutError:
-                self._mark_stale(f"no message from the change feed's publisher for {SILENCE_S} s")
-                return
-            verdict = "gap" if message is None else at.judge(message)
-            if verdict == "gap":
-                log.info("change_feed_gap", at=at.seq, got=message and message.seq)
-                return
-            if verdict == "apply" and message is not None:
-                async with self._write_lock:
-                    await self._patch(
-                        {**{e.id: e for e in message.extensions}, **dict.fromkeys(message.deleted)},
-                        {
-                            **{p.policy_id: p for p in message.policies},
-                            **dict.fromkeys(message.policies_deleted),
-                        },
-                        "change_feed",
-                    )
-                at = Position(message.epoch, message.seq)
-            self._mark_fresh()
+                    silence.reschedule(loop.time() + SILENCE_S)
+                    after = await self._apply_message(message, at)
+                    if after is None:
+                        return
+                    at = after
+        except TimeoutError:
+            self._mark_stale(f"no message from the change feed's publisher for {SILENCE_S} s")
+
+    async def _apply_message(self, message: FeedMessage | None, at: Position) -> Position | None:
+        """Apply `message` if it is the next one; the position after it, or None on a gap."""
+        verdict = "gap" if message is None else at.judge(message)
+        if verdict == "gap" or message is None:
+            log.info("change_feed_gap", at=at.seq, got=message and message.seq)
+            return None
+        if verdict == "apply":
+            async with self._write_lock:
+                await self._patch(
+                    {**{e.id: e for e in message.extensions}, **dict.fromkeys(message.deleted)},
+                    {
+                        **{p.policy_id: p for p in message.policies},
+                        **dict.fromkeys(message.policies_deleted),
+                    },
+                    "change_feed",
+                )
+            at = Position(message.epoch, message.seq)
+        self._mark_fresh()
+        return at
 
     def _feed_snapshot(self) -> FeedSnapshot:
         """The publisher's cache and position, for a node that asks (`FeedLink.serving`)."""
