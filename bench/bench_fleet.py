@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ RECORDS = 1_000
 PROBE = "ext_0000"
 GAP_S = 0.02
 SUBJECT = "bench.feed"
+_databases = itertools.count()
 
 PUBLISHER = textwrap.dedent("""
     import asyncio, sys
@@ -152,7 +154,7 @@ async def run_fleet(
 ) -> tuple[list[float], int, float | None]:
     """(latencies, database connections held at rest, publisher CPU ms per change) of one
     fleet of `size` nodes."""
-    url = pg.create_database(f"{feed}{size}")
+    url = pg.create_database(f"{feed}{size}_{next(_databases)}")
     migrate(url)
     await seed(url)
     publisher = None
@@ -198,9 +200,52 @@ def row(
     )
 
 
+def svg_chart(title: str, unit: str, points: list[tuple[int, float]], x: int, width: int) -> str:
+    """One line chart (nodes -> value) as SVG elements, placed at `x`."""
+    top, height, left = 30, 160, 50
+    xmax = max(n for n, _ in points)
+    ymax = max(v for _, v in points) * 1.15 or 1.0
+
+    def at(n: int, v: float) -> tuple[float, float]:
+        return x + left + (width - left - 20) * n / xmax, top + height * (1 - v / ymax)
+
+    line = " ".join(f"{px:.1f},{py:.1f}" for px, py in (at(n, v) for n, v in points))
+    parts = [
+        f'<text x="{x + width / 2}" y="18" text-anchor="middle">{title}</text>',
+        f'<line x1="{x + left}" y1="{top + height}" x2="{x + width - 10}" y2="{top + height}"'
+        ' stroke="#888"/>',
+        f'<line x1="{x + left}" y1="{top}" x2="{x + left}" y2="{top + height}" stroke="#888"/>',
+        f'<polyline points="{line}" fill="none" stroke="#2563eb" stroke-width="2"/>',
+        f'<text x="{x + left - 4}" y="{top + 4}" text-anchor="end">{ymax:.1f}</text>',
+        f'<text x="{x + left - 4}" y="{top + height}" text-anchor="end">0</text>',
+        f'<text x="{x + width / 2}" y="{top + height + 32}" text-anchor="middle">nodes</text>',
+        f'<text x="{x + 12}" y="{top + height / 2}" transform="rotate(-90 {x + 12}'
+        f' {top + height / 2})" text-anchor="middle">{unit}</text>',
+    ]
+    for n, v in points:
+        px, py = at(n, v)
+        parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="#2563eb"/>')
+        parts.append(f'<text x="{px:.1f}" y="{top + height + 16}" text-anchor="middle">{n}</text>')
+    return "\n".join(parts)
+
+
+def write_plot(path: Path, rows: list[tuple[int, float, float]]) -> None:
+    """Propagation p99 and publisher CPU per change against the fleet's size."""
+    charts = [
+        svg_chart("commit -> all nodes, p99", "ms", [(n, p99) for n, p99, _ in rows], 0, 360),
+        svg_chart("publisher CPU per change", "ms", [(n, cpu) for n, _, cpu in rows], 380, 360),
+    ]
+    path.write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="740" height="240"'
+        ' font-family="sans-serif" font-size="12">\n'
+        '<rect width="740" height="240" fill="white"/>\n' + "\n".join(charts) + "\n</svg>\n"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plot", type=Path, help="write section 2 as an SVG chart here")
     args = parser.parse_args()
     logs.configure("error")
     changes = 50 if args.quick else 200
@@ -224,11 +269,15 @@ async def main() -> None:
             rows.append(row(feed, compared, latencies, held, cpu, changes))
         print_rows(header, rows)
         print("\n## 2. how it grows with nats")
-        rows = []
+        rows, plotted = [], []
         for size in sizes:
             latencies, held, cpu = await run_fleet("nats", size, changes, pg, nats_server.url, root)
             rows.append(row("nats", size, latencies, held, cpu, changes))
+            plotted.append((size, pct(latencies, 0.99) * 1000, cpu or 0.0))
         print_rows(header, rows)
+        if args.plot:
+            write_plot(args.plot, plotted)
+            print(f"\nplot written to {args.plot}")
 
 
 if __name__ == "__main__":

@@ -205,13 +205,13 @@ async def bench_load(url: str, quick: bool) -> None:
         " options; JIT is set by `-c jit=...` per connection on both."
     )
     settings = Settings.load(environ={}, database_url=url)
-    jit_on = "-c jit=on"
-    saved = postgres.NO_JIT
-    postgres.NO_JIT = jit_on  # read when a PostgresSource is made: this one runs with JIT
+    jit_on = postgres.SESSION_OPTIONS.replace("jit=off", "jit=on")
+    saved = postgres.SESSION_OPTIONS
+    postgres.SESSION_OPTIONS = jit_on  # read when a PostgresSource is made: this one runs with JIT
     try:
         db_jit = postgres.PostgresSource(settings)
     finally:
-        postgres.NO_JIT = saved
+        postgres.SESSION_OPTIONS = saved
 
     async def connect(options: str) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(url, autocommit=True, options=options)
@@ -241,7 +241,7 @@ async def bench_load(url: str, quick: bool) -> None:
         return run
 
     async with postgres.PostgresSource(settings) as db, db_jit:
-        off = [await connect(postgres.NO_JIT) for _ in range(2)]
+        off = [await connect(postgres.SESSION_OPTIONS) for _ in range(2)]
         on = await connect(jit_on)
         jit_available = (await (await on.execute("SELECT pg_jit_available()")).fetchone() or [0])[0]
         variants: dict[str, tuple[int, str, LoadRun]] = {

@@ -21,6 +21,7 @@ from extreg.adapters.migrate import migrate
 from extreg.adapters.postgres import PostgresSource
 from extreg.auth import TokenBook
 from extreg.core.model import Extension, parse_extension
+from extreg.core.policy import PolicyLimits, parse_policy
 from extreg.local.natsserver import NatsServer
 from extreg.local.samples import SampleRunner
 from extreg.settings import Settings
@@ -236,3 +237,74 @@ async def test_token_changes_reach_followers_through_the_publisher(
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+
+
+async def test_a_followers_own_write_then_a_delete_elsewhere_leaves_no_ghost(
+    tmp_path: Path, db_url: str, nats_url: str
+) -> None:
+    """A follower writes (and refreshes, as the API does) while the publisher is busy; another
+    node deletes the record before the publisher gets to either notification, so it publishes
+    nothing about it: the follower must not keep the record (its cache is the publisher's)."""
+    async with Fleet(fleet_settings(tmp_path, nats_url), db_url, size=2) as fleet:
+        publisher = await fleet.wait_publisher()
+        follower = next(n for n in fleet.nodes if n is not publisher)
+        async with publisher.registry._write_lock:  # the publisher's applier waits meanwhile
+            await publisher.registry.database.upsert_extension(ext("other"), "test")
+            await asyncio.sleep(0.3)  # (its applier holds `other` alone, waiting for the lock)
+            await follower.registry.database.upsert_extension(ext("ghost"), "test")
+            await follower.registry.refresh(["ghost"])
+            await publisher.registry.database.delete_extension("ghost", "test")
+            await asyncio.sleep(0.3)  # both notifications queued: applied as one, "absent"
+        await publisher.registry.database.upsert_extension(ext("later"), "test")
+        await fleet.wait(lambda r: r.get("later") is not None)
+        assert follower.registry.get("ghost") is None
+
+
+async def test_a_followers_write_is_visible_on_it_when_refresh_returns(
+    tmp_path: Path, db_url: str, nats_url: str
+) -> None:
+    async with Fleet(fleet_settings(tmp_path, nats_url), db_url, size=2) as fleet:
+        publisher = await fleet.wait_publisher()
+        follower = next(n for n in fleet.nodes if n is not publisher)
+        await follower.registry.database.upsert_extension(ext("mine", timeout_ms=432), "test")
+        await follower.registry.refresh(["mine"])
+        assert (e := follower.registry.get("mine")) is not None and e.timeout_ms == 432
+
+
+async def test_policy_writes_go_on_while_a_node_publishes(
+    tmp_path: Path, db_url: str, nats_url: str
+) -> None:
+    """The publisher's advisory lock is a class of its own: a policy whose id falls in lock
+    bucket 0 of policy writes is written while a node publishes."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT i FROM generate_series(0, 5000) AS i WHERE hashtext('p' || i) & 255 = 0 LIMIT 1"
+        ).fetchone()
+    assert row is not None
+    policy_id = f"p{row[0]}"
+    async with Fleet(fleet_settings(tmp_path, nats_url), db_url, size=1) as fleet:
+        publisher = await fleet.wait_publisher()
+        policy = parse_policy({"policy_id": policy_id}, limits=PolicyLimits())
+        async with asyncio.timeout(30):
+            await publisher.registry.database.import_policies([policy], "test")
+        await fleet.wait(lambda r: r.policy(policy_id) is not None)
+
+
+async def test_two_databases_on_one_nats_and_subject_do_not_mix(
+    tmp_path: Path, pg_server: PostgresProcess, nats_url: str
+) -> None:
+    """Each node follows the publisher of its own database (the `Extreg-Database` header)."""
+    urls = {}
+    for name in ("prod", "staging"):
+        urls[name] = pg_server.create_database(f"mix_{name}")
+        migrate(urls[name])
+    settings_for = fleet_settings(tmp_path, nats_url)  # one subject for both
+    async with (
+        Fleet(settings_for, urls["prod"], size=2) as prod,
+        Fleet(settings_for, urls["staging"], size=2) as staging,
+    ):
+        for fleet, name in ((prod, "prod"), (staging, "staging")):
+            publisher = await fleet.wait_publisher()
+            await publisher.registry.database.upsert_extension(ext(f"only_{name}"), "test")
+        await prod.wait(lambda r: [e.id for e in r.all()] == ["only_prod"])
+        await staging.wait(lambda r: [e.id for e in r.all()] == ["only_staging"])

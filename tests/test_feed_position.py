@@ -20,9 +20,11 @@ AT = Position("e1", 5)
         (Message("e2", 6, "change"), "gap"),  # another publisher: its numbers are not ours
         (Message("e2", 1, "change"), "gap"),
         (Message("e1", 5, "heartbeat"), "old"),
+        (Message("e1", 4, "heartbeat"), "old"),  # sent before the snapshot this position is
         (Message("e1", 6, "heartbeat"), "gap"),  # the last change was missed
         (Message("e2", 5, "heartbeat"), "gap"),
         (Message("e1", 6, "reset"), "gap"),
+        (Message("e1", 5, "reset"), "old"),  # the snapshot was taken after the reset
     ],
 )
 def test_judge(message: Message, verdict: str) -> None:

@@ -199,3 +199,52 @@ def test_the_payload_shape_is_json_with_id_and_xid(db_url: str) -> None:
     assert set(payload) == {"id", "xid", "record"}
     assert payload["id"] == "shape" and payload["record"]["id"] == "shape"
     assert int(payload["xid"]) > 0
+
+
+async def test_a_writer_not_in_read_committed_is_notified_by_id(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A REPEATABLE READ transaction would render the record with its own, older snapshot
+    (missing commits it does not see): its notification names the id, to be read back."""
+    insert(db_url, "x")
+    settings = make_settings(tmp_path, source="database", database_url=db_url)
+    async with PostgresSource(settings) as db:
+
+        async def write() -> None:
+            await write_in_repeatable_read(db_url, 808)
+
+        [payload] = await notifications(db_url, 1, write)
+        notice = db.notice(payload)
+        assert (notice.key, notice.xid, notice.record) == ("x", None, None)
+    async with Registry.open(settings) as reg:
+        await write_in_repeatable_read(db_url, 909)
+        await wait_for(lambda: (e := reg.get("x")) is not None and e.timeout_ms == 909)
+
+
+async def write_in_repeatable_read(url: str, timeout_ms: int) -> None:
+    conn = await psycopg.AsyncConnection.connect(url)
+    async with conn:
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        await conn.execute("UPDATE extensions SET timeout_ms = %s WHERE id = 'x'", (timeout_ms,))
+        await conn.commit()
+
+
+async def test_a_notified_record_encodes_as_a_read_one_whatever_the_writers_time_zone(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Times render in UTC in notifications and reads alike, so ETags (made from the encoded
+    record) agree however the writer's session is set."""
+    insert(db_url, "x")
+    settings = make_settings(tmp_path, source="database", database_url=db_url)
+    async with PostgresSource(settings) as db:
+
+        async def write() -> None:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute("SET TimeZone = 'Asia/Tokyo'")
+                conn.execute("UPDATE extensions SET timeout_ms = 321 WHERE id = 'x'")
+
+        [payload] = await notifications(db_url, 1, write)
+        notified = db.notice(payload).record
+        read = await db.load_extension("x")
+        assert notified is not None and read is not None
+        assert msgspec.json.encode(notified) == msgspec.json.encode(read)

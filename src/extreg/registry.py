@@ -33,7 +33,15 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,6 +90,8 @@ SNAPSHOT_RETRY_MAX_S = 30.0
 # tries to become it, and reads PostgreSQL itself at boot after BOOT_WAIT_S without one.
 TAKEOVER_SPREAD_S = 1.0
 BOOT_WAIT_S = 10.0
+FEED_WAIT_S = 2.0  # a follower's refresh after a write waits this long at most for the feed
+GAP_PAUSE_S = 0.05  # before the snapshot after a gap, doubling while gaps follow each other
 SNAPSHOT_FILE_QUIET_S = 0.5  # a snapshot-file write waits for this much quiet (see below)
 SNAPSHOT_FILE_INTERVAL_S = 10.0  # or at most this long into a stream of changes
 
@@ -150,9 +160,14 @@ class Registry:
         self._db: PostgresSource | None = None
         self._feed: FeedLink | None = None  # change_feed=nats: the link to the publisher
         self._publisher: Publisher | None = None  # set while this node is the publisher
+        self._feed_health: FeedHealth | None = None
+        self._at: Position | None = None  # where the cache stands in the publisher's feed
+        self._fed_at = 0.0  # monotonic time of the last snapshot or message of the feed
+        self._gaps = 0  # gaps in a row, without a change applied in between
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_file_due = asyncio.Event()
+        self._swapped = asyncio.Event()  # set at every swap (`_await_feed` waits on it)
         self._listeners: list[Any] = []
         self._sync_listeners: list[Any] = []
         self._snapshot_file_listeners: list[Any] = []
@@ -277,9 +292,37 @@ class Registry:
         holds what the database had committed when it was called, or newer: a writer calls it
         after its commit so that a read right after the write sees it (the notification would
         bring it too, a moment later)."""
-        if self._source == "database":
-            keys = set(ids) | {policy_key(p) for p in policy_ids}
-            await self._refresh(keys, "write")
+        if self._source != "database":
+            return
+        if self.feed_role == "follower":
+            await self._await_feed(set(ids), set(policy_ids))
+        else:
+            await self._refresh(set(ids) | {policy_key(p) for p in policy_ids}, "write")
+
+    async def _await_feed(self, ids: set[str], policy_ids: set[str]) -> None:
+        """`refresh` on a follower of the change feed: wait (up to FEED_WAIT_S) until the
+        feed has brought what the database holds now, rather than install a read. A
+        follower's cache is the publisher's as of a position; a record read here and deleted
+        a moment later by another node could stay forever, since the publisher, which never
+        had it, would never publish its deletion."""
+        assert self._db is not None
+        read = await self._db.read_extensions(sorted(ids)) if ids else None
+        records = {e.id: e for e in read.records} if read else {}
+        found = {p.policy_id: p for p in await self._db.load_policies(sorted(policy_ids))}
+
+        def arrived() -> bool:
+            snap = self._snap
+            return all(snap.by_id.get(i) == records.get(i) for i in ids) and all(
+                snap.policies.get(p) == found.get(p) for p in policy_ids
+            )
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FEED_WAIT_S):
+                while True:
+                    self._swapped.clear()
+                    if arrived():
+                        return
+                    await self._swapped.wait()
 
     async def start(self) -> None:
         mode = self.settings.source
@@ -316,19 +359,22 @@ class Registry:
             return
         self._spawn(self._keep_snapshot_file())
 
-    async def _open_source(self) -> Any:
+    async def _open_source(
+        self,
+    ) -> Callable[[asyncio.Future[None] | None], Coroutine[Any, Any, None]]:
         """The database adapter, and with `change_feed=nats` the feed's NATS link (without
         NATS at boot, the node follows PostgreSQL itself, logged); returns how to follow."""
         if self.settings.change_feed == "nats":
-            feed = FeedLink(self.settings)
+            db = PostgresSource(self.settings, idle=True)
+            feed = FeedLink(self.settings, db.location)
             try:
                 await feed.open()
             except NatsUnavailable as exc:
                 log.warning("change_feed_unavailable", error=str(exc), following="database")
             else:
-                self._feed = feed
-                self._db = PostgresSource(self.settings, idle=True)
-                await self._db.open()
+                self._db, self._feed = db, feed
+                self._feed_health = FeedHealth(feed, db)
+                await db.open()
                 return self._follow_feed
         self._db = PostgresSource(self.settings)
         return self._follow_database
@@ -387,7 +433,12 @@ class Registry:
             await self._serve_fixtures()
         else:
             try:
-                await self._reload_from_database()
+                feed = self._feed if self.feed_role == "follower" else None
+                snapshot = await feed.snapshot() if feed else None
+                if snapshot is not None:  # a follower's cache is the publisher's: see refresh
+                    await self._take_snapshot(snapshot)
+                else:
+                    await self._reload_from_database()
             except SourceUnavailable as exc:
                 self._mark_stale(str(exc))
                 if self.settings.source == "database" or self._source == "database":
@@ -417,6 +468,7 @@ class Registry:
         snap = dataclasses.replace(snap, loaded_at=utc_now(self._clock))
         before = self._snap
         self._snap = snap  # the one assignment readers can observe
+        self._swapped.set()
         _log_unusable(before, snap)
         self._source = source
         if source == "database":
@@ -452,25 +504,34 @@ class Registry:
     # -- database -----------------------------------------------------------------------------
 
     async def _follow_database(self, loaded: asyncio.Future[None] | None) -> None:
-        """Follow PostgreSQL (`_track_database`); on any failure, back off and start over.
-        The first attempt reports its outcome through `loaded` instead of retrying."""
+        """Follow PostgreSQL (`_track_database`) for good."""
+        await self._keep_following(self._track_database, loaded)
+
+    async def _keep_following(
+        self,
+        attempt: Callable[[asyncio.Future[None]], Awaitable[None]],
+        loaded: asyncio.Future[None] | None,
+    ) -> None:
+        """Run `attempt(ready)` again and again; it sets `ready` once it has loaded. After a
+        failure, back off (from the minimum again once an attempt had loaded) and retry. The
+        first attempt reports its outcome through `loaded` instead of retrying."""
         backoff = BACKOFF_MIN_S
         while True:
+            boot = loaded is not None and not loaded.done()
+            ready = loaded if boot and loaded else asyncio.get_running_loop().create_future()
             try:
-                await self._track_database(loaded)
+                await attempt(ready)
             except Exception as exc:
-                if loaded is not None and not loaded.done():
-                    loaded.set_exception(exc)
+                if boot and not ready.done():
+                    ready.set_exception(exc)
                     return
                 self._database_failed(exc)
-            else:
+            if ready.done():
                 backoff = BACKOFF_MIN_S
             await asyncio.sleep(jitter(backoff))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _track_database(
-        self, loaded: asyncio.Future[None] | None, *, publish: bool = False
-    ) -> None:
+    async def _track_database(self, loaded: asyncio.Future[None], *, publish: bool = False) -> None:
         """Listen, load, then apply notifications and sync until something fails. LISTEN
         comes before the load so no change falls between. `publish`: only while holding the
         change feed's lock (else `LockTaken`), and publish every change on NATS meanwhile."""
@@ -479,7 +540,7 @@ class Registry:
             await self._db.open()
         async with self._db.listen(lock=publish) as payloads:
             await self._reload_from_database()
-            if loaded is not None and not loaded.done():
+            if not loaded.done():
                 loaded.set_result(None)
             work = [self._apply_notifications(payloads), self._sync_forever()]
             if not publish:
@@ -507,74 +568,69 @@ class Registry:
     # -- the change feed on NATS (core/feed.py) -----------------------------------------------
 
     async def _follow_feed(self, loaded: asyncio.Future[None] | None) -> None:
-        """Follow the publisher: take its snapshot, then apply its messages until a gap or
-        silence, and start over. When no publisher answers, try to become it (one at a time:
-        the lock decides; after a random pause, so a fleet does not connect all at once); a
-        node that cannot and has nothing yet after BOOT_WAIT_S reads PostgreSQL itself, and
-        so does a node left without a publisher, once per sync interval."""
+        """Follow the publisher for good (`_feed_round`)."""
+        self._fed_at = self._clock.monotonic()
+        await self._keep_following(self._feed_round, loaded)
+
+    async def _feed_round(self, ready: asyncio.Future[None]) -> None:
+        """Take the publisher's snapshot, then apply its messages until a gap or silence.
+        When no publisher answers, try to become it (the lock decides; after a random pause,
+        so a fleet does not connect all at once). A node that cannot and has nothing yet
+        after BOOT_WAIT_S reads PostgreSQL itself, and so does a node left without a
+        publisher, once per sync interval."""
         assert self._feed is not None
-        backoff = BACKOFF_MIN_S
-        started = read_at = self._clock.monotonic()
-        while True:
-            try:
-                async with self._feed.messages() as queue:
-                    snapshot = await self._feed.snapshot()
-                    if snapshot is not None:
-                        await self._take_snapshot(snapshot)
-                        if loaded is not None and not loaded.done():
-                            loaded.set_result(None)
-                        backoff = BACKOFF_MIN_S
-                        await self._apply_feed(queue, Position(snapshot.epoch, snapshot.seq))
-                        continue
-                await asyncio.sleep(random.uniform(0, TAKEOVER_SPREAD_S))
-                with contextlib.suppress(LockTaken):
-                    await self._track_database(loaded, publish=True)
-                now = self._clock.monotonic()
-                first = loaded is not None and not loaded.done() and now - started > BOOT_WAIT_S
-                if first or now - read_at >= self.settings.sync_interval_seconds:
-                    await self._reload_from_database()
-                    read_at = now
-                    if loaded is not None and not loaded.done():
-                        loaded.set_result(None)
-            except Exception as exc:
-                if loaded is not None and not loaded.done():
-                    loaded.set_exception(exc)
-                    return
-                self._database_failed(exc)
-            await asyncio.sleep(jitter(backoff))
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        async with self._feed.messages() as queue:
+            snapshot = await self._feed.snapshot()
+            if snapshot is not None:
+                await self._take_snapshot(snapshot)
+                if not ready.done():
+                    ready.set_result(None)
+                await self._apply_feed(queue)
+                return
+        await asyncio.sleep(random.uniform(0, TAKEOVER_SPREAD_S))
+        with contextlib.suppress(LockTaken):
+            await self._track_database(ready, publish=True)
+        patience = (
+            BOOT_WAIT_S if self._snap.generation == 0 else self.settings.sync_interval_seconds
+        )
+        if self._clock.monotonic() - self._fed_at >= patience:
+            await self._reload_from_database()  # nobody publishes: read it ourselves
+            self._fed_at = self._clock.monotonic()
+            if not ready.done():
+                ready.set_result(None)
 
     async def _take_snapshot(self, snapshot: FeedSnapshot) -> None:
+        """Serve the publisher's snapshot (its records as this node's database's)."""
+        assert self._db is not None
         async with self._write_lock:
             before = self._snap
-            self._origin = Origin(*snapshot.origin)
+            _, name, system_identifier = snapshot.origin
+            self._origin = Origin(self._db.location, name, system_identifier)
             self._swap(snapshot.extensions, "database", snapshot.policies)
+            self._at = Position(snapshot.epoch, snapshot.seq)
+        self._fed_at = self._clock.monotonic()
         self._mark_fresh()
+        self._fallback_reason = None
         _log_diff(before, self._snap, "change_feed", None)
 
-    async def _apply_feed(self, queue: asyncio.Queue[FeedMessage | None], at: Position) -> None:
-        """Apply the publisher's messages in order; return on a gap or on silence."""
+    async def _apply_feed(self, queue: asyncio.Queue[FeedMessage | None]) -> None:
+        """Apply the publisher's messages in order from the position of the snapshot taken;
+        return on a gap or on silence."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(SILENCE_S) as silence:  # one timer, moved per message
-                while True:
-                    message = await queue.get()
+                while await self._apply_message(await queue.get()):
                     silence.reschedule(loop.time() + SILENCE_S)
-                    after = await self._apply_message(message, at)
-                    if after is None:
-                        return
-                    at = after
         except TimeoutError:
             self._mark_stale(f"no message from the change feed's publisher for {SILENCE_S} s")
 
-    async def _apply_message(self, message: FeedMessage | None, at: Position) -> Position | None:
-        """Apply `message` if it is the next one; the position after it, or None on a gap."""
-        verdict = "gap" if message is None else at.judge(message)
-        if verdict == "gap" or message is None:
-            log.info("change_feed_gap", at=at.seq, got=message and message.seq)
-            return None
-        if verdict == "apply":
-            async with self._write_lock:
+    async def _apply_message(self, message: FeedMessage | None) -> bool:
+        """Apply `message` if it is the next one (under the write lock, where a `reload`
+        may move the position too); False on a gap."""
+        async with self._write_lock:
+            at = self._at
+            verdict = "gap" if message is None or at is None else at.judge(message)
+            if verdict == "apply" and message is not None:
                 await self._patch(
                     {**{e.id: e for e in message.extensions}, **dict.fromkeys(message.deleted)},
                     {
@@ -583,9 +639,18 @@ class Registry:
                     },
                     "change_feed",
                 )
-            at = Position(message.epoch, message.seq)
+                self._at = Position(message.epoch, message.seq)
+                self._gaps = 0
+        if verdict == "gap":
+            log.info("change_feed_gap", at=at and at.seq, got=message and message.seq)
+            # Gap after gap without a change applied (messages this node cannot read, say):
+            # ask for snapshots ever less often.
+            await asyncio.sleep(jitter(min(GAP_PAUSE_S * 2**self._gaps, BACKOFF_MAX_S)))
+            self._gaps += 1
+            return False
+        self._fed_at = self._clock.monotonic()
         self._mark_fresh()
-        return at
+        return True
 
     def _feed_snapshot(self) -> FeedSnapshot:
         """The publisher's cache and position, for a node that asks (`FeedLink.serving`)."""
@@ -612,8 +677,8 @@ class Registry:
         """Where this node's health batches go: the database, or on a follower of the change
         feed, the publisher (over NATS)."""
         if self.feed_role == "follower":
-            assert self._feed is not None
-            return FeedHealth(self._feed, self.database)
+            assert self._feed_health is not None
+            return self._feed_health
         return self.database
 
     @property

@@ -34,6 +34,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from ..core.feed import HEARTBEAT_S, Kind, Message, Snapshot
 from ..core.model import Extension
@@ -51,6 +52,9 @@ SNAPSHOT_WAIT_S = 5.0  # for the first part of a snapshot, and then for each nex
 HEALTH_WAIT_S = 5.0
 PART_SPARE = 4096  # bytes of max_payload left for headers and protocol
 TOKEN_SPREAD_S = 2.0
+DATABASE_HEADER = "Extreg-Database"
+MAX_SNAPSHOT_BYTES = 1 << 30  # decompressed: 10,000 records are about 10 MB
+MAX_HEALTH_BYTES = 64 << 20
 COMPRESS_LEVEL = 1  # fast: a snapshot of 10,000 records is a few MB of JSON
 
 _encode = msgspec.json.Encoder().encode
@@ -59,17 +63,25 @@ _decode_snapshot = msgspec.json.Decoder(Snapshot).decode
 
 
 class FeedLink:
-    """This node's NATS connection for the feed. `await open()`, then the methods of its role."""
+    """This node's NATS connection for the feed. `await open()`, then the methods of its role.
 
-    def __init__(self, settings: Settings) -> None:
+    Every message, answer and request carries the header `Extreg-Database`: where the
+    sender's settings say the database is (`PostgresSource.location`, password-free). A node
+    ignores what comes from another database's nodes, so two deployments that share a NATS
+    and a subject do not follow each other (each elects its own publisher: the lock is per
+    database). Every node of one deployment must therefore name the database alike."""
+
+    def __init__(self, settings: Settings, database: str) -> None:
         self._url = settings.nats_url
         self.display = settings.nats_display
+        self.headers = {DATABASE_HEADER: database}  # on everything this node sends
         prefix = settings.change_feed_subject
         self.changes_subject = f"{prefix}.changes"
         self.snapshot_subject = f"{prefix}.snapshot"
         self.health_subject = f"{prefix}.health"
         self.tokens_subject = f"{prefix}.tokens"
         self._nc: Client | None = None
+        self._encoded: tuple[str, list[bytes]] = ("", [])  # the last snapshot answered
 
     async def open(self) -> None:
         """Connect (`NatsUnavailable` when NATS does not answer); reconnects forever after."""
@@ -89,6 +101,18 @@ class FeedLink:
     def unavailable(self, what: str, exc: BaseException) -> SourceUnavailable:
         return SourceUnavailable(f"change feed on NATS {self.display}: {what}: {error_text(exc)}")
 
+    def ours(self, msg: Msg) -> bool:
+        """Sent by a node of this node's database."""
+        return (msg.headers or {}).get(DATABASE_HEADER) == self.headers[DATABASE_HEADER]
+
+    async def subscribe(
+        self, subject: str, callback: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription:
+        try:
+            return await self.nc.subscribe(subject, cb=callback)
+        except (nats.errors.Error, OSError) as exc:
+            raise self.unavailable("cannot subscribe", exc) from None
+
     # -- a node that follows --------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -98,16 +122,15 @@ class FeedLink:
         queue: asyncio.Queue[Message | None] = asyncio.Queue()
 
         async def on_message(msg: Msg) -> None:
+            if not self.ours(msg):
+                return
             try:
                 queue.put_nowait(_decode_message(msg.data))
             except msgspec.DecodeError as exc:
                 log.warning("change_feed_message_unreadable", error=str(exc))
                 queue.put_nowait(None)
 
-        try:
-            sub = await self.nc.subscribe(self.changes_subject, cb=on_message)
-        except (nats.errors.Error, OSError) as exc:
-            raise self.unavailable("cannot subscribe", exc) from None
+        sub = await self.subscribe(self.changes_subject, on_message)
         try:
             yield queue
         finally:
@@ -116,7 +139,6 @@ class FeedLink:
 
     async def snapshot(self) -> Snapshot | None:
         """The publisher's whole cache, or None when no publisher answers."""
-        nc = self.nc
         parts: dict[int, bytes] = {}
         answer: str | None = None  # the first answer's id: a second publisher's is ignored
         count = 1
@@ -128,19 +150,18 @@ class FeedLink:
             headers = msg.headers or {}
             if headers.get("Status") == "503":  # no responders: no publisher
                 nobody = True
-            elif answer in (None, headers.get("Extreg-Snapshot")):
+            elif self.ours(msg) and answer in (None, headers.get("Extreg-Snapshot")):
                 answer = headers.get("Extreg-Snapshot")
                 index, _, of = headers.get("Extreg-Part", "0/1").partition("/")
                 parts[int(index)], count = msg.data, int(of)
             arrived.set()
 
-        inbox = nc.new_inbox()
+        sub = await self.subscribe(self.nc.new_inbox(), on_part)
         try:
-            sub = await nc.subscribe(inbox, cb=on_part)
-            await nc.publish(self.snapshot_subject, b"", reply=inbox)
-        except (nats.errors.Error, OSError) as exc:
-            raise self.unavailable("cannot ask for a snapshot", exc) from None
-        try:
+            try:
+                await self.nc.publish(self.snapshot_subject, b"", sub.subject, self.headers)
+            except (nats.errors.Error, OSError) as exc:
+                raise self.unavailable("cannot ask for a snapshot", exc) from None
             while len(parts) < count:
                 if nobody:
                     return None
@@ -154,7 +175,8 @@ class FeedLink:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         try:
-            return _decode_snapshot(zlib.decompress(b"".join(parts[i] for i in sorted(parts))))
+            data = _inflate(b"".join(parts[i] for i in sorted(parts)), MAX_SNAPSHOT_BYTES)
+            return _decode_snapshot(data)
         except (zlib.error, msgspec.DecodeError) as exc:
             log.warning("change_feed_snapshot_unreadable", error=str(exc))
             return None
@@ -164,7 +186,9 @@ class FeedLink:
         when it was written before; `SourceUnavailable` when no publisher answered (the
         batch stays queued)."""
         try:
-            reply = await self.nc.request(self.health_subject, data, HEALTH_WAIT_S)
+            reply = await self.nc.request(
+                self.health_subject, data, HEALTH_WAIT_S, headers=self.headers
+            )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise self.unavailable("no publisher took the health batch", exc) from None
         if reply.data not in (b"applied", b"already"):
@@ -178,9 +202,20 @@ class FeedLink:
         if len(data) > self.nc.max_payload - PART_SPARE:  # a bulk change: take a snapshot
             data = _encode(Message(message.epoch, message.seq, "reset"))
         try:
-            await self.nc.publish(self.changes_subject, data)
+            await self.nc.publish(self.changes_subject, data, headers=self.headers)
         except (nats.errors.Error, OSError) as exc:
             raise self.unavailable("cannot publish", exc) from None
+
+    def _snapshot_parts(self, current: Snapshot) -> tuple[str, list[bytes]]:
+        """`current` compressed and cut to fit max_payload; encoded once per position, since
+        a reset or a fleet's restart has many nodes ask at the same time."""
+        which = f"{current.epoch}:{current.seq}"
+        if self._encoded[0] != which:
+            data = zlib.compress(_encode(current), COMPRESS_LEVEL)
+            size = max(self.nc.max_payload - PART_SPARE, 1024)
+            chunks = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+            self._encoded = (which, chunks)
+        return self._encoded
 
     @contextlib.asynccontextmanager
     async def serving(
@@ -188,24 +223,27 @@ class FeedLink:
         snapshot: Callable[[], Snapshot],
         write_health: Callable[[HealthBatch], Awaitable[bool]],
     ) -> AsyncIterator[None]:
-        """Answer snapshot and health requests while inside."""
+        """Answer snapshot and health requests of this database's nodes while inside."""
         nc = self.nc
 
         async def on_snapshot(msg: Msg) -> None:
-            if not msg.reply:
+            if not msg.reply or not self.ours(msg):
                 return
-            current = snapshot()
-            data = zlib.compress(_encode(current), COMPRESS_LEVEL)
-            size = max(nc.max_payload - PART_SPARE, 1024)
-            chunks = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
-            which = f"{current.epoch}:{current.seq}"
+            which, chunks = self._snapshot_parts(snapshot())
             for index, chunk in enumerate(chunks):
-                headers = {"Extreg-Snapshot": which, "Extreg-Part": f"{index}/{len(chunks)}"}
+                headers = {
+                    **self.headers,
+                    "Extreg-Snapshot": which,
+                    "Extreg-Part": f"{index}/{len(chunks)}",
+                }
                 await nc.publish(msg.reply, chunk, headers=headers)
 
         async def on_health(msg: Msg) -> None:
+            if not self.ours(msg):
+                await msg.respond(b"health batch refused: it is of another database")
+                return
             try:
-                batch = decode_batch(zlib.decompress(msg.data))
+                batch = decode_batch(_inflate(msg.data, MAX_HEALTH_BYTES))
             except (zlib.error, InvalidRecord) as exc:
                 log.warning("health_batch_unreadable", error=str(exc))
                 await msg.respond(f"unreadable health batch: {exc}".encode())
@@ -217,19 +255,29 @@ class FeedLink:
                 return
             await msg.respond(b"applied" if applied else b"already")
 
-        try:
-            subs = [
-                await nc.subscribe(self.snapshot_subject, cb=on_snapshot),
-                await nc.subscribe(self.health_subject, cb=on_health),
-            ]
-        except (nats.errors.Error, OSError) as exc:
-            raise self.unavailable("cannot serve", exc) from None
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            for subject, callback in (
+                (self.snapshot_subject, on_snapshot),
+                (self.health_subject, on_health),
+            ):
+                sub = await self.subscribe(subject, callback)
+                stack.push_async_callback(_unsubscribe, sub)
             yield
-        finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """zlib-decompress at most `limit` bytes (`zlib.error` beyond): what comes over NATS is
+    not trusted to be small."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, limit)
+    if inflater.unconsumed_tail:
+        raise zlib.error(f"decompresses to more than {limit:,} bytes")
+    return out
 
 
 class Publisher:
@@ -288,20 +336,19 @@ class TokenRelay:
         return self._role() == "follower"
 
     async def announce(self) -> None:
+        link = self._link
         with contextlib.suppress(nats.errors.Error, OSError):  # the timer re-reads anyway
-            await self._link.nc.publish(self._link.tokens_subject, b"")
+            await link.nc.publish(link.tokens_subject, b"", headers=link.headers)
 
     @contextlib.asynccontextmanager
     async def changes(self) -> AsyncIterator[Announcements]:
         told = asyncio.Event()
 
         async def on_tokens(msg: Msg) -> None:
-            told.set()
+            if self._link.ours(msg):
+                told.set()
 
-        try:
-            sub = await self._link.nc.subscribe(self._link.tokens_subject, cb=on_tokens)
-        except (nats.errors.Error, OSError) as exc:
-            raise self._link.unavailable("cannot subscribe", exc) from None
+        sub = await self._link.subscribe(self._link.tokens_subject, on_tokens)
         try:
             yield Announcements(told)
         finally:

@@ -41,8 +41,19 @@ from .snapshot_file import Origin
 log = structlog.get_logger("extreg.postgres")
 
 CHANNEL = "extreg_changes"
-WRITE_LOCK_CLASS = 0x65787401  # advisory lock class of `write` (256 buckets of ids: _LOCK_IDS)
-POLICY_LOCK_CLASS = policy_sql.LOCK_CLASS  # the same for `write_policies`
+# Advisory locks, every class in one place (two-key locks: class, key): `write` takes
+# (0x65787401, bucket) for 256 buckets of ids (_LOCK_IDS), `write_policies` the same in its own
+# class, and the change feed's publisher holds (0x65787403, 0) on its LISTEN connection.
+WRITE_LOCK_CLASS = 0x65787401
+POLICY_LOCK_CLASS = policy_sql.LOCK_CLASS  # 0x65787402
+FEED_LOCK = (0x65787403, 0)
+# The server's side of the same, for the listener: the publisher's lock is a session lock, and
+# the server lets go of it only when it sees the session dead (by default after hours of a
+# silent peer), so no other node could publish meanwhile.
+SERVER_KEEPALIVES = (
+    "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=2"
+    " -c tcp_user_timeout=10000"
+)
 CONNECT_TIMEOUT_S = 3
 # A server that vanishes without closing (a host gone, a partition) is noticed in about 9 s
 # instead of the kernel's two hours, on the listener and on pooled connections alike.
@@ -52,12 +63,12 @@ KEEPALIVES = {
     "keepalives_interval": 2,
     "keepalives_count": 2,
 }
-FEED_LOCK = (0x65787402, 0)  # the advisory lock its holder publishes the change feed under
 IDLE_CLOSE_S = 10.0  # an idle pool closes its connections after this (see `idle` below)
 # A server built with JIT would compile the load query anew on every load; ours run short
 # queries, so JIT is off on our connections (bench/bench_registry.py prints JIT-on rows on a
-# server that has JIT).
-NO_JIT = "-c jit=off"
+# server that has JIT). Times are rendered in UTC, as migration 008's notifications render
+# them, so a record read and the same record notified encode alike (ETags).
+SESSION_OPTIONS = "-c jit=off -c TimeZone=UTC"
 LOAD_PARTS = 2  # a power of two: the full load in parts on as many connections at once
 
 # Versions and instances are aggregated once per table and joined, rather than by a
@@ -222,7 +233,7 @@ class PostgresSource:
             kwargs={
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT_S,
-                "options": NO_JIT,
+                "options": SESSION_OPTIONS,
                 **KEEPALIVES,
             },
             check=psycopg_pool.AsyncConnectionPool.check_connection,
@@ -414,7 +425,9 @@ class PostgresSource:
         `lock`: also take the change feed's advisory lock on it (`LockTaken` when another
         session holds it), so the lock is let go when this connection ends, however it ends."""
         with self._translate():
-            conn = await self._connect(**KEEPALIVES)
+            conn = await self._connect(
+                **KEEPALIVES, options=f"{SESSION_OPTIONS} {SERVER_KEEPALIVES}"
+            )
         try:
             with self._translate():
                 if lock:

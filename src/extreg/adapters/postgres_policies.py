@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("extreg.postgres")
 
-LOCK_CLASS = 0x65787402  # advisory lock class of policy writes (extensions use 0x65787401)
+LOCK_CLASS = 0x65787402  # advisory lock class of policy writes (all classes: postgres.py)
 PREFIX = "policy:"  # of a policy's key in notifications, row versions and the invalid report
 
 _ROWS = """

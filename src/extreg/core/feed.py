@@ -61,12 +61,14 @@ class Position:
     seq: int
 
     def judge(self, message: Message) -> Verdict:
-        """`apply` the next change, skip an `old` one (or a heartbeat at this position), or
-        report a `gap` (another epoch, a number skipped, a reset): take a snapshot."""
-        if message.epoch != self.epoch or message.kind == "reset":
+        """`apply` the next change; skip what this position already covers (a message of a
+        snapshot taken after it was sent: nodes subscribe before they ask for one); report a
+        `gap` otherwise (another epoch, a number skipped, a newer heartbeat or reset): take
+        a snapshot."""
+        if message.epoch != self.epoch:
             return "gap"
-        if message.kind == "heartbeat":
-            return "old" if message.seq == self.seq else "gap"
         if message.seq <= self.seq:
             return "old"
-        return "apply" if message.seq == self.seq + 1 else "gap"
+        if message.kind == "change" and message.seq == self.seq + 1:
+            return "apply"
+        return "gap"

@@ -44,7 +44,12 @@ CREATE OR REPLACE FUNCTION extreg_record(p_id text) RETURNS json LANGUAGE sql ST
     FROM extensions e WHERE e.id = p_id
 $$;
 
-CREATE OR REPLACE FUNCTION extreg_notify_record() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Times are rendered in UTC whatever the writer's session says (the adapter's reads are too),
+-- so a notified record and a read one encode alike. A transaction that does not run READ
+-- COMMITTED renders with its own snapshot, taken before commits it does not see, so its
+-- notification names the id only, to be read back.
+CREATE OR REPLACE FUNCTION extreg_notify_record() RETURNS trigger LANGUAGE plpgsql
+SET TimeZone = 'UTC' AS $$
 DECLARE
     doc jsonb := to_jsonb(coalesce(NEW, OLD));
     ext_id text := coalesce(doc ->> 'extension_id', doc ->> 'id');
@@ -54,6 +59,10 @@ DECLARE
 BEGIN
     -- Each changed row of an extension renders it again, all alike (they run at commit):
     -- PostgreSQL sends identical payloads of one transaction once.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        PERFORM pg_notify('extreg_changes', json_build_object('id', ext_id, 'xid', xid)::text);
+        RETURN NULL;
+    END IF;
     PERFORM 1 FROM extensions WHERE id = ext_id FOR NO KEY UPDATE;
     rec := extreg_record(ext_id);
     IF rec IS NULL THEN
