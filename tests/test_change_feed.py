@@ -75,6 +75,8 @@ async def test_one_node_publishes_and_the_others_follow_without_a_database_conne
         await follower.registry.database.upsert_extension(ext("two"), "test")
         await fleet.wait(lambda r: r.get("two") is not None)
         assert all(r.status.source == "database" and not r.status.stale for r in fleet.registries)
+        # A heartbeat at a follower's position counts as a sync (the sync alerts hold).
+        await fleet.wait(lambda r: r.status.last_sync_at is not None)
 
 
 async def test_when_the_publisher_stops_another_takes_over(

@@ -609,6 +609,7 @@ class Registry:
             self._swap(snapshot.extensions, "database", snapshot.policies)
             self._at = Position(snapshot.epoch, snapshot.seq)
         self._fed_at = self._clock.monotonic()
+        self._confirmed()
         self._mark_fresh()
         self._fallback_reason = None
         _log_diff(before, self._snap, "change_feed", None)
@@ -648,9 +649,17 @@ class Registry:
             await asyncio.sleep(jitter(min(GAP_PAUSE_S * 2**self._gaps, BACKOFF_MAX_S)))
             self._gaps += 1
             return False
+        if message is not None and message.kind == "heartbeat":
+            self._confirmed()  # the publisher says this node is up to date: a sync's worth
         self._fed_at = self._clock.monotonic()
         self._mark_fresh()
         return True
+
+    def _confirmed(self) -> None:
+        """Count a snapshot taken, or a heartbeat at this node's position, as a successful
+        sync (status, metrics: the alerts on syncs hold for followers of the feed too)."""
+        self._last_sync_at = utc_now(self._clock)
+        self._report_sync(0.0, None)
 
     def _feed_snapshot(self) -> FeedSnapshot:
         """The publisher's cache and position, for a node that asks (`FeedLink.serving`)."""
