@@ -66,7 +66,7 @@ ALLOWED_RAISES = {
     ("extreg", "AttributeError"): "module __getattr__ protocol (lazy `extreg.Invoker`)",
     ("extreg.client", "self._error"): "returns an ExtregError rebuilt from the answer",
     ("extreg.adapters.nats_feed", "self.unavailable"): "returns a SourceUnavailable",
-    ("extreg.adapters.nats_feed", "self._link.unavailable"): "returns a SourceUnavailable",
+    ("extreg.adapters.nats_feed", "error"): "zlib.error of _inflate, caught with zlib's own",
     ("extreg.adapters.postgres", "LockTaken"): "see ALLOWED_CLASSES",
     (
         "extreg.api.connections",

@@ -532,7 +532,8 @@ async def test_kill_node_during_snapshot_write(
             def new_temp_file(old: set[str] = left_before) -> bool:
                 return bool(set(temp_files(node.data_dir)) - old)
 
-            killer = watch_and_kill(node, new_temp_file, timeout=10)
+            # Under a stream of changes the node writes the file every 5 s (SNAPSHOT_FILE_*).
+            killer = watch_and_kill(node, new_temp_file, timeout=30)
             await asyncio.to_thread(killer.join)
             assert node.proc is not None and node.proc.wait(5) == -signal.SIGKILL
             node.proc = None

@@ -93,7 +93,7 @@ BOOT_WAIT_S = 10.0
 FEED_WAIT_S = 2.0  # a follower's refresh after a write waits this long at most for the feed
 GAP_PAUSE_S = 0.05  # before the snapshot after a gap, doubling while gaps follow each other
 SNAPSHOT_FILE_QUIET_S = 0.5  # a snapshot-file write waits for this much quiet (see below)
-SNAPSHOT_FILE_INTERVAL_S = 10.0  # or at most this long into a stream of changes
+SNAPSHOT_FILE_INTERVAL_S = 5.0  # or until this long after the last write
 
 
 @dataclass(frozen=True, slots=True)
@@ -889,26 +889,28 @@ class Registry:
         """Write the last-known-good file after loads and changes; retry a failed write with
         backoff rather than wait for the next change (one error line per outage, not per
         attempt). Encoding every record holds the GIL and delays every lookup and
-        notification meanwhile (tens of ms at 10,000 records), so a write waits until
-        changes have been quiet for SNAPSHOT_FILE_QUIET_S, or at most SNAPSHOT_FILE_INTERVAL_S
-        into a steady stream of them, and holds all of them."""
+        notification meanwhile (tens of ms at 10,000 records), so while changes stream in,
+        a write waits until they have been quiet for SNAPSHOT_FILE_QUIET_S, or until
+        SNAPSHOT_FILE_INTERVAL_S have passed since the last write, and holds all of them; the
+        first write (at boot) and one after a long quiet spell are made at once."""
         backoff = BACKOFF_MIN_S
         failing = False
+        written_at = float("-inf")
         while True:
             await self._snapshot_file_due.wait()
-            due = self._clock.monotonic()
-            while True:  # (not asyncio.wait_for: on 3.11 it can swallow a cancellation)
+            while self._clock.monotonic() - written_at < SNAPSHOT_FILE_INTERVAL_S:
+                # (not asyncio.wait_for: on 3.11 it can swallow a cancellation)
                 self._snapshot_file_due.clear()
                 await asyncio.sleep(SNAPSHOT_FILE_QUIET_S)
-                quiet = not self._snapshot_file_due.is_set()
-                if quiet or self._clock.monotonic() - due >= SNAPSHOT_FILE_INTERVAL_S:
-                    break
+                if not self._snapshot_file_due.is_set():
+                    break  # quiet
             self._snapshot_file_due.clear()
             error = await self._write_snapshot_file()
             if error is None:
                 if failing:
                     log.info("snapshot_file_written", path=str(self.settings.snapshot_path))
                 backoff, failing = BACKOFF_MIN_S, False
+                written_at = self._clock.monotonic()
                 continue
             if not failing:
                 log.error("snapshot_file_not_written", error=error)
