@@ -616,40 +616,55 @@ class Registry:
 
     async def _apply_feed(self, queue: asyncio.Queue[FeedMessage | None]) -> None:
         """Apply the publisher's messages in order from the position of the snapshot taken;
-        return on a gap or on silence."""
+        return on a gap or on silence. Messages that queued up while one was applied are
+        applied together, in one patch (as notifications are), so a node that falls behind
+        catches up instead of falling further behind."""
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(SILENCE_S) as silence:  # one timer, moved per message
-                while await self._apply_message(await queue.get()):
+            async with asyncio.timeout(SILENCE_S) as silence:  # one timer, moved per batch
+                while True:
+                    batch = [await queue.get()]
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
+                    if not await self._apply_messages(batch):
+                        return
                     silence.reschedule(loop.time() + SILENCE_S)
         except TimeoutError:
             self._mark_stale(f"no message from the change feed's publisher for {SILENCE_S} s")
 
-    async def _apply_message(self, message: FeedMessage | None) -> bool:
-        """Apply `message` if it is the next one (under the write lock, where a `reload`
-        may move the position too); False on a gap."""
+    async def _apply_messages(self, batch: list[FeedMessage | None]) -> bool:
+        """Apply the messages of `batch` that come next, in one patch (under the write lock,
+        where a `reload` may move the position too); False on a gap."""
+        records: dict[str, Extension | None] = {}
+        policies: dict[str, Policy | None] = {}
+        gap, confirmed = False, False
         async with self._write_lock:
             at = self._at
-            verdict = "gap" if message is None or at is None else at.judge(message)
-            if verdict == "apply" and message is not None:
-                await self._patch(
-                    {**{e.id: e for e in message.extensions}, **dict.fromkeys(message.deleted)},
-                    {
-                        **{p.policy_id: p for p in message.policies},
-                        **dict.fromkeys(message.policies_deleted),
-                    },
-                    "change_feed",
-                )
-                self._at = Position(message.epoch, message.seq)
+            for message in batch:
+                verdict = "gap" if message is None or at is None else at.judge(message)
+                if verdict == "gap":
+                    gap = True
+                    log.info("change_feed_gap", at=at and at.seq, got=message and message.seq)
+                    break
+                assert message is not None and at is not None
+                confirmed |= message.kind == "heartbeat"
+                if verdict == "apply":
+                    records.update((e.id, e) for e in message.extensions)
+                    records.update(dict.fromkeys(message.deleted))
+                    policies.update((p.policy_id, p) for p in message.policies)
+                    policies.update(dict.fromkeys(message.policies_deleted))
+                    at = Position(message.epoch, message.seq)
+            if at is not self._at:
+                await self._patch(records, policies, "change_feed")
+                self._at = at
                 self._gaps = 0
-        if verdict == "gap":
-            log.info("change_feed_gap", at=at and at.seq, got=message and message.seq)
+        if gap:
             # Gap after gap without a change applied (messages this node cannot read, say):
             # ask for snapshots ever less often.
             await asyncio.sleep(jitter(min(GAP_PAUSE_S * 2**self._gaps, BACKOFF_MAX_S)))
             self._gaps += 1
             return False
-        if message is not None and message.kind == "heartbeat":
+        if confirmed:
             self._confirmed()  # the publisher says this node is up to date: a sync's worth
         self._fed_at = self._clock.monotonic()
         self._mark_fresh()
