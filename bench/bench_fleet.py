@@ -162,9 +162,9 @@ async def propagation(fleet: Fleet, url: str, changes: int) -> list[float]:
 
 async def run_fleet(
     feed: str, size: int, changes: int, pg: PostgresProcess, nats_url: str, root: Path
-) -> tuple[list[float], int, float | None]:
-    """(latencies, database connections held at rest, publisher CPU ms per change) of one
-    fleet of `size` nodes."""
+) -> tuple[list[float], int, float | None, float]:
+    """(latencies, database connections held at rest, publisher CPU ms per change, this
+    process's CPU µs per change and node) of one fleet of `size` nodes."""
     url = pg.create_database(f"{feed}{size}_{next(_databases)}")
     migrate(url)
     await seed(url)
@@ -181,7 +181,9 @@ async def run_fleet(
         async with Fleet(settings_for(feed, nats_url, root / feed), url, size=followers) as fleet:
             await fleet.wait(lambda r: len(r.all()) == RECORDS)
             before = cpu_seconds(publisher.pid) if publisher else 0.0
+            ours = time.process_time()
             latencies = await propagation(fleet, url, changes)
+            node_cpu = (time.process_time() - ours) * 1e6 / (changes * followers)
             cpu = (cpu_seconds(publisher.pid) - before) * 1000 / changes if publisher else None
             await asyncio.sleep(1)
             with psycopg.connect(url, autocommit=True) as conn:
@@ -194,12 +196,13 @@ async def run_fleet(
         if publisher is not None:
             publisher.terminate()
             publisher.wait(10)
-    return latencies, held, cpu
+    return latencies, held, cpu, node_cpu
 
 
 def row(
-    feed: str, size: int, latencies: list[float], held: int, cpu: float | None, changes: int
+    feed: str, size: int, measured: tuple[list[float], int, float | None, float], changes: int
 ) -> tuple[str, ...]:
+    latencies, held, cpu, node_cpu = measured
     return (
         feed,
         str(size),
@@ -208,6 +211,7 @@ def row(
         f"{len(latencies)} of {changes}",
         str(held),
         "-" if cpu is None else f"{cpu:.2f} ms",
+        f"{node_cpu:.0f} µs",
     )
 
 
@@ -262,7 +266,16 @@ async def main() -> None:
     changes = 50 if args.quick else 200
     compared = 20 if args.quick else 100
     sizes = (10, 50) if args.quick else (10, 50, 100, 200)
-    header = ("feed", "nodes", "p50", "p99", "seen", "db connections", "publisher CPU per change")
+    header = (
+        "feed",
+        "nodes",
+        "p50",
+        "p99",
+        "seen",
+        "db connections",
+        "publisher CPU per change",
+        "CPU here per change and node",
+    )
     with PostgresProcess() as pg, NatsServer() as nats_server, tempfile.TemporaryDirectory() as tmp:
         with psycopg.connect(pg.url(), autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET max_connections = 400")
@@ -274,17 +287,15 @@ async def main() -> None:
         print(f"\n## 1. commit -> visible on all {compared} nodes, nats against listen")
         rows = []
         for feed in ("nats", "listen"):
-            latencies, held, cpu = await run_fleet(
-                feed, compared, changes, pg, nats_server.url, root
-            )
-            rows.append(row(feed, compared, latencies, held, cpu, changes))
+            measured = await run_fleet(feed, compared, changes, pg, nats_server.url, root)
+            rows.append(row(feed, compared, measured, changes))
         print_rows(header, rows)
         print("\n## 2. how it grows with nats")
         rows, plotted = [], []
         for size in sizes:
-            latencies, held, cpu = await run_fleet("nats", size, changes, pg, nats_server.url, root)
-            rows.append(row("nats", size, latencies, held, cpu, changes))
-            plotted.append((size, pct(latencies, 0.99) * 1000, cpu or 0.0))
+            measured = await run_fleet("nats", size, changes, pg, nats_server.url, root)
+            rows.append(row("nats", size, measured, changes))
+            plotted.append((size, pct(measured[0], 0.99) * 1000, measured[2] or 0.0))
         print_rows(header, rows)
         if args.plot:
             write_plot(args.plot, plotted)
