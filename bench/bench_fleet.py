@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
-from benchlib import pct, print_rows
+from benchlib import commit_times, pct, print_rows
 
 from extreg import Settings, logs
 from extreg.adapters.migrate import migrate
@@ -144,15 +144,7 @@ async def propagation(fleet: Fleet, url: str, changes: int) -> list[float]:
 
     for registry in fleet.registries:
         registry.on_change(watcher())
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WRITER, url, str(changes), str(GAP_S), PROBE, stdout=subprocess.PIPE
-    )
-    committed: dict[int, float] = {}
-    assert proc.stdout is not None
-    async for line in proc.stdout:
-        index, stamp = line.split()
-        committed[int(index)] = float(stamp)
-    await proc.wait()
+    committed = await commit_times(WRITER, url, str(changes), str(GAP_S), PROBE)
     size = len(fleet.nodes)
     deadline = time.monotonic() + 30
     while any(len(seen.get(i, ())) < size for i in committed) and time.monotonic() < deadline:

@@ -25,8 +25,6 @@ import gc
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -37,7 +35,7 @@ from typing import Any
 
 import msgspec
 import psycopg
-from benchlib import pct
+from benchlib import commit_times, pct
 
 from extreg import logs
 from extreg.adapters.migrate import migrate
@@ -369,15 +367,7 @@ async def bench_propagation(url: str, quick: bool) -> None:
 
 
 async def _run_writer(url: str, mode: str, n: int, seen: dict[int, float]) -> list[float]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WRITER, url, mode, str(n), stdout=subprocess.PIPE
-    )
-    committed: dict[int, float] = {}
-    assert proc.stdout is not None
-    async for line in proc.stdout:
-        index, stamp = line.split()
-        committed[int(index)] = float(stamp)
-    await proc.wait()
+    committed = await commit_times(WRITER, url, mode, str(n))
     await asyncio.sleep(0.2)
     # Notifications that arrive together are applied together: a change counts as seen when
     # the cache first holds it or a later one.

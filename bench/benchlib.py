@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
@@ -109,3 +111,18 @@ def print_rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+async def commit_times(script: str, *args: str) -> dict[int, float]:
+    """Run `script` in a Python process of its own, which prints `index time` per commit
+    (time.monotonic(), which processes share on Linux); {index: time} once it ends."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args, stdout=subprocess.PIPE
+    )
+    committed: dict[int, float] = {}
+    assert proc.stdout is not None
+    async for line in proc.stdout:
+        index, stamp = line.split()
+        committed[int(index)] = float(stamp)
+    await proc.wait()
+    return committed
