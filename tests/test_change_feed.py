@@ -7,8 +7,9 @@ Real PostgreSQL and NATS servers; the nodes are registries in this process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import psycopg
@@ -205,6 +206,30 @@ async def test_the_feed_goes_on_when_a_nats_server_of_three_dies(
         await fleet.wait(lambda r: {e.id: e for e in r.all()} == want)
 
 
+@contextlib.asynccontextmanager
+async def token_books(fleet: Fleet) -> AsyncIterator[dict[str, TokenBook]]:
+    """A token follower per node (as `Runtime` runs them), with its book, until exit."""
+    books: dict[str, TokenBook] = {}
+    running = []
+    for node in fleet.nodes:
+        books[node.name] = TokenBook()
+        token_follower = TokenFollower(
+            books[node.name],
+            TokenStore.from_settings(node.registry.settings),
+            None,
+            None,
+            node.registry.token_relay,
+        )
+        await token_follower.first_load()
+        running.append(asyncio.create_task(token_follower.run()))
+    try:
+        yield books
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 async def test_token_changes_reach_followers_through_the_publisher(
     tmp_path: Path, db_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,20 +239,7 @@ async def test_token_changes_reach_followers_through_the_publisher(
     async with Fleet(fleet_settings(tmp_path, nats_url), db_url, size=2) as fleet:
         publisher = await fleet.wait_publisher()
         follower = next(n for n in fleet.nodes if n is not publisher)
-        books: dict[str, TokenBook] = {}
-        running = []
-        for node in fleet.nodes:
-            books[node.name] = TokenBook()
-            token_follower = TokenFollower(
-                books[node.name],
-                TokenStore.from_settings(node.registry.settings),
-                None,
-                None,
-                node.registry.token_relay,
-            )
-            await token_follower.first_load()
-            running.append(asyncio.create_task(token_follower.run()))
-        try:
+        async with token_books(fleet) as books:
             await asyncio.sleep(0.5)  # both following: the publisher LISTENs, the follower not
             assert follower.name not in fleet.connections()
             token = await TokenStore.from_settings(publisher.registry.settings).create(
@@ -235,10 +247,25 @@ async def test_token_changes_reach_followers_through_the_publisher(
             )
             await fleet.wait_until(lambda: books[follower.name].check(token) is not None)
             assert follower.name not in fleet.connections()  # the read's connection is closed
-        finally:
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+
+
+async def test_a_token_made_while_nobody_publishes_reaches_followers(
+    tmp_path: Path, db_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new publisher announces a token change at once: one made while none published (and
+    so nobody LISTENed) reaches the followers without the periodic re-read."""
+    monkeypatch.setattr(tokens, "REFRESH_S", 3600.0)
+    async with Fleet(fleet_settings(tmp_path, nats_url), db_url, size=3) as fleet:
+        first = await fleet.wait_publisher()
+        settings = first.registry.settings
+        async with token_books(fleet) as books:
+            await first.stop()
+            fleet.nodes.remove(first)
+            token = await TokenStore.from_settings(settings).create("late", "viewer", "test")
+            await fleet.wait_publisher()
+            await fleet.wait_until(
+                lambda: all(books[n.name].check(token) is not None for n in fleet.nodes)
+            )
 
 
 async def test_a_followers_own_write_then_a_delete_elsewhere_leaves_no_ghost(

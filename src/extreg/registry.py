@@ -549,6 +549,9 @@ class Registry:
             assert self._feed is not None
             self._publisher = Publisher(self._feed)
             log.info("change_feed_publishing", epoch=self._publisher.epoch)
+            # Token changes made while nobody published were announced to nobody; and this
+            # node's token follower, woken too, starts LISTENing in its new role.
+            await self._feed.announce_tokens()
             try:
                 async with self._feed.serving(self._feed_snapshot, self._db.update_health):
                     await _first_failure(*work, self._publisher.heartbeats())

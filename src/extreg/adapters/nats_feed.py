@@ -206,6 +206,11 @@ class FeedLink:
         except (nats.errors.Error, OSError) as exc:
             raise self.unavailable("cannot publish", exc) from None
 
+    async def announce_tokens(self) -> None:
+        """Tell every node to re-read the API tokens (`TokenRelay`)."""
+        with contextlib.suppress(nats.errors.Error, OSError):  # their timers re-read anyway
+            await self.nc.publish(self.tokens_subject, b"", headers=self.headers)
+
     def _snapshot_parts(self, current: Snapshot) -> tuple[str, list[bytes]]:
         """`current` compressed and cut to fit max_payload; encoded once per position, since
         a reset or a fleet's restart has many nodes ask at the same time."""
@@ -336,9 +341,7 @@ class TokenRelay:
         return self._role() == "follower"
 
     async def announce(self) -> None:
-        link = self._link
-        with contextlib.suppress(nats.errors.Error, OSError):  # the timer re-reads anyway
-            await link.nc.publish(link.tokens_subject, b"", headers=link.headers)
+        await self._link.announce_tokens()
 
     @contextlib.asynccontextmanager
     async def changes(self) -> AsyncIterator[Announcements]:
