@@ -569,7 +569,9 @@ async def test_call_waiting_when_nats_drops_fails_fast(
         await listener.subscribe(on, cb=never_answer)
         await listener.flush()
         call = asyncio.create_task(inv.invoke("hang", {"payload": 1}, CONTEXT))
-        await received.wait()  # the request is out: the call is waiting for its reply
+        out = asyncio.create_task(received.wait())  # the request is out: the call waits
+        await asyncio.wait([call, out], return_when=asyncio.FIRST_COMPLETED)
+        assert received.is_set(), f"the call ended before its request arrived: {call!r}"
         await server.astop()
         with pytest.raises(TransportUnavailable):
             await call
