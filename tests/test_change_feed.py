@@ -121,6 +121,8 @@ async def test_a_change_too_large_for_one_message_reaches_every_node(
         records = [ext(f"bulk{i:04d}", config={"blob": f"{i}" * 600}) for i in range(2500)]
         await publisher.registry.database.import_extensions(records, "test")
         await fleet.wait(lambda r: len(r.all()) == 2500)
+        want = await stored(tmp_path, db_url)
+        assert all({e.id: e for e in r.all()} == want for r in fleet.registries)
 
 
 @pytest.mark.usefixtures("sample_extensions")
@@ -266,6 +268,8 @@ async def test_a_token_made_while_nobody_publishes_reaches_followers(
             await fleet.wait_until(
                 lambda: all(books[n.name].check(token) is not None for n in fleet.nodes)
             )
+            holders = [books[n.name].check(token) for n in fleet.nodes]
+            assert [(p.name, p.role) for p in holders if p] == [("late", "viewer")] * 2
 
 
 async def test_a_followers_own_write_then_a_delete_elsewhere_leaves_no_ghost(
@@ -337,3 +341,6 @@ async def test_two_databases_on_one_nats_and_subject_do_not_mix(
             await publisher.registry.database.upsert_extension(ext(f"only_{name}"), "test")
         await prod.wait(lambda r: [e.id for e in r.all()] == ["only_prod"])
         await staging.wait(lambda r: [e.id for e in r.all()] == ["only_staging"])
+        assert {r.feed_role for r in prod.registries} == {"publisher", "follower"}
+        assert {r.feed_role for r in staging.registries} == {"publisher", "follower"}
+        assert all(r.get("only_staging") is None for r in prod.registries)
